@@ -1,0 +1,134 @@
+// Autograd for attention_forward, registered in C++ so that loss.backward() works from
+// Python and from LibTorch programs alike; torch.compile traces through it with the fake
+// kernels. The backward recomputes probabilities from (out, lse, rng_state): nothing of size
+// L x S is saved.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+namespace flash_attn_ext {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
+    int64_t window_left, int64_t window_right, bool bottom_right) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("flash_attn_ext::attention_forward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const std::optional<at::Tensor>&, double, double, int64_t, int64_t,
+                           bool)>();
+  return op.call(q, k, v, attn_mask, dropout_p, scale, window_left, window_right, bottom_right);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
+    int64_t window_left, int64_t window_right, bool bottom_right) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("flash_attn_ext::attention_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const std::optional<at::Tensor>&, double, double,
+                           int64_t, int64_t, bool)>();
+  return op.call(grad_out, q, k, v, out, lse, rng_state, attn_mask, dropout_p, scale, window_left,
+                 window_right, bottom_right);
+}
+
+class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
+                               double dropout_p, double scale, int64_t window_left,
+                               int64_t window_right, bool bottom_right) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, lse, rng_state] = call_forward(q, k, v, attn_mask, dropout_p, scale, window_left,
+                                              window_right, bottom_right);
+    ctx->save_for_backward({q, k, v, out, lse, rng_state, attn_mask.value_or(at::Tensor())});
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["window_left"] = window_left;
+    ctx->saved_data["window_right"] = window_right;
+    ctx->saved_data["bottom_right"] = bottom_right;
+    ctx->mark_non_differentiable({lse, rng_state});
+    return {out, lse, rng_state};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& grad_out = grads[0];
+    if (!grad_out.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+                                     at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+                                     at::Tensor()};
+    std::optional<at::Tensor> attn_mask;
+    if (saved[6].defined()) attn_mask = saved[6];
+    auto [dq, dk, dv] = call_backward(
+        grad_out, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], attn_mask,
+        ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["scale"].toDouble(),
+        ctx->saved_data["window_left"].toInt(), ctx->saved_data["window_right"].toInt(),
+        ctx->saved_data["bottom_right"].toBool());
+    // No gradient for attn_mask (documented; the Python layer falls back to PyTorch when a
+    // mask requires grad) or for the non-tensor arguments.
+    return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+// The backward op is itself differentiable only to first order.
+class AttentionBackwardFunction : public torch::autograd::Function<AttentionBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_out,
+                               const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& out, const at::Tensor& lse,
+                               const at::Tensor& rng_state,
+                               const std::optional<at::Tensor>& attn_mask, double dropout_p,
+                               double scale, int64_t window_left, int64_t window_right,
+                               bool bottom_right) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [dq, dk, dv] = call_backward(grad_out, q, k, v, out, lse, rng_state, attn_mask,
+                                      dropout_p, scale, window_left, window_right, bottom_right);
+    return {dq, dk, dv};
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false,
+                "flash_attn_ext.attention_backward: double backward (gradients of gradients) is "
+                "not supported");
+    return {};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
+    int64_t window_left, int64_t window_right, bool bottom_right) {
+  auto r = AttentionFunction::apply(q, k, v, attn_mask, dropout_p, scale, window_left,
+                                    window_right, bottom_right);
+  return {r[0], r[1], r[2]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_autograd(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
+    int64_t window_left, int64_t window_right, bool bottom_right) {
+  auto r = AttentionBackwardFunction::apply(grad_out, q, k, v, out, lse, rng_state, attn_mask,
+                                            dropout_p, scale, window_left, window_right,
+                                            bottom_right);
+  return {r[0], r[1], r[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(flash_attn_ext, Autograd, m) {
+  m.impl("attention_forward", &attention_forward_autograd);
+  m.impl("attention_backward", &attention_backward_autograd);
+}
+
+}  // namespace flash_attn_ext

@@ -1,0 +1,192 @@
+// CPU kernel of flash_attn_ext::attention_backward: FlashAttention-2's backward on the CPU.
+//
+// delta = rowsum(dO * O) first; then one task per (batch, kv head) walks its key tiles; for
+// each key tile it recomputes P = exp(S - lse) for the query tiles of every query head of the
+// group that can see the tile (visible_row_range), and accumulates
+//   dV += P_dropped^T dO,  dS = P * (dP - delta) with dP = dO V^T,  dK += dS^T Q,  dQ += dS K.
+// The task owns its group's dK/dV (summed over the group's query heads, no repeated K/V) and
+// its query heads' dQ rows, so no two threads write the same memory: no atomics, and the
+// result is bitwise repeatable for any thread count.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../cpu/tile_math.h"
+#include "attention_cpu_tiles.h"
+#include "attention_host.h"
+
+namespace flash_attn_ext::cpu {
+namespace {
+
+template <typename scalar_t>
+void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::Tensor& dout,
+                     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq,
+                     const at::Tensor& dk, const at::Tensor& dv) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t L = p.len_q, S = p.len_k, Dk = p.dim_qk, Dv = p.dim_v, G = p.group_size();
+  const auto do_rows = rows_of<const scalar_t>(dout);
+  const auto q_rows = rows_of<const scalar_t>(q);
+  const auto k_rows = rows_of<const scalar_t>(k);
+  const auto v_rows = rows_of<const scalar_t>(v);
+  const auto o_rows = rows_of<const scalar_t>(out);
+  const auto dq_rows = rows_of<scalar_t>(dq);
+  const auto dk_rows = rows_of<scalar_t>(dk);
+  const auto dv_rows = rows_of<scalar_t>(dv);
+  const acc_t* lse_data = lse.data_ptr<acc_t>();
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  const bool dropout = p.dropout_p > 0.f;
+  const uint32_t threshold = dropout_threshold(p.dropout_p);
+  const acc_t keep_scale = dropout ? acc_t(1) / (acc_t(1) - static_cast<acc_t>(p.dropout_p)) : acc_t(1);
+  const auto acc_options = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+
+  // delta[bh, i] = sum_d dO[i, d] * O[i, d]  (= rowsum(P * dP), the softmax Jacobian term).
+  at::Tensor delta = at::empty({p.batch * p.heads_q, L}, acc_options);
+  acc_t* delta_data = delta.data_ptr<acc_t>();
+  at::parallel_for(0, p.batch * p.heads_q, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / p.heads_q, h = bh % p.heads_q;
+      for (int64_t i = 0; i < L; ++i) {
+        const scalar_t* g = do_rows.at(b, h, i);
+        const scalar_t* o = o_rows.at(b, h, i);
+        acc_t sum = 0;
+        for (int64_t d = 0; d < Dv; ++d) sum += static_cast<acc_t>(g[d]) * static_cast<acc_t>(o[d]);
+        delta_data[bh * L + i] = sum;
+      }
+    }
+  });
+
+  // dQ accumulates over key tiles in the accumulation type, then is narrowed once.
+  at::Tensor dq_acc = at::zeros({p.batch, p.heads_q, L, Dk}, acc_options);
+  acc_t* dq_acc_data = dq_acc.data_ptr<acc_t>();
+
+  at::parallel_for(0, p.batch * p.heads_kv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> k_tile(kBlockK * Dk), kt_tile(Dk * kBlockK), vt_tile(Dv * kBlockK);
+    std::vector<acc_t> dk_acc(kBlockK * Dk), dv_acc(kBlockK * Dv);
+    std::vector<acc_t> q_tile(kBlockQ * Dk), do_tile(kBlockQ * Dv);
+    std::vector<acc_t> p_tile(kBlockQ * kBlockK), dp_tile(kBlockQ * kBlockK);
+    std::vector<acc_t> pd_tile(dropout ? kBlockQ * kBlockK : 0);
+    std::vector<uint8_t> keep(dropout ? kBlockQ * kBlockK : 0);
+
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / p.heads_kv, hk = task % p.heads_kv;
+      for (int64_t j0 = 0; j0 < S; j0 += kBlockK) {
+        const int64_t cols = std::min(kBlockK, S - j0);
+        const RowRange band = visible_row_range(j0, j0 + cols, p.align_offset, p.window_left,
+                                                p.window_right, L);
+        std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
+        std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
+        if (band.begin < band.end) {
+          load_rows(k_rows.at(b, hk, j0), k_rows.stride_l, cols, Dk, acc_t(1), k_tile.data(), Dk);
+          load_rows_transposed(k_rows.at(b, hk, j0), k_rows.stride_l, cols, Dk, kt_tile.data(), kBlockK);
+          load_rows_transposed(v_rows.at(b, hk, j0), v_rows.stride_l, cols, Dv, vt_tile.data(), kBlockK);
+        }
+        for (int64_t h = hk * G; h < (hk + 1) * G && band.begin < band.end; ++h) {
+          const int64_t bh = b * p.heads_q + h;
+          for (int64_t i0 = band.begin; i0 < band.end; i0 += kBlockQ) {
+            const int64_t rows = std::min(kBlockQ, band.end - i0);
+            load_rows(q_rows.at(b, h, i0), q_rows.stride_l, rows, Dk, scale, q_tile.data(), Dk);
+            load_rows(do_rows.at(b, h, i0), do_rows.stride_l, rows, Dv, acc_t(1), do_tile.data(), Dv);
+
+            // P = exp(scale * Q K^T + mask - lse), exactly the forward's probabilities.
+            acc_t* pt = p_tile.data();
+            tile_gemm(false, rows, cols, Dk, acc_t(1), q_tile.data(), Dk, kt_tile.data(), kBlockK,
+                      pt, kBlockK, /*accumulate=*/false);
+            mask_tile(pt, kBlockK, rows, cols, i0, j0, b, h, p, mask);
+            for (int64_t r = 0; r < rows; ++r) {
+              const acc_t l = lse_data[bh * L + i0 + r];
+              acc_t* pr = pt + r * kBlockK;
+              if (l == -std::numeric_limits<acc_t>::infinity()) {
+                std::fill(pr, pr + cols, acc_t(0));  // a row that sees nothing has zero gradient
+              } else {
+                exp_shift_sum(pr, cols, l);
+              }
+            }
+            const acc_t* p_used = pt;  // the probabilities that multiplied V in the forward
+            if (dropout) {
+              dropout_keep_tile(keep.data(), kBlockK, rows, cols, i0, j0, bh, p, threshold);
+              for (int64_t r = 0; r < rows; ++r)
+                for (int64_t c = 0; c < cols; ++c)
+                  pd_tile[r * kBlockK + c] = keep[r * kBlockK + c] ? pt[r * kBlockK + c] : acc_t(0);
+              p_used = pd_tile.data();
+            }
+            // dV += (P o Z)^T dO / (1 - p_drop)
+            tile_gemm(true, cols, Dv, rows, keep_scale, p_used, kBlockK, do_tile.data(), Dv,
+                      dv_acc.data(), Dv, /*accumulate=*/true);
+            // dP = dO V^T, then through dropout, then dS = P * (dP - delta).
+            acc_t* dpt = dp_tile.data();
+            tile_gemm(false, rows, cols, Dv, acc_t(1), do_tile.data(), Dv, vt_tile.data(), kBlockK,
+                      dpt, kBlockK, /*accumulate=*/false);
+            for (int64_t r = 0; r < rows; ++r) {
+              const acc_t d = delta_data[bh * L + i0 + r];
+              acc_t* dr = dpt + r * kBlockK;
+              const acc_t* pr = pt + r * kBlockK;
+              if (dropout) {
+                const uint8_t* kr = keep.data() + r * kBlockK;
+                for (int64_t c = 0; c < cols; ++c)
+                  dr[c] = pr[c] * ((kr[c] ? dr[c] * keep_scale : acc_t(0)) - d);
+              } else {
+                for (int64_t c = 0; c < cols; ++c) dr[c] = pr[c] * (dr[c] - d);
+              }
+            }
+            // dK += dS^T (scale Q)  (q_tile already carries the scale)
+            tile_gemm(true, cols, Dk, rows, acc_t(1), dpt, kBlockK, q_tile.data(), Dk,
+                      dk_acc.data(), Dk, /*accumulate=*/true);
+            // dQ += scale dS K
+            tile_gemm(false, rows, Dk, cols, scale, dpt, kBlockK, k_tile.data(), Dk,
+                      dq_acc_data + (bh * L + i0) * Dk, Dk, /*accumulate=*/true);
+          }
+        }
+        store_rows(dk_acc.data(), Dk, cols, Dk, dk_rows.at(b, hk, j0), dk_rows.stride_l);
+        store_rows(dv_acc.data(), Dv, cols, Dv, dv_rows.at(b, hk, j0), dv_rows.stride_l);
+      }
+      // This task's query heads are complete: narrow their dQ.
+      for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+        const int64_t bh = b * p.heads_q + h;
+        store_rows(dq_acc_data + bh * L * Dk, Dk, L, Dk, dq_rows.at(b, h, 0), dq_rows.stride_l);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
+    int64_t window_left, int64_t window_right, bool bottom_right) {
+  check_attention_inputs("flash_attn_ext.attention_backward", q, k, v, attn_mask, dropout_p, scale,
+                         window_left, window_right);
+  check_attention_backward_inputs(grad_out, q, k, v, out, lse, rng_state);
+  AttentionParams p =
+      make_attention_params(q, k, v, dropout_p, scale, window_left, window_right, bottom_right);
+  const at::Tensor rng = rng_state.cpu();
+  p.dropout_seed = static_cast<uint64_t>(rng.data_ptr<int64_t>()[0]);
+  p.dropout_offset = static_cast<uint64_t>(rng.data_ptr<int64_t>()[1]);
+  const MaskView mask = make_mask_view(attn_mask);
+  at::Tensor dq = at::empty_like(q);
+  at::Tensor dk = at::empty_like(k);
+  at::Tensor dv = at::empty_like(v);
+  if (q.numel() == 0 && k.numel() == 0 && v.numel() == 0) return {dq, dk, dv};
+  if (p.len_q == 0 || p.batch * p.heads_q == 0) {  // no query reads any key
+    dk.zero_();
+    dv.zero_();
+    dq.zero_();
+    return {dq, dk, dv};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_backward_cpu", [&] {
+    backward_kernel<scalar_t>(p, mask, grad_out, q, k, v, out, lse, dq, dk, dv);
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(flash_attn_ext, CPU, m) {
+  m.impl("attention_backward", &attention_backward_cpu);
+}
+
+}  // namespace flash_attn_ext::cpu

@@ -1,0 +1,149 @@
+// Tile helpers shared by the CPU forward and backward attention kernels: strided row views,
+// loads that widen to the accumulation type, the visibility/user mask of a score tile, and
+// the dropout keep-mask of a tile.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#include "../common/attention_semantics.h"
+#include "../common/dropout_philox.h"
+
+namespace flash_attn_ext::cpu {
+
+// Tile sizes: a 64 x 64 score tile and 64-row Q/K/V tiles (at most 64 x 256 x 4 B = 64 KiB
+// each) stay in L2 while a tile's two GEMMs run.
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 64;
+
+// A (batch, head, position, feature) tensor read through its strides.
+template <typename T>
+struct Rows {
+  T* data;
+  int64_t stride_b, stride_h, stride_l;
+  T* at(int64_t b, int64_t h, int64_t i) const {
+    return data + b * stride_b + h * stride_h + i * stride_l;
+  }
+};
+
+template <typename T>
+Rows<T> rows_of(const at::Tensor& t) {
+  return {static_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// dst[r * ld + d] = scale * src[r * src_stride + d]
+template <typename src_t, typename acc_t>
+inline void load_rows(const src_t* src, int64_t src_stride, int64_t rows, int64_t dim,
+                      acc_t scale, acc_t* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const src_t* s = src + r * src_stride;
+    acc_t* d = dst + r * ld;
+    for (int64_t c = 0; c < dim; ++c) d[c] = scale * static_cast<acc_t>(s[c]);
+  }
+}
+
+// dst[d * ld + r] = src[r * src_stride + d]: K^T / V^T tiles, so every tile GEMM streams
+// its B operand along contiguous rows.
+template <typename src_t, typename acc_t>
+inline void load_rows_transposed(const src_t* src, int64_t src_stride, int64_t rows,
+                                 int64_t dim, acc_t* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const src_t* s = src + r * src_stride;
+    for (int64_t c = 0; c < dim; ++c) dst[c * ld + r] = static_cast<acc_t>(s[c]);
+  }
+}
+
+// dst[r * dst_stride + d] = scale * src[r * ld + d], narrowed to the output dtype.
+template <typename dst_t, typename acc_t>
+inline void store_rows(const acc_t* src, int64_t ld, int64_t rows, int64_t dim, dst_t* dst,
+                       int64_t dst_stride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t* s = src + r * ld;
+    dst_t* d = dst + r * dst_stride;
+    for (int64_t c = 0; c < dim; ++c) d[c] = static_cast<dst_t>(s[c]);
+  }
+}
+
+template <typename mask_t, typename acc_t>
+inline void add_user_mask(acc_t* s, int64_t ld, int64_t rows, int64_t cols, const mask_t* m,
+                          int64_t stride_i, int64_t stride_j) {
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    const mask_t* mr = m + r * stride_i;
+    acc_t* sr = s + r * ld;
+    for (int64_t c = 0; c < cols; ++c) {
+      if constexpr (std::is_same_v<mask_t, bool>) {
+        if (!mr[c * stride_j]) sr[c] = kNegInf;
+      } else {
+        sr[c] += static_cast<acc_t>(mr[c * stride_j]);
+      }
+    }
+  }
+}
+
+// Sets invisible entries of the score tile s (rows i0.., keys j0..) to -inf: first the
+// window/causal band (skipped when the whole tile is inside it), then the user mask.
+template <typename acc_t>
+inline void mask_tile(acc_t* s, int64_t ld, int64_t rows, int64_t cols, int64_t i0, int64_t j0,
+                      int64_t b, int64_t h, const AttentionParams& p, const MaskView& mask) {
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  if (!tile_fully_visible(i0, i0 + rows, j0, j0 + cols, p.align_offset, p.window_left,
+                          p.window_right)) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = i0 + r;
+      const int64_t lo = std::clamp<int64_t>(
+          first_visible_key(i, p.align_offset, p.window_left, p.len_k) - j0, 0, cols);
+      const int64_t hi = std::clamp<int64_t>(
+          end_visible_key(i, p.align_offset, p.window_right, p.len_k) - j0, lo, cols);
+      acc_t* sr = s + r * ld;
+      std::fill(sr, sr + lo, kNegInf);
+      std::fill(sr + hi, sr + cols, kNegInf);
+    }
+  }
+  if (mask.kind == MaskKind::kNone) return;
+  const int64_t base = b * mask.stride_b + h * mask.stride_h + i0 * mask.stride_i + j0 * mask.stride_j;
+  switch (mask.kind) {
+    case MaskKind::kBool:
+      add_user_mask(s, ld, rows, cols, static_cast<const bool*>(mask.data) + base, mask.stride_i, mask.stride_j);
+      break;
+    case MaskKind::kFloat32:
+      add_user_mask(s, ld, rows, cols, static_cast<const float*>(mask.data) + base, mask.stride_i, mask.stride_j);
+      break;
+    case MaskKind::kFloat64:
+      add_user_mask(s, ld, rows, cols, static_cast<const double*>(mask.data) + base, mask.stride_i, mask.stride_j);
+      break;
+    case MaskKind::kFloat16:
+      add_user_mask(s, ld, rows, cols, static_cast<const c10::Half*>(mask.data) + base, mask.stride_i, mask.stride_j);
+      break;
+    case MaskKind::kBFloat16:
+      add_user_mask(s, ld, rows, cols, static_cast<const c10::BFloat16*>(mask.data) + base, mask.stride_i, mask.stride_j);
+      break;
+    case MaskKind::kNone:
+      break;
+  }
+}
+
+// keep[r * ld + c] = 1 if element (bh, i0 + r, j0 + c) survives dropout.
+inline void dropout_keep_tile(uint8_t* keep, int64_t ld, int64_t rows, int64_t cols, int64_t i0,
+                              int64_t j0, int64_t bh, const AttentionParams& p,
+                              uint32_t threshold) {
+  for (int64_t r = 0; r < rows; ++r) {
+    uint8_t* kr = keep + r * ld;
+    for (int64_t j4 = j0 >> 2; (j4 << 2) < j0 + cols; ++j4) {
+      const uint32_t bits = dropout_keep_bits4(p.dropout_seed, p.dropout_offset, bh, i0 + r, j4,
+                                               threshold);
+      for (int t = 0; t < 4; ++t) {
+        const int64_t c = (j4 << 2) + t - j0;
+        if (c >= 0 && c < cols) kr[c] = (bits >> t) & 1u;
+      }
+    }
+  }
+}
+
+}  // namespace flash_attn_ext::cpu

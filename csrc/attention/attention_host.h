@@ -1,0 +1,42 @@
+// Host-side glue shared by the CPU and CUDA implementations of the attention ops:
+// argument validation (before anything is allocated or written) and the translation of
+// tensors into the torch-free AttentionParams / MaskView of attention_semantics.h.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include "../common/attention_semantics.h"
+
+namespace flash_attn_ext {
+
+// Validates q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), the mask (4-D,
+// broadcastable to (B, Hq, L, S), bool or floating), dropout_p in [0, 1), a finite scale
+// and windows >= -1. `op` names the caller in messages.
+void check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
+                            double dropout_p, double scale, int64_t window_left,
+                            int64_t window_right);
+
+// Backward also checks that grad_out, out and lse match the forward's shapes.
+void check_attention_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q,
+                                     const at::Tensor& k, const at::Tensor& v,
+                                     const at::Tensor& out, const at::Tensor& lse,
+                                     const at::Tensor& rng_state);
+
+AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k,
+                                      const at::Tensor& v, double dropout_p, double scale,
+                                      int64_t window_left, int64_t window_right,
+                                      bool bottom_right);
+
+MaskView make_mask_view(const std::optional<at::Tensor>& attn_mask);
+
+// The output layout of the forward: (B, L, H, Dv) in memory, returned as a (B, H, L, Dv)
+// view, as PyTorch's own flash kernels do; a flash-attn (B, L, H, D) caller gets a
+// contiguous tensor back by transposing.
+at::Tensor empty_attention_output(const at::Tensor& q, int64_t dim_v);
+
+// log-sum-exp dtype: float32, or float64 for float64 inputs (so gradcheck sees full precision).
+at::ScalarType lse_dtype(at::ScalarType input_dtype);
+
+}  // namespace flash_attn_ext

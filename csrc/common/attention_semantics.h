@@ -1,0 +1,118 @@
+// The one definition of attention semantics (SPEC.md section 2), shared by every kernel.
+//
+// CPU and CUDA kernels include this header; nothing here depends on torch, so the same
+// functions are unit-tested on the CPU (tests/test_semantics.py through a debug op) and
+// compiled for the device by nvcc.
+#pragma once
+
+#include <cstdint>
+
+#include "host_device.h"
+
+namespace flash_attn_ext {
+
+// Shapes and options of one attention call. Tensors are (batch, head, position, feature),
+// read through their strides (the kernels carry pointers and strides beside this struct),
+// so (B, L, H, D) tensors are served by a transposed view without a copy.
+struct AttentionParams {
+  int64_t batch = 0, heads_q = 0, heads_kv = 0;
+  int64_t len_q = 0, len_k = 0;
+  int64_t dim_qk = 0, dim_v = 0;
+
+  // window_left/right: -1 is unbounded. causal == right 0.
+  int64_t window_left = -1, window_right = -1;
+  // Alignment offset o: 0 (top-left, SDPA's is_causal) or len_k - len_q (bottom-right).
+  int64_t align_offset = 0;
+
+  double scale = 1.0;
+
+  float dropout_p = 0.f;
+  uint64_t dropout_seed = 0, dropout_offset = 0;
+
+  FAE_HOST_DEVICE int64_t group_size() const { return heads_q / heads_kv; }
+  // GQA/MQA: query head h reads key/value head h / (Hq / Hkv) (contiguous groups).
+  FAE_HOST_DEVICE int64_t kv_head(int64_t h) const { return h / group_size(); }
+};
+
+// A user attention mask, read through strides (0 for broadcast dims), on top of the window.
+// bool: true = may attend; floating: added to the scaled scores.
+enum class MaskKind : int { kNone = 0, kBool, kFloat32, kFloat64, kFloat16, kBFloat16 };
+
+struct MaskView {
+  const void* data = nullptr;
+  MaskKind kind = MaskKind::kNone;
+  int64_t stride_b = 0, stride_h = 0, stride_i = 0, stride_j = 0;
+};
+
+FAE_HOST_DEVICE int64_t alignment_offset(int64_t len_q, int64_t len_k, bool bottom_right) {
+  return bottom_right ? len_k - len_q : 0;
+}
+
+// Key j is visible to query i iff i + o - left <= j <= i + o + right (a bound of -1 is open).
+FAE_HOST_DEVICE bool key_visible(int64_t i, int64_t j, int64_t offset, int64_t left,
+                                 int64_t right) {
+  const int64_t center = i + offset;
+  return (left < 0 || j >= center - left) && (right < 0 || j <= center + right);
+}
+
+// First visible key of query i (clamped to [0, len_k]).
+FAE_HOST_DEVICE int64_t first_visible_key(int64_t i, int64_t offset, int64_t left,
+                                          int64_t len_k) {
+  if (left < 0) return 0;
+  const int64_t j = i + offset - left;
+  return j < 0 ? 0 : (j > len_k ? len_k : j);
+}
+
+// One past the last visible key of query i (clamped to [0, len_k]).
+FAE_HOST_DEVICE int64_t end_visible_key(int64_t i, int64_t offset, int64_t right,
+                                        int64_t len_k) {
+  if (right < 0) return len_k;
+  const int64_t j = i + offset + right + 1;
+  return j < 0 ? 0 : (j > len_k ? len_k : j);
+}
+
+// Keys any query in [row_begin, row_end) can see: [begin, end). Both bounds are monotone
+// in i, so the band of a tile of rows is the union of its first and last row's ranges.
+// Key tiles outside it are skipped entirely, not masked. Empty when begin >= end.
+struct KeyRange {
+  int64_t begin, end;
+};
+
+FAE_HOST_DEVICE KeyRange visible_key_range(int64_t row_begin, int64_t row_end, int64_t offset,
+                                           int64_t left, int64_t right, int64_t len_k) {
+  KeyRange r;
+  r.begin = first_visible_key(row_begin, offset, left, len_k);
+  r.end = end_visible_key(row_end - 1, offset, right, len_k);
+  if (r.end < r.begin) r.end = r.begin;
+  return r;
+}
+
+// Queries that can see some key in [key_begin, key_end): [begin, end) within [0, len_q).
+// Used by the backward pass, which walks query tiles for a fixed key tile.
+struct RowRange {
+  int64_t begin, end;
+};
+
+FAE_HOST_DEVICE RowRange visible_row_range(int64_t key_begin, int64_t key_end, int64_t offset,
+                                           int64_t left, int64_t right, int64_t len_q) {
+  // j <= i + o + right  <=>  i >= j - o - right ; j >= i + o - left  <=>  i <= j - o + left
+  RowRange r;
+  int64_t b = right < 0 ? 0 : key_begin - offset - right;
+  int64_t e = left < 0 ? len_q : key_end - 1 - offset + left + 1;
+  r.begin = b < 0 ? 0 : (b > len_q ? len_q : b);
+  r.end = e < 0 ? 0 : (e > len_q ? len_q : e);
+  if (r.end < r.begin) r.end = r.begin;
+  return r;
+}
+
+// Does every (query, key) pair of the tile satisfy the window? Then the per-element
+// predicate is skipped for that tile.
+FAE_HOST_DEVICE bool tile_fully_visible(int64_t row_begin, int64_t row_end, int64_t key_begin,
+                                        int64_t key_end, int64_t offset, int64_t left,
+                                        int64_t right) {
+  // The tightest constraints come from the corners of the tile.
+  return key_visible(row_end - 1, key_begin, offset, left, right) &&
+         key_visible(row_begin, key_end - 1, offset, left, right);
+}
+
+}  // namespace flash_attn_ext

@@ -1,0 +1,35 @@
+// Small dense kernels on cache-resident tiles, the inner loops of the CPU attention kernels.
+//
+// Each float entry point is compiled several times (x86-64-v4 = AVX-512, x86-64-v3 = AVX2+FMA,
+// and a portable baseline) and the loader picks one for the running CPU (GCC target_clones,
+// an ifunc), so one built library runs everywhere and uses the widest vectors it finds.
+// The double overloads serve float64 inputs (gradcheck) and are not tuned.
+#pragma once
+
+#include <cstdint>
+
+namespace flash_attn_ext::cpu {
+
+// C[M x N] = (accumulate ? C : 0) + alpha * op(A) * B.
+// op(A) is A (row-major M x K, leading dim lda) or, with trans_a, A^T where A is K x M.
+// B is row-major K x N (leading dim ldb), C row-major M x N (leading dim ldc).
+void tile_gemm(bool trans_a, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+               int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate);
+void tile_gemm(bool trans_a, int64_t M, int64_t N, int64_t K, double alpha, const double* A,
+               int64_t lda, const double* B, int64_t ldb, double* C, int64_t ldc,
+               bool accumulate);
+
+// max over x[0, n); -inf for n == 0 or all -inf; NaN if any x is NaN (a NaN input row
+// stays NaN instead of turning into a silent zero).
+float row_max(const float* x, int64_t n);
+double row_max(const double* x, int64_t n);
+
+// x[j] = exp(x[j] - shift) in place (exp(-inf) = 0) and returns the sum. shift is finite.
+float exp_shift_sum(float* x, int64_t n, float shift);
+double exp_shift_sum(double* x, int64_t n, double shift);
+
+// y[0, n) *= a
+void scale_row(float* y, int64_t n, float a);
+void scale_row(double* y, int64_t n, double a);
+
+}  // namespace flash_attn_ext::cpu

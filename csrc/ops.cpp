@@ -1,0 +1,22 @@
+// Every op of the flash_attn_ext library, declared once. Kernels register against these
+// schemas per dispatch key: CPU in csrc/*/..._cpu.cpp, CUDA in ..._cuda.cu, autograd in
+// csrc/attention/attention_autograd.cpp, fake (meta) kernels in flash_attn_ext/_meta.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(flash_attn_ext, m) {
+  // Fused attention forward, (B, H, L, D) layout read through strides. window_left/right:
+  // -1 = unbounded; bottom_right aligns query L-1 with key S-1 (flash-attn's causal),
+  // otherwise query 0 with key 0 (SDPA's is_causal). Returns out (B, Hq, L, Dv), lse
+  // (B, Hq, L; float32, float64 for float64 inputs) and rng_state (int64 [seed, offset]
+  // of the dropout mask, for the backward).
+  m.def(
+      "attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
+      "float dropout_p, float scale, int window_left, int window_right, bool bottom_right) "
+      "-> (Tensor out, Tensor lse, Tensor rng_state)");
+  // Its gradient with respect to query, key and value (not attn_mask).
+  m.def(
+      "attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, "
+      "Tensor lse, Tensor rng_state, Tensor? attn_mask, float dropout_p, float scale, "
+      "int window_left, int window_right, bool bottom_right) "
+      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+}

@@ -1,0 +1,29 @@
+"""Fake (meta) kernels: output shapes, dtypes and strides of every op without computing,
+so torch.compile, torch.export and FakeTensor tracing go through the ops without a graph
+break. Strides match the real kernels (checked by torch.library.opcheck in the tests)."""
+import torch
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("flash_attn_ext::attention_forward")
+def _attention_forward_fake(query, key, value, attn_mask, dropout_p, scale, window_left,
+                            window_right, bottom_right):
+    torch._check(query.dim() == 4, lambda: f"query must be 4-D, got {query.dim()}-D")
+    torch._check(key.dim() == 4 and value.dim() == 4, lambda: "key and value must be 4-D")
+    torch._check(query.shape[1] % key.shape[1] == 0,
+                 lambda: "number of query heads must be a multiple of the number of key/value heads")
+    batch, heads, len_q, _ = query.shape
+    # (B, L, H, Dv) memory viewed as (B, H, L, Dv), as the CPU/CUDA kernels allocate it.
+    out = query.new_empty((batch, len_q, heads, value.shape[-1])).transpose(1, 2)
+    lse = query.new_empty((batch, heads, len_q), dtype=_lse_dtype(query.dtype))
+    rng_state = query.new_empty((2,), dtype=torch.int64)
+    return out, lse, rng_state
+
+
+@torch.library.register_fake("flash_attn_ext::attention_backward")
+def _attention_backward_fake(grad_out, query, key, value, out, lse, rng_state, attn_mask,
+                             dropout_p, scale, window_left, window_right, bottom_right):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)

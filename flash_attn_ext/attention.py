@@ -1,0 +1,60 @@
+"""flash_attn_ext.attention: the package's own entry point to the fused kernels."""
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+
+from . import _ops
+
+Window = Tuple[int, int]
+
+
+def _contiguous_last_dim(t: torch.Tensor) -> torch.Tensor:
+    # The kernels read every other dimension through its stride.
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def normalize_window(window_size, causal: bool) -> Window:
+    """(left, right) with -1 = unbounded; causal forces right = 0."""
+    if window_size is None:
+        window_size = (-1, -1)
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}")
+    left, right = (int(w) for w in window_size)
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size entries must be >= -1 (-1 = unbounded), got {window_size!r}")
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    return left, right
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+              causal: bool = False, window_size: Window = (-1, -1),
+              scale: Optional[float] = None, attn_mask: Optional[torch.Tensor] = None,
+              dropout_p: float = 0.0, alignment: str = "bottom_right",
+              return_lse: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Fused exact attention, layout (batch, heads, len, head_dim) like SDPA.
+
+    query (B, Hq, L, D), key (B, Hkv, S, D), value (B, Hkv, S, Dv), Hq a multiple of Hkv
+    (MHA, GQA, MQA; K/V heads are shared, never copied). Key j is visible to query i iff
+    i + o - left <= j <= i + o + right, with o = S - L for alignment="bottom_right"
+    (flash-attn's causal: the last query sees the last key) or o = 0 for "top_left" (SDPA's
+    is_causal). causal=True is right = 0. attn_mask (bool: True = attend; float: added to the
+    scores) broadcasts to (B, Hq, L, S). Rows that see no key return zeros (lse = -inf).
+    Dropout (dropout_p > 0) uses PyTorch's generator. Returns out (B, Hq, L, Dv) and, with
+    return_lse, the float32 log-sum-exp (B, Hq, L). Differentiable in query, key and value.
+    """
+    if alignment not in ("bottom_right", "top_left"):
+        raise ValueError(f"alignment must be 'bottom_right' or 'top_left', got {alignment!r}")
+    left, right = normalize_window(window_size, causal)
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
+    if attn_mask is not None:
+        if attn_mask.dim() > 4:
+            raise ValueError(f"attn_mask must have at most 4 dims, got shape {tuple(attn_mask.shape)}")
+        while attn_mask.dim() < 4:
+            attn_mask = attn_mask.unsqueeze(0)
+    out, lse, _ = _ops.attention_forward(
+        _contiguous_last_dim(query), _contiguous_last_dim(key), _contiguous_last_dim(value),
+        attn_mask, float(dropout_p), float(scale), left, right, alignment == "bottom_right")
+    return (out, lse) if return_lse else out

@@ -1,0 +1,129 @@
+"""Drop-in for torch.nn.functional.scaled_dot_product_attention.
+
+Same signature, results and errors; keyword-only window_size=(left, right) extends it
+(top-left aligned, like is_causal). Calls the fused kernels can serve go to them; every other
+call goes to PyTorch's SDPA, counted and logged (see _fallback.py), never to a wrong answer.
+"""
+import math
+from typing import Optional
+
+import torch
+
+from . import _ops
+from ._fallback import record_fallback, torch_sdpa
+from .attention import _contiguous_last_dim, normalize_window
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> Optional[str]:
+    """Why the fused kernels cannot serve this call (None if they can). Anything PyTorch
+    would reject is 'unsupported' too, so PyTorch raises its own error."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            return f"{name} is not a tensor"
+        if t.is_nested or t.layout != torch.strided:
+            return f"{name} is nested or not strided"
+    if not _ops.has_kernel(query.device.type):
+        return f"device {query.device.type} has no fused kernel"
+    if query.dtype not in _DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
+        return "dtypes"
+    if key.device != query.device or value.device != query.device:
+        return "devices differ"
+    if query.dim() < 2 or key.dim() != query.dim() or value.dim() != query.dim():
+        return "ranks"
+    if query.shape[:-3] != key.shape[:-3] or key.shape[:-1] != value.shape[:-1]:
+        return "batch dims differ (broadcasting)"
+    if query.shape[-1] != key.shape[-1]:
+        return "head dims differ"
+    if query.dim() >= 3:
+        hq, hkv = query.shape[-3], key.shape[-3]
+        if hq != hkv and not (enable_gqa and hkv > 0 and hq % hkv == 0):
+            return "head counts differ"
+    if not (0.0 <= dropout_p < 1.0):
+        return "dropout_p outside [0, 1)"
+    if attn_mask is not None:
+        if is_causal:
+            return "attn_mask with is_causal"
+        if not isinstance(attn_mask, torch.Tensor) or attn_mask.is_nested:
+            return "attn_mask is not a strided tensor"
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            return "attn_mask dtype"
+        if attn_mask.requires_grad and torch.is_grad_enabled():
+            return "attn_mask requires grad"
+        if attn_mask.device != query.device or attn_mask.dim() > query.dim():
+            return "attn_mask device or rank"
+        try:
+            torch.broadcast_shapes(attn_mask.shape, query.shape[:-1] + key.shape[-2:-1])
+        except RuntimeError:
+            return "attn_mask shape"
+        if torch.broadcast_shapes(attn_mask.shape, query.shape[:-1] + key.shape[-2:-1]) != \
+                query.shape[:-1] + key.shape[-2:-1]:
+            return "attn_mask shape"
+    return None
+
+
+def _window_mask(len_q, len_k, left, right, device):
+    i = torch.arange(len_q, device=device).unsqueeze(-1)
+    j = torch.arange(len_k, device=device)
+    visible = torch.ones(len_q, len_k, dtype=torch.bool, device=device)
+    if left >= 0:
+        visible &= j >= i - left
+    if right >= 0:
+        visible &= j <= i + right
+    return visible
+
+
+def _fallback(reason, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window):
+    record_fallback(reason)
+    kwargs = {"enable_gqa": True} if enable_gqa else {}
+    if window is not None and window != (-1, -1) and isinstance(query, torch.Tensor):
+        # PyTorch has no window: the equivalent explicit mask (L x S, on the fallback only).
+        left, right = normalize_window(window, is_causal)
+        visible = _window_mask(query.shape[-2], key.shape[-2], left, right, query.device)
+        if attn_mask is None:
+            attn_mask = visible
+        elif attn_mask.dtype == torch.bool:
+            attn_mask = attn_mask & visible
+        else:
+            attn_mask = attn_mask.masked_fill(~visible, float("-inf"))
+        is_causal = False
+    return torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                      is_causal=is_causal, scale=scale, **kwargs)
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                 scale=None, enable_gqa=False, *, window_size=None):
+    """torch.nn.functional.scaled_dot_product_attention, served by flash_attn_ext's fused
+    kernels. Layout (..., H, L, D). window_size=(left, right), keyword-only: key j visible to
+    query i iff i - left <= j <= i + right (-1 = unbounded); is_causal sets right = 0.
+    Rows with no visible key give zeros (PyTorch's math path gives NaN there)."""
+    reason = _unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+    if reason is not None:
+        return _fallback(reason, query, key, value, attn_mask, dropout_p, is_causal, scale,
+                         enable_gqa, window_size)
+    left, right = normalize_window(window_size, is_causal)
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
+    # Collapse (..., H, L, D) to the kernels' (B, H, L, D); views for up to 4 dims.
+    lead = query.shape[:-3] if query.dim() >= 3 else ()
+    def as4d(t):
+        if t.dim() == 2:
+            return t.unsqueeze(0).unsqueeze(0)
+        if t.dim() == 3:
+            return t.unsqueeze(0)
+        return t.reshape(-1, *t.shape[-3:]) if t.dim() > 4 else t
+    q4, k4, v4 = as4d(query), as4d(key), as4d(value)
+    mask4 = None
+    if attn_mask is not None:
+        mask4 = attn_mask
+        while mask4.dim() < query.dim():
+            mask4 = mask4.unsqueeze(0)
+        if query.dim() > 4:
+            mask4 = mask4.expand(*query.shape[:-1], key.shape[-2]).reshape(-1, *mask4.shape[-3:])
+        else:
+            mask4 = as4d(mask4)
+    out, _, _ = _ops.attention_forward(
+        _contiguous_last_dim(q4), _contiguous_last_dim(k4), _contiguous_last_dim(v4), mask4,
+        float(dropout_p), float(scale), left, right, False)
+    return out.reshape(*query.shape[:-1], value.shape[-1])

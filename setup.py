@@ -1,0 +1,69 @@
+"""Build of flash_attn_ext's native library (flash_attn_ext/_C.abi3.so).
+
+Environment switches:
+  FLASH_ATTN_EXT_CUDA        auto (default: CUDA sources when nvcc is found), 1 (require), 0 (CPU only)
+  FLASH_ATTN_EXT_CUDA_ARCHS  compute capabilities to build, ";"-separated (default "80;90";
+                             CI builds "90" only to keep the build short)
+  MAX_JOBS                   parallel compile jobs (ninja), as in torch.utils.cpp_extension
+"""
+import glob
+import os
+
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "80;90"
+
+
+def _want_cuda() -> bool:
+    mode = os.environ.get("FLASH_ATTN_EXT_CUDA", "auto").lower()
+    if mode in ("0", "false", "off", "no"):
+        return False
+    found = CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    if mode in ("1", "true", "on", "yes"):
+        if not found:
+            raise RuntimeError("FLASH_ATTN_EXT_CUDA=1 but nvcc was not found (set CUDA_HOME)")
+        return True
+    return found
+
+
+def _gencode_flags() -> list:
+    archs = os.environ.get("FLASH_ATTN_EXT_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
+    flags = []
+    for arch in filter(None, (a.strip().replace(".", "") for a in archs.split(";"))):
+        flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    return flags
+
+
+def _sources(pattern: str) -> list:
+    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "**", pattern), recursive=True))
+
+
+def extensions():
+    use_cuda = _want_cuda()
+    # Stable Python ABI (no pybind11): one _C.abi3.so for every CPython >= 3.10.
+    cxx = ["-O3", "-DPy_LIMITED_API=0x030A0000", "-Wall", "-Wno-unknown-pragmas"]
+    kwargs = dict(
+        name="flash_attn_ext._C",
+        sources=_sources("*.cpp"),
+        include_dirs=[os.path.join(HERE, "csrc")],
+        py_limited_api=True,
+        extra_compile_args={"cxx": cxx},
+    )
+    if not use_cuda:
+        print("flash_attn_ext: building CPU-only")
+        return [CppExtension(**kwargs)]
+    kwargs["sources"] += _sources("*.cu")
+    kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17", "-DPy_LIMITED_API=0x030A0000",
+                                            "--expt-relaxed-constexpr", "-lineinfo"] + _gencode_flags()
+    kwargs["define_macros"] = [("FLASH_ATTN_EXT_WITH_CUDA", "1")]
+    print("flash_attn_ext: building with CUDA for", os.environ.get("FLASH_ATTN_EXT_CUDA_ARCHS", DEFAULT_CUDA_ARCHS))
+    return [CUDAExtension(**kwargs)]
+
+
+setup(
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)
