@@ -6,11 +6,19 @@ import torch
 _lib = torch.ops.flash_attn_ext
 
 
+def _kernel_device_types() -> frozenset:
+    return frozenset(
+        device for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+        if torch._C._dispatch_has_kernel_for_dispatch_key("flash_attn_ext::attention_forward", key))
+
+
+# Fixed once the library is loaded; a plain set so torch.compile traces the check for free.
+_KERNEL_DEVICES = _kernel_device_types()
+
+
 def has_kernel(device_type: str) -> bool:
     """Whether the fused attention op has a kernel for this device type ('cpu', 'cuda')."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "flash_attn_ext::attention_forward", key)
+    return device_type in _KERNEL_DEVICES
 
 
 def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -51,7 +51,7 @@ def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
             return "attn_mask dtype"
         if attn_mask.requires_grad and torch.is_grad_enabled():
             return "attn_mask requires grad"
-        if attn_mask.device != query.device or attn_mask.dim() > query.dim():
+        if attn_mask.device != query.device or not 2 <= attn_mask.dim() <= query.dim():
             return "attn_mask device or rank"
         try:
             torch.broadcast_shapes(attn_mask.shape, query.shape[:-1] + key.shape[-2:-1])

@@ -62,7 +62,10 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor& grad_out = grads[0];
+    at::Tensor grad_out = grads[0];
+    if (grad_out.defined() && grad_out.size(-1) > 1 && grad_out.stride(-1) != 1) {
+      grad_out = grad_out.contiguous();  // e.g. the expanded gradient of out.sum()
+    }
     if (!grad_out.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
                                      at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
                                      at::Tensor()};

@@ -39,7 +39,7 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
   const auto dv_rows = rows_of<scalar_t>(dv);
   const acc_t* lse_data = lse.data_ptr<acc_t>();
   const acc_t scale = static_cast<acc_t>(p.scale);
-  const bool dropout = p.dropout_p > 0.f;
+  const bool dropout = p.dropout_p > 0.0;
   const uint32_t threshold = dropout_threshold(p.dropout_p);
   const acc_t keep_scale = dropout ? acc_t(1) / (acc_t(1) - static_cast<acc_t>(p.dropout_p)) : acc_t(1);
   const auto acc_options = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);

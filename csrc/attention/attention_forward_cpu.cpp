@@ -36,7 +36,7 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
   const auto o_rows = rows_of<scalar_t>(out);
   acc_t* lse_data = lse.data_ptr<acc_t>();
   const acc_t scale = static_cast<acc_t>(p.scale);
-  const bool dropout = p.dropout_p > 0.f;
+  const bool dropout = p.dropout_p > 0.0;
   const uint32_t threshold = dropout_threshold(p.dropout_p);
   // Dropout zeroes probabilities after the row sum; the 1/(1-p) of the kept ones is applied
   // once, at the end, with 1/l.

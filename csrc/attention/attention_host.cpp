@@ -120,7 +120,7 @@ AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k,
   p.window_right = window_right;
   p.align_offset = alignment_offset(p.len_q, p.len_k, bottom_right);
   p.scale = scale;
-  p.dropout_p = static_cast<float>(dropout_p);
+  p.dropout_p = dropout_p;
   return p;
 }
 

@@ -26,7 +26,7 @@ struct AttentionParams {
 
   double scale = 1.0;
 
-  float dropout_p = 0.f;
+  double dropout_p = 0.0;  // double: 1/(1-p) must be exact for float64 inputs
   uint64_t dropout_seed = 0, dropout_offset = 0;
 
   FAE_HOST_DEVICE int64_t group_size() const { return heads_q / heads_kv; }

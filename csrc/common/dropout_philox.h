@@ -38,8 +38,8 @@ FAE_HOST_DEVICE Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uin
 }
 
 // Elements are kept when their 24-bit uniform draw is >= p * 2^24.
-FAE_HOST_DEVICE uint32_t dropout_threshold(float p) {
-  return static_cast<uint32_t>(static_cast<double>(p) * 16777216.0);
+FAE_HOST_DEVICE uint32_t dropout_threshold(double p) {
+  return static_cast<uint32_t>(p * 16777216.0);
 }
 
 // Keep-bits of keys [4*j4, 4*j4 + 4) for one (bh, i): bit t set = key 4*j4 + t kept.

@@ -1,0 +1,130 @@
+"""Gradients of the fused attention op against autograd through the float64 reference."""
+import pytest
+import torch
+
+import flash_attn_ext
+from reference import LOW_PRECISION, assert_matches, make_qkv, reference_attention
+
+
+def check_backward(device, dtype, B, Hq, Hkv, L, S, D, *, Dv=None, causal=False,
+                   window=(-1, -1), bottom_right=True, attn_mask=None, scale=None,
+                   layout="bhld", seed=0):
+    q, k, v = make_qkv(B, Hq, Hkv, L, S, D, dtype, device, Dv=Dv, layout=layout, seed=seed,
+                       requires_grad=True)
+    g = torch.Generator().manual_seed(seed + 1)
+    dout = torch.randn(B, Hq, L, v.shape[-1], generator=g, dtype=torch.float64).to(dtype).to(device)
+    out = flash_attn_ext.attention(q, k, v, causal=causal, window_size=window, scale=scale,
+                                   attn_mask=attn_mask,
+                                   alignment="bottom_right" if bottom_right else "top_left")
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    w = (window[0], (0 if window[1] < 0 else min(window[1], 0)) if causal else window[1])
+
+    def ref_grads(ref_dtype):
+        qr, kr, vr = (t.detach().to(ref_dtype).requires_grad_(True) for t in (q, k, v))
+        o, _ = reference_attention(qr, kr, vr, scale=scale, window=w, bottom_right=bottom_right,
+                                   attn_mask=attn_mask, dtype=ref_dtype)
+        return torch.autograd.grad(o, (qr, kr, vr), dout.to(ref_dtype))
+
+    ref = ref_grads(torch.float64)
+    low = ref_grads(dtype) if dtype in LOW_PRECISION else ref
+    what = f"{dtype} B={B} Hq={Hq} Hkv={Hkv} L={L} S={S} D={D} w={w} br={bottom_right}"
+    for name, ours, r, lo, inp in (("dq", dq, ref[0], low[0], q), ("dk", dk, ref[1], low[1], k),
+                                   ("dv", dv, ref[2], low[2], v)):
+        assert ours.dtype == dtype and ours.shape == inp.shape
+        assert_matches(ours, r, lo, dtype, f"{name} {what}")
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(1, 1), (1, 97), (113, 203), (203, 113), (256, 512)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("L,S", SHAPES)
+@pytest.mark.parametrize("D", [1, 33, 64, 128])
+def test_grad_plain(device, dtype, L, S, D):
+    check_backward(device, dtype, 1, 2, 2, L, S, D)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("L,S", SHAPES + [(1023, 1024)])
+@pytest.mark.parametrize("bottom_right", [True, False], ids=["bottom_right", "top_left"])
+def test_grad_causal(device, dtype, L, S, bottom_right):
+    check_backward(device, dtype, 1, 2, 2, L, S, 64, causal=True, bottom_right=bottom_right)
+
+
+@pytest.mark.parametrize("window", [(0, 0), (1, 0), (16, 16), (64, 0), (65, 3), (-1, 40), (5000, 5000)], ids=str)
+@pytest.mark.parametrize("L,S", [(113, 203), (203, 113)])
+def test_grad_window(device, window, L, S):
+    check_backward(device, torch.float32, 1, 2, 1, L, S, 32, window=window)
+    check_backward(device, torch.float32, 1, 2, 1, L, S, 32, window=window, bottom_right=False)
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(4, 2), (6, 2), (8, 1), (16, 2), (3, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_grad_gqa(device, Hq, Hkv, dtype):
+    check_backward(device, dtype, 2, Hq, Hkv, 77, 131, 64, causal=True)
+
+
+@pytest.mark.parametrize("D", [8, 80, 256])
+def test_grad_head_dims(device, D):
+    check_backward(device, torch.float32, 1, 2, 1, 100, 150, D, causal=True)
+    check_backward(device, torch.bfloat16, 1, 2, 1, 100, 150, D)
+
+
+@pytest.mark.parametrize("layout", ["blhd", "sliced"])
+def test_grad_strided(device, layout):
+    check_backward(device, torch.float32, 2, 4, 2, 70, 90, 48, layout=layout, causal=True)
+
+
+def test_grad_value_head_dim_differs(device):
+    check_backward(device, torch.float32, 2, 4, 2, 50, 70, 40, Dv=24, causal=True)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float", "bool_bcast"])
+def test_grad_with_mask(device, kind):
+    B, H, L, S = 2, 2, 70, 90
+    g = torch.Generator().manual_seed(3)
+    if kind == "bool":
+        mask = torch.rand(B, H, L, S, generator=g) > 0.3
+        mask[:, :, 5] = False  # a fully masked row: zero gradient, no NaN
+    elif kind == "float":
+        mask = torch.randn(B, 1, L, S, generator=g)
+    else:
+        mask = torch.rand(B, 1, 1, S, generator=g) > 0.2
+    check_backward(device, torch.float32, B, H, H, L, S, 32, attn_mask=mask.to(device))
+
+
+def test_fully_invisible_rows_have_zero_grad(device):
+    q, k, v = make_qkv(1, 1, 1, 50, 10, 8, torch.float32, device, requires_grad=True)
+    out = flash_attn_ext.attention(q, k, v, causal=True)  # bottom-right: rows < 40 see nothing
+    out.sum().backward()
+    assert torch.all(q.grad[0, 0, :40] == 0) and torch.isfinite(q.grad).all()
+    check_backward(device, torch.float32, 1, 1, 1, 50, 10, 8, causal=True)
+
+
+@pytest.mark.parametrize("causal,window,mask", [(False, (-1, -1), False), (True, (-1, -1), False),
+                                                (False, (3, 2), False), (False, (-1, -1), True)])
+def test_gradcheck_float64(device, causal, window, mask):
+    q, k, v = make_qkv(1, 2, 1, 9, 11, 5, torch.float64, device, requires_grad=True)
+    attn_mask = (torch.rand(1, 2, 9, 11) > 0.3).to(device) if mask else None
+    fn = lambda q, k, v: flash_attn_ext.attention(q, k, v, causal=causal, window_size=window,
+                                                  attn_mask=attn_mask)
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_backward_is_bitwise_repeatable(device):
+    q, k, v = make_qkv(2, 4, 2, 200, 300, 64, torch.float32, device, requires_grad=True)
+    grads = []
+    for _ in range(2):
+        out = flash_attn_ext.attention(q, k, v, causal=True)
+        grads.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_double_backward_raises(device):
+    q, k, v = make_qkv(1, 1, 1, 8, 8, 4, torch.float64, device, requires_grad=True)
+    out = flash_attn_ext.attention(q, k, v)
+    (gq,) = torch.autograd.grad(out.sum(), (q,), create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gq.sum().backward()

@@ -1,0 +1,176 @@
+"""Forward of the fused attention op against the float64 reference (SPEC.md section 6)."""
+import math
+
+import pytest
+import torch
+
+import flash_attn_ext
+from reference import LOW_PRECISION, assert_matches, make_qkv, reference_attention
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+SHAPES = [(1, 1), (1, 97), (113, 203), (203, 113), (256, 512), (1023, 1024)]
+HEAD_DIMS = [1, 8, 33, 64, 80, 128, 256]
+
+
+def check_forward(device, dtype, B, Hq, Hkv, L, S, D, *, Dv=None, causal=False, window=(-1, -1),
+                  bottom_right=True, attn_mask=None, scale=None, layout="bhld", seed=0):
+    q, k, v = make_qkv(B, Hq, Hkv, L, S, D, dtype, device, Dv=Dv, layout=layout, seed=seed)
+    out, lse = flash_attn_ext.attention(
+        q, k, v, causal=causal, window_size=window, scale=scale, attn_mask=attn_mask,
+        alignment="bottom_right" if bottom_right else "top_left", return_lse=True)
+    w = (window[0], 0 if causal and window[1] < 0 else (min(window[1], 0) if causal else window[1]))
+    ref, ref_lse = reference_attention(q, k, v, scale=scale, window=w, bottom_right=bottom_right,
+                                       attn_mask=attn_mask)
+    low = reference_attention(q, k, v, scale=scale, window=w, bottom_right=bottom_right,
+                              attn_mask=attn_mask, dtype=dtype)[0] if dtype in LOW_PRECISION else ref
+    what = f"out {dtype} B={B} Hq={Hq} Hkv={Hkv} L={L} S={S} D={D} w={w} br={bottom_right}"
+    assert out.dtype == dtype and out.device.type == device
+    assert_matches(out, ref, low, dtype, what)
+    # lse: float32 (float64 for float64 inputs), -inf exactly where a row sees nothing.
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), what + ": lse -inf pattern"
+    finite = torch.isfinite(ref_lse)
+    if finite.any():
+        tol = 1e-10 if dtype == torch.float64 else (1e-4 if dtype == torch.float32 else 2e-2)
+        err = (lse[finite].double() - ref_lse[finite]).abs().max().item()
+        assert err <= tol * max(1.0, ref_lse[finite].abs().max().item()), f"{what}: lse error {err}"
+    return out, lse
+
+
+# float64 at the largest sizes only adds run time (it is the reference's own precision).
+PLAIN_GRID = [(dtype, L, S, D) for dtype in DTYPES for (L, S) in SHAPES for D in HEAD_DIMS
+              if not (dtype == torch.float64 and L * S * D > 1023 * 1024 * 64)]
+
+
+@pytest.mark.parametrize("dtype,L,S,D", PLAIN_GRID, ids=str)
+def test_plain_grid(device, dtype, L, S, D):
+    check_forward(device, dtype, 1, 2, 2, L, S, D)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("L,S", SHAPES)
+@pytest.mark.parametrize("bottom_right", [True, False], ids=["bottom_right", "top_left"])
+def test_causal(device, dtype, L, S, bottom_right):
+    check_forward(device, dtype, 2, 3, 3, L, S, 64, causal=True, bottom_right=bottom_right)
+
+
+WINDOWS = [(0, 0), (1, 0), (0, 5), (16, 16), (63, 0), (64, 0), (65, 3), (300, -1), (-1, 40),
+           (5000, 5000), (2000, 0)]
+
+
+@pytest.mark.parametrize("window", WINDOWS, ids=str)
+@pytest.mark.parametrize("L,S", [(1, 97), (113, 203), (203, 113), (256, 512)])
+@pytest.mark.parametrize("bottom_right", [True, False], ids=["bottom_right", "top_left"])
+def test_window(device, window, L, S, bottom_right):
+    check_forward(device, torch.float32, 1, 2, 1, L, S, 32, window=window, bottom_right=bottom_right)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("window,causal", [((127, 0), True), ((32, 32), False)])
+def test_window_low_precision(device, dtype, window, causal):
+    check_forward(device, dtype, 2, 4, 2, 300, 300, 64, window=window, causal=causal)
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (4, 2), (6, 2), (8, 1), (16, 2), (5, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gqa(device, Hq, Hkv, dtype):
+    check_forward(device, dtype, 2, Hq, Hkv, 77, 131, 64)
+    check_forward(device, dtype, 2, Hq, Hkv, 77, 131, 64, causal=True)
+
+
+@pytest.mark.parametrize("layout", ["blhd", "sliced"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_strided_inputs(device, layout, dtype):
+    check_forward(device, dtype, 2, 4, 2, 70, 90, 48, layout=layout, causal=True)
+
+
+def test_value_head_dim_differs(device):
+    check_forward(device, torch.float32, 2, 4, 2, 50, 70, 40, Dv=24)
+    check_forward(device, torch.float32, 1, 2, 2, 33, 33, 16, Dv=72, causal=True)
+
+
+@pytest.mark.parametrize("scale", [0.01, 0.5, 3.0])
+def test_custom_scale(device, scale):
+    check_forward(device, torch.float32, 1, 2, 2, 65, 65, 32, scale=scale, causal=True)
+
+
+def _masks(B, H, L, S, device, dtype):
+    g = torch.Generator().manual_seed(7)
+    return {
+        "bool_full": torch.rand(B, H, L, S, generator=g) > 0.3,
+        "bool_bcast_rows": (torch.rand(B, 1, 1, S, generator=g) > 0.2),  # padding-mask style
+        "bool_bcast_heads": torch.rand(1, 1, L, S, generator=g) > 0.5,
+        "float_full": torch.randn(B, H, L, S, generator=g).to(dtype),
+        "float_bcast": torch.randn(1, H, 1, S, generator=g).to(dtype),
+        "float_neg_inf": torch.where(torch.rand(B, 1, L, S, generator=g) > 0.4, 0.0, float("-inf")).to(dtype),
+    }
+
+
+@pytest.mark.parametrize("kind", ["bool_full", "bool_bcast_rows", "bool_bcast_heads", "float_full",
+                                  "float_bcast", "float_neg_inf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_attn_mask(device, kind, dtype):
+    B, H, L, S = 2, 3, 97, 130
+    mask = _masks(B, H, L, S, device, dtype)[kind].to(device)
+    check_forward(device, dtype, B, H, H, L, S, 32, attn_mask=mask)
+    check_forward(device, dtype, B, H, H, L, S, 32, attn_mask=mask, causal=True, window=(40, -1))
+
+
+def test_mask_as_noncontiguous_view(device):
+    B, H, L, S = 2, 2, 40, 60
+    big = torch.rand(B, H, S, L) > 0.3
+    check_forward(device, torch.float32, B, H, H, L, S, 16, attn_mask=big.transpose(-1, -2).to(device))
+
+
+def test_fully_masked_rows_are_zero_not_nan(device):
+    B, H, L, S, D = 1, 2, 20, 30, 16
+    mask = torch.rand(B, H, L, S) > 0.5
+    mask[:, :, 3] = False  # row 3 sees nothing
+    mask[:, 1, 7] = False
+    out, lse = check_forward(device, torch.float32, B, H, H, L, S, D, attn_mask=mask.to(device))
+    assert torch.all(out[:, :, 3] == 0) and torch.all(lse[:, :, 3] == float("-inf"))
+    # window that leaves the first queries without keys (bottom-right, L > S)
+    out, lse = check_forward(device, torch.float32, 1, 1, 1, 50, 10, 8, causal=True)
+    assert torch.all(out[0, 0, :40] == 0) and torch.all(torch.isneginf(lse[0, 0, :40]))
+
+
+def test_empty_key_sequence(device):
+    q = torch.randn(1, 2, 5, 8, device=device)
+    k = torch.randn(1, 2, 0, 8, device=device)
+    out, lse = flash_attn_ext.attention(q, k, k, return_lse=True)
+    assert out.shape == (1, 2, 5, 8) and torch.all(out == 0) and torch.all(torch.isneginf(lse))
+
+
+def test_empty_query_sequence(device):
+    q = torch.randn(1, 2, 0, 8, device=device)
+    k = torch.randn(1, 2, 4, 8, device=device)
+    out, lse = flash_attn_ext.attention(q, k, k, return_lse=True)
+    assert out.shape == (1, 2, 0, 8) and lse.shape == (1, 2, 0)
+
+
+def test_nan_stays_in_its_row(device):
+    q, k, v = make_qkv(1, 1, 1, 16, 16, 8, torch.float32, device)
+    q = q.clone()
+    q[0, 0, 5, 2] = float("nan")
+    out = flash_attn_ext.attention(q, k, v)
+    assert torch.isnan(out[0, 0, 5]).all()
+    rest = torch.cat([out[0, 0, :5], out[0, 0, 6:]])
+    assert torch.isfinite(rest).all()
+
+
+def test_extreme_logits_are_stable(device):
+    # Scores around +-1e4: the running max keeps exp() in range.
+    q, k, v = make_qkv(1, 2, 2, 64, 200, 16, torch.float32, device)
+    check_forward(device, torch.float32, 1, 2, 2, 64, 200, 16, scale=300.0)
+    out = flash_attn_ext.attention(q * 100, k * 100, v)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("Hq,Hkv", [(2, 2), (3, 1), (8, 2)])
+def test_large_sweep(device, dtype, D, causal, Hq, Hkv):
+    for L, S in SHAPES + [(2048, 2048), (4095, 77)]:
+        check_forward(device, dtype, 2, Hq, Hkv, L, S, D, causal=causal, window=(333, -1) if causal else (-1, -1))
