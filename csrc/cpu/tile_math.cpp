@@ -1,5 +1,8 @@
 #include "tile_math.h"
 
+// The 32-byte vector helpers below are always inlined: no ABI crosses a call.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -17,68 +20,91 @@
 namespace flash_attn_ext::cpu {
 namespace {
 
-// Register block: kRows rows of C times kCols columns stay in accumulators across the K loop
-// (4 x 32 floats = 16 AVX-512 or 16 AVX2 registers... the compiler spills what does not fit).
-constexpr int kRows = 4;
-constexpr int kCols = 32;
+// Register-blocked micro-kernel for float: kRows rows x 16 columns of C live in 2*kRows
+// 8-float vectors (GCC vector extensions, lowered to AVX2/AVX-512 or SSE by each clone)
+// across the whole K loop; each step loads 16 floats of B once and broadcasts one element of
+// A per row. 6 x 16 uses 12 accumulators + 2 B vectors + 1 broadcast: 15 of AVX2's 16
+// registers (the BLIS Haswell shape).
+typedef float v8f __attribute__((vector_size(32)));
+constexpr int kCols = 16;
 
-template <typename T>
-FAE_INLINE void gemm_impl(bool trans_a, int64_t M, int64_t N, int64_t K, T alpha,
-                          const T* __restrict A, int64_t lda, const T* __restrict B,
-                          int64_t ldb, T* __restrict C, int64_t ldc, bool accumulate) {
-  // Element (m, k) of op(A).
-  const int64_t a_m = trans_a ? 1 : lda;
-  const int64_t a_k = trans_a ? lda : 1;
-  int64_t m0 = 0;
-  for (; m0 + kRows <= M; m0 += kRows) {
-    int64_t n0 = 0;
-    for (; n0 + kCols <= N; n0 += kCols) {
-      T acc[kRows][kCols] = {};
-      for (int64_t k = 0; k < K; ++k) {
-        const T* b = B + k * ldb + n0;
-        T a[kRows];
-        for (int r = 0; r < kRows; ++r) a[r] = A[(m0 + r) * a_m + k * a_k];
-        for (int r = 0; r < kRows; ++r)
-          for (int n = 0; n < kCols; ++n) acc[r][n] += a[r] * b[n];
-      }
-      for (int r = 0; r < kRows; ++r) {
-        T* c = C + (m0 + r) * ldc + n0;
-        if (accumulate) {
-          for (int n = 0; n < kCols; ++n) c[n] += alpha * acc[r][n];
-        } else {
-          for (int n = 0; n < kCols; ++n) c[n] = alpha * acc[r][n];
-        }
-      }
-    }
-    // Column tail: row-at-a-time axpy over the remaining columns.
-    if (n0 < N) {
-      for (int r = 0; r < kRows; ++r) {
-        T* c = C + (m0 + r) * ldc;
-        T acc[kCols] = {};
-        const int64_t nt = N - n0;
-        for (int64_t k = 0; k < K; ++k) {
-          const T a = A[(m0 + r) * a_m + k * a_k];
-          const T* b = B + k * ldb + n0;
-          for (int64_t n = 0; n < nt; ++n) acc[n] += a * b[n];
-        }
-        for (int64_t n = 0; n < nt; ++n) c[n0 + n] = (accumulate ? c[n0 + n] : T(0)) + alpha * acc[n];
-      }
+FAE_INLINE v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+FAE_INLINE void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+
+template <int kRows>
+FAE_INLINE void micro_kernel_f32(int64_t K, float alpha, const float* __restrict A, int64_t a_m,
+                                 int64_t a_k, const float* __restrict B, int64_t ldb,
+                                 float* __restrict C, int64_t ldc, bool accumulate) {
+  v8f acc[kRows][2];
+  for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = v8f{};
+  for (int64_t k = 0; k < K; ++k) {
+    const v8f b0 = load8(B + k * ldb), b1 = load8(B + k * ldb + 8);
+    for (int r = 0; r < kRows; ++r) {
+      const float a = A[r * a_m + k * a_k];
+      acc[r][0] += a * b0;
+      acc[r][1] += a * b1;
     }
   }
-  // Row tail: one row at a time, kCols columns at a time.
-  for (; m0 < M; ++m0) {
-    T* c = C + m0 * ldc;
-    for (int64_t n0 = 0; n0 < N; n0 += kCols) {
-      const int64_t nt = N - n0 < kCols ? N - n0 : kCols;
-      T acc[kCols] = {};
+  for (int r = 0; r < kRows; ++r) {
+    float* c = C + r * ldc;
+    v8f c0 = alpha * acc[r][0], c1 = alpha * acc[r][1];
+    if (accumulate) {
+      c0 += load8(c);
+      c1 += load8(c + 8);
+    }
+    store8(c, c0);
+    store8(c + 8, c1);
+  }
+}
+
+// Any shape, one row at a time: the column tail of the float path and all of float64.
+template <typename T>
+FAE_INLINE void gemm_rows_generic(int64_t M, int64_t N, int64_t K, T alpha, const T* A,
+                                  int64_t a_m, int64_t a_k, const T* B, int64_t ldb, T* C,
+                                  int64_t ldc, bool accumulate) {
+  constexpr int kChunk = 32;
+  for (int64_t m = 0; m < M; ++m) {
+    T* c = C + m * ldc;
+    for (int64_t n0 = 0; n0 < N; n0 += kChunk) {
+      const int64_t nt = N - n0 < kChunk ? N - n0 : kChunk;
+      T acc[kChunk] = {};
       for (int64_t k = 0; k < K; ++k) {
-        const T a = A[m0 * a_m + k * a_k];
+        const T a = A[m * a_m + k * a_k];
         const T* b = B + k * ldb + n0;
         for (int64_t n = 0; n < nt; ++n) acc[n] += a * b[n];
       }
       for (int64_t n = 0; n < nt; ++n) c[n0 + n] = (accumulate ? c[n0 + n] : T(0)) + alpha * acc[n];
     }
   }
+}
+
+FAE_INLINE void gemm_f32(bool trans_a, int64_t M, int64_t N, int64_t K, float alpha,
+                         const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                         int64_t ldc, bool accumulate) {
+  const int64_t a_m = trans_a ? 1 : lda;  // element (m, k) of op(A) is A[m * a_m + k * a_k]
+  const int64_t a_k = trans_a ? lda : 1;
+  const int64_t n_main = N - N % kCols;
+  for (int64_t n0 = 0; n0 < n_main; n0 += kCols) {
+    int64_t m0 = 0;
+    for (; m0 + 6 <= M; m0 += 6)
+      micro_kernel_f32<6>(K, alpha, A + m0 * a_m, a_m, a_k, B + n0, ldb, C + m0 * ldc + n0, ldc, accumulate);
+    const float* a = A + m0 * a_m;
+    float* c = C + m0 * ldc + n0;
+    switch (M - m0) {
+      case 5: micro_kernel_f32<5>(K, alpha, a, a_m, a_k, B + n0, ldb, c, ldc, accumulate); break;
+      case 4: micro_kernel_f32<4>(K, alpha, a, a_m, a_k, B + n0, ldb, c, ldc, accumulate); break;
+      case 3: micro_kernel_f32<3>(K, alpha, a, a_m, a_k, B + n0, ldb, c, ldc, accumulate); break;
+      case 2: micro_kernel_f32<2>(K, alpha, a, a_m, a_k, B + n0, ldb, c, ldc, accumulate); break;
+      case 1: micro_kernel_f32<1>(K, alpha, a, a_m, a_k, B + n0, ldb, c, ldc, accumulate); break;
+      default: break;
+    }
+  }
+  if (n_main < N)
+    gemm_rows_generic<float>(M, N - n_main, K, alpha, A, a_m, a_k, B + n_main, ldb, C + n_main, ldc, accumulate);
 }
 
 // exp(x) for x <= 0 (softmax after the max shift), vectorisable: 2^n * p(r) with
@@ -110,34 +136,73 @@ FAE_INLINE float exp_nonpositive(float x) {
   return x < -87.0f ? 0.0f : y;
 }
 
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+// exp_nonpositive on 8 lanes (same constants and steps).
+FAE_INLINE v8f exp_nonpositive8(v8f x) {
+  const float kLog2e = 1.44269504088896341f;
+  const float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+  const float kRound = 12582912.0f;
+  const v8f lo = v8f{} - 87.0f;
+  const v8f xc = x < lo ? lo : x;
+  const v8f t = xc * kLog2e + kRound;
+  const v8f n = t - kRound;
+  const v8f r = (xc - n * kLn2Hi) - n * kLn2Lo;
+  v8f p = v8f{} + 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const v8i e = ((v8i)t - 0x4B400000 + 127) << 23;
+  const v8f y = p * (v8f)e;
+  return x < lo ? v8f{} : y;
+}
+
 }  // namespace
 
 FAE_MULTIVERSION
 void tile_gemm(bool trans_a, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
                bool accumulate) {
-  gemm_impl<float>(trans_a, M, N, K, alpha, A, lda, B, ldb, C, ldc, accumulate);
+  gemm_f32(trans_a, M, N, K, alpha, A, lda, B, ldb, C, ldc, accumulate);
 }
 
 void tile_gemm(bool trans_a, int64_t M, int64_t N, int64_t K, double alpha, const double* A,
                int64_t lda, const double* B, int64_t ldb, double* C, int64_t ldc,
                bool accumulate) {
-  gemm_impl<double>(trans_a, M, N, K, alpha, A, lda, B, ldb, C, ldc, accumulate);
+  gemm_rows_generic<double>(M, N, K, alpha, A, trans_a ? 1 : lda, trans_a ? lda : 1, B, ldb, C, ldc,
+                            accumulate);
 }
 
 FAE_MULTIVERSION
 float row_max(const float* x, int64_t n) {
-  // Explicit lanes so the reduction vectorises without -ffast-math.
-  constexpr int kLanes = 16;
-  float lane[kLanes];
-  for (int t = 0; t < kLanes; ++t) lane[t] = -std::numeric_limits<float>::infinity();
+  // Two 8-lane running maxima; NaNs are tracked separately (x != x) so the max itself is a
+  // plain compare-and-select the compiler keeps in vector registers.
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  v8f m0 = v8f{} + kNegInf, m1 = m0;
+  v8i nan = v8i{};
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int t = 0; t < kLanes; ++t) lane[t] = (x[j + t] > lane[t] || x[j + t] != x[j + t]) ? x[j + t] : lane[t];
-  float m = -std::numeric_limits<float>::infinity();
-  for (int t = 0; t < kLanes; ++t) m = (lane[t] > m || lane[t] != lane[t]) ? lane[t] : m;
-  for (; j < n; ++j) m = (x[j] > m || x[j] != x[j]) ? x[j] : m;
-  return m;
+  for (; j + 16 <= n; j += 16) {
+    const v8f a = load8(x + j), b = load8(x + j + 8);
+    m0 = a > m0 ? a : m0;
+    m1 = b > m1 ? b : m1;
+    nan |= (a != a) | (b != b);
+  }
+  m0 = m1 > m0 ? m1 : m0;
+  float m = kNegInf;
+  bool has_nan = false;
+  for (int t = 0; t < 8; ++t) {
+    m = m0[t] > m ? m0[t] : m;
+    has_nan |= nan[t] != 0;
+  }
+  for (; j < n; ++j) {
+    m = x[j] > m ? x[j] : m;
+    has_nan |= x[j] != x[j];
+  }
+  return has_nan ? std::numeric_limits<float>::quiet_NaN() : m;
 }
 
 double row_max(const double* x, int64_t n) {
@@ -148,23 +213,20 @@ double row_max(const double* x, int64_t n) {
 
 FAE_MULTIVERSION
 float exp_shift_sum(float* x, int64_t n, float shift) {
-  constexpr int kLanes = 16;
-  float lane[kLanes] = {};
+  v8f sum8 = v8f{};
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int t = 0; t < kLanes; ++t) {
-      const float e = exp_nonpositive(x[j + t] - shift);
-      x[j + t] = e;
-      lane[t] += e;
-    }
+  for (; j + 8 <= n; j += 8) {
+    const v8f e = exp_nonpositive8(load8(x + j) - shift);
+    store8(x + j, e);
+    sum8 += e;
   }
   float sum = 0.0f;
+  for (int t = 0; t < 8; ++t) sum += sum8[t];
   for (; j < n; ++j) {
     const float e = exp_nonpositive(x[j] - shift);
     x[j] = e;
     sum += e;
   }
-  for (int t = 0; t < kLanes; ++t) sum += lane[t];
   return sum;
 }
 

@@ -1,0 +1,204 @@
+"""CPU attention benchmark: flash_attn_ext against every PyTorch SDPA backend, in one process.
+
+For each shape: forward and forward+backward time, GFLOP/s, and the ratio our_time /
+their_time for PyTorch's CPU flash kernel (SDPA's default on CPU) and its math path, next to
+the machine's float32 matmul ceiling measured in the same run. Optionally the peak extra
+memory of one long sequence (ours against the math path).
+
+    python benchmarks/bench_attention.py --quick              # a minute: the README demo
+    python benchmarks/bench_attention.py                      # the issue's grid (long on 2 cores)
+    python benchmarks/bench_attention.py --csv out.csv --plot out.png --memory 16384
+"""
+import argparse
+import csv
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import flash_attn_ext
+
+MATH_MAX_SEQ = 2048  # the math path materialises B*H*L*S scores: skipped above this
+
+
+def attn_flops(B, H, L, S, D, causal):
+    """Matmul FLOPs of the forward (QK^T and PV) over visible pairs; backward is 2.5x."""
+    pairs = sum(min(S, max(0, i + S - L + 1)) for i in range(L)) if causal else L * S
+    return 4 * B * H * pairs * D
+
+
+def timeit(fn, min_time=0.5, max_reps=20):
+    """Best of repeated runs after a warm-up; runs over 5 s are timed once after it."""
+    t0 = time.perf_counter()
+    fn()  # warm-up (allocations, thread pool)
+    min_reps = 1 if time.perf_counter() - t0 > 5.0 else 2
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (time.perf_counter() - start < min_time or len(times) < min_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def matmul_ceiling(dtype=torch.float32, n=2048):
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    t = timeit(lambda: a @ b, min_time=1.0)
+    return 2 * n ** 3 / t / 1e9
+
+
+def make_runners(q, k, v, causal, backward):
+    def ours():
+        return flash_attn_ext.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    def torch_backend(backend):
+        def run():
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return run
+
+    runners = {"ours": ours, "torch_flash": torch_backend(SDPBackend.FLASH_ATTENTION)}
+    if q.shape[-2] <= MATH_MAX_SEQ:
+        runners["torch_math"] = torch_backend(SDPBackend.MATH)
+    if backward:
+        g = torch.randn(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype)
+
+        def with_backward(fwd):
+            return lambda: torch.autograd.grad(fwd(), (q, k, v), g)
+        runners = {name: with_backward(fn) for name, fn in runners.items()}
+    return runners
+
+
+def run_grid(shapes, dtypes, causals, passes, min_time):
+    rows = []
+    for dtype in dtypes:
+        for (B, H, L, D) in shapes:
+            for causal in causals:
+                for backward in passes:
+                    q, k, v = (torch.randn(B, H, L, D, dtype=dtype, requires_grad=backward) for _ in range(3))
+                    flops = attn_flops(B, H, L, L, D, causal) * (3.5 if backward else 1.0)
+                    times = {name: timeit(fn, min_time) for name, fn in make_runners(q, k, v, causal, backward).items()}
+                    row = dict(dtype=str(dtype).replace("torch.", ""), B=B, H=H, L=L, D=D, causal=causal,
+                               pass_="fwd+bwd" if backward else "fwd", ours_ms=times["ours"] * 1e3,
+                               ours_gflops=flops / times["ours"] / 1e9)
+                    for name in ("torch_flash", "torch_math"):
+                        row[f"{name}_ms"] = times[name] * 1e3 if name in times else float("nan")
+                        row[f"ratio_vs_{name}"] = times["ours"] / times[name] if name in times else float("nan")
+                    rows.append(row)
+                    print(format_row(row), flush=True)
+    return rows
+
+
+HEADER = (f"{'dtype':8} {'B':>2} {'H':>3} {'L=S':>5} {'D':>4} {'causal':>6} {'pass':>7} | {'ours ms':>9} "
+          f"{'GFLOP/s':>8} | {'flash ms':>9} {'ours/flash':>10} | {'math ms':>9} {'ours/math':>9}")
+
+
+def format_row(r):
+    return (f"{r['dtype']:8} {r['B']:>2} {r['H']:>3} {r['L']:>5} {r['D']:>4} {str(r['causal']):>6} {r['pass_']:>7} | "
+            f"{r['ours_ms']:9.2f} {r['ours_gflops']:8.1f} | {r['torch_flash_ms']:9.2f} {r['ratio_vs_torch_flash']:10.2f} | "
+            f"{r['torch_math_ms']:9.2f} {r['ratio_vs_torch_math']:9.2f}")
+
+
+_MEMORY_CHILD = r"""
+import resource, sys, torch, flash_attn_ext
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+L, which = int(sys.argv[1]), sys.argv[2]
+q, k, v = (torch.randn(1, 1, L, 64) for _ in range(3))
+flash_attn_ext.scaled_dot_product_attention(q[..., :8, :], k[..., :8, :], v[..., :8, :])  # load everything
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if which == "ours":
+    flash_attn_ext.scaled_dot_product_attention(q, k, v)
+else:
+    with sdpa_kernel([SDPBackend.MATH]):
+        F.scaled_dot_product_attention(q, k, v)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def peak_memory_mib(L, which):
+    """Peak resident memory added by one forward (1 head, D=64, fp32), in a fresh process."""
+    out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(L), which], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    keys = sorted({(r["dtype"], r["D"], r["causal"], r["pass_"]) for r in rows})
+    for key in keys:
+        sel = sorted((r for r in rows if (r["dtype"], r["D"], r["causal"], r["pass_"]) == key), key=lambda r: r["L"])
+        label = f"{key[0]} D={key[1]} {'causal' if key[2] else 'full'} {key[3]}"
+        line, = ax.plot([r["L"] for r in sel], [r["ours_ms"] for r in sel], "o-", label="ours " + label)
+        ax.plot([r["L"] for r in sel], [r["torch_flash_ms"] for r in sel], "x--", color=line.get_color(),
+                label="torch " + label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length L = S")
+    ax.set_ylabel("time (ms)")
+    ax.set_title(f"flash_attn_ext vs torch SDPA (CPU, {torch.get_num_threads()} threads)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small grid (about a minute)")
+    ap.add_argument("--seq", type=int, nargs="*", help="sequence lengths (default 512 2048 8192)")
+    ap.add_argument("--dims", type=int, nargs="*", help="head dims (default 64 128)")
+    ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
+    ap.add_argument("--passes", nargs="*", default=["fwd", "fwd+bwd"])
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--min-time", type=float, default=0.5, help="seconds of repeats per measurement")
+    ap.add_argument("--memory", type=int, default=0, help="also measure peak memory at this L (one head)")
+    ap.add_argument("--csv", help="write the rows to this CSV file")
+    ap.add_argument("--plot", help="draw time vs sequence length into this PNG")
+    args = ap.parse_args()
+
+    seqs = args.seq or ([256, 1024] if args.quick else [512, 2048, 8192])
+    dims = args.dims or ([64] if args.quick else [64, 128])
+    heads = 4 if args.quick else args.heads
+    dtypes = [getattr(torch, d) for d in args.dtypes]
+    print(f"torch {torch.__version__}, flash_attn_ext {flash_attn_ext.__version__}, "
+          f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    ceiling = matmul_ceiling()
+    print(f"float32 matmul ceiling (2048^3): {ceiling:.1f} GFLOP/s")
+    print(HEADER)
+    rows = run_grid([(args.batch, heads, L, D) for L in seqs for D in dims], dtypes, [False, True],
+                    [p == "fwd+bwd" for p in args.passes], args.min_time)
+    for r in rows:
+        r["matmul_ceiling_gflops"] = ceiling
+        r["fraction_of_ceiling"] = r["ours_gflops"] / ceiling
+    print(f"\nours / float32 matmul ceiling: " + ", ".join(
+        f"{r['dtype']} L={r['L']} D={r['D']} {'causal' if r['causal'] else 'full'} {r['pass_']}: {r['fraction_of_ceiling']:.2f}"
+        for r in rows if r["dtype"] == "float32"))
+    if args.memory:
+        ours, math_path = peak_memory_mib(args.memory, "ours"), peak_memory_mib(args.memory, "math")
+        print(f"\npeak extra memory, L=S={args.memory}, 1 head, D=64, fp32: ours {ours:.1f} MiB, "
+              f"torch math path {math_path:.1f} MiB")
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+            w.writeheader()
+            w.writerows(rows)
+        print(f"wrote {args.csv}")
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"wrote {args.plot}")
+    fallbacks = flash_attn_ext.fallback_counts()
+    if fallbacks:
+        print("fallbacks to torch SDPA:", fallbacks)
+
+
+if __name__ == "__main__":
+    main()
