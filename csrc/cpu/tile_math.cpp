@@ -107,42 +107,15 @@ FAE_INLINE void gemm_f32(bool trans_a, int64_t M, int64_t N, int64_t K, float al
     gemm_rows_generic<float>(M, N - n_main, K, alpha, A, a_m, a_k, B + n_main, ldb, C + n_main, ldc, accumulate);
 }
 
-// exp(x) for x <= 0 (softmax after the max shift), vectorisable: 2^n * p(r) with
-// x = n ln2 + r, |r| <= ln2/2, p the degree-7 Taylor polynomial (relative error < 1e-8).
-// Below -87 (where float exp underflows to denormals) the result is 0; NaN stays NaN.
-FAE_INLINE float exp_nonpositive(float x) {
-  const float kLog2e = 1.44269504088896341f;
-  const float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-  const float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float xc = x < -87.0f ? -87.0f : x;
-  const float t = xc * kLog2e + kRound;
-  const float n = t - kRound;
-  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  int32_t ti;
-  std::memcpy(&ti, &t, sizeof(ti));
-  // low bits of t hold n (two's complement, |n| < 2^22); scale by 2^n via the exponent.
-  const int32_t e = (ti - 0x4B400000 + 127) << 23;
-  float s;
-  std::memcpy(&s, &e, sizeof(s));
-  const float y = p * s;
-  return x < -87.0f ? 0.0f : y;
-}
-
 typedef int32_t v8i __attribute__((vector_size(32)));
 
-// exp_nonpositive on 8 lanes (same constants and steps).
+// exp(x) on 8 lanes for x <= 0 (softmax after the max shift): 2^n * p(r) with
+// x = n ln2 + r, |r| <= ln2/2, p the degree-7 Taylor polynomial (relative error < 1e-8).
+// Below -87 (where float exp underflows to denormals) the result is 0; NaN stays NaN.
 FAE_INLINE v8f exp_nonpositive8(v8f x) {
   const float kLog2e = 1.44269504088896341f;
   const float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-  const float kRound = 12582912.0f;
+  const float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const v8f lo = v8f{} - 87.0f;
   const v8f xc = x < lo ? lo : x;
   const v8f t = xc * kLog2e + kRound;
@@ -156,6 +129,7 @@ FAE_INLINE v8f exp_nonpositive8(v8f x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
+  // The low bits of t hold n (two's complement, |n| < 2^22): 2^n through the exponent field.
   const v8i e = ((v8i)t - 0x4B400000 + 127) << 23;
   const v8f y = p * (v8f)e;
   return x < lo ? v8f{} : y;
@@ -220,13 +194,16 @@ float exp_shift_sum(float* x, int64_t n, float shift) {
     store8(x + j, e);
     sum8 += e;
   }
+  if (j < n) {  // tail: padded with -inf, whose exp is 0
+    float tail[8];
+    for (int t = 0; t < 8; ++t) tail[t] = j + t < n ? x[j + t] - shift : -std::numeric_limits<float>::infinity();
+    const v8f e = exp_nonpositive8(load8(tail));
+    sum8 += e;
+    store8(tail, e);
+    for (int64_t t = 0; j + t < n; ++t) x[j + t] = tail[t];
+  }
   float sum = 0.0f;
   for (int t = 0; t < 8; ++t) sum += sum8[t];
-  for (; j < n; ++j) {
-    const float e = exp_nonpositive(x[j] - shift);
-    x[j] = e;
-    sum += e;
-  }
   return sum;
 }
 
