@@ -120,7 +120,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         while mask4.dim() < query.dim():
             mask4 = mask4.unsqueeze(0)
         if query.dim() > 4:
-            mask4 = mask4.expand(*query.shape[:-1], key.shape[-2]).reshape(-1, *mask4.shape[-3:])
+            expanded = mask4.expand(*query.shape[:-1], key.shape[-2])
+            mask4 = expanded.reshape(-1, *expanded.shape[-3:])
         else:
             mask4 = as4d(mask4)
     out, _, _ = _ops.attention_forward(

@@ -55,3 +55,9 @@ def test_backward_checks_saved_tensors():
         OPS.attention_backward(out[:, :, :3], q, k, v, out, lse, rng, None, 0.0, 0.25, -1, -1, True)
     with pytest.raises(ValueError, match="lse must be"):
         OPS.attention_backward(out, q, k, v, out, lse[:, :2], rng, None, 0.0, 0.25, -1, -1, True)
+
+
+def test_mask_requiring_grad_is_refused_not_silently_ignored():
+    mask = torch.zeros(1, 1, 8, 10, requires_grad=True)
+    with pytest.raises(ValueError, match="gradients with respect to attn_mask"):
+        flash_attn_ext.attention(q.requires_grad_(False), k, v, attn_mask=mask)

@@ -118,3 +118,13 @@ def test_layout_like_pytorch_flash(device):
     q, k, v = make_qkv(2, 4, 4, 16, 16, 8, torch.float32, device, layout="blhd")
     out = fae_sdpa(q, k, v)
     assert out.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("mask_shape", [(1, 1, 1, 9, 11), (2, 1, 2, 9, 11), (9, 11), (3, 1, 1, 11)])
+def test_five_dim_inputs_with_mask(device, mask_shape):
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(s, generator=g).to(device) for s in ((2, 3, 2, 9, 8), (2, 3, 2, 11, 8), (2, 3, 2, 11, 8)))
+    mask = (torch.rand(mask_shape, generator=g) > 0.3).to(device)
+    torch.testing.assert_close(fae_sdpa(q, k, v, attn_mask=mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                               atol=2e-5, rtol=2e-5)
+    assert flash_attn_ext.fallback_counts() == {}

@@ -47,6 +47,12 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                                const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
                                double dropout_p, double scale, int64_t window_left,
                                int64_t window_right, bool bottom_right) {
+    // A silently missing gradient would be a wrong answer: refuse instead (the SDPA drop-in
+    // serves such calls through PyTorch).
+    TORCH_CHECK_VALUE(!(attn_mask.has_value() && attn_mask->defined() && attn_mask->requires_grad()),
+                      "flash_attn_ext.attention_forward: gradients with respect to attn_mask are not "
+                      "supported; pass attn_mask.detach(), or use "
+                      "flash_attn_ext.scaled_dot_product_attention, which falls back to PyTorch");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, lse, rng_state] = call_forward(q, k, v, attn_mask, dropout_p, scale, window_left,
                                               window_right, bottom_right);
