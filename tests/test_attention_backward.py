@@ -122,6 +122,25 @@ def test_backward_is_bitwise_repeatable(device):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("B,Hq,Hkv", [(1, 1, 1), (1, 4, 1), (2, 4, 2)])
+def test_backward_same_for_any_thread_count(device, B, Hq, Hkv):
+    # Few (batch, kv head) units split their key tiles across threads; the split must not
+    # change the result beyond float32 summation order, and each split is bitwise repeatable.
+    q, k, v = make_qkv(B, Hq, Hkv, 150, 333, 32, torch.float32, device, requires_grad=True)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 3, 3):
+            torch.set_num_threads(n)
+            out = flash_attn_ext.attention(q, k, v, causal=True)
+            results.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert torch.equal(b, c)
+
+
 def test_double_backward_raises(device):
     q, k, v = make_qkv(1, 1, 1, 8, 8, 4, torch.float64, device, requires_grad=True)
     out = flash_attn_ext.attention(q, k, v)

@@ -1,12 +1,13 @@
 // CPU kernel of flash_attn_ext::attention_backward: FlashAttention-2's backward on the CPU.
 //
-// delta = rowsum(dO * O) first; then one task per (batch, kv head) walks its key tiles; for
-// each key tile it recomputes P = exp(S - lse) for the query tiles of every query head of the
-// group that can see the tile (visible_row_range), and accumulates
+// delta = rowsum(dO * O) first; then one task per (batch, kv head) (or per share of its key
+// tiles, when there are few) walks its key tiles; for each key tile it recomputes
+// P = exp(S - lse) for the query tiles of every query head of the group that can see the tile
+// (visible_row_range), and accumulates
 //   dV += P_dropped^T dO,  dS = P * (dP - delta) with dP = dO V^T,  dK += dS^T Q,  dQ += dS K.
-// The task owns its group's dK/dV (summed over the group's query heads, no repeated K/V) and
-// its query heads' dQ rows, so no two threads write the same memory: no atomics, and the
-// result is bitwise repeatable for any thread count.
+// dK/dV of a key tile are summed over the group's query heads (no repeated K/V) and written
+// once; dQ goes to an accumulator owned by the task's split. No two threads write the same
+// memory: no atomics, and the result is bitwise repeatable for a fixed thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -60,11 +61,20 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
     }
   });
 
+  // Work units are (batch, kv head). With fewer units than 2x the threads (small batch, MQA),
+  // each unit's key tiles are dealt round-robin to n_splits tasks (round-robin balances the
+  // causal band), each with its own dQ accumulator, summed in a fixed order afterwards: still
+  // no atomics, and bitwise repeatable for a given thread count.
+  const int64_t units = p.batch * p.heads_kv;
+  const int64_t n_kblocks = (S + kBlockK - 1) / kBlockK;
+  const int64_t want_tasks = 2 * static_cast<int64_t>(at::get_num_threads());
+  const int64_t n_splits = units >= want_tasks ? 1
+      : std::max<int64_t>(1, std::min(n_kblocks, (want_tasks + units - 1) / units));
   // dQ accumulates over key tiles in the accumulation type, then is narrowed once.
-  at::Tensor dq_acc = at::zeros({p.batch, p.heads_q, L, Dk}, acc_options);
-  acc_t* dq_acc_data = dq_acc.data_ptr<acc_t>();
+  at::Tensor dq_acc = at::zeros({n_splits, p.batch * p.heads_q, L, Dk}, acc_options);
+  const int64_t split_stride = p.batch * p.heads_q * L * Dk;
 
-  at::parallel_for(0, p.batch * p.heads_kv, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, units * n_splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> k_tile(kBlockK * Dk), kt_tile(Dk * kBlockK), vt_tile(Dv * kBlockK);
     std::vector<acc_t> dk_acc(kBlockK * Dk), dv_acc(kBlockK * Dv);
     std::vector<acc_t> q_tile(kBlockQ * Dk), do_tile(kBlockQ * Dv);
@@ -73,8 +83,10 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
     std::vector<uint8_t> keep(dropout ? kBlockQ * kBlockK : 0);
 
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / p.heads_kv, hk = task % p.heads_kv;
-      for (int64_t j0 = 0; j0 < S; j0 += kBlockK) {
+      const int64_t unit = task / n_splits, split = task % n_splits;
+      const int64_t b = unit / p.heads_kv, hk = unit % p.heads_kv;
+      acc_t* dq_acc_data = dq_acc.data_ptr<acc_t>() + split * split_stride;
+      for (int64_t j0 = split * kBlockK; j0 < S; j0 += n_splits * kBlockK) {
         const int64_t cols = std::min(kBlockK, S - j0);
         const RowRange band = visible_row_range(j0, j0 + cols, p.align_offset, p.window_left,
                                                 p.window_right, L);
@@ -144,13 +156,28 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
         store_rows(dk_acc.data(), Dk, cols, Dk, dk_rows.at(b, hk, j0), dk_rows.stride_l);
         store_rows(dv_acc.data(), Dv, cols, Dv, dv_rows.at(b, hk, j0), dv_rows.stride_l);
       }
-      // This task's query heads are complete: narrow their dQ.
-      for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
-        const int64_t bh = b * p.heads_q + h;
-        store_rows(dq_acc_data + bh * L * Dk, Dk, L, Dk, dq_rows.at(b, h, 0), dq_rows.stride_l);
+      if (n_splits == 1) {  // this task's query heads are complete: narrow their dQ now
+        for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+          const int64_t bh = b * p.heads_q + h;
+          store_rows(dq_acc_data + bh * L * Dk, Dk, L, Dk, dq_rows.at(b, h, 0), dq_rows.stride_l);
+        }
       }
     }
   });
+  if (n_splits > 1) {  // sum the splits' partial dQ in split order, then narrow
+    const acc_t* acc = dq_acc.data_ptr<acc_t>();
+    at::parallel_for(0, p.batch * p.heads_q, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> rows(L * Dk);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        std::copy(acc + bh * L * Dk, acc + (bh + 1) * L * Dk, rows.begin());
+        for (int64_t s = 1; s < n_splits; ++s) {
+          const acc_t* part = acc + s * split_stride + bh * L * Dk;
+          for (int64_t e = 0; e < L * Dk; ++e) rows[e] += part[e];
+        }
+        store_rows(rows.data(), Dk, L, Dk, dq_rows.at(bh / p.heads_q, bh % p.heads_q, 0), dq_rows.stride_l);
+      }
+    });
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
