@@ -55,7 +55,7 @@ def extensions():
         print("flash_attn_ext: building CPU-only")
         return [CppExtension(**kwargs)]
     kwargs["sources"] += _sources("*.cu")
-    kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17", "-DPy_LIMITED_API=0x030A0000",
+    kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-DPy_LIMITED_API=0x030A0000",
                                             "--expt-relaxed-constexpr", "-lineinfo"] + _gencode_flags()
     kwargs["define_macros"] = [("FLASH_ATTN_EXT_WITH_CUDA", "1")]
     print("flash_attn_ext: building with CUDA for", os.environ.get("FLASH_ATTN_EXT_CUDA_ARCHS", DEFAULT_CUDA_ARCHS))

@@ -144,25 +144,44 @@ def peak_memory_mib(L, which):
 
 
 def plot(rows, path):
+    """One panel per (dtype, pass): time vs L for each (D, causal), ours solid, torch flash dashed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    keys = sorted({(r["dtype"], r["D"], r["causal"], r["pass_"]) for r in rows})
-    for key in keys:
-        sel = sorted((r for r in rows if (r["dtype"], r["D"], r["causal"], r["pass_"]) == key), key=lambda r: r["L"])
-        label = f"{key[0]} D={key[1]} {'causal' if key[2] else 'full'} {key[3]}"
-        line, = ax.plot([r["L"] for r in sel], [r["ours_ms"] for r in sel], "o-", label="ours " + label)
-        ax.plot([r["L"] for r in sel], [r["torch_flash_ms"] for r in sel], "x--", color=line.get_color(),
-                label="torch " + label)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length L = S")
-    ax.set_ylabel("time (ms)")
-    ax.set_title(f"flash_attn_ext vs torch SDPA (CPU, {torch.get_num_threads()} threads)")
-    ax.legend(fontsize=6)
+    panels = sorted({(r["dtype"], r["pass_"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
+    for ax, (dtype, pass_) in zip(axes[0], panels):
+        sel = [r for r in rows if r["dtype"] == dtype and r["pass_"] == pass_]
+        for i, (D, causal) in enumerate(sorted({(r["D"], r["causal"]) for r in sel})):
+            line = sorted((r for r in sel if (r["D"], r["causal"]) == (D, causal)), key=lambda r: r["L"])
+            label = f"D={D} {'causal' if causal else 'full'}"
+            color = f"C{i}"
+            ax.plot([r["L"] for r in line], [r["ours_ms"] for r in line], "o-", color=color, label="ours " + label)
+            ax.plot([r["L"] for r in line], [r["torch_flash_ms"] for r in line], "x--", color=color,
+                    label="torch " + label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("L = S")
+        ax.set_title(f"{dtype} {pass_}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("time (ms)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("flash_attn_ext (solid) vs torch SDPA CPU flash (dashed)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
+
+
+def read_csv(path):
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for key in ("B", "H", "L", "D"):
+            r[key] = int(r[key])
+        r["causal"] = r["causal"] == "True"
+        for key, value in r.items():
+            if key.endswith("_ms") or key.startswith("ratio") or key.endswith("gflops"):
+                r[key] = float(value)
+    return rows
 
 
 def main():
@@ -178,7 +197,11 @@ def main():
     ap.add_argument("--memory", type=int, default=0, help="also measure peak memory at this L (one head)")
     ap.add_argument("--csv", help="write the rows to this CSV file")
     ap.add_argument("--plot", help="draw time vs sequence length into this PNG")
+    ap.add_argument("--from-csv", nargs="*", help="only plot rows from these CSV files (no runs)")
     args = ap.parse_args()
+    if args.from_csv:
+        plot([r for path in args.from_csv for r in read_csv(path)], args.plot or "bench.png")
+        return
 
     seqs = args.seq or ([256, 1024] if args.quick else [512, 2048, 8192])
     dims = args.dims or ([64] if args.quick else [64, 128])
