@@ -77,7 +77,8 @@ def _window_mask(len_q, len_k, left, right, device):
 def _fallback(reason, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window):
     record_fallback(reason)
     kwargs = {"enable_gqa": True} if enable_gqa else {}
-    if window is not None and window != (-1, -1) and isinstance(query, torch.Tensor):
+    if (window is not None and window != (-1, -1) and isinstance(query, torch.Tensor)
+            and not (is_causal and attn_mask is not None)):  # that combination: PyTorch's error
         # PyTorch has no window: the equivalent explicit mask (L x S, on the fallback only).
         left, right = normalize_window(window, is_causal)
         visible = _window_mask(query.shape[-2], key.shape[-2], left, right, query.device)
@@ -106,7 +107,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
     # Collapse (..., H, L, D) to the kernels' (B, H, L, D); views for up to 4 dims.
-    lead = query.shape[:-3] if query.dim() >= 3 else ()
     def as4d(t):
         if t.dim() == 2:
             return t.unsqueeze(0).unsqueeze(0)

@@ -148,6 +148,19 @@ def test_empty_query_sequence(device):
     assert out.shape == (1, 2, 0, 8) and lse.shape == (1, 2, 0)
 
 
+@pytest.mark.parametrize("shape_q,shape_kv", [((0, 2, 5, 4), (0, 2, 5, 4)), ((1, 0, 5, 4), (1, 0, 5, 4)),
+                                              ((1, 2, 0, 4), (1, 2, 5, 4))])
+def test_empty_tensors_forward_and_backward(device, shape_q, shape_kv):
+    q = torch.randn(shape_q, device=device, requires_grad=True)
+    k = torch.randn(shape_kv, device=device, requires_grad=True)
+    v = torch.randn(shape_kv, device=device, requires_grad=True)
+    out = flash_attn_ext.scaled_dot_product_attention(q, k, v)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert out.shape == ref.shape
+    out.sum().backward()  # the expanded (stride 0) gradient of an empty output
+    assert q.grad.shape == q.shape and torch.all(k.grad == 0) and torch.all(v.grad == 0)
+
+
 def test_nan_stays_in_its_row(device):
     q, k, v = make_qkv(1, 1, 1, 16, 16, 8, torch.float32, device)
     q = q.clone()

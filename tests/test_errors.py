@@ -61,3 +61,12 @@ def test_mask_requiring_grad_is_refused_not_silently_ignored():
     mask = torch.zeros(1, 1, 8, 10, requires_grad=True)
     with pytest.raises(ValueError, match="gradients with respect to attn_mask"):
         flash_attn_ext.attention(q.requires_grad_(False), k, v, attn_mask=mask)
+
+
+def test_mask_requiring_grad_is_fine_without_grad_mode():
+    # e.g. a learned bias (nn.Parameter) at inference time
+    mask = torch.randn(1, 1, 8, 10, requires_grad=True)
+    with torch.no_grad():
+        out = flash_attn_ext.attention(q, k, v, attn_mask=mask)
+        ref = flash_attn_ext.attention(q, k, v, attn_mask=mask.detach())
+    assert torch.equal(out, ref)

@@ -3,6 +3,7 @@
 // kernels. The backward recomputes probabilities from (out, lse, rng_state): nothing of size
 // L x S is saved.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -47,12 +48,6 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                                const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
                                double dropout_p, double scale, int64_t window_left,
                                int64_t window_right, bool bottom_right) {
-    // A silently missing gradient would be a wrong answer: refuse instead (the SDPA drop-in
-    // serves such calls through PyTorch).
-    TORCH_CHECK_VALUE(!(attn_mask.has_value() && attn_mask->defined() && attn_mask->requires_grad()),
-                      "flash_attn_ext.attention_forward: gradients with respect to attn_mask are not "
-                      "supported; pass attn_mask.detach(), or use "
-                      "flash_attn_ext.scaled_dot_product_attention, which falls back to PyTorch");
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, lse, rng_state] = call_forward(q, k, v, attn_mask, dropout_p, scale, window_left,
                                               window_right, bottom_right);
@@ -117,6 +112,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
     int64_t window_left, int64_t window_right, bool bottom_right) {
+  // A silently missing gradient would be a wrong answer: refuse instead (the SDPA drop-in
+  // serves such calls through PyTorch). Checked here, not in forward(), where grad mode is
+  // already off; under no_grad a mask that requires grad is just data.
+  TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && attn_mask.has_value() && attn_mask->defined() &&
+                      attn_mask->requires_grad()),
+                    "flash_attn_ext.attention_forward: gradients with respect to attn_mask are not "
+                    "supported; pass attn_mask.detach(), or use "
+                    "flash_attn_ext.scaled_dot_product_attention, which falls back to PyTorch");
   auto r = AttentionFunction::apply(q, k, v, attn_mask, dropout_p, scale, window_left,
                                     window_right, bottom_right);
   return {r[0], r[1], r[2]};

@@ -68,8 +68,11 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
   const int64_t units = p.batch * p.heads_kv;
   const int64_t n_kblocks = (S + kBlockK - 1) / kBlockK;
   const int64_t want_tasks = 2 * static_cast<int64_t>(at::get_num_threads());
+  // Each extra split costs a float dQ copy: at most ~512 MiB of them in all.
+  const int64_t split_bytes = p.batch * p.heads_q * L * Dk * static_cast<int64_t>(sizeof(acc_t));
+  const int64_t max_splits = std::max<int64_t>(1, (int64_t{512} << 20) / std::max<int64_t>(1, split_bytes));
   const int64_t n_splits = units >= want_tasks ? 1
-      : std::max<int64_t>(1, std::min(n_kblocks, (want_tasks + units - 1) / units));
+      : std::max<int64_t>(1, std::min({n_kblocks, (want_tasks + units - 1) / units, max_splits}));
   // dQ accumulates over key tiles in the accumulation type, then is narrowed once.
   at::Tensor dq_acc = at::zeros({n_splits, p.batch * p.heads_q, L, Dk}, acc_options);
   const int64_t split_stride = p.batch * p.heads_q * L * Dk;

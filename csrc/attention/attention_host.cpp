@@ -15,7 +15,7 @@ void check_floating(const char* op, const char* name, const at::Tensor& t) {
 }
 
 void check_last_dim_contiguous(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, op, ": ", name,
+  TORCH_CHECK_VALUE(t.numel() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, op, ": ", name,
                     " must have a contiguous last dimension (stride 1), got stride ",
                     t.stride(-1), "; call .contiguous() first");
 }
@@ -49,7 +49,7 @@ void check_attention_inputs(const char* op, const at::Tensor& q, const at::Tenso
                     k.size(2), ", value ", v.size(2));
   TORCH_CHECK_VALUE(q.size(3) == k.size(3), op, ": query and key head dims differ: query ",
                     q.size(3), ", key ", k.size(3));
-  TORCH_CHECK_VALUE(k.size(1) >= 1 && q.size(1) % k.size(1) == 0, op,
+  TORCH_CHECK_VALUE((k.size(1) >= 1 && q.size(1) % k.size(1) == 0) || (q.size(1) == 0 && k.size(1) == 0), op,
                     ": number of query heads (", q.size(1),
                     ") must be a multiple of the number of key/value heads (", k.size(1), ")");
   check_last_dim_contiguous(op, "query", q);
