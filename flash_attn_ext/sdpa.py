@@ -53,12 +53,11 @@ def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
             return "attn_mask requires grad"
         if attn_mask.device != query.device or not 2 <= attn_mask.dim() <= query.dim():
             return "attn_mask device or rank"
-        try:
-            torch.broadcast_shapes(attn_mask.shape, query.shape[:-1] + key.shape[-2:-1])
+        scores_shape = query.shape[:-1] + key.shape[-2:-1]
+        try:  # must broadcast to the scores' shape without enlarging it
+            if torch.broadcast_shapes(attn_mask.shape, scores_shape) != scores_shape:
+                return "attn_mask shape"
         except RuntimeError:
-            return "attn_mask shape"
-        if torch.broadcast_shapes(attn_mask.shape, query.shape[:-1] + key.shape[-2:-1]) != \
-                query.shape[:-1] + key.shape[-2:-1]:
             return "attn_mask shape"
     return None
 

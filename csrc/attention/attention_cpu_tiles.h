@@ -59,7 +59,7 @@ inline void load_rows_transposed(const src_t* src, int64_t src_stride, int64_t r
   }
 }
 
-// dst[r * dst_stride + d] = scale * src[r * ld + d], narrowed to the output dtype.
+// dst[r * dst_stride + d] = src[r * ld + d], narrowed to the output dtype.
 template <typename dst_t, typename acc_t>
 inline void store_rows(const acc_t* src, int64_t ld, int64_t rows, int64_t dim, dst_t* dst,
                        int64_t dst_stride) {
