@@ -9,7 +9,10 @@
 
 // Run-time dispatch over instruction sets; see tile_math.h. Clang and other compilers get the
 // portable build only.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+// FAE_NO_MULTIVERSION builds one version for the compiler's -march (tests/cpp/ uses it to run
+// the baseline build on any machine).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
+    !defined(FAE_NO_MULTIVERSION)
 #define FAE_MULTIVERSION \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else

@@ -1,0 +1,84 @@
+// Unit test of the CPU tile kernels (csrc/cpu/tile_math.cpp) against naive double loops.
+// tests/test_tile_math.py builds it once per instruction set this machine can run (baseline
+// x86-64 with FAE_NO_MULTIVERSION, and the run-time-dispatched build), so the portable
+// fallback is exercised even on a CPU where the dispatcher would never pick it.
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "cpu/tile_math.h"
+
+using namespace flash_attn_ext::cpu;
+
+static int failures = 0;
+
+static void check_gemm(bool trans_a, int64_t M, int64_t N, int64_t K, bool accumulate, std::mt19937& rng) {
+  std::normal_distribution<float> nd;
+  const int64_t lda = (trans_a ? M : K) + 3, ldb = N + 5, ldc = N + 2;
+  std::vector<float> A((trans_a ? K : M) * lda), B(K * ldb), C(M * ldc), C0;
+  for (auto& x : A) x = nd(rng);
+  for (auto& x : B) x = nd(rng);
+  for (auto& x : C) x = nd(rng);
+  C0 = C;
+  const float alpha = 0.75f;
+  tile_gemm(trans_a, M, N, K, alpha, A.data(), lda, B.data(), ldb, C.data(), ldc, accumulate);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = 0; n < ldc; ++n) {
+      if (n >= N) {  // padding between rows must be untouched
+        if (C[m * ldc + n] != C0[m * ldc + n] && ++failures <= 10)
+          std::printf("FAIL gemm wrote padding m=%ld n=%ld\n", (long)m, (long)n);
+        continue;
+      }
+      double ref = 0;
+      for (int64_t k = 0; k < K; ++k)
+        ref += double(trans_a ? A[k * lda + m] : A[m * lda + k]) * B[k * ldb + n];
+      ref = alpha * ref + (accumulate ? C0[m * ldc + n] : 0.0);
+      if (std::fabs(C[m * ldc + n] - ref) > 1e-4 * (1 + std::sqrt(double(K))) && ++failures <= 10)
+        std::printf("FAIL gemm trans=%d M=%ld N=%ld K=%ld m=%ld n=%ld: %g vs %g\n", trans_a, (long)M,
+                    (long)N, (long)K, (long)m, (long)n, C[m * ldc + n], ref);
+    }
+  }
+}
+
+int main() {
+  std::mt19937 rng(7);
+  for (bool t : {false, true})
+    for (int64_t M : {1, 4, 5, 6, 11, 64})
+      for (int64_t N : {1, 7, 16, 17, 33, 64})
+        for (int64_t K : {1, 3, 64, 80})
+          for (bool acc : {false, true}) check_gemm(t, M, N, K, acc, rng);
+
+  // exp_shift_sum: every length (vector body and tail), -inf -> 0, relative error < 1e-6.
+  std::uniform_real_distribution<float> ud(-30.f, 0.f);
+  for (int64_t n = 0; n <= 40; ++n) {
+    std::vector<float> x(n);
+    for (auto& v : x) v = ud(rng);
+    if (n > 3) x[2] = -std::numeric_limits<float>::infinity();
+    std::vector<float> y = x;
+    const float shift = -1.5f;
+    const float sum = exp_shift_sum(y.data(), n, shift);
+    double ref_sum = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const double ref = std::exp(double(x[j]) - shift);
+      ref_sum += ref;
+      if (std::fabs(y[j] - ref) > 1e-6 * ref + 1e-30 && ++failures <= 10)
+        std::printf("FAIL exp n=%ld j=%ld x=%g: %g vs %g\n", (long)n, (long)j, x[j], y[j], ref);
+    }
+    if (std::fabs(sum - ref_sum) > 1e-5 * (ref_sum + 1) && ++failures <= 10)
+      std::printf("FAIL exp sum n=%ld: %g vs %g\n", (long)n, sum, ref_sum);
+  }
+  // row_max: the max, -inf when empty, NaN when any element is NaN.
+  for (int64_t n = 1; n <= 40; ++n) {
+    std::vector<float> x(n);
+    for (auto& v : x) v = ud(rng);
+    x[n / 2] = 5.f;
+    if (row_max(x.data(), n) != 5.f && ++failures <= 10) std::printf("FAIL row_max n=%ld\n", (long)n);
+    x[n - 1] = std::numeric_limits<float>::quiet_NaN();
+    if (!std::isnan(row_max(x.data(), n)) && ++failures <= 10) std::printf("FAIL row_max NaN n=%ld\n", (long)n);
+  }
+  if (row_max(static_cast<const float*>(nullptr), 0) != -std::numeric_limits<float>::infinity()) ++failures;
+  std::printf("%s\n", failures ? "FAILED" : "ok");
+  return failures ? 1 : 0;
+}
