@@ -19,4 +19,11 @@ TORCH_LIBRARY(flash_attn_ext, m) {
       "Tensor lse, Tensor rng_state, Tensor? attn_mask, float dropout_p, float scale, "
       "int window_left, int window_right, bool bottom_right) "
       "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+  // KV cache: writes k_new/v_new (B, Hkv, L_new, D) into k_cache/v_cache (B, Hkv, S_max, D)
+  // in place at positions cache_seqlens[b] + t, read through strides (a flash-attn
+  // (B, S_max, Hkv, D) cache is passed as its transpose(1, 2) view). rolling: the cache holds
+  // the last S_max positions, position p in slot p % S_max. cache_seqlens is not updated.
+  m.def(
+      "kv_cache_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k_new, Tensor v_new, "
+      "Tensor cache_seqlens, bool rolling=False) -> ()");
 }

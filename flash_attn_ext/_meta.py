@@ -27,3 +27,9 @@ def _attention_forward_fake(query, key, value, attn_mask, dropout_p, scale, wind
 def _attention_backward_fake(grad_out, query, key, value, out, lse, rng_state, attn_mask,
                              dropout_p, scale, window_left, window_right, bottom_right):
     return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+@torch.library.register_fake("flash_attn_ext::kv_cache_append")
+def _kv_cache_append_fake(k_cache, v_cache, k_new, v_new, cache_seqlens, rolling=False):
+    torch._check(k_cache.dim() == 4 and k_new.dim() == 4, lambda: "caches and new K/V must be 4-D")
+    return None
