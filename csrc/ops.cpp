@@ -26,4 +26,12 @@ TORCH_LIBRARY(flash_attn_ext, m) {
   m.def(
       "kv_cache_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k_new, Tensor v_new, "
       "Tensor cache_seqlens, bool rolling=False) -> ()");
+  // Attention of query (B, Hq, L, D) against a KV cache (B, Hkv, S_max, D): sequence b sees
+  // keys [0, cache_seqlens[b] + L_new), bottom-right aligned (the last query with the last
+  // key). With k_new/v_new (B, Hkv, L_new, D) they are first appended in place
+  // (kv_cache_append). Returns out (B, Hq, L, Dv) and lse (B, Hq, L). Inference only.
+  m.def(
+      "attention_kvcache(Tensor query, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
+      "Tensor? k_new, Tensor? v_new, float scale, int window_left, int window_right) "
+      "-> (Tensor out, Tensor lse)");
 }

@@ -4,8 +4,8 @@
     out = flash_attn_ext.scaled_dot_product_attention(q, k, v, is_causal=True)   # drop-in
     out, lse = flash_attn_ext.attention(q, k, v, causal=True, window_size=(255, 0), return_lse=True)
 
-Ops: torch.ops.flash_attn_ext.attention_forward / attention_backward / kv_cache_append
-(schemas in csrc/ops.cpp).
+Ops: torch.ops.flash_attn_ext.attention_forward / attention_backward / kv_cache_append /
+attention_kvcache (schemas in csrc/ops.cpp).
 """
 import torch
 
@@ -13,13 +13,14 @@ from . import _C  # noqa: F401  (loads the native library: registers the ops)
 from . import _meta  # noqa: F401  (fake kernels for torch.compile)
 from ._fallback import fallback_counts, reset_fallback_counts
 from .attention import attention
-from .kv_cache import kv_cache_append
+from .kv_cache import attention_with_kvcache, kv_cache_append
 from .sdpa import scaled_dot_product_attention
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attention",
+    "attention_with_kvcache",
     "kv_cache_append",
     "scaled_dot_product_attention",
     "fallback_counts",

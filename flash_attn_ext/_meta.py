@@ -33,3 +33,13 @@ def _attention_backward_fake(grad_out, query, key, value, out, lse, rng_state, a
 def _kv_cache_append_fake(k_cache, v_cache, k_new, v_new, cache_seqlens, rolling=False):
     torch._check(k_cache.dim() == 4 and k_new.dim() == 4, lambda: "caches and new K/V must be 4-D")
     return None
+
+
+@torch.library.register_fake("flash_attn_ext::attention_kvcache")
+def _attention_kvcache_fake(query, k_cache, v_cache, cache_seqlens, k_new, v_new, scale,
+                            window_left, window_right):
+    torch._check(query.dim() == 4 and k_cache.dim() == 4, lambda: "query and caches must be 4-D")
+    batch, heads, len_q, _ = query.shape
+    out = query.new_empty((batch, len_q, heads, v_cache.shape[-1])).transpose(1, 2)
+    lse = query.new_empty((batch, heads, len_q), dtype=_lse_dtype(query.dtype))
+    return out, lse

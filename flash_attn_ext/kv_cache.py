@@ -1,5 +1,10 @@
-"""KV cache operations (issue 5; so far the in-place append)."""
+"""KV cache operations: the in-place append and attention against the cache."""
+import math
+from typing import Optional, Tuple, Union
+
 import torch
+
+from .attention import _contiguous_last_dim, normalize_window
 
 _LAYOUTS = ("bshd", "bhsd")
 
@@ -26,3 +31,45 @@ def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.T
     torch.ops.flash_attn_ext.kv_cache_append(
         _as_bhsd(k_cache, layout), _as_bhsd(v_cache, layout), _as_bhsd(k_new.detach(), layout),
         _as_bhsd(v_new.detach(), layout), cache_seqlens, rolling)
+
+
+def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
+                           cache_seqlens: Optional[Union[torch.Tensor, int]] = None,
+                           softmax_scale: Optional[float] = None, causal: bool = False,
+                           window_size: Tuple[int, int] = (-1, -1),
+                           return_softmax_lse: bool = False, *, layout: str = "bshd"):
+    """Decode / chunked-prefill attention against a KV cache (flash-attn's argument names).
+
+    layout "bshd": q (B, L, Hq, D), caches (B, S_max, Hkv, D), k/v (B, L_new, Hkv, D), out
+    (B, L, Hq, D); "bhsd": the same with heads before positions. Sequence b attends to cache
+    positions [0, cache_seqlens[b] + L_new) (cache_seqlens None: the whole cache), bottom-right
+    aligned: the last query lines up with the last key. k/v, when given, are first written into
+    the caches in place at cache_seqlens (not updated: advance it yourself). causal and
+    window_size=(left, right) as in flash-attn; GQA/MQA when Hq is a multiple of Hkv.
+    Returns out, or (out, lse) with return_softmax_lse (lse float32, (B, Hq, L)).
+    Inference only: not differentiable.
+    """
+    if layout not in _LAYOUTS:
+        raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
+    if (k is None) != (v is None):
+        raise ValueError("pass both k and v, or neither")
+    if torch.is_grad_enabled() and q.requires_grad:
+        raise RuntimeError("attention_with_kvcache is inference-only (not differentiable); "
+                           "call it under torch.no_grad() or torch.inference_mode()")
+    qb, kc, vc = _as_bhsd(q, layout), _as_bhsd(k_cache, layout), _as_bhsd(v_cache, layout)
+    batch, s_max = qb.shape[0], kc.shape[2]
+    if cache_seqlens is None:
+        cache_seqlens = torch.full((batch,), s_max - (0 if k is None else _as_bhsd(k, layout).shape[2]),
+                                   dtype=torch.int32, device=q.device)
+    elif isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
+    left, right = normalize_window(window_size, causal)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
+    out, lse = torch.ops.flash_attn_ext.attention_kvcache(
+        _contiguous_last_dim(qb), kc, vc, cache_seqlens,
+        None if k is None else _as_bhsd(k.detach(), layout), None if v is None else _as_bhsd(v.detach(), layout),
+        float(softmax_scale), left, right)
+    out = out.transpose(1, 2) if layout == "bshd" else out
+    return (out, lse) if return_softmax_lse else out

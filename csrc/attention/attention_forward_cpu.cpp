@@ -16,6 +16,7 @@
 
 #include "../cpu/tile_math.h"
 #include "attention_cpu_tiles.h"
+#include "attention_forward_cpu.h"
 #include "attention_host.h"
 
 namespace flash_attn_ext::cpu {
@@ -61,8 +62,9 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
       std::fill(l_run.begin(), l_run.end(), acc_t(0));
       std::fill(o_acc.begin(), o_acc.end(), acc_t(0));
 
-      const KeyRange band =
-          visible_key_range(i0, i0 + rows, p.align_offset, p.window_left, p.window_right, p.len_k);
+      const AttentionParams pb = p.for_batch(b);  // per-sequence key length (KV cache)
+      const KeyRange band = visible_key_range(i0, i0 + rows, pb.align_offset, pb.window_left,
+                                              pb.window_right, pb.len_k);
       for (int64_t j0 = band.begin; j0 < band.end; j0 += kBlockK) {
         const int64_t cols = std::min(kBlockK, band.end - j0);
         load_rows_transposed(k_rows.at(b, hk, j0), k_rows.stride_l, cols, Dk, kt_tile.data(), kBlockK);
@@ -71,7 +73,7 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
         acc_t* s = s_tile.data();
         tile_gemm(false, rows, cols, Dk, acc_t(1), q_tile.data(), Dk, kt_tile.data(), kBlockK, s,
                   kBlockK, /*accumulate=*/false);
-        mask_tile(s, kBlockK, rows, cols, i0, j0, b, h, p, mask);
+        mask_tile(s, kBlockK, rows, cols, i0, j0, b, h, pb, mask);
         if (dropout) dropout_keep_tile(keep.data(), kBlockK, rows, cols, i0, j0, bh, p, threshold);
 
         for (int64_t r = 0; r < rows; ++r) {
@@ -126,6 +128,19 @@ at::Tensor draw_rng_state(double dropout_p, const at::TensorOptions& options) {
   return state;
 }
 
+}  // namespace
+
+void run_attention_forward_cpu(const AttentionParams& p, const MaskView& mask, const at::Tensor& q,
+                               const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                               const at::Tensor& lse) {
+  if (out.numel() == 0 && lse.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_forward_cpu", [&] {
+    forward_kernel<scalar_t>(p, mask, q, k, v, out, lse);
+  });
+}
+
+namespace {
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
@@ -140,10 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
   at::Tensor rng_state = draw_rng_state(dropout_p, q.options());
   p.dropout_seed = static_cast<uint64_t>(rng_state.data_ptr<int64_t>()[0]);
   p.dropout_offset = static_cast<uint64_t>(rng_state.data_ptr<int64_t>()[1]);
-  if (out.numel() == 0 && lse.numel() == 0) return {out, lse, rng_state};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_forward_cpu", [&] {
-    forward_kernel<scalar_t>(p, mask, q, k, v, out, lse);
-  });
+  run_attention_forward_cpu(p, mask, q, k, v, out, lse);
   return {out, lse, rng_state};
 }
 

@@ -119,6 +119,7 @@ AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k,
   p.window_left = window_left;
   p.window_right = window_right;
   p.align_offset = alignment_offset(p.len_q, p.len_k, bottom_right);
+  p.bottom_right = bottom_right;
   p.scale = scale;
   p.dropout_p = dropout_p;
   return p;

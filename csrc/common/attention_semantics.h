@@ -26,12 +26,19 @@ struct AttentionParams {
 
   double scale = 1.0;
 
+  // Per-sequence key lengths (KV cache): when set, sequence b attends to keys
+  // [0, seqlens_k[b]) of its len_k-long buffer, aligned by its own length.
+  const int64_t* seqlens_k = nullptr;
+  bool bottom_right = false;
+
   double dropout_p = 0.0;  // double: 1/(1-p) must be exact for float64 inputs
   uint64_t dropout_seed = 0, dropout_offset = 0;
 
   FAE_HOST_DEVICE int64_t group_size() const { return heads_q / heads_kv; }
   // GQA/MQA: query head h reads key/value head h / (Hq / Hkv) (contiguous groups).
   FAE_HOST_DEVICE int64_t kv_head(int64_t h) const { return h / group_size(); }
+  // The parameters as sequence b sees them (its key length and alignment).
+  FAE_HOST_DEVICE AttentionParams for_batch(int64_t b) const;
 };
 
 // A user attention mask, read through strides (0 for broadcast dims), on top of the window.
@@ -46,6 +53,15 @@ struct MaskView {
 
 FAE_HOST_DEVICE int64_t alignment_offset(int64_t len_q, int64_t len_k, bool bottom_right) {
   return bottom_right ? len_k - len_q : 0;
+}
+
+FAE_HOST_DEVICE AttentionParams AttentionParams::for_batch(int64_t b) const {
+  AttentionParams r = *this;
+  if (seqlens_k != nullptr) {
+    r.len_k = seqlens_k[b];
+    r.align_offset = alignment_offset(len_q, r.len_k, bottom_right);
+  }
+  return r;
 }
 
 // Key j is visible to query i iff i + o - left <= j <= i + o + right (a bound of -1 is open).

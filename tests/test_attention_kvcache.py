@@ -1,0 +1,104 @@
+"""Attention against a KV cache (decode and chunked prefill) with per-sequence lengths,
+against the float64 reference on each sequence's valid prefix."""
+import pytest
+import torch
+
+import flash_attn_ext
+from reference import LOW_PRECISION, assert_matches, reference_attention
+
+
+def _case(B, Hq, Hkv, L, S_max, D, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).to(device)
+    return rnd(B, L, Hq, D), rnd(B, S_max, Hkv, D), rnd(B, S_max, Hkv, D)
+
+
+def _check(out, lse, q, kc, vc, lens, window, dtype):
+    """Per sequence: reference over cache positions [0, lens[b]), bottom-right aligned."""
+    for b, n in enumerate(lens):
+        qb = q[b:b + 1].transpose(1, 2)
+        kb, vb = kc[b:b + 1, :n].transpose(1, 2), vc[b:b + 1, :n].transpose(1, 2)
+        ref, ref_lse = reference_attention(qb, kb, vb, window=window, bottom_right=True)
+        low = reference_attention(qb, kb, vb, window=window, bottom_right=True, dtype=dtype)[0] \
+            if dtype in LOW_PRECISION else ref
+        assert_matches(out[b:b + 1].transpose(1, 2), ref, low, dtype, f"kvcache out b={b} len={n} w={window}")
+        finite = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isinf(lse[b:b + 1]), torch.isinf(ref_lse))
+        if finite.any():
+            tol = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
+            assert (lse[b:b + 1][finite].double() - ref_lse[finite]).abs().max() <= tol * max(1, ref_lse[finite].abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("L", [1, 7, 64])
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (8, 2), (6, 1)])
+@pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (-1, -1)), (True, (31, -1))])
+def test_decode_and_prefill_against_cache(device, dtype, L, Hq, Hkv, causal, window):
+    B, S_max, D = 3, 200, 64
+    q, kc, vc = _case(B, Hq, Hkv, L, S_max, D, dtype, device)
+    lens = [L, 77, S_max]  # a sequence exactly as long as its query chunk, one mid-cache, one full
+    with torch.no_grad():
+        out, lse = flash_attn_ext.attention_with_kvcache(
+            q, kc, vc, cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=device),
+            causal=causal, window_size=window, return_softmax_lse=True)
+    w = (window[0], 0 if causal else window[1])
+    _check(out, lse, q, kc, vc, lens, w, dtype)
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_append_then_attend(device, layout):
+    B, Hq, Hkv, L, S_max, D = 2, 4, 2, 5, 64, 32
+    q, kc, vc = _case(B, Hq, Hkv, L, S_max, D, torch.float32, device)
+    knew, vnew = _case(B, Hkv, Hkv, L, 1, D, torch.float32, device, seed=3)[0], _case(B, Hkv, Hkv, L, 1, D, torch.float32, device, seed=4)[0]
+    lens = torch.tensor([10, 40], device=device)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    for b, n in enumerate(lens.tolist()):
+        kc_ref[b, n:n + L], vc_ref[b, n:n + L] = knew[b], vnew[b]
+    t = (lambda x: x.transpose(1, 2)) if layout == "bhsd" else (lambda x: x)
+    with torch.inference_mode():
+        out, lse = flash_attn_ext.attention_with_kvcache(t(q), t(kc), t(vc), t(knew), t(vnew), cache_seqlens=lens,
+                                                         causal=True, return_softmax_lse=True, layout=layout)
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+    out = out.transpose(1, 2) if layout == "bhsd" else out
+    _check(out, lse, q, kc_ref, vc_ref, [n + L for n in lens.tolist()], (-1, 0), torch.float32)
+
+
+def test_generation_loop_equals_full_causal_attention(device):
+    # Token-by-token decoding through the cache reproduces causal attention over the sequence.
+    B, H, T, D = 2, 4, 23, 16
+    q, k, v = (torch.randn(B, T, H, D, device=device) for _ in range(3))
+    kc, vc = torch.zeros(B, 32, H, D, device=device), torch.zeros(B, 32, H, D, device=device)
+    lens = torch.zeros(B, dtype=torch.int32, device=device)
+    outs = []
+    with torch.no_grad():
+        for t in range(T):
+            outs.append(flash_attn_ext.attention_with_kvcache(q[:, t:t + 1], kc, vc, k[:, t:t + 1], v[:, t:t + 1],
+                                                              cache_seqlens=lens, causal=True))
+            lens += 1
+        full = flash_attn_ext.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+    torch.testing.assert_close(torch.cat(outs, dim=1), full.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_errors_before_any_write(device):
+    B, S_max, H, D = 2, 16, 2, 8
+    kc, vc = torch.zeros(B, S_max, H, D, device=device), torch.zeros(B, S_max, H, D, device=device)
+    knew = torch.ones(B, 3, H, D, device=device)
+    lens = torch.tensor([2, 14], dtype=torch.int32, device=device)  # 14 + 3 > 16
+    with pytest.raises(ValueError, match="does not fit the cache"), torch.no_grad():
+        flash_attn_ext.attention_with_kvcache(torch.randn(B, 3, H, D, device=device), kc, vc, knew, knew, cache_seqlens=lens)
+    bad_q = torch.randn(B, 3, 3, D, device=device)  # 3 query heads, 2 kv heads
+    with pytest.raises(ValueError, match="multiple of the number of key/value heads"), torch.no_grad():
+        flash_attn_ext.attention_with_kvcache(bad_q, kc, vc, knew, knew, cache_seqlens=torch.tensor([0, 0], device=device))
+    assert torch.all(kc == 0) and torch.all(vc == 0)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        flash_attn_ext.attention_with_kvcache(torch.randn(B, 1, H, D, device=device, requires_grad=True), kc, vc)
+
+
+def test_opcheck(device):
+    B, S_max, H, D = 2, 16, 2, 8
+    kc, vc = torch.randn(B, H, S_max, D, device=device), torch.randn(B, H, S_max, D, device=device)
+    q = torch.randn(B, 4, 2, D, device=device)
+    lens = torch.tensor([3, 9], dtype=torch.int32, device=device)
+    knew, vnew = torch.randn(B, H, 2, D, device=device), torch.randn(B, H, 2, D, device=device)
+    for args in [(q, kc, vc, lens, None, None, 0.3, -1, 0), (q, kc, vc, lens, knew, vnew, 0.3, 4, 0)]:
+        torch.library.opcheck(torch.ops.flash_attn_ext.attention_kvcache, args)
