@@ -34,4 +34,10 @@ TORCH_LIBRARY(flash_attn_ext, m) {
       "attention_kvcache(Tensor query, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
       "Tensor? k_new, Tensor? v_new, float scale, int window_left, int window_right) "
       "-> (Tensor out, Tensor lse)");
+  // Exact merge of two attention results over disjoint key sets (split-KV decoding, ring /
+  // context-parallel attention): out_a, out_b (..., D) with their log-sum-exps (...).
+  // Returns the attention over the union and its lse. Differentiable.
+  m.def(
+      "merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) "
+      "-> (Tensor out, Tensor lse)");
 }

@@ -5,14 +5,14 @@
     out, lse = flash_attn_ext.attention(q, k, v, causal=True, window_size=(255, 0), return_lse=True)
 
 Ops: torch.ops.flash_attn_ext.attention_forward / attention_backward / kv_cache_append /
-attention_kvcache (schemas in csrc/ops.cpp).
+attention_kvcache / merge_attention_states (schemas in csrc/ops.cpp).
 """
 import torch
 
 from . import _C  # noqa: F401  (loads the native library: registers the ops)
 from . import _meta  # noqa: F401  (fake kernels for torch.compile)
 from ._fallback import fallback_counts, reset_fallback_counts
-from .attention import attention
+from .attention import attention, merge_attention_states
 from .kv_cache import attention_with_kvcache, kv_cache_append
 from .sdpa import scaled_dot_product_attention
 
@@ -22,6 +22,7 @@ __all__ = [
     "attention",
     "attention_with_kvcache",
     "kv_cache_append",
+    "merge_attention_states",
     "scaled_dot_product_attention",
     "fallback_counts",
     "reset_fallback_counts",

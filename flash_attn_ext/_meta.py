@@ -43,3 +43,9 @@ def _attention_kvcache_fake(query, k_cache, v_cache, cache_seqlens, k_new, v_new
     out = query.new_empty((batch, len_q, heads, v_cache.shape[-1])).transpose(1, 2)
     lse = query.new_empty((batch, heads, len_q), dtype=_lse_dtype(query.dtype))
     return out, lse
+
+
+@torch.library.register_fake("flash_attn_ext::merge_attention_states")
+def _merge_attention_states_fake(out_a, lse_a, out_b, lse_b):
+    torch._check(out_a.shape == out_b.shape, lambda: "out_a and out_b must have the same shape")
+    return out_a.new_empty(out_a.shape), lse_a.new_empty(lse_a.shape)

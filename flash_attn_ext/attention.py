@@ -58,3 +58,12 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
         _contiguous_last_dim(query), _contiguous_last_dim(key), _contiguous_last_dim(value),
         attn_mask, float(dropout_p), float(scale), left, right, alignment == "bottom_right")
     return (out, lse) if return_lse else out
+
+
+def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                           lse_b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exactly combine two attention results over disjoint key sets (split-KV decoding, ring /
+    context-parallel attention). out_x (..., D) with its log-sum-exp lse_x (...), as returned
+    by attention(..., return_lse=True). Returns (out, lse) of the attention over the union;
+    a side with lse = -inf (no visible key) contributes nothing. Differentiable."""
+    return torch.ops.flash_attn_ext.merge_attention_states(out_a, lse_a, out_b, lse_b)
