@@ -13,12 +13,13 @@ from . import _C  # noqa: F401  (loads the native library: registers the ops)
 from . import _meta  # noqa: F401  (fake kernels for torch.compile)
 from ._fallback import fallback_counts, reset_fallback_counts
 from .attention import attention, merge_attention_states
-from .kv_cache import attention_with_kvcache, kv_cache_append
+from .kv_cache import KVCache, attention_with_kvcache, kv_cache_append
 from .sdpa import scaled_dot_product_attention
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "KVCache",
     "attention",
     "attention_with_kvcache",
     "kv_cache_append",

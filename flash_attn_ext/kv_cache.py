@@ -73,3 +73,54 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         float(softmax_scale), left, right)
     out = out.transpose(1, 2) if layout == "bshd" else out
     return (out, lse) if return_softmax_lse else out
+
+
+class KVCache:
+    """A static-capacity KV cache for a batch of sequences with their own lengths.
+
+        cache = KVCache(batch_size=2, max_seqlen=4096, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16)
+        out = cache.attend(q, k, v)   # appends k, v (B, L_new, Hkv, D), attends causally, advances
+        cache.reset()
+
+    Layout (B, S, H, D) for the cache, queries and new keys/values, as flash-attn. Lengths live
+    in `seqlens` (int32, (B,)). Inference only. (A rolling buffer for sliding-window models is
+    available through kv_cache_append(rolling=True); attention over it is not yet.)
+    """
+
+    def __init__(self, batch_size: int, max_seqlen: int, num_kv_heads: int, head_dim: int, *,
+                 dtype: torch.dtype = torch.float32, device="cpu", head_dim_v: Optional[int] = None):
+        if min(batch_size, max_seqlen, num_kv_heads, head_dim) <= 0:
+            raise ValueError("batch_size, max_seqlen, num_kv_heads and head_dim must be positive")
+        dv = head_dim if head_dim_v is None else head_dim_v
+        self.k = torch.zeros(batch_size, max_seqlen, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(batch_size, max_seqlen, num_kv_heads, dv, dtype=dtype, device=device)
+        self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+
+    @property
+    def max_seqlen(self) -> int:
+        return self.k.shape[1]
+
+    def reset(self, batch_index: Optional[torch.Tensor] = None) -> None:
+        """Forget every sequence (or those in batch_index); the memory is reused."""
+        if batch_index is None:
+            self.seqlens.zero_()
+        else:
+            self.seqlens[batch_index] = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k, v (B, L_new, Hkv, D) after each sequence's current length and advance it."""
+        kv_cache_append(self.k, self.v, k, v, self.seqlens)
+        self.seqlens += k.shape[1]
+
+    def attend(self, q: torch.Tensor, k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
+               *, causal: bool = True, window_size: Tuple[int, int] = (-1, -1),
+               softmax_scale: Optional[float] = None, return_lse: bool = False):
+        """Attention of q (B, L, Hq, D) against the cache after appending k, v (if given);
+        advances the lengths by k's length. Bottom-right aligned, so a chunk of L queries
+        attends to everything before it and causally within itself."""
+        result = attention_with_kvcache(q, self.k, self.v, k, v, cache_seqlens=self.seqlens,
+                                        softmax_scale=softmax_scale, causal=causal,
+                                        window_size=window_size, return_softmax_lse=return_lse)
+        if k is not None:
+            self.seqlens += k.shape[1]
+        return result

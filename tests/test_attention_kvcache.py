@@ -102,3 +102,39 @@ def test_opcheck(device):
     knew, vnew = torch.randn(B, H, 2, D, device=device), torch.randn(B, H, 2, D, device=device)
     for args in [(q, kc, vc, lens, None, None, 0.3, -1, 0), (q, kc, vc, lens, knew, vnew, 0.3, 4, 0)]:
         torch.library.opcheck(torch.ops.flash_attn_ext.attention_kvcache, args)
+
+
+def test_kvcache_class_prefill_then_decode(device):
+    B, Hq, Hkv, D, P, N = 2, 4, 2, 16, 9, 6
+    q, k, v = (torch.randn(B, P + N, h, D, device=device) for h in (Hq, Hkv, Hkv))
+    cache = flash_attn_ext.KVCache(B, 32, Hkv, D, device=device)
+    with torch.no_grad():
+        outs = [cache.attend(q[:, :P], k[:, :P], v[:, :P])]  # prefill chunk
+        for t in range(P, P + N):
+            outs.append(cache.attend(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1]))
+        full = flash_attn_ext.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+    assert cache.seqlens.tolist() == [P + N] * B
+    torch.testing.assert_close(torch.cat(outs, 1), full.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    cache.reset(torch.tensor([1], device=device))
+    assert cache.seqlens.tolist() == [P + N, 0]
+    cache.append(k[:, :3], v[:, :3])
+    assert cache.seqlens.tolist() == [P + N + 3, 3]
+    with pytest.raises(ValueError, match="overflows the cache"):
+        cache.append(torch.zeros(B, 30, Hkv, D, device=device), torch.zeros(B, 30, Hkv, D, device=device))
+    assert cache.seqlens.tolist() == [P + N + 3, 3]  # unchanged by the failed append
+
+
+def test_generate_example_same_tokens_with_and_without_cache():
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "generate.py")
+    spec = importlib.util.spec_from_file_location("generate_example", path)
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    torch.manual_seed(1)
+    model = gen.Decoder(dim=64, layers=2, heads=4, kv_heads=2).eval()
+    prompt = torch.randint(0, 256, (2, 11))
+    plain = gen.generate(model, prompt, 17, use_cache=False)
+    cached = gen.generate(model, prompt, 17, use_cache=True)
+    assert plain.shape == (2, 28)
+    assert torch.equal(plain, cached)
