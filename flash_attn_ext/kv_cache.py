@@ -76,22 +76,32 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 class KVCache:
-    """A static-capacity KV cache for a batch of sequences with their own lengths.
+    """A KV cache for a batch of sequences with their own lengths.
 
         cache = KVCache(batch_size=2, max_seqlen=4096, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16)
         out = cache.attend(q, k, v)   # appends k, v (B, L_new, Hkv, D), attends causally, advances
         cache.reset()
 
-    Layout (B, S, H, D) for the cache, queries and new keys/values, as flash-attn. Lengths live
-    in `seqlens` (int32, (B,)). Inference only. (A rolling buffer for sliding-window models is
-    available through kv_cache_append(rolling=True); attention over it is not yet.)
+    Layout (B, S, H, D) for the cache, queries and new keys/values, as flash-attn. `seqlens`
+    (int32, (B,)) counts the positions each sequence has seen. Inference only.
+
+    window=W makes it Mistral's rolling buffer for sliding-window models: W slots, position p
+    in slot p % W, attention limited to the model's window (each query sees its W most recent
+    keys, itself included). It stays exact for prefill chunks longer than W: a chunk attends to
+    the cached keys and to its own new keys before it overwrites the slots.
     """
 
-    def __init__(self, batch_size: int, max_seqlen: int, num_kv_heads: int, head_dim: int, *,
-                 dtype: torch.dtype = torch.float32, device="cpu", head_dim_v: Optional[int] = None):
-        if min(batch_size, max_seqlen, num_kv_heads, head_dim) <= 0:
-            raise ValueError("batch_size, max_seqlen, num_kv_heads and head_dim must be positive")
+    def __init__(self, batch_size: int, max_seqlen: Optional[int], num_kv_heads: int, head_dim: int, *,
+                 dtype: torch.dtype = torch.float32, device="cpu", head_dim_v: Optional[int] = None,
+                 window: Optional[int] = None):
+        if window is not None:
+            if window <= 0:
+                raise ValueError(f"window must be positive, got {window}")
+            max_seqlen = window
+        if max_seqlen is None or min(batch_size, max_seqlen, num_kv_heads, head_dim) <= 0:
+            raise ValueError("batch_size, max_seqlen (or window), num_kv_heads and head_dim must be positive")
         dv = head_dim if head_dim_v is None else head_dim_v
+        self.window = window
         self.k = torch.zeros(batch_size, max_seqlen, num_kv_heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros(batch_size, max_seqlen, num_kv_heads, dv, dtype=dtype, device=device)
         self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
@@ -109,7 +119,7 @@ class KVCache:
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v (B, L_new, Hkv, D) after each sequence's current length and advance it."""
-        kv_cache_append(self.k, self.v, k, v, self.seqlens)
+        kv_cache_append(self.k, self.v, k, v, self.seqlens, rolling=self.window is not None)
         self.seqlens += k.shape[1]
 
     def attend(self, q: torch.Tensor, k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
@@ -118,9 +128,39 @@ class KVCache:
         """Attention of q (B, L, Hq, D) against the cache after appending k, v (if given);
         advances the lengths by k's length. Bottom-right aligned, so a chunk of L queries
         attends to everything before it and causally within itself."""
+        if self.window is not None:
+            return self._attend_rolling(q, k, v, causal, window_size, softmax_scale, return_lse)
         result = attention_with_kvcache(q, self.k, self.v, k, v, cache_seqlens=self.seqlens,
                                         softmax_scale=softmax_scale, causal=causal,
                                         window_size=window_size, return_softmax_lse=return_lse)
         if k is not None:
             self.seqlens += k.shape[1]
+        return result
+
+    def _attend_rolling(self, q, k, v, causal, window_size, softmax_scale, return_lse):
+        W = self.window
+        left, right = normalize_window(window_size, causal)
+        if right != 0 or not (0 <= left <= W - 1 or left == -1):
+            raise ValueError(f"a rolling cache of {W} slots serves causal attention with a window of at most "
+                             f"{W} tokens (window_size=(left <= {W - 1}, 0)), got causal={causal}, "
+                             f"window_size={window_size}")
+        left = W - 1 if left == -1 else left
+        if (k is None) != (v is None):
+            raise ValueError("pass both k and v, or neither")
+        B, _, H, D = self.k.shape
+        # The cached positions in order: sequence b keeps its last min(seqlens[b], W) positions.
+        seen = self.seqlens.to(torch.int64)
+        kept = torch.clamp(seen, max=W)
+        order = (seen.unsqueeze(1) - kept.unsqueeze(1) + torch.arange(W, device=seen.device)) % W
+        L_new = 0 if k is None else k.shape[1]
+        keys = self.k.new_empty(B, W + L_new, H, D)
+        values = self.v.new_empty(B, W + L_new, H, self.v.shape[-1])
+        keys[:, :W] = torch.gather(self.k, 1, order[:, :, None, None].expand(B, W, H, D))
+        values[:, :W] = torch.gather(self.v, 1, order[:, :, None, None].expand(B, W, H, self.v.shape[-1]))
+        # Old keys then the chunk's own keys, bottom-right aligned: exact for any chunk length.
+        result = attention_with_kvcache(q, keys, values, k, v, cache_seqlens=kept.to(torch.int32),
+                                        softmax_scale=softmax_scale, causal=True, window_size=(left, 0),
+                                        return_softmax_lse=return_lse)
+        if k is not None:
+            self.append(k, v)
         return result

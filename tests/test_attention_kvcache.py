@@ -138,3 +138,33 @@ def test_generate_example_same_tokens_with_and_without_cache():
     cached = gen.generate(model, prompt, 17, use_cache=True)
     assert plain.shape == (2, 28)
     assert torch.equal(plain, cached)
+
+
+@pytest.mark.parametrize("chunks", [[1] * 20, [5, 1, 1, 9, 1, 3], [13, 1, 1, 1], [3, 17, 2]])
+def test_rolling_cache_matches_sliding_window_attention(device, chunks):
+    # Mistral-style: window of W tokens (including the query's own), a cache of W slots.
+    B, Hq, Hkv, D, W = 2, 4, 2, 16, 6
+    T = sum(chunks)
+    q, k, v = (torch.randn(B, T, h, D, device=device) for h in (Hq, Hkv, Hkv))
+    cache = flash_attn_ext.KVCache(B, None, Hkv, D, device=device, window=W)
+    outs, t = [], 0
+    with torch.no_grad():
+        for n in chunks:  # chunks longer than W overwrite slots their own early queries need
+            outs.append(cache.attend(q[:, t:t + n], k[:, t:t + n], v[:, t:t + n]))
+            t += n
+        full = flash_attn_ext.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                        causal=True, window_size=(W - 1, 0))
+    assert cache.seqlens.tolist() == [T] * B and cache.k.shape[1] == W
+    torch.testing.assert_close(torch.cat(outs, 1), full.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    # the buffer holds the last W positions at slot p % W
+    for p in range(T - W, T):
+        assert torch.equal(cache.k[:, p % W], k[:, p])
+
+
+def test_rolling_cache_rejects_wider_windows(device):
+    cache = flash_attn_ext.KVCache(1, None, 1, 4, device=device, window=4)
+    q = torch.randn(1, 1, 1, 4, device=device)
+    with pytest.raises(ValueError, match="rolling cache of 4 slots"), torch.no_grad():
+        cache.attend(q, q, q, window_size=(10, 0))
+    with pytest.raises(ValueError, match="rolling cache of 4 slots"), torch.no_grad():
+        cache.attend(q, q, q, causal=False)
