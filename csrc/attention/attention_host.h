@@ -6,6 +6,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <vector>
+
 #include "../common/attention_semantics.h"
 
 namespace flash_attn_ext {
@@ -35,6 +37,11 @@ MaskView make_mask_view(const std::optional<at::Tensor>& attn_mask);
 // view, as PyTorch's own flash kernels do; a flash-attn (B, L, H, D) caller gets a
 // contiguous tensor back by transposing.
 at::Tensor empty_attention_output(const at::Tensor& q, int64_t dim_v);
+
+// Validates cache_seqlens (int32/int64, shape (batch,), on `device`) and returns its values
+// on the host. KV-cache ops read it before writing anything.
+std::vector<int64_t> read_cache_seqlens(const char* op, const at::Tensor& cache_seqlens, int64_t batch,
+                                        const at::Device& device);
 
 // log-sum-exp dtype: float32, or float64 for float64 inputs (so gradcheck sees full precision).
 at::ScalarType lse_dtype(at::ScalarType input_dtype);

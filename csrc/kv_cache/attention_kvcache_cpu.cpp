@@ -36,14 +36,7 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_cpu(
                     ": pass both k_new and v_new, or neither");
   const int64_t B = q.size(0), S_max = k_cache.size(2);
   const int64_t L_new = k_new.has_value() ? k_new->size(2) : 0;
-  TORCH_CHECK_TYPE(cache_seqlens.scalar_type() == at::kInt || cache_seqlens.scalar_type() == at::kLong,
-                   kOp, ": cache_seqlens must be int32 or int64, got ", cache_seqlens.scalar_type());
-  TORCH_CHECK_VALUE(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B, kOp,
-                    ": cache_seqlens must have shape (", B, "), got ", cache_seqlens.sizes());
-  TORCH_CHECK_VALUE(cache_seqlens.device() == q.device(), kOp, ": cache_seqlens is on ",
-                    cache_seqlens.device(), ", query on ", q.device());
-  const at::Tensor lens_t = cache_seqlens.to(at::kLong).contiguous();
-  std::vector<int64_t> lens(lens_t.data_ptr<int64_t>(), lens_t.data_ptr<int64_t>() + B);
+  std::vector<int64_t> lens = read_cache_seqlens(kOp, cache_seqlens, B, q.device());
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK_VALUE(lens[b] >= 0 && lens[b] + L_new <= S_max, kOp, ": cache_seqlens[", b, "] = ",
                       lens[b], " with ", L_new, " new positions does not fit the cache (max_len ",

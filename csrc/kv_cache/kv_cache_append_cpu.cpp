@@ -9,6 +9,8 @@
 #include <cstring>
 #include <vector>
 
+#include "../attention/attention_host.h"
+
 namespace flash_attn_ext::cpu {
 namespace {
 
@@ -35,15 +37,6 @@ void check_cache_pair(const char* cache_name, const at::Tensor& cache, const cha
   }
 }
 
-std::vector<int64_t> read_seqlens(const at::Tensor& seqlens, int64_t batch) {
-  TORCH_CHECK_TYPE(seqlens.scalar_type() == at::kInt || seqlens.scalar_type() == at::kLong, kOp,
-                   ": cache_seqlens must be int32 or int64, got ", seqlens.scalar_type());
-  TORCH_CHECK_VALUE(seqlens.dim() == 1 && seqlens.size(0) == batch, kOp,
-                    ": cache_seqlens must have shape (", batch, "), got ", seqlens.sizes());
-  const at::Tensor s = seqlens.to(at::kLong).contiguous();
-  return std::vector<int64_t>(s.data_ptr<int64_t>(), s.data_ptr<int64_t>() + batch);
-}
-
 void kv_cache_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache,
                          const at::Tensor& k_new, const at::Tensor& v_new,
                          const at::Tensor& cache_seqlens, bool rolling) {
@@ -54,11 +47,9 @@ void kv_cache_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache,
                     " differ in batch, kv_heads or max_len");
   TORCH_CHECK_VALUE(k_new.size(2) == v_new.size(2), kOp, ": k_new has ", k_new.size(2),
                     " new positions, v_new ", v_new.size(2));
-  TORCH_CHECK_VALUE(cache_seqlens.device() == k_cache.device(), kOp, ": cache_seqlens is on ",
-                    cache_seqlens.device(), ", the caches on ", k_cache.device());
   const int64_t B = k_cache.size(0), H = k_cache.size(1), S_max = k_cache.size(2);
   const int64_t L_new = k_new.size(2);
-  const std::vector<int64_t> lens = read_seqlens(cache_seqlens, B);
+  const std::vector<int64_t> lens = read_cache_seqlens(kOp, cache_seqlens, B, k_cache.device());
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK_VALUE(lens[b] >= 0, kOp, ": cache_seqlens[", b, "] = ", lens[b], " is negative");
     if (!rolling) {
