@@ -65,6 +65,11 @@ def test_grad_gqa(device, Hq, Hkv, dtype):
     check_backward(device, dtype, 2, Hq, Hkv, 77, 131, 64, causal=True)
 
 
+@pytest.mark.parametrize("L", [1, 3, 5])
+def test_grad_few_query_rows(device, L):
+    check_backward(device, torch.float32, 2, 4, 2, L, 130, 40, causal=True)
+
+
 @pytest.mark.parametrize("D", [8, 80, 256])
 def test_grad_head_dims(device, D):
     check_backward(device, torch.float32, 1, 2, 1, 100, 150, D, causal=True)

@@ -84,6 +84,15 @@ def test_strided_inputs(device, layout, dtype):
     check_forward(device, dtype, 2, 4, 2, 70, 90, 48, layout=layout, causal=True)
 
 
+@pytest.mark.parametrize("L", [2, 3, 4, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_few_query_rows(device, L, dtype):
+    # Tiles of <= 4 rows take the row-dot-product path for S = Q K^T (decode, short chunks).
+    check_forward(device, dtype, 2, 4, 2, L, 150, 40, causal=True)
+    mask = (torch.rand(2, 1, L, 150) > 0.3).to(device)
+    check_forward(device, dtype, 2, 4, 2, L, 150, 40, attn_mask=mask, window=(70, -1))
+
+
 def test_value_head_dim_differs(device):
     check_forward(device, torch.float32, 2, 4, 2, 50, 70, 40, Dv=24)
     check_forward(device, torch.float32, 1, 2, 2, 33, 33, 16, Dv=72, causal=True)

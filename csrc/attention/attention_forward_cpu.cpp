@@ -22,6 +22,10 @@
 namespace flash_attn_ext::cpu {
 namespace {
 
+// Query tiles of at most this many rows (decode, short chunks) compute S = Q K^T as row dot
+// products: the scattered writes of a K^T tile cost more than the product itself there.
+constexpr int64_t kFewRows = 4;
+
 template <typename scalar_t>
 void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Tensor& q,
                     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
@@ -67,12 +71,16 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
                                               pb.window_right, pb.len_k);
       for (int64_t j0 = band.begin; j0 < band.end; j0 += kBlockK) {
         const int64_t cols = std::min(kBlockK, band.end - j0);
-        load_rows_transposed(k_rows.at(b, hk, j0), k_rows.stride_l, cols, Dk, kt_tile.data(), kBlockK);
-        load_rows(v_rows.at(b, hk, j0), v_rows.stride_l, cols, Dv, acc_t(1), v_tile.data(), Dv);
-
         acc_t* s = s_tile.data();
-        tile_gemm(false, rows, cols, Dk, acc_t(1), q_tile.data(), Dk, kt_tile.data(), kBlockK, s,
-                  kBlockK, /*accumulate=*/false);
+        if (rows <= kFewRows) {  // decode: row dot products on K as stored, no transpose
+          load_rows(k_rows.at(b, hk, j0), k_rows.stride_l, cols, Dk, acc_t(1), kt_tile.data(), Dk);
+          tile_gemm_nt(rows, cols, Dk, q_tile.data(), Dk, kt_tile.data(), Dk, s, kBlockK);
+        } else {
+          load_rows_transposed(k_rows.at(b, hk, j0), k_rows.stride_l, cols, Dk, kt_tile.data(), kBlockK);
+          tile_gemm(false, rows, cols, Dk, acc_t(1), q_tile.data(), Dk, kt_tile.data(), kBlockK, s,
+                    kBlockK, /*accumulate=*/false);
+        }
+        load_rows(v_rows.at(b, hk, j0), v_rows.stride_l, cols, Dv, acc_t(1), v_tile.data(), Dv);
         mask_tile(s, kBlockK, rows, cols, i0, j0, b, h, pb, mask);
         if (dropout) dropout_keep_tile(keep.data(), kBlockK, rows, cols, i0, j0, bh, p, threshold);
 

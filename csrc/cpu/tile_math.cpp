@@ -156,6 +156,38 @@ void tile_gemm(bool trans_a, int64_t M, int64_t N, int64_t K, double alpha, cons
 }
 
 FAE_MULTIVERSION
+void tile_gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                  int64_t ldb, float* C, int64_t ldc) {
+  for (int64_t n = 0; n < N; ++n) {
+    const float* b = B + n * ldb;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* a = A + m * lda;
+      v8f acc0 = v8f{}, acc1 = v8f{};
+      int64_t k = 0;
+      for (; k + 16 <= K; k += 16) {
+        acc0 += load8(a + k) * load8(b + k);
+        acc1 += load8(a + k + 8) * load8(b + k + 8);
+      }
+      acc0 += acc1;
+      float sum = 0.0f;
+      for (int t = 0; t < 8; ++t) sum += acc0[t];
+      for (; k < K; ++k) sum += a[k] * b[k];
+      C[m * ldc + n] = sum;
+    }
+  }
+}
+
+void tile_gemm_nt(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B,
+                  int64_t ldb, double* C, int64_t ldc) {
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      double sum = 0.0;
+      for (int64_t k = 0; k < K; ++k) sum += A[m * lda + k] * B[n * ldb + k];
+      C[m * ldc + n] = sum;
+    }
+}
+
+FAE_MULTIVERSION
 float row_max(const float* x, int64_t n) {
   // Two 8-lane running maxima; NaNs are tracked separately (x != x) so the max itself is a
   // plain compare-and-select the compiler keeps in vector registers.

@@ -50,6 +50,24 @@ int main() {
         for (int64_t K : {1, 3, 64, 80})
           for (bool acc : {false, true}) check_gemm(t, M, N, K, acc, rng);
 
+  // tile_gemm_nt: C = A B^T with both operands row-major over K.
+  std::normal_distribution<float> nd;
+  for (int64_t M : {1, 3, 4})
+    for (int64_t N : {1, 17, 64})
+      for (int64_t K : {1, 15, 16, 40, 128}) {
+        std::vector<float> A(M * (K + 2)), B(N * (K + 1)), C(M * (N + 3), -7.f);
+        for (auto& x : A) x = nd(rng);
+        for (auto& x : B) x = nd(rng);
+        tile_gemm_nt(M, N, K, A.data(), K + 2, B.data(), K + 1, C.data(), N + 3);
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = 0; n < N; ++n) {
+            double ref = 0;
+            for (int64_t k = 0; k < K; ++k) ref += double(A[m * (K + 2) + k]) * B[n * (K + 1) + k];
+            if (std::fabs(C[m * (N + 3) + n] - ref) > 1e-4 * (1 + std::sqrt(double(K))) && ++failures <= 10)
+              std::printf("FAIL gemm_nt M=%ld N=%ld K=%ld\n", (long)M, (long)N, (long)K);
+          }
+      }
+
   // exp_shift_sum: every length (vector body and tail), -inf -> 0, relative error < 1e-6.
   std::uniform_real_distribution<float> ud(-30.f, 0.f);
   for (int64_t n = 0; n <= 40; ++n) {
