@@ -93,6 +93,21 @@ def test_few_query_rows(device, L, dtype):
     check_forward(device, dtype, 2, 4, 2, L, 150, 40, attn_mask=mask, window=(70, -1))
 
 
+@pytest.mark.parametrize("B,Hq,Hkv,L", [(1, 8, 2, 1), (1, 8, 2, 37), (2, 6, 2, 130), (1, 4, 1, 3)])
+def test_gqa_packing_independent_of_thread_count(device, B, Hq, Hkv, L):
+    # With enough tasks the query heads of a GQA group share one tile; with few (1 thread vs
+    # many) they do not. Both layouts of the work must give the reference result.
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 16):
+            torch.set_num_threads(n)
+            check_forward(device, torch.float32, B, Hq, Hkv, L, 150, 32, causal=True)
+            mask = (torch.rand(B, Hq, L, 150) > 0.2).to(device)
+            check_forward(device, torch.bfloat16, B, Hq, Hkv, L, 150, 32, attn_mask=mask, window=(60, 5))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_value_head_dim_differs(device):
     check_forward(device, torch.float32, 2, 4, 2, 50, 70, 40, Dv=24)
     check_forward(device, torch.float32, 1, 2, 2, 33, 33, 16, Dv=72, causal=True)

@@ -1,7 +1,8 @@
 // CPU kernel of flash_attn_ext::attention_forward: FlashAttention-2's forward on the CPU.
 //
-// One task = one (batch, head, 64-row query tile). The task streams the key/value tiles of
-// its visible band (tiles outside the causal/window band are never touched) and keeps an
+// One task = one (batch, group of query heads, tile of query positions): for GQA the query
+// heads sharing a K/V head are rows of one tile (see `pack`). The task streams the key/value
+// tiles of its visible band (tiles outside the causal/window band are never touched) and keeps an
 // online softmax per row: running max m, running sum l, and an accumulator rescaled by
 // exp(m_old - m_new) whenever the max grows. Nothing of size L x S is allocated.
 #include <ATen/ATen.h>
@@ -24,7 +25,7 @@ namespace {
 
 // Query tiles of at most this many rows (decode, short chunks) compute S = Q K^T as row dot
 // products: the scattered writes of a K^T tile cost more than the product itself there.
-constexpr int64_t kFewRows = 4;
+constexpr int64_t kFewRows = 8;
 
 template <typename scalar_t>
 void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Tensor& q,
@@ -33,8 +34,19 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
   using acc_t = at::opmath_type<scalar_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const int64_t L = p.len_q, Dk = p.dim_qk, Dv = p.dim_v;
-  const int64_t block_q = std::min<int64_t>(kBlockQ, L);
-  const int64_t n_qblocks = (L + block_q - 1) / block_q;
+  // GQA: a tile holds `pack` query heads of one group x `span` positions, so the group's K/V
+  // tiles are loaded once for all of them (decode reads the cache once per group, not once
+  // per query head). Packing is used when it still leaves two tasks per thread.
+  const int64_t threads = at::get_num_threads();
+  const auto tasks_for = [&](int64_t pack) {
+    const int64_t span = std::max<int64_t>(1, std::min(L, kBlockQ / pack));
+    return p.batch * (p.heads_q / pack) * ((L + span - 1) / span);
+  };
+  const int64_t pack = p.group_size() > 1 && tasks_for(p.group_size()) >= 2 * threads ? p.group_size() : 1;
+  const int64_t span = std::max<int64_t>(1, std::min(L, kBlockQ / pack));
+  const int64_t n_spans = (L + span - 1) / span;
+  const int64_t n_packs = p.heads_q / pack;
+  const int64_t max_rows = pack * span;
   const auto q_rows = rows_of<const scalar_t>(q);
   const auto k_rows = rows_of<const scalar_t>(k);
   const auto v_rows = rows_of<const scalar_t>(v);
@@ -47,27 +59,30 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
   // once, at the end, with 1/l.
   const acc_t keep_scale = dropout ? acc_t(1) / (acc_t(1) - static_cast<acc_t>(p.dropout_p)) : acc_t(1);
 
-  at::parallel_for(0, p.batch * p.heads_q * n_qblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> q_tile(block_q * Dk), kt_tile(Dk * kBlockK), v_tile(kBlockK * Dv);
-    std::vector<acc_t> s_tile(block_q * kBlockK), o_acc(block_q * Dv);
-    std::vector<acc_t> m_run(block_q), l_run(block_q);
-    std::vector<uint8_t> keep(dropout ? block_q * kBlockK : 0);
+  at::parallel_for(0, p.batch * n_packs * n_spans, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> q_tile(max_rows * Dk), kt_tile(Dk * kBlockK), v_tile(kBlockK * Dv);
+    std::vector<acc_t> s_tile(max_rows * kBlockK), o_acc(max_rows * Dv);
+    std::vector<acc_t> m_run(max_rows), l_run(max_rows);
+    std::vector<uint8_t> keep(dropout ? max_rows * kBlockK : 0);
 
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t qb = task % n_qblocks;
-      const int64_t bh = task / n_qblocks;
-      const int64_t h = bh % p.heads_q, b = bh / p.heads_q, hk = p.kv_head(h);
-      const int64_t i0 = qb * block_q;
-      const int64_t rows = std::min(block_q, L - i0);
+      const int64_t sp = task % n_spans;
+      const int64_t b = task / n_spans / n_packs, h0 = (task / n_spans % n_packs) * pack;
+      const int64_t hk = p.kv_head(h0);
+      const int64_t i0 = sp * span;
+      const int64_t n_pos = std::min(span, L - i0);
+      const int64_t rows = pack * n_pos;  // row g * n_pos + r: head h0 + g, position i0 + r
 
       // Q is pre-multiplied by the softmax scale: one multiply per element of Q instead of S.
-      load_rows(q_rows.at(b, h, i0), q_rows.stride_l, rows, Dk, scale, q_tile.data(), Dk);
+      for (int64_t g = 0; g < pack; ++g)
+        load_rows(q_rows.at(b, h0 + g, i0), q_rows.stride_l, n_pos, Dk, scale,
+                  q_tile.data() + g * n_pos * Dk, Dk);
       std::fill(m_run.begin(), m_run.end(), kNegInf);
       std::fill(l_run.begin(), l_run.end(), acc_t(0));
       std::fill(o_acc.begin(), o_acc.end(), acc_t(0));
 
       const AttentionParams pb = p.for_batch(b);  // per-sequence key length (KV cache)
-      const KeyRange band = visible_key_range(i0, i0 + rows, pb.align_offset, pb.window_left,
+      const KeyRange band = visible_key_range(i0, i0 + n_pos, pb.align_offset, pb.window_left,
                                               pb.window_right, pb.len_k);
       for (int64_t j0 = band.begin; j0 < band.end; j0 += kBlockK) {
         const int64_t cols = std::min(kBlockK, band.end - j0);
@@ -81,8 +96,12 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
                     kBlockK, /*accumulate=*/false);
         }
         load_rows(v_rows.at(b, hk, j0), v_rows.stride_l, cols, Dv, acc_t(1), v_tile.data(), Dv);
-        mask_tile(s, kBlockK, rows, cols, i0, j0, b, h, pb, mask);
-        if (dropout) dropout_keep_tile(keep.data(), kBlockK, rows, cols, i0, j0, bh, p, threshold);
+        for (int64_t g = 0; g < pack; ++g) {  // masks and dropout depend on the head
+          mask_tile(s + g * n_pos * kBlockK, kBlockK, n_pos, cols, i0, j0, b, h0 + g, pb, mask);
+          if (dropout)
+            dropout_keep_tile(keep.data() + g * n_pos * kBlockK, kBlockK, n_pos, cols, i0, j0,
+                              b * p.heads_q + h0 + g, p, threshold);
+        }
 
         for (int64_t r = 0; r < rows; ++r) {
           acc_t* sr = s + r * kBlockK;
@@ -110,12 +129,13 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
       // Rows that saw no key (l == 0) return zeros and lse = -inf.
       for (int64_t r = 0; r < rows; ++r) {
         const acc_t l = l_run[r];
+        const int64_t bh = b * p.heads_q + h0 + r / n_pos, i = i0 + r % n_pos;
         scale_row(o_acc.data() + r * Dv, Dv, l > acc_t(0) ? keep_scale / l : acc_t(0));
-        lse_data[bh * L + i0 + r] = l > acc_t(0) ? m_run[r] + std::log(l) : kNegInf;
-        // NaN inputs: keep the NaN instead of the zero row.
-        if (l != l) lse_data[bh * L + i0 + r] = l;
+        lse_data[bh * L + i] = l > acc_t(0) ? m_run[r] + std::log(l) : kNegInf;
+        if (l != l) lse_data[bh * L + i] = l;  // NaN inputs: keep the NaN, not a zero row
       }
-      store_rows(o_acc.data(), Dv, rows, Dv, o_rows.at(b, h, i0), o_rows.stride_l);
+      for (int64_t g = 0; g < pack; ++g)
+        store_rows(o_acc.data() + g * n_pos * Dv, Dv, n_pos, Dv, o_rows.at(b, h0 + g, i0), o_rows.stride_l);
     }
   });
 }
