@@ -1,15 +1,31 @@
-"""Thin typed wrappers over torch.ops.flash_attn_ext.* (the schemas live in csrc/ops.cpp)."""
+"""Thin typed wrappers over torch.ops.flash_attn_ext.* (the schemas live in csrc/ops.cpp), and
+which devices the Python layer sends to the native kernels."""
+import os
 from typing import Optional, Tuple
 
 import torch
 
 _lib = torch.ops.flash_attn_ext
 
+# The CUDA kernels compile on every CI run (which has no GPU) and the row programs they run
+# are checked on the host (tests/cpp/test_attention_rows.cpp), but they have not yet run on a
+# GPU (README, "Verified on"). Until scripts/gpu_check.sh passes on one and this flag is set,
+# the Python layer uses them only for callers who opt in with FLASH_ATTN_EXT_CUDA_KERNELS=1:
+# scaled_dot_product_attention falls back to PyTorch's SDPA on CUDA (counted), and the other
+# functions raise. torch.ops.flash_attn_ext.* reach the kernels directly either way.
+CUDA_KERNELS_VERIFIED = False
+_OPT_IN_ENV = "FLASH_ATTN_EXT_CUDA_KERNELS"
+
+
+def _registered(key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("flash_attn_ext::attention_forward", key)
+
 
 def _kernel_device_types() -> frozenset:
-    return frozenset(
-        device for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
-        if torch._C._dispatch_has_kernel_for_dispatch_key("flash_attn_ext::attention_forward", key))
+    devices = {"cpu"} if _registered("CPU") else set()
+    if _registered("CUDA") and (CUDA_KERNELS_VERIFIED or os.environ.get(_OPT_IN_ENV) == "1"):
+        devices.add("cuda")
+    return frozenset(devices)
 
 
 # Fixed once the library is loaded; a plain set so torch.compile traces the check for free.
@@ -17,13 +33,27 @@ _KERNEL_DEVICES = _kernel_device_types()
 
 
 def has_kernel(device_type: str) -> bool:
-    """Whether the fused attention op has a kernel for this device type ('cpu', 'cuda')."""
+    """Whether the Python layer serves this device type ('cpu', 'cuda') with the native kernels."""
     return device_type in _KERNEL_DEVICES
+
+
+def why_no_kernel(device_type: str) -> str:
+    if device_type == "cuda" and _registered("CUDA"):
+        return (f"flash_attn_ext's CUDA kernels have not been verified on a GPU yet; set "
+                f"{_OPT_IN_ENV}=1 to use them (see the README, 'Verified on')")
+    return f"flash_attn_ext has no kernel for device type {device_type!r} in this build"
+
+
+def require_kernel(device_type: str) -> None:
+    """Raise a clear error where the Python layer has no native kernel for the device."""
+    if device_type not in _KERNEL_DEVICES:
+        raise RuntimeError(why_no_kernel(device_type))
 
 
 def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attn_mask: Optional[torch.Tensor], dropout_p: float, scale: float,
                       window_left: int, window_right: int,
                       bottom_right: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    require_kernel(query.device.type)
     return _lib.attention_forward(query, key, value, attn_mask, dropout_p, scale, window_left,
                                   window_right, bottom_right)

@@ -66,4 +66,5 @@ def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torc
     context-parallel attention). out_x (..., D) with its log-sum-exp lse_x (...), as returned
     by attention(..., return_lse=True). Returns (out, lse) of the attention over the union;
     a side with lse = -inf (no visible key) contributes nothing. Differentiable."""
+    _ops.require_kernel(out_a.device.type)
     return torch.ops.flash_attn_ext.merge_attention_states(out_a, lse_a, out_b, lse_b)

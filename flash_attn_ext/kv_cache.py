@@ -4,6 +4,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from . import _ops
 from .attention import _contiguous_last_dim, normalize_window
 
 _LAYOUTS = ("bshd", "bhsd")
@@ -28,6 +29,7 @@ def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.T
     """
     if layout not in _LAYOUTS:
         raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
+    _ops.require_kernel(k_cache.device.type)
     torch.ops.flash_attn_ext.kv_cache_append(
         _as_bhsd(k_cache, layout), _as_bhsd(v_cache, layout), _as_bhsd(k_new.detach(), layout),
         _as_bhsd(v_new.detach(), layout), cache_seqlens, rolling)
@@ -67,6 +69,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     left, right = normalize_window(window_size, causal)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
+    _ops.require_kernel(q.device.type)
     out, lse = torch.ops.flash_attn_ext.attention_kvcache(
         _contiguous_last_dim(qb), kc, vc, cache_seqlens,
         None if k is None else _as_bhsd(k.detach(), layout), None if v is None else _as_bhsd(v.detach(), layout),

@@ -14,6 +14,7 @@ from ._fallback import record_fallback, torch_sdpa
 from .attention import _contiguous_last_dim, normalize_window
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_CUDA_MAX_HEAD_DIM = 256  # csrc/cuda/cuda_rows.cuh: 32 lanes x 8 features
 
 
 def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> Optional[str]:
@@ -36,6 +37,8 @@ def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
         return "batch dims differ (broadcasting)"
     if query.shape[-1] != key.shape[-1]:
         return "head dims differ"
+    if query.device.type == "cuda" and max(query.shape[-1], value.shape[-1]) > _CUDA_MAX_HEAD_DIM:
+        return f"head dim > {_CUDA_MAX_HEAD_DIM} on CUDA"
     if query.dim() >= 3:
         hq, hkv = query.shape[-3], key.shape[-3]
         if hq != hkv and not (enable_gqa and hkv > 0 and hq % hkv == 0):

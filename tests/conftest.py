@@ -11,7 +11,7 @@ def _device_params():
     if not torch.cuda.is_available():
         reason = "no CUDA device"
     elif not _ops.has_kernel("cuda"):
-        reason = "built without CUDA attention kernels"
+        reason = _ops.why_no_kernel("cuda")
     params.append(pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(reason is not None, reason=reason or "")))
     return params
 

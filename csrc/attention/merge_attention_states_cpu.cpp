@@ -14,8 +14,10 @@
 #include <cmath>
 #include <limits>
 
+#include "attention_rows.h"
+#include "merge_attention_states.h"
+
 namespace flash_attn_ext {
-namespace {
 
 constexpr const char* kOp = "flash_attn_ext.merge_attention_states";
 
@@ -39,29 +41,22 @@ void check_merge_inputs(const at::Tensor& out_a, const at::Tensor& lse_a, const 
   }
 }
 
+namespace {
+
 template <typename scalar_t, typename lse_t>
 void merge_kernel(const at::Tensor& oa, const at::Tensor& la, const at::Tensor& ob, const at::Tensor& lb,
                   const at::Tensor& out, const at::Tensor& lse) {
-  const int64_t rows = la.numel(), D = oa.size(-1);
+  const int64_t n_rows = la.numel(), D = oa.size(-1);
   const scalar_t* pa = oa.data_ptr<scalar_t>();
   const scalar_t* pb = ob.data_ptr<scalar_t>();
   const lse_t* qa = la.data_ptr<lse_t>();
   const lse_t* qb = lb.data_ptr<lse_t>();
   scalar_t* po = out.data_ptr<scalar_t>();
   lse_t* ql = lse.data_ptr<lse_t>();
-  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_rows, 256, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const lse_t a = qa[r], b = qb[r];
-      const lse_t m = a > b ? a : b;
-      lse_t wa = 0, wb = 0, l = -std::numeric_limits<lse_t>::infinity();
-      if (m != -std::numeric_limits<lse_t>::infinity()) {
-        const lse_t ea = std::exp(a - m), eb = std::exp(b - m);
-        l = m + std::log(ea + eb);
-        wa = ea / (ea + eb);
-        wb = eb / (ea + eb);
-      } else if (m != m) {  // NaN in: NaN out
-        wa = wb = l = m;
-      }
+      const rows::MergeWeights<lse_t> w = rows::merge_weights(qa[r], qb[r]);
+      const lse_t wa = w.a, wb = w.b, l = w.lse;
       ql[r] = l;
       for (int64_t d = 0; d < D; ++d) {
         po[r * D + d] = static_cast<scalar_t>(wa * static_cast<lse_t>(pa[r * D + d]) +

@@ -1,0 +1,128 @@
+// CUDA kernel of flash_attn_ext::attention_backward: the safety net for every case the
+// forward serves. Three launches on the current stream, one warp per row or column program
+// of attention_rows.h:
+//   1. delta_i = <dO_i, O_i> per query row (float32, or float64 for float64 inputs);
+//   2. dQ per query row, recomputing P_ij = exp(s_ij - lse_i) over the row's visible keys;
+//   3. dK, dV per key column, over the visible rows of every query head of its GQA group.
+// Each output element has exactly one writer: no atomics, and the result is bitwise repeatable
+// (the `deterministic=True` mode of the tiled kernel to come is this kernel's default).
+// Dropout regenerates the forward's mask from rng_state ([seed, offset] on the device).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../cuda/cuda_rows.cuh"
+#include "attention_forward_cuda.h"
+#include "attention_host.h"
+
+namespace flash_attn_ext::cuda {
+namespace {
+
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    delta_rows_kernel(AttentionParams p, rows::Strided<const T> grad_out, rows::Strided<const T> out,
+                      Acc* delta) {
+  const int64_t n_rows = p.batch * p.heads_q * p.len_q;
+  for (int64_t r = global_warp(); r < n_rows; r += warp_count()) {
+    const int64_t i = r % p.len_q, h = r / p.len_q % p.heads_q, b = r / p.len_q / p.heads_q;
+    rows::delta_row<T, Acc, kWarp, kPerLane, WarpSum>(p, grad_out, out, delta, b, h, i, lane_id());
+  }
+}
+
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    grad_query_rows_kernel(AttentionParams p, MaskView mask, rows::Strided<const T> grad_out,
+                           rows::Strided<const T> q, rows::Strided<const T> k, rows::Strided<const T> v,
+                           const Acc* lse, const Acc* delta, rows::Strided<T> grad_q,
+                           const int64_t* rng_state) {
+  if (rng_state != nullptr) {
+    p.dropout_seed = static_cast<uint64_t>(rng_state[0]);
+    p.dropout_offset = static_cast<uint64_t>(rng_state[1]);
+  }
+  const int64_t n_rows = p.batch * p.heads_q * p.len_q;
+  for (int64_t r = global_warp(); r < n_rows; r += warp_count()) {
+    const int64_t i = r % p.len_q, h = r / p.len_q % p.heads_q, b = r / p.len_q / p.heads_q;
+    rows::grad_query_row<T, Acc, kWarp, kPerLane, WarpSum>(p, mask, grad_out, q, k, v, lse, delta,
+                                                           grad_q, b, h, i, lane_id());
+  }
+}
+
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    grad_key_value_columns_kernel(AttentionParams p, MaskView mask, rows::Strided<const T> grad_out,
+                                  rows::Strided<const T> q, rows::Strided<const T> k,
+                                  rows::Strided<const T> v, const Acc* lse, const Acc* delta,
+                                  rows::Strided<T> grad_k, rows::Strided<T> grad_v,
+                                  const int64_t* rng_state) {
+  if (rng_state != nullptr) {
+    p.dropout_seed = static_cast<uint64_t>(rng_state[0]);
+    p.dropout_offset = static_cast<uint64_t>(rng_state[1]);
+  }
+  const int64_t n_cols = p.batch * p.heads_kv * p.len_k;
+  for (int64_t c = global_warp(); c < n_cols; c += warp_count()) {
+    const int64_t j = c % p.len_k, hk = c / p.len_k % p.heads_kv, b = c / p.len_k / p.heads_kv;
+    rows::grad_key_value_column<T, Acc, kWarp, kPerLane, WarpSum>(p, mask, grad_out, q, k, v, lse, delta,
+                                                                  grad_k, grad_v, b, hk, j, lane_id());
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
+    int64_t window_left, int64_t window_right, bool bottom_right) {
+  constexpr const char* kOp = "flash_attn_ext.attention_backward";
+  check_attention_inputs(kOp, q, k, v, attn_mask, dropout_p, scale, window_left, window_right);
+  check_attention_backward_inputs(grad_out, q, k, v, out, lse, rng_state);
+  check_cuda_head_dims(kOp, q.size(3), v.size(3));
+  for (const auto* t : {&grad_out, &out, &lse}) {
+    TORCH_CHECK_VALUE(t->device() == q.device(), kOp, ": grad_out, out and lse must be on ", q.device());
+  }
+  const c10::cuda::CUDAGuard guard(q.device());
+  const AttentionParams p =
+      make_attention_params(q, k, v, dropout_p, scale, window_left, window_right, bottom_right);
+  const MaskView mask = make_mask_view(attn_mask);
+  at::Tensor dq = at::empty_like(q);
+  at::Tensor dk = at::empty_like(k);
+  at::Tensor dv = at::empty_like(v);
+  if (q.numel() == 0 && k.numel() == 0 && v.numel() == 0) return {dq, dk, dv};
+  if (p.len_q == 0 || p.batch * p.heads_q == 0) {  // no query reads any key
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  const at::Tensor rng = rng_state.to(q.device(), at::kLong).contiguous();
+  const int64_t* rng_ptr = dropout_p > 0.0 ? rng.data_ptr<int64_t>() : nullptr;
+  at::Tensor delta = at::empty_like(lse);
+  const int64_t n_rows = p.batch * p.heads_q * p.len_q, n_cols = p.batch * p.heads_kv * p.len_k;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto go = strided<const scalar_t>(grad_out), qs = strided<const scalar_t>(q);
+    const auto ks = strided<const scalar_t>(k), vs = strided<const scalar_t>(v);
+    delta_rows_kernel<scalar_t, acc_t><<<warp_grid(n_rows), kThreadsPerBlock, 0, stream>>>(
+        p, go, strided<const scalar_t>(out), delta.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    grad_query_rows_kernel<scalar_t, acc_t><<<warp_grid(n_rows), kThreadsPerBlock, 0, stream>>>(
+        p, mask, go, qs, ks, vs, lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), strided<scalar_t>(dq), rng_ptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (n_cols > 0) {
+      grad_key_value_columns_kernel<scalar_t, acc_t><<<warp_grid(n_cols), kThreadsPerBlock, 0, stream>>>(
+          p, mask, go, qs, ks, vs, lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), strided<scalar_t>(dk),
+          strided<scalar_t>(dv), rng_ptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(flash_attn_ext, CUDA, m) {
+  m.impl("attention_backward", &attention_backward_cuda);
+}
+
+}  // namespace flash_attn_ext::cuda

@@ -1,0 +1,113 @@
+// CUDA kernel of flash_attn_ext::attention_forward: the safety net that serves every case the
+// CPU kernel serves (float32/float64/float16/bfloat16, head dims up to 256, both causal
+// alignments, windows, GQA/MQA, attn_mask, dropout, lse). One warp per query row runs the
+// row program of attention_rows.h (checked on the host by tests/cpp/test_attention_rows.cpp):
+// an online softmax over the row's visible keys only, nothing of size L x S in memory.
+//
+// Dropout draws its seed and offset from PyTorch's CUDA generator (philox_cuda_state), so
+// torch.cuda.manual_seed reproduces it; a one-thread kernel unpacks them into rng_state on
+// the device, which keeps the op capturable in CUDA graphs, and the attention kernels read
+// them from there.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <ATen/cuda/PhiloxUtils.cuh>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <mutex>
+
+#include "../cuda/cuda_rows.cuh"
+#include "attention_forward_cuda.h"
+#include "attention_host.h"
+
+namespace flash_attn_ext::cuda {
+namespace {
+
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    forward_rows_kernel(AttentionParams p, MaskView mask, rows::Strided<const T> q,
+                        rows::Strided<const T> k, rows::Strided<const T> v, rows::Strided<T> out,
+                        Acc* lse, const int64_t* rng_state) {
+  if (rng_state != nullptr) {
+    p.dropout_seed = static_cast<uint64_t>(rng_state[0]);
+    p.dropout_offset = static_cast<uint64_t>(rng_state[1]);
+  }
+  const int64_t n_rows = p.batch * p.heads_q * p.len_q;
+  for (int64_t r = global_warp(); r < n_rows; r += warp_count()) {  // warp-uniform loop
+    const int64_t i = r % p.len_q, h = r / p.len_q % p.heads_q, b = r / p.len_q / p.heads_q;
+    rows::forward_row<T, Acc, kWarp, kPerLane, WarpSum>(p, mask, q, k, v, out, lse, b, h, i, lane_id());
+  }
+}
+
+__global__ void unpack_rng_state_kernel(at::PhiloxCudaState philox, int64_t* rng_state) {
+  const auto seeds = at::cuda::philox::unpack(philox);
+  rng_state[0] = static_cast<int64_t>(std::get<0>(seeds));
+  rng_state[1] = static_cast<int64_t>(std::get<1>(seeds));
+}
+
+// int64 [seed, offset] on the device; zeros without dropout.
+at::Tensor draw_rng_state_cuda(double dropout_p, const at::Tensor& q) {
+  at::Tensor state = at::zeros({2}, q.options().dtype(at::kLong));
+  if (dropout_p <= 0.0) return state;
+  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
+      std::nullopt, at::cuda::detail::getDefaultCUDAGenerator());
+  at::PhiloxCudaState philox;
+  {
+    std::lock_guard<std::mutex> lock(gen->mutex_);
+    // The mask is keyed by (bh, i, j / 4) under one offset, so each call needs one fresh
+    // offset; the generator rounds the increment up to a multiple of 4.
+    philox = gen->philox_cuda_state(4);
+  }
+  unpack_rng_state_kernel<<<1, 1, 0, c10::cuda::getCurrentCUDAStream()>>>(philox, state.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return state;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
+    int64_t window_left, int64_t window_right, bool bottom_right) {
+  constexpr const char* kOp = "flash_attn_ext.attention_forward";
+  check_attention_inputs(kOp, q, k, v, attn_mask, dropout_p, scale, window_left, window_right);
+  check_cuda_head_dims(kOp, q.size(3), v.size(3));
+  const c10::cuda::CUDAGuard guard(q.device());
+  const AttentionParams p =
+      make_attention_params(q, k, v, dropout_p, scale, window_left, window_right, bottom_right);
+  const MaskView mask = make_mask_view(attn_mask);
+  at::Tensor out = empty_attention_output(q, p.dim_v);
+  at::Tensor lse = at::empty({p.batch, p.heads_q, p.len_q}, q.options().dtype(lse_dtype(q.scalar_type())));
+  at::Tensor rng_state = draw_rng_state_cuda(dropout_p, q);
+  run_attention_forward_cuda(p, mask, q, k, v, out, lse, dropout_p > 0.0 ? rng_state.data_ptr<int64_t>() : nullptr);
+  return {out, lse, rng_state};
+}
+
+}  // namespace
+
+void check_cuda_head_dims(const char* op, int64_t dim_qk, int64_t dim_v) {
+  TORCH_CHECK_VALUE(dim_qk <= kMaxHeadDim && dim_v <= kMaxHeadDim, op,
+                    ": the CUDA kernels support head dims up to ", kMaxHeadDim, ", got query/key ",
+                    dim_qk, " and value ", dim_v);
+}
+
+void run_attention_forward_cuda(const AttentionParams& p, const MaskView& mask, const at::Tensor& q,
+                                const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                const at::Tensor& lse, const int64_t* rng_state) {
+  const int64_t n_rows = p.batch * p.heads_q * p.len_q;
+  if (n_rows == 0) return;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    forward_rows_kernel<scalar_t, acc_t><<<warp_grid(n_rows), kThreadsPerBlock, 0, stream>>>(
+        p, mask, strided<const scalar_t>(q), strided<const scalar_t>(k), strided<const scalar_t>(v),
+        strided<scalar_t>(out), lse.data_ptr<acc_t>(), rng_state);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+TORCH_LIBRARY_IMPL(flash_attn_ext, CUDA, m) {
+  m.impl("attention_forward", &attention_forward_cuda);
+}
+
+}  // namespace flash_attn_ext::cuda

@@ -1,0 +1,19 @@
+// CUDA forward entry point shared by attention_forward and attention_kvcache.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "../common/attention_semantics.h"
+
+namespace flash_attn_ext::cuda {
+
+// out (B, Hq, L, Dv) and lse (B, Hq, L) for p on the current stream. p.seqlens_k, when set,
+// and rng_state (int64 [seed, offset], or nullptr without dropout) are device pointers.
+void run_attention_forward_cuda(const AttentionParams& p, const MaskView& mask, const at::Tensor& q,
+                                const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                const at::Tensor& lse, const int64_t* rng_state);
+
+// Checks what only the CUDA kernels limit: head dims up to kMaxHeadDim.
+void check_cuda_head_dims(const char* op, int64_t dim_qk, int64_t dim_v);
+
+}  // namespace flash_attn_ext::cuda

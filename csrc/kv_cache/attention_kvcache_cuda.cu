@@ -1,0 +1,41 @@
+// CUDA kernel of flash_attn_ext::attention_kvcache: the optional append (kv_cache_append's
+// CUDA kernel), then the forward row kernel with per-sequence key lengths on the device, so
+// each query row visits only its own sequence's visible keys. Validation, which reads
+// cache_seqlens on the host, comes first: a bad call writes nothing.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../attention/attention_forward_cuda.h"
+#include "../attention/attention_host.h"
+#include "kv_cache_host.h"
+
+namespace flash_attn_ext::cuda {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> attention_kvcache_cuda(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
+    const std::optional<at::Tensor>& v_new, double scale, int64_t window_left, int64_t window_right) {
+  const std::vector<int64_t> lens = check_attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
+                                                            scale, window_left, window_right);
+  check_cuda_head_dims("flash_attn_ext.attention_kvcache", q.size(3), v_cache.size(3));
+  const c10::cuda::CUDAGuard guard(q.device());
+  if (k_new.has_value()) call_kv_cache_append(k_cache, v_cache, *k_new, *v_new, cache_seqlens);
+  const at::Tensor lens_dev = at::tensor(lens, at::kLong).to(q.device());
+  AttentionParams p = make_attention_params(q, k_cache, v_cache, 0.0, scale, window_left, window_right,
+                                            /*bottom_right=*/true);
+  p.seqlens_k = lens_dev.data_ptr<int64_t>();
+  at::Tensor out = empty_attention_output(q, p.dim_v);
+  at::Tensor lse = at::empty({p.batch, p.heads_q, p.len_q}, q.options().dtype(lse_dtype(q.scalar_type())));
+  run_attention_forward_cuda(p, MaskView{}, q, k_cache, v_cache, out, lse, nullptr);
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(flash_attn_ext, CUDA, m) {
+  m.impl("attention_kvcache", &attention_kvcache_cuda);
+}
+
+}  // namespace flash_attn_ext::cuda

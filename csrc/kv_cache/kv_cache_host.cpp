@@ -1,0 +1,92 @@
+#include "kv_cache_host.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+
+#include "../attention/attention_host.h"
+
+namespace flash_attn_ext {
+namespace {
+
+void check_cache_pair(const char* op, const char* cache_name, const at::Tensor& cache,
+                      const char* new_name, const at::Tensor& fresh) {
+  TORCH_CHECK_VALUE(cache.dim() == 4, op, ": ", cache_name,
+                    " must be 4-D (batch, kv_heads, max_len, head_dim), got shape ", cache.sizes());
+  TORCH_CHECK_VALUE(fresh.dim() == 4, op, ": ", new_name,
+                    " must be 4-D (batch, kv_heads, new_len, head_dim), got shape ", fresh.sizes());
+  TORCH_CHECK_TYPE(fresh.scalar_type() == cache.scalar_type(), op, ": ", new_name, " dtype ",
+                   fresh.scalar_type(), " differs from ", cache_name, " dtype ", cache.scalar_type());
+  TORCH_CHECK_VALUE(fresh.device() == cache.device(), op, ": ", new_name, " is on ", fresh.device(),
+                    ", ", cache_name, " on ", cache.device());
+  TORCH_CHECK_VALUE(fresh.size(0) == cache.size(0) && fresh.size(1) == cache.size(1) &&
+                        fresh.size(3) == cache.size(3),
+                    op, ": ", new_name, " of shape ", fresh.sizes(), " does not match ", cache_name,
+                    " of shape ", cache.sizes(), " in batch, kv_heads or head_dim");
+  for (const auto* t : {&cache, &fresh}) {
+    TORCH_CHECK_VALUE(t->numel() == 0 || t->size(3) <= 1 || t->stride(3) == 1, op, ": ",
+                      t == &cache ? cache_name : new_name,
+                      " must have a contiguous last dimension (stride 1)");
+  }
+}
+
+}  // namespace
+
+std::vector<int64_t> check_kv_cache_append(const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                           const at::Tensor& k_new, const at::Tensor& v_new,
+                                           const at::Tensor& cache_seqlens, bool rolling) {
+  constexpr const char* kOp = "flash_attn_ext.kv_cache_append";
+  check_cache_pair(kOp, "k_cache", k_cache, "k_new", k_new);
+  check_cache_pair(kOp, "v_cache", v_cache, "v_new", v_new);
+  TORCH_CHECK_VALUE(k_cache.sizes().slice(0, 3).equals(v_cache.sizes().slice(0, 3)), kOp,
+                    ": k_cache ", k_cache.sizes(), " and v_cache ", v_cache.sizes(),
+                    " differ in batch, kv_heads or max_len");
+  TORCH_CHECK_VALUE(k_cache.device() == v_cache.device(), kOp, ": k_cache is on ", k_cache.device(),
+                    ", v_cache on ", v_cache.device());
+  TORCH_CHECK_VALUE(k_new.size(2) == v_new.size(2), kOp, ": k_new has ", k_new.size(2),
+                    " new positions, v_new ", v_new.size(2));
+  const int64_t B = k_cache.size(0), S_max = k_cache.size(2), L_new = k_new.size(2);
+  const std::vector<int64_t> lens = read_cache_seqlens(kOp, cache_seqlens, B, k_cache.device());
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK_VALUE(lens[b] >= 0, kOp, ": cache_seqlens[", b, "] = ", lens[b], " is negative");
+    if (!rolling) {
+      TORCH_CHECK_VALUE(lens[b] + L_new <= S_max, kOp, ": appending ", L_new,
+                        " positions at cache_seqlens[", b, "] = ", lens[b],
+                        " overflows the cache (max_len ", S_max,
+                        "); nothing was written. Use a larger cache or rolling=True");
+    }
+  }
+  TORCH_CHECK_VALUE(!rolling || S_max > 0 || L_new == 0, kOp, ": a rolling cache needs max_len > 0");
+  return lens;
+}
+
+std::vector<int64_t> check_attention_kvcache(const at::Tensor& q, const at::Tensor& k_cache,
+                                             const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                                             const std::optional<at::Tensor>& k_new,
+                                             const std::optional<at::Tensor>& v_new, double scale,
+                                             int64_t window_left, int64_t window_right) {
+  constexpr const char* kOp = "flash_attn_ext.attention_kvcache";
+  check_attention_inputs(kOp, q, k_cache, v_cache, std::nullopt, 0.0, scale, window_left, window_right);
+  TORCH_CHECK_VALUE(k_new.has_value() == v_new.has_value(), kOp,
+                    ": pass both k_new and v_new, or neither");
+  const int64_t B = q.size(0), S_max = k_cache.size(2);
+  const int64_t L_new = k_new.has_value() ? k_new->size(2) : 0;
+  std::vector<int64_t> lens = read_cache_seqlens(kOp, cache_seqlens, B, q.device());
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK_VALUE(lens[b] >= 0 && lens[b] + L_new <= S_max, kOp, ": cache_seqlens[", b, "] = ",
+                      lens[b], " with ", L_new, " new positions does not fit the cache (max_len ",
+                      S_max, "); nothing was written");
+    lens[b] += L_new;
+  }
+  return lens;
+}
+
+void call_kv_cache_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
+                          const at::Tensor& v_new, const at::Tensor& cache_seqlens) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("flash_attn_ext::kv_cache_append", "")
+                       .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, const at::Tensor&, bool)>();
+  op.call(k_cache, v_cache, k_new, v_new, cache_seqlens, false);
+}
+
+}  // namespace flash_attn_ext

@@ -1,0 +1,396 @@
+// Host test of the row programs (csrc/attention/attention_rows.h) that the CUDA safety-net
+// kernels run one warp per row. Here they run with one lane, against a brute-force float64
+// reference that builds each row's full score vector explicitly, over a grid of shapes,
+// windows (both alignments), GQA ratios, user masks of every dtype, per-sequence key lengths
+// and dropout. A finite-difference check pins the gradient formulas independently.
+// Built and run by tests/test_attention_rows.py with the host compiler: no torch, no GPU.
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "attention/attention_rows.h"
+
+using namespace flash_attn_ext;
+using namespace flash_attn_ext::rows;
+
+static int failures = 0;
+static int cases = 0;
+#define EXPECT(cond, ...)                                \
+  do {                                                   \
+    if (!(cond)) {                                       \
+      if (++failures <= 20) {                            \
+        std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
+        std::printf(__VA_ARGS__);                        \
+        std::printf("\n");                               \
+      }                                                  \
+    }                                                    \
+  } while (0)
+
+constexpr int kPerLane = 96;  // head dims up to 96 on one lane
+
+struct Case {
+  int64_t B, Hq, Hkv, L, S, Dk, Dv, left, right;
+  bool bottom_right;
+  MaskKind mask;
+  bool seqlens;
+  double dropout;
+  double scale_value() const { return 1.0 / std::sqrt(static_cast<double>(Dk)); }
+};
+
+// A (B, H, N, D) tensor stored as (B, N, H, D) in memory, read through strides, as the
+// kernels see flash-attn-layout inputs.
+template <typename T>
+struct Tensor4 {
+  int64_t B, H, N, D;
+  std::vector<T> data;
+  Tensor4(int64_t b, int64_t h, int64_t n, int64_t d) : B(b), H(h), N(n), D(d), data(b * h * n * d) {}
+  T& at(int64_t b, int64_t h, int64_t n, int64_t d) { return data[((b * N + n) * H + h) * D + d]; }
+  Strided<T> view() { return {data.data(), N * H * D, D, H * D}; }
+  Strided<const T> cview() { return {data.data(), N * H * D, D, H * D}; }
+};
+
+template <typename T>
+void fill(Tensor4<T>& t, std::mt19937& rng) {
+  std::normal_distribution<double> n(0.0, 1.0);
+  for (auto& x : t.data) x = static_cast<T>(n(rng));
+}
+
+// Independent decoding of the half bits the test writes: (-1)^s 2^(e-15) (1 + m/1024).
+static double decode_half(uint16_t h) {
+  const int e = (h >> 10) & 31, m = h & 1023;
+  const double mag = std::ldexp(1.0 + m / 1024.0, e - 15);
+  return (h & 0x8000) ? -mag : mag;
+}
+
+struct MaskData {
+  std::vector<uint8_t> bytes;  // raw storage of any kind
+  std::vector<double> value;   // the bias it means, per (b, h, i, j) of its broadcast shape
+  MaskView view;
+  int64_t Bm, Hm, L, S;
+  double bias(int64_t b, int64_t h, int64_t i, int64_t j) const {
+    if (view.kind == MaskKind::kNone) return 0.0;
+    return value[(((Bm == 1 ? 0 : b) * Hm + (Hm == 1 ? 0 : h)) * L + i) * S + j];
+  }
+};
+
+static MaskData make_mask(const Case& c, std::mt19937& rng) {
+  MaskData m;
+  m.view.kind = c.mask;
+  m.Bm = c.B;
+  m.Hm = 1;  // broadcast over heads
+  m.L = c.L;
+  m.S = c.S;
+  if (c.mask == MaskKind::kNone) return m;
+  const int64_t n = m.Bm * m.Hm * c.L * c.S;
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  size_t elem = c.mask == MaskKind::kBool ? 1 : c.mask == MaskKind::kFloat32 ? 4 : c.mask == MaskKind::kFloat64 ? 8 : 2;
+  m.bytes.resize(n * elem);
+  m.value.resize(n);
+  for (int64_t e = 0; e < n; ++e) {
+    const bool blocked = u(rng) < 0.2;
+    switch (c.mask) {
+      case MaskKind::kBool:
+        m.bytes[e] = blocked ? 0 : 1;
+        m.value[e] = blocked ? -INFINITY : 0.0;
+        break;
+      case MaskKind::kFloat32: {
+        const float f = blocked ? -INFINITY : static_cast<float>(u(rng) * 4 - 2);
+        std::memcpy(&m.bytes[e * 4], &f, 4);
+        m.value[e] = f;
+        break;
+      }
+      case MaskKind::kFloat64: {
+        const double d = u(rng) * 4 - 2;
+        std::memcpy(&m.bytes[e * 8], &d, 8);
+        m.value[e] = d;
+        break;
+      }
+      case MaskKind::kFloat16: {  // normal halves in [2^-3, 2^1), either sign
+        const uint16_t h = static_cast<uint16_t>((u(rng) < 0.5 ? 0x8000 : 0) |
+                                                 ((12 + static_cast<int>(u(rng) * 4)) << 10) |
+                                                 static_cast<int>(u(rng) * 1024));
+        std::memcpy(&m.bytes[e * 2], &h, 2);
+        m.value[e] = decode_half(h);
+        break;
+      }
+      case MaskKind::kBFloat16: {
+        const float f = static_cast<float>(u(rng) * 4 - 2);
+        uint32_t bits;
+        std::memcpy(&bits, &f, 4);
+        const uint16_t h = static_cast<uint16_t>(bits >> 16);
+        std::memcpy(&m.bytes[e * 2], &h, 2);
+        const uint32_t back = static_cast<uint32_t>(h) << 16;
+        float g;
+        std::memcpy(&g, &back, 4);
+        m.value[e] = g;
+        break;
+      }
+      case MaskKind::kNone:
+        break;
+    }
+  }
+  m.view.data = m.bytes.data();
+  m.view.stride_b = c.L * c.S;  // (B, 1, L, S): broadcast over heads
+  m.view.stride_h = 0;
+  m.view.stride_i = c.S;
+  m.view.stride_j = 1;
+  return m;
+}
+
+// Brute force in float64: per row, the full score vector with the window, the key length and
+// the mask, a plain softmax, the dropout mask; the gradients from the matrix formulas.
+struct Reference {
+  std::vector<double> out, lse, dq, dk, dv;  // (B, H, N, D) contiguous
+};
+
+template <typename T>
+Reference reference(const Case& c, const AttentionParams& p, const MaskData& mask, Tensor4<T>& q,
+                    Tensor4<T>& k, Tensor4<T>& v, Tensor4<T>& go) {
+  Reference r;
+  r.out.assign(c.B * c.Hq * c.L * c.Dv, 0.0);
+  r.lse.assign(c.B * c.Hq * c.L, 0.0);
+  r.dq.assign(c.B * c.Hq * c.L * c.Dk, 0.0);
+  r.dk.assign(c.B * c.Hkv * c.S * c.Dk, 0.0);
+  r.dv.assign(c.B * c.Hkv * c.S * c.Dv, 0.0);
+  const double keep_scale = 1.0 / (1.0 - c.dropout);
+  const uint32_t threshold = dropout_threshold(c.dropout);
+  for (int64_t b = 0; b < c.B; ++b) {
+    const int64_t len_k = p.seqlens_k ? p.seqlens_k[b] : c.S;
+    const int64_t o = c.bottom_right ? len_k - c.L : 0;
+    for (int64_t h = 0; h < c.Hq; ++h) {
+      const int64_t hk = h / (c.Hq / c.Hkv), bh = b * c.Hq + h;
+      for (int64_t i = 0; i < c.L; ++i) {
+        std::vector<double> s(c.S, -INFINITY), prob(c.S, 0.0), keep(c.S, 1.0);
+        double mx = -INFINITY;
+        for (int64_t j = 0; j < len_k; ++j) {
+          const int64_t center = i + o;
+          if ((c.left >= 0 && j < center - c.left) || (c.right >= 0 && j > center + c.right)) continue;
+          double dot = 0;
+          for (int64_t d = 0; d < c.Dk; ++d) dot += double(q.at(b, h, i, d)) * double(k.at(b, hk, j, d));
+          s[j] = dot * c.scale_value() + mask.bias(b, h, i, j);
+          mx = std::max(mx, s[j]);
+          if (c.dropout > 0) keep[j] = dropout_keep(p.dropout_seed, p.dropout_offset, bh, i, j, threshold) ? keep_scale : 0.0;
+        }
+        double sum = 0;
+        if (mx != -INFINITY)
+          for (int64_t j = 0; j < c.S; ++j) sum += (prob[j] = std::exp(s[j] - mx));
+        r.lse[bh * c.L + i] = sum > 0 ? mx + std::log(sum) : -INFINITY;
+        if (sum > 0)
+          for (int64_t j = 0; j < c.S; ++j) prob[j] /= sum;
+        double delta = 0;
+        for (int64_t d = 0; d < c.Dv; ++d) {
+          double o_d = 0;
+          for (int64_t j = 0; j < c.S; ++j) o_d += prob[j] * keep[j] * double(v.at(b, hk, j, d));
+          r.out[(bh * c.L + i) * c.Dv + d] = o_d;
+          delta += o_d * double(go.at(b, h, i, d));
+        }
+        for (int64_t j = 0; j < c.S; ++j) {
+          if (prob[j] == 0.0) continue;
+          double dp = 0;
+          for (int64_t d = 0; d < c.Dv; ++d) dp += double(go.at(b, h, i, d)) * double(v.at(b, hk, j, d));
+          const double ds = prob[j] * (dp * keep[j] - delta);
+          for (int64_t d = 0; d < c.Dk; ++d) {
+            r.dq[(bh * c.L + i) * c.Dk + d] += c.scale_value() * ds * double(k.at(b, hk, j, d));
+            r.dk[((b * c.Hkv + hk) * c.S + j) * c.Dk + d] += c.scale_value() * ds * double(q.at(b, h, i, d));
+          }
+          for (int64_t d = 0; d < c.Dv; ++d)
+            r.dv[((b * c.Hkv + hk) * c.S + j) * c.Dv + d] += prob[j] * keep[j] * double(go.at(b, h, i, d));
+        }
+      }
+    }
+  }
+  return r;
+}
+
+static double max_abs(const std::vector<double>& x) {
+  double m = 0;
+  for (double e : x) m = std::max(m, std::fabs(e));
+  return m;
+}
+
+// Runs every row program of case c on element type T and compares with the reference:
+// max abs error <= tol * max(1, max |ref|) per tensor.
+template <typename T, typename Acc>
+void run_case(const Case& c, uint32_t seed, double tol) {
+  ++cases;
+  std::mt19937 rng(seed);
+  Tensor4<T> q(c.B, c.Hq, c.L, c.Dk), k(c.B, c.Hkv, c.S, c.Dk), v(c.B, c.Hkv, c.S, c.Dv);
+  Tensor4<T> go(c.B, c.Hq, c.L, c.Dv);
+  fill(q, rng), fill(k, rng), fill(v, rng), fill(go, rng);
+  const MaskData mask = make_mask(c, rng);
+  std::vector<int64_t> lens(c.B, c.S);
+  if (c.seqlens)
+    for (int64_t b = 0; b < c.B; ++b) lens[b] = std::uniform_int_distribution<int64_t>(0, c.S)(rng);
+
+  AttentionParams p;
+  p.batch = c.B, p.heads_q = c.Hq, p.heads_kv = c.Hkv, p.len_q = c.L, p.len_k = c.S;
+  p.dim_qk = c.Dk, p.dim_v = c.Dv, p.window_left = c.left, p.window_right = c.right;
+  p.bottom_right = c.bottom_right;
+  p.align_offset = alignment_offset(c.L, c.S, c.bottom_right);
+  p.scale = c.scale_value();
+  p.seqlens_k = c.seqlens ? lens.data() : nullptr;
+  p.dropout_p = c.dropout;
+  p.dropout_seed = 0x9E3779B97F4A7C15ull ^ seed;
+  p.dropout_offset = 8;
+
+  const Reference ref = reference(c, p, mask, q, k, v, go);
+
+  // Outputs poisoned with NaN: every element must be written.
+  Tensor4<T> out(c.B, c.Hq, c.L, c.Dv), dq(c.B, c.Hq, c.L, c.Dk);
+  Tensor4<T> dk(c.B, c.Hkv, c.S, c.Dk), dv(c.B, c.Hkv, c.S, c.Dv);
+  for (auto* t : {&out, &dq}) std::fill(t->data.begin(), t->data.end(), static_cast<T>(NAN));
+  for (auto* t : {&dk, &dv}) std::fill(t->data.begin(), t->data.end(), static_cast<T>(NAN));
+  std::vector<Acc> lse(c.B * c.Hq * c.L, static_cast<Acc>(NAN)), delta(lse.size(), static_cast<Acc>(NAN));
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t h = 0; h < c.Hq; ++h)
+      for (int64_t i = 0; i < c.L; ++i)
+        forward_row<T, Acc, 1, kPerLane, SingleLane>(p, mask.view, q.cview(), k.cview(), v.cview(),
+                                                     out.view(), lse.data(), b, h, i, 0);
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t h = 0; h < c.Hq; ++h)
+      for (int64_t i = 0; i < c.L; ++i) {
+        delta_row<T, Acc, 1, kPerLane, SingleLane>(p, go.cview(), out.cview(), delta.data(), b, h, i, 0);
+        grad_query_row<T, Acc, 1, kPerLane, SingleLane>(p, mask.view, go.cview(), q.cview(), k.cview(),
+                                                        v.cview(), lse.data(), delta.data(), dq.view(), b, h, i, 0);
+      }
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t hk = 0; hk < c.Hkv; ++hk)
+      for (int64_t j = 0; j < c.S; ++j)
+        grad_key_value_column<T, Acc, 1, kPerLane, SingleLane>(p, mask.view, go.cview(), q.cview(),
+                                                               k.cview(), v.cview(), lse.data(), delta.data(),
+                                                               dk.view(), dv.view(), b, hk, j, 0);
+
+  const auto compare = [&](const char* name, Tensor4<T>& got, const std::vector<double>& want) {
+    const double bound = tol * std::max(1.0, max_abs(want));
+    double worst = 0;
+    for (int64_t b = 0; b < got.B; ++b)
+      for (int64_t h = 0; h < got.H; ++h)
+        for (int64_t n = 0; n < got.N; ++n)
+          for (int64_t d = 0; d < got.D; ++d) {
+            const double g = double(got.at(b, h, n, d)), w = want[((b * got.H + h) * got.N + n) * got.D + d];
+            const double e = std::fabs(g - w);
+            if (!(e <= worst)) worst = e;  // NaN sticks
+          }
+    EXPECT(worst <= bound,
+           "%s: err %.3g > %.3g (B=%ld Hq=%ld Hkv=%ld L=%ld S=%ld Dk=%ld Dv=%ld w=(%ld,%ld) br=%d mask=%d seqlens=%d p=%.2f)",
+           name, worst, bound, (long)c.B, (long)c.Hq, (long)c.Hkv, (long)c.L, (long)c.S, (long)c.Dk, (long)c.Dv,
+           (long)c.left, (long)c.right, c.bottom_right, int(c.mask), c.seqlens, c.dropout);
+  };
+  compare("out", out, ref.out);
+  compare("dq", dq, ref.dq);
+  compare("dk", dk, ref.dk);
+  compare("dv", dv, ref.dv);
+  for (size_t e = 0; e < lse.size(); ++e) {
+    const double g = lse[e], w = ref.lse[e];
+    EXPECT((std::isinf(w) && g == w) || std::fabs(g - w) <= tol * std::max(1.0, std::fabs(w)),
+           "lse[%zu]: %g vs %g", e, g, w);
+  }
+}
+
+// The gradient formulas themselves, independently of the reference's: central differences
+// of loss = <dO, out(q, k, v)> in float64 against the row programs' gradients.
+static void finite_difference_check(uint32_t seed) {
+  ++cases;
+  const Case c{1, 4, 2, 5, 7, 3, 4, 3, 1, true, MaskKind::kFloat64, false, 0.0};
+  std::mt19937 rng(seed);
+  Tensor4<double> q(c.B, c.Hq, c.L, c.Dk), k(c.B, c.Hkv, c.S, c.Dk), v(c.B, c.Hkv, c.S, c.Dv);
+  Tensor4<double> go(c.B, c.Hq, c.L, c.Dv);
+  fill(q, rng), fill(k, rng), fill(v, rng), fill(go, rng);
+  const MaskData mask = make_mask(c, rng);
+  AttentionParams p;
+  p.batch = c.B, p.heads_q = c.Hq, p.heads_kv = c.Hkv, p.len_q = c.L, p.len_k = c.S;
+  p.dim_qk = c.Dk, p.dim_v = c.Dv, p.window_left = c.left, p.window_right = c.right;
+  p.bottom_right = true;
+  p.align_offset = alignment_offset(c.L, c.S, true);
+  p.scale = c.scale_value();
+  const auto loss = [&]() {
+    Tensor4<double> out(c.B, c.Hq, c.L, c.Dv);
+    std::vector<double> lse(c.B * c.Hq * c.L);
+    double total = 0;
+    for (int64_t h = 0; h < c.Hq; ++h)
+      for (int64_t i = 0; i < c.L; ++i) {
+        forward_row<double, double, 1, kPerLane, SingleLane>(p, mask.view, q.cview(), k.cview(), v.cview(),
+                                                             out.view(), lse.data(), 0, h, i, 0);
+        for (int64_t d = 0; d < c.Dv; ++d) total += out.at(0, h, i, d) * go.at(0, h, i, d);
+      }
+    return total;
+  };
+  Tensor4<double> out(c.B, c.Hq, c.L, c.Dv), dq(c.B, c.Hq, c.L, c.Dk);
+  Tensor4<double> dk(c.B, c.Hkv, c.S, c.Dk), dv(c.B, c.Hkv, c.S, c.Dv);
+  std::vector<double> lse(c.B * c.Hq * c.L), delta(lse.size());
+  for (int64_t h = 0; h < c.Hq; ++h)
+    for (int64_t i = 0; i < c.L; ++i)
+      forward_row<double, double, 1, kPerLane, SingleLane>(p, mask.view, q.cview(), k.cview(), v.cview(),
+                                                           out.view(), lse.data(), 0, h, i, 0);
+  for (int64_t h = 0; h < c.Hq; ++h)
+    for (int64_t i = 0; i < c.L; ++i) {
+      delta_row<double, double, 1, kPerLane, SingleLane>(p, go.cview(), out.cview(), delta.data(), 0, h, i, 0);
+      grad_query_row<double, double, 1, kPerLane, SingleLane>(p, mask.view, go.cview(), q.cview(), k.cview(),
+                                                              v.cview(), lse.data(), delta.data(), dq.view(), 0, h, i, 0);
+    }
+  for (int64_t hk = 0; hk < c.Hkv; ++hk)
+    for (int64_t j = 0; j < c.S; ++j)
+      grad_key_value_column<double, double, 1, kPerLane, SingleLane>(p, mask.view, go.cview(), q.cview(), k.cview(),
+                                                                     v.cview(), lse.data(), delta.data(), dk.view(),
+                                                                     dv.view(), 0, hk, j, 0);
+  const double eps = 1e-6;
+  for (auto pair : {std::make_pair(&q, &dq), std::make_pair(&k, &dk), std::make_pair(&v, &dv)}) {
+    for (size_t e = 0; e < pair.first->data.size(); ++e) {
+      double& x = pair.first->data[e];
+      const double x0 = x;
+      x = x0 + eps;
+      const double up = loss();
+      x = x0 - eps;
+      const double down = loss();
+      x = x0;
+      const double numeric = (up - down) / (2 * eps), analytic = pair.second->data[e];
+      EXPECT(std::fabs(numeric - analytic) <= 1e-6 * std::max(1.0, std::fabs(numeric)),
+             "finite difference: element %zu numeric %.9g analytic %.9g", e, numeric, analytic);
+    }
+  }
+}
+
+// Half bits decode exactly (every finite pattern against the independent formula).
+static void check_half_decoding() {
+  ++cases;
+  for (uint32_t h = 0; h < 65536; ++h) {
+    const int e = (h >> 10) & 31;
+    if (e == 31) continue;
+    const double mag = e == 0 ? std::ldexp(double(h & 1023), -24) : std::fabs(decode_half(uint16_t(h)));
+    const double want = (h & 0x8000) ? -mag : mag;
+    EXPECT(double(half_bits_to_float(uint16_t(h))) == want, "half 0x%04x", h);
+  }
+  EXPECT(std::isinf(half_bits_to_float(0x7c00)) && std::isnan(half_bits_to_float(0x7e00)), "half inf/nan");
+}
+
+int main() {
+  check_half_decoding();
+  finite_difference_check(7);
+  uint32_t seed = 1;
+  const MaskKind masks[] = {MaskKind::kNone, MaskKind::kBool, MaskKind::kFloat32,
+                            MaskKind::kFloat64, MaskKind::kFloat16, MaskKind::kBFloat16};
+  // Windows: full, causal, sliding causal, symmetric, and windows at and past the edges.
+  const int64_t windows[][2] = {{-1, -1}, {-1, 0}, {3, 0}, {2, 2}, {0, 0}, {0, -1}, {40, 1}};
+  const int64_t shapes[][7] = {  // B, Hq, Hkv, L, S, Dk, Dv
+      {1, 1, 1, 1, 1, 1, 1},  {2, 4, 2, 7, 13, 8, 8},   {1, 3, 1, 17, 5, 16, 5},
+      {2, 6, 3, 9, 9, 33, 33}, {1, 8, 8, 13, 29, 64, 64}, {1, 2, 1, 1, 37, 96, 96}};
+  for (const auto& sh : shapes)
+    for (const auto& w : windows)
+      for (bool br : {false, true}) {
+        Case c{sh[0], sh[1], sh[2], sh[3], sh[4], sh[5], sh[6], w[0], w[1], br, MaskKind::kNone, false, 0.0};
+        run_case<float, float>(c, seed++, 2e-5);
+      }
+  for (const MaskKind mk : masks)
+    for (bool seqlens : {false, true})
+      for (double dropout : {0.0, 0.3}) {
+        Case c{2, 4, 2, 11, 19, 12, 10, 4, 0, true, mk, seqlens, dropout};
+        run_case<float, float>(c, seed++, 2e-5);
+        c.left = -1, c.right = -1, c.bottom_right = seqlens;
+        run_case<double, double>(c, seed++, 1e-12);
+      }
+  std::printf("%d cases, %d failures\n", cases, failures);
+  if (failures == 0) std::printf("ok\n");
+  return failures == 0 ? 0 : 1;
+}
