@@ -1,0 +1,39 @@
+"""Every CUDA kernel once on small inputs, forward and backward: the workload that
+scripts/gpu_check.sh runs under compute-sanitizer (memcheck, racecheck). Small on purpose:
+the sanitizer slows kernels down by orders of magnitude. Prints 'ok' at the end."""
+import os
+
+os.environ.setdefault("FLASH_ATTN_EXT_CUDA_KERNELS", "1")
+
+import torch  # noqa: E402
+
+import flash_attn_ext  # noqa: E402
+
+dev = "cuda"
+for dtype in (torch.float16, torch.bfloat16, torch.float32):
+    for D in (24, 64, 128, 256):
+        q = torch.randn(2, 4, 37, D, device=dev, dtype=dtype, requires_grad=True)
+        k = torch.randn(2, 2, 45, D, device=dev, dtype=dtype, requires_grad=True)
+        v = torch.randn(2, 2, 45, D, device=dev, dtype=dtype, requires_grad=True)
+        mask = torch.rand(2, 1, 37, 45, device=dev) > 0.2
+        for kw in (dict(causal=True), dict(window_size=(7, 3)), dict(attn_mask=mask, dropout_p=0.2)):
+            out = flash_attn_ext.attention(q, k, v, **kw)
+            out.float().square().sum().backward()
+
+with torch.no_grad():
+    B, H, S_max, D = 3, 2, 64, 64
+    kc = torch.randn(B, S_max, H, D, device=dev, dtype=torch.float16)
+    vc = torch.randn(B, S_max, H, D, device=dev, dtype=torch.float16)
+    lens = torch.tensor([0, 17, 60], device=dev, dtype=torch.int32)
+    q = torch.randn(B, 1, 8, D, device=dev, dtype=torch.float16)
+    kn = torch.randn(B, 4, H, D, device=dev, dtype=torch.float16)
+    vn = torch.randn(B, 4, H, D, device=dev, dtype=torch.float16)
+    flash_attn_ext.attention_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=lens, causal=True)
+    flash_attn_ext.kv_cache_append(kc, vc, torch.randn(B, 70, H, D, device=dev, dtype=torch.float16),
+                                   torch.randn(B, 70, H, D, device=dev, dtype=torch.float16),
+                                   lens, rolling=True)
+    oa, la = flash_attn_ext.attention(q.transpose(1, 2), kc.transpose(1, 2)[:, :, :32].repeat(1, 4, 1, 1)[:, :8],
+                                      vc.transpose(1, 2)[:, :, :32].repeat(1, 4, 1, 1)[:, :8], return_lse=True)
+    flash_attn_ext.merge_attention_states(oa, la, oa, la)
+torch.cuda.synchronize()
+print("ok")

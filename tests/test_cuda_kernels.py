@@ -1,0 +1,121 @@
+"""CUDA-only checks beyond the device-parameterised suite (which already runs every CPU test
+on CUDA against the float64 reference): agreement with PyTorch's own CUDA SDPA backends, the
+same dropout mask on CPU and CUDA, stream / graph behaviour and grid limits. Skipped without
+a GPU or without the CUDA kernels (see conftest.py)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import flash_attn_ext
+from flash_attn_ext import _ops
+from reference import LOW_PRECISION, assert_matches, make_qkv, reference_attention
+
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and _ops.has_kernel("cuda")),
+                                reason="needs a GPU and the CUDA kernels (FLASH_ATTN_EXT_CUDA_KERNELS=1)")
+
+BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("D", [64, 128])
+def test_matches_torch_cuda_backends(backend, dtype, causal, D):
+    """Ours and PyTorch's backend, both against the float64 reference: ours within the SPEC
+    bound, and never more than twice as far from it as PyTorch's kernel (plus epsilon)."""
+    q, k, v = make_qkv(2, 4, 4, 257, 257, D, dtype, "cuda", seed=D)
+    try:
+        with sdpa_kernel([backend]):
+            theirs = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    except RuntimeError as e:  # backend not available for this GPU / build
+        pytest.skip(f"{backend.name}: {e}")
+    ours = flash_attn_ext.attention(q, k, v, causal=causal, alignment="top_left")
+    ref, _ = reference_attention(q, k, v, window=(-1, 0) if causal else (-1, -1), bottom_right=False)
+    low, _ = reference_attention(q, k, v, window=(-1, 0) if causal else (-1, -1), bottom_right=False, dtype=dtype)
+    assert_matches(ours, ref, low, dtype, f"ours vs float64 ({backend.name} case)")
+    err_ours = (ours.double() - ref).abs().max().item()
+    err_theirs = (theirs.double() - ref).abs().max().item()
+    assert err_ours <= 2 * err_theirs + 1e-3, f"ours {err_ours:.3e} vs {backend.name} {err_theirs:.3e}"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_mask_same_on_cpu_and_cuda(causal):
+    """The CUDA forward's rng_state regenerates the identical mask in the CPU backward: the
+    Philox mask is a function of (seed, offset, bh, i, j) alone, whatever the device."""
+    B, Hq, Hkv, L, S, D, p = 2, 4, 2, 33, 47, 16, 0.3
+    q, k, v = make_qkv(B, Hq, Hkv, L, S, D, torch.float64, "cuda", seed=3)
+    dout = torch.randn(B, Hq, L, D, dtype=torch.float64, device="cuda")
+    wr = 0 if causal else -1
+    out, lse, rng = torch.ops.flash_attn_ext.attention_forward(q, k, v, None, p, D ** -0.5, -1, wr, True)
+    assert rng.device.type == "cuda" and rng.dtype == torch.int64
+    grads_cuda = torch.ops.flash_attn_ext.attention_backward(dout, q, k, v, out, lse, rng, None, p, D ** -0.5, -1, wr, True)
+    grads_cpu = torch.ops.flash_attn_ext.attention_backward(
+        *(t.cpu() for t in (dout, q, k, v, out, lse, rng)), None, p, D ** -0.5, -1, wr, True)
+    for name, a, b in zip(("dq", "dk", "dv"), grads_cuda, grads_cpu):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_dropout_follows_cuda_generator():
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 32, torch.float32, "cuda")
+    torch.cuda.manual_seed(7)
+    a = flash_attn_ext.attention(q, k, v, dropout_p=0.5)
+    torch.cuda.manual_seed(7)
+    b = flash_attn_ext.attention(q, k, v, dropout_p=0.5)
+    c = flash_attn_ext.attention(q, k, v, dropout_p=0.5)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_runs_on_current_stream_and_device_guard():
+    q, k, v = make_qkv(1, 2, 1, 100, 120, 64, torch.bfloat16, "cuda")
+    expected = flash_attn_ext.attention(q, k, v, causal=True)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        got = flash_attn_ext.attention(q, k, v, causal=True)
+    torch.cuda.current_stream().wait_stream(s)
+    assert torch.equal(got, expected)
+
+
+def test_cuda_graph_capture_and_replay():
+    q, k, v = make_qkv(2, 4, 2, 64, 96, 32, torch.float16, "cuda")
+    eager = flash_attn_ext.attention(q, k, v, causal=True)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside the graph
+        flash_attn_ext.attention(q, k, v, causal=True)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_out = flash_attn_ext.attention(q, k, v, causal=True)
+        dropped = flash_attn_ext.attention(q, k, v, dropout_p=0.5)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, eager)
+    first = dropped.clone()
+    g.replay()
+    torch.cuda.synchronize()
+    assert not torch.equal(first, dropped), "each replay must draw a fresh dropout mask"
+
+
+def test_grid_stride_over_many_rows():
+    """More rows than one launch's grid covers (the kernels loop grid-stride)."""
+    L = (1 << 22) + 3
+    q = torch.randn(1, 1, L, 8, device="cuda", dtype=torch.float16)
+    k = torch.randn(1, 1, 4, 8, device="cuda", dtype=torch.float16)
+    v = torch.randn(1, 1, 4, 8, device="cuda", dtype=torch.float16)
+    out = flash_attn_ext.attention(q, k, v)
+    ref, _ = reference_attention(q[:, :, -5:], k, v)
+    low, _ = reference_attention(q[:, :, -5:], k, v, dtype=torch.float16)
+    assert_matches(out[:, :, -5:], ref, low, torch.float16, "last rows")
+    assert not torch.isnan(out).any()
+
+
+def test_head_dim_over_256_is_a_clear_error_and_sdpa_falls_back():
+    q, k, v = make_qkv(1, 1, 1, 8, 8, 264, torch.float32, "cuda")
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        flash_attn_ext.attention(q, k, v)
+    flash_attn_ext.reset_fallback_counts()
+    out = flash_attn_ext.scaled_dot_product_attention(q, k, v)
+    assert flash_attn_ext.fallback_counts() == {"head dim > 256 on CUDA": 1}
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
