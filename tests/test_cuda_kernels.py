@@ -119,3 +119,46 @@ def test_head_dim_over_256_is_a_clear_error_and_sdpa_falls_back():
     out = flash_attn_ext.scaled_dot_product_attention(q, k, v)
     assert flash_attn_ext.fallback_counts() == {"head dim > 256 on CUDA": 1}
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+
+
+MMA_CASES = {  # name: (L, S, Hq, Hkv, window, bottom_right)
+    "full": (77, 203, 4, 4, (-1, -1), True),
+    "causal_top_left": (130, 130, 4, 4, (-1, 0), False),
+    "causal_bottom_right_L_gt_S": (150, 70, 2, 2, (-1, 0), True),  # early rows see nothing
+    "window": (300, 300, 2, 2, (37, 5), True),
+    "gqa_8_2": (64, 129, 8, 2, (-1, 0), True),
+    "mqa_long": (1031, 1031, 4, 1, (-1, -1), True),
+}
+
+
+@pytest.mark.parametrize("D", [32, 64, 96, 128, 192, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(MMA_CASES))
+def test_tensor_core_forward(monkeypatch, case, dtype, D):
+    """The tensor-core kernel (pinned with FLASH_ATTN_EXT_CUDA_FAST=require) against the float64
+    reference with the SPEC bound, and against the safety-net kernel (FLASH_ATTN_EXT_CUDA_FAST=0)."""
+    L, S, Hq, Hkv, window, br = MMA_CASES[case]
+    q, k, v = make_qkv(2, Hq, Hkv, L, S, D, dtype, "cuda", layout="blhd", seed=L + D)
+    kw = dict(window_size=window, alignment="bottom_right" if br else "top_left", return_lse=True)
+    monkeypatch.setenv("FLASH_ATTN_EXT_CUDA_FAST", "require")
+    out, lse = flash_attn_ext.attention(q, k, v, **kw)
+    monkeypatch.setenv("FLASH_ATTN_EXT_CUDA_FAST", "0")
+    safe_out, safe_lse = flash_attn_ext.attention(q, k, v, **kw)
+    ref, ref_lse = reference_attention(q, k, v, window=window, bottom_right=br)
+    low, _ = reference_attention(q, k, v, window=window, bottom_right=br, dtype=dtype)
+    assert_matches(out, ref, low, dtype, f"tensor-core out {case} D={D}")
+    assert_matches(safe_out, ref, low, dtype, f"safety-net out {case} D={D}")
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    assert (lse[finite].double() - ref_lse[finite]).abs().max().item() < 2e-2
+    assert (lse[finite] - safe_lse[finite]).abs().max().item() < 2e-2
+
+
+def test_tensor_core_path_declines_what_it_does_not_serve(monkeypatch):
+    monkeypatch.setenv("FLASH_ATTN_EXT_CUDA_FAST", "require")
+    q, k, v = make_qkv(1, 2, 2, 16, 16, 80, torch.float16, "cuda")
+    with pytest.raises(RuntimeError, match="head dim not in"):
+        flash_attn_ext.attention(q, k, v)
+    q, k, v = make_qkv(1, 2, 2, 16, 16, 64, torch.float32, "cuda")
+    with pytest.raises(RuntimeError, match="dtype"):
+        flash_attn_ext.attention(q, k, v)

@@ -1,4 +1,8 @@
-// CUDA kernel of flash_attn_ext::attention_forward: the safety net that serves every case the
+// CUDA kernels of flash_attn_ext::attention_forward. Calls that the tensor-core kernel serves
+// (attention_forward_mma.h: float16/bfloat16, common head dims, no mask or dropout) go there;
+// everything else to the safety net here.
+//
+// The safety net serves every case the
 // CPU kernel serves (float32/float64/float16/bfloat16, head dims up to 256, both causal
 // alignments, windows, GQA/MQA, attn_mask, dropout, lse). One warp per query row runs the
 // row program of attention_rows.h (checked on the host by tests/cpp/test_attention_rows.cpp):
@@ -20,6 +24,7 @@
 
 #include "../cuda/cuda_rows.cuh"
 #include "attention_forward_cuda.h"
+#include "attention_forward_mma.h"
 #include "attention_host.h"
 
 namespace flash_attn_ext::cuda {
@@ -79,6 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cuda(
   at::Tensor out = empty_attention_output(q, p.dim_v);
   at::Tensor lse = at::empty({p.batch, p.heads_q, p.len_q}, q.options().dtype(lse_dtype(q.scalar_type())));
   at::Tensor rng_state = draw_rng_state_cuda(dropout_p, q);
+  if (try_attention_forward_mma(p, mask.kind != MaskKind::kNone, q, k, v, out, lse)) return {out, lse, rng_state};
   run_attention_forward_cuda(p, mask, q, k, v, out, lse, dropout_p > 0.0 ? rng_state.data_ptr<int64_t>() : nullptr);
   return {out, lse, rng_state};
 }

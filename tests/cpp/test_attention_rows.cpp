@@ -3,7 +3,7 @@
 // reference that builds each row's full score vector explicitly, over a grid of shapes,
 // windows (both alignments), GQA ratios, user masks of every dtype, per-sequence key lengths
 // and dropout. A finite-difference check pins the gradient formulas independently.
-// Built and run by tests/test_attention_rows.py with the host compiler: no torch, no GPU.
+// Built and run by tests/test_cuda_logic_on_host.py with the host compiler: no torch, no GPU.
 #include <cmath>
 #include <cstdio>
 #include <cstring>

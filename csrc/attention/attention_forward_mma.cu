@@ -1,0 +1,87 @@
+// Chooses the tensor-core forward when it serves a call; see attention_forward_mma.h.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+#include "attention_forward_mma.h"
+
+namespace flash_attn_ext::cuda {
+namespace {
+
+bool rows_aligned(const at::Tensor& t) {
+  // cp.async moves 16 bytes: every row must start on a 16-byte boundary.
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % 8 == 0 &&
+         t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0 && t.stride(3) == 1;
+}
+
+template <typename T>
+bool dispatch_head_dim(const MmaParams& mp, int64_t dim, cudaStream_t stream) {
+  switch (dim) {
+    case 32: launch_attention_forward_mma<T, 32>(mp, stream); return true;
+    case 64: launch_attention_forward_mma<T, 64>(mp, stream); return true;
+    case 96: launch_attention_forward_mma<T, 96>(mp, stream); return true;
+    case 128: launch_attention_forward_mma<T, 128>(mp, stream); return true;
+    case 192: launch_attention_forward_mma<T, 192>(mp, stream); return true;
+    case 256: launch_attention_forward_mma<T, 256>(mp, stream); return true;
+    default: return false;
+  }
+}
+
+
+// Why the tensor-core kernel cannot serve a call, or nullptr when it can.
+const char* ineligible(const AttentionParams& p, bool has_mask, const at::Tensor& q, const at::Tensor& k,
+                       const at::Tensor& v, const at::Tensor& out) {
+  const auto dtype = q.scalar_type();
+  if (dtype != at::kHalf && dtype != at::kBFloat16) return "dtype is not float16/bfloat16";
+  const int64_t dim = p.dim_qk;
+  if (p.dim_v != dim || (dim != 32 && dim != 64 && dim != 96 && dim != 128 && dim != 192 && dim != 256))
+    return "head dim not in {32, 64, 96, 128, 192, 256} or differs between key and value";
+  if (has_mask) return "attn_mask";
+  if (p.dropout_p > 0.0) return "dropout";
+  if (p.seqlens_k != nullptr) return "per-sequence key lengths";
+  if (p.len_q == 0 || p.batch * p.heads_q == 0) return "empty";
+  if (!rows_aligned(q) || !rows_aligned(k) || !rows_aligned(v) || !rows_aligned(out))
+    return "rows not 16-byte aligned";
+  if ((p.len_q + 63) / 64 * p.heads_q * p.batch > 0x7fffffff) return "grid too large";
+  if (at::cuda::getCurrentDeviceProperties()->major < 8) return "GPU older than sm_80";
+  return nullptr;
+}
+
+}  // namespace
+
+bool try_attention_forward_mma(const AttentionParams& p, bool has_mask, const at::Tensor& q,
+                               const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                               const at::Tensor& lse) {
+  // FLASH_ATTN_EXT_CUDA_FAST: "0" = always the safety net (to compare the two), "require" =
+  // raise when this kernel cannot serve the call (tests use it to pin the path they check).
+  const char* env = std::getenv("FLASH_ATTN_EXT_CUDA_FAST");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  const char* why = ineligible(p, has_mask, q, k, v, out);
+  TORCH_CHECK(why == nullptr || env == nullptr || std::strcmp(env, "require") != 0,
+              "flash_attn_ext.attention_forward: FLASH_ATTN_EXT_CUDA_FAST=require but the tensor-core kernel "
+              "cannot serve this call: ", why);
+  if (why != nullptr) return false;
+  const auto dtype = q.scalar_type();
+  const int64_t dim = p.dim_qk;
+
+  MmaParams mp;
+  mp.q = q.data_ptr();
+  mp.k = k.data_ptr();
+  mp.v = v.data_ptr();
+  mp.out = out.data_ptr();
+  mp.lse = lse.data_ptr<float>();
+  mp.q_sb = q.stride(0), mp.q_sh = q.stride(1), mp.q_sl = q.stride(2);
+  mp.k_sb = k.stride(0), mp.k_sh = k.stride(1), mp.k_sl = k.stride(2);
+  mp.v_sb = v.stride(0), mp.v_sh = v.stride(1), mp.v_sl = v.stride(2);
+  mp.o_sb = out.stride(0), mp.o_sh = out.stride(1), mp.o_sl = out.stride(2);
+  mp.p = p;
+  mp.scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  return dtype == at::kHalf ? dispatch_head_dim<__half>(mp, dim, stream)
+                            : dispatch_head_dim<__nv_bfloat16>(mp, dim, stream);
+}
+
+}  // namespace flash_attn_ext::cuda

@@ -1,0 +1,38 @@
+// The tensor-core forward (FlashAttention-2 on mma.sync m16n8k16) for float16/bfloat16 and
+// head dims 32, 64, 96, 128, 192, 256: declarations shared by the dispatcher
+// (attention_forward_mma.cu) and the per-head-dim instantiation units
+// (attention_forward_mma_hdim*.cu), so each head dim compiles in its own translation unit.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <ATen/core/Tensor.h>
+
+#include "../common/attention_semantics.h"
+
+namespace flash_attn_ext::cuda {
+
+struct MmaParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  float* lse;
+  // Element strides of (batch, head, position); features are contiguous.
+  int64_t q_sb, q_sh, q_sl, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, o_sb, o_sh, o_sl;
+  AttentionParams p;
+  float scale_log2;  // softmax scale * log2(e): the kernel works in base 2 (exp2)
+};
+
+template <typename T, int kHeadDim>
+void launch_attention_forward_mma(const MmaParams& mp, cudaStream_t stream);
+
+// Runs the tensor-core forward and returns true when it serves the call (float16/bfloat16,
+// equal head dims from the list above, no attn_mask, no dropout, no per-sequence lengths,
+// 16-byte aligned rows, an sm_80+ GPU, FLASH_ATTN_EXT_CUDA_FAST not "0"); returns false,
+// having done nothing, otherwise, and the safety-net kernel serves the call.
+bool try_attention_forward_mma(const AttentionParams& p, bool has_mask, const at::Tensor& q,
+                               const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                               const at::Tensor& lse);
+
+}  // namespace flash_attn_ext::cuda

@@ -1,0 +1,8 @@
+// Tensor-core forward, head dim 96 (float16 and bfloat16): one translation unit per head dim
+// keeps the build parallel and each unit small.
+#include "attention_forward_mma_kernel.cuh"
+
+namespace flash_attn_ext::cuda {
+template void launch_attention_forward_mma<__half, 96>(const MmaParams&, cudaStream_t);
+template void launch_attention_forward_mma<__nv_bfloat16, 96>(const MmaParams&, cudaStream_t);
+}  // namespace flash_attn_ext::cuda

@@ -1,0 +1,303 @@
+// The tensor-core forward kernel, FlashAttention-2 style. Included only by the per-head-dim
+// instantiation units (attention_forward_mma_hdim*.cu).
+//
+// One block of 4 warps per (64-query tile, head, batch). The Q tile is copied to shared
+// memory once; K/V tiles of the query tile's visible band (visible_key_range: tiles outside
+// the causal/window band are never loaded) stream through two shared-memory buffers with
+// cp.async, the next tile's copy overlapping the current tile's math. Each warp owns 16
+// query rows: S = Q K^T and O += P V run on mma.sync m16n8k16 (float32 accumulation), with
+// fragments loaded by ldmatrix (.trans for V); the online softmax (base 2, running max and
+// sum per row) stays in registers, the P fragments of S feeding the PV product directly.
+// Shared-memory rows are padded by 16 bytes so ldmatrix's eight row reads hit distinct banks.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <c10/cuda/CUDAException.h>
+
+#include "../cuda/mma_layout.h"
+#include "attention_forward_mma.h"
+
+namespace flash_attn_ext::cuda {
+namespace mma_detail {
+
+template <int kHeadDim>
+struct Tiles {
+  static constexpr int kBlockM = 64;                        // query rows per block
+  static constexpr int kBlockN = kHeadDim <= 128 ? 64 : 32;  // keys per tile
+  static constexpr int kThreads = 128;                      // 4 warps x 16 rows
+  static constexpr int kStride = kHeadDim + 8;              // padded row, in elements
+  static constexpr int kSmemQ = kBlockM * kStride;
+  static constexpr int kSmemKV = kBlockN * kStride;
+  static constexpr size_t kSmemBytes = (kSmemQ + 4 * kSmemKV) * sizeof(uint16_t);
+};
+
+__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+// 16-byte global -> shared copy; zero-fills when !valid (rows past the sequence end).
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  const int bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// d += a (16x16, row) * b (16x8, col), float32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as one register of two 16-bit values, `lo` in the low half (the lower column).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// Copies rows [row0, row0 + kRows) of a (position, feature) slice into padded shared rows;
+// rows at or past row0 + n_valid are zero-filled.
+template <int kHeadDim, int kRows>
+__device__ __forceinline__ void load_tile(uint16_t* smem, const uint16_t* slice, int64_t row_stride,
+                                          int64_t row0, int64_t n_valid, int tid) {
+  using TL = Tiles<kHeadDim>;
+  constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
+#pragma unroll
+  for (int c = tid; c < kRows * kChunks; c += TL::kThreads) {
+    const int r = c / kChunks, col = (c % kChunks) * 8;
+    const bool valid = r < n_valid;
+    const uint16_t* src = valid ? slice + (row0 + r) * row_stride + col : slice;
+    cp_async_16(smem_u32(smem + r * TL::kStride + col), src, valid);
+  }
+}
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(Tiles<kHeadDim>::kThreads)
+    attention_forward_mma_kernel(const MmaParams mp) {
+  using TL = Tiles<kHeadDim>;
+  constexpr int kBlockM = TL::kBlockM, kBlockN = TL::kBlockN, kStride = TL::kStride;
+  constexpr int kDimTiles = kHeadDim / 8;  // n8 tiles of the output row
+  constexpr int kKeyTiles = kBlockN / 8;   // n8 tiles of the score row
+  extern __shared__ __align__(16) uint16_t smem[];
+  uint16_t* const sQ = smem;
+  uint16_t* const sK0 = smem + TL::kSmemQ;
+  uint16_t* const sV0 = sK0 + 2 * TL::kSmemKV;
+
+  const AttentionParams& p = mp.p;
+  const int64_t n_mtiles = (p.len_q + kBlockM - 1) / kBlockM;
+  const int64_t blk = blockIdx.x;
+  const int64_t mt = blk % n_mtiles, h = blk / n_mtiles % p.heads_q, b = blk / n_mtiles / p.heads_q;
+  const int64_t hk = p.kv_head(h);
+  const int64_t m0 = mt * kBlockM;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+
+  const uint16_t* q = static_cast<const uint16_t*>(mp.q) + b * mp.q_sb + h * mp.q_sh;
+  const uint16_t* k = static_cast<const uint16_t*>(mp.k) + b * mp.k_sb + hk * mp.k_sh;
+  const uint16_t* v = static_cast<const uint16_t*>(mp.v) + b * mp.v_sb + hk * mp.v_sh;
+  const int64_t q_rows = p.len_q - m0 < kBlockM ? p.len_q - m0 : kBlockM;
+
+  load_tile<kHeadDim, kBlockM>(sQ, q, mp.q_sl, m0, q_rows, tid);
+  const KeyRange band = visible_key_range(m0, m0 + q_rows, p.align_offset, p.window_left, p.window_right, p.len_k);
+  const int64_t n_begin = band.begin / kBlockN * kBlockN;
+  const int64_t n_tiles = band.end > band.begin ? (band.end - n_begin + kBlockN - 1) / kBlockN : 0;
+  if (n_tiles > 0) {
+    load_tile<kHeadDim, kBlockN>(sK0, k, mp.k_sl, n_begin, p.len_k - n_begin, tid);
+    load_tile<kHeadDim, kBlockN>(sV0, v, mp.v_sl, n_begin, p.len_k - n_begin, tid);
+  }
+  cp_async_commit();
+
+  float o[kDimTiles][4];
+#pragma unroll
+  for (int dt = 0; dt < kDimTiles; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};  // rows g and g + 8
+  // This lane's accumulator rows (elements 0, 1 and 2, 3) and shared-memory addresses.
+  const int64_t row[2] = {m0 + warp * 16 + mma_layout::acc_element(lane, 0).row,
+                          m0 + warp * 16 + mma_layout::acc_element(lane, 2).row};
+  const mma_layout::RowCol lq = mma_layout::ldsm_a(lane), lk = mma_layout::ldsm_b_from_nk(lane);
+  const mma_layout::RowCol lv = mma_layout::ldsm_b_from_kn_trans(lane);
+
+  for (int64_t it = 0; it < n_tiles; ++it) {
+    const int cur = static_cast<int>(it & 1);
+    const int64_t n0 = n_begin + it * kBlockN;
+    cp_async_wait_all();
+    __syncthreads();  // tile `it` landed, and every warp is done with the other buffer
+    if (it + 1 < n_tiles) {
+      const int64_t n1 = n0 + kBlockN;
+      load_tile<kHeadDim, kBlockN>(sK0 + (cur ^ 1) * TL::kSmemKV, k, mp.k_sl, n1, p.len_k - n1, tid);
+      load_tile<kHeadDim, kBlockN>(sV0 + (cur ^ 1) * TL::kSmemKV, v, mp.v_sl, n1, p.len_k - n1, tid);
+    }
+    cp_async_commit();
+    const uint16_t* sK = sK0 + cur * TL::kSmemKV;
+    const uint16_t* sV = sV0 + cur * TL::kSmemKV;
+
+    // S = Q K^T for this warp's 16 rows.
+    float s[kKeyTiles][4];
+#pragma unroll
+    for (int nt = 0; nt < kKeyTiles; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+      uint32_t a[4];
+      ldmatrix_x4(a, smem_u32(sQ + (warp * 16 + lq.row) * kStride + ks * 16 + lq.col));
+#pragma unroll
+      for (int np = 0; np < kBlockN / 16; ++np) {
+        uint32_t bf[4];
+        ldmatrix_x4(bf, smem_u32(sK + (np * 16 + lk.row) * kStride + ks * 16 + lk.col));
+        mma_16816<T>(s[2 * np], a, bf[0], bf[1]);
+        mma_16816<T>(s[2 * np + 1], a, bf[2], bf[3]);
+      }
+    }
+
+    // Scale to base 2 and mask what the window or the sequence end hides.
+    const bool inside = n0 + kBlockN <= p.len_k &&
+                        tile_fully_visible(m0, m0 + kBlockM, n0, n0 + kBlockN, p.align_offset,
+                                           p.window_left, p.window_right);
+#pragma unroll
+    for (int nt = 0; nt < kKeyTiles; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = s[nt][e] * mp.scale_log2;
+        if (!inside) {
+          const int64_t j = n0 + nt * 8 + mma_layout::acc_element(lane, e).col;
+          if (j >= p.len_k || !key_visible(row[e >> 1], j, p.align_offset, p.window_left, p.window_right))
+            x = -INFINITY;
+        }
+        s[nt][e] = x;
+      }
+    }
+
+    // Online softmax: new running max per row (over the row's 4 threads), rescale, exponentiate.
+    float m_new[2] = {m_run[0], m_run[1]};
+#pragma unroll
+    for (int nt = 0; nt < kKeyTiles; ++nt) {
+      m_new[0] = fmaxf(m_new[0], fmaxf(s[nt][0], s[nt][1]));
+      m_new[1] = fmaxf(m_new[1], fmaxf(s[nt][2], s[nt][3]));
+    }
+    float alpha[2], base[2], sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      m_new[r] = fmaxf(m_new[r], __shfl_xor_sync(0xffffffffu, m_new[r], 1));
+      m_new[r] = fmaxf(m_new[r], __shfl_xor_sync(0xffffffffu, m_new[r], 2));
+      base[r] = m_new[r] == -INFINITY ? 0.f : m_new[r];  // a row with nothing visible yet
+      alpha[r] = exp2f(m_run[r] - base[r]);              // 0 when m_run is -inf
+      m_run[r] = m_new[r];
+    }
+#pragma unroll
+    for (int nt = 0; nt < kKeyTiles; ++nt) {
+      s[nt][0] = exp2f(s[nt][0] - base[0]);
+      s[nt][1] = exp2f(s[nt][1] - base[0]);
+      s[nt][2] = exp2f(s[nt][2] - base[1]);
+      s[nt][3] = exp2f(s[nt][3] - base[1]);
+      sum[0] += s[nt][0] + s[nt][1];
+      sum[1] += s[nt][2] + s[nt][3];
+    }
+    // Each thread keeps a partial row sum (its columns); alpha is the same across the row's
+    // threads, so the partial sums are reduced once, at the end.
+    l_run[0] = l_run[0] * alpha[0] + sum[0];
+    l_run[1] = l_run[1] * alpha[1] + sum[1];
+#pragma unroll
+    for (int dt = 0; dt < kDimTiles; ++dt) {
+      o[dt][0] *= alpha[0];
+      o[dt][1] *= alpha[0];
+      o[dt][2] *= alpha[1];
+      o[dt][3] *= alpha[1];
+    }
+
+    // O += P V: the S accumulators of two adjacent n8 tiles are the A fragment of one k16 step.
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      uint32_t a[4];
+#pragma unroll
+      for (int reg = 0; reg < 4; ++reg) {
+        const float* acc = s[2 * kk + mma_layout::a_reg_tile(reg)];
+        a[reg] = pack2<T>(acc[mma_layout::a_reg_first_element(reg)], acc[mma_layout::a_reg_first_element(reg) + 1]);
+      }
+#pragma unroll
+      for (int dp = 0; dp < kHeadDim / 16; ++dp) {
+        uint32_t bf[4];
+        ldmatrix_x4_trans(bf, smem_u32(sV + (kk * 16 + lv.row) * kStride + dp * 16 + lv.col));
+        mma_16816<T>(o[2 * dp], a, bf[0], bf[1]);
+        mma_16816<T>(o[2 * dp + 1], a, bf[2], bf[3]);
+      }
+    }
+  }
+  cp_async_wait_all();  // nothing left in flight at exit (e.g. the Q copy of an empty band)
+
+  // Epilogue: O / l in the input dtype, lse = ln(2) (m + log2 l); rows with nothing visible
+  // get zeros and -inf.
+  uint16_t* out = static_cast<uint16_t*>(mp.out) + b * mp.o_sb + h * mp.o_sh;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = l_run[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    if (row[r] >= p.len_q) continue;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    uint16_t* orow = out + row[r] * mp.o_sl;
+#pragma unroll
+    for (int dt = 0; dt < kDimTiles; ++dt) {
+      *reinterpret_cast<uint32_t*>(orow + dt * 8 + mma_layout::acc_element(lane, 2 * r).col) =
+          pack2<T>(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
+    }
+    if (lane % 4 == 0) {  // one writer per row
+      const float lse = l != l ? l : (l > 0.f ? (m_run[r] + log2f(l)) * 0.69314718055994531f : -INFINITY);
+      mp.lse[(b * p.heads_q + h) * p.len_q + row[r]] = lse;
+    }
+  }
+}
+
+}  // namespace mma_detail
+
+template <typename T, int kHeadDim>
+void launch_attention_forward_mma(const MmaParams& mp, cudaStream_t stream) {
+  using TL = mma_detail::Tiles<kHeadDim>;
+  const auto kernel = mma_detail::attention_forward_mma_kernel<T, kHeadDim>;
+  if (TL::kSmemBytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(TL::kSmemBytes)));
+  }
+  const int64_t blocks = (mp.p.len_q + TL::kBlockM - 1) / TL::kBlockM * mp.p.heads_q * mp.p.batch;
+  kernel<<<static_cast<unsigned int>(blocks), TL::kThreads, TL::kSmemBytes, stream>>>(mp);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace flash_attn_ext::cuda
