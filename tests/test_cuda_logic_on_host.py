@@ -7,6 +7,9 @@ standalone C++ programs built with the host compiler (no torch, no GPU).
 - tests/cpp/test_mma_layout.cpp: the lane -> element maps of the tensor-core forward
   (csrc/cuda/mma_layout.h), composed through host emulations of ldmatrix and mma.sync written
   from the PTX ISA's fragment definitions.
+- tests/cpp/test_mma_forward_emulated.cpp: the tensor-core forward kernel itself, unchanged,
+  run one std::thread per CUDA thread by tests/cpp/simt_emulator.h against a float64
+  reference (float16 and bfloat16, causal, window, GQA, partial tiles, empty rows).
 """
 import os
 import shutil
@@ -18,12 +21,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-@pytest.mark.parametrize("program", ["test_attention_rows", "test_mma_layout"])
+@pytest.mark.parametrize("program", ["test_attention_rows", "test_mma_layout", "test_mma_forward_emulated"])
 def test_host_program(tmp_path, program):
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     assert cxx, "a C++ compiler is needed (the extension itself is built with one)"
     exe = tmp_path / program
-    subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-Werror", "-I", os.path.join(ROOT, "csrc"),
+    flags = ["-std=c++17", "-Werror"]
+    if program == "test_mma_forward_emulated":  # std::barrier; the kernel's #pragma unroll
+        flags = ["-std=c++20", "-pthread", "-Wno-unknown-pragmas", "-I", os.path.join(HERE, "cpp")]
+    subprocess.run([cxx, *flags, "-O1", "-Wall", "-I", os.path.join(ROOT, "csrc"),
                     os.path.join(HERE, "cpp", program + ".cpp"), "-o", str(exe)], check=True)
     result = subprocess.run([str(exe)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

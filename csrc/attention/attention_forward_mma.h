@@ -8,21 +8,9 @@
 
 #include <ATen/core/Tensor.h>
 
-#include "../common/attention_semantics.h"
+#include "attention_forward_mma_params.h"
 
 namespace flash_attn_ext::cuda {
-
-struct MmaParams {
-  const void* q;
-  const void* k;
-  const void* v;
-  void* out;
-  float* lse;
-  // Element strides of (batch, head, position); features are contiguous.
-  int64_t q_sb, q_sh, q_sl, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, o_sb, o_sh, o_sl;
-  AttentionParams p;
-  float scale_log2;  // softmax scale * log2(e): the kernel works in base 2 (exp2)
-};
 
 template <typename T, int kHeadDim>
 void launch_attention_forward_mma(const MmaParams& mp, cudaStream_t stream);

@@ -9,15 +9,31 @@
 // fragments loaded by ldmatrix (.trans for V); the online softmax (base 2, running max and
 // sum per row) stays in registers, the P fragments of S feeding the PV product directly.
 // Shared-memory rows are padded by 16 bytes so ldmatrix's eight row reads hit distinct banks.
+//
+// With FAE_SIMT_EMULATION defined, the warp-level primitives below (cp.async, ldmatrix, mma,
+// shuffles, barriers) come instead from the host emulator named by that macro, and the
+// unchanged kernel body runs on the CPU, one std::thread per CUDA thread
+// (tests/cpp/test_mma_forward_emulated.cpp).
 #pragma once
 
+#include <cmath>
+#include <cstdint>
+
+#include "../cuda/mma_layout.h"
+#include "attention_forward_mma_params.h"
+
+#ifdef FAE_SIMT_EMULATION
+#include FAE_SIMT_EMULATION
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <c10/cuda/CUDAException.h>
 
-#include "../cuda/mma_layout.h"
 #include "attention_forward_mma.h"
+
+#define FAE_DYNAMIC_SMEM(type, name) extern __shared__ __align__(16) type name[]
+#endif
 
 namespace flash_attn_ext::cuda {
 namespace mma_detail {
@@ -33,6 +49,7 @@ struct Tiles {
   static constexpr size_t kSmemBytes = (kSmemQ + 4 * kSmemKV) * sizeof(uint16_t);
 };
 
+#ifndef FAE_SIMT_EMULATION
 __device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
 }
@@ -95,6 +112,8 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 
+#endif  // FAE_SIMT_EMULATION
+
 // Copies rows [row0, row0 + kRows) of a (position, feature) slice into padded shared rows;
 // rows at or past row0 + n_valid are zero-filled.
 template <int kHeadDim, int kRows>
@@ -118,7 +137,7 @@ __global__ void __launch_bounds__(Tiles<kHeadDim>::kThreads)
   constexpr int kBlockM = TL::kBlockM, kBlockN = TL::kBlockN, kStride = TL::kStride;
   constexpr int kDimTiles = kHeadDim / 8;  // n8 tiles of the output row
   constexpr int kKeyTiles = kBlockN / 8;   // n8 tiles of the score row
-  extern __shared__ __align__(16) uint16_t smem[];
+  FAE_DYNAMIC_SMEM(uint16_t, smem);
   uint16_t* const sQ = smem;
   uint16_t* const sK0 = smem + TL::kSmemQ;
   uint16_t* const sV0 = sK0 + 2 * TL::kSmemKV;
@@ -287,6 +306,7 @@ __global__ void __launch_bounds__(Tiles<kHeadDim>::kThreads)
 
 }  // namespace mma_detail
 
+#ifndef FAE_SIMT_EMULATION
 template <typename T, int kHeadDim>
 void launch_attention_forward_mma(const MmaParams& mp, cudaStream_t stream) {
   using TL = mma_detail::Tiles<kHeadDim>;
@@ -299,5 +319,6 @@ void launch_attention_forward_mma(const MmaParams& mp, cudaStream_t stream) {
   kernel<<<static_cast<unsigned int>(blocks), TL::kThreads, TL::kSmemBytes, stream>>>(mp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+#endif  // FAE_SIMT_EMULATION
 
 }  // namespace flash_attn_ext::cuda

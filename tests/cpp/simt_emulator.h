@@ -1,0 +1,197 @@
+// A small host emulation of the CUDA execution model, enough to run the tensor-core forward
+// kernel (csrc/attention/attention_forward_mma_kernel.cuh) unchanged on the CPU: one
+// std::thread per CUDA thread, one block at a time, __syncthreads as a block barrier, and the
+// warp-collective instructions (shuffles, ldmatrix, mma.sync m16n8k16) as exchanges between
+// the 32 lane threads of a warp, computed from the PTX ISA's fragment definitions. cp.async
+// copies synchronously (so it cannot find a missing wait: compute-sanitizer racecheck on the
+// GPU does that). Included by the kernel header when FAE_SIMT_EMULATION names this file.
+#pragma once
+
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+struct EmuDim3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+inline thread_local EmuDim3 threadIdx, blockIdx;
+inline EmuDim3 blockDim, gridDim;
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define FAE_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(emu::block().smem.data())
+
+namespace emu {
+
+struct Block {
+  std::vector<unsigned char> smem;
+  std::unique_ptr<std::barrier<>> all;
+  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  uint64_t exchange[32][32][8];  // [warp][lane][slot]
+};
+
+inline Block& block() {
+  static Block b;
+  return b;
+}
+inline int lane() { return threadIdx.x % 32; }
+inline uint64_t* slots(int l) { return block().exchange[threadIdx.x / 32][l]; }
+inline void warp_sync() { block().warps[threadIdx.x / 32]->arrive_and_wait(); }
+
+// Runs kernel(args...) over grid blocks of `threads` threads with `smem_bytes` of dynamic
+// shared memory, poisoned with 0xFF bytes (NaN as 16-bit floats) so reads of unwritten shared
+// memory show.
+template <typename Kernel, typename... Args>
+void launch(unsigned grid, unsigned threads, size_t smem_bytes, Kernel kernel, const Args&... args) {
+  gridDim.x = grid;
+  blockDim.x = threads;
+  Block& b = block();
+  for (unsigned blk = 0; blk < grid; ++blk) {
+    b.smem.assign(smem_bytes, 0xFF);
+    b.all = std::make_unique<std::barrier<>>(threads);
+    b.warps.clear();
+    for (unsigned w = 0; w < threads / 32; ++w) b.warps.push_back(std::make_unique<std::barrier<>>(32));
+    std::vector<std::thread> pool;
+    for (unsigned t = 0; t < threads; ++t)
+      pool.emplace_back([&, t, blk] {
+        threadIdx.x = t;
+        blockIdx.x = blk;
+        kernel(args...);
+      });
+    for (auto& th : pool) th.join();
+  }
+}
+
+// 16-bit float formats as the tensor cores read them.
+struct Half {};
+struct BFloat16 {};
+
+inline float to_float(uint16_t bits, Half) {
+  _Float16 h;
+  std::memcpy(&h, &bits, 2);
+  return static_cast<float>(h);
+}
+inline float to_float(uint16_t bits, BFloat16) {
+  const uint32_t w = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &w, 4);
+  return f;
+}
+inline uint16_t from_float(float x, Half) {
+  const _Float16 h = static_cast<_Float16>(x);  // round to nearest even
+  uint16_t bits;
+  std::memcpy(&bits, &h, 2);
+  return bits;
+}
+inline uint16_t from_float(float x, BFloat16) {
+  uint32_t w;
+  std::memcpy(&w, &x, 4);
+  if ((w & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((w >> 16) | 0x40);  // NaN
+  w += 0x7fffu + ((w >> 16) & 1u);  // round to nearest even
+  return static_cast<uint16_t>(w >> 16);
+}
+
+}  // namespace emu
+
+inline void __syncthreads() { emu::block().all->arrive_and_wait(); }
+
+template <typename T>
+T __shfl_xor_sync(unsigned, T value, int lane_mask) {
+  static_assert(sizeof(T) <= 8, "one exchange slot");
+  std::memcpy(emu::slots(emu::lane()), &value, sizeof(T));
+  emu::warp_sync();
+  T r;
+  std::memcpy(&r, emu::slots(emu::lane() ^ lane_mask), sizeof(T));
+  emu::warp_sync();
+  return r;
+}
+
+namespace flash_attn_ext::cuda::mma_detail {
+
+// "Shared addresses" are byte offsets into the block's shared memory, as on the GPU.
+inline uint32_t smem_u32(const void* ptr) {
+  return static_cast<uint32_t>(static_cast<const unsigned char*>(ptr) - emu::block().smem.data());
+}
+
+inline void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  unsigned char* d = emu::block().smem.data() + dst;
+  if (valid) std::memcpy(d, src, 16);
+  else std::memset(d, 0, 16);
+}
+inline void cp_async_commit() {}
+inline void cp_async_wait_all() {}
+
+inline uint16_t smem_u16(uint32_t byte_addr) {
+  uint16_t v;
+  std::memcpy(&v, emu::block().smem.data() + byte_addr, 2);
+  return v;
+}
+
+// ldmatrix.x4: lane 8m + r supplies the address of row r of matrix m; lane T receives, of
+// matrix m, row T/4 columns 2(T%4), 2(T%4)+1 (.trans: rows 2(T%4), 2(T%4)+1 of column T/4).
+inline void ldmatrix_impl(uint32_t (&r)[4], uint32_t addr, bool trans) {
+  emu::slots(emu::lane())[0] = addr;
+  emu::warp_sync();
+  const int t = emu::lane();
+  for (int m = 0; m < 4; ++m) {
+    uint16_t e[2];
+    for (int i = 0; i < 2; ++i) {
+      const int row = trans ? 2 * (t % 4) + i : t / 4, col = trans ? t / 4 : 2 * (t % 4) + i;
+      e[i] = smem_u16(static_cast<uint32_t>(emu::slots(8 * m + row)[0]) + 2 * col);
+    }
+    r[m] = static_cast<uint32_t>(e[0]) | (static_cast<uint32_t>(e[1]) << 16);
+  }
+  emu::warp_sync();
+}
+inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) { ldmatrix_impl(r, addr, false); }
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) { ldmatrix_impl(r, addr, true); }
+
+// mma.m16n8k16 (A row-major, B column-major, float32 accumulators): lane T (g = T/4, c = T%4)
+// holds a0 = A[g][2c..], a1 = A[g+8][2c..], a2 = A[g][2c+8..], a3 = A[g+8][2c+8..],
+// b0 = B[2c..][g], b1 = B[2c+8..][g], d0, d1 = D[g][2c..], d2, d3 = D[g+8][2c..].
+template <typename T>
+void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  uint64_t* mine = emu::slots(emu::lane());
+  for (int i = 0; i < 4; ++i) mine[i] = a[i];
+  mine[4] = b0;
+  mine[5] = b1;
+  emu::warp_sync();
+  const auto half_of = [](uint64_t reg, int i) {
+    return emu::to_float(static_cast<uint16_t>(reg >> (16 * i)), T{});
+  };
+  float A[16][16], B[16][8];
+  for (int t = 0; t < 32; ++t) {
+    const uint64_t* s = emu::slots(t);
+    const int g = t / 4, c = t % 4;
+    for (int i = 0; i < 2; ++i) {
+      A[g][2 * c + i] = half_of(s[0], i);
+      A[g + 8][2 * c + i] = half_of(s[1], i);
+      A[g][2 * c + 8 + i] = half_of(s[2], i);
+      A[g + 8][2 * c + 8 + i] = half_of(s[3], i);
+      B[2 * c + i][g] = half_of(s[4], i);
+      B[2 * c + 8 + i][g] = half_of(s[5], i);
+    }
+  }
+  emu::warp_sync();
+  const int g = emu::lane() / 4, c = emu::lane() % 4;
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e >> 1), col = 2 * c + (e & 1);
+    float acc = 0.f;
+    for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
+    d[e] += acc;
+  }
+}
+
+template <typename T>
+uint32_t pack2(float lo, float hi) {
+  return static_cast<uint32_t>(emu::from_float(lo, T{})) | (static_cast<uint32_t>(emu::from_float(hi, T{})) << 16);
+}
+
+}  // namespace flash_attn_ext::cuda::mma_detail
