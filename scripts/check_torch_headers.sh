@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Compile every C++ source against another torch's headers (syntax and templates only, no
-# link), to keep the code building on torch 2.11 .. 2.15 while development pins 2.14.1.
+# Compile every C++ source (syntax and templates only) and, when nvcc is there, every CUDA
+# source (sm_90 object code, discarded) against another torch's headers, without linking, to
+# keep the code building on torch 2.11 .. 2.15 while development pins 2.14.1. (The GPU
+# machines have torch 2.11: a CUDA source that fails here would fail scripts/gpu_check.sh.)
 # Usage: bash scripts/check_torch_headers.sh 2.11.0 2.15.0   (downloads each wheel once, ~1 GB)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,5 +25,17 @@ for version in "$@"; do
       echo "torch $version: $src FAILED"; status=1
     fi
   done
+  if command -v nvcc >/dev/null 2>&1; then
+    for src in $(find csrc -name '*.cu' | sort); do
+      if nvcc -c -o /dev/null -std=c++20 --expt-relaxed-constexpr -DPy_LIMITED_API=0x030A0000 \
+          -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
+          -D__CUDA_NO_HALF2_OPERATORS__ -gencode arch=compute_90,code=sm_90 -Icsrc -I"$inc" \
+          -I"$inc/torch/csrc/api/include" -I"$py_inc" "$src"; then
+        echo "torch $version: $src ok"
+      else
+        echo "torch $version: $src FAILED"; status=1
+      fi
+    done
+  fi
 done
 exit $status

@@ -7,7 +7,7 @@ standalone C++ programs built with the host compiler (no torch, no GPU).
 - tests/cpp/test_mma_layout.cpp: the lane -> element maps of the tensor-core forward
   (csrc/cuda/mma_layout.h), composed through host emulations of ldmatrix and mma.sync written
   from the PTX ISA's fragment definitions.
-- tests/cpp/test_mma_forward_emulated.cpp: the tensor-core forward kernel itself, unchanged,
+- tests/cpp/test_mma_kernels_emulated.cpp: the tensor-core forward and backward kernels, unchanged,
   run one std::thread per CUDA thread by tests/cpp/simt_emulator.h against a float64
   reference (float16 and bfloat16, causal, window, GQA, partial tiles, empty rows).
 """
@@ -21,13 +21,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-@pytest.mark.parametrize("program", ["test_attention_rows", "test_mma_layout", "test_mma_forward_emulated"])
+@pytest.mark.parametrize("program", ["test_attention_rows", "test_mma_layout", "test_mma_kernels_emulated"])
 def test_host_program(tmp_path, program):
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     assert cxx, "a C++ compiler is needed (the extension itself is built with one)"
     exe = tmp_path / program
     flags = ["-std=c++17", "-Werror"]
-    if program == "test_mma_forward_emulated":  # std::barrier; the kernel's #pragma unroll
+    if program == "test_mma_kernels_emulated":  # std::barrier; the kernel's #pragma unroll
         flags = ["-std=c++20", "-pthread", "-Wno-unknown-pragmas", "-I", os.path.join(HERE, "cpp")]
     subprocess.run([cxx, *flags, "-O1", "-Wall", "-I", os.path.join(ROOT, "csrc"),
                     os.path.join(HERE, "cpp", program + ".cpp"), "-o", str(exe)], check=True)

@@ -1,11 +1,12 @@
-// CUDA kernel of flash_attn_ext::attention_backward: the safety net for every case the
-// forward serves. Three launches on the current stream, one warp per row or column program
-// of attention_rows.h:
+// CUDA kernels of flash_attn_ext::attention_backward. After the delta kernel below, calls the
+// tensor-core backward serves (attention_backward_mma.h) go there; the rest to the safety net
+// here, for every case the forward serves. Three launches on the current stream, one warp per
+// row or column program of attention_rows.h:
 //   1. delta_i = <dO_i, O_i> per query row (float32, or float64 for float64 inputs);
 //   2. dQ per query row, recomputing P_ij = exp(s_ij - lse_i) over the row's visible keys;
 //   3. dK, dV per key column, over the visible rows of every query head of its GQA group.
 // Each output element has exactly one writer: no atomics, and the result is bitwise repeatable
-// (the `deterministic=True` mode of the tiled kernel to come is this kernel's default).
+// (so is the tensor-core backward's).
 // Dropout regenerates the forward's mask from rng_state ([seed, offset] on the device).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -14,6 +15,7 @@
 #include <torch/library.h>
 
 #include "../cuda/cuda_rows.cuh"
+#include "attention_backward_mma.h"
 #include "attention_forward_cuda.h"
 #include "attention_host.h"
 
@@ -106,6 +108,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     delta_rows_kernel<scalar_t, acc_t><<<warp_grid(n_rows), kThreadsPerBlock, 0, stream>>>(
         p, go, strided<const scalar_t>(out), delta.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (try_attention_backward_mma(p, mask.kind != MaskKind::kNone, grad_out, q, k, v, lse, delta, dq, dk, dv))
+      return;
     grad_query_rows_kernel<scalar_t, acc_t><<<warp_grid(n_rows), kThreadsPerBlock, 0, stream>>>(
         p, mask, go, qs, ks, vs, lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), strided<scalar_t>(dq), rng_ptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -1,4 +1,7 @@
 // Chooses the tensor-core forward when it serves a call; see attention_forward_mma.h.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -9,13 +12,14 @@
 #include "attention_forward_mma.h"
 
 namespace flash_attn_ext::cuda {
-namespace {
 
-bool rows_aligned(const at::Tensor& t) {
+bool mma_rows_aligned(const at::Tensor& t) {
   // cp.async moves 16 bytes: every row must start on a 16-byte boundary.
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % 8 == 0 &&
          t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0 && t.stride(3) == 1;
 }
+
+namespace {
 
 template <typename T>
 bool dispatch_head_dim(const MmaParams& mp, int64_t dim, cudaStream_t stream) {
@@ -31,9 +35,10 @@ bool dispatch_head_dim(const MmaParams& mp, int64_t dim, cudaStream_t stream) {
 }
 
 
-// Why the tensor-core kernel cannot serve a call, or nullptr when it can.
-const char* ineligible(const AttentionParams& p, bool has_mask, const at::Tensor& q, const at::Tensor& k,
-                       const at::Tensor& v, const at::Tensor& out) {
+}  // namespace
+
+const char* mma_ineligible(const AttentionParams& p, bool has_mask, const at::Tensor& q, const at::Tensor& k,
+                           const at::Tensor& v, const at::Tensor& out) {
   const auto dtype = q.scalar_type();
   if (dtype != at::kHalf && dtype != at::kBFloat16) return "dtype is not float16/bfloat16";
   const int64_t dim = p.dim_qk;
@@ -43,14 +48,12 @@ const char* ineligible(const AttentionParams& p, bool has_mask, const at::Tensor
   if (p.dropout_p > 0.0) return "dropout";
   if (p.seqlens_k != nullptr) return "per-sequence key lengths";
   if (p.len_q == 0 || p.batch * p.heads_q == 0) return "empty";
-  if (!rows_aligned(q) || !rows_aligned(k) || !rows_aligned(v) || !rows_aligned(out))
+  if (!mma_rows_aligned(q) || !mma_rows_aligned(k) || !mma_rows_aligned(v) || !mma_rows_aligned(out))
     return "rows not 16-byte aligned";
   if ((p.len_q + 63) / 64 * p.heads_q * p.batch > 0x7fffffff) return "grid too large";
   if (at::cuda::getCurrentDeviceProperties()->major < 8) return "GPU older than sm_80";
   return nullptr;
 }
-
-}  // namespace
 
 bool try_attention_forward_mma(const AttentionParams& p, bool has_mask, const at::Tensor& q,
                                const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
@@ -59,7 +62,7 @@ bool try_attention_forward_mma(const AttentionParams& p, bool has_mask, const at
   // raise when this kernel cannot serve the call (tests use it to pin the path they check).
   const char* env = std::getenv("FLASH_ATTN_EXT_CUDA_FAST");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-  const char* why = ineligible(p, has_mask, q, k, v, out);
+  const char* why = mma_ineligible(p, has_mask, q, k, v, out);
   TORCH_CHECK(why == nullptr || env == nullptr || std::strcmp(env, "require") != 0,
               "flash_attn_ext.attention_forward: FLASH_ATTN_EXT_CUDA_FAST=require but the tensor-core kernel "
               "cannot serve this call: ", why);

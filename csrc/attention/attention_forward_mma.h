@@ -23,4 +23,12 @@ bool try_attention_forward_mma(const AttentionParams& p, bool has_mask, const at
                                const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                                const at::Tensor& lse);
 
+// Why the tensor-core kernels cannot serve a call on these tensors (`out`: the output, or
+// grad_out for the backward), or nullptr when they can.
+const char* mma_ineligible(const AttentionParams& p, bool has_mask, const at::Tensor& q, const at::Tensor& k,
+                           const at::Tensor& v, const at::Tensor& out);
+
+// cp.async moves 16 bytes: every row of t starts on a 16-byte boundary.
+bool mma_rows_aligned(const at::Tensor& t);
+
 }  // namespace flash_attn_ext::cuda

@@ -10,29 +10,20 @@
 // sum per row) stays in registers, the P fragments of S feeding the PV product directly.
 // Shared-memory rows are padded by 16 bytes so ldmatrix's eight row reads hit distinct banks.
 //
-// With FAE_SIMT_EMULATION defined, the warp-level primitives below (cp.async, ldmatrix, mma,
-// shuffles, barriers) come instead from the host emulator named by that macro, and the
-// unchanged kernel body runs on the CPU, one std::thread per CUDA thread
-// (tests/cpp/test_mma_forward_emulated.cpp).
+// With FAE_SIMT_EMULATION defined, the warp-level primitives (../cuda/mma_primitives.cuh)
+// come from the host emulator named by that macro, and the unchanged kernel body runs on the
+// CPU, one std::thread per CUDA thread (tests/cpp/test_mma_kernels_emulated.cpp).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 
 #include "../cuda/mma_layout.h"
+#include "../cuda/mma_primitives.cuh"
 #include "attention_forward_mma_params.h"
 
-#ifdef FAE_SIMT_EMULATION
-#include FAE_SIMT_EMULATION
-#else
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#include <c10/cuda/CUDAException.h>
-
+#ifndef FAE_SIMT_EMULATION
 #include "attention_forward_mma.h"
-
-#define FAE_DYNAMIC_SMEM(type, name) extern __shared__ __align__(16) type name[]
 #endif
 
 namespace flash_attn_ext::cuda {
@@ -48,87 +39,6 @@ struct Tiles {
   static constexpr int kSmemKV = kBlockN * kStride;
   static constexpr size_t kSmemBytes = (kSmemQ + 4 * kSmemKV) * sizeof(uint16_t);
 };
-
-#ifndef FAE_SIMT_EMULATION
-__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
-
-// 16-byte global -> shared copy; zero-fills when !valid (rows past the sequence end).
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-  const int bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// d += a (16x16, row) * b (16x8, col), float32 accumulators.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                         uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Two floats as one register of two 16-bit values, `lo` in the low half (the lower column).
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  const __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
-
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
-
-#endif  // FAE_SIMT_EMULATION
-
-// Copies rows [row0, row0 + kRows) of a (position, feature) slice into padded shared rows;
-// rows at or past row0 + n_valid are zero-filled.
-template <int kHeadDim, int kRows>
-__device__ __forceinline__ void load_tile(uint16_t* smem, const uint16_t* slice, int64_t row_stride,
-                                          int64_t row0, int64_t n_valid, int tid) {
-  using TL = Tiles<kHeadDim>;
-  constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
-#pragma unroll
-  for (int c = tid; c < kRows * kChunks; c += TL::kThreads) {
-    const int r = c / kChunks, col = (c % kChunks) * 8;
-    const bool valid = r < n_valid;
-    const uint16_t* src = valid ? slice + (row0 + r) * row_stride + col : slice;
-    cp_async_16(smem_u32(smem + r * TL::kStride + col), src, valid);
-  }
-}
 
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(Tiles<kHeadDim>::kThreads)
@@ -155,13 +65,13 @@ __global__ void __launch_bounds__(Tiles<kHeadDim>::kThreads)
   const uint16_t* v = static_cast<const uint16_t*>(mp.v) + b * mp.v_sb + hk * mp.v_sh;
   const int64_t q_rows = p.len_q - m0 < kBlockM ? p.len_q - m0 : kBlockM;
 
-  load_tile<kHeadDim, kBlockM>(sQ, q, mp.q_sl, m0, q_rows, tid);
+  load_tile<kBlockM, kHeadDim, kStride, TL::kThreads>(sQ, q, mp.q_sl, m0, q_rows, tid);
   const KeyRange band = visible_key_range(m0, m0 + q_rows, p.align_offset, p.window_left, p.window_right, p.len_k);
   const int64_t n_begin = band.begin / kBlockN * kBlockN;
   const int64_t n_tiles = band.end > band.begin ? (band.end - n_begin + kBlockN - 1) / kBlockN : 0;
   if (n_tiles > 0) {
-    load_tile<kHeadDim, kBlockN>(sK0, k, mp.k_sl, n_begin, p.len_k - n_begin, tid);
-    load_tile<kHeadDim, kBlockN>(sV0, v, mp.v_sl, n_begin, p.len_k - n_begin, tid);
+    load_tile<kBlockN, kHeadDim, kStride, TL::kThreads>(sK0, k, mp.k_sl, n_begin, p.len_k - n_begin, tid);
+    load_tile<kBlockN, kHeadDim, kStride, TL::kThreads>(sV0, v, mp.v_sl, n_begin, p.len_k - n_begin, tid);
   }
   cp_async_commit();
 
@@ -182,8 +92,8 @@ __global__ void __launch_bounds__(Tiles<kHeadDim>::kThreads)
     __syncthreads();  // tile `it` landed, and every warp is done with the other buffer
     if (it + 1 < n_tiles) {
       const int64_t n1 = n0 + kBlockN;
-      load_tile<kHeadDim, kBlockN>(sK0 + (cur ^ 1) * TL::kSmemKV, k, mp.k_sl, n1, p.len_k - n1, tid);
-      load_tile<kHeadDim, kBlockN>(sV0 + (cur ^ 1) * TL::kSmemKV, v, mp.v_sl, n1, p.len_k - n1, tid);
+      load_tile<kBlockN, kHeadDim, kStride, TL::kThreads>(sK0 + (cur ^ 1) * TL::kSmemKV, k, mp.k_sl, n1, p.len_k - n1, tid);
+      load_tile<kBlockN, kHeadDim, kStride, TL::kThreads>(sV0 + (cur ^ 1) * TL::kSmemKV, v, mp.v_sl, n1, p.len_k - n1, tid);
     }
     cp_async_commit();
     const uint16_t* sK = sK0 + cur * TL::kSmemKV;

@@ -1,4 +1,4 @@
-// The tensor-core forward kernel (csrc/attention/attention_forward_mma_kernel.cuh), unchanged,
+// The tensor-core kernels (csrc/attention/attention_{forward,backward}_mma_kernel.cuh), unchanged,
 // run on the CPU through tests/cpp/simt_emulator.h (one std::thread per CUDA thread, ldmatrix
 // and mma.sync emulated from their PTX fragment definitions), against a float64 reference:
 // tile iteration over the visible band, masking at tile and sequence edges, the online
@@ -10,6 +10,7 @@
 // row and the warp-shuffle sum, as the CUDA safety-net kernels run them, against the same
 // programs on one lane (which tests/cpp/test_attention_rows.cpp checks against float64).
 #define FAE_SIMT_EMULATION "simt_emulator.h"
+#include "attention/attention_backward_mma_kernel.cuh"
 #include "attention/attention_forward_mma_kernel.cuh"
 #include "attention/attention_rows.h"
 
@@ -96,6 +97,101 @@ void run(const Case& c, uint32_t seed, double tol) {
   std::printf("%s D=%3d B=%ld Hq=%ld Hkv=%ld L=%ld S=%ld w=(%ld,%ld) br=%d: out err %.2e (tol %.1e), lse err %.2e %s\n",
               std::is_same_v<T, emu::Half> ? "fp16" : "bf16", D, (long)c.B, (long)c.Hq, (long)c.Hkv, (long)c.L,
               (long)c.S, (long)c.left, (long)c.right, c.bottom_right, worst, tol * mag, worst_lse, ok ? "" : "FAIL");
+}
+
+// The tensor-core backward (both kernels) against float64 gradients. lse and delta are given
+// from the float64 reference, so only the backward is under test.
+template <typename T, int D>
+void run_backward(const Case& c, uint32_t seed, double tol) {
+  using TL = mma_detail::BackwardTiles<D>;
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n(0.f, 1.f);
+  const auto make = [&](int64_t H, int64_t N) {  // (B, N, H, D) storage
+    std::vector<uint16_t> t(c.B * N * H * D);
+    for (auto& x : t) x = emu::from_float(n(rng), T{});
+    return t;
+  };
+  std::vector<uint16_t> q = make(c.Hq, c.L), k = make(c.Hkv, c.S), v = make(c.Hkv, c.S), go = make(c.Hq, c.L);
+  std::vector<uint16_t> dq(q.size(), 0xFFFF), dk(k.size(), 0xFFFF), dv(v.size(), 0xFFFF);  // NaN poison
+  const auto at = [&](const std::vector<uint16_t>& t, int64_t H, int64_t N, int64_t b, int64_t h, int64_t i,
+                      int64_t d) { return double(emu::to_float(t[((b * N + i) * H + h) * D + d], T{})); };
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  const int64_t o = alignment_offset(c.L, c.S, c.bottom_right);
+  std::vector<float> lse(c.B * c.Hq * c.L), delta(lse.size());
+  std::vector<double> rq(q.size(), 0.0), rk(k.size(), 0.0), rv(v.size(), 0.0);
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t h = 0; h < c.Hq; ++h)
+      for (int64_t i = 0; i < c.L; ++i) {
+        const int64_t hk = h / (c.Hq / c.Hkv), row = (b * c.Hq + h) * c.L + i;
+        std::vector<double> pr(c.S, 0.0);
+        double mx = -INFINITY;
+        for (int64_t j = 0; j < c.S; ++j) {
+          if ((c.left >= 0 && j < i + o - c.left) || (c.right >= 0 && j > i + o + c.right)) { pr[j] = -INFINITY; continue; }
+          double dot = 0;
+          for (int d = 0; d < D; ++d) dot += at(q, c.Hq, c.L, b, h, i, d) * at(k, c.Hkv, c.S, b, hk, j, d);
+          pr[j] = dot * scale;
+          mx = std::max(mx, pr[j]);
+        }
+        double l = 0;
+        for (int64_t j = 0; j < c.S; ++j) l += (pr[j] = mx == -INFINITY ? 0.0 : std::exp(pr[j] - mx));
+        lse[row] = l > 0 ? static_cast<float>(mx + std::log(l)) : -INFINITY;
+        for (auto& x : pr) x = l > 0 ? x / l : 0.0;
+        double dlt = 0;
+        for (int d = 0; d < D; ++d) {
+          double od = 0;
+          for (int64_t j = 0; j < c.S; ++j) od += pr[j] * at(v, c.Hkv, c.S, b, hk, j, d);
+          dlt += od * at(go, c.Hq, c.L, b, h, i, d);
+        }
+        delta[row] = static_cast<float>(dlt);
+        for (int64_t j = 0; j < c.S; ++j) {
+          if (pr[j] == 0.0) continue;
+          double dp = 0;
+          for (int d = 0; d < D; ++d) dp += at(go, c.Hq, c.L, b, h, i, d) * at(v, c.Hkv, c.S, b, hk, j, d);
+          const double ds = pr[j] * (dp - dlt);
+          for (int d = 0; d < D; ++d) {
+            rq[((b * c.L + i) * c.Hq + h) * D + d] += scale * ds * at(k, c.Hkv, c.S, b, hk, j, d);
+            rk[((b * c.S + j) * c.Hkv + hk) * D + d] += scale * ds * at(q, c.Hq, c.L, b, h, i, d);
+            rv[((b * c.S + j) * c.Hkv + hk) * D + d] += pr[j] * at(go, c.Hq, c.L, b, h, i, d);
+          }
+        }
+      }
+  MmaBackwardParams bp;
+  bp.q = q.data(), bp.k = k.data(), bp.v = v.data(), bp.grad_out = go.data();
+  bp.lse = lse.data(), bp.delta = delta.data();
+  bp.grad_q = dq.data(), bp.grad_k = dk.data(), bp.grad_v = dv.data();
+  bp.q_sb = bp.do_sb = bp.dq_sb = c.L * c.Hq * D, bp.q_sh = bp.do_sh = bp.dq_sh = D;
+  bp.q_sl = bp.do_sl = bp.dq_sl = c.Hq * D;
+  bp.k_sb = bp.v_sb = bp.dk_sb = bp.dv_sb = c.S * c.Hkv * D, bp.k_sh = bp.v_sh = bp.dk_sh = bp.dv_sh = D;
+  bp.k_sl = bp.v_sl = bp.dk_sl = bp.dv_sl = c.Hkv * D;
+  AttentionParams& p = bp.p;
+  p.batch = c.B, p.heads_q = c.Hq, p.heads_kv = c.Hkv, p.len_q = c.L, p.len_k = c.S;
+  p.dim_qk = p.dim_v = D, p.window_left = c.left, p.window_right = c.right;
+  p.bottom_right = c.bottom_right, p.align_offset = o, p.scale = scale;
+  bp.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  emu::launch(static_cast<unsigned>((c.S + TL::kBlockN - 1) / TL::kBlockN * c.Hkv * c.B), TL::kThreads, TL::kSmemKV,
+              mma_detail::attention_grad_kv_mma_kernel<T, D>, bp);
+  emu::launch(static_cast<unsigned>((c.L + TL::kBlockM - 1) / TL::kBlockM * c.Hq * c.B), TL::kThreads, TL::kSmemQ,
+              mma_detail::attention_grad_q_mma_kernel<T, D>, bp);
+  bool ok = true;
+  const char* names[] = {"dq", "dk", "dv"};
+  const std::vector<uint16_t>* got[] = {&dq, &dk, &dv};
+  const std::vector<double>* want[] = {&rq, &rk, &rv};
+  std::printf("backward %s D=%3d B=%ld Hq=%ld Hkv=%ld L=%ld S=%ld w=(%ld,%ld) br=%d:",
+              std::is_same_v<T, emu::Half> ? "fp16" : "bf16", D, (long)c.B, (long)c.Hq, (long)c.Hkv, (long)c.L,
+              (long)c.S, (long)c.left, (long)c.right, c.bottom_right);
+  for (int t = 0; t < 3; ++t) {
+    double worst = 0, mag = 1;
+    for (size_t e = 0; e < got[t]->size(); ++e) {
+      mag = std::max(mag, std::fabs((*want[t])[e]));
+      const double d = std::fabs(double(emu::to_float((*got[t])[e], T{})) - (*want[t])[e]);
+      worst = d > worst || d != d ? d : worst;
+    }
+    const bool good = worst <= tol * mag;
+    ok = ok && good;
+    std::printf(" %s err %.2e (tol %.1e)%s", names[t], worst, tol * mag, good ? "" : " FAIL");
+  }
+  std::printf("\n");
+  if (!ok) ++failures;
 }
 
 struct ShuffleSum {  // the CUDA kernels' WarpSum, on the emulated warp
@@ -211,6 +307,9 @@ int main() {
   run<emu::BFloat16, 64>(window, seed++, 1.2e-2);
   run<emu::Half, 96>(gqa, seed++, 1.5e-3);
   run<emu::Half, 192>(causal_tl, seed++, 1.5e-3);  // 32-key tiles
+  for (const Case& c : {full, causal_tl, causal_br_empty_rows, window, gqa}) run_backward<emu::Half, 32>(c, seed++, 3e-3);
+  run_backward<emu::BFloat16, 64>(gqa, seed++, 2.5e-2);
+  run_backward<emu::Half, 96>(window, seed++, 3e-3);
   std::printf("%d failures\n", failures);
   if (failures == 0) std::printf("ok\n");
   return failures == 0 ? 0 : 1;

@@ -1,0 +1,64 @@
+// Chooses the tensor-core backward when it serves a call; see attention_backward_mma.h.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "attention_backward_mma.h"
+#include "attention_forward_mma.h"
+
+namespace flash_attn_ext::cuda {
+namespace {
+
+template <typename T>
+bool dispatch_head_dim(const MmaBackwardParams& bp, int64_t dim, cudaStream_t stream) {
+  switch (dim) {
+    case 32: launch_attention_backward_mma<T, 32>(bp, stream); return true;
+    case 64: launch_attention_backward_mma<T, 64>(bp, stream); return true;
+    case 96: launch_attention_backward_mma<T, 96>(bp, stream); return true;
+    case 128: launch_attention_backward_mma<T, 128>(bp, stream); return true;
+    default: return false;
+  }
+}
+
+}  // namespace
+
+bool try_attention_backward_mma(const AttentionParams& p, bool has_mask, const at::Tensor& grad_out,
+                                const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& dq,
+                                const at::Tensor& dk, const at::Tensor& dv) {
+  const char* env = std::getenv("FLASH_ATTN_EXT_CUDA_FAST");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  const char* why = mma_ineligible(p, has_mask, q, k, v, grad_out);
+  if (why == nullptr && p.dim_qk > 128) why = "head dim above 128 (the tensor-core backward serves 32, 64, 96, 128)";
+  if (why == nullptr && (!mma_rows_aligned(dq) || !mma_rows_aligned(dk) || !mma_rows_aligned(dv)))
+    why = "gradient rows not 16-byte aligned";
+  TORCH_CHECK(why == nullptr || env == nullptr || std::strcmp(env, "require") != 0,
+              "flash_attn_ext.attention_backward: FLASH_ATTN_EXT_CUDA_FAST=require but the tensor-core kernel "
+              "cannot serve this call: ", why);
+  if (why != nullptr) return false;
+
+  MmaBackwardParams bp;
+  bp.q = q.data_ptr(), bp.k = k.data_ptr(), bp.v = v.data_ptr(), bp.grad_out = grad_out.data_ptr();
+  bp.lse = lse.data_ptr<float>(), bp.delta = delta.data_ptr<float>();
+  bp.grad_q = dq.data_ptr(), bp.grad_k = dk.data_ptr(), bp.grad_v = dv.data_ptr();
+  bp.q_sb = q.stride(0), bp.q_sh = q.stride(1), bp.q_sl = q.stride(2);
+  bp.k_sb = k.stride(0), bp.k_sh = k.stride(1), bp.k_sl = k.stride(2);
+  bp.v_sb = v.stride(0), bp.v_sh = v.stride(1), bp.v_sl = v.stride(2);
+  bp.do_sb = grad_out.stride(0), bp.do_sh = grad_out.stride(1), bp.do_sl = grad_out.stride(2);
+  bp.dq_sb = dq.stride(0), bp.dq_sh = dq.stride(1), bp.dq_sl = dq.stride(2);
+  bp.dk_sb = dk.stride(0), bp.dk_sh = dk.stride(1), bp.dk_sl = dk.stride(2);
+  bp.dv_sb = dv.stride(0), bp.dv_sh = dv.stride(1), bp.dv_sl = dv.stride(2);
+  bp.p = p;
+  bp.scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  return q.scalar_type() == at::kHalf ? dispatch_head_dim<__half>(bp, p.dim_qk, stream)
+                                      : dispatch_head_dim<__nv_bfloat16>(bp, p.dim_qk, stream);
+}
+
+}  // namespace flash_attn_ext::cuda

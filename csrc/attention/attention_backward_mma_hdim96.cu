@@ -1,0 +1,7 @@
+// Tensor-core backward, head dim 96 (float16 and bfloat16), in its own translation unit.
+#include "attention_backward_mma_kernel.cuh"
+
+namespace flash_attn_ext::cuda {
+template void launch_attention_backward_mma<__half, 96>(const MmaBackwardParams&, cudaStream_t);
+template void launch_attention_backward_mma<__nv_bfloat16, 96>(const MmaBackwardParams&, cudaStream_t);
+}  // namespace flash_attn_ext::cuda

@@ -1,0 +1,105 @@
+// Warp-level building blocks of the tensor-core kernels (attention_forward_mma_kernel.cuh,
+// attention_backward_mma_kernel.cuh): cp.async copies, ldmatrix fragment loads, mma.sync
+// m16n8k16 with float32 accumulators, 16-bit packing. With FAE_SIMT_EMULATION defined they
+// come instead from the host emulator that macro names (tests/cpp/simt_emulator.h), and the
+// kernels run unchanged on the CPU.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#ifdef FAE_SIMT_EMULATION
+#include FAE_SIMT_EMULATION
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <c10/cuda/CUDAException.h>
+
+#define FAE_DYNAMIC_SMEM(type, name) extern __shared__ __align__(16) type name[]
+#endif
+
+namespace flash_attn_ext::cuda::mma_detail {
+
+#ifndef FAE_SIMT_EMULATION
+__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+// 16-byte global -> shared copy; zero-fills when !valid (rows past the sequence end).
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  const int bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// d += a (16x16, row) * b (16x8, col), float32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as one register of two 16-bit values, `lo` in the low half (the lower column).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+#endif  // FAE_SIMT_EMULATION
+
+// Copies rows [row0, row0 + kRows) of a (position, feature) slice of 16-bit elements into
+// shared rows of kStride elements, with kThreads threads; rows at or past row0 + n_valid are
+// zero-filled.
+template <int kRows, int kDim, int kStride, int kThreads>
+__device__ __forceinline__ void load_tile(uint16_t* smem, const uint16_t* slice, int64_t row_stride,
+                                          int64_t row0, int64_t n_valid, int tid) {
+  constexpr int kChunks = kDim / 8;  // 16-byte chunks per row
+#pragma unroll
+  for (int c = tid; c < kRows * kChunks; c += kThreads) {
+    const int r = c / kChunks, col = (c % kChunks) * 8;
+    const bool valid = r < n_valid;
+    const uint16_t* src = valid ? slice + (row0 + r) * row_stride + col : slice;
+    cp_async_16(smem_u32(smem + r * kStride + col), src, valid);
+  }
+}
+
+}  // namespace flash_attn_ext::cuda::mma_detail
