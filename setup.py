@@ -30,9 +30,14 @@ def _want_cuda() -> bool:
 
 def _gencode_flags() -> list:
     archs = os.environ.get("FLASH_ATTN_EXT_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
+    archs = [a.strip().replace(".", "") for a in archs.split(";") if a.strip()]
     flags = []
-    for arch in filter(None, (a.strip().replace(".", "") for a in archs.split(";"))):
+    for arch in archs:
         flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    # PTX of the newest arch too, so GPUs newer than every listed one (Blackwell) JIT-compile
+    # the kernels instead of failing with "no kernel image is available".
+    newest = max(archs, key=int)
+    flags += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
     return flags
 
 

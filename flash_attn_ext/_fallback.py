@@ -3,7 +3,7 @@
 Every fallback increments a counter keyed by its reason and logs one debug line on the
 "flash_attn_ext" logger, so a user can see why a call did not take the fused path:
 
-    flash_attn_ext.fallback_counts()   # {'device cuda has no fused kernel': 3}
+    flash_attn_ext.fallback_counts()   # {'device mps has no fused kernel': 3}
     logging.getLogger("flash_attn_ext").setLevel(logging.DEBUG)
 """
 import collections

@@ -44,6 +44,13 @@ def why_no_kernel(device_type: str) -> str:
     return f"flash_attn_ext has no kernel for device type {device_type!r} in this build"
 
 
+def no_kernel_reason(device_type: str) -> str:
+    """The short fallback reason (a key of flash_attn_ext.fallback_counts())."""
+    if device_type == "cuda" and _registered("CUDA"):
+        return f"CUDA kernels not yet verified on a GPU (set {_OPT_IN_ENV}=1 to use them)"
+    return f"device {device_type} has no fused kernel"
+
+
 def require_kernel(device_type: str) -> None:
     """Raise a clear error where the Python layer has no native kernel for the device."""
     if device_type not in _KERNEL_DEVICES:

@@ -26,7 +26,7 @@ def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
         if t.is_nested or t.layout != torch.strided:
             return f"{name} is nested or not strided"
     if not _ops.has_kernel(query.device.type):
-        return f"device {query.device.type} has no fused kernel"
+        return _ops.no_kernel_reason(query.device.type)
     if query.dtype not in _DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
         return "dtypes"
     if key.device != query.device or value.device != query.device:

@@ -168,3 +168,22 @@ def test_rolling_cache_rejects_wider_windows(device):
         cache.attend(q, q, q, window_size=(10, 0))
     with pytest.raises(ValueError, match="rolling cache of 4 slots"), torch.no_grad():
         cache.attend(q, q, q, causal=False)
+
+
+@pytest.mark.parametrize("splits", ["1", "2", "5", "16"])
+@pytest.mark.parametrize("Hq,Hkv,L", [(8, 2, 1), (4, 1, 1), (4, 4, 3)])
+@pytest.mark.parametrize("window", [(-1, -1), (100, -1)])
+def test_split_kv_forced_both_ways(device, monkeypatch, splits, Hq, Hkv, L, window):
+    """Split-KV (the band cut into key ranges, merged exactly) against the reference, with the
+    split count forced (FLASH_ATTN_EXT_NUM_SPLITS); 16 splits leave some ranges empty, and the
+    length-0 sequence has no visible key at all."""
+    monkeypatch.setenv("FLASH_ATTN_EXT_NUM_SPLITS", splits)
+    B, S_max, D = 3, 700, 32
+    q, kc, vc = _case(B, Hq, Hkv, L, S_max, D, torch.float32, device, seed=int(splits))
+    lens = [0, 333, S_max]
+    with torch.no_grad():
+        out, lse = flash_attn_ext.attention_with_kvcache(
+            q, kc, vc, cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=device),
+            causal=True, window_size=window, return_softmax_lse=True)
+    _check(out[1:], lse[1:], q[1:], kc[1:], vc[1:], lens[1:], (window[0], 0), torch.float32)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isneginf(lse[0]).all()

@@ -16,12 +16,12 @@ namespace flash_attn_ext::cuda {
 namespace {
 
 template <typename T>
-bool dispatch_head_dim(const MmaBackwardParams& bp, int64_t dim, cudaStream_t stream) {
+bool dispatch_head_dim(const MmaBackwardParams& bp, int64_t dim, int64_t smem, cudaStream_t stream) {
   switch (dim) {
-    case 32: launch_attention_backward_mma<T, 32>(bp, stream); return true;
-    case 64: launch_attention_backward_mma<T, 64>(bp, stream); return true;
-    case 96: launch_attention_backward_mma<T, 96>(bp, stream); return true;
-    case 128: launch_attention_backward_mma<T, 128>(bp, stream); return true;
+    case 32: return launch_attention_backward_mma<T, 32>(bp, smem, stream);
+    case 64: return launch_attention_backward_mma<T, 64>(bp, smem, stream);
+    case 96: return launch_attention_backward_mma<T, 96>(bp, smem, stream);
+    case 128: return launch_attention_backward_mma<T, 128>(bp, smem, stream);
     default: return false;
   }
 }
@@ -38,6 +38,7 @@ bool try_attention_backward_mma(const AttentionParams& p, bool has_mask, const a
   if (why == nullptr && p.dim_qk > 128) why = "head dim above 128 (the tensor-core backward serves 32, 64, 96, 128)";
   if (why == nullptr && (!mma_rows_aligned(dq) || !mma_rows_aligned(dk) || !mma_rows_aligned(dv)))
     why = "gradient rows not 16-byte aligned";
+  if (why == nullptr && (p.len_k + 63) / 64 * p.heads_kv * p.batch > 0x7fffffff) why = "grid too large";
   TORCH_CHECK(why == nullptr || env == nullptr || std::strcmp(env, "require") != 0,
               "flash_attn_ext.attention_backward: FLASH_ATTN_EXT_CUDA_FAST=require but the tensor-core kernel "
               "cannot serve this call: ", why);
@@ -57,8 +58,13 @@ bool try_attention_backward_mma(const AttentionParams& p, bool has_mask, const a
   bp.p = p;
   bp.scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  return q.scalar_type() == at::kHalf ? dispatch_head_dim<__half>(bp, p.dim_qk, stream)
-                                      : dispatch_head_dim<__nv_bfloat16>(bp, p.dim_qk, stream);
+  const int64_t smem = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+  const bool launched = q.scalar_type() == at::kHalf ? dispatch_head_dim<__half>(bp, p.dim_qk, smem, stream)
+                                                     : dispatch_head_dim<__nv_bfloat16>(bp, p.dim_qk, smem, stream);
+  TORCH_CHECK(launched || env == nullptr || std::strcmp(env, "require") != 0,
+              "flash_attn_ext.attention_backward: FLASH_ATTN_EXT_CUDA_FAST=require but the tensor-core kernels "
+              "need more shared memory than this GPU gives a block (", smem, " bytes)");
+  return launched;
 }
 
 }  // namespace flash_attn_ext::cuda

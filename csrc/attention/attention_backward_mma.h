@@ -11,8 +11,10 @@
 
 namespace flash_attn_ext::cuda {
 
+// Launches both kernels on `stream` and returns true, or returns false having done nothing
+// when they need more shared memory per block than smem_limit.
 template <typename T, int kHeadDim>
-void launch_attention_backward_mma(const MmaBackwardParams& bp, cudaStream_t stream);
+bool launch_attention_backward_mma(const MmaBackwardParams& bp, int64_t smem_limit, cudaStream_t stream);
 
 // Runs the tensor-core backward (dQ, dK, dV; delta must already hold rowsum(dO * O)) and
 // returns true when it serves the call, under the same conditions as the tensor-core forward

@@ -2,6 +2,6 @@
 #include "attention_backward_mma_kernel.cuh"
 
 namespace flash_attn_ext::cuda {
-template void launch_attention_backward_mma<__half, 32>(const MmaBackwardParams&, cudaStream_t);
-template void launch_attention_backward_mma<__nv_bfloat16, 32>(const MmaBackwardParams&, cudaStream_t);
+template bool launch_attention_backward_mma<__half, 32>(const MmaBackwardParams&, int64_t, cudaStream_t);
+template bool launch_attention_backward_mma<__nv_bfloat16, 32>(const MmaBackwardParams&, int64_t, cudaStream_t);
 }  // namespace flash_attn_ext::cuda

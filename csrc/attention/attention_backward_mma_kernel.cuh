@@ -20,6 +20,8 @@
 // and contribute nothing.
 #pragma once
 
+#include <algorithm>
+
 #include "../cuda/mma_layout.h"
 #include "../cuda/mma_primitives.cuh"
 #include "attention_forward_mma_params.h"
@@ -338,8 +340,10 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kThreads)
 
 #ifndef FAE_SIMT_EMULATION
 template <typename T, int kHeadDim>
-void launch_attention_backward_mma(const MmaBackwardParams& bp, cudaStream_t stream) {
+bool launch_attention_backward_mma(const MmaBackwardParams& bp, int64_t smem_limit, cudaStream_t stream) {
   using TL = mma_detail::BackwardTiles<kHeadDim>;
+  // D=128 needs ~103 KB: more than sm_86/89/120 give a block (99 KB); the safety net serves those.
+  if (static_cast<int64_t>(std::max(TL::kSmemKV, TL::kSmemQ)) > smem_limit) return false;
   const auto kv_kernel = mma_detail::attention_grad_kv_mma_kernel<T, kHeadDim>;
   const auto q_kernel = mma_detail::attention_grad_q_mma_kernel<T, kHeadDim>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -356,6 +360,7 @@ void launch_attention_backward_mma(const MmaBackwardParams& bp, cudaStream_t str
     q_kernel<<<static_cast<unsigned int>(q_blocks), TL::kThreads, TL::kSmemQ, stream>>>(bp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  return true;
 }
 #endif  // FAE_SIMT_EMULATION
 

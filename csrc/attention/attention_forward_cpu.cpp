@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <mutex>
 #include <vector>
 
@@ -26,6 +27,22 @@ namespace {
 // Query tiles of at most this many rows (decode, short chunks) compute S = Q K^T as row dot
 // products: the scattered writes of a K^T tile cost more than the product itself there.
 constexpr int64_t kFewRows = 8;
+
+// Split-KV (Flash-Decoding): when (batch, head group, query span) tasks cannot keep every
+// thread busy (decode of one sequence, MQA), each task's visible band is cut into key ranges
+// of whole tiles, one task per range; each writes its unnormalised partial state (running max,
+// running sum, accumulator) and a merge pass combines them exactly, as
+// merge_attention_states does. Only worth it when the band is long: each split is >= 4 tiles.
+int64_t choose_splits(int64_t tasks, int64_t threads, int64_t len_k, int64_t rows_per_task) {
+  if (const char* env = std::getenv("FLASH_ATTN_EXT_NUM_SPLITS")) {  // tests force both paths
+    const int64_t forced = std::atoll(env);
+    if (forced > 0) return forced;
+  }
+  if (tasks >= threads || rows_per_task > kFewRows) return 1;
+  const int64_t by_threads = (threads + tasks - 1) / tasks;
+  const int64_t by_length = std::max<int64_t>(1, len_k / (4 * kBlockK));
+  return std::min<int64_t>({by_threads, by_length, 64});
+}
 
 template <typename scalar_t>
 void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Tensor& q,
@@ -47,6 +64,11 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
   const int64_t n_spans = (L + span - 1) / span;
   const int64_t n_packs = p.heads_q / pack;
   const int64_t max_rows = pack * span;
+  const int64_t n_splits = choose_splits(p.batch * n_packs * n_spans, threads, p.len_k, max_rows);
+  // Partial states of split tasks: per (split, row of (b, h, i)): m, l and the Dv accumulator.
+  const int64_t n_rows_all = p.batch * p.heads_q * L;
+  std::vector<acc_t> part_ml(n_splits > 1 ? n_splits * n_rows_all * 2 : 0);
+  std::vector<acc_t> part_acc(n_splits > 1 ? n_splits * n_rows_all * Dv : 0);
   const auto q_rows = rows_of<const scalar_t>(q);
   const auto k_rows = rows_of<const scalar_t>(k);
   const auto v_rows = rows_of<const scalar_t>(v);
@@ -59,13 +81,14 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
   // once, at the end, with 1/l.
   const acc_t keep_scale = dropout ? acc_t(1) / (acc_t(1) - static_cast<acc_t>(p.dropout_p)) : acc_t(1);
 
-  at::parallel_for(0, p.batch * n_packs * n_spans, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.batch * n_packs * n_spans * n_splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> q_tile(max_rows * Dk), kt_tile(Dk * kBlockK), v_tile(kBlockK * Dv);
     std::vector<acc_t> s_tile(max_rows * kBlockK), o_acc(max_rows * Dv);
     std::vector<acc_t> m_run(max_rows), l_run(max_rows);
     std::vector<uint8_t> keep(dropout ? max_rows * kBlockK : 0);
 
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t split = unit % n_splits, task = unit / n_splits;
       const int64_t sp = task % n_spans;
       const int64_t b = task / n_spans / n_packs, h0 = (task / n_spans % n_packs) * pack;
       const int64_t hk = p.kv_head(h0);
@@ -82,8 +105,14 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
       std::fill(o_acc.begin(), o_acc.end(), acc_t(0));
 
       const AttentionParams pb = p.for_batch(b);  // per-sequence key length (KV cache)
-      const KeyRange band = visible_key_range(i0, i0 + n_pos, pb.align_offset, pb.window_left,
-                                              pb.window_right, pb.len_k);
+      KeyRange band = visible_key_range(i0, i0 + n_pos, pb.align_offset, pb.window_left,
+                                        pb.window_right, pb.len_k);
+      if (n_splits > 1) {  // this split's share of the band, in whole key tiles
+        const int64_t tiles = (band.end - band.begin + kBlockK - 1) / kBlockK;
+        const int64_t per = (tiles + n_splits - 1) / n_splits;
+        const int64_t lo = std::min(band.end, band.begin + split * per * kBlockK);
+        band = {lo, std::min(band.end, lo + per * kBlockK)};
+      }
       for (int64_t j0 = band.begin; j0 < band.end; j0 += kBlockK) {
         const int64_t cols = std::min(kBlockK, band.end - j0);
         acc_t* s = s_tile.data();
@@ -126,6 +155,17 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
                   /*accumulate=*/true);
       }
 
+      if (n_splits > 1) {  // leave the partial state to the merge pass
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t row = (b * p.heads_q + h0 + r / n_pos) * L + i0 + r % n_pos;
+          acc_t* ml = part_ml.data() + (split * n_rows_all + row) * 2;
+          ml[0] = m_run[r];
+          ml[1] = l_run[r];
+          std::copy(o_acc.data() + r * Dv, o_acc.data() + (r + 1) * Dv,
+                    part_acc.data() + (split * n_rows_all + row) * Dv);
+        }
+        continue;
+      }
       // Rows that saw no key (l == 0) return zeros and lse = -inf.
       for (int64_t r = 0; r < rows; ++r) {
         const acc_t l = l_run[r];
@@ -136,6 +176,38 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
       }
       for (int64_t g = 0; g < pack; ++g)
         store_rows(o_acc.data() + g * n_pos * Dv, Dv, n_pos, Dv, o_rows.at(b, h0 + g, i0), o_rows.stride_l);
+    }
+  });
+  if (n_splits == 1) return;
+
+  // Merge: M = max_s m_s, l = sum_s l_s e^(m_s - M), acc = sum_s acc_s e^(m_s - M).
+  at::parallel_for(0, n_rows_all, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(Dv);
+    for (int64_t row = begin; row < end; ++row) {
+      acc_t m = kNegInf, l = 0;
+      bool nan = false;
+      for (int64_t sp = 0; sp < n_splits; ++sp) {
+        const acc_t ms = part_ml[(sp * n_rows_all + row) * 2], ls = part_ml[(sp * n_rows_all + row) * 2 + 1];
+        nan = nan || ms != ms || ls != ls;
+        if (ms > m) m = ms;
+      }
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      if (m != kNegInf) {
+        for (int64_t sp = 0; sp < n_splits; ++sp) {
+          const acc_t ms = part_ml[(sp * n_rows_all + row) * 2];
+          if (ms == kNegInf) continue;
+          const acc_t w = std::exp(ms - m);
+          l += w * part_ml[(sp * n_rows_all + row) * 2 + 1];
+          const acc_t* a = part_acc.data() + (sp * n_rows_all + row) * Dv;
+          for (int64_t d = 0; d < Dv; ++d) acc[d] += w * a[d];
+        }
+      }
+      if (nan) l = std::numeric_limits<acc_t>::quiet_NaN();
+      const int64_t b = row / L / p.heads_q, h = row / L % p.heads_q, i = row % L;
+      const acc_t factor = l > acc_t(0) ? keep_scale / l : acc_t(0);
+      scalar_t* o = o_rows.at(b, h, i);
+      for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<scalar_t>(nan ? l : acc[d] * factor);
+      lse_data[row] = nan ? l : (l > acc_t(0) ? m + std::log(l) : kNegInf);
     }
   });
 }

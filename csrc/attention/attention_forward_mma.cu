@@ -22,14 +22,14 @@ bool mma_rows_aligned(const at::Tensor& t) {
 namespace {
 
 template <typename T>
-bool dispatch_head_dim(const MmaParams& mp, int64_t dim, cudaStream_t stream) {
+bool dispatch_head_dim(const MmaParams& mp, int64_t dim, int64_t smem, cudaStream_t stream) {
   switch (dim) {
-    case 32: launch_attention_forward_mma<T, 32>(mp, stream); return true;
-    case 64: launch_attention_forward_mma<T, 64>(mp, stream); return true;
-    case 96: launch_attention_forward_mma<T, 96>(mp, stream); return true;
-    case 128: launch_attention_forward_mma<T, 128>(mp, stream); return true;
-    case 192: launch_attention_forward_mma<T, 192>(mp, stream); return true;
-    case 256: launch_attention_forward_mma<T, 256>(mp, stream); return true;
+    case 32: return launch_attention_forward_mma<T, 32>(mp, smem, stream);
+    case 64: return launch_attention_forward_mma<T, 64>(mp, smem, stream);
+    case 96: return launch_attention_forward_mma<T, 96>(mp, smem, stream);
+    case 128: return launch_attention_forward_mma<T, 128>(mp, smem, stream);
+    case 192: return launch_attention_forward_mma<T, 192>(mp, smem, stream);
+    case 256: return launch_attention_forward_mma<T, 256>(mp, smem, stream);
     default: return false;
   }
 }
@@ -83,8 +83,13 @@ bool try_attention_forward_mma(const AttentionParams& p, bool has_mask, const at
   mp.p = p;
   mp.scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  return dtype == at::kHalf ? dispatch_head_dim<__half>(mp, dim, stream)
-                            : dispatch_head_dim<__nv_bfloat16>(mp, dim, stream);
+  const int64_t smem = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+  const bool launched = dtype == at::kHalf ? dispatch_head_dim<__half>(mp, dim, smem, stream)
+                                           : dispatch_head_dim<__nv_bfloat16>(mp, dim, smem, stream);
+  TORCH_CHECK(launched || env == nullptr || std::strcmp(env, "require") != 0,
+              "flash_attn_ext.attention_forward: FLASH_ATTN_EXT_CUDA_FAST=require but the tensor-core kernel "
+              "needs more shared memory than this GPU gives a block (", smem, " bytes)");
+  return launched;
 }
 
 }  // namespace flash_attn_ext::cuda

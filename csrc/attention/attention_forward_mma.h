@@ -12,8 +12,10 @@
 
 namespace flash_attn_ext::cuda {
 
+// Launches on `stream` and returns true, or returns false having done nothing when the kernel
+// needs more shared memory per block than smem_limit (the device's opt-in maximum).
 template <typename T, int kHeadDim>
-void launch_attention_forward_mma(const MmaParams& mp, cudaStream_t stream);
+bool launch_attention_forward_mma(const MmaParams& mp, int64_t smem_limit, cudaStream_t stream);
 
 // Runs the tensor-core forward and returns true when it serves the call (float16/bfloat16,
 // equal head dims from the list above, no attn_mask, no dropout, no per-sequence lengths,

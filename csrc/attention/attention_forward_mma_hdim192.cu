@@ -3,6 +3,6 @@
 #include "attention_forward_mma_kernel.cuh"
 
 namespace flash_attn_ext::cuda {
-template void launch_attention_forward_mma<__half, 192>(const MmaParams&, cudaStream_t);
-template void launch_attention_forward_mma<__nv_bfloat16, 192>(const MmaParams&, cudaStream_t);
+template bool launch_attention_forward_mma<__half, 192>(const MmaParams&, int64_t, cudaStream_t);
+template bool launch_attention_forward_mma<__nv_bfloat16, 192>(const MmaParams&, int64_t, cudaStream_t);
 }  // namespace flash_attn_ext::cuda

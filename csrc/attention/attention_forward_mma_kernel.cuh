@@ -218,8 +218,9 @@ __global__ void __launch_bounds__(Tiles<kHeadDim>::kThreads)
 
 #ifndef FAE_SIMT_EMULATION
 template <typename T, int kHeadDim>
-void launch_attention_forward_mma(const MmaParams& mp, cudaStream_t stream) {
+bool launch_attention_forward_mma(const MmaParams& mp, int64_t smem_limit, cudaStream_t stream) {
   using TL = mma_detail::Tiles<kHeadDim>;
+  if (static_cast<int64_t>(TL::kSmemBytes) > smem_limit) return false;  // e.g. D=256 beyond 99 KB parts
   const auto kernel = mma_detail::attention_forward_mma_kernel<T, kHeadDim>;
   if (TL::kSmemBytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -228,6 +229,7 @@ void launch_attention_forward_mma(const MmaParams& mp, cudaStream_t stream) {
   const int64_t blocks = (mp.p.len_q + TL::kBlockM - 1) / TL::kBlockM * mp.p.heads_q * mp.p.batch;
   kernel<<<static_cast<unsigned int>(blocks), TL::kThreads, TL::kSmemBytes, stream>>>(mp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
 }
 #endif  // FAE_SIMT_EMULATION
 
