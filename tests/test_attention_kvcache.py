@@ -170,14 +170,17 @@ def test_rolling_cache_rejects_wider_windows(device):
         cache.attend(q, q, q, causal=False)
 
 
+@pytest.mark.parametrize("decode_path", ["1", "0"])
 @pytest.mark.parametrize("splits", ["1", "2", "5", "16"])
 @pytest.mark.parametrize("Hq,Hkv,L", [(8, 2, 1), (4, 1, 1), (4, 4, 3)])
 @pytest.mark.parametrize("window", [(-1, -1), (100, -1)])
-def test_split_kv_forced_both_ways(device, monkeypatch, splits, Hq, Hkv, L, window):
+def test_split_kv_forced_both_ways(device, monkeypatch, splits, Hq, Hkv, L, window, decode_path):
     """Split-KV (the band cut into key ranges, merged exactly) against the reference, with the
-    split count forced (FLASH_ATTN_EXT_NUM_SPLITS); 16 splits leave some ranges empty, and the
-    length-0 sequence has no visible key at all."""
+    split count forced (FLASH_ATTN_EXT_NUM_SPLITS), through the CPU decode path (all KV heads of
+    a key tile at once) and the general kernel (FLASH_ATTN_EXT_CPU_DECODE=0); 16 splits leave
+    some ranges empty, and the length-0 sequence has no visible key at all."""
     monkeypatch.setenv("FLASH_ATTN_EXT_NUM_SPLITS", splits)
+    monkeypatch.setenv("FLASH_ATTN_EXT_CPU_DECODE", decode_path)
     B, S_max, D = 3, 700, 32
     q, kc, vc = _case(B, Hq, Hkv, L, S_max, D, torch.float32, device, seed=int(splits))
     lens = [0, 333, S_max]

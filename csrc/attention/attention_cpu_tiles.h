@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -12,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "../common/attention_semantics.h"
 #include "../common/dropout_philox.h"
@@ -36,6 +38,20 @@ struct Rows {
 template <typename T>
 Rows<T> rows_of(const at::Tensor& t) {
   return {static_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// Asks the caches for `rows` rows of `dim` elements. Decode is bound by memory latency
+// otherwise: a flash-attn (B, S, H, D) cache strides one head's rows by H * D elements (2 KiB
+// for 8 heads of 128 bf16), two rows per 4 KiB page, which the hardware prefetchers do not
+// follow, so each row of a tile was a demand miss (perf: ~90% of decode samples on the first
+// load of a row).
+template <typename T>
+inline void prefetch_rows(const T* src, int64_t stride, int64_t rows, int64_t dim) {
+  const int64_t bytes = dim * static_cast<int64_t>(sizeof(T));
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* row = reinterpret_cast<const char*>(src + r * stride);
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, 3);
+  }
 }
 
 // dst[r * ld + d] = scale * src[r * src_stride + d]
@@ -145,6 +161,47 @@ inline void dropout_keep_tile(uint8_t* keep, int64_t ld, int64_t rows, int64_t c
       }
     }
   }
+}
+
+// Split-KV merge: rows (b, h, i) whose key band was cut into n_splits ranges left, per split,
+// their running max m, running sum l (part_ml, pairs) and unnormalised accumulator (part_acc,
+// Dv each), row index (b * H + h) * L + i. Exactly as merge_attention_states:
+// M = max_s m_s, l = sum_s l_s e^(m_s - M), out = keep_scale / l * sum_s acc_s e^(m_s - M).
+template <typename scalar_t, typename acc_t>
+void merge_split_states(int64_t n_splits, int64_t batch, int64_t heads, int64_t L, int64_t Dv,
+                        const std::vector<acc_t>& part_ml, const std::vector<acc_t>& part_acc,
+                        acc_t keep_scale, const Rows<scalar_t>& o_rows, acc_t* lse_data) {
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t n_rows_all = batch * heads * L;
+  at::parallel_for(0, n_rows_all, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(Dv);
+    for (int64_t row = begin; row < end; ++row) {
+      acc_t m = kNegInf, l = 0;
+      bool nan = false;
+      for (int64_t sp = 0; sp < n_splits; ++sp) {
+        const acc_t ms = part_ml[(sp * n_rows_all + row) * 2], ls = part_ml[(sp * n_rows_all + row) * 2 + 1];
+        nan = nan || ms != ms || ls != ls;
+        if (ms > m) m = ms;
+      }
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      if (m != kNegInf) {
+        for (int64_t sp = 0; sp < n_splits; ++sp) {
+          const acc_t ms = part_ml[(sp * n_rows_all + row) * 2];
+          if (ms == kNegInf) continue;
+          const acc_t w = std::exp(ms - m);
+          l += w * part_ml[(sp * n_rows_all + row) * 2 + 1];
+          const acc_t* a = part_acc.data() + (sp * n_rows_all + row) * Dv;
+          for (int64_t d = 0; d < Dv; ++d) acc[d] += w * a[d];
+        }
+      }
+      if (nan) l = std::numeric_limits<acc_t>::quiet_NaN();
+      const int64_t b = row / L / heads, h = row / L % heads, i = row % L;
+      const acc_t factor = l > acc_t(0) ? keep_scale / l : acc_t(0);
+      scalar_t* o = o_rows.at(b, h, i);
+      for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<scalar_t>(nan ? l : acc[d] * factor);
+      lse_data[row] = nan ? l : (l > acc_t(0) ? m + std::log(l) : kNegInf);
+    }
+  });
 }
 
 }  // namespace flash_attn_ext::cpu

@@ -115,6 +115,11 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
       }
       for (int64_t j0 = band.begin; j0 < band.end; j0 += kBlockK) {
         const int64_t cols = std::min(kBlockK, band.end - j0);
+        if (rows <= kFewRows && j0 + kBlockK < band.end) {  // decode: fetch the next K/V tile now
+          const int64_t next = std::min(kBlockK, band.end - j0 - kBlockK);
+          prefetch_rows(k_rows.at(b, hk, j0 + kBlockK), k_rows.stride_l, next, Dk);
+          prefetch_rows(v_rows.at(b, hk, j0 + kBlockK), v_rows.stride_l, next, Dv);
+        }
         acc_t* s = s_tile.data();
         if (rows <= kFewRows) {  // decode: row dot products on K as stored, no transpose
           load_rows(k_rows.at(b, hk, j0), k_rows.stride_l, cols, Dk, acc_t(1), kt_tile.data(), Dk);
@@ -180,36 +185,8 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
   });
   if (n_splits == 1) return;
 
-  // Merge: M = max_s m_s, l = sum_s l_s e^(m_s - M), acc = sum_s acc_s e^(m_s - M).
-  at::parallel_for(0, n_rows_all, 16, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(Dv);
-    for (int64_t row = begin; row < end; ++row) {
-      acc_t m = kNegInf, l = 0;
-      bool nan = false;
-      for (int64_t sp = 0; sp < n_splits; ++sp) {
-        const acc_t ms = part_ml[(sp * n_rows_all + row) * 2], ls = part_ml[(sp * n_rows_all + row) * 2 + 1];
-        nan = nan || ms != ms || ls != ls;
-        if (ms > m) m = ms;
-      }
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      if (m != kNegInf) {
-        for (int64_t sp = 0; sp < n_splits; ++sp) {
-          const acc_t ms = part_ml[(sp * n_rows_all + row) * 2];
-          if (ms == kNegInf) continue;
-          const acc_t w = std::exp(ms - m);
-          l += w * part_ml[(sp * n_rows_all + row) * 2 + 1];
-          const acc_t* a = part_acc.data() + (sp * n_rows_all + row) * Dv;
-          for (int64_t d = 0; d < Dv; ++d) acc[d] += w * a[d];
-        }
-      }
-      if (nan) l = std::numeric_limits<acc_t>::quiet_NaN();
-      const int64_t b = row / L / p.heads_q, h = row / L % p.heads_q, i = row % L;
-      const acc_t factor = l > acc_t(0) ? keep_scale / l : acc_t(0);
-      scalar_t* o = o_rows.at(b, h, i);
-      for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<scalar_t>(nan ? l : acc[d] * factor);
-      lse_data[row] = nan ? l : (l > acc_t(0) ? m + std::log(l) : kNegInf);
-    }
-  });
+  merge_split_states<scalar_t, acc_t>(n_splits, p.batch, p.heads_q, L, Dv, part_ml, part_acc, keep_scale, o_rows,
+                                      lse_data);
 }
 
 // Draws the dropout seed from PyTorch's default CPU generator (so torch.manual_seed
@@ -234,6 +211,7 @@ void run_attention_forward_cpu(const AttentionParams& p, const MaskView& mask, c
                                const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                                const at::Tensor& lse) {
   if (out.numel() == 0 && lse.numel() == 0) return;
+  if (run_attention_decode_cpu(p, mask, q, k, v, out, lse)) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_forward_cpu", [&] {
     forward_kernel<scalar_t>(p, mask, q, k, v, out, lse);
   });

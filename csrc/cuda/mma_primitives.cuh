@@ -37,8 +37,8 @@ __device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
 
 // 16-byte global -> shared copy; zero-fills when !valid (rows past the sequence end).
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-  const int bytes = valid ? 16 : 0;
-  const size_t global = __cvta_generic_to_global(src);
+  [[maybe_unused]] const int bytes = valid ? 16 : 0;
+  [[maybe_unused]] const size_t global = __cvta_generic_to_global(src);
   // "memory": no shared-memory access may be moved across the copy's issue.
   FAE_SM80_ASM("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(global), "r"(bytes) : "memory");
 }

@@ -1,0 +1,168 @@
+// CPU decode path of the forward (attention_kvcache and attention_forward alike): few query
+// rows per KV head (L * Hq / Hkv <= kDecodeRows), no user mask, no dropout. Decode reads the
+// whole cache once per token, so it is bound by memory, and the general kernel's task order
+// (one KV head at a time) walks a flash-attn (B, S, H, D) cache with a stride of H * D elements,
+// which the hardware prefetchers do not follow. Here one task owns a key range of one sequence
+// for *all* its KV heads and reads each key tile in memory order (position-major for
+// (B, S, H, D), head-major for (B, H, S, D)), keeping every head's online-softmax state
+// (running max, running sum, accumulator) at once. Tasks split the key band (Flash-Decoding)
+// when sequences are fewer than threads; partial states merge exactly (merge_split_states).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <vector>
+
+#include "../cpu/tile_math.h"
+#include "attention_cpu_tiles.h"
+#include "attention_forward_cpu.h"
+
+namespace flash_attn_ext::cpu {
+namespace {
+
+constexpr int64_t kDecodeRows = 8;   // query rows per KV head (L * group size) served here
+constexpr int64_t kDecodeTile = 32;  // keys per tile: all heads' K or V tile stays in L2
+
+int64_t decode_splits(int64_t batch, int64_t threads, int64_t len_k) {
+  if (const char* env = std::getenv("FLASH_ATTN_EXT_NUM_SPLITS")) {  // tests force both paths
+    const int64_t forced = std::atoll(env);
+    if (forced > 0) return forced;
+  }
+  if (batch >= 2 * threads) return 1;
+  const int64_t by_threads = (2 * threads + batch - 1) / batch;  // two ranges per thread
+  const int64_t by_length = std::max<int64_t>(1, len_k / (8 * kDecodeTile));
+  return std::min<int64_t>({by_threads, by_length, 64});
+}
+
+template <typename scalar_t>
+void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const at::Tensor& out, const at::Tensor& lse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t L = p.len_q, G = p.group_size(), Hkv = p.heads_kv, Dk = p.dim_qk, Dv = p.dim_v;
+  const int64_t R = G * L;  // rows of one KV head: row g * L + i is query head hk * G + g, position i
+  const int64_t n_splits = decode_splits(p.batch, at::get_num_threads(), p.len_k);
+  const int64_t n_rows_all = p.batch * p.heads_q * L;
+  std::vector<acc_t> part_ml(n_splits > 1 ? n_splits * n_rows_all * 2 : 0);
+  std::vector<acc_t> part_acc(n_splits > 1 ? n_splits * n_rows_all * Dv : 0);
+  const auto q_rows = rows_of<const scalar_t>(q);
+  const auto k_rows = rows_of<const scalar_t>(k);
+  const auto v_rows = rows_of<const scalar_t>(v);
+  const auto o_rows = rows_of<scalar_t>(out);
+  acc_t* lse_data = lse.data_ptr<acc_t>();
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  // Memory order of a key tile: heads inner when a position's heads are adjacent.
+  const bool k_heads_inner = k_rows.stride_h < k_rows.stride_l;
+  const bool v_heads_inner = v_rows.stride_h < v_rows.stride_l;
+
+  at::parallel_for(0, p.batch * n_splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> q_all(Hkv * R * Dk), k_all(Hkv * kDecodeTile * Dk), v_all(Hkv * kDecodeTile * Dv);
+    std::vector<acc_t> s_all(Hkv * R * kDecodeTile), acc(Hkv * R * Dv), m_run(Hkv * R), l_run(Hkv * R);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t b = unit / n_splits, split = unit % n_splits;
+      const AttentionParams pb = p.for_batch(b);
+      KeyRange band = visible_key_range(0, L, pb.align_offset, pb.window_left, pb.window_right, pb.len_k);
+      if (n_splits > 1) {
+        const int64_t tiles = (band.end - band.begin + kDecodeTile - 1) / kDecodeTile;
+        const int64_t per = (tiles + n_splits - 1) / n_splits;
+        const int64_t lo = std::min(band.end, band.begin + split * per * kDecodeTile);
+        band = {lo, std::min(band.end, lo + per * kDecodeTile)};
+      }
+      for (int64_t hk = 0; hk < Hkv; ++hk)
+        for (int64_t g = 0; g < G; ++g)  // Q pre-multiplied by the softmax scale
+          load_rows(q_rows.at(b, hk * G + g, 0), q_rows.stride_l, L, Dk, scale,
+                    q_all.data() + (hk * R + g * L) * Dk, Dk);
+      std::fill(m_run.begin(), m_run.end(), kNegInf);
+      std::fill(l_run.begin(), l_run.end(), acc_t(0));
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+
+      for (int64_t j0 = band.begin; j0 < band.end; j0 += kDecodeTile) {
+        const int64_t cols = std::min(kDecodeTile, band.end - j0);
+        // Every head's K tile, read in memory order; row c of head hk at k_all[(hk * T + c) * Dk].
+        const auto load_all = [&](const Rows<const scalar_t>& src, bool heads_inner, int64_t dim, acc_t* dst) {
+          if (heads_inner) {
+            for (int64_t c = 0; c < cols; ++c)
+              for (int64_t hk = 0; hk < Hkv; ++hk)
+                load_rows(src.at(b, hk, j0 + c), src.stride_l, 1, dim, acc_t(1), dst + (hk * kDecodeTile + c) * dim, dim);
+          } else {
+            for (int64_t hk = 0; hk < Hkv; ++hk)
+              load_rows(src.at(b, hk, j0), src.stride_l, cols, dim, acc_t(1), dst + hk * kDecodeTile * dim, dim);
+          }
+        };
+        if (j0 + kDecodeTile < band.end) {  // the next tile, all heads (streams the prefetchers miss)
+          const int64_t next = std::min(kDecodeTile, band.end - j0 - kDecodeTile);
+          for (int64_t hk = 0; hk < Hkv; ++hk) {
+            prefetch_rows(k_rows.at(b, hk, j0 + kDecodeTile), k_rows.stride_l, next, Dk);
+            prefetch_rows(v_rows.at(b, hk, j0 + kDecodeTile), v_rows.stride_l, next, Dv);
+          }
+        }
+        load_all(k_rows, k_heads_inner, Dk, k_all.data());
+        for (int64_t hk = 0; hk < Hkv; ++hk) {
+          acc_t* s = s_all.data() + hk * R * kDecodeTile;
+          tile_gemm_nt(R, cols, Dk, q_all.data() + hk * R * Dk, Dk, k_all.data() + hk * kDecodeTile * Dk, Dk, s,
+                       kDecodeTile);
+          for (int64_t g = 0; g < G; ++g)  // the window / causal edges of the band
+            mask_tile(s + g * L * kDecodeTile, kDecodeTile, L, cols, 0, j0, b, hk * G + g, pb, MaskView{});
+          for (int64_t r = 0; r < R; ++r) {
+            acc_t* sr = s + r * kDecodeTile;
+            const int64_t at = hk * R + r;
+            const acc_t m_tile = row_max(sr, cols);
+            const acc_t m_old = m_run[at];
+            const acc_t m_new = (m_tile > m_old || m_tile != m_tile) ? m_tile : m_old;
+            if (m_new == kNegInf) {
+              std::fill(sr, sr + cols, acc_t(0));
+              continue;
+            }
+            const acc_t alpha = std::exp(m_old - m_new);
+            l_run[at] = l_run[at] * alpha + exp_shift_sum(sr, cols, m_new);
+            m_run[at] = m_new;
+            if (alpha != acc_t(1)) scale_row(acc.data() + at * Dv, Dv, alpha);
+          }
+        }
+        load_all(v_rows, v_heads_inner, Dv, v_all.data());
+        for (int64_t hk = 0; hk < Hkv; ++hk)
+          tile_gemm(false, R, Dv, cols, acc_t(1), s_all.data() + hk * R * kDecodeTile, kDecodeTile,
+                    v_all.data() + hk * kDecodeTile * Dv, Dv, acc.data() + hk * R * Dv, Dv, /*accumulate=*/true);
+      }
+
+      for (int64_t hk = 0; hk < Hkv; ++hk) {
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t at = hk * R + r, h = hk * G + r / L, i = r % L;
+          const int64_t row = (b * p.heads_q + h) * L + i;
+          if (n_splits > 1) {
+            part_ml[(split * n_rows_all + row) * 2] = m_run[at];
+            part_ml[(split * n_rows_all + row) * 2 + 1] = l_run[at];
+            std::copy(acc.data() + at * Dv, acc.data() + (at + 1) * Dv,
+                      part_acc.data() + (split * n_rows_all + row) * Dv);
+            continue;
+          }
+          const acc_t l = l_run[at];
+          scale_row(acc.data() + at * Dv, Dv, l > acc_t(0) ? acc_t(1) / l : acc_t(0));
+          lse_data[row] = l != l ? l : (l > acc_t(0) ? m_run[at] + std::log(l) : kNegInf);
+          store_rows(acc.data() + at * Dv, Dv, 1, Dv, o_rows.at(b, h, i), o_rows.stride_l);
+        }
+      }
+    }
+  });
+  if (n_splits > 1)
+    merge_split_states<scalar_t, acc_t>(n_splits, p.batch, p.heads_q, L, Dv, part_ml, part_acc, acc_t(1), o_rows,
+                                        lse_data);
+}
+
+}  // namespace
+
+bool run_attention_decode_cpu(const AttentionParams& p, const MaskView& mask, const at::Tensor& q,
+                              const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                              const at::Tensor& lse) {
+  if (mask.kind != MaskKind::kNone || p.dropout_p > 0.0) return false;
+  if (p.len_q * p.group_size() > kDecodeRows || p.heads_kv == 0 || p.batch == 0) return false;
+  if (const char* env = std::getenv("FLASH_ATTN_EXT_CPU_DECODE"); env != nullptr && env[0] == '0') return false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_decode_cpu", [&] {
+    decode_kernel<scalar_t>(p, q, k, v, out, lse);
+  });
+  return true;
+}
+
+}  // namespace flash_attn_ext::cpu
