@@ -23,17 +23,20 @@ TORCH_LIBRARY(flash_attn_ext, m) {
   // in place at positions cache_seqlens[b] + t, read through strides (a flash-attn
   // (B, S_max, Hkv, D) cache is passed as its transpose(1, 2) view). rolling: the cache holds
   // the last S_max positions, position p in slot p % S_max. cache_seqlens is not updated.
+  // block_table (B, blocks_per_seq) int32: a paged cache (vLLM / flash-attn), the caches being
+  // (num_blocks, Hkv, block_size, D) and position p of sequence b row p % block_size of block
+  // block_table[b, p / block_size]. The same for attention_kvcache below.
   m.def(
       "kv_cache_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k_new, Tensor v_new, "
-      "Tensor cache_seqlens, bool rolling=False) -> ()");
+      "Tensor cache_seqlens, bool rolling=False, Tensor? block_table=None) -> ()");
   // Attention of query (B, Hq, L, D) against a KV cache (B, Hkv, S_max, D): sequence b sees
   // keys [0, cache_seqlens[b] + L_new), bottom-right aligned (the last query with the last
   // key). With k_new/v_new (B, Hkv, L_new, D) they are first appended in place
   // (kv_cache_append). Returns out (B, Hq, L, Dv) and lse (B, Hq, L). Inference only.
   m.def(
       "attention_kvcache(Tensor query, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
-      "Tensor? k_new, Tensor? v_new, float scale, int window_left, int window_right) "
-      "-> (Tensor out, Tensor lse)");
+      "Tensor? k_new, Tensor? v_new, float scale, int window_left, int window_right, "
+      "Tensor? block_table=None) -> (Tensor out, Tensor lse)");
   // Exact merge of two attention results over disjoint key sets (split-KV decoding, ring /
   // context-parallel attention): out_a, out_b (..., D) with their log-sum-exps (...).
   // Returns the attention over the union and its lse. Differentiable.

@@ -30,14 +30,14 @@ def _attention_backward_fake(grad_out, query, key, value, out, lse, rng_state, a
 
 
 @torch.library.register_fake("flash_attn_ext::kv_cache_append")
-def _kv_cache_append_fake(k_cache, v_cache, k_new, v_new, cache_seqlens, rolling=False):
+def _kv_cache_append_fake(k_cache, v_cache, k_new, v_new, cache_seqlens, rolling=False, block_table=None):
     torch._check(k_cache.dim() == 4 and k_new.dim() == 4, lambda: "caches and new K/V must be 4-D")
     return None
 
 
 @torch.library.register_fake("flash_attn_ext::attention_kvcache")
 def _attention_kvcache_fake(query, k_cache, v_cache, cache_seqlens, k_new, v_new, scale,
-                            window_left, window_right):
+                            window_left, window_right, block_table=None):
     torch._check(query.dim() == 4 and k_cache.dim() == 4, lambda: "query and caches must be 4-D")
     batch, heads, len_q, _ = query.shape
     out = query.new_empty((batch, len_q, heads, v_cache.shape[-1])).transpose(1, 2)

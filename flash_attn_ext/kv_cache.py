@@ -16,7 +16,7 @@ def _as_bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
 
 def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor,
                     v_new: torch.Tensor, cache_seqlens: torch.Tensor, *, layout: str = "bshd",
-                    rolling: bool = False) -> None:
+                    rolling: bool = False, block_table: Optional[torch.Tensor] = None) -> None:
     """Write each sequence's new keys/values into the caches, in place, at its current length.
 
     layout "bshd": caches (B, S_max, Hkv, D) and new K/V (B, L_new, Hkv, D), as flash-attn;
@@ -26,13 +26,17 @@ def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.T
     p % S_max. cache_seqlens (int32/int64, shape (B,)) is read, not updated. A write past S_max
     (without rolling) or a bad length raises before anything is written. Not differentiable
     (inference): new K/V are stored as data.
+
+    block_table (int32, (B, blocks_per_seq)): a paged cache (vLLM / flash-attn): the caches are
+    (num_blocks, block_size, Hkv, D) ("bshd") or (num_blocks, Hkv, block_size, D) ("bhsd"), and
+    position p of sequence b lives in row p % block_size of block block_table[b, p // block_size].
     """
     if layout not in _LAYOUTS:
         raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
     _ops.require_kernel(k_cache.device.type)
     torch.ops.flash_attn_ext.kv_cache_append(
         _as_bhsd(k_cache, layout), _as_bhsd(v_cache, layout), _as_bhsd(k_new.detach(), layout),
-        _as_bhsd(v_new.detach(), layout), cache_seqlens, rolling)
+        _as_bhsd(v_new.detach(), layout), cache_seqlens, rolling, block_table)
 
 
 def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -40,7 +44,8 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            cache_seqlens: Optional[Union[torch.Tensor, int]] = None,
                            softmax_scale: Optional[float] = None, causal: bool = False,
                            window_size: Tuple[int, int] = (-1, -1),
-                           return_softmax_lse: bool = False, *, layout: str = "bshd"):
+                           return_softmax_lse: bool = False, *, layout: str = "bshd",
+                           block_table: Optional[torch.Tensor] = None):
     """Decode / chunked-prefill attention against a KV cache (flash-attn's argument names).
 
     layout "bshd": q (B, L, Hq, D), caches (B, S_max, Hkv, D), k/v (B, L_new, Hkv, D), out
@@ -50,7 +55,9 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     the caches in place at cache_seqlens (not updated: advance it yourself). causal and
     window_size=(left, right) as in flash-attn; GQA/MQA when Hq is a multiple of Hkv.
     Returns out, or (out, lse) with return_softmax_lse (lse float32, (B, Hq, L)).
-    Inference only: not differentiable.
+    block_table (int32, (B, blocks_per_seq)): a paged cache, as in kv_cache_append (caches
+    (num_blocks, block_size, Hkv, D) for "bshd"); each sequence then holds up to
+    blocks_per_seq * block_size positions. Inference only: not differentiable.
     """
     if layout not in _LAYOUTS:
         raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
@@ -61,6 +68,8 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            "call it under torch.no_grad() or torch.inference_mode()")
     qb, kc, vc = _as_bhsd(q, layout), _as_bhsd(k_cache, layout), _as_bhsd(v_cache, layout)
     batch, s_max = qb.shape[0], kc.shape[2]
+    if block_table is not None and block_table.dim() == 2:
+        s_max = kc.shape[2] * block_table.shape[1]  # positions per sequence of a paged cache
     if cache_seqlens is None:
         cache_seqlens = torch.full((batch,), s_max - (0 if k is None else _as_bhsd(k, layout).shape[2]),
                                    dtype=torch.int32, device=q.device)
@@ -73,7 +82,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out, lse = torch.ops.flash_attn_ext.attention_kvcache(
         _contiguous_last_dim(qb), kc, vc, cache_seqlens,
         None if k is None else _as_bhsd(k.detach(), layout), None if v is None else _as_bhsd(v.detach(), layout),
-        float(softmax_scale), left, right)
+        float(softmax_scale), left, right, block_table)
     out = out.transpose(1, 2) if layout == "bshd" else out
     return (out, lse) if return_softmax_lse else out
 

@@ -25,19 +25,37 @@ namespace flash_attn_ext::cpu {
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 64;
 
-// A (batch, head, position, feature) tensor read through its strides.
+// A (batch, head, position, feature) tensor read through its strides; for a paged KV cache,
+// position i of sequence b lives in block table[b * blocks_per_seq + i / block_size] (the
+// tensor's first dim), row i % block_size.
 template <typename T>
 struct Rows {
   T* data;
   int64_t stride_b, stride_h, stride_l;
+  const int32_t* table = nullptr;
+  int64_t block_size = 0, blocks_per_seq = 0;
   T* at(int64_t b, int64_t h, int64_t i) const {
+    if (table != nullptr)
+      return data + table[b * blocks_per_seq + i / block_size] * stride_b + h * stride_h + (i % block_size) * stride_l;
     return data + b * stride_b + h * stride_h + i * stride_l;
   }
+  // How many rows from position i on are evenly strided by stride_l (to the end of a block).
+  int64_t run(int64_t i) const { return table != nullptr ? block_size - i % block_size : INT64_MAX; }
 };
 
 template <typename T>
 Rows<T> rows_of(const at::Tensor& t) {
   return {static_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// K or V rows as the kernels address them: paged when p carries a block table.
+template <typename T>
+Rows<T> kv_rows_of(const at::Tensor& t, const AttentionParams& p) {
+  Rows<T> r = rows_of<T>(t);
+  r.table = p.block_table;
+  r.block_size = p.block_size;
+  r.blocks_per_seq = p.blocks_per_seq;
+  return r;
 }
 
 // Asks the caches for `rows` rows of `dim` elements. Decode is bound by memory latency
@@ -73,6 +91,37 @@ inline void load_rows_transposed(const src_t* src, int64_t src_stride, int64_t r
   for (int64_t r = 0; r < rows; ++r) {
     const src_t* s = src + r * src_stride;
     for (int64_t c = 0; c < dim; ++c) dst[c * ld + r] = static_cast<acc_t>(s[c]);
+  }
+}
+
+// load_rows / load_rows_transposed / prefetch_rows of key rows [j0, j0 + cols) of (b, h), in
+// runs of evenly strided rows (the whole tile unless a paged cache's block ends inside it).
+template <typename src_t, typename acc_t>
+inline void load_tile(const Rows<const src_t>& rows, int64_t b, int64_t h, int64_t j0, int64_t cols, int64_t dim,
+                      acc_t scale, acc_t* dst, int64_t ld) {
+  for (int64_t c = 0; c < cols;) {
+    const int64_t n = std::min(cols - c, rows.run(j0 + c));
+    load_rows(rows.at(b, h, j0 + c), rows.stride_l, n, dim, scale, dst + c * ld, ld);
+    c += n;
+  }
+}
+
+template <typename src_t, typename acc_t>
+inline void load_tile_transposed(const Rows<const src_t>& rows, int64_t b, int64_t h, int64_t j0, int64_t cols,
+                                 int64_t dim, acc_t* dst, int64_t ld) {
+  for (int64_t c = 0; c < cols;) {
+    const int64_t n = std::min(cols - c, rows.run(j0 + c));
+    load_rows_transposed(rows.at(b, h, j0 + c), rows.stride_l, n, dim, dst + c, ld);
+    c += n;
+  }
+}
+
+template <typename T>
+inline void prefetch_tile(const Rows<const T>& rows, int64_t b, int64_t h, int64_t j0, int64_t cols, int64_t dim) {
+  for (int64_t c = 0; c < cols;) {
+    const int64_t n = std::min(cols - c, rows.run(j0 + c));
+    prefetch_rows(rows.at(b, h, j0 + c), rows.stride_l, n, dim);
+    c += n;
   }
 }
 

@@ -48,8 +48,8 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
   std::vector<acc_t> part_ml(n_splits > 1 ? n_splits * n_rows_all * 2 : 0);
   std::vector<acc_t> part_acc(n_splits > 1 ? n_splits * n_rows_all * Dv : 0);
   const auto q_rows = rows_of<const scalar_t>(q);
-  const auto k_rows = rows_of<const scalar_t>(k);
-  const auto v_rows = rows_of<const scalar_t>(v);
+  const auto k_rows = kv_rows_of<const scalar_t>(k, p);
+  const auto v_rows = kv_rows_of<const scalar_t>(v, p);
   const auto o_rows = rows_of<scalar_t>(out);
   acc_t* lse_data = lse.data_ptr<acc_t>();
   const acc_t scale = static_cast<acc_t>(p.scale);
@@ -88,14 +88,14 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
                 load_rows(src.at(b, hk, j0 + c), src.stride_l, 1, dim, acc_t(1), dst + (hk * kDecodeTile + c) * dim, dim);
           } else {
             for (int64_t hk = 0; hk < Hkv; ++hk)
-              load_rows(src.at(b, hk, j0), src.stride_l, cols, dim, acc_t(1), dst + hk * kDecodeTile * dim, dim);
+              load_tile(src, b, hk, j0, cols, dim, acc_t(1), dst + hk * kDecodeTile * dim, dim);
           }
         };
         if (j0 + kDecodeTile < band.end) {  // the next tile, all heads (streams the prefetchers miss)
           const int64_t next = std::min(kDecodeTile, band.end - j0 - kDecodeTile);
           for (int64_t hk = 0; hk < Hkv; ++hk) {
-            prefetch_rows(k_rows.at(b, hk, j0 + kDecodeTile), k_rows.stride_l, next, Dk);
-            prefetch_rows(v_rows.at(b, hk, j0 + kDecodeTile), v_rows.stride_l, next, Dv);
+            prefetch_tile(k_rows, b, hk, j0 + kDecodeTile, next, Dk);
+            prefetch_tile(v_rows, b, hk, j0 + kDecodeTile, next, Dv);
           }
         }
         load_all(k_rows, k_heads_inner, Dk, k_all.data());

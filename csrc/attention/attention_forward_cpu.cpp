@@ -70,8 +70,8 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
   std::vector<acc_t> part_ml(n_splits > 1 ? n_splits * n_rows_all * 2 : 0);
   std::vector<acc_t> part_acc(n_splits > 1 ? n_splits * n_rows_all * Dv : 0);
   const auto q_rows = rows_of<const scalar_t>(q);
-  const auto k_rows = rows_of<const scalar_t>(k);
-  const auto v_rows = rows_of<const scalar_t>(v);
+  const auto k_rows = kv_rows_of<const scalar_t>(k, p);
+  const auto v_rows = kv_rows_of<const scalar_t>(v, p);
   const auto o_rows = rows_of<scalar_t>(out);
   acc_t* lse_data = lse.data_ptr<acc_t>();
   const acc_t scale = static_cast<acc_t>(p.scale);
@@ -117,19 +117,19 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
         const int64_t cols = std::min(kBlockK, band.end - j0);
         if (rows <= kFewRows && j0 + kBlockK < band.end) {  // decode: fetch the next K/V tile now
           const int64_t next = std::min(kBlockK, band.end - j0 - kBlockK);
-          prefetch_rows(k_rows.at(b, hk, j0 + kBlockK), k_rows.stride_l, next, Dk);
-          prefetch_rows(v_rows.at(b, hk, j0 + kBlockK), v_rows.stride_l, next, Dv);
+          prefetch_tile(k_rows, b, hk, j0 + kBlockK, next, Dk);
+          prefetch_tile(v_rows, b, hk, j0 + kBlockK, next, Dv);
         }
         acc_t* s = s_tile.data();
         if (rows <= kFewRows) {  // decode: row dot products on K as stored, no transpose
-          load_rows(k_rows.at(b, hk, j0), k_rows.stride_l, cols, Dk, acc_t(1), kt_tile.data(), Dk);
+          load_tile(k_rows, b, hk, j0, cols, Dk, acc_t(1), kt_tile.data(), Dk);
           tile_gemm_nt(rows, cols, Dk, q_tile.data(), Dk, kt_tile.data(), Dk, s, kBlockK);
         } else {
-          load_rows_transposed(k_rows.at(b, hk, j0), k_rows.stride_l, cols, Dk, kt_tile.data(), kBlockK);
+          load_tile_transposed(k_rows, b, hk, j0, cols, Dk, kt_tile.data(), kBlockK);
           tile_gemm(false, rows, cols, Dk, acc_t(1), q_tile.data(), Dk, kt_tile.data(), kBlockK, s,
                     kBlockK, /*accumulate=*/false);
         }
-        load_rows(v_rows.at(b, hk, j0), v_rows.stride_l, cols, Dv, acc_t(1), v_tile.data(), Dv);
+        load_tile(v_rows, b, hk, j0, cols, Dv, acc_t(1), v_tile.data(), Dv);
         for (int64_t g = 0; g < pack; ++g) {  // masks and dropout depend on the head
           mask_tile(s + g * n_pos * kBlockK, kBlockK, n_pos, cols, i0, j0, b, h0 + g, pb, mask);
           if (dropout)

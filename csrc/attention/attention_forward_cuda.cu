@@ -106,7 +106,8 @@ void run_attention_forward_cuda(const AttentionParams& p, const MaskView& mask, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     forward_rows_kernel<scalar_t, acc_t><<<warp_grid(n_rows), kThreadsPerBlock, 0, stream>>>(
-        p, mask, strided<const scalar_t>(q), strided<const scalar_t>(k), strided<const scalar_t>(v),
+        p, mask, strided<const scalar_t>(q), rows::paged(strided<const scalar_t>(k), p),
+        rows::paged(strided<const scalar_t>(v), p),
         strided<scalar_t>(out), lse.data_ptr<acc_t>(), rng_state);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -25,7 +25,7 @@ void check_last_dim_contiguous(const char* op, const char* name, const at::Tenso
 void check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
                             double dropout_p, double scale, int64_t window_left,
-                            int64_t window_right) {
+                            int64_t window_right, bool paged_kv) {
   TORCH_CHECK_VALUE(q.dim() == 4, op, ": query must be 4-D (batch, heads, len_q, head_dim), got ",
                     q.dim(), "-D with shape ", q.sizes());
   TORCH_CHECK_VALUE(k.dim() == 4, op, ": key must be 4-D (batch, kv_heads, len_k, head_dim), got ",
@@ -40,7 +40,7 @@ void check_attention_inputs(const char* op, const at::Tensor& q, const at::Tenso
   TORCH_CHECK_VALUE(k.device() == q.device() && v.device() == q.device(), op,
                     ": query, key and value must be on the same device, got query ", q.device(),
                     ", key ", k.device(), ", value ", v.device());
-  TORCH_CHECK_VALUE(k.size(0) == q.size(0) && v.size(0) == q.size(0), op,
+  TORCH_CHECK_VALUE(v.size(0) == k.size(0) && (paged_kv || k.size(0) == q.size(0)), op,
                     ": batch sizes differ: query ", q.size(0), ", key ", k.size(0), ", value ",
                     v.size(0));
   TORCH_CHECK_VALUE(k.size(1) == v.size(1), op, ": key and value must have the same number of heads, got key ",

@@ -15,10 +15,11 @@ namespace flash_attn_ext {
 // Validates q (B, Hq, L, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv), the mask (4-D,
 // broadcastable to (B, Hq, L, S), bool or floating), dropout_p in [0, 1), a finite scale
 // and windows >= -1. `op` names the caller in messages.
+// paged_kv: k/v are the blocks of a paged cache (their first dim counts blocks, not sequences).
 void check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
                             double dropout_p, double scale, int64_t window_left,
-                            int64_t window_right);
+                            int64_t window_right, bool paged_kv = false);
 
 // Backward also checks that grad_out, out and lse match the forward's shapes.
 void check_attention_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q,

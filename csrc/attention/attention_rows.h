@@ -27,14 +27,29 @@
 namespace flash_attn_ext::rows {
 
 // A (batch, head, position, feature) tensor read through its strides; features contiguous.
+// For a paged KV cache (AttentionParams::block_table), position i of sequence b is row
+// i % block_size of block table[b * blocks_per_seq + i / block_size] (the first dim).
 template <typename T>
 struct Strided {
   T* data;
   int64_t stride_b, stride_h, stride_l;
+  const int32_t* table = nullptr;
+  int64_t block_size = 0, blocks_per_seq = 0;
   FAE_HOST_DEVICE T* row(int64_t b, int64_t h, int64_t i) const {
+    if (table != nullptr)
+      return data + table[b * blocks_per_seq + i / block_size] * stride_b + h * stride_h + (i % block_size) * stride_l;
     return data + b * stride_b + h * stride_h + i * stride_l;
   }
 };
+
+// The K/V view of p: paged when p carries a block table.
+template <typename T>
+FAE_HOST_DEVICE Strided<T> paged(Strided<T> s, const AttentionParams& p) {
+  s.table = p.block_table;
+  s.block_size = p.block_size;
+  s.blocks_per_seq = p.blocks_per_seq;
+  return s;
+}
 
 struct SingleLane {  // the host build: one lane holds the whole row
   template <typename Acc>

@@ -31,6 +31,12 @@ struct AttentionParams {
   const int64_t* seqlens_k = nullptr;
   bool bottom_right = false;
 
+  // Paged KV cache (vLLM / flash-attn block_table): when set, key position j of sequence b is
+  // row j % block_size of cache block block_table[b * blocks_per_seq + j / block_size]; the K/V
+  // tensors are (num_blocks, heads_kv, block_size, dim) and len_k = blocks_per_seq * block_size.
+  const int32_t* block_table = nullptr;
+  int64_t block_size = 0, blocks_per_seq = 0;
+
   double dropout_p = 0.0;  // double: 1/(1-p) must be exact for float64 inputs
   uint64_t dropout_seed = 0, dropout_offset = 0;
 

@@ -19,13 +19,15 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_cpu(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
     const std::optional<at::Tensor>& v_new, double scale, int64_t window_left,
-    int64_t window_right) {
+    int64_t window_right, const std::optional<at::Tensor>& block_table) {
+  BlockTable table;
   std::vector<int64_t> lens = check_attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
-                                                      scale, window_left, window_right);
-  if (k_new.has_value()) call_kv_cache_append(k_cache, v_cache, *k_new, *v_new, cache_seqlens);
+                                                      scale, window_left, window_right, block_table, &table);
+  if (k_new.has_value()) call_kv_cache_append(k_cache, v_cache, *k_new, *v_new, cache_seqlens, block_table);
 
   AttentionParams p = make_attention_params(q, k_cache, v_cache, 0.0, scale, window_left,
                                             window_right, /*bottom_right=*/true);
+  apply_block_table(p, table);
   p.seqlens_k = lens.data();
   at::Tensor out = empty_attention_output(q, p.dim_v);
   at::Tensor lse = at::empty({p.batch, p.heads_q, p.len_q}, q.options().dtype(lse_dtype(q.scalar_type())));

@@ -16,10 +16,13 @@ namespace {
 
 void kv_cache_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache,
                          const at::Tensor& k_new, const at::Tensor& v_new,
-                         const at::Tensor& cache_seqlens, bool rolling) {
+                         const at::Tensor& cache_seqlens, bool rolling,
+                         const std::optional<at::Tensor>& block_table) {
+  BlockTable table;
   const std::vector<int64_t> lens =
-      check_kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, rolling);
-  const int64_t B = k_cache.size(0), H = k_cache.size(1), S_max = k_cache.size(2);
+      check_kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, rolling, block_table, &table);
+  const int64_t B = k_new.size(0), H = k_cache.size(1), S_max = k_cache.size(2);
+  const int32_t* blocks = table.defined() ? table.table.data_ptr<int32_t>() : nullptr;
   const int64_t L_new = k_new.size(2);
   if (B == 0 || H == 0 || L_new == 0) return;
   // In rolling mode only the last S_max new positions survive; writing only them keeps the
@@ -34,12 +37,15 @@ void kv_cache_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache,
         const at::Tensor& cache = *pair.first;
         const at::Tensor& fresh = *pair.second;
         const int64_t bytes = cache.size(3) * elem;
-        auto* dst = static_cast<char*>(cache.data_ptr()) + (b * cache.stride(0) + h * cache.stride(1)) * elem;
+        auto* base = static_cast<char*>(cache.data_ptr()) + h * cache.stride(1) * elem;
         const auto* src = static_cast<const char*>(fresh.data_ptr()) + (b * fresh.stride(0) + h * fresh.stride(1)) * elem;
         for (int64_t t = t_begin; t < L_new; ++t) {
           const int64_t pos = lens[b] + t;
-          const int64_t slot = rolling ? pos % S_max : pos;
-          std::memcpy(dst + slot * cache.stride(2) * elem, src + t * fresh.stride(2) * elem, bytes);
+          // The slot's (cache entry, row): a sequence, a block of a paged cache.
+          const int64_t entry = blocks ? blocks[b * table.blocks_per_seq + pos / S_max] : b;
+          const int64_t slot = blocks ? pos % S_max : (rolling ? pos % S_max : pos);
+          std::memcpy(base + (entry * cache.stride(0) + slot * cache.stride(2)) * elem, src + t * fresh.stride(2) * elem,
+                      bytes);
         }
       }
     }

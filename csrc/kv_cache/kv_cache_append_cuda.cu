@@ -19,9 +19,9 @@ struct CacheRows {
 };
 
 template <typename Word>  // the element as an opaque word of its size: a copy needs no dtype
-__device__ void copy_row(const CacheRows& dst, const CacheRows& src, int64_t b, int64_t h,
+__device__ void copy_row(const CacheRows& dst, const CacheRows& src, int64_t entry, int64_t b, int64_t h,
                          int64_t slot, int64_t t, int lane) {
-  Word* d = reinterpret_cast<Word*>(dst.data) + b * dst.stride_b + h * dst.stride_h + slot * dst.stride_l;
+  Word* d = reinterpret_cast<Word*>(dst.data) + entry * dst.stride_b + h * dst.stride_h + slot * dst.stride_l;
   const Word* s = reinterpret_cast<const Word*>(src.data) + b * src.stride_b + h * src.stride_h + t * src.stride_l;
   for (int64_t e = lane; e < dst.dim; e += kWarp) d[e] = s[e];
 }
@@ -30,14 +30,17 @@ template <typename Word>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     append_kernel(CacheRows k_cache, CacheRows v_cache, CacheRows k_new, CacheRows v_new,
                   const int64_t* lens, int64_t batch, int64_t heads, int64_t t_begin, int64_t t_end,
-                  int64_t max_len, bool rolling) {
+                  int64_t max_len, bool rolling, const int32_t* blocks, int64_t blocks_per_seq) {
   const int64_t span = t_end - t_begin, n = batch * heads * span;
   for (int64_t r = global_warp(); r < n; r += warp_count()) {
     const int64_t t = t_begin + r % span, h = r / span % heads, b = r / span / heads;
     const int64_t pos = lens[b] + t;
-    const int64_t slot = rolling ? pos % max_len : pos;
-    copy_row<Word>(k_cache, k_new, b, h, slot, t, lane_id());
-    copy_row<Word>(v_cache, v_new, b, h, slot, t, lane_id());
+    // The slot's (cache entry, row): the sequence's own, or a block of a paged cache (max_len
+    // is then the block size).
+    const int64_t entry = blocks != nullptr ? blocks[b * blocks_per_seq + pos / max_len] : b;
+    const int64_t slot = blocks != nullptr || rolling ? pos % max_len : pos;
+    copy_row<Word>(k_cache, k_new, entry, b, h, slot, t, lane_id());
+    copy_row<Word>(v_cache, v_new, entry, b, h, slot, t, lane_id());
   }
 }
 
@@ -46,9 +49,12 @@ CacheRows cache_rows(const at::Tensor& t) {
 }
 
 void kv_cache_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
-                          const at::Tensor& v_new, const at::Tensor& cache_seqlens, bool rolling) {
-  const std::vector<int64_t> lens = check_kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, rolling);
-  const int64_t B = k_cache.size(0), H = k_cache.size(1), S_max = k_cache.size(2), L_new = k_new.size(2);
+                          const at::Tensor& v_new, const at::Tensor& cache_seqlens, bool rolling,
+                          const std::optional<at::Tensor>& block_table) {
+  BlockTable table;
+  const std::vector<int64_t> lens =
+      check_kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, rolling, block_table, &table);
+  const int64_t B = k_new.size(0), H = k_cache.size(1), S_max = k_cache.size(2), L_new = k_new.size(2);
   if (B == 0 || H == 0 || L_new == 0) return;
   const c10::cuda::CUDAGuard guard(k_cache.device());
   const at::Tensor lens_dev = at::tensor(lens, at::kLong).to(k_cache.device());
@@ -59,7 +65,8 @@ void kv_cache_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, 
     using Word = decltype(word);
     append_kernel<Word><<<warp_grid(n), kThreadsPerBlock, 0, stream>>>(
         cache_rows(k_cache), cache_rows(v_cache), cache_rows(k_new), cache_rows(v_new),
-        lens_dev.data_ptr<int64_t>(), B, H, t_begin, L_new, S_max, rolling);
+        lens_dev.data_ptr<int64_t>(), B, H, t_begin, L_new, S_max, rolling,
+        table.defined() ? table.table.data_ptr<int32_t>() : nullptr, table.blocks_per_seq);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   switch (k_cache.element_size()) {

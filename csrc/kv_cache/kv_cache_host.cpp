@@ -9,7 +9,7 @@ namespace flash_attn_ext {
 namespace {
 
 void check_cache_pair(const char* op, const char* cache_name, const at::Tensor& cache,
-                      const char* new_name, const at::Tensor& fresh) {
+                      const char* new_name, const at::Tensor& fresh, bool paged) {
   TORCH_CHECK_VALUE(cache.dim() == 4, op, ": ", cache_name,
                     " must be 4-D (batch, kv_heads, max_len, head_dim), got shape ", cache.sizes());
   TORCH_CHECK_VALUE(fresh.dim() == 4, op, ": ", new_name,
@@ -18,7 +18,7 @@ void check_cache_pair(const char* op, const char* cache_name, const at::Tensor& 
                    fresh.scalar_type(), " differs from ", cache_name, " dtype ", cache.scalar_type());
   TORCH_CHECK_VALUE(fresh.device() == cache.device(), op, ": ", new_name, " is on ", fresh.device(),
                     ", ", cache_name, " on ", cache.device());
-  TORCH_CHECK_VALUE(fresh.size(0) == cache.size(0) && fresh.size(1) == cache.size(1) &&
+  TORCH_CHECK_VALUE((paged || fresh.size(0) == cache.size(0)) && fresh.size(1) == cache.size(1) &&
                         fresh.size(3) == cache.size(3),
                     op, ": ", new_name, " of shape ", fresh.sizes(), " does not match ", cache_name,
                     " of shape ", cache.sizes(), " in batch, kv_heads or head_dim");
@@ -31,12 +31,54 @@ void check_cache_pair(const char* op, const char* cache_name, const at::Tensor& 
 
 }  // namespace
 
+BlockTable check_block_table(const char* op, const std::optional<at::Tensor>& block_table, int64_t batch,
+                             const at::Tensor& k_cache, const std::vector<int64_t>& used) {
+  BlockTable r;
+  if (!block_table.has_value() || !block_table->defined()) return r;
+  const at::Tensor& t = *block_table;
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, op, ": block_table must be int32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == batch, op, ": block_table must have shape (", batch,
+                    ", blocks_per_sequence), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.device() == k_cache.device(), op, ": block_table is on ", t.device(), ", the cache on ",
+                    k_cache.device());
+  TORCH_CHECK_VALUE(k_cache.size(2) > 0, op, ": a paged cache needs block_size > 0");
+  r.table = t.contiguous();
+  r.block_size = k_cache.size(2);
+  r.blocks_per_seq = t.size(1);
+  const at::Tensor host = r.table.to(at::kCPU);
+  const int32_t* entries = host.data_ptr<int32_t>();
+  const int64_t num_blocks = k_cache.size(0);
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK_VALUE(used[b] <= r.capacity(), op, ": sequence ", b, " needs ", used[b], " positions but block_table gives ",
+                      r.blocks_per_seq, " blocks of ", r.block_size, "; nothing was written");
+    for (int64_t blk = 0; blk * r.block_size < used[b]; ++blk) {
+      const int32_t e = entries[b * r.blocks_per_seq + blk];
+      TORCH_CHECK_VALUE(e >= 0 && e < num_blocks, op, ": block_table[", b, ", ", blk, "] = ", e,
+                        " is not a block of the cache (", num_blocks, " blocks); nothing was written");
+    }
+  }
+  return r;
+}
+
+void apply_block_table(AttentionParams& p, const BlockTable& table) {
+  if (!table.defined()) return;
+  p.block_table = table.table.data_ptr<int32_t>();
+  p.block_size = table.block_size;
+  p.blocks_per_seq = table.blocks_per_seq;
+  p.len_k = table.capacity();
+}
+
 std::vector<int64_t> check_kv_cache_append(const at::Tensor& k_cache, const at::Tensor& v_cache,
                                            const at::Tensor& k_new, const at::Tensor& v_new,
-                                           const at::Tensor& cache_seqlens, bool rolling) {
+                                           const at::Tensor& cache_seqlens, bool rolling,
+                                           const std::optional<at::Tensor>& block_table, BlockTable* table_out) {
   constexpr const char* kOp = "flash_attn_ext.kv_cache_append";
-  check_cache_pair(kOp, "k_cache", k_cache, "k_new", k_new);
-  check_cache_pair(kOp, "v_cache", v_cache, "v_new", v_new);
+  const bool paged = block_table.has_value() && block_table->defined();
+  TORCH_CHECK_VALUE(!(paged && rolling), kOp, ": a paged cache (block_table) cannot also be rolling");
+  TORCH_CHECK_VALUE(!paged || block_table->dim() == 2, kOp, ": block_table must be 2-D (batch, blocks_per_sequence), got ",
+                    paged ? block_table->sizes() : at::IntArrayRef{});
+  check_cache_pair(kOp, "k_cache", k_cache, "k_new", k_new, paged);
+  check_cache_pair(kOp, "v_cache", v_cache, "v_new", v_new, paged);
   TORCH_CHECK_VALUE(k_cache.sizes().slice(0, 3).equals(v_cache.sizes().slice(0, 3)), kOp,
                     ": k_cache ", k_cache.sizes(), " and v_cache ", v_cache.sizes(),
                     " differ in batch, kv_heads or max_len");
@@ -44,7 +86,9 @@ std::vector<int64_t> check_kv_cache_append(const at::Tensor& k_cache, const at::
                     ", v_cache on ", v_cache.device());
   TORCH_CHECK_VALUE(k_new.size(2) == v_new.size(2), kOp, ": k_new has ", k_new.size(2),
                     " new positions, v_new ", v_new.size(2));
-  const int64_t B = k_cache.size(0), S_max = k_cache.size(2), L_new = k_new.size(2);
+  const int64_t B = paged ? k_new.size(0) : k_cache.size(0), L_new = k_new.size(2);
+  const int64_t S_max = paged ? k_cache.size(2) * block_table->size(-1) : k_cache.size(2);
+  TORCH_CHECK_VALUE(k_new.size(0) == v_new.size(0), kOp, ": k_new and v_new differ in batch");
   const std::vector<int64_t> lens = read_cache_seqlens(kOp, cache_seqlens, B, k_cache.device());
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK_VALUE(lens[b] >= 0, kOp, ": cache_seqlens[", b, "] = ", lens[b], " is negative");
@@ -56,6 +100,10 @@ std::vector<int64_t> check_kv_cache_append(const at::Tensor& k_cache, const at::
     }
   }
   TORCH_CHECK_VALUE(!rolling || S_max > 0 || L_new == 0, kOp, ": a rolling cache needs max_len > 0");
+  std::vector<int64_t> used(lens);
+  for (auto& u : used) u += L_new;
+  BlockTable table = check_block_table(kOp, block_table, B, k_cache, used);
+  if (table_out != nullptr) *table_out = table;
   return lens;
 }
 
@@ -63,12 +111,17 @@ std::vector<int64_t> check_attention_kvcache(const at::Tensor& q, const at::Tens
                                              const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
                                              const std::optional<at::Tensor>& k_new,
                                              const std::optional<at::Tensor>& v_new, double scale,
-                                             int64_t window_left, int64_t window_right) {
+                                             int64_t window_left, int64_t window_right,
+                                             const std::optional<at::Tensor>& block_table, BlockTable* table_out) {
   constexpr const char* kOp = "flash_attn_ext.attention_kvcache";
-  check_attention_inputs(kOp, q, k_cache, v_cache, std::nullopt, 0.0, scale, window_left, window_right);
+  const bool paged = block_table.has_value() && block_table->defined();
+  check_attention_inputs(kOp, q, k_cache, v_cache, std::nullopt, 0.0, scale, window_left, window_right, paged);
+  TORCH_CHECK_VALUE(!paged || block_table->dim() == 2, kOp, ": block_table must be 2-D (batch, blocks_per_sequence), got ",
+                    paged ? block_table->sizes() : at::IntArrayRef{});
   TORCH_CHECK_VALUE(k_new.has_value() == v_new.has_value(), kOp,
                     ": pass both k_new and v_new, or neither");
-  const int64_t B = q.size(0), S_max = k_cache.size(2);
+  const int64_t B = q.size(0);
+  const int64_t S_max = paged ? k_cache.size(2) * block_table->size(-1) : k_cache.size(2);
   const int64_t L_new = k_new.has_value() ? k_new->size(2) : 0;
   std::vector<int64_t> lens = read_cache_seqlens(kOp, cache_seqlens, B, q.device());
   for (int64_t b = 0; b < B; ++b) {
@@ -77,16 +130,19 @@ std::vector<int64_t> check_attention_kvcache(const at::Tensor& q, const at::Tens
                       S_max, "); nothing was written");
     lens[b] += L_new;
   }
+  BlockTable table = check_block_table(kOp, block_table, B, k_cache, lens);
+  if (table_out != nullptr) *table_out = table;
   return lens;
 }
 
 void call_kv_cache_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
-                          const at::Tensor& v_new, const at::Tensor& cache_seqlens) {
+                          const at::Tensor& v_new, const at::Tensor& cache_seqlens,
+                          const std::optional<at::Tensor>& block_table) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("flash_attn_ext::kv_cache_append", "")
-                       .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   const at::Tensor&, const at::Tensor&, bool)>();
-  op.call(k_cache, v_cache, k_new, v_new, cache_seqlens, false);
+                       .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, bool, const std::optional<at::Tensor>&)>();
+  op.call(k_cache, v_cache, k_new, v_new, cache_seqlens, false, block_table);
 }
 
 }  // namespace flash_attn_ext

@@ -8,24 +8,46 @@
 
 #include <vector>
 
+#include "../common/attention_semantics.h"
+
 namespace flash_attn_ext {
+
+// A paged cache's block table, validated: (batch, blocks_per_seq) int32 on the cache's device,
+// contiguous, every entry a sequence uses within [0, num_blocks). The caches are
+// (num_blocks, kv_heads, block_size, dim) views.
+struct BlockTable {
+  at::Tensor table;
+  int64_t block_size = 0, blocks_per_seq = 0;
+  bool defined() const { return table.defined(); }
+  int64_t capacity() const { return block_size * blocks_per_seq; }  // positions per sequence
+};
+
+// Validates block_table (if given) for `batch` sequences that use positions [0, used[b]).
+BlockTable check_block_table(const char* op, const std::optional<at::Tensor>& block_table, int64_t batch,
+                             const at::Tensor& k_cache, const std::vector<int64_t>& used);
+
+// Points p at the table (a device pointer for CUDA kernels) and sets len_k to its capacity.
+void apply_block_table(AttentionParams& p, const BlockTable& table);
 
 // kv_cache_append: cache_seqlens (the write positions).
 std::vector<int64_t> check_kv_cache_append(const at::Tensor& k_cache, const at::Tensor& v_cache,
                                            const at::Tensor& k_new, const at::Tensor& v_new,
-                                           const at::Tensor& cache_seqlens, bool rolling);
+                                           const at::Tensor& cache_seqlens, bool rolling,
+                                           const std::optional<at::Tensor>& block_table, BlockTable* table_out);
 
 // attention_kvcache: the key length each sequence attends to (cache_seqlens + L_new).
 std::vector<int64_t> check_attention_kvcache(const at::Tensor& q, const at::Tensor& k_cache,
                                              const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
                                              const std::optional<at::Tensor>& k_new,
                                              const std::optional<at::Tensor>& v_new, double scale,
-                                             int64_t window_left, int64_t window_right);
+                                             int64_t window_left, int64_t window_right,
+                                             const std::optional<at::Tensor>& block_table, BlockTable* table_out);
 
 // kv_cache_append through the dispatcher (the device's kernel), non-rolling: the append step
 // of attention_kvcache.
 void call_kv_cache_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
-                          const at::Tensor& v_new, const at::Tensor& cache_seqlens);
+                          const at::Tensor& v_new, const at::Tensor& cache_seqlens,
+                          const std::optional<at::Tensor>& block_table);
 
 // The first new position that survives a rolling append of L_new positions into S_max slots
 // (only the last S_max are written, which keeps the slots written by one call disjoint).

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <algorithm>
 #include <random>
 #include <vector>
 
@@ -36,6 +37,7 @@ struct Case {
   MaskKind mask;
   bool seqlens;
   double dropout;
+  int64_t paged_block = 0;  // > 0: K/V read through a shuffled block table of this block size
   double scale_value() const { return 1.0 / std::sqrt(static_cast<double>(Dk)); }
 };
 
@@ -237,6 +239,29 @@ void run_case(const Case& c, uint32_t seed, double tol) {
 
   const Reference ref = reference(c, p, mask, q, k, v, go);
 
+  // Paged copies of K and V: blocks of paged_block positions in shuffled order, read by the
+  // forward through p.block_table (the backward is never paged).
+  const int64_t bs = c.paged_block > 0 ? c.paged_block : 1;
+  const int64_t per_seq = (c.S + bs - 1) / bs;
+  std::vector<int32_t> table(c.B * per_seq);
+  for (size_t e = 0; e < table.size(); ++e) table[e] = static_cast<int32_t>(e);
+  std::shuffle(table.begin(), table.end(), rng);
+  std::vector<T> kp(table.size() * bs * c.Hkv * c.Dk, static_cast<T>(NAN)), vp(table.size() * bs * c.Hkv * c.Dv, static_cast<T>(NAN));
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t j = 0; j < c.S; ++j)
+      for (int64_t h = 0; h < c.Hkv; ++h) {
+        const int64_t blk = table[b * per_seq + j / bs], row = j % bs;
+        for (int64_t d = 0; d < c.Dk; ++d) kp[((blk * bs + row) * c.Hkv + h) * c.Dk + d] = k.at(b, h, j, d);
+        for (int64_t d = 0; d < c.Dv; ++d) vp[((blk * bs + row) * c.Hkv + h) * c.Dv + d] = v.at(b, h, j, d);
+      }
+  AttentionParams pf = p;
+  Strided<const T> kf = k.cview(), vf = v.cview();
+  if (c.paged_block > 0) {
+    pf.block_table = table.data(), pf.block_size = bs, pf.blocks_per_seq = per_seq;
+    kf = paged(Strided<const T>{kp.data(), bs * c.Hkv * c.Dk, c.Dk, c.Hkv * c.Dk}, pf);
+    vf = paged(Strided<const T>{vp.data(), bs * c.Hkv * c.Dv, c.Dv, c.Hkv * c.Dv}, pf);
+  }
+
   // Outputs poisoned with NaN: every element must be written.
   Tensor4<T> out(c.B, c.Hq, c.L, c.Dv), dq(c.B, c.Hq, c.L, c.Dk);
   Tensor4<T> dk(c.B, c.Hkv, c.S, c.Dk), dv(c.B, c.Hkv, c.S, c.Dv);
@@ -246,8 +271,8 @@ void run_case(const Case& c, uint32_t seed, double tol) {
   for (int64_t b = 0; b < c.B; ++b)
     for (int64_t h = 0; h < c.Hq; ++h)
       for (int64_t i = 0; i < c.L; ++i)
-        forward_row<T, Acc, 1, kPerLane, SingleLane>(p, mask.view, q.cview(), k.cview(), v.cview(),
-                                                     out.view(), lse.data(), b, h, i, 0);
+        forward_row<T, Acc, 1, kPerLane, SingleLane>(pf, mask.view, q.cview(), kf, vf, out.view(), lse.data(), b,
+                                                     h, i, 0);
   for (int64_t b = 0; b < c.B; ++b)
     for (int64_t h = 0; h < c.Hq; ++h)
       for (int64_t i = 0; i < c.L; ++i) {
@@ -390,6 +415,11 @@ int main() {
         c.left = -1, c.right = -1, c.bottom_right = seqlens;
         run_case<double, double>(c, seed++, 1e-12);
       }
+  for (int64_t bs : {1, 4, 16, 64})  // paged K/V: block sizes below, at and above the lengths
+    for (bool seqlens : {false, true}) {
+      Case c{2, 4, 2, 5, 37, 12, 10, 6, 0, true, MaskKind::kNone, seqlens, 0.0, bs};
+      run_case<float, float>(c, seed++, 2e-5);
+    }
   std::printf("%d cases, %d failures\n", cases, failures);
   if (failures == 0) std::printf("ok\n");
   return failures == 0 ? 0 : 1;
