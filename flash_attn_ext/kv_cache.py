@@ -100,7 +100,9 @@ class KVCache:
     window=W makes it Mistral's rolling buffer for sliding-window models: W slots, position p
     in slot p % W, attention limited to the model's window (each query sees its W most recent
     keys, itself included). It stays exact for prefill chunks longer than W: a chunk attends to
-    the cached keys and to its own new keys before it overwrites the slots.
+    the cached keys and to its own new keys before it overwrites the slots. Decoding one token
+    with the full window reads the slots in place; other calls gather the W cached rows into
+    position order first (an O(W * D) copy).
     """
 
     def __init__(self, batch_size: int, max_seqlen: Optional[int], num_kv_heads: int, head_dim: int, *,
@@ -159,6 +161,15 @@ class KVCache:
         left = W - 1 if left == -1 else left
         if (k is None) != (v is None):
             raise ValueError("pass both k and v, or neither")
+        if q.shape[1] == 1 and left == W - 1 and (k is None or k.shape[1] == 1):
+            # Decode with the buffer's full window: the query sees exactly the positions the slots
+            # hold (after this token's append), and softmax does not care about their order, so
+            # the kernel reads the slots in place: no gather, no copy.
+            if k is not None:
+                self.append(k, v)
+            valid = torch.clamp(self.seqlens, max=W).to(torch.int32)  # slots [0, valid) hold data
+            return attention_with_kvcache(q, self.k, self.v, cache_seqlens=valid, softmax_scale=softmax_scale,
+                                          causal=False, return_softmax_lse=return_lse)
         B, _, H, D = self.k.shape
         # The cached positions in order: sequence b keeps its last min(seqlens[b], W) positions.
         seen = self.seqlens.to(torch.int64)
