@@ -1,8 +1,9 @@
 """Greedy generation with a small randomly initialised decoder, with and without the KV cache.
 
 Both paths must produce the same tokens: without the cache every step recomputes causal
-attention over the whole sequence (flash_attn_ext.attention); with it, the prompt is prefilled
-into a flash_attn_ext.KVCache and each new token attends to the cache (decode, L = 1).
+attention over the whole sequence; with it, the prompt is prefilled into each layer's
+flash_attn_ext.KVCache and each new token attends to the cache (decode, L = 1). The attention
+layers are flash_attn_ext.nn.Attention (GQA).
 
     python examples/generate.py [--layers 2 --dim 128 --heads 8 --kv-heads 2 --prompt 32 --new 64]
 """
@@ -19,16 +20,13 @@ class Decoder(torch.nn.Module):
 
     def __init__(self, vocab=256, dim=128, layers=2, heads=8, kv_heads=2):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
         self.embed = torch.nn.Embedding(vocab, dim)
         self.pos = torch.nn.Embedding(4096, dim)
         self.blocks = torch.nn.ModuleList()
         for _ in range(layers):
             self.blocks.append(torch.nn.ModuleDict({
                 "norm1": torch.nn.LayerNorm(dim),
-                "q": torch.nn.Linear(dim, heads * self.head_dim),
-                "kv": torch.nn.Linear(dim, 2 * kv_heads * self.head_dim),
-                "o": torch.nn.Linear(heads * self.head_dim, dim),
+                "attn": flash_attn_ext.nn.Attention(dim, heads, kv_heads, bias=True, causal=True),
                 "norm2": torch.nn.LayerNorm(dim),
                 "mlp": torch.nn.Sequential(torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(), torch.nn.Linear(4 * dim, dim)),
             }))
@@ -37,18 +35,10 @@ class Decoder(torch.nn.Module):
     def forward(self, tokens, start=0, caches=None):
         """tokens (B, L) at positions start.. ; caches: one KVCache per layer, or None to
         attend over exactly these tokens. Returns logits (B, L, vocab)."""
-        B, L = tokens.shape
+        L = tokens.shape[1]
         x = self.embed(tokens) + self.pos(torch.arange(start, start + L, device=tokens.device))
         for i, blk in enumerate(self.blocks):
-            y = blk["norm1"](x)
-            q = blk["q"](y).view(B, L, self.heads, self.head_dim)
-            k, v = blk["kv"](y).view(B, L, 2, self.kv_heads, self.head_dim).unbind(2)
-            if caches is None:
-                a = flash_attn_ext.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             causal=True).transpose(1, 2)
-            else:
-                a = caches[i].attend(q, k, v, causal=True)
-            x = x + blk["o"](a.reshape(B, L, -1))
+            x = x + blk["attn"](blk["norm1"](x), kv_cache=None if caches is None else caches[i])
             x = x + blk["mlp"](blk["norm2"](x))
         return self.norm(x) @ self.embed.weight.t()
 
@@ -62,8 +52,7 @@ def generate(model, prompt, new_tokens, use_cache):
             nxt = model(tokens)[:, -1].argmax(-1, keepdim=True)
             tokens = torch.cat([tokens, nxt], dim=1)
         return tokens
-    caches = [flash_attn_ext.KVCache(B, prompt.shape[1] + new_tokens, model.kv_heads, model.head_dim,
-                                     dtype=model.embed.weight.dtype, device=prompt.device) for _ in model.blocks]
+    caches = [blk["attn"].make_cache(B, prompt.shape[1] + new_tokens) for blk in model.blocks]
     logits = model(prompt, 0, caches)  # prefill: one chunk per layer
     for _ in range(new_tokens):
         nxt = logits[:, -1].argmax(-1, keepdim=True)

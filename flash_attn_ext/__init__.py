@@ -3,6 +3,7 @@
     import flash_attn_ext
     out = flash_attn_ext.scaled_dot_product_attention(q, k, v, is_causal=True)   # drop-in
     out, lse = flash_attn_ext.attention(q, k, v, causal=True, window_size=(255, 0), return_lse=True)
+    layer = flash_attn_ext.nn.Attention(embed_dim=1024, num_heads=16, num_kv_heads=4)   # module
 
 Ops: torch.ops.flash_attn_ext.attention_forward / attention_backward / kv_cache_append /
 attention_kvcache / merge_attention_states (schemas in csrc/ops.cpp).
@@ -11,6 +12,7 @@ import torch
 
 from . import _C  # noqa: F401  (loads the native library: registers the ops)
 from . import _meta  # noqa: F401  (fake kernels for torch.compile)
+from . import nn  # noqa: F401  (attention modules)
 from ._fallback import fallback_counts, reset_fallback_counts
 from .attention import attention, merge_attention_states
 from .kv_cache import KVCache, attention_with_kvcache, kv_cache_append
@@ -24,6 +26,7 @@ __all__ = [
     "attention_with_kvcache",
     "kv_cache_append",
     "merge_attention_states",
+    "nn",
     "scaled_dot_product_attention",
     "fallback_counts",
     "reset_fallback_counts",
