@@ -65,16 +65,6 @@ __device__ __forceinline__ void store_acc(uint16_t* slice, int64_t row_stride, i
   }
 }
 
-// A fragments of one k16 step from two adjacent n8 accumulator tiles (P or dS feeding a product).
-template <typename T>
-__device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
-#pragma unroll
-  for (int reg = 0; reg < 4; ++reg) {
-    const float* acc = mma_layout::a_reg_tile(reg) == 0 ? lo : hi;
-    a[reg] = pack2<T>(acc[mma_layout::a_reg_first_element(reg)], acc[mma_layout::a_reg_first_element(reg) + 1]);
-  }
-}
-
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kThreads)
     attention_grad_kv_mma_kernel(const MmaBackwardParams bp) {

@@ -175,11 +175,7 @@ __global__ void __launch_bounds__(Tiles<kHeadDim>::kThreads)
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
       uint32_t a[4];
-#pragma unroll
-      for (int reg = 0; reg < 4; ++reg) {
-        const float* acc = s[2 * kk + mma_layout::a_reg_tile(reg)];
-        a[reg] = pack2<T>(acc[mma_layout::a_reg_first_element(reg)], acc[mma_layout::a_reg_first_element(reg) + 1]);
-      }
+      acc_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
       for (int dp = 0; dp < kHeadDim / 16; ++dp) {
         uint32_t bf[4];

@@ -8,6 +8,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "mma_layout.h"
+
 #ifdef FAE_SIMT_EMULATION
 #include FAE_SIMT_EMULATION
 #else
@@ -112,6 +114,17 @@ __device__ __forceinline__ void load_tile(uint16_t* smem, const uint16_t* slice,
     const bool valid = r < n_valid;
     const uint16_t* src = valid ? slice + (row0 + r) * row_stride + col : slice;
     cp_async_16(smem_u32(smem + r * kStride + col), src, valid);
+  }
+}
+
+// The A fragments of one k16 step from the accumulators of the two adjacent n8 tiles it spans
+// (P or dS feeding the next product without leaving registers).
+template <typename T>
+__device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
+#pragma unroll
+  for (int reg = 0; reg < 4; ++reg) {
+    const float* acc = mma_layout::a_reg_tile(reg) == 0 ? lo : hi;
+    a[reg] = pack2<T>(acc[mma_layout::a_reg_first_element(reg)], acc[mma_layout::a_reg_first_element(reg) + 1]);
   }
 }
 
