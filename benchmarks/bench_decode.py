@@ -1,10 +1,13 @@
-"""CPU decode benchmark: one query token (L = 1) against KV caches of 8k-32k positions.
+"""CPU decode benchmark: one query token (L = 1) against KV caches of 1k-32k positions.
 
 Decode reads the whole cache once, so it is memory-bound: the table reports GB/s of K/V read
 and its fraction of the machine's copy bandwidth (a large tensor copy, measured in the same
-run), next to PyTorch's SDPA on the same cache (enable_gqa).
+run), next to PyTorch's SDPA on the same cache (enable_gqa) and the naive pattern without a
+cache kernel (concatenate the new token's K/V to the past, then SDPA).
 
-    python benchmarks/bench_decode.py [--seq 8192 32768] [--dtypes bfloat16 float32] [--csv out.csv]
+    python benchmarks/bench_decode.py [--seq 8192 32768] [--batch 1 4] [--kv-heads 8]
+                                      [--dtypes bfloat16 float32] [--csv out.csv]
+    python benchmarks/bench_decode.py --issue-grid      # B 1/8/32 x S 1k/8k/32k x 32/8, 32/32 heads (long)
 """
 import argparse
 import csv
@@ -42,31 +45,46 @@ def main():
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--csv")
+    ap.add_argument("--issue-grid", action="store_true", help="the issue's full grid, bf16 (long on 2 cores)")
+    ap.add_argument("--max-gb", type=float, default=4.0, help="skip rows whose K+V caches exceed this")
     args = ap.parse_args()
+    grid = [(args.kv_heads, B, S) for B in args.batch for S in args.seq]
+    if args.issue_grid:
+        args.dtypes = ["bfloat16"]
+        grid = [(hkv, B, S) for hkv in (8, 32) for B in (1, 8, 32) for S in (1024, 8192, 32768)]
     ceiling = copy_bandwidth_gbs()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; copy bandwidth {ceiling:.1f} GB/s")
-    print(f"{'dtype':9} {'B':>2} {'S':>6} | {'ours us':>9} {'GB/s':>6} {'of copy':>7} | {'torch us':>9} {'ours/torch':>10}")
+    print(f"{'dtype':9} {'Hkv':>3} {'B':>2} {'S':>6} | {'ours us':>9} {'GB/s':>6} {'of copy':>7} | "
+          f"{'torch us':>9} {'ours/torch':>10} | {'concat us':>9} {'ours/concat':>11}")
     rows = []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
-        for B in args.batch:
-            for S in args.seq:
-                H, Hkv, D = args.heads, args.kv_heads, args.dim
-                kc = torch.randn(B, S, Hkv, D, dtype=dtype)
-                vc = torch.randn(B, S, Hkv, D, dtype=dtype)
-                q = torch.randn(B, 1, H, D, dtype=dtype)
-                lens = torch.full((B,), S, dtype=torch.int32)
-                with torch.inference_mode():
-                    ours = best_time(lambda: flash_attn_ext.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True))
-                    qt, kt, vt = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
-                    theirs = best_time(lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True))
-                nbytes = 2 * B * S * Hkv * D * kc.element_size()
-                gbs = nbytes / ours / 1e9
-                row = dict(dtype=dtype_name, B=B, S=S, ours_us=ours * 1e6, gbs=gbs, fraction_of_copy=gbs / ceiling,
-                           torch_us=theirs * 1e6, ratio_vs_torch=ours / theirs, copy_gbs=ceiling)
-                rows.append(row)
-                print(f"{dtype_name:9} {B:>2} {S:>6} | {row['ours_us']:9.0f} {gbs:6.1f} {row['fraction_of_copy']:7.2f} | "
-                      f"{row['torch_us']:9.0f} {row['ratio_vs_torch']:10.2f}", flush=True)
+        for Hkv, B, S in grid:
+            H, D = args.heads, args.dim
+            if 2 * B * S * Hkv * D * dtype.itemsize > args.max_gb * 2**30:
+                print(f"{dtype_name:9} {Hkv:>3} {B:>2} {S:>6} | skipped: the caches exceed --max-gb {args.max_gb}")
+                continue
+            kc = torch.randn(B, S, Hkv, D, dtype=dtype)
+            vc = torch.randn(B, S, Hkv, D, dtype=dtype)
+            q = torch.randn(B, 1, H, D, dtype=dtype)
+            lens = torch.full((B,), S, dtype=torch.int32)
+            with torch.inference_mode():
+                ours = best_time(lambda: flash_attn_ext.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True))
+                qt, kt, vt = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
+                theirs = best_time(lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True))
+                # No cache kernel: each step concatenates the new token to the past K/V.
+                past_k, past_v, new_k, new_v = kt[:, :, :-1], vt[:, :, :-1], kt[:, :, -1:], vt[:, :, -1:]
+                concat = best_time(lambda: F.scaled_dot_product_attention(
+                    qt, torch.cat([past_k, new_k], 2), torch.cat([past_v, new_v], 2), enable_gqa=True), reps=3)
+            nbytes = 2 * B * S * Hkv * D * kc.element_size()
+            gbs = nbytes / ours / 1e9
+            row = dict(dtype=dtype_name, Hkv=Hkv, B=B, S=S, ours_us=ours * 1e6, gbs=gbs,
+                       fraction_of_copy=gbs / ceiling, torch_us=theirs * 1e6, ratio_vs_torch=ours / theirs,
+                       concat_us=concat * 1e6, ratio_vs_concat=ours / concat, copy_gbs=ceiling)
+            rows.append(row)
+            print(f"{dtype_name:9} {Hkv:>3} {B:>2} {S:>6} | {row['ours_us']:9.0f} {gbs:6.1f} {row['fraction_of_copy']:7.2f} | "
+                  f"{row['torch_us']:9.0f} {row['ratio_vs_torch']:10.2f} | {row['concat_us']:9.0f} "
+                  f"{row['ratio_vs_concat']:11.2f}", flush=True)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
