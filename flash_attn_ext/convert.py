@@ -150,14 +150,17 @@ def _human(nbytes: int) -> str:
 
 
 def convert_checkpoint(input_dir: str, output_dir: str, num_kv_heads: int, *, method: str = "mean", seed: int = 0,
-                       dtype: Optional[str] = None, progress: bool = True) -> dict:
+                       dtype: Optional[str] = None, progress: bool = True, force: bool = False) -> dict:
     """Converts a HuggingFace-format checkpoint directory; returns the new config. See the
     module docstring for what is validated and how the output is written."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    if os.path.exists(output_dir):
-        raise ConversionError(f"output directory {output_dir} already exists; choose a new path")
+    src, dst = os.path.realpath(input_dir), os.path.realpath(output_dir)
+    if dst == src or dst.startswith(src + os.sep) or src.startswith(dst + os.sep):
+        raise ConversionError(f"output directory {output_dir} must not be inside the input {input_dir} (or contain it)")
+    if os.path.exists(output_dir) and not force:
+        raise ConversionError(f"output directory {output_dir} already exists; choose a new path or pass --force")
     config_path = os.path.join(input_dir, "config.json")
     if not os.path.exists(config_path):
         raise ConversionError(f"{input_dir} has no config.json")
@@ -231,6 +234,8 @@ def convert_checkpoint(input_dir: str, output_dir: str, num_kv_heads: int, *, me
             src = os.path.join(input_dir, name)
             if name not in skip and os.path.isfile(src):
                 shutil.copy2(src, os.path.join(tmp, name))
+        if os.path.exists(output_dir):  # --force: replaced only now, once the new one is complete
+            shutil.rmtree(output_dir)
         os.rename(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # no partial output, even on Ctrl-C
@@ -256,11 +261,12 @@ def main(argv=None) -> int:
     ap.add_argument("--method", choices=METHODS, default="mean", help="how a group's heads become one")
     ap.add_argument("--seed", type=int, default=0, help="for --method random")
     ap.add_argument("--dtype", choices=sorted(_DTYPES), help="cast floating tensors (default: keep)")
+    ap.add_argument("--force", action="store_true", help="replace an existing output directory (once done)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     try:
         convert_checkpoint(args.input, args.output, args.num_kv_heads, method=args.method, seed=args.seed,
-                           dtype=args.dtype, progress=not args.no_progress)
+                           dtype=args.dtype, progress=not args.no_progress, force=args.force)
     except ConversionError as e:
         print(f"flash-attn-ext-convert: error: {e}", file=sys.stderr)
         return 2

@@ -186,3 +186,16 @@ def test_missing_shard_and_existing_output(tmp_path):
     os.makedirs(tmp_path / "exists")
     with pytest.raises(convert.ConversionError, match="already exists"):
         convert.convert_checkpoint(src, str(tmp_path / "exists"), 2, progress=False)
+    with pytest.raises(convert.ConversionError, match="must not be inside the input"):
+        convert.convert_checkpoint(src, os.path.join(src, "gqa"), 2, progress=False)
+
+
+def test_force_replaces_existing_output_only_when_done(tmp_path):
+    src, dst = str(tmp_path / "mha"), str(tmp_path / "out")
+    _write_checkpoint(src, _state_dict())
+    os.makedirs(dst)
+    with open(os.path.join(dst, "stale.txt"), "w") as f:
+        f.write("old")
+    convert.convert_checkpoint(src, dst, 2, progress=False, force=True)
+    assert not os.path.exists(os.path.join(dst, "stale.txt"))
+    assert os.path.exists(os.path.join(dst, "model.safetensors"))
