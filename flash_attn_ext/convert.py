@@ -173,7 +173,7 @@ def convert_checkpoint(input_dir: str, output_dir: str, num_kv_heads: int, *, me
     kind, shards = _weight_files(input_dir)
 
     # Validate every shard's k/v shapes before writing anything (safetensors: headers only).
-    n_kv = 0
+    n_kv, kv_names = 0, set()
     for shard in shards:
         path = os.path.join(input_dir, shard)
         if not os.path.exists(path):
@@ -186,11 +186,21 @@ def convert_checkpoint(input_dir: str, output_dir: str, num_kv_heads: int, *, me
         for name, shape in shapes.items():
             if _KV_KEY.search(name):
                 n_kv += 1
+                kv_names.add(name)
                 if shape[0] != old_kv_heads * head_dim:
                     raise ConversionError(f"{name} has {shape[0]} rows; the config declares {old_kv_heads} key/value "
                                           f"heads of dim {head_dim} ({old_kv_heads * head_dim} rows)")
     if n_kv == 0:
         raise ConversionError("no k_proj/v_proj tensors found in the checkpoint")
+    for name in sorted(kv_names):  # every k projection has its v projection, and vice versa
+        partner = name.replace("k_proj.", "v_proj.") if ".k_proj." in f".{name}" else name.replace("v_proj.", "k_proj.")
+        if partner not in kv_names:
+            raise ConversionError(f"{name} has no matching {partner}: the checkpoint is missing tensors")
+    layers = config.get("num_hidden_layers")
+    n_k = sum(1 for n in kv_names if n.endswith("k_proj.weight"))
+    if layers is not None and n_k != int(layers):
+        raise ConversionError(f"the checkpoint has {n_k} k_proj weights but the config declares {layers} layers: "
+                              f"missing tensors")
 
     parent = os.path.dirname(os.path.abspath(output_dir))
     tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)

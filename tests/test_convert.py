@@ -177,6 +177,18 @@ def test_bad_input_is_refused_before_writing(tmp_path, edit, num_kv, match, caps
     assert [p for p in os.listdir(tmp_path) if p.startswith(".convert-")] == []
 
 
+@pytest.mark.parametrize("drop", ["model.layers.1.self_attn.v_proj.weight",
+                                  "model.layers.1.self_attn.k_proj.weight"])
+def test_missing_tensors_are_refused(tmp_path, drop):
+    src = str(tmp_path / "mha")
+    sd = _state_dict()
+    del sd[drop]
+    _write_checkpoint(src, sd)
+    with pytest.raises(convert.ConversionError, match="missing tensors"):
+        convert.convert_checkpoint(src, str(tmp_path / "out"), 2, progress=False)
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_missing_shard_and_existing_output(tmp_path):
     src = str(tmp_path / "mha")
     _write_checkpoint(src, _state_dict(), shards=2)
