@@ -32,7 +32,7 @@ step() {  # step NAME TIMEOUT CMD...: runs CMD with a time limit, logs to $out/N
 printf '| step | result | seconds | last line |\n|---|---|---|---|\n' > "$out/summary.md"
 
 step build 300 $py -m pip install --no-build-isolation --no-deps -e . || { cat "$out/build.log" | tail -30; cat "$out/summary.md"; exit 1; }
-step tests_cuda 240 $py -m pytest -q tests -k cuda -m "slow or not slow" -rs -p no:cacheprovider -x
+step tests_cuda 240 $py -m pytest -q tests -k cuda -m "slow or not slow" -rs -p no:cacheprovider --maxfail=25 --continue-on-collection-errors
 tail -n 25 "$out/tests_cuda.log"
 if command -v compute-sanitizer >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/compute-sanitizer ]; then
   cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
