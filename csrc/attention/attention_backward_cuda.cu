@@ -39,10 +39,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
                            rows::Strided<const T> q, rows::Strided<const T> k, rows::Strided<const T> v,
                            const Acc* lse, const Acc* delta, rows::Strided<T> grad_q,
                            const int64_t* rng_state) {
-  if (rng_state != nullptr) {
-    p.dropout_seed = static_cast<uint64_t>(rng_state[0]);
-    p.dropout_offset = static_cast<uint64_t>(rng_state[1]);
-  }
+  load_rng_state(p, rng_state);
   const int64_t n_rows = p.batch * p.heads_q * p.len_q;
   for (int64_t r = global_warp(); r < n_rows; r += warp_count()) {
     const int64_t i = r % p.len_q, h = r / p.len_q % p.heads_q, b = r / p.len_q / p.heads_q;
@@ -58,10 +55,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
                                   rows::Strided<const T> v, const Acc* lse, const Acc* delta,
                                   rows::Strided<T> grad_k, rows::Strided<T> grad_v,
                                   const int64_t* rng_state) {
-  if (rng_state != nullptr) {
-    p.dropout_seed = static_cast<uint64_t>(rng_state[0]);
-    p.dropout_offset = static_cast<uint64_t>(rng_state[1]);
-  }
+  load_rng_state(p, rng_state);
   const int64_t n_cols = p.batch * p.heads_kv * p.len_k;
   for (int64_t c = global_warp(); c < n_cols; c += warp_count()) {
     const int64_t j = c % p.len_k, hk = c / p.len_k % p.heads_kv, b = c / p.len_k / p.heads_kv;

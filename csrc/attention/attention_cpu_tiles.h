@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -210,6 +211,26 @@ inline void dropout_keep_tile(uint8_t* keep, int64_t ld, int64_t rows, int64_t c
       }
     }
   }
+}
+
+// Split-KV: FLASH_ATTN_EXT_NUM_SPLITS=n (> 0) forces n key ranges per task (tests run both
+// paths with it); otherwise `automatic`, the kernel's own choice.
+inline int64_t split_count(int64_t automatic) {
+  if (const char* env = std::getenv("FLASH_ATTN_EXT_NUM_SPLITS")) {
+    const int64_t forced = std::atoll(env);
+    if (forced > 0) return forced;
+  }
+  return automatic;
+}
+
+// Split `split` of n_splits's share of a key band, in whole tiles of `tile` keys (empty when
+// the band has fewer tiles than splits).
+inline KeyRange split_band(KeyRange band, int64_t split, int64_t n_splits, int64_t tile) {
+  if (n_splits <= 1) return band;
+  const int64_t tiles = (band.end - band.begin + tile - 1) / tile;
+  const int64_t per = (tiles + n_splits - 1) / n_splits;
+  const int64_t lo = std::min(band.end, band.begin + split * per * tile);
+  return {lo, std::min(band.end, lo + per * tile)};
 }
 
 // Split-KV merge: rows (b, h, i) whose key band was cut into n_splits ranges left, per split,

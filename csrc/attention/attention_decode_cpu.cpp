@@ -26,10 +26,6 @@ constexpr int64_t kDecodeRows = 8;   // query rows per KV head (L * group size) 
 constexpr int64_t kDecodeTile = 32;  // keys per tile: all heads' K or V tile stays in L2
 
 int64_t decode_splits(int64_t batch, int64_t threads, int64_t len_k) {
-  if (const char* env = std::getenv("FLASH_ATTN_EXT_NUM_SPLITS")) {  // tests force both paths
-    const int64_t forced = std::atoll(env);
-    if (forced > 0) return forced;
-  }
   if (batch >= 2 * threads) return 1;
   const int64_t by_threads = (2 * threads + batch - 1) / batch;  // two ranges per thread
   const int64_t by_length = std::max<int64_t>(1, len_k / (8 * kDecodeTile));
@@ -43,7 +39,7 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const int64_t L = p.len_q, G = p.group_size(), Hkv = p.heads_kv, Dk = p.dim_qk, Dv = p.dim_v;
   const int64_t R = G * L;  // rows of one KV head: row g * L + i is query head hk * G + g, position i
-  const int64_t n_splits = decode_splits(p.batch, at::get_num_threads(), p.len_k);
+  const int64_t n_splits = split_count(decode_splits(p.batch, at::get_num_threads(), p.len_k));
   const int64_t n_rows_all = p.batch * p.heads_q * L;
   std::vector<acc_t> part_ml(n_splits > 1 ? n_splits * n_rows_all * 2 : 0);
   std::vector<acc_t> part_acc(n_splits > 1 ? n_splits * n_rows_all * Dv : 0);
@@ -63,13 +59,9 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / n_splits, split = unit % n_splits;
       const AttentionParams pb = p.for_batch(b);
-      KeyRange band = visible_key_range(0, L, pb.align_offset, pb.window_left, pb.window_right, pb.len_k);
-      if (n_splits > 1) {
-        const int64_t tiles = (band.end - band.begin + kDecodeTile - 1) / kDecodeTile;
-        const int64_t per = (tiles + n_splits - 1) / n_splits;
-        const int64_t lo = std::min(band.end, band.begin + split * per * kDecodeTile);
-        band = {lo, std::min(band.end, lo + per * kDecodeTile)};
-      }
+      const KeyRange band = split_band(
+          visible_key_range(0, L, pb.align_offset, pb.window_left, pb.window_right, pb.len_k), split, n_splits,
+          kDecodeTile);
       for (int64_t hk = 0; hk < Hkv; ++hk)
         for (int64_t g = 0; g < G; ++g)  // Q pre-multiplied by the softmax scale
           load_rows(q_rows.at(b, hk * G + g, 0), q_rows.stride_l, L, Dk, scale,

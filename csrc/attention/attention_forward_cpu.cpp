@@ -12,7 +12,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <mutex>
 #include <vector>
 
@@ -34,10 +33,6 @@ constexpr int64_t kFewRows = 8;
 // running sum, accumulator) and a merge pass combines them exactly, as
 // merge_attention_states does. Only worth it when the band is long: each split is >= 4 tiles.
 int64_t choose_splits(int64_t tasks, int64_t threads, int64_t len_k, int64_t rows_per_task) {
-  if (const char* env = std::getenv("FLASH_ATTN_EXT_NUM_SPLITS")) {  // tests force both paths
-    const int64_t forced = std::atoll(env);
-    if (forced > 0) return forced;
-  }
   if (tasks >= threads || rows_per_task > kFewRows) return 1;
   const int64_t by_threads = (threads + tasks - 1) / tasks;
   const int64_t by_length = std::max<int64_t>(1, len_k / (4 * kBlockK));
@@ -64,7 +59,7 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
   const int64_t n_spans = (L + span - 1) / span;
   const int64_t n_packs = p.heads_q / pack;
   const int64_t max_rows = pack * span;
-  const int64_t n_splits = choose_splits(p.batch * n_packs * n_spans, threads, p.len_k, max_rows);
+  const int64_t n_splits = split_count(choose_splits(p.batch * n_packs * n_spans, threads, p.len_k, max_rows));
   // Partial states of split tasks: per (split, row of (b, h, i)): m, l and the Dv accumulator.
   const int64_t n_rows_all = p.batch * p.heads_q * L;
   std::vector<acc_t> part_ml(n_splits > 1 ? n_splits * n_rows_all * 2 : 0);
@@ -105,14 +100,9 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
       std::fill(o_acc.begin(), o_acc.end(), acc_t(0));
 
       const AttentionParams pb = p.for_batch(b);  // per-sequence key length (KV cache)
-      KeyRange band = visible_key_range(i0, i0 + n_pos, pb.align_offset, pb.window_left,
-                                        pb.window_right, pb.len_k);
-      if (n_splits > 1) {  // this split's share of the band, in whole key tiles
-        const int64_t tiles = (band.end - band.begin + kBlockK - 1) / kBlockK;
-        const int64_t per = (tiles + n_splits - 1) / n_splits;
-        const int64_t lo = std::min(band.end, band.begin + split * per * kBlockK);
-        band = {lo, std::min(band.end, lo + per * kBlockK)};
-      }
+      const KeyRange band = split_band(visible_key_range(i0, i0 + n_pos, pb.align_offset, pb.window_left,
+                                                         pb.window_right, pb.len_k),
+                                       split, n_splits, kBlockK);
       for (int64_t j0 = band.begin; j0 < band.end; j0 += kBlockK) {
         const int64_t cols = std::min(kBlockK, band.end - j0);
         if (rows <= kFewRows && j0 + kBlockK < band.end) {  // decode: fetch the next K/V tile now

@@ -35,10 +35,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     forward_rows_kernel(AttentionParams p, MaskView mask, rows::Strided<const T> q,
                         rows::Strided<const T> k, rows::Strided<const T> v, rows::Strided<T> out,
                         Acc* lse, const int64_t* rng_state) {
-  if (rng_state != nullptr) {
-    p.dropout_seed = static_cast<uint64_t>(rng_state[0]);
-    p.dropout_offset = static_cast<uint64_t>(rng_state[1]);
-  }
+  load_rng_state(p, rng_state);
   const int64_t n_rows = p.batch * p.heads_q * p.len_q;
   for (int64_t r = global_warp(); r < n_rows; r += warp_count()) {  // warp-uniform loop
     const int64_t i = r % p.len_q, h = r / p.len_q % p.heads_q, b = r / p.len_q / p.heads_q;

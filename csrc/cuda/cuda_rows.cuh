@@ -42,6 +42,15 @@ inline unsigned int warp_grid(int64_t n) {
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 1 << 20)));
 }
 
+// The dropout seed and offset of the call, read on the device from rng_state ([seed, offset],
+// written by the forward; nullptr without dropout), so the launch is graph-capturable.
+__device__ __forceinline__ void load_rng_state(AttentionParams& p, const int64_t* rng_state) {
+  if (rng_state != nullptr) {
+    p.dropout_seed = static_cast<uint64_t>(rng_state[0]);
+    p.dropout_offset = static_cast<uint64_t>(rng_state[1]);
+  }
+}
+
 __device__ __forceinline__ int lane_id() { return threadIdx.x % kWarp; }
 __device__ __forceinline__ int64_t global_warp() {
   return (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
