@@ -8,6 +8,9 @@ Environment switches:
 """
 import glob
 import os
+import sys
+
+import torch
 
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -49,6 +52,12 @@ def extensions():
     use_cuda = _want_cuda()
     # Stable Python ABI (no pybind11): one _C.abi3.so for every CPython >= 3.10.
     cxx = ["-O3", "-DPy_LIMITED_API=0x030A0000", "-Wall", "-Wno-unknown-pragmas"]
+    # at::parallel_for is a header template: without -fopenmp, _OPENMP is undefined and every
+    # CPU kernel runs on one thread (the ATen headers fall back to a serial loop, silently).
+    # Compile-only: the GOMP symbols resolve at load time from the libgomp that libtorch_cpu
+    # already loaded, so the process keeps a single OpenMP runtime and thread pool.
+    if torch._C.has_openmp and sys.platform.startswith("linux"):
+        cxx.append("-fopenmp")
     kwargs = dict(
         name="flash_attn_ext._C",
         sources=_sources("*.cpp"),
