@@ -89,6 +89,15 @@ def test_errors_before_any_write(device):
     bad_q = torch.randn(B, 3, 3, D, device=device)  # 3 query heads, 2 kv heads
     with pytest.raises(ValueError, match="multiple of the number of key/value heads"), torch.no_grad():
         flash_attn_ext.attention_with_kvcache(bad_q, kc, vc, knew, knew, cache_seqlens=torch.tensor([0, 0], device=device))
+    # The append inside attention_kvcache is validated with the attention (one read of
+    # cache_seqlens), so new tokens that do not match the cache are refused here, by name.
+    ok_q, zero = torch.randn(B, 3, H, D, device=device), torch.tensor([0, 0], dtype=torch.int32, device=device)
+    for k_new, v_new, name in [(torch.ones(B, 3, H, D + 1, device=device), knew, "k_new"),
+                               (knew, torch.ones(B, 3, H + 1, D, device=device), "v_new"),
+                               (knew, torch.ones(B, 2, H, D, device=device), "v_new"),
+                               (knew[:1], knew[:1], "k_new")]:
+        with pytest.raises(ValueError, match=name), torch.no_grad():
+            flash_attn_ext.attention_with_kvcache(ok_q, kc, vc, k_new, v_new, cache_seqlens=zero)
     assert torch.all(kc == 0) and torch.all(vc == 0)
     with pytest.raises(RuntimeError, match="inference-only"):
         flash_attn_ext.attention_with_kvcache(torch.randn(B, 1, H, D, device=device, requires_grad=True), kc, vc)

@@ -21,9 +21,10 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_cpu(
     const std::optional<at::Tensor>& v_new, double scale, int64_t window_left,
     int64_t window_right, const std::optional<at::Tensor>& block_table) {
   BlockTable table;
+  std::vector<int64_t> lens_before;
   std::vector<int64_t> lens = check_attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
-                                                      scale, window_left, window_right, block_table, &table);
-  if (k_new.has_value()) call_kv_cache_append(k_cache, v_cache, *k_new, *v_new, cache_seqlens, block_table);
+                                                      scale, window_left, window_right, block_table, &table, &lens_before);
+  if (k_new.has_value()) append_validated(k_cache, v_cache, *k_new, *v_new, lens_before, /*rolling=*/false, table);
 
   AttentionParams p = make_attention_params(q, k_cache, v_cache, 0.0, scale, window_left,
                                             window_right, /*bottom_right=*/true);

@@ -19,11 +19,12 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_cuda(
     const std::optional<at::Tensor>& v_new, double scale, int64_t window_left, int64_t window_right,
     const std::optional<at::Tensor>& block_table) {
   BlockTable table;
+  std::vector<int64_t> lens_before;
   const std::vector<int64_t> lens = check_attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
-                                                            scale, window_left, window_right, block_table, &table);
+                                                            scale, window_left, window_right, block_table, &table, &lens_before);
   check_cuda_head_dims("flash_attn_ext.attention_kvcache", q.size(3), v_cache.size(3));
   const c10::cuda::CUDAGuard guard(q.device());
-  if (k_new.has_value()) call_kv_cache_append(k_cache, v_cache, *k_new, *v_new, cache_seqlens, block_table);
+  if (k_new.has_value()) append_validated(k_cache, v_cache, *k_new, *v_new, lens_before, /*rolling=*/false, table);
   const at::Tensor lens_dev = at::tensor(lens, at::kLong).to(q.device());
   AttentionParams p = make_attention_params(q, k_cache, v_cache, 0.0, scale, window_left, window_right,
                                             /*bottom_right=*/true);

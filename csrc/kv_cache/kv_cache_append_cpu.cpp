@@ -12,15 +12,10 @@
 #include "kv_cache_host.h"
 
 namespace flash_attn_ext::cpu {
-namespace {
 
-void kv_cache_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache,
-                         const at::Tensor& k_new, const at::Tensor& v_new,
-                         const at::Tensor& cache_seqlens, bool rolling,
-                         const std::optional<at::Tensor>& block_table) {
-  BlockTable table;
-  const std::vector<int64_t> lens =
-      check_kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, rolling, block_table, &table);
+void append_validated(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
+                      const at::Tensor& v_new, const std::vector<int64_t>& lens, bool rolling,
+                      const BlockTable& table) {
   const int64_t B = k_new.size(0), H = k_cache.size(1), S_max = k_cache.size(2);
   const int32_t* blocks = table.defined() ? table.table.data_ptr<int32_t>() : nullptr;
   const int64_t L_new = k_new.size(2);
@@ -50,6 +45,18 @@ void kv_cache_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache,
       }
     }
   });
+}
+
+namespace {
+
+void kv_cache_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache,
+                         const at::Tensor& k_new, const at::Tensor& v_new,
+                         const at::Tensor& cache_seqlens, bool rolling,
+                         const std::optional<at::Tensor>& block_table) {
+  BlockTable table;
+  const std::vector<int64_t> lens =
+      check_kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, rolling, block_table, &table);
+  append_validated(k_cache, v_cache, k_new, v_new, lens, rolling, table);
 }
 
 }  // namespace

@@ -48,12 +48,11 @@ CacheRows cache_rows(const at::Tensor& t) {
   return {static_cast<char*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2), t.size(3)};
 }
 
-void kv_cache_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
-                          const at::Tensor& v_new, const at::Tensor& cache_seqlens, bool rolling,
-                          const std::optional<at::Tensor>& block_table) {
-  BlockTable table;
-  const std::vector<int64_t> lens =
-      check_kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, rolling, block_table, &table);
+}  // namespace
+
+void append_validated(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
+                      const at::Tensor& v_new, const std::vector<int64_t>& lens, bool rolling,
+                      const BlockTable& table) {
   const int64_t B = k_new.size(0), H = k_cache.size(1), S_max = k_cache.size(2), L_new = k_new.size(2);
   if (B == 0 || H == 0 || L_new == 0) return;
   const c10::cuda::CUDAGuard guard(k_cache.device());
@@ -76,6 +75,17 @@ void kv_cache_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, 
     case 8: launch(uint64_t{}); break;
     default: TORCH_CHECK_TYPE(false, "flash_attn_ext.kv_cache_append: unsupported element size ", k_cache.element_size());
   }
+}
+
+namespace {
+
+void kv_cache_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
+                          const at::Tensor& v_new, const at::Tensor& cache_seqlens, bool rolling,
+                          const std::optional<at::Tensor>& block_table) {
+  BlockTable table;
+  const std::vector<int64_t> lens =
+      check_kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, rolling, block_table, &table);
+  append_validated(k_cache, v_cache, k_new, v_new, lens, rolling, table);
 }
 
 }  // namespace

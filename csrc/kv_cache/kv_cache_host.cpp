@@ -112,7 +112,8 @@ std::vector<int64_t> check_attention_kvcache(const at::Tensor& q, const at::Tens
                                              const std::optional<at::Tensor>& k_new,
                                              const std::optional<at::Tensor>& v_new, double scale,
                                              int64_t window_left, int64_t window_right,
-                                             const std::optional<at::Tensor>& block_table, BlockTable* table_out) {
+                                             const std::optional<at::Tensor>& block_table, BlockTable* table_out,
+                                             std::vector<int64_t>* lens_before_out) {
   constexpr const char* kOp = "flash_attn_ext.attention_kvcache";
   const bool paged = block_table.has_value() && block_table->defined();
   check_attention_inputs(kOp, q, k_cache, v_cache, std::nullopt, 0.0, scale, window_left, window_right, paged);
@@ -123,7 +124,16 @@ std::vector<int64_t> check_attention_kvcache(const at::Tensor& q, const at::Tens
   const int64_t B = q.size(0);
   const int64_t S_max = paged ? k_cache.size(2) * block_table->size(-1) : k_cache.size(2);
   const int64_t L_new = k_new.has_value() ? k_new->size(2) : 0;
+  if (k_new.has_value()) {  // what kv_cache_append would check of the tokens appended in this call
+    check_cache_pair(kOp, "k_cache", k_cache, "k_new", *k_new, paged);
+    check_cache_pair(kOp, "v_cache", v_cache, "v_new", *v_new, paged);
+    TORCH_CHECK_VALUE(k_new->size(0) == B && v_new->size(0) == B, kOp, ": k_new and v_new need batch ", B,
+                      " (q's), got ", k_new->size(0), " and ", v_new->size(0));
+    TORCH_CHECK_VALUE(v_new->size(2) == L_new, kOp, ": k_new has ", L_new, " new positions, v_new ",
+                      v_new->size(2));
+  }
   std::vector<int64_t> lens = read_cache_seqlens(kOp, cache_seqlens, B, q.device());
+  if (lens_before_out != nullptr) *lens_before_out = lens;
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK_VALUE(lens[b] >= 0 && lens[b] + L_new <= S_max, kOp, ": cache_seqlens[", b, "] = ",
                       lens[b], " with ", L_new, " new positions does not fit the cache (max_len ",
@@ -133,16 +143,6 @@ std::vector<int64_t> check_attention_kvcache(const at::Tensor& q, const at::Tens
   BlockTable table = check_block_table(kOp, block_table, B, k_cache, lens);
   if (table_out != nullptr) *table_out = table;
   return lens;
-}
-
-void call_kv_cache_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
-                          const at::Tensor& v_new, const at::Tensor& cache_seqlens,
-                          const std::optional<at::Tensor>& block_table) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("flash_attn_ext::kv_cache_append", "")
-                       .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   const at::Tensor&, bool, const std::optional<at::Tensor>&)>();
-  op.call(k_cache, v_cache, k_new, v_new, cache_seqlens, false, block_table);
 }
 
 }  // namespace flash_attn_ext

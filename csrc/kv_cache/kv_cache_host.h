@@ -35,19 +35,30 @@ std::vector<int64_t> check_kv_cache_append(const at::Tensor& k_cache, const at::
                                            const at::Tensor& cache_seqlens, bool rolling,
                                            const std::optional<at::Tensor>& block_table, BlockTable* table_out);
 
-// attention_kvcache: the key length each sequence attends to (cache_seqlens + L_new).
+// attention_kvcache, k_new / v_new included: the key length each sequence attends to
+// (cache_seqlens + L_new); *lens_before_out gets cache_seqlens itself (the write positions).
 std::vector<int64_t> check_attention_kvcache(const at::Tensor& q, const at::Tensor& k_cache,
                                              const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
                                              const std::optional<at::Tensor>& k_new,
                                              const std::optional<at::Tensor>& v_new, double scale,
                                              int64_t window_left, int64_t window_right,
-                                             const std::optional<at::Tensor>& block_table, BlockTable* table_out);
+                                             const std::optional<at::Tensor>& block_table, BlockTable* table_out,
+                                             std::vector<int64_t>* lens_before_out = nullptr);
 
-// kv_cache_append through the dispatcher (the device's kernel), non-rolling: the append step
-// of attention_kvcache.
-void call_kv_cache_append(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
-                          const at::Tensor& v_new, const at::Tensor& cache_seqlens,
-                          const std::optional<at::Tensor>& block_table);
+// The copy of kv_cache_append, for arguments already validated (check_kv_cache_append or
+// check_attention_kvcache): lens are the write positions, read once on the host by the check.
+// attention_kvcache appends through these, so a decode step reads cache_seqlens (a device ->
+// host sync on CUDA) once, not once per validation.
+namespace cpu {
+void append_validated(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
+                      const at::Tensor& v_new, const std::vector<int64_t>& lens, bool rolling,
+                      const BlockTable& table);
+}
+namespace cuda {
+void append_validated(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
+                      const at::Tensor& v_new, const std::vector<int64_t>& lens, bool rolling,
+                      const BlockTable& table);
+}
 
 // The first new position that survives a rolling append of L_new positions into S_max slots
 // (only the last S_max are written, which keeps the slots written by one call disjoint).
