@@ -13,8 +13,10 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <type_traits>
 #include <vector>
 
+#include "../cpu/decode_math.h"
 #include "../cpu/tile_math.h"
 #include "attention_cpu_tiles.h"
 #include "attention_forward_cpu.h"
@@ -22,7 +24,7 @@
 namespace flash_attn_ext::cpu {
 namespace {
 
-constexpr int64_t kDecodeRows = 8;   // query rows per KV head (L * group size) served here
+constexpr int64_t kDecodeRows = kMaxDecodeRows;  // query rows per KV head (L * group size) served here
 constexpr int64_t kDecodeTile = 32;  // keys per tile: all heads' K or V tile stays in L2
 
 int64_t decode_splits(int64_t batch, int64_t threads, int64_t len_k) {
@@ -32,10 +34,42 @@ int64_t decode_splits(int64_t batch, int64_t threads, int64_t len_k) {
   return std::min<int64_t>({by_threads, by_length, 64});
 }
 
+// Calls f(hk, c) for every head hk < heads and tile row c < cols, in memory order: position-
+// major when a position's heads are adjacent ((B, S, H, D) caches), head-major otherwise.
+template <typename F>
+void for_memory_order(bool heads_inner, int64_t heads, int64_t cols, F&& f) {
+  if (heads_inner) {
+    for (int64_t c = 0; c < cols; ++c)
+      for (int64_t hk = 0; hk < heads; ++hk) f(hk, c);
+  } else {
+    for (int64_t hk = 0; hk < heads; ++hk)
+      for (int64_t c = 0; c < cols; ++c) f(hk, c);
+  }
+}
+
+// How the inner loops read K/V of a storage type: float and bf16 in place (decode_math.h),
+// others (fp16, float64) widened into a tile buffer first.
+template <typename scalar_t>
+struct DirectRead {
+  using type = void;
+};
+template <>
+struct DirectRead<float> {
+  using type = float;
+};
+template <>
+struct DirectRead<c10::BFloat16> {
+  using type = uint16_t;  // decode_math.h takes bf16 as its raw bits
+};
+
 template <typename scalar_t>
 void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& out, const at::Tensor& lse) {
   using acc_t = at::opmath_type<scalar_t>;
+  using direct_t = typename DirectRead<scalar_t>::type;
+  constexpr bool kDirect = !std::is_void_v<direct_t>;
+  // What the inner loops see: the cache itself, or the widened tile buffer.
+  using read_t = std::conditional_t<kDirect, direct_t, acc_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const int64_t L = p.len_q, G = p.group_size(), Hkv = p.heads_kv, Dk = p.dim_qk, Dv = p.dim_v;
   const int64_t R = G * L;  // rows of one KV head: row g * L + i is query head hk * G + g, position i
@@ -54,8 +88,21 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
   const bool v_heads_inner = v_rows.stride_h < v_rows.stride_l;
 
   at::parallel_for(0, p.batch * n_splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> q_all(Hkv * R * Dk), k_all(Hkv * kDecodeTile * Dk), v_all(Hkv * kDecodeTile * Dv);
-    std::vector<acc_t> s_all(Hkv * R * kDecodeTile), acc(Hkv * R * Dv), m_run(Hkv * R), l_run(Hkv * R);
+    std::vector<acc_t> q_all(Hkv * R * Dk), s_all(Hkv * R * kDecodeTile), acc(Hkv * R * Dv), m_run(Hkv * R),
+        l_run(Hkv * R);
+    std::vector<acc_t> k_all(kDirect ? 0 : Hkv * kDecodeTile * Dk), v_all(kDirect ? 0 : Hkv * kDecodeTile * Dv);
+    std::vector<const read_t*> row_ptrs(kDecodeTile), k_ptrs(Hkv * kDecodeTile);
+    std::vector<const acc_t*> q_ptrs(Hkv * kDecodeTile);
+    std::vector<acc_t*> s_ptrs(Hkv * kDecodeTile);
+    std::vector<const void*> v_prefetch(Hkv * kDecodeTile);
+    // Row c of head hk of the current tile, as the inner loops read it.
+    const auto row = [&](const Rows<const scalar_t>& src, const std::vector<acc_t>& widened, int64_t dim,
+                         int64_t b, int64_t hk, int64_t j0, int64_t c) -> const read_t* {
+      if constexpr (kDirect)
+        return reinterpret_cast<const read_t*>(src.at(b, hk, j0 + c));
+      else
+        return widened.data() + (hk * kDecodeTile + c) * dim;
+    };
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / n_splits, split = unit % n_splits;
       const AttentionParams pb = p.for_batch(b);
@@ -72,8 +119,9 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
 
       for (int64_t j0 = band.begin; j0 < band.end; j0 += kDecodeTile) {
         const int64_t cols = std::min(kDecodeTile, band.end - j0);
-        // Every head's K tile, read in memory order; row c of head hk at k_all[(hk * T + c) * Dk].
-        const auto load_all = [&](const Rows<const scalar_t>& src, bool heads_inner, int64_t dim, acc_t* dst) {
+        // Every head's tile widened into dst (fp16 / float64 only), read in memory order;
+        // row c of head hk at dst[(hk * T + c) * dim].
+        const auto widen_all = [&](const Rows<const scalar_t>& src, bool heads_inner, int64_t dim, acc_t* dst) {
           if (heads_inner) {
             for (int64_t c = 0; c < cols; ++c)
               for (int64_t hk = 0; hk < Hkv; ++hk)
@@ -83,18 +131,23 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
               load_tile(src, b, hk, j0, cols, dim, acc_t(1), dst + hk * kDecodeTile * dim, dim);
           }
         };
-        if (j0 + kDecodeTile < band.end) {  // the next tile, all heads (streams the prefetchers miss)
-          const int64_t next = std::min(kDecodeTile, band.end - j0 - kDecodeTile);
-          for (int64_t hk = 0; hk < Hkv; ++hk) {
-            prefetch_tile(k_rows, b, hk, j0 + kDecodeTile, next, Dk);
-            prefetch_tile(v_rows, b, hk, j0 + kDecodeTile, next, Dv);
-          }
-        }
-        load_all(k_rows, k_heads_inner, Dk, k_all.data());
+        if constexpr (!kDirect) widen_all(k_rows, k_heads_inner, Dk, k_all.data());
+        // Scores of every head, key rows listed in the cache's memory order, so the hardware
+        // prefetchers see one stream; the tile's V rows are requested meanwhile, in their order.
+        int64_t n = 0;
+        const auto add_key = [&](int64_t hk, int64_t c) {
+          q_ptrs[n] = q_all.data() + hk * R * Dk;
+          k_ptrs[n] = row(k_rows, k_all, Dk, b, hk, j0, c);
+          s_ptrs[n++] = s_all.data() + hk * R * kDecodeTile + c;
+        };
+        int64_t n_pf = 0;
+        const auto add_prefetch = [&](int64_t hk, int64_t c) { v_prefetch[n_pf++] = v_rows.at(b, hk, j0 + c); };
+        for_memory_order(k_heads_inner, Hkv, cols, add_key);
+        if constexpr (kDirect) for_memory_order(v_heads_inner, Hkv, cols, add_prefetch);
+        dot_rows(n, q_ptrs.data(), k_ptrs.data(), s_ptrs.data(), R, Dk, kDecodeTile,
+                 kDirect ? v_prefetch.data() : nullptr, Dv * static_cast<int64_t>(sizeof(scalar_t)));
         for (int64_t hk = 0; hk < Hkv; ++hk) {
           acc_t* s = s_all.data() + hk * R * kDecodeTile;
-          tile_gemm_nt(R, cols, Dk, q_all.data() + hk * R * Dk, Dk, k_all.data() + hk * kDecodeTile * Dk, Dk, s,
-                       kDecodeTile);
           for (int64_t g = 0; g < G; ++g)  // the window / causal edges of the band
             mask_tile(s + g * L * kDecodeTile, kDecodeTile, L, cols, 0, j0, b, hk * G + g, pb, MaskView{});
           for (int64_t r = 0; r < R; ++r) {
@@ -113,10 +166,12 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
             if (alpha != acc_t(1)) scale_row(acc.data() + at * Dv, Dv, alpha);
           }
         }
-        load_all(v_rows, v_heads_inner, Dv, v_all.data());
-        for (int64_t hk = 0; hk < Hkv; ++hk)
-          tile_gemm(false, R, Dv, cols, acc_t(1), s_all.data() + hk * R * kDecodeTile, kDecodeTile,
-                    v_all.data() + hk * kDecodeTile * Dv, Dv, acc.data() + hk * R * Dv, Dv, /*accumulate=*/true);
+        if constexpr (!kDirect) widen_all(v_rows, v_heads_inner, Dv, v_all.data());
+        for (int64_t hk = 0; hk < Hkv; ++hk) {
+          for (int64_t c = 0; c < cols; ++c) row_ptrs[c] = row(v_rows, v_all, Dv, b, hk, j0, c);
+          axpy_rows(s_all.data() + hk * R * kDecodeTile, kDecodeTile, R, cols, row_ptrs.data(), Dv,
+                    acc.data() + hk * R * Dv);
+        }
       }
 
       for (int64_t hk = 0; hk < Hkv; ++hk) {

@@ -1,24 +1,10 @@
 #include "tile_math.h"
 
-// The 32-byte vector helpers below are always inlined: no ABI crosses a call.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 #include <cmath>
 #include <cstring>
 #include <limits>
 
-// Run-time dispatch over instruction sets; see tile_math.h. Clang and other compilers get the
-// portable build only.
-// FAE_NO_MULTIVERSION builds one version for the compiler's -march (tests/cpp/ uses it to run
-// the baseline build on any machine).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
-    !defined(FAE_NO_MULTIVERSION)
-#define FAE_MULTIVERSION \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FAE_MULTIVERSION
-#endif
-#define FAE_INLINE inline __attribute__((always_inline))
+#include "simd.h"
 
 namespace flash_attn_ext::cpu {
 namespace {
@@ -29,15 +15,11 @@ namespace {
 // A per row. The main shape is 5 x 16: 10 accumulators + 2 B vectors + 1 broadcast + alpha
 // fit AVX2's 16 registers. 6 x 16 spilled a B vector to the stack (seen in perf annotate)
 // and ran 25% slower end to end.
-typedef float v8f __attribute__((vector_size(32)));
+using simd::load8;
+using simd::store8;
+using simd::v8f;
+using simd::v8i;
 constexpr int kCols = 16;
-
-FAE_INLINE v8f load8(const float* p) {
-  v8f v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-FAE_INLINE void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
 
 template <int kRows>
 FAE_INLINE void micro_kernel_f32(int64_t K, float alpha, const float* __restrict A, int64_t a_m,
@@ -110,8 +92,6 @@ FAE_INLINE void gemm_f32(bool trans_a, int64_t M, int64_t N, int64_t K, float al
   if (n_main < N)
     gemm_rows_generic<float>(M, N - n_main, K, alpha, A, a_m, a_k, B + n_main, ldb, C + n_main, ldc, accumulate);
 }
-
-typedef int32_t v8i __attribute__((vector_size(32)));
 
 // exp(x) on 8 lanes for x <= 0 (softmax after the max shift): 2^n * p(r) with
 // x = n ln2 + r, |r| <= ln2/2, p the degree-7 Taylor polynomial (relative error < 1e-8).

@@ -1,0 +1,177 @@
+#include "decode_math.h"
+
+#include "simd.h"
+
+namespace flash_attn_ext::cpu {
+namespace {
+
+using simd::load8;
+using simd::store8;
+using simd::v8f;
+
+FAE_INLINE float widen(float x) { return x; }
+FAE_INLINE float widen(uint16_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// kRows query rows against one key row. kUnroll independent accumulators per row keep the
+// FMA pipes busy when rows are few (one row alone would wait on its own FMA latency).
+template <int kRows, typename src_t>
+FAE_INLINE void dot_rows_n(const float* __restrict q, int64_t dim, const src_t* __restrict k, float* s,
+                           int64_t ld_s) {
+  constexpr int kUnroll = kRows >= 4 ? 1 : 4 / kRows;
+  v8f acc[kRows][kUnroll];
+  for (int r = 0; r < kRows; ++r)
+    for (int u = 0; u < kUnroll; ++u) acc[r][u] = v8f{};
+  int64_t d = 0;
+  for (; d + 8 * kUnroll <= dim; d += 8 * kUnroll)
+    for (int u = 0; u < kUnroll; ++u) {
+      const v8f kv = load8(k + d + 8 * u);
+      for (int r = 0; r < kRows; ++r) acc[r][u] += load8(q + r * dim + d + 8 * u) * kv;
+    }
+  for (; d + 8 <= dim; d += 8) {
+    const v8f kv = load8(k + d);
+    for (int r = 0; r < kRows; ++r) acc[r][0] += load8(q + r * dim + d) * kv;
+  }
+  float sums[kRows + 3];
+  for (int r = 0; r < kRows; ++r)
+    for (int u = 1; u < kUnroll; ++u) acc[r][0] += acc[r][u];
+  for (int r = 0; r < kRows; r += 4)  // four rows' horizontal sums in one shuffle tree
+    simd::hsum4(acc[r][0], r + 1 < kRows ? acc[r + 1][0] : v8f{}, r + 2 < kRows ? acc[r + 2][0] : v8f{},
+                r + 3 < kRows ? acc[r + 3][0] : v8f{}, sums + r);
+  for (int r = 0; r < kRows; ++r) {
+    float sum = sums[r];
+    for (int64_t t = d; t < dim; ++t) sum += q[r * dim + t] * widen(k[t]);
+    s[r * ld_s] = sum;
+  }
+}
+
+// Entry e: rows of q[e] against key row k[e] into s[e]; while it runs, the next rows to
+// read (prefetch[e], prefetch_bytes long) are requested, spread evenly over the arithmetic.
+template <int kRows, typename src_t>
+FAE_INLINE void dot_list_n(int64_t n, const float* const* q, const src_t* const* k, float* const* s, int64_t dim,
+                           int64_t ld_s, const void* const* prefetch, int64_t prefetch_bytes) {
+  for (int64_t e = 0; e < n; ++e) {
+    if (prefetch != nullptr) {
+      const char* pf = static_cast<const char*>(prefetch[e]);
+      for (int64_t off = 0; off < prefetch_bytes; off += 64) __builtin_prefetch(pf + off, 0, 3);
+    }
+    dot_rows_n<kRows>(q[e], dim, k[e], s[e], ld_s);
+  }
+}
+
+template <typename src_t>
+FAE_INLINE void dot_list_any(int64_t n, const float* const* q, const src_t* const* k, float* const* s,
+                             int64_t rows, int64_t dim, int64_t ld_s, const void* const* prefetch,
+                             int64_t prefetch_bytes) {
+  switch (rows) {
+    case 1: return dot_list_n<1>(n, q, k, s, dim, ld_s, prefetch, prefetch_bytes);
+    case 2: return dot_list_n<2>(n, q, k, s, dim, ld_s, prefetch, prefetch_bytes);
+    case 3: return dot_list_n<3>(n, q, k, s, dim, ld_s, prefetch, prefetch_bytes);
+    case 4: return dot_list_n<4>(n, q, k, s, dim, ld_s, prefetch, prefetch_bytes);
+    case 5: return dot_list_n<5>(n, q, k, s, dim, ld_s, prefetch, prefetch_bytes);
+    case 6: return dot_list_n<6>(n, q, k, s, dim, ld_s, prefetch, prefetch_bytes);
+    case 7: return dot_list_n<7>(n, q, k, s, dim, ld_s, prefetch, prefetch_bytes);
+    default: return dot_list_n<8>(n, q, k, s, dim, ld_s, prefetch, prefetch_bytes);
+  }
+}
+
+// kRows accumulator rows x (8 * kWidth) features stay in registers across the whole key tile;
+// each step loads one V row's slice once and broadcasts one probability per row. Eight rows
+// use one vector each so 8 accumulators + V + broadcast fit AVX2's 16 registers.
+template <int kRows, typename src_t>
+FAE_INLINE void axpy_rows_n(const float* __restrict p, int64_t ld_p, int64_t cols, const src_t* const* v,
+                            int64_t dim, float* __restrict acc) {
+  constexpr int kWidth = kRows <= 4 ? 2 : 1;
+  int64_t d = 0;
+  for (; d + 8 * kWidth <= dim; d += 8 * kWidth) {
+    v8f a[kRows][kWidth];
+    for (int r = 0; r < kRows; ++r)
+      for (int w = 0; w < kWidth; ++w) a[r][w] = load8(acc + r * dim + d + 8 * w);
+    for (int64_t c = 0; c < cols; ++c) {
+      v8f vv[kWidth];
+      for (int w = 0; w < kWidth; ++w) vv[w] = load8(v[c] + d + 8 * w);
+      for (int r = 0; r < kRows; ++r) {
+        const float pr = p[r * ld_p + c];
+        for (int w = 0; w < kWidth; ++w) a[r][w] += pr * vv[w];
+      }
+    }
+    for (int r = 0; r < kRows; ++r)
+      for (int w = 0; w < kWidth; ++w) store8(acc + r * dim + d + 8 * w, a[r][w]);
+  }
+  for (; d < dim; ++d)  // features past the last full vector (head dims that are not multiples of 16)
+    for (int r = 0; r < kRows; ++r) {
+      float sum = acc[r * dim + d];
+      for (int64_t c = 0; c < cols; ++c) sum += p[r * ld_p + c] * widen(v[c][d]);
+      acc[r * dim + d] = sum;
+    }
+}
+
+template <typename src_t>
+FAE_INLINE void axpy_rows_any(const float* p, int64_t ld_p, int64_t rows, int64_t cols, const src_t* const* v,
+                              int64_t dim, float* acc) {
+  for (int64_t r0 = 0; r0 < rows;) {
+    const float* pr = p + r0 * ld_p;
+    float* ar = acc + r0 * dim;
+    switch (rows - r0) {
+      case 1: axpy_rows_n<1>(pr, ld_p, cols, v, dim, ar); r0 += 1; break;
+      case 2: axpy_rows_n<2>(pr, ld_p, cols, v, dim, ar); r0 += 2; break;
+      case 3: axpy_rows_n<3>(pr, ld_p, cols, v, dim, ar); r0 += 3; break;
+      case 4: axpy_rows_n<4>(pr, ld_p, cols, v, dim, ar); r0 += 4; break;
+      case 5: axpy_rows_n<5>(pr, ld_p, cols, v, dim, ar); r0 += 5; break;
+      case 6: axpy_rows_n<6>(pr, ld_p, cols, v, dim, ar); r0 += 6; break;
+      case 7: axpy_rows_n<7>(pr, ld_p, cols, v, dim, ar); r0 += 7; break;
+      default: axpy_rows_n<8>(pr, ld_p, cols, v, dim, ar); r0 += 8; break;
+    }
+  }
+}
+
+}  // namespace
+
+FAE_MULTIVERSION
+void dot_rows(int64_t n, const float* const* q, const float* const* k, float* const* s, int64_t rows, int64_t dim,
+              int64_t ld_s, const void* const* prefetch, int64_t prefetch_bytes) {
+  dot_list_any(n, q, k, s, rows, dim, ld_s, prefetch, prefetch_bytes);
+}
+
+FAE_MULTIVERSION
+void dot_rows(int64_t n, const float* const* q, const uint16_t* const* k_bf16, float* const* s, int64_t rows,
+              int64_t dim, int64_t ld_s, const void* const* prefetch, int64_t prefetch_bytes) {
+  dot_list_any(n, q, k_bf16, s, rows, dim, ld_s, prefetch, prefetch_bytes);
+}
+
+void dot_rows(int64_t n, const double* const* q, const double* const* k, double* const* s, int64_t rows,
+              int64_t dim, int64_t ld_s, const void* const* /*prefetch*/, int64_t /*prefetch_bytes*/) {
+  for (int64_t e = 0; e < n; ++e)
+    for (int64_t r = 0; r < rows; ++r) {
+      double sum = 0.0;
+      for (int64_t d = 0; d < dim; ++d) sum += q[e][r * dim + d] * k[e][d];
+      s[e][r * ld_s] = sum;
+    }
+}
+
+FAE_MULTIVERSION
+void axpy_rows(const float* p, int64_t ld_p, int64_t rows, int64_t cols, const float* const* v, int64_t dim,
+               float* acc) {
+  axpy_rows_any(p, ld_p, rows, cols, v, dim, acc);
+}
+
+FAE_MULTIVERSION
+void axpy_rows(const float* p, int64_t ld_p, int64_t rows, int64_t cols, const uint16_t* const* v_bf16,
+               int64_t dim, float* acc) {
+  axpy_rows_any(p, ld_p, rows, cols, v_bf16, dim, acc);
+}
+
+void axpy_rows(const double* p, int64_t ld_p, int64_t rows, int64_t cols, const double* const* v, int64_t dim,
+               double* acc) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      const double pr = p[r * ld_p + c];
+      for (int64_t d = 0; d < dim; ++d) acc[r * dim + d] += pr * v[c][d];
+    }
+}
+
+}  // namespace flash_attn_ext::cpu

@@ -1,0 +1,39 @@
+// The two inner loops of CPU decode (csrc/attention/attention_decode_cpu.cpp), reading K and
+// V straight from the cache in their storage type: a decode step touches every cached element
+// once, so widening a tile into a float buffer first (a store and a reload per element) cost
+// more than the arithmetic. Rows are the query rows sharing one KV head (at most kMaxRows);
+// they stay in registers against each K/V row.
+//
+// The float overloads are compiled per instruction set (see simd.h); bf16 is passed as its
+// raw bits (uint16_t) so this stays torch-free; float64 is plain loops.
+#pragma once
+
+#include <cstdint>
+
+namespace flash_attn_ext::cpu {
+
+constexpr int64_t kMaxDecodeRows = 8;
+
+// For each entry e < n: s[e][r * ld_s] = sum_d q[e][r * dim + d] * k[e][d] for r < rows; the
+// scores of a key tile, entries listed in the cache's memory order (one pointer per key row,
+// so strided and paged caches read in place). With prefetch non-null, entry e also asks the
+// caches for prefetch_bytes at prefetch[e] (the rows the caller reads next), spread over the
+// arithmetic instead of issued in one burst the miss queues would drop.
+void dot_rows(int64_t n, const float* const* q, const float* const* k, float* const* s, int64_t rows, int64_t dim,
+              int64_t ld_s, const void* const* prefetch, int64_t prefetch_bytes);
+void dot_rows(int64_t n, const float* const* q, const uint16_t* const* k_bf16, float* const* s, int64_t rows,
+              int64_t dim, int64_t ld_s, const void* const* prefetch, int64_t prefetch_bytes);
+void dot_rows(int64_t n, const double* const* q, const double* const* k, double* const* s, int64_t rows,
+              int64_t dim, int64_t ld_s, const void* const* prefetch, int64_t prefetch_bytes);
+
+// acc[r * dim + d] += sum_c p[r * ld_p + c] * v[c][d] for r < rows, c < cols, d < dim: the
+// probabilities of a key tile times its V rows (one pointer per row, so strided and paged
+// caches read in place).
+void axpy_rows(const float* p, int64_t ld_p, int64_t rows, int64_t cols, const float* const* v, int64_t dim,
+               float* acc);
+void axpy_rows(const float* p, int64_t ld_p, int64_t rows, int64_t cols, const uint16_t* const* v_bf16,
+               int64_t dim, float* acc);
+void axpy_rows(const double* p, int64_t ld_p, int64_t rows, int64_t cols, const double* const* v, int64_t dim,
+               double* acc);
+
+}  // namespace flash_attn_ext::cpu

@@ -1,0 +1,70 @@
+// What the CPU kernels' .cpp files share to vectorise: run-time dispatch over instruction sets
+// and 8-float GCC vector types. Include only from .cpp files that are compiled as part of the
+// kernels (the macros are not namespaced).
+//
+// FAE_MULTIVERSION compiles a function several times (x86-64-v4 = AVX-512, x86-64-v3 =
+// AVX2+FMA, and a portable baseline) and the loader picks one for the running CPU (GCC
+// target_clones, an ifunc), so one built library runs everywhere with the widest vectors it
+// finds. Clang and other compilers get the portable build only. FAE_NO_MULTIVERSION builds
+// one version for the compiler's -march (tests/cpp/ uses it to run the baseline on any CPU).
+#pragma once
+
+// The vector helpers are always inlined: no vector ABI crosses a call.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
+    !defined(FAE_NO_MULTIVERSION)
+#define FAE_MULTIVERSION \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FAE_MULTIVERSION
+#endif
+#define FAE_INLINE inline __attribute__((always_inline))
+
+namespace flash_attn_ext::cpu::simd {
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef uint16_t v8u16 __attribute__((vector_size(16)));
+
+FAE_INLINE v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+FAE_INLINE void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+
+// 8 bfloat16 (raw bits) widened to float exactly: the bits go to the top half of each lane.
+FAE_INLINE v8f load8(const uint16_t* p) {
+  v8u16 h;
+  std::memcpy(&h, p, sizeof(h));
+  return (v8f)(__builtin_convertvector(h, v8u) << 16);
+}
+
+#if defined(__clang__) || __GNUC__ >= 12
+#define FAE_SHUFFLE8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shufflevector(a, b, i0, i1, i2, i3, i4, i5, i6, i7)
+#else
+#define FAE_SHUFFLE8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shuffle(a, b, v8i{i0, i1, i2, i3, i4, i5, i6, i7})
+#endif
+
+// Sums of four vectors at once, {sum a, sum b, sum c, sum d} in out[0..4): a transpose-and-add
+// tree (three vector adds) instead of four serial chains of scalar adds through memory.
+FAE_INLINE void hsum4(v8f a, v8f b, v8f c, v8f d, float* out) {
+  const v8f ab = FAE_SHUFFLE8(a, b, 0, 8, 2, 10, 4, 12, 6, 14) + FAE_SHUFFLE8(a, b, 1, 9, 3, 11, 5, 13, 7, 15);
+  const v8f cd = FAE_SHUFFLE8(c, d, 0, 8, 2, 10, 4, 12, 6, 14) + FAE_SHUFFLE8(c, d, 1, 9, 3, 11, 5, 13, 7, 15);
+  // lanes: a, b, c, d (pairs 0-3 summed), then a, b, c, d (pairs 4-7 summed)
+  const v8f abcd = FAE_SHUFFLE8(ab, cd, 0, 1, 8, 9, 4, 5, 12, 13) + FAE_SHUFFLE8(ab, cd, 2, 3, 10, 11, 6, 7, 14, 15);
+  for (int t = 0; t < 4; ++t) out[t] = abcd[t] + abcd[t + 4];
+}
+
+FAE_INLINE float hsum(v8f v) {
+  float out[4];
+  hsum4(v, v8f{}, v8f{}, v8f{}, out);
+  return out[0];
+}
+
+}  // namespace flash_attn_ext::cpu::simd
