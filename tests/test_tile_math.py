@@ -1,4 +1,4 @@
-"""Builds and runs tests/cpp/test_tile_math.cpp: the CPU tile kernels against naive loops, in
+"""Builds and runs tests/cpp/test_tile_math.cpp: the CPU tile and decode kernels against naive loops, in
 the portable baseline build and in the run-time-dispatched build (whichever clone this CPU
 selects). The AVX-512 clone runs only where the CPU has AVX-512."""
 import os
@@ -18,6 +18,7 @@ def test_tile_math(tmp_path, flags):
     exe = tmp_path / "test_tile_math"
     subprocess.run([cxx, "-std=c++17", "-O2", "-Wall", "-Wno-psabi", *flags, "-I", os.path.join(ROOT, "csrc"),
                     os.path.join(HERE, "cpp", "test_tile_math.cpp"), os.path.join(ROOT, "csrc", "cpu", "tile_math.cpp"),
+                    os.path.join(ROOT, "csrc", "cpu", "decode_math.cpp"),
                     "-o", str(exe)], check=True)
     result = subprocess.run([str(exe)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

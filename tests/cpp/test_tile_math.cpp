@@ -3,11 +3,14 @@
 // x86-64 with FAE_NO_MULTIVERSION, and the run-time-dispatched build), so the portable
 // fallback is exercised even on a CPU where the dispatcher would never pick it.
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <cstdio>
 #include <limits>
 #include <random>
 #include <vector>
 
+#include "cpu/decode_math.h"
 #include "cpu/tile_math.h"
 
 using namespace flash_attn_ext::cpu;
@@ -40,6 +43,70 @@ static void check_gemm(bool trans_a, int64_t M, int64_t N, int64_t K, bool accum
                     (long)N, (long)K, (long)m, (long)n, C[m * ldc + n], ref);
     }
   }
+}
+
+// bf16 bits of x, rounded to nearest even (the tests' inputs are finite).
+static uint16_t to_bf16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return static_cast<uint16_t>((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+static float from_bf16(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+
+// dot_rows / axpy_rows (the decode inner loops) against double loops, for float and bf16 K/V,
+// every row count the decode path serves and head dims with and without a vector tail; rows
+// are reached through scattered pointers as in a paged cache.
+template <typename T>
+static void check_decode_math_for(std::mt19937& rng, T (*store)(float), float (*load)(T)) {
+  std::normal_distribution<float> nd;
+  for (int64_t rows = 1; rows <= kMaxDecodeRows; ++rows)
+    for (int64_t dim : {1, 8, 12, 16, 40, 64, 128, 200})
+      for (int64_t cols : {1, 5, 32}) {
+        const int64_t ld = cols + 3;
+        std::vector<float> q(rows * dim), p(rows * ld), acc(rows * dim), acc0;
+        std::vector<T> kv(cols * 2 * (dim + 7));
+        for (auto& x : q) x = nd(rng);
+        for (auto& x : p) x = nd(rng);
+        for (auto& x : acc) x = nd(rng);
+        for (auto& x : kv) x = store(nd(rng));
+        acc0 = acc;
+        std::vector<const T*> rows_ptr(cols);
+        for (int64_t c = 0; c < cols; ++c) rows_ptr[c] = kv.data() + ((c * 7) % cols) * 2 * (dim + 7) + c % 2;
+        // scores: one entry per key row, all against the same query rows
+        std::vector<const float*> qp(cols, q.data());
+        std::vector<float> s(rows * ld, -7.f);
+        std::vector<float*> sp(cols);
+        for (int64_t c = 0; c < cols; ++c) sp[c] = s.data() + c;
+        std::vector<const void*> pf(rows_ptr.begin(), rows_ptr.end());
+        dot_rows(cols, qp.data(), rows_ptr.data(), sp.data(), rows, dim, ld, pf.data(), dim * int64_t(sizeof(T)));
+        axpy_rows(p.data(), ld, rows, cols, rows_ptr.data(), dim, acc.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t c = 0; c < cols; ++c) {
+            double ref = 0;
+            for (int64_t d = 0; d < dim; ++d) ref += double(q[r * dim + d]) * load(rows_ptr[c][d]);
+            if (std::fabs(s[r * ld + c] - ref) > 1e-4 * (1 + std::sqrt(double(dim))) && ++failures <= 10)
+              std::printf("FAIL dot_rows rows=%ld dim=%ld cols=%ld\n", (long)rows, (long)dim, (long)cols);
+          }
+          for (int64_t c = cols; c < ld; ++c)
+            if (s[r * ld + c] != -7.f && ++failures <= 10) std::printf("FAIL dot_rows wrote padding\n");
+          for (int64_t d = 0; d < dim; ++d) {
+            double ref = acc0[r * dim + d];
+            for (int64_t c = 0; c < cols; ++c) ref += double(p[r * ld + c]) * load(rows_ptr[c][d]);
+            if (std::fabs(acc[r * dim + d] - ref) > 1e-4 * (1 + std::sqrt(double(cols))) && ++failures <= 10)
+              std::printf("FAIL axpy_rows rows=%ld dim=%ld cols=%ld\n", (long)rows, (long)dim, (long)cols);
+          }
+        }
+      }
+}
+
+static void check_decode_math(std::mt19937& rng) {
+  check_decode_math_for<float>(rng, [](float x) { return x; }, [](float x) { return x; });
+  check_decode_math_for<uint16_t>(rng, to_bf16, from_bf16);
 }
 
 int main() {
@@ -97,6 +164,7 @@ int main() {
     if (!std::isnan(row_max(x.data(), n)) && ++failures <= 10) std::printf("FAIL row_max NaN n=%ld\n", (long)n);
   }
   if (row_max(static_cast<const float*>(nullptr), 0) != -std::numeric_limits<float>::infinity()) ++failures;
+  check_decode_math(rng);
   std::printf("%s\n", failures ? "FAILED" : "ok");
   return failures ? 1 : 0;
 }
