@@ -70,6 +70,8 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
   constexpr bool kDirect = !std::is_void_v<direct_t>;
   // What the inner loops see: the cache itself, or the widened tile buffer.
   using read_t = std::conditional_t<kDirect, direct_t, acc_t>;
+  // bf16 read in place: q and the accumulators are kept pair-split (decode_math.h).
+  constexpr bool kPairSplit = std::is_same_v<read_t, uint16_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const int64_t L = p.len_q, G = p.group_size(), Hkv = p.heads_kv, Dk = p.dim_qk, Dv = p.dim_v;
   const int64_t R = G * L;  // rows of one KV head: row g * L + i is query head hk * G + g, position i
@@ -113,6 +115,8 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
         for (int64_t g = 0; g < G; ++g)  // Q pre-multiplied by the softmax scale
           load_rows(q_rows.at(b, hk * G + g, 0), q_rows.stride_l, L, Dk, scale,
                     q_all.data() + (hk * R + g * L) * Dk, Dk);
+      if constexpr (kPairSplit)
+        for (int64_t r = 0; r < Hkv * R; ++r) to_pair_split(q_all.data() + r * Dk, Dk);
       std::fill(m_run.begin(), m_run.end(), kNegInf);
       std::fill(l_run.begin(), l_run.end(), acc_t(0));
       std::fill(acc.begin(), acc.end(), acc_t(0));
@@ -178,6 +182,7 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
         for (int64_t r = 0; r < R; ++r) {
           const int64_t at = hk * R + r, h = hk * G + r / L, i = r % L;
           const int64_t row = (b * p.heads_q + h) * L + i;
+          if constexpr (kPairSplit) from_pair_split(acc.data() + at * Dv, Dv);
           if (n_splits > 1) {
             part_ml[(split * n_rows_all + row) * 2] = m_run[at];
             part_ml[(split * n_rows_all + row) * 2 + 1] = l_run[at];

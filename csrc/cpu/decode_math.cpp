@@ -1,5 +1,7 @@
 #include "decode_math.h"
 
+#include <type_traits>
+
 #include "simd.h"
 
 namespace flash_attn_ext::cpu {
@@ -15,6 +17,74 @@ FAE_INLINE float widen(uint16_t bits) {
   float f;
   std::memcpy(&f, &u, sizeof(f));
   return f;
+}
+
+// bf16 rows are read as 32-bit words, 16 elements a vector: a shift gives the even elements
+// and a mask the odd ones as two float vectors, no shuffles. The float rows they meet (scaled
+// q, the accumulators) are kept pair-split to match (see decode_math.h).
+FAE_INLINE void load16_split(const uint16_t* p, v8f& even, v8f& odd) {
+  simd::v8u w;
+  std::memcpy(&w, p, sizeof(w));
+  even = (v8f)(w << 16);
+  odd = (v8f)(w & 0xffff0000u);
+}
+
+template <int kRows>
+FAE_INLINE void dot_rows_bf16_n(const float* __restrict q, int64_t dim, const uint16_t* __restrict k, float* s,
+                                int64_t ld_s) {
+  v8f acc[kRows][2];
+  for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = v8f{};
+  const int64_t split_end = dim - dim % 16;
+  for (int64_t d = 0; d < split_end; d += 16) {
+    v8f ke, ko;
+    load16_split(k + d, ke, ko);
+    for (int r = 0; r < kRows; ++r) {
+      acc[r][0] += load8(q + r * dim + d) * ke;
+      acc[r][1] += load8(q + r * dim + d + 8) * ko;
+    }
+  }
+  float sums[kRows + 3];
+  for (int r = 0; r < kRows; ++r) acc[r][0] += acc[r][1];
+  for (int r = 0; r < kRows; r += 4)
+    simd::hsum4(acc[r][0], r + 1 < kRows ? acc[r + 1][0] : v8f{}, r + 2 < kRows ? acc[r + 2][0] : v8f{},
+                r + 3 < kRows ? acc[r + 3][0] : v8f{}, sums + r);
+  for (int r = 0; r < kRows; ++r) {
+    float sum = sums[r];
+    for (int64_t t = split_end; t < dim; ++t) sum += q[r * dim + t] * widen(k[t]);
+    s[r * ld_s] = sum;
+  }
+}
+
+template <int kRows>
+FAE_INLINE void axpy_rows_bf16_n(const float* __restrict p, int64_t ld_p, int64_t cols, const uint16_t* const* v,
+                                 int64_t dim, float* __restrict acc) {
+  const int64_t split_end = dim - dim % 16;
+  for (int64_t d = 0; d < split_end; d += 16) {
+    v8f a[kRows][2];
+    for (int r = 0; r < kRows; ++r) {
+      a[r][0] = load8(acc + r * dim + d);
+      a[r][1] = load8(acc + r * dim + d + 8);
+    }
+    for (int64_t c = 0; c < cols; ++c) {
+      v8f ve, vo;
+      load16_split(v[c] + d, ve, vo);
+      for (int r = 0; r < kRows; ++r) {
+        const float pr = p[r * ld_p + c];
+        a[r][0] += pr * ve;
+        a[r][1] += pr * vo;
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      store8(acc + r * dim + d, a[r][0]);
+      store8(acc + r * dim + d + 8, a[r][1]);
+    }
+  }
+  for (int64_t d = split_end; d < dim; ++d)
+    for (int r = 0; r < kRows; ++r) {
+      float sum = acc[r * dim + d];
+      for (int64_t c = 0; c < cols; ++c) sum += p[r * ld_p + c] * widen(v[c][d]);
+      acc[r * dim + d] = sum;
+    }
 }
 
 // kRows query rows against one key row. kUnroll independent accumulators per row keep the
@@ -59,7 +129,10 @@ FAE_INLINE void dot_list_n(int64_t n, const float* const* q, const src_t* const*
       const char* pf = static_cast<const char*>(prefetch[e]);
       for (int64_t off = 0; off < prefetch_bytes; off += 64) __builtin_prefetch(pf + off, 0, 3);
     }
-    dot_rows_n<kRows>(q[e], dim, k[e], s[e], ld_s);
+    if constexpr (std::is_same_v<src_t, uint16_t>)
+      dot_rows_bf16_n<kRows>(q[e], dim, k[e], s[e], ld_s);
+    else
+      dot_rows_n<kRows>(q[e], dim, k[e], s[e], ld_s);
   }
 }
 
@@ -110,6 +183,15 @@ FAE_INLINE void axpy_rows_n(const float* __restrict p, int64_t ld_p, int64_t col
     }
 }
 
+template <int kRows, typename src_t>
+FAE_INLINE void axpy_rows_pick(const float* p, int64_t ld_p, int64_t cols, const src_t* const* v, int64_t dim,
+                               float* acc) {
+  if constexpr (std::is_same_v<src_t, uint16_t>)
+    axpy_rows_bf16_n<kRows>(p, ld_p, cols, v, dim, acc);
+  else
+    axpy_rows_n<kRows>(p, ld_p, cols, v, dim, acc);
+}
+
 template <typename src_t>
 FAE_INLINE void axpy_rows_any(const float* p, int64_t ld_p, int64_t rows, int64_t cols, const src_t* const* v,
                               int64_t dim, float* acc) {
@@ -117,19 +199,41 @@ FAE_INLINE void axpy_rows_any(const float* p, int64_t ld_p, int64_t rows, int64_
     const float* pr = p + r0 * ld_p;
     float* ar = acc + r0 * dim;
     switch (rows - r0) {
-      case 1: axpy_rows_n<1>(pr, ld_p, cols, v, dim, ar); r0 += 1; break;
-      case 2: axpy_rows_n<2>(pr, ld_p, cols, v, dim, ar); r0 += 2; break;
-      case 3: axpy_rows_n<3>(pr, ld_p, cols, v, dim, ar); r0 += 3; break;
-      case 4: axpy_rows_n<4>(pr, ld_p, cols, v, dim, ar); r0 += 4; break;
-      case 5: axpy_rows_n<5>(pr, ld_p, cols, v, dim, ar); r0 += 5; break;
-      case 6: axpy_rows_n<6>(pr, ld_p, cols, v, dim, ar); r0 += 6; break;
-      case 7: axpy_rows_n<7>(pr, ld_p, cols, v, dim, ar); r0 += 7; break;
-      default: axpy_rows_n<8>(pr, ld_p, cols, v, dim, ar); r0 += 8; break;
+      case 1: axpy_rows_pick<1>(pr, ld_p, cols, v, dim, ar); r0 += 1; break;
+      case 2: axpy_rows_pick<2>(pr, ld_p, cols, v, dim, ar); r0 += 2; break;
+      case 3: axpy_rows_pick<3>(pr, ld_p, cols, v, dim, ar); r0 += 3; break;
+      case 4: axpy_rows_pick<4>(pr, ld_p, cols, v, dim, ar); r0 += 4; break;
+      case 5: axpy_rows_pick<5>(pr, ld_p, cols, v, dim, ar); r0 += 5; break;
+      case 6: axpy_rows_pick<6>(pr, ld_p, cols, v, dim, ar); r0 += 6; break;
+      case 7: axpy_rows_pick<7>(pr, ld_p, cols, v, dim, ar); r0 += 7; break;
+      default: axpy_rows_pick<8>(pr, ld_p, cols, v, dim, ar); r0 += 8; break;
     }
   }
 }
 
 }  // namespace
+
+void to_pair_split(float* x, int64_t dim) {
+  float block[16];
+  for (int64_t d = 0; d + 16 <= dim; d += 16) {
+    for (int t = 0; t < 8; ++t) {
+      block[t] = x[d + 2 * t];
+      block[8 + t] = x[d + 2 * t + 1];
+    }
+    std::memcpy(x + d, block, sizeof(block));
+  }
+}
+
+void from_pair_split(float* x, int64_t dim) {
+  float block[16];
+  for (int64_t d = 0; d + 16 <= dim; d += 16) {
+    for (int t = 0; t < 8; ++t) {
+      block[2 * t] = x[d + t];
+      block[2 * t + 1] = x[d + 8 + t];
+    }
+    std::memcpy(x + d, block, sizeof(block));
+  }
+}
 
 FAE_MULTIVERSION
 void dot_rows(int64_t n, const float* const* q, const float* const* k, float* const* s, int64_t rows, int64_t dim,

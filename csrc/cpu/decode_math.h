@@ -14,6 +14,14 @@ namespace flash_attn_ext::cpu {
 
 constexpr int64_t kMaxDecodeRows = 8;
 
+// bf16 K/V are widened 16 elements at a time as even and odd halves, so the float rows that
+// meet them are stored "pair-split": in every full block of 16 features, the 8 even-indexed
+// ones, then the 8 odd-indexed ones (features past the last full block stay in order). With
+// bf16 K/V, the q rows given to dot_rows and the acc rows given to axpy_rows are pair-split;
+// to_pair_split / from_pair_split convert a row in place.
+void to_pair_split(float* x, int64_t dim);
+void from_pair_split(float* x, int64_t dim);
+
 // For each entry e < n: s[e][r * ld_s] = sum_d q[e][r * dim + d] * k[e][d] for r < rows; the
 // scores of a key tile, entries listed in the cache's memory order (one pointer per key row,
 // so strided and paged caches read in place). With prefetch non-null, entry e also asks the
