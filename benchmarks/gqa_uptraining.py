@@ -1,14 +1,15 @@
 """A small replication of the GQA paper's conversion ablation (Ainslie et al. 2023, Table 1 /
 Figure 4): train a byte-level decoder from scratch as MHA on the Python standard library's
 source (offline), convert it to GQA-4, GQA-2 and MQA with mean, first and random pooling
-(flash_attn_ext.convert), uptrain each for alpha = 0.05 of the original steps
+(flash_attn_ext.convert) and with similarity grouping (heads whose keys/values are close on 512
+training bytes share a group, then mean), uptrain each for alpha = 0.05 of the original steps
 (examples/uptrain.py), and report held-out loss before and after uptraining with decode
 tokens/s through the KV cache. MHA continued for the same steps is the baseline.
 
     python benchmarks/gqa_uptraining.py [--steps 400] [--out benchmarks/results/gqa_uptraining]
 
 Writes <out>.txt (the table), <out>.csv and <out>.png (held-out loss during uptraining).
-About 6 minutes on 2 cores at the defaults.
+About 7 minutes on 2 cores at the defaults.
 """
 import argparse
 import csv
@@ -22,7 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
 
 import uptrain  # noqa: E402
-from flash_attn_ext import convert  # noqa: E402
+from flash_attn_ext import convert, head_similarity  # noqa: E402
 
 
 def main():
@@ -43,6 +44,10 @@ def main():
     print(f"pre-training MHA ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters) for "
           f"{args.steps} steps on {len(train_data) / 1e6:.1f} MB of stdlib source")
     uptrain.train(model, train_data, held_out, args.steps, out=mha_dir)
+    # Calibration for --method similarity: 4 x 128 training bytes through the trained MHA model.
+    gen = torch.Generator().manual_seed(1)
+    kv_activations = head_similarity.collect_kv_activations(
+        model, [uptrain.batch(train_data, 4, 128, gen, "cpu")[0]], max_tokens=512)
 
     rows, curves = [], {}
     variants = [("MHA", 8, "-")] + [(f"GQA-{g}" if g > 1 else "MQA", g, m) for g in args.groups for m in args.methods]
@@ -50,7 +55,8 @@ def main():
         src = mha_dir
         if groups != 8:
             src = os.path.join(work, f"{name}-{method}")
-            convert.convert_checkpoint(mha_dir, src, groups, method=method, progress=False)
+            convert.convert_checkpoint(mha_dir, src, groups, method=method, progress=False,
+                                       kv_activations=kv_activations if method == "similarity" else None)
         model = uptrain.load_checkpoint(src)
         before = uptrain.evaluate(model, held_out, 128)
         curve = [(0, before)] + uptrain.train(model, train_data, held_out, up_steps, eval_every=eval_every,

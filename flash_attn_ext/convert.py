@@ -5,14 +5,20 @@ the contiguous heads [g*r, (g+1)*r), r = old_kv_heads / num_kv_heads, and its ne
 is their mean (weights and biases; the paper's choice), their first head, or one chosen at
 random (seeded), for the paper's ablation. Query and output projections are unchanged, so
 num_kv_heads == old_kv_heads reproduces the input exactly; an already-GQA checkpoint converts
-to fewer groups. Uptraining (the paper's second step) is not part of this module yet.
+to fewer groups. `similarity` (beyond the paper, flash_attn_ext/head_similarity.py) first
+reorders each layer's heads so that heads whose keys and values are close on calibration text
+share a group (q/k/v/o projections permuted together: the model is unchanged), then pools by
+mean. Uptraining (the paper's second step) is examples/uptrain.py.
 
     python -m flash_attn_ext.convert --input llama-dir --output llama-gqa4 --num-kv-heads 4
+    python -m flash_attn_ext.convert --input llama-dir --output llama-gqa4s --num-kv-heads 4 \
+        --method similarity --calibration some.txt
     flash-attn-ext-convert --input ... --output ... --num-kv-heads 1 --method first --dtype bfloat16
 
 Library: `convert_state_dict` (tensors in memory) and `convert_checkpoint` (a HuggingFace
 directory: config.json with safetensors, single file or sharded with
-model.safetensors.index.json, or pytorch_model.bin read-only). The directory conversion
+model.safetensors.index.json, or pytorch_model.bin, single or sharded with
+pytorch_model.bin.index.json, read-only; the output is safetensors). The directory conversion
 validates everything before writing, never modifies the input, streams one shard at a time,
 writes into a temporary directory beside the output and renames it into place at the end.
 """
@@ -23,11 +29,13 @@ import re
 import shutil
 import sys
 import tempfile
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-METHODS = ("mean", "first", "random")
+from . import head_similarity
+
+METHODS = ("mean", "first", "random", "similarity")
 # Architectures with separate k_proj / v_proj and num_key_value_heads (this package's
 # flash_attn_ext.nn.Attention uses the same names).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "flash_attn_ext")
@@ -91,32 +99,62 @@ def pool_heads(t: torch.Tensor, old_kv_heads: int, num_kv_heads: int, method: st
 
 
 def _convert_tensors(items: Iterable[Tuple[str, torch.Tensor]], old_kv_heads: int, num_kv_heads: int, method: str,
-                     generator: torch.Generator, dtype: Optional[torch.dtype]) -> Dict[str, torch.Tensor]:
+                     generator: torch.Generator, dtype: Optional[torch.dtype],
+                     perms: Optional[Dict[str, List[int]]] = None, config: Optional[dict] = None) -> Dict[str, torch.Tensor]:
     out = {}
     for name, t in items:
+        if perms:
+            heads, _, head_dim = head_counts(config)
+            t = head_similarity.permute_tensor(name, t, perms, heads, old_kv_heads, head_dim)
         if _KV_KEY.search(name):
             if t.shape[0] % old_kv_heads:
                 raise ConversionError(f"{name} has {t.shape[0]} rows, not a multiple of the {old_kv_heads} "
                                       f"key/value heads the config declares")
-            t = pool_heads(t, old_kv_heads, num_kv_heads, method, generator)
+            t = pool_heads(t, old_kv_heads, num_kv_heads, "mean" if method == "similarity" else method, generator)
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         out[name] = t
     return out
 
 
+def similarity_orders(kv_activations: Dict[str, Tuple[torch.Tensor, torch.Tensor]], config: dict,
+                      num_kv_heads: int) -> Dict[str, List[int]]:
+    """The K/V head order of every attention module (by state-dict prefix) that puts heads with
+    close keys and values in the same group; kv_activations from
+    head_similarity.collect_kv_activations."""
+    _, old_kv_heads, head_dim = head_counts(config)
+    orders = {}
+    for prefix, (k, v) in kv_activations.items():
+        if k.shape[-1] != old_kv_heads * head_dim or v.shape[-1] != old_kv_heads * head_dim:
+            raise ConversionError(f"calibration activations of {prefix} have {k.shape[-1]} / {v.shape[-1]} features; "
+                                  f"the config declares {old_kv_heads} key/value heads of dim {head_dim}")
+        orders[prefix] = head_similarity.group_heads(k, v, num_kv_heads, old_kv_heads)
+    return orders
+
+
 def convert_state_dict(state_dict: Dict[str, torch.Tensor], config: dict, num_kv_heads: int, *,
-                       method: str = "mean", seed: int = 0,
-                       dtype: Optional[torch.dtype] = None) -> Tuple[Dict[str, torch.Tensor], dict]:
+                       method: str = "mean", seed: int = 0, dtype: Optional[torch.dtype] = None,
+                       kv_activations: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None,
+                       ) -> Tuple[Dict[str, torch.Tensor], dict]:
     """Returns (new state dict, new config) with num_kv_heads key/value heads. Every tensor
     whose name ends in k_proj/v_proj .weight/.bias is pooled; the rest is copied (cast to dtype
-    if given). The inputs are not modified."""
+    if given). method "similarity" needs kv_activations (head_similarity.collect_kv_activations
+    on calibration tokens) and also reorders q_proj / o_proj. The inputs are not modified."""
     check_conversion(config, num_kv_heads, method)
     _, old_kv_heads, _ = head_counts(config)
     if not any(_KV_KEY.search(k) for k in state_dict):
         raise ConversionError("no k_proj/v_proj tensors found in the state dict")
+    perms = None
+    if method == "similarity":
+        if not kv_activations:
+            raise ConversionError("method 'similarity' needs kv_activations (calibration outputs of k_proj/v_proj)")
+        perms = similarity_orders(kv_activations, config, num_kv_heads)
+        missing = sorted({m.group("prefix") for k in state_dict if (m := head_similarity._PROJ.match(k))} - set(perms))
+        if missing:
+            raise ConversionError(f"no calibration activations for attention modules {missing}")
     generator = torch.Generator().manual_seed(seed)
-    new_sd = _convert_tensors(sorted(state_dict.items()), old_kv_heads, num_kv_heads, method, generator, dtype)
+    new_sd = _convert_tensors(sorted(state_dict.items()), old_kv_heads, num_kv_heads, method, generator, dtype,
+                              perms, config)
     new_config = dict(config, num_key_value_heads=num_kv_heads)
     if dtype is not None:
         new_config["torch_dtype"] = str(dtype).replace("torch.", "")
@@ -131,9 +169,21 @@ def _weight_files(input_dir: str) -> Tuple[str, list]:
             return "safetensors", sorted(set(json.load(f)["weight_map"].values()))
     if os.path.exists(os.path.join(input_dir, "model.safetensors")):
         return "safetensors", ["model.safetensors"]
+    bin_index = os.path.join(input_dir, "pytorch_model.bin.index.json")
+    if os.path.exists(bin_index):
+        with open(bin_index) as f:
+            return "bin", sorted(set(json.load(f)["weight_map"].values()))
     if os.path.exists(os.path.join(input_dir, "pytorch_model.bin")):
         return "bin", ["pytorch_model.bin"]
     raise ConversionError(f"{input_dir} holds no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def _safetensors_name(bin_shard: str, n_shards: int) -> str:
+    """Output name of a .bin shard: pytorch_model-00001-of-00002.bin -> model-00001-of-00002.safetensors."""
+    if n_shards == 1:
+        return "model.safetensors"
+    stem = bin_shard[:-len(".bin")] if bin_shard.endswith(".bin") else bin_shard
+    return (stem[len("pytorch_"):] if stem.startswith("pytorch_") else stem) + ".safetensors"
 
 
 def kv_cache_bytes_per_token(config: dict, kv_heads: int, dtype_bytes: int) -> int:
@@ -149,10 +199,47 @@ def _human(nbytes: int) -> str:
         nbytes /= 1024
 
 
+def _calibration_activations(input_dir: str, config: dict, text_path: str, max_tokens: int):
+    """k_proj / v_proj outputs of the input model (loaded with transformers) on the first
+    max_tokens tokens of a text file: tokenized with the checkpoint's tokenizer when it has one,
+    else read as bytes (ids = byte % vocab_size)."""
+    if config.get("model_type") == "flash_attn_ext":
+        raise ConversionError("--calibration runs the model with transformers, which cannot load model_type "
+                              "'flash_attn_ext'; use convert_state_dict / convert_checkpoint with kv_activations "
+                              "(flash_attn_ext.head_similarity.collect_kv_activations) instead")
+    if not os.path.isfile(text_path):
+        raise ConversionError(f"calibration text {text_path} does not exist")
+    try:
+        import transformers
+    except ImportError:
+        raise ConversionError("--method similarity needs transformers (pip install 'flash_attn_ext[convert]')") from None
+    with open(text_path, "rb") as f:
+        raw = f.read(16 * max_tokens)
+    if not raw:
+        raise ConversionError(f"calibration text {text_path} is empty")
+    tokenizer_files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+    if any(os.path.exists(os.path.join(input_dir, n)) for n in tokenizer_files):
+        tok = transformers.AutoTokenizer.from_pretrained(input_dir)
+        ids = tok(raw.decode("utf-8", errors="replace"), return_tensors="pt")["input_ids"][0]
+    else:
+        ids = torch.tensor(list(raw), dtype=torch.long) % int(config["vocab_size"])
+    ids = ids[:max_tokens]
+    seq = min(512, int(config.get("max_position_embeddings", 512)))
+    batches = [ids[i:i + seq].unsqueeze(0) for i in range(0, len(ids), seq)]
+    model = transformers.AutoModelForCausalLM.from_pretrained(input_dir, torch_dtype=torch.float32)
+    acts = head_similarity.collect_kv_activations(model, batches, max_tokens=max_tokens)
+    del model
+    return acts
+
+
 def convert_checkpoint(input_dir: str, output_dir: str, num_kv_heads: int, *, method: str = "mean", seed: int = 0,
-                       dtype: Optional[str] = None, progress: bool = True, force: bool = False) -> dict:
+                       dtype: Optional[str] = None, progress: bool = True, force: bool = False,
+                       calibration: Optional[str] = None, calibration_tokens: int = 2048,
+                       kv_activations: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None) -> dict:
     """Converts a HuggingFace-format checkpoint directory; returns the new config. See the
-    module docstring for what is validated and how the output is written."""
+    module docstring for what is validated and how the output is written. method "similarity"
+    needs calibration (a text file; the model is run with transformers, so the whole model is
+    in memory once) or precomputed kv_activations."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -184,6 +271,12 @@ def convert_checkpoint(input_dir: str, output_dir: str, num_kv_heads: int, *, me
         else:
             shapes = {k: list(v.shape) for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
         for name, shape in shapes.items():
+            m = head_similarity._PROJ.match(name)
+            if method == "similarity" and m and m["kind"] == "weight" and m["proj"] in ("q_proj", "o_proj"):
+                dim = 0 if m["proj"] == "q_proj" else 1
+                if len(shape) != 2 or shape[dim] != heads * head_dim:
+                    raise ConversionError(f"{name} has shape {list(shape)}; the config declares {heads} query heads "
+                                          f"of dim {head_dim} ({heads * head_dim} {'rows' if dim == 0 else 'columns'})")
             if _KV_KEY.search(name):
                 n_kv += 1
                 kv_names.add(name)
@@ -201,6 +294,21 @@ def convert_checkpoint(input_dir: str, output_dir: str, num_kv_heads: int, *, me
     if layers is not None and n_k != int(layers):
         raise ConversionError(f"the checkpoint has {n_k} k_proj weights but the config declares {layers} layers: "
                               f"missing tensors")
+
+    perms, spread = None, None
+    if method == "similarity":
+        if kv_activations is None:
+            if calibration is None:
+                raise ConversionError("method 'similarity' needs --calibration TEXT_FILE (or kv_activations)")
+            kv_activations = _calibration_activations(input_dir, config, calibration, calibration_tokens)
+        perms = similarity_orders(kv_activations, config, num_kv_heads)
+        modules = {_KV_KEY.split(n)[0].rstrip(".") for n in kv_names}
+        if modules - set(perms):
+            raise ConversionError(f"no calibration activations for attention modules {sorted(modules - set(perms))}")
+        contiguous = list(range(old_kv_heads))
+        spread = [head_similarity.grouping_spread(k, v, old_kv_heads, perms[p], num_kv_heads)
+                  / max(head_similarity.grouping_spread(k, v, old_kv_heads, contiguous, num_kv_heads), 1e-30)
+                  for p, (k, v) in kv_activations.items() if p in modules]
 
     parent = os.path.dirname(os.path.abspath(output_dir))
     tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)
@@ -220,13 +328,15 @@ def convert_checkpoint(input_dir: str, output_dir: str, num_kv_heads: int, *, me
                     tensors = {k: f.get_tensor(k) for k in f.keys()}
             else:
                 metadata, tensors = {}, torch.load(path, map_location="cpu", weights_only=True)
-            converted = _convert_tensors(sorted(tensors.items()), old_kv_heads, num_kv_heads, method, generator, target)
-            out_name = shard if kind == "safetensors" else "model.safetensors"
+            converted = _convert_tensors(sorted(tensors.items()), old_kv_heads, num_kv_heads, method, generator, target,
+                                         perms, config)
+            out_name = shard if kind == "safetensors" else _safetensors_name(shard, len(shards))
             save_file(converted, os.path.join(tmp, out_name), metadata={**metadata, "format": "pt"})
             weight_map.update({k: out_name for k in converted})
             del tensors, converted
         if len(shards) > 1:
-            with open(os.path.join(input_dir, "model.safetensors.index.json")) as f:
+            index_name = "model.safetensors.index.json" if kind == "safetensors" else "pytorch_model.bin.index.json"
+            with open(os.path.join(input_dir, index_name)) as f:
                 index = json.load(f)
             total = sum(os.path.getsize(os.path.join(tmp, s)) for s in set(weight_map.values()))
             index["metadata"] = dict(index.get("metadata", {}), total_size=total)
@@ -258,6 +368,9 @@ def convert_checkpoint(input_dir: str, output_dir: str, num_kv_heads: int, *, me
     print(f"converted {input_dir} -> {output_dir}: {heads} query heads, key/value heads {old_kv_heads} -> "
           f"{num_kv_heads} ({method}); KV cache per token {_human(before)} -> {_human(after)} "
           f"({before / after:.1f}x smaller)")
+    if spread:
+        print(f"similarity grouping: within-group K/V spread {100 * sum(spread) / len(spread):.0f}% of the contiguous "
+              f"grouping's (mean over {len(spread)} layers; lower loses less when pooled)")
     return new_config
 
 
@@ -270,13 +383,16 @@ def main(argv=None) -> int:
     ap.add_argument("--num-kv-heads", type=int, required=True, help="key/value heads after conversion")
     ap.add_argument("--method", choices=METHODS, default="mean", help="how a group's heads become one")
     ap.add_argument("--seed", type=int, default=0, help="for --method random")
+    ap.add_argument("--calibration", help="text file for --method similarity (the model runs on it with transformers)")
+    ap.add_argument("--calibration-tokens", type=int, default=2048, help="tokens of --calibration to use")
     ap.add_argument("--dtype", choices=sorted(_DTYPES), help="cast floating tensors (default: keep)")
     ap.add_argument("--force", action="store_true", help="replace an existing output directory (once done)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     try:
         convert_checkpoint(args.input, args.output, args.num_kv_heads, method=args.method, seed=args.seed,
-                           dtype=args.dtype, progress=not args.no_progress, force=args.force)
+                           dtype=args.dtype, progress=not args.no_progress, force=args.force,
+                           calibration=args.calibration, calibration_tokens=args.calibration_tokens)
     except ConversionError as e:
         print(f"flash-attn-ext-convert: error: {e}", file=sys.stderr)
         return 2
