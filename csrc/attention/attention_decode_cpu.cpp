@@ -7,6 +7,8 @@
 // (B, S, H, D), head-major for (B, H, S, D)), keeping every head's online-softmax state
 // (running max, running sum, accumulator) at once. Tasks split the key band (Flash-Decoding)
 // when sequences are fewer than threads; partial states merge exactly (merge_split_states).
+// float and bf16 caches are read in place by the inner loops (csrc/cpu/decode_math.h), which
+// widen in registers; fp16 and float64 tiles are widened into a buffer first.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
