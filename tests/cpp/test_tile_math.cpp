@@ -78,13 +78,23 @@ static void check_decode_math_for(std::mt19937& rng, T (*store)(float), float (*
         std::vector<const T*> rows_ptr(cols);
         for (int64_t c = 0; c < cols; ++c) rows_ptr[c] = kv.data() + ((c * 7) % cols) * 2 * (dim + 7) + c % 2;
         // scores: one entry per key row, all against the same query rows
-        std::vector<const float*> qp(cols, q.data());
         std::vector<float> s(rows * ld, -7.f);
         std::vector<float*> sp(cols);
         for (int64_t c = 0; c < cols; ++c) sp[c] = s.data() + c;
         std::vector<const void*> pf(rows_ptr.begin(), rows_ptr.end());
-        dot_rows(cols, qp.data(), rows_ptr.data(), sp.data(), rows, dim, ld, pf.data(), dim * int64_t(sizeof(T)));
+        // bf16 rows meet pair-split q and accumulators (decode_math.h); the references stay in order.
+        constexpr bool split = sizeof(T) == 2;
+        std::vector<float> qs(q);
+        if (split)
+          for (int64_t r = 0; r < rows; ++r) {
+            to_pair_split(qs.data() + r * dim, dim);
+            to_pair_split(acc.data() + r * dim, dim);
+          }
+        std::vector<const float*> qsp(cols, qs.data());
+        dot_rows(cols, qsp.data(), rows_ptr.data(), sp.data(), rows, dim, ld, pf.data(), dim * int64_t(sizeof(T)));
         axpy_rows(p.data(), ld, rows, cols, rows_ptr.data(), dim, acc.data());
+        if (split)
+          for (int64_t r = 0; r < rows; ++r) from_pair_split(acc.data() + r * dim, dim);
         for (int64_t r = 0; r < rows; ++r) {
           for (int64_t c = 0; c < cols; ++c) {
             double ref = 0;
