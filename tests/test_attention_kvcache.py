@@ -199,3 +199,24 @@ def test_split_kv_forced_both_ways(device, monkeypatch, splits, Hq, Hkv, L, wind
             causal=True, window_size=window, return_softmax_lse=True)
     _check(out[1:], lse[1:], q[1:], kc[1:], vc[1:], lens[1:], (window[0], 0), torch.float32)
     assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isneginf(lse[0]).all()
+
+
+@pytest.mark.parametrize("bf16_dot", ["1", "0"])
+@pytest.mark.parametrize("D", [40, 64, 128])
+@pytest.mark.parametrize("Hq,Hkv,L", [(8, 2, 1), (4, 4, 1), (8, 1, 1), (4, 2, 3)])
+def test_bf16_decode_both_score_loops(monkeypatch, bf16_dot, D, Hq, Hkv, L):
+    """CPU bf16 decode through both score loops: AVX512-BF16 vdpbf16ps where the CPU has it and
+    the widening loop (FLASH_ATTN_EXT_CPU_BF16_DOT=0); head dims with and without a tail past
+    the last 16 features; flash-attn (B, S, H, D) and transformers (B, H, S, D) cache layouts."""
+    monkeypatch.setenv("FLASH_ATTN_EXT_CPU_BF16_DOT", bf16_dot)
+    B, S_max = 2, 300
+    q, kc, vc = _case(B, Hq, Hkv, L, S_max, D, torch.bfloat16, "cpu", seed=D + Hkv)
+    lens = [S_max, 131]
+    for layout in ("bshd", "bhsd"):
+        k_in = kc if layout == "bshd" else kc.transpose(1, 2).contiguous().transpose(1, 2)
+        v_in = vc if layout == "bshd" else vc.transpose(1, 2).contiguous().transpose(1, 2)
+        with torch.no_grad():
+            out, lse = flash_attn_ext.attention_with_kvcache(
+                q, k_in, v_in, cache_seqlens=torch.tensor(lens, dtype=torch.int32), causal=True,
+                return_softmax_lse=True)
+        _check(out, lse, q, kc, vc, lens, (-1, 0), torch.bfloat16)

@@ -14,6 +14,13 @@ namespace flash_attn_ext::cpu {
 
 constexpr int64_t kMaxDecodeRows = 8;
 
+// Rows the caller reads next (count rows of bytes each), requested by the score loop while it
+// computes: entry e of n asks for rows [e * count / n, (e + 1) * count / n).
+struct PrefetchList {
+  const void* const* rows = nullptr;
+  int64_t count = 0, bytes = 0;
+};
+
 // bf16 K/V are widened 16 elements at a time as even and odd halves, so the float rows that
 // meet them are stored "pair-split": in every full block of 16 features, the 8 even-indexed
 // ones, then the 8 odd-indexed ones (features past the last full block stay in order). With
@@ -24,15 +31,20 @@ void from_pair_split(float* x, int64_t dim);
 
 // For each entry e < n: s[e][r * ld_s] = sum_d q[e][r * dim + d] * k[e][d] for r < rows; the
 // scores of a key tile, entries listed in the cache's memory order (one pointer per key row,
-// so strided and paged caches read in place). With prefetch non-null, entry e also asks the
-// caches for prefetch_bytes at prefetch[e] (the rows the caller reads next), spread over the
-// arithmetic instead of issued in one burst the miss queues would drop.
+// so strided and paged caches read in place); meanwhile it requests the prefetch list.
 void dot_rows(int64_t n, const float* const* q, const float* const* k, float* const* s, int64_t rows, int64_t dim,
-              int64_t ld_s, const void* const* prefetch, int64_t prefetch_bytes);
+              int64_t ld_s, const PrefetchList& prefetch);
 void dot_rows(int64_t n, const float* const* q, const uint16_t* const* k_bf16, float* const* s, int64_t rows,
-              int64_t dim, int64_t ld_s, const void* const* prefetch, int64_t prefetch_bytes);
+              int64_t dim, int64_t ld_s, const PrefetchList& prefetch);
 void dot_rows(int64_t n, const double* const* q, const double* const* k, double* const* s, int64_t rows,
-              int64_t dim, int64_t ld_s, const void* const* prefetch, int64_t prefetch_bytes);
+              int64_t dim, int64_t ld_s, const PrefetchList& prefetch);
+
+// Scores of bf16 q rows (natural order, unscaled) against bf16 key rows with AVX512-BF16's
+// vdpbf16ps: exact bf16 products, summed in float32, times scale. Only where has_bf16_dot()
+// (a CPU with AVX512-BF16 and a GCC build); otherwise dot_rows on pair-split float q.
+bool has_bf16_dot();
+void dot_rows_bf16_dot(int64_t n, const uint16_t* const* q, const uint16_t* const* k, float* const* s, int64_t rows,
+                       int64_t dim, int64_t ld_s, float scale, const PrefetchList& prefetch);
 
 // acc[r * dim + d] += sum_c p[r * ld_p + c] * v[c][d] for r < rows, c < cols, d < dim: the
 // probabilities of a key tile times its V rows (one pointer per row, so strided and paged

@@ -91,7 +91,8 @@ static void check_decode_math_for(std::mt19937& rng, T (*store)(float), float (*
             to_pair_split(acc.data() + r * dim, dim);
           }
         std::vector<const float*> qsp(cols, qs.data());
-        dot_rows(cols, qsp.data(), rows_ptr.data(), sp.data(), rows, dim, ld, pf.data(), dim * int64_t(sizeof(T)));
+        dot_rows(cols, qsp.data(), rows_ptr.data(), sp.data(), rows, dim, ld,
+                 PrefetchList{pf.data(), cols, dim * int64_t(sizeof(T))});
         axpy_rows(p.data(), ld, rows, cols, rows_ptr.data(), dim, acc.data());
         if (split)
           for (int64_t r = 0; r < rows; ++r) from_pair_split(acc.data() + r * dim, dim);
