@@ -96,6 +96,27 @@ static void check_decode_math_for(std::mt19937& rng, T (*store)(float), float (*
         axpy_rows(p.data(), ld, rows, cols, rows_ptr.data(), dim, acc.data());
         if (split)
           for (int64_t r = 0; r < rows; ++r) from_pair_split(acc.data() + r * dim, dim);
+        if constexpr (sizeof(T) == 2) {
+          if (has_bf16_dot()) {  // vdpbf16ps scores: bf16 q (natural order), scale on the sums
+            std::vector<uint16_t> qb(rows * dim);
+            for (int64_t i = 0; i < rows * dim; ++i) qb[i] = to_bf16(q[i]);
+            std::vector<const uint16_t*> qbp(cols, qb.data());
+            std::vector<float> sb(rows * ld, -7.f);
+            std::vector<float*> sbp(cols);
+            for (int64_t c = 0; c < cols; ++c) sbp[c] = sb.data() + c;
+            dot_rows_bf16_dot(cols, qbp.data(), rows_ptr.data(), sbp.data(), rows, dim, ld, 0.5f, PrefetchList{});
+            for (int64_t r = 0; r < rows; ++r)
+              for (int64_t c = 0; c < ld; ++c) {
+                double ref = 0;
+                for (int64_t d = 0; d < dim; ++d) ref += double(from_bf16(qb[r * dim + d])) * from_bf16(rows_ptr[c < cols ? c : 0][d]);
+                const bool ok = c < cols ? std::fabs(sb[r * ld + c] - 0.5 * ref) <= 1e-4 * (1 + std::sqrt(double(dim)))
+                                         : sb[r * ld + c] == -7.f;
+                if (!ok && ++failures <= 10)
+                  std::printf("FAIL dot_rows_bf16_dot rows=%ld dim=%ld cols=%ld c=%ld\n", (long)rows, (long)dim,
+                              (long)cols, (long)c);
+              }
+          }
+        }
         for (int64_t r = 0; r < rows; ++r) {
           for (int64_t c = 0; c < cols; ++c) {
             double ref = 0;
@@ -176,6 +197,7 @@ int main() {
   }
   if (row_max(static_cast<const float*>(nullptr), 0) != -std::numeric_limits<float>::infinity()) ++failures;
   check_decode_math(rng);
+  std::printf("bf16 dot (AVX512-BF16): %s\n", has_bf16_dot() ? "tested" : "not on this CPU/build");
   std::printf("%s\n", failures ? "FAILED" : "ok");
   return failures ? 1 : 0;
 }
