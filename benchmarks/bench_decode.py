@@ -8,6 +8,8 @@ cache kernel (concatenate the new token's K/V to the past, then SDPA).
     python benchmarks/bench_decode.py [--seq 8192 32768] [--batch 1 4] [--kv-heads 8]
                                       [--dtypes bfloat16 float32] [--csv out.csv]
     python benchmarks/bench_decode.py --issue-grid      # B 1/8/32 x S 1k/8k/32k x 32/8, 32/32 heads (long)
+    python benchmarks/bench_decode.py --device cuda --issue-grid   # adds S = 128k; CUDA SDPA backends
+    [--csv out.csv] [--plot out.png]
 """
 import argparse
 import csv
@@ -20,17 +22,21 @@ import flash_attn_ext
 
 
 def best_time(fn, reps=10):
+    """Minimum wall time of fn over reps (after a warm-up), synchronising the GPU if one is used."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
     fn()
+    sync()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return min(times)
 
 
-def copy_bandwidth_gbs(nbytes=1 << 30):
-    src = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
+def copy_bandwidth_gbs(device="cpu", nbytes=1 << 30):
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
     t = best_time(lambda: dst.copy_(src), reps=5)
     return 2 * nbytes / t / 1e9  # read + write
@@ -45,15 +51,20 @@ def main():
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--csv")
+    ap.add_argument("--plot", help="PNG: our fraction of the copy bandwidth per row")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--issue-grid", action="store_true", help="the issue's full grid, bf16 (long on 2 cores)")
     ap.add_argument("--max-gb", type=float, default=4.0, help="skip rows whose K+V caches exceed this")
     args = ap.parse_args()
     grid = [(args.kv_heads, B, S) for B in args.batch for S in args.seq]
     if args.issue_grid:
         args.dtypes = ["bfloat16"]
-        grid = [(hkv, B, S) for hkv in (8, 32) for B in (1, 8, 32) for S in (1024, 8192, 32768)]
-    ceiling = copy_bandwidth_gbs()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; copy bandwidth {ceiling:.1f} GB/s")
+        seqs = (1024, 8192, 32768) + ((131072,) if args.device == "cuda" else ())
+        grid = [(hkv, B, S) for hkv in (8, 32) for B in (1, 8, 32) for S in seqs]
+    dev = args.device
+    ceiling = copy_bandwidth_gbs(dev)
+    where = torch.cuda.get_device_name() if dev == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}; copy bandwidth {ceiling:.1f} GB/s")
     print(f"{'dtype':9} {'Hkv':>3} {'B':>2} {'S':>6} | {'ours us':>9} {'GB/s':>6} {'of copy':>7} | "
           f"{'torch us':>9} {'ours/torch':>10} | {'concat us':>9} {'ours/concat':>11}")
     rows = []
@@ -64,10 +75,10 @@ def main():
             if 2 * B * S * Hkv * D * dtype.itemsize > args.max_gb * 2**30:
                 print(f"{dtype_name:9} {Hkv:>3} {B:>2} {S:>6} | skipped: the caches exceed --max-gb {args.max_gb}")
                 continue
-            kc = torch.randn(B, S, Hkv, D, dtype=dtype)
-            vc = torch.randn(B, S, Hkv, D, dtype=dtype)
-            q = torch.randn(B, 1, H, D, dtype=dtype)
-            lens = torch.full((B,), S, dtype=torch.int32)
+            kc = torch.randn(B, S, Hkv, D, dtype=dtype, device=dev)
+            vc = torch.randn(B, S, Hkv, D, dtype=dtype, device=dev)
+            q = torch.randn(B, 1, H, D, dtype=dtype, device=dev)
+            lens = torch.full((B,), S, dtype=torch.int32, device=dev)
             with torch.inference_mode():
                 ours = best_time(lambda: flash_attn_ext.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True))
                 qt, kt, vt = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
@@ -85,11 +96,25 @@ def main():
             print(f"{dtype_name:9} {Hkv:>3} {B:>2} {S:>6} | {row['ours_us']:9.0f} {gbs:6.1f} {row['fraction_of_copy']:7.2f} | "
                   f"{row['torch_us']:9.0f} {row['ratio_vs_torch']:10.2f} | {row['concat_us']:9.0f} "
                   f"{row['ratio_vs_concat']:11.2f}", flush=True)
-    if args.csv:
+    if args.csv and rows:
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
             w.writeheader()
             w.writerows(rows)
+    if args.plot and rows:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        labels = [f"{r['dtype'][:4]} {r['Hkv']}kv B{r['B']} S{r['S'] // 1024}k" for r in rows]
+        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(rows)), 4))
+        ax.bar(range(len(rows)), [r["fraction_of_copy"] for r in rows])
+        ax.axhline(0.7 if dev == "cpu" else 0.8, color="red", linestyle="--", label="target")
+        ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("K/V read GB/s / copy GB/s")
+        ax.set_title(f"decode, {where}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
 
 
 if __name__ == "__main__":

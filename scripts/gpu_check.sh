@@ -44,6 +44,9 @@ fi
 if [ -z "${SKIP_BENCH:-}" ]; then
   step bench 200 $py benchmarks/bench_attention_cuda.py --quick --csv "$out/bench_cuda.csv"
   cat "$out/bench.log"
+  step bench_decode 120 $py benchmarks/bench_decode.py --device cuda --seq 8192 32768 131072 --batch 1 8 \
+    --dtypes bfloat16 --csv "$out/bench_decode.csv"
+  cat "$out/bench_decode.log"
 fi
 echo
 cat "$out/summary.md"

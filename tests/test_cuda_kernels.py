@@ -232,3 +232,58 @@ def test_training_loop_matches_torch_sdpa():
         losses[name] = torch.tensor(curve)
     assert losses["ours"][-20:].mean() < 0.5 * losses["ours"][:20].mean(), "the model did not learn"
     assert (losses["ours"] - losses["theirs"]).abs().max().item() < 0.05 * losses["theirs"].max().item()
+
+
+DECODE_CASES = {  # B, Hq, Hkv, L, S_max, lens, window_left
+    "gqa_decode": (3, 32, 8, 1, 1000, [1000, 1, 513], -1),
+    "mqa_16_rows": (2, 16, 1, 1, 700, [700, 129], -1),
+    "prefill_chunk": (2, 8, 2, 4, 600, [600, 4], -1),  # L = 4 rows per head, bottom-right causal
+    "window": (2, 8, 2, 1, 900, [900, 300], 200),
+    "empty_sequence": (2, 4, 4, 1, 300, [0, 300], -1),
+}
+
+
+@pytest.mark.parametrize("splits", ["auto", "1", "5"])
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(DECODE_CASES))
+def test_split_kv_decode_kernel(monkeypatch, case, dtype, D, splits):
+    """The CUDA decode kernels (pinned with FLASH_ATTN_EXT_CUDA_FAST=require; split count
+    automatic or forced) against the float64 reference per sequence, and against the safety net."""
+    from test_attention_kvcache import _case, _check
+    B, Hq, Hkv, L, S_max, lens, left = DECODE_CASES[case]
+    q, kc, vc = _case(B, Hq, Hkv, L, S_max, D, dtype, "cuda", seed=D + len(case))
+    if splits != "auto":
+        monkeypatch.setenv("FLASH_ATTN_EXT_NUM_SPLITS", splits)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    kw = dict(cache_seqlens=seqlens, causal=True, window_size=(left, -1), return_softmax_lse=True)
+    with torch.no_grad():
+        monkeypatch.setenv("FLASH_ATTN_EXT_CUDA_FAST", "require")
+        out, lse = flash_attn_ext.attention_with_kvcache(q, kc, vc, **kw)
+        monkeypatch.setenv("FLASH_ATTN_EXT_CUDA_FAST", "0")
+        safe_out, safe_lse = flash_attn_ext.attention_with_kvcache(q, kc, vc, **kw)
+    _check(out, lse, q, kc, vc, lens, (left, 0), dtype)
+    _check(safe_out, safe_lse, q, kc, vc, lens, (left, 0), dtype)
+
+
+def test_split_kv_decode_kernel_paged(monkeypatch):
+    from test_attention_kvcache import _case, _check
+    from test_paged_kv_cache import _paged_copy
+    monkeypatch.setenv("FLASH_ATTN_EXT_CUDA_FAST", "require")
+    monkeypatch.setenv("FLASH_ATTN_EXT_NUM_SPLITS", "3")
+    q, kc, vc = _case(2, 8, 2, 1, 512, 128, torch.bfloat16, "cuda", seed=3)
+    kp, vp, table = _paged_copy(kc, vc, 64)
+    lens = [512, 77]
+    with torch.no_grad():
+        out, lse = flash_attn_ext.attention_with_kvcache(
+            q, kp, vp, cache_seqlens=torch.tensor(lens, dtype=torch.int32, device="cuda"), causal=True,
+            return_softmax_lse=True, block_table=table)
+    _check(out, lse, q, kc, vc, lens, (-1, 0), torch.bfloat16)
+
+
+def test_split_kv_decode_kernel_declines_what_it_does_not_serve(monkeypatch):
+    monkeypatch.setenv("FLASH_ATTN_EXT_CUDA_FAST", "require")
+    q = torch.randn(1, 1, 8, 80, device="cuda", dtype=torch.float16)
+    kc = torch.randn(1, 32, 8, 80, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="head dim not in"), torch.no_grad():
+        flash_attn_ext.attention_with_kvcache(q, kc, kc.clone(), cache_seqlens=torch.tensor([32], device="cuda"))

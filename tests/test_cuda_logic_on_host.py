@@ -21,13 +21,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-@pytest.mark.parametrize("program", ["test_attention_rows", "test_mma_layout", "test_mma_kernels_emulated"])
+@pytest.mark.parametrize("program", ["test_attention_rows", "test_mma_layout", "test_mma_kernels_emulated",
+                                     "test_decode_kernel_emulated"])
 def test_host_program(tmp_path, program):
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     assert cxx, "a C++ compiler is needed (the extension itself is built with one)"
     exe = tmp_path / program
     flags = ["-std=c++17", "-Werror"]
-    if program == "test_mma_kernels_emulated":  # std::barrier; the kernel's #pragma unroll
+    if program.endswith("_emulated"):  # std::barrier; the kernels' #pragma unroll
         flags = ["-std=c++20", "-pthread", "-Wno-unknown-pragmas", "-I", os.path.join(HERE, "cpp")]
     subprocess.run([cxx, *flags, "-O1", "-Wall", "-I", os.path.join(ROOT, "csrc"),
                     os.path.join(HERE, "cpp", program + ".cpp"), "-o", str(exe)], check=True)

@@ -1,5 +1,6 @@
 // CUDA kernel of flash_attn_ext::attention_kvcache: the optional append (kv_cache_append's
-// CUDA kernel), then the forward row kernel with per-sequence key lengths on the device, so
+// CUDA kernel), then the split-KV decode kernels (attention_decode_cuda.h) when they serve
+// the call, else the forward row kernel, both with per-sequence key lengths on the device, so
 // each query row visits only its own sequence's visible keys. Validation, which reads
 // cache_seqlens on the host, comes first: a bad call writes nothing.
 #include <ATen/ATen.h>
@@ -8,7 +9,10 @@
 
 #include "../attention/attention_forward_cuda.h"
 #include "../attention/attention_host.h"
+#include "attention_decode_cuda.h"
 #include "kv_cache_host.h"
+
+#include <algorithm>
 
 namespace flash_attn_ext::cuda {
 namespace {
@@ -32,7 +36,9 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_cuda(
   p.seqlens_k = lens_dev.data_ptr<int64_t>();
   at::Tensor out = empty_attention_output(q, p.dim_v);
   at::Tensor lse = at::empty({p.batch, p.heads_q, p.len_q}, q.options().dtype(lse_dtype(q.scalar_type())));
-  run_attention_forward_cuda(p, MaskView{}, q, k_cache, v_cache, out, lse, nullptr);
+  const int64_t max_len = lens.empty() ? 0 : *std::max_element(lens.begin(), lens.end());
+  if (!try_attention_decode_cuda(p, q, k_cache, v_cache, out, lse, max_len))
+    run_attention_forward_cuda(p, MaskView{}, q, k_cache, v_cache, out, lse, nullptr);
   return {out, lse};
 }
 

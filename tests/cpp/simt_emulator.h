@@ -101,6 +101,7 @@ inline uint16_t from_float(float x, BFloat16) {
 }  // namespace emu
 
 inline void __syncthreads() { emu::block().all->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_sync(); }
 
 template <typename T>
 T __shfl_xor_sync(unsigned, T value, int lane_mask) {

@@ -1,0 +1,112 @@
+// Chooses and launches the split-KV decode kernels; see attention_decode_cuda.h.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#include "../attention/attention_forward_mma.h"
+#include "attention_decode_cuda.h"
+#include "attention_decode_cuda_kernel.cuh"
+
+namespace flash_attn_ext::cuda {
+namespace {
+
+int64_t choose_splits(int64_t blocks, int64_t max_len_k) {
+  if (const char* env = std::getenv("FLASH_ATTN_EXT_NUM_SPLITS")) {
+    const int64_t forced = std::atoll(env);
+    if (forced > 0) return std::min<int64_t>(forced, 1024);
+  }
+  // Two blocks per SM, and at least two chunks per split so the merge stays a small cost.
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  if (blocks >= 2 * sms) return 1;
+  const int64_t by_sms = (2 * sms + blocks - 1) / blocks;
+  const int64_t by_len = std::max<int64_t>(1, max_len_k / (2 * decode_detail::kChunk));
+  return std::min<int64_t>({by_sms, by_len, 128});
+}
+
+template <typename T, int kDim>
+void launch(DecodeParams dp, int64_t blocks, int64_t rows_all, cudaStream_t stream) {
+  decode_detail::attention_decode_split_kernel<T, kDim>
+      <<<static_cast<unsigned>(blocks * dp.n_splits), decode_detail::kThreads, decode_detail::smem_bytes<kDim>(),
+         stream>>>(dp);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (dp.n_splits > 1) {
+    decode_detail::decode_combine_kernel<T, kDim>
+        <<<static_cast<unsigned>(rows_all), decode_detail::kThreads, 0, stream>>>(dp);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <typename T>
+void dispatch_dim(const DecodeParams& dp, int64_t dim, int64_t blocks, int64_t rows_all, cudaStream_t stream) {
+  switch (dim) {
+    case 64: return launch<T, 64>(dp, blocks, rows_all, stream);
+    case 128: return launch<T, 128>(dp, blocks, rows_all, stream);
+    default: return launch<T, 256>(dp, blocks, rows_all, stream);
+  }
+}
+
+}  // namespace
+
+const char* decode_ineligible(const AttentionParams& p, const at::Tensor& q, const at::Tensor& k,
+                              const at::Tensor& v, const at::Tensor& out) {
+  const auto dtype = q.scalar_type();
+  if (dtype != at::kHalf && dtype != at::kBFloat16) return "dtype is not float16/bfloat16";
+  const int64_t dim = p.dim_qk;
+  if (p.dim_v != dim || (dim != 64 && dim != 128 && dim != 256))
+    return "head dim not in {64, 128, 256} or differs between key and value";
+  if (p.group_size() * p.len_q > decode_detail::kMaxRows) return "more than 16 query rows per key/value head";
+  if (p.dropout_p > 0.0) return "dropout";
+  if (p.len_q == 0 || p.batch * p.heads_kv == 0) return "empty";
+  if (!mma_rows_aligned(q) || !mma_rows_aligned(k) || !mma_rows_aligned(v) || !mma_rows_aligned(out))
+    return "rows not 16-byte aligned";
+  return nullptr;
+}
+
+bool try_attention_decode_cuda(const AttentionParams& p, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                               int64_t max_len_k) {
+  const char* env = std::getenv("FLASH_ATTN_EXT_CUDA_FAST");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  const char* why = decode_ineligible(p, q, k, v, out);
+  TORCH_CHECK(why == nullptr || env == nullptr || std::strcmp(env, "require") != 0,
+              "flash_attn_ext.attention_kvcache: FLASH_ATTN_EXT_CUDA_FAST=require but the decode kernel cannot "
+              "serve this call: ", why);
+  if (why != nullptr) return false;
+
+  const int64_t blocks = p.batch * p.heads_kv, rows_all = p.batch * p.heads_q * p.len_q;
+  const int64_t n_splits = choose_splits(blocks, max_len_k);
+  TORCH_CHECK(blocks * n_splits <= 0x7fffffff && rows_all <= 0x7fffffff,
+              "flash_attn_ext.attention_kvcache: decode grid too large");
+  DecodeParams dp;
+  dp.q = q.data_ptr(), dp.k = k.data_ptr(), dp.v = v.data_ptr(), dp.out = out.data_ptr();
+  dp.lse = lse.data_ptr<float>();
+  dp.q_sb = q.stride(0), dp.q_sh = q.stride(1), dp.q_sl = q.stride(2);
+  dp.k_sb = k.stride(0), dp.k_sh = k.stride(1), dp.k_sl = k.stride(2);
+  dp.v_sb = v.stride(0), dp.v_sh = v.stride(1), dp.v_sl = v.stride(2);
+  dp.o_sb = out.stride(0), dp.o_sh = out.stride(1), dp.o_sl = out.stride(2);
+  dp.p = p;
+  dp.scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
+  dp.n_splits = static_cast<int>(n_splits);
+  at::Tensor part_acc, part_ml;
+  if (n_splits > 1) {  // partial states, merged by the combine kernel (stream-ordered, then freed)
+    part_acc = at::empty({n_splits, rows_all, p.dim_v}, q.options().dtype(at::kFloat));
+    part_ml = at::empty({n_splits, rows_all, 2}, q.options().dtype(at::kFloat));
+    dp.part_acc = part_acc.data_ptr<float>();
+    dp.part_ml = part_ml.data_ptr<float>();
+  } else {
+    dp.part_acc = dp.part_ml = nullptr;
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (q.scalar_type() == at::kHalf)
+    dispatch_dim<__half>(dp, p.dim_qk, blocks, rows_all, stream);
+  else
+    dispatch_dim<__nv_bfloat16>(dp, p.dim_qk, blocks, rows_all, stream);
+  return true;
+}
+
+}  // namespace flash_attn_ext::cuda
