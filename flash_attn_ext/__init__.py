@@ -4,6 +4,8 @@
     out = flash_attn_ext.scaled_dot_product_attention(q, k, v, is_causal=True)   # drop-in
     out, lse = flash_attn_ext.attention(q, k, v, causal=True, window_size=(255, 0), return_lse=True)
     layer = flash_attn_ext.nn.Attention(embed_dim=1024, num_heads=16, num_kv_heads=4)   # module
+    from flash_attn_ext.flash_attn_interface import flash_attn_func             # flash-attn's API
+    with flash_attn_ext.sdpa_patched(): model(x)     # F.scaled_dot_product_attention -> ours
 
 Ops: torch.ops.flash_attn_ext.attention_forward / attention_backward / kv_cache_append /
 attention_kvcache / merge_attention_states (schemas in csrc/ops.cpp).
@@ -15,8 +17,9 @@ from . import _meta  # noqa: F401  (fake kernels for torch.compile)
 from . import nn  # noqa: F401  (attention modules)
 from ._fallback import fallback_counts, reset_fallback_counts
 from .attention import attention, merge_attention_states
+from . import flash_attn_interface  # noqa: F401  (flash-attn's API)
 from .kv_cache import KVCache, attention_with_kvcache, kv_cache_append
-from .sdpa import scaled_dot_product_attention
+from .sdpa import patch_sdpa, scaled_dot_product_attention, sdpa_patched, unpatch_sdpa
 
 __version__ = "0.1.0"
 
@@ -26,6 +29,10 @@ __all__ = [
     "attention_with_kvcache",
     "kv_cache_append",
     "merge_attention_states",
+    "patch_sdpa",
+    "unpatch_sdpa",
+    "sdpa_patched",
+    "flash_attn_interface",
     "nn",
     "scaled_dot_product_attention",
     "fallback_counts",

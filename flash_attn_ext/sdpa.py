@@ -4,6 +4,7 @@ Same signature, results and errors; keyword-only window_size=(left, right) exten
 (top-left aligned, like is_causal). Calls the fused kernels can serve go to them; every other
 call goes to PyTorch's SDPA, counted and logged (see _fallback.py), never to a wrong answer.
 """
+import contextlib
 import math
 from typing import Optional
 
@@ -130,3 +131,28 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         _contiguous_last_dim(q4), _contiguous_last_dim(k4), _contiguous_last_dim(v4), mask4,
         float(dropout_p), float(scale), left, right, False)
     return out.reshape(*query.shape[:-1], value.shape[-1])
+
+
+def patch_sdpa() -> None:
+    """Makes torch.nn.functional.scaled_dot_product_attention this package's drop-in, so code
+    that calls it (stock nn.MultiheadAttention / TransformerEncoderLayer paths, most model
+    code) runs on these kernels; what they do not serve still falls back to PyTorch's own
+    (counted, see fallback_counts). Undo with unpatch_sdpa()."""
+    torch.nn.functional.scaled_dot_product_attention = scaled_dot_product_attention
+
+
+def unpatch_sdpa() -> None:
+    """Restores PyTorch's scaled_dot_product_attention."""
+    torch.nn.functional.scaled_dot_product_attention = torch_sdpa
+
+
+@contextlib.contextmanager
+def sdpa_patched():
+    """`with flash_attn_ext.sdpa_patched():` patch_sdpa() for the block, then whatever was
+    installed before (nesting and an outer patch are kept)."""
+    previous = torch.nn.functional.scaled_dot_product_attention
+    patch_sdpa()
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = previous
