@@ -71,15 +71,8 @@ bool try_attention_forward_mma(const AttentionParams& p, bool has_mask, const at
   const int64_t dim = p.dim_qk;
 
   MmaParams mp;
-  mp.q = q.data_ptr();
-  mp.k = k.data_ptr();
-  mp.v = v.data_ptr();
-  mp.out = out.data_ptr();
+  set_qkvo(mp, q, k, v, out);
   mp.lse = lse.data_ptr<float>();
-  mp.q_sb = q.stride(0), mp.q_sh = q.stride(1), mp.q_sl = q.stride(2);
-  mp.k_sb = k.stride(0), mp.k_sh = k.stride(1), mp.k_sl = k.stride(2);
-  mp.v_sb = v.stride(0), mp.v_sh = v.stride(1), mp.v_sl = v.stride(2);
-  mp.o_sb = out.stride(0), mp.o_sh = out.stride(1), mp.o_sl = out.stride(2);
   mp.p = p;
   mp.scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

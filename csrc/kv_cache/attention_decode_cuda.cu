@@ -83,12 +83,8 @@ bool try_attention_decode_cuda(const AttentionParams& p, const at::Tensor& q, co
   TORCH_CHECK(blocks * n_splits <= 0x7fffffff && rows_all <= 0x7fffffff,
               "flash_attn_ext.attention_kvcache: decode grid too large");
   DecodeParams dp;
-  dp.q = q.data_ptr(), dp.k = k.data_ptr(), dp.v = v.data_ptr(), dp.out = out.data_ptr();
+  set_qkvo(dp, q, k, v, out);
   dp.lse = lse.data_ptr<float>();
-  dp.q_sb = q.stride(0), dp.q_sh = q.stride(1), dp.q_sl = q.stride(2);
-  dp.k_sb = k.stride(0), dp.k_sh = k.stride(1), dp.k_sl = k.stride(2);
-  dp.v_sb = v.stride(0), dp.v_sh = v.stride(1), dp.v_sl = v.stride(2);
-  dp.o_sb = out.stride(0), dp.o_sh = out.stride(1), dp.o_sl = out.stride(2);
   dp.p = p;
   dp.scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
   dp.n_splits = static_cast<int>(n_splits);
