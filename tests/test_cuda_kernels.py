@@ -262,8 +262,11 @@ def test_split_kv_decode_kernel(monkeypatch, case, dtype, D, splits):
         out, lse = flash_attn_ext.attention_with_kvcache(q, kc, vc, **kw)
         monkeypatch.setenv("FLASH_ATTN_EXT_CUDA_FAST", "0")
         safe_out, safe_lse = flash_attn_ext.attention_with_kvcache(q, kc, vc, **kw)
-    _check(out, lse, q, kc, vc, lens, (left, 0), dtype)
-    _check(safe_out, safe_lse, q, kc, vc, lens, (left, 0), dtype)
+    seen = [b for b, n in enumerate(lens) if n > 0]  # a sequence of length 0: zeros and lse -inf
+    for o, l in ((out, lse), (safe_out, safe_lse)):
+        _check(o[seen], l[seen], q[seen], kc[seen], vc[seen], [lens[b] for b in seen], (left, 0), dtype)
+        for b in set(range(B)) - set(seen):
+            assert torch.equal(o[b], torch.zeros_like(o[b])) and torch.isneginf(l[b]).all()
 
 
 def test_split_kv_decode_kernel_paged(monkeypatch):
