@@ -18,6 +18,7 @@
 
 #include "../common/attention_semantics.h"
 #include "../common/dropout_philox.h"
+#include "../common/env_knobs.h"
 
 namespace flash_attn_ext::cpu {
 
@@ -213,16 +214,6 @@ inline void dropout_keep_tile(uint8_t* keep, int64_t ld, int64_t rows, int64_t c
   }
 }
 
-// Split-KV: FLASH_ATTN_EXT_NUM_SPLITS=n (> 0) forces n key ranges per task (tests run both
-// paths with it); otherwise `automatic`, the kernel's own choice.
-inline int64_t split_count(int64_t automatic) {
-  if (const char* env = std::getenv("FLASH_ATTN_EXT_NUM_SPLITS")) {
-    const int64_t forced = std::atoll(env);
-    if (forced > 0) return forced;
-  }
-  return automatic;
-}
-
 // Split `split` of n_splits's share of a key band, in whole tiles of `tile` keys (empty when
 // the band has fewer tiles than splits).
 inline KeyRange split_band(KeyRange band, int64_t split, int64_t n_splits, int64_t tile) {
@@ -233,34 +224,51 @@ inline KeyRange split_band(KeyRange band, int64_t split, int64_t n_splits, int64
   return {lo, std::min(band.end, lo + per * tile)};
 }
 
-// Split-KV merge: rows (b, h, i) whose key band was cut into n_splits ranges left, per split,
-// their running max m, running sum l (part_ml, pairs) and unnormalised accumulator (part_acc,
-// Dv each), row index (b * H + h) * L + i. Exactly as merge_attention_states:
-// M = max_s m_s, l = sum_s l_s e^(m_s - M), out = keep_scale / l * sum_s acc_s e^(m_s - M).
+// Split-KV partial states: per (split, row) of the n_rows rows (b * H + h) * L + i whose key
+// band was cut into n_splits ranges, the running max m, running sum l and unnormalised
+// accumulator (dim values) of that split's range. Nothing is allocated when n_splits == 1.
+template <typename acc_t>
+struct SplitStates {
+  int64_t n_splits, n_rows, dim;
+  std::vector<acc_t> ml, acc;  // (m, l) pairs; accumulators
+  SplitStates(int64_t splits, int64_t rows, int64_t d)
+      : n_splits(splits), n_rows(rows), dim(d), ml(splits > 1 ? splits * rows * 2 : 0),
+        acc(splits > 1 ? splits * rows * d : 0) {}
+  void store(int64_t split, int64_t row, acc_t m, acc_t l, const acc_t* a) {
+    ml[(split * n_rows + row) * 2] = m;
+    ml[(split * n_rows + row) * 2 + 1] = l;
+    std::copy(a, a + dim, acc.data() + (split * n_rows + row) * dim);
+  }
+  acc_t m(int64_t split, int64_t row) const { return ml[(split * n_rows + row) * 2]; }
+  acc_t l(int64_t split, int64_t row) const { return ml[(split * n_rows + row) * 2 + 1]; }
+  const acc_t* acc_of(int64_t split, int64_t row) const { return acc.data() + (split * n_rows + row) * dim; }
+};
+
+// Split-KV merge, exactly as merge_attention_states: M = max_s m_s, l = sum_s l_s e^(m_s - M),
+// out = keep_scale / l * sum_s acc_s e^(m_s - M); rows of `heads` heads and L positions.
 template <typename scalar_t, typename acc_t>
-void merge_split_states(int64_t n_splits, int64_t batch, int64_t heads, int64_t L, int64_t Dv,
-                        const std::vector<acc_t>& part_ml, const std::vector<acc_t>& part_acc,
-                        acc_t keep_scale, const Rows<scalar_t>& o_rows, acc_t* lse_data) {
+void merge_split_states(const SplitStates<acc_t>& parts, int64_t heads, int64_t L, acc_t keep_scale,
+                        const Rows<scalar_t>& o_rows, acc_t* lse_data) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  const int64_t n_rows_all = batch * heads * L;
-  at::parallel_for(0, n_rows_all, 16, [&](int64_t begin, int64_t end) {
+  const int64_t Dv = parts.dim;
+  at::parallel_for(0, parts.n_rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(Dv);
     for (int64_t row = begin; row < end; ++row) {
       acc_t m = kNegInf, l = 0;
       bool nan = false;
-      for (int64_t sp = 0; sp < n_splits; ++sp) {
-        const acc_t ms = part_ml[(sp * n_rows_all + row) * 2], ls = part_ml[(sp * n_rows_all + row) * 2 + 1];
+      for (int64_t sp = 0; sp < parts.n_splits; ++sp) {
+        const acc_t ms = parts.m(sp, row), ls = parts.l(sp, row);
         nan = nan || ms != ms || ls != ls;
         if (ms > m) m = ms;
       }
       std::fill(acc.begin(), acc.end(), acc_t(0));
       if (m != kNegInf) {
-        for (int64_t sp = 0; sp < n_splits; ++sp) {
-          const acc_t ms = part_ml[(sp * n_rows_all + row) * 2];
+        for (int64_t sp = 0; sp < parts.n_splits; ++sp) {
+          const acc_t ms = parts.m(sp, row);
           if (ms == kNegInf) continue;
           const acc_t w = std::exp(ms - m);
-          l += w * part_ml[(sp * n_rows_all + row) * 2 + 1];
-          const acc_t* a = part_acc.data() + (sp * n_rows_all + row) * Dv;
+          l += w * parts.l(sp, row);
+          const acc_t* a = parts.acc_of(sp, row);
           for (int64_t d = 0; d < Dv; ++d) acc[d] += w * a[d];
         }
       }

@@ -37,11 +37,6 @@ int64_t decode_splits(int64_t batch, int64_t threads, int64_t len_k) {
   return std::min<int64_t>({by_threads, by_length, 64});
 }
 
-bool env_is_zero(const char* name) {
-  const char* env = std::getenv(name);
-  return env != nullptr && env[0] == '0';
-}
-
 // Calls f(hk, c) for every head hk < heads and tile row c < cols, in memory order: position-
 // major when a position's heads are adjacent ((B, S, H, D) caches), head-major otherwise.
 template <typename F>
@@ -88,8 +83,7 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
   const int64_t R = G * L;  // rows of one KV head: row g * L + i is query head hk * G + g, position i
   const int64_t n_splits = split_count(decode_splits(p.batch, at::get_num_threads(), p.len_k));
   const int64_t n_rows_all = p.batch * p.heads_q * L;
-  std::vector<acc_t> part_ml(n_splits > 1 ? n_splits * n_rows_all * 2 : 0);
-  std::vector<acc_t> part_acc(n_splits > 1 ? n_splits * n_rows_all * Dv : 0);
+  SplitStates<acc_t> parts(n_splits, n_rows_all, Dv);
   const auto q_rows = rows_of<const scalar_t>(q);
   const auto k_rows = kv_rows_of<const scalar_t>(k, p);
   const auto v_rows = kv_rows_of<const scalar_t>(v, p);
@@ -101,7 +95,7 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
   const bool v_heads_inner = v_rows.stride_h < v_rows.stride_l;
 
   at::parallel_for(0, p.batch * n_splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> q_all(Hkv * R * Dk), s_all(Hkv * R * kDecodeTile), acc(Hkv * R * Dv), m_run(Hkv * R),
+    std::vector<acc_t> q_all(bf16_dot ? 0 : Hkv * R * Dk), s_all(Hkv * R * kDecodeTile), acc(Hkv * R * Dv), m_run(Hkv * R),
         l_run(Hkv * R);
     std::vector<acc_t> k_all(kDirect ? 0 : Hkv * kDecodeTile * Dk), v_all(kDirect ? 0 : Hkv * kDecodeTile * Dv);
     std::vector<const read_t*> row_ptrs(kDecodeTile), k_ptrs(Hkv * kDecodeTile);
@@ -124,17 +118,19 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
       const KeyRange band = split_band(
           visible_key_range(0, L, pb.align_offset, pb.window_left, pb.window_right, pb.len_k), split, n_splits,
           kDecodeTile);
-      for (int64_t hk = 0; hk < Hkv; ++hk)
-        for (int64_t g = 0; g < G; ++g)  // Q pre-multiplied by the softmax scale
-          load_rows(q_rows.at(b, hk * G + g, 0), q_rows.stride_l, L, Dk, scale,
-                    q_all.data() + (hk * R + g * L) * Dk, Dk);
-      if constexpr (kPairSplit)
-        for (int64_t r = 0; r < Hkv * R; ++r) to_pair_split(q_all.data() + r * Dk, Dk);
-      if (bf16_dot)  // vdpbf16ps takes q as it is (bf16, unscaled; the scale goes on the sums)
+      if (!bf16_dot) {
+        for (int64_t hk = 0; hk < Hkv; ++hk)
+          for (int64_t g = 0; g < G; ++g)  // Q pre-multiplied by the softmax scale
+            load_rows(q_rows.at(b, hk * G + g, 0), q_rows.stride_l, L, Dk, scale,
+                      q_all.data() + (hk * R + g * L) * Dk, Dk);
+        if constexpr (kPairSplit)
+          for (int64_t r = 0; r < Hkv * R; ++r) to_pair_split(q_all.data() + r * Dk, Dk);
+      } else {  // vdpbf16ps takes q as it is (bf16, unscaled; the scale goes on the sums)
         for (int64_t hk = 0; hk < Hkv; ++hk)
           for (int64_t g = 0; g < G; ++g)
             for (int64_t i = 0; i < L; ++i)
               std::memcpy(q_bf16.data() + (hk * R + g * L + i) * Dk, q_rows.at(b, hk * G + g, i), Dk * sizeof(uint16_t));
+      }
       std::fill(m_run.begin(), m_run.end(), kNegInf);
       std::fill(l_run.begin(), l_run.end(), acc_t(0));
       std::fill(acc.begin(), acc.end(), acc_t(0));
@@ -158,8 +154,10 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
         // prefetchers see one stream; the tile's V rows are requested meanwhile, in their order.
         int64_t n = 0;
         const auto add_key = [&](int64_t hk, int64_t c) {
-          q_ptrs[n] = q_all.data() + hk * R * Dk;
-          q_bf16_ptrs[n] = q_bf16.data() + hk * R * Dk;
+          if (bf16_dot)
+            q_bf16_ptrs[n] = q_bf16.data() + hk * R * Dk;
+          else
+            q_ptrs[n] = q_all.data() + hk * R * Dk;
           k_ptrs[n] = row(k_rows, k_all, Dk, b, hk, j0, c);
           s_ptrs[n++] = s_all.data() + hk * R * kDecodeTile + c;
         };
@@ -217,10 +215,7 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
           const int64_t row = (b * p.heads_q + h) * L + i;
           if constexpr (kPairSplit) from_pair_split(acc.data() + at * Dv, Dv);
           if (n_splits > 1) {
-            part_ml[(split * n_rows_all + row) * 2] = m_run[at];
-            part_ml[(split * n_rows_all + row) * 2 + 1] = l_run[at];
-            std::copy(acc.data() + at * Dv, acc.data() + (at + 1) * Dv,
-                      part_acc.data() + (split * n_rows_all + row) * Dv);
+            parts.store(split, row, m_run[at], l_run[at], acc.data() + at * Dv);
             continue;
           }
           const acc_t l = l_run[at];
@@ -232,8 +227,7 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
     }
   });
   if (n_splits > 1)
-    merge_split_states<scalar_t, acc_t>(n_splits, p.batch, p.heads_q, L, Dv, part_ml, part_acc, acc_t(1), o_rows,
-                                        lse_data);
+    merge_split_states<scalar_t, acc_t>(parts, p.heads_q, L, acc_t(1), o_rows, lse_data);
 }
 
 }  // namespace

@@ -62,8 +62,7 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
   const int64_t n_splits = split_count(choose_splits(p.batch * n_packs * n_spans, threads, p.len_k, max_rows));
   // Partial states of split tasks: per (split, row of (b, h, i)): m, l and the Dv accumulator.
   const int64_t n_rows_all = p.batch * p.heads_q * L;
-  std::vector<acc_t> part_ml(n_splits > 1 ? n_splits * n_rows_all * 2 : 0);
-  std::vector<acc_t> part_acc(n_splits > 1 ? n_splits * n_rows_all * Dv : 0);
+  SplitStates<acc_t> parts(n_splits, n_rows_all, Dv);
   const auto q_rows = rows_of<const scalar_t>(q);
   const auto k_rows = kv_rows_of<const scalar_t>(k, p);
   const auto v_rows = kv_rows_of<const scalar_t>(v, p);
@@ -153,11 +152,7 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
       if (n_splits > 1) {  // leave the partial state to the merge pass
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t row = (b * p.heads_q + h0 + r / n_pos) * L + i0 + r % n_pos;
-          acc_t* ml = part_ml.data() + (split * n_rows_all + row) * 2;
-          ml[0] = m_run[r];
-          ml[1] = l_run[r];
-          std::copy(o_acc.data() + r * Dv, o_acc.data() + (r + 1) * Dv,
-                    part_acc.data() + (split * n_rows_all + row) * Dv);
+          parts.store(split, row, m_run[r], l_run[r], o_acc.data() + r * Dv);
         }
         continue;
       }
@@ -175,8 +170,7 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
   });
   if (n_splits == 1) return;
 
-  merge_split_states<scalar_t, acc_t>(n_splits, p.batch, p.heads_q, L, Dv, part_ml, part_acc, keep_scale, o_rows,
-                                      lse_data);
+  merge_split_states<scalar_t, acc_t>(parts, p.heads_q, L, keep_scale, o_rows, lse_data);
 }
 
 // Draws the dropout seed from PyTorch's default CPU generator (so torch.manual_seed

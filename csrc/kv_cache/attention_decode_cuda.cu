@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "../attention/attention_forward_mma.h"
+#include "../common/env_knobs.h"
 #include "attention_decode_cuda.h"
 #include "attention_decode_cuda_kernel.cuh"
 
@@ -16,10 +17,6 @@ namespace flash_attn_ext::cuda {
 namespace {
 
 int64_t choose_splits(int64_t blocks, int64_t max_len_k) {
-  if (const char* env = std::getenv("FLASH_ATTN_EXT_NUM_SPLITS")) {
-    const int64_t forced = std::atoll(env);
-    if (forced > 0) return std::min<int64_t>(forced, 1024);
-  }
   // Two blocks per SM, and at least two chunks per split so the merge stays a small cost.
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   if (blocks >= 2 * sms) return 1;
@@ -79,7 +76,7 @@ bool try_attention_decode_cuda(const AttentionParams& p, const at::Tensor& q, co
   if (why != nullptr) return false;
 
   const int64_t blocks = p.batch * p.heads_kv, rows_all = p.batch * p.heads_q * p.len_q;
-  const int64_t n_splits = choose_splits(blocks, max_len_k);
+  const int64_t n_splits = std::min<int64_t>(split_count(choose_splits(blocks, max_len_k)), 1024);
   TORCH_CHECK(blocks * n_splits <= 0x7fffffff && rows_all <= 0x7fffffff,
               "flash_attn_ext.attention_kvcache: decode grid too large");
   DecodeParams dp;
