@@ -162,19 +162,15 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], config: dict, num_kv
 
 
 def _weight_files(input_dir: str) -> Tuple[str, list]:
-    """('safetensors' | 'bin', [shard file names]) of a HuggingFace checkpoint directory."""
-    index = os.path.join(input_dir, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            return "safetensors", sorted(set(json.load(f)["weight_map"].values()))
-    if os.path.exists(os.path.join(input_dir, "model.safetensors")):
-        return "safetensors", ["model.safetensors"]
-    bin_index = os.path.join(input_dir, "pytorch_model.bin.index.json")
-    if os.path.exists(bin_index):
-        with open(bin_index) as f:
-            return "bin", sorted(set(json.load(f)["weight_map"].values()))
-    if os.path.exists(os.path.join(input_dir, "pytorch_model.bin")):
-        return "bin", ["pytorch_model.bin"]
+    """('safetensors' | 'bin', [shard file names]) of a HuggingFace checkpoint directory:
+    sharded (an index) or single file, safetensors preferred."""
+    for kind, single in (("safetensors", "model.safetensors"), ("bin", "pytorch_model.bin")):
+        index = os.path.join(input_dir, single + ".index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                return kind, sorted(set(json.load(f)["weight_map"].values()))
+        if os.path.exists(os.path.join(input_dir, single)):
+            return kind, [single]
     raise ConversionError(f"{input_dir} holds no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
