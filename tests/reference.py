@@ -24,9 +24,10 @@ def visibility(len_q, len_k, window_left=-1, window_right=-1, bottom_right=True,
 
 
 def reference_attention(q, k, v, *, scale=None, window=(-1, -1), bottom_right=True,
-                        attn_mask=None, keep=None, dropout_p=0.0, dtype=torch.float64):
+                        attn_mask=None, keep=None, dropout_p=0.0, softcap=0.0, dtype=torch.float64):
     """Returns (out, lse), computed in `dtype` (float64 for the reference, the input dtype
-    for the low-precision baseline). keep: the dropout keep-mask (B, Hq, L, S) to apply."""
+    for the low-precision baseline). keep: the dropout keep-mask (B, Hq, L, S) to apply.
+    softcap > 0: scores become softcap * tanh(score / softcap) before the mask."""
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -36,6 +37,12 @@ def reference_attention(q, k, v, *, scale=None, window=(-1, -1), bottom_right=Tr
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     s = (q * scale) @ k.transpose(-1, -2) if dtype in LOW_PRECISION else scale * (q @ k.transpose(-1, -2))
+    if S == 0:  # no key at all: zero rows, lse -inf (differentiable, all-zero gradients)
+        zero = 0 * q.sum() + 0 * k.sum() + 0 * v.sum()
+        return (torch.zeros(B, Hq, L, v.shape[-1], dtype=dtype, device=q.device) + zero,
+                torch.full((B, Hq, L), float("-inf"), dtype=dtype, device=q.device))
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
     vis = visibility(L, S, window[0], window[1], bottom_right, q.device).expand(B, Hq, L, S)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:

@@ -109,7 +109,8 @@ def test_opcheck(device):
     q = torch.randn(B, 4, 2, D, device=device)
     lens = torch.tensor([3, 9], dtype=torch.int32, device=device)
     knew, vnew = torch.randn(B, H, 2, D, device=device), torch.randn(B, H, 2, D, device=device)
-    for args in [(q, kc, vc, lens, None, None, 0.3, -1, 0), (q, kc, vc, lens, knew, vnew, 0.3, 4, 0)]:
+    for args in [(q, kc, vc, lens, None, None, 0.3, -1, 0), (q, kc, vc, lens, knew, vnew, 0.3, 4, 0),
+                 (q, kc, vc, lens, knew, vnew, 0.3, 4, 0, None, 2.0)]:
         torch.library.opcheck(torch.ops.flash_attn_ext.attention_kvcache, args)
 
 

@@ -162,6 +162,34 @@ def test_tensor_core_path_declines_what_it_does_not_serve(monkeypatch):
     q, k, v = make_qkv(1, 2, 2, 16, 16, 64, torch.float32, "cuda")
     with pytest.raises(RuntimeError, match="dtype"):
         flash_attn_ext.attention(q, k, v)
+    q, k, v = make_qkv(1, 2, 2, 16, 16, 64, torch.float16, "cuda")
+    with pytest.raises(RuntimeError, match="softcap"):
+        flash_attn_ext.attention(q, k, v, softcap=5.0)
+    cu = torch.tensor([0, 7, 16], dtype=torch.int32, device="cuda")
+    packed = q[0].transpose(0, 1).contiguous()
+    with pytest.raises(RuntimeError, match="variable-length"):
+        torch.ops.flash_attn_ext.attention_varlen_forward(packed, packed, packed, cu, cu, 9, 9, 0.0, 0.125, -1, 0,
+                                                          True, 0.0)
+
+
+def test_varlen_and_softcap_same_on_cpu_and_cuda():
+    """Varlen with dropout and softcap: the CUDA row programs and the CPU kernels draw the same
+    dropout mask and compute the same gradients (float64, so only rounding differs)."""
+    lengths = [5, 0, 33, 17]
+    cu = torch.tensor([0, 5, 5, 38, 55], dtype=torch.int32)
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(55, h, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    dout = torch.randn(55, 4, 16, generator=g, dtype=torch.float64)
+    args = (33, 33, 0.3, 0.25, 6, 0, True, 2.0)
+    out, lse, rng = torch.ops.flash_attn_ext.attention_varlen_forward(q.cuda(), k.cuda(), v.cuda(), cu.cuda(),
+                                                                      cu.cuda(), *args)
+    grads_cuda = torch.ops.flash_attn_ext.attention_varlen_backward(
+        dout.cuda(), q.cuda(), k.cuda(), v.cuda(), out, lse, rng, cu.cuda(), cu.cuda(), *args)
+    grads_cpu = torch.ops.flash_attn_ext.attention_varlen_backward(
+        dout, q, k, v, out.cpu(), lse.cpu(), rng.cpu(), cu, cu, *args)
+    for name, a, b in zip(("dq", "dk", "dv"), grads_cuda, grads_cpu):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-9, msg=name)
+    assert sum(lengths) == 55
 
 
 @pytest.mark.parametrize("D", [32, 64, 96, 128])
@@ -290,3 +318,7 @@ def test_split_kv_decode_kernel_declines_what_it_does_not_serve(monkeypatch):
     kc = torch.randn(1, 32, 8, 80, device="cuda", dtype=torch.float16)
     with pytest.raises(RuntimeError, match="head dim not in"), torch.no_grad():
         flash_attn_ext.attention_with_kvcache(q, kc, kc.clone(), cache_seqlens=torch.tensor([32], device="cuda"))
+    kc = torch.randn(1, 32, 8, 64, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="softcap"), torch.no_grad():
+        flash_attn_ext.attention_with_kvcache(q[..., :64], kc, kc.clone(), softcap=30.0,
+                                              cache_seqlens=torch.tensor([32], device="cuda"))

@@ -37,6 +37,16 @@ def test_opcheck_attention_backward(device, case):
     torch.library.opcheck(OPS.attention_backward, (dout, q, k, v, out, lse, rng, mask, p, scale, wl, wr, br))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_opcheck_softcap(device, dtype):
+    q, k, v = make_qkv(2, 4, 2, 19, 23, 16, dtype, device, requires_grad=True)
+    args = (q, k, v, None, 0.0, 0.25, 5, 0, True, 1.5)
+    torch.library.opcheck(OPS.attention_forward, args)
+    out, lse, rng = OPS.attention_forward(*((t.detach() if isinstance(t, torch.Tensor) else t) for t in args))
+    torch.library.opcheck(OPS.attention_backward, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out,
+                                                   lse, rng, None, 0.0, 0.25, 5, 0, True, 1.5))
+
+
 def test_opcheck_with_dropout_schema_and_fake(device):
     # Dropout draws from the generator, so eager-vs-compiled numerics (aot_dispatch) are
     # compared under a fixed seed in test_compile_dropout instead.

@@ -1,4 +1,4 @@
-// Autograd for attention_forward, registered in C++ so that loss.backward() works from
+// Autograd for attention_forward and attention_varlen_forward, registered in C++ so that loss.backward() works from
 // Python and from LibTorch programs alike; torch.compile traces through it with the fake
 // kernels. The backward recomputes probabilities from (out, lse, rng_state): nothing of size
 // L x S is saved.
@@ -16,30 +16,65 @@ using torch::autograd::variable_list;
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right) {
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("flash_attn_ext::attention_forward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const std::optional<at::Tensor>&, double, double, int64_t, int64_t,
-                           bool)>();
-  return op.call(q, k, v, attn_mask, dropout_p, scale, window_left, window_right, bottom_right);
+                           bool, double)>();
+  return op.call(q, k, v, attn_mask, dropout_p, scale, window_left, window_right, bottom_right, softcap);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right) {
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("flash_attn_ext::attention_backward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const at::Tensor&, const std::optional<at::Tensor>&, double, double,
-                           int64_t, int64_t, bool)>();
+                           int64_t, int64_t, bool, double)>();
   return op.call(grad_out, q, k, v, out, lse, rng_state, attn_mask, dropout_p, scale, window_left,
-                 window_right, bottom_right);
+                 window_right, bottom_right, softcap);
+}
+
+using Varlen3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+Varlen3 call_varlen_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
+                            const at::Tensor& cu_k, int64_t max_q, int64_t max_k, double dropout_p, double scale,
+                            int64_t window_left, int64_t window_right, bool bottom_right, double softcap) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("flash_attn_ext::attention_varlen_forward", "")
+                       .typed<Varlen3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                      const at::Tensor&, int64_t, int64_t, double, double, int64_t, int64_t, bool,
+                                      double)>();
+  return op.call(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, window_left, window_right, bottom_right,
+                 softcap);
+}
+
+Varlen3 call_varlen_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                             const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                             const at::Tensor& rng_state, const at::Tensor& cu_q, const at::Tensor& cu_k,
+                             int64_t max_q, int64_t max_k, double dropout_p, double scale, int64_t window_left,
+                             int64_t window_right, bool bottom_right, double softcap) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("flash_attn_ext::attention_varlen_backward", "")
+          .typed<Varlen3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         const at::Tensor&, int64_t, int64_t, double, double, int64_t, int64_t, bool, double)>();
+  return op.call(grad_out, q, k, v, out, lse, rng_state, cu_q, cu_k, max_q, max_k, dropout_p, scale, window_left,
+                 window_right, bottom_right, softcap);
+}
+
+// The gradient as the backward kernels read it: a last dim of stride 1 (e.g. the expanded
+// gradient of out.sum() is not).
+at::Tensor contiguous_last_dim(const at::Tensor& g) {
+  return g.defined() && g.size(-1) > 1 && g.stride(-1) != 1 ? g.contiguous() : g;
 }
 
 class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
@@ -47,40 +82,76 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
                                double dropout_p, double scale, int64_t window_left,
-                               int64_t window_right, bool bottom_right) {
+                               int64_t window_right, bool bottom_right, double softcap) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, lse, rng_state] = call_forward(q, k, v, attn_mask, dropout_p, scale, window_left,
-                                              window_right, bottom_right);
+                                              window_right, bottom_right, softcap);
     ctx->save_for_backward({q, k, v, out, lse, rng_state, attn_mask.value_or(at::Tensor())});
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["window_left"] = window_left;
     ctx->saved_data["window_right"] = window_right;
     ctx->saved_data["bottom_right"] = bottom_right;
+    ctx->saved_data["softcap"] = softcap;
     ctx->mark_non_differentiable({lse, rng_state});
     return {out, lse, rng_state};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    at::Tensor grad_out = grads[0];
-    if (grad_out.defined() && grad_out.size(-1) > 1 && grad_out.stride(-1) != 1) {
-      grad_out = grad_out.contiguous();  // e.g. the expanded gradient of out.sum()
-    }
-    if (!grad_out.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-                                     at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-                                     at::Tensor()};
+    const at::Tensor grad_out = contiguous_last_dim(grads[0]);
+    if (!grad_out.defined()) return variable_list(10);
     std::optional<at::Tensor> attn_mask;
     if (saved[6].defined()) attn_mask = saved[6];
     auto [dq, dk, dv] = call_backward(
         grad_out, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], attn_mask,
         ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["scale"].toDouble(),
         ctx->saved_data["window_left"].toInt(), ctx->saved_data["window_right"].toInt(),
-        ctx->saved_data["bottom_right"].toBool());
+        ctx->saved_data["bottom_right"].toBool(), ctx->saved_data["softcap"].toDouble());
     // No gradient for attn_mask (documented; the Python layer falls back to PyTorch when a
     // mask requires grad) or for the non-tensor arguments.
-    return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor()};
+    variable_list result(10);
+    result[0] = dq, result[1] = dk, result[2] = dv;
+    return result;
+  }
+};
+
+// Autograd of attention_varlen_forward: the same recomputation from (out, lse, rng_state).
+class VarlenAttentionFunction : public torch::autograd::Function<VarlenAttentionFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
+                               int64_t max_q, int64_t max_k, double dropout_p, double scale, int64_t window_left,
+                               int64_t window_right, bool bottom_right, double softcap) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, lse, rng_state] = call_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale,
+                                                     window_left, window_right, bottom_right, softcap);
+    ctx->save_for_backward({q, k, v, out, lse, rng_state, cu_q, cu_k});
+    ctx->saved_data["max_q"] = max_q;
+    ctx->saved_data["max_k"] = max_k;
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["window_left"] = window_left;
+    ctx->saved_data["window_right"] = window_right;
+    ctx->saved_data["bottom_right"] = bottom_right;
+    ctx->saved_data["softcap"] = softcap;
+    ctx->mark_non_differentiable({lse, rng_state});
+    return {out, lse, rng_state};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const at::Tensor grad_out = contiguous_last_dim(grads[0]);
+    variable_list result(13);
+    if (!grad_out.defined()) return result;
+    auto [dq, dk, dv] = call_varlen_backward(
+        grad_out, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], ctx->saved_data["max_q"].toInt(),
+        ctx->saved_data["max_k"].toInt(), ctx->saved_data["dropout_p"].toDouble(),
+        ctx->saved_data["scale"].toDouble(), ctx->saved_data["window_left"].toInt(),
+        ctx->saved_data["window_right"].toInt(), ctx->saved_data["bottom_right"].toBool(),
+        ctx->saved_data["softcap"].toDouble());
+    result[0] = dq, result[1] = dk, result[2] = dv;
+    return result;
   }
 };
 
@@ -93,10 +164,10 @@ class AttentionBackwardFunction : public torch::autograd::Function<AttentionBack
                                const at::Tensor& rng_state,
                                const std::optional<at::Tensor>& attn_mask, double dropout_p,
                                double scale, int64_t window_left, int64_t window_right,
-                               bool bottom_right) {
+                               bool bottom_right, double softcap) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [dq, dk, dv] = call_backward(grad_out, q, k, v, out, lse, rng_state, attn_mask,
-                                      dropout_p, scale, window_left, window_right, bottom_right);
+                                      dropout_p, scale, window_left, window_right, bottom_right, softcap);
     return {dq, dk, dv};
   }
 
@@ -108,10 +179,31 @@ class AttentionBackwardFunction : public torch::autograd::Function<AttentionBack
   }
 };
 
+class VarlenBackwardFunction : public torch::autograd::Function<VarlenBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext*, const at::Tensor& grad_out, const at::Tensor& q,
+                               const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                               const at::Tensor& rng_state, const at::Tensor& cu_q, const at::Tensor& cu_k,
+                               int64_t max_q, int64_t max_k, double dropout_p, double scale, int64_t window_left,
+                               int64_t window_right, bool bottom_right, double softcap) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [dq, dk, dv] = call_varlen_backward(grad_out, q, k, v, out, lse, rng_state, cu_q, cu_k, max_q, max_k,
+                                             dropout_p, scale, window_left, window_right, bottom_right, softcap);
+    return {dq, dk, dv};
+  }
+
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false,
+                "flash_attn_ext.attention_varlen_backward: double backward (gradients of gradients) is "
+                "not supported");
+    return {};
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right) {
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap) {
   // A silently missing gradient would be a wrong answer: refuse instead (the SDPA drop-in
   // serves such calls through PyTorch). Checked here, not in forward(), where grad mode is
   // already off; under no_grad a mask that requires grad is just data.
@@ -121,7 +213,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_autograd(
                     "supported; pass attn_mask.detach(), or use "
                     "flash_attn_ext.scaled_dot_product_attention, which falls back to PyTorch");
   auto r = AttentionFunction::apply(q, k, v, attn_mask, dropout_p, scale, window_left,
-                                    window_right, bottom_right);
+                                    window_right, bottom_right, softcap);
+  return {r[0], r[1], r[2]};
+}
+
+Varlen3 attention_varlen_forward_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                          const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q,
+                                          int64_t max_k, double dropout_p, double scale, int64_t window_left,
+                                          int64_t window_right, bool bottom_right, double softcap) {
+  auto r = VarlenAttentionFunction::apply(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, window_left,
+                                          window_right, bottom_right, softcap);
   return {r[0], r[1], r[2]};
 }
 
@@ -129,10 +230,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_autograd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right) {
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap) {
   auto r = AttentionBackwardFunction::apply(grad_out, q, k, v, out, lse, rng_state, attn_mask,
                                             dropout_p, scale, window_left, window_right,
-                                            bottom_right);
+                                            bottom_right, softcap);
+  return {r[0], r[1], r[2]};
+}
+
+Varlen3 attention_varlen_backward_autograd(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                           const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                           const at::Tensor& rng_state, const at::Tensor& cu_q,
+                                           const at::Tensor& cu_k, int64_t max_q, int64_t max_k, double dropout_p,
+                                           double scale, int64_t window_left, int64_t window_right,
+                                           bool bottom_right, double softcap) {
+  auto r = VarlenBackwardFunction::apply(grad_out, q, k, v, out, lse, rng_state, cu_q, cu_k, max_q, max_k,
+                                         dropout_p, scale, window_left, window_right, bottom_right, softcap);
   return {r[0], r[1], r[2]};
 }
 
@@ -141,6 +253,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_autograd(
 TORCH_LIBRARY_IMPL(flash_attn_ext, Autograd, m) {
   m.impl("attention_forward", &attention_forward_autograd);
   m.impl("attention_backward", &attention_backward_autograd);
+  m.impl("attention_varlen_forward", &attention_varlen_forward_autograd);
+  m.impl("attention_varlen_backward", &attention_varlen_backward_autograd);
 }
 
 }  // namespace flash_attn_ext

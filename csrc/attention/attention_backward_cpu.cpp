@@ -18,6 +18,7 @@
 
 #include "../cpu/tile_math.h"
 #include "attention_cpu_tiles.h"
+#include "attention_forward_cpu.h"
 #include "attention_host.h"
 
 namespace flash_attn_ext::cpu {
@@ -30,33 +31,37 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
                      const at::Tensor& dk, const at::Tensor& dv) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t L = p.len_q, S = p.len_k, Dk = p.dim_qk, Dv = p.dim_v, G = p.group_size();
-  const auto do_rows = rows_of<const scalar_t>(dout);
-  const auto q_rows = rows_of<const scalar_t>(q);
-  const auto k_rows = rows_of<const scalar_t>(k);
-  const auto v_rows = rows_of<const scalar_t>(v);
-  const auto o_rows = rows_of<const scalar_t>(out);
-  const auto dq_rows = rows_of<scalar_t>(dq);
-  const auto dk_rows = rows_of<scalar_t>(dk);
-  const auto dv_rows = rows_of<scalar_t>(dv);
+  // Packed sequences (varlen): rows at their offsets, loops bounded by each sequence's lengths
+  // (for_batch); L and S are then the longest sequence's.
+  const auto do_rows = q_rows_of<const scalar_t>(dout, p);
+  const auto q_rows = q_rows_of<const scalar_t>(q, p);
+  const auto k_rows = kv_rows_of<const scalar_t>(k, p);
+  const auto v_rows = kv_rows_of<const scalar_t>(v, p);
+  const auto o_rows = q_rows_of<const scalar_t>(out, p);
+  const auto dq_rows = q_rows_of<scalar_t>(dq, p);
+  const auto dk_rows = kv_rows_of<scalar_t>(dk, p);
+  const auto dv_rows = kv_rows_of<scalar_t>(dv, p);
   const acc_t* lse_data = lse.data_ptr<acc_t>();
-  const acc_t scale = static_cast<acc_t>(p.scale);
+  const acc_t scale = static_cast<acc_t>(p.scale), cap = static_cast<acc_t>(p.softcap);
   const bool dropout = p.dropout_p > 0.0;
   const uint32_t threshold = dropout_threshold(p.dropout_p);
   const acc_t keep_scale = dropout ? acc_t(1) / (acc_t(1) - static_cast<acc_t>(p.dropout_p)) : acc_t(1);
   const auto acc_options = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
 
-  // delta[bh, i] = sum_d dO[i, d] * O[i, d]  (= rowsum(P * dP), the softmax Jacobian term).
-  at::Tensor delta = at::empty({p.batch * p.heads_q, L}, acc_options);
+  // delta[row_index(b, h, i)] = sum_d dO[i, d] * O[i, d]  (= rowsum(P * dP), the softmax
+  // Jacobian term), laid out as the lse.
+  at::Tensor delta = at::empty(lse.sizes(), acc_options);
   acc_t* delta_data = delta.data_ptr<acc_t>();
   at::parallel_for(0, p.batch * p.heads_q, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.heads_q, h = bh % p.heads_q;
-      for (int64_t i = 0; i < L; ++i) {
+      const int64_t len_q = p.for_batch(b).len_q;
+      for (int64_t i = 0; i < len_q; ++i) {
         const scalar_t* g = do_rows.at(b, h, i);
         const scalar_t* o = o_rows.at(b, h, i);
         acc_t sum = 0;
         for (int64_t d = 0; d < Dv; ++d) sum += static_cast<acc_t>(g[d]) * static_cast<acc_t>(o[d]);
-        delta_data[bh * L + i] = sum;
+        delta_data[p.row_index(b, h, i)] = sum;
       }
     }
   });
@@ -83,16 +88,18 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
     std::vector<acc_t> q_tile(kBlockQ * Dk), do_tile(kBlockQ * Dv);
     std::vector<acc_t> p_tile(kBlockQ * kBlockK), dp_tile(kBlockQ * kBlockK);
     std::vector<acc_t> pd_tile(dropout ? kBlockQ * kBlockK : 0);
+    std::vector<acc_t> slope_tile(p.softcap > 0.0 ? kBlockQ * kBlockK : 0);
     std::vector<uint8_t> keep(dropout ? kBlockQ * kBlockK : 0);
 
     for (int64_t task = begin; task < end; ++task) {
       const int64_t unit = task / n_splits, split = task % n_splits;
       const int64_t b = unit / p.heads_kv, hk = unit % p.heads_kv;
+      const AttentionParams pb = p.for_batch(b);
       acc_t* dq_acc_data = dq_acc.data_ptr<acc_t>() + split * split_stride;
-      for (int64_t j0 = split * kBlockK; j0 < S; j0 += n_splits * kBlockK) {
-        const int64_t cols = std::min(kBlockK, S - j0);
-        const RowRange band = visible_row_range(j0, j0 + cols, p.align_offset, p.window_left,
-                                                p.window_right, L);
+      for (int64_t j0 = split * kBlockK; j0 < pb.len_k; j0 += n_splits * kBlockK) {
+        const int64_t cols = std::min(kBlockK, pb.len_k - j0);
+        const RowRange band = visible_row_range(j0, j0 + cols, pb.align_offset, pb.window_left,
+                                                pb.window_right, pb.len_q);
         std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
         std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
         if (band.begin < band.end) {
@@ -107,13 +114,14 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
             load_rows(q_rows.at(b, h, i0), q_rows.stride_l, rows, Dk, scale, q_tile.data(), Dk);
             load_rows(do_rows.at(b, h, i0), do_rows.stride_l, rows, Dv, acc_t(1), do_tile.data(), Dv);
 
-            // P = exp(scale * Q K^T + mask - lse), exactly the forward's probabilities.
+            // P = exp(softcap(scale * Q K^T) + mask - lse), exactly the forward's probabilities.
             acc_t* pt = p_tile.data();
             tile_gemm(false, rows, cols, Dk, acc_t(1), q_tile.data(), Dk, kt_tile.data(), kBlockK,
                       pt, kBlockK, /*accumulate=*/false);
-            mask_tile(pt, kBlockK, rows, cols, i0, j0, b, h, p, mask);
+            if (cap > acc_t(0)) softcap_tile(pt, kBlockK, rows, cols, cap, slope_tile.data());
+            mask_tile(pt, kBlockK, rows, cols, i0, j0, b, h, pb, mask);
             for (int64_t r = 0; r < rows; ++r) {
-              const acc_t l = lse_data[bh * L + i0 + r];
+              const acc_t l = lse_data[p.row_index(b, h, i0 + r)];
               acc_t* pr = pt + r * kBlockK;
               if (l == -std::numeric_limits<acc_t>::infinity()) {
                 std::fill(pr, pr + cols, acc_t(0));  // a row that sees nothing has zero gradient
@@ -132,12 +140,13 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
             // dV += (P o Z)^T dO / (1 - p_drop)
             tile_gemm(true, cols, Dv, rows, keep_scale, p_used, kBlockK, do_tile.data(), Dv,
                       dv_acc.data(), Dv, /*accumulate=*/true);
-            // dP = dO V^T, then through dropout, then dS = P * (dP - delta).
+            // dP = dO V^T, then through dropout, then dS = P * (dP - delta) (times the softcap
+            // slope: the gradient of the raw score).
             acc_t* dpt = dp_tile.data();
             tile_gemm(false, rows, cols, Dv, acc_t(1), do_tile.data(), Dv, vt_tile.data(), kBlockK,
                       dpt, kBlockK, /*accumulate=*/false);
             for (int64_t r = 0; r < rows; ++r) {
-              const acc_t d = delta_data[bh * L + i0 + r];
+              const acc_t d = delta_data[p.row_index(b, h, i0 + r)];
               acc_t* dr = dpt + r * kBlockK;
               const acc_t* pr = pt + r * kBlockK;
               if (dropout) {
@@ -146,6 +155,10 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
                   dr[c] = pr[c] * ((kr[c] ? dr[c] * keep_scale : acc_t(0)) - d);
               } else {
                 for (int64_t c = 0; c < cols; ++c) dr[c] = pr[c] * (dr[c] - d);
+              }
+              if (cap > acc_t(0)) {
+                const acc_t* sl = slope_tile.data() + r * kBlockK;
+                for (int64_t c = 0; c < cols; ++c) dr[c] *= sl[c];
               }
             }
             // dK += dS^T (scale Q)  (q_tile already carries the scale)
@@ -162,7 +175,7 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
       if (n_splits == 1) {  // this task's query heads are complete: narrow their dQ now
         for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
           const int64_t bh = b * p.heads_q + h;
-          store_rows(dq_acc_data + bh * L * Dk, Dk, L, Dk, dq_rows.at(b, h, 0), dq_rows.stride_l);
+          store_rows(dq_acc_data + bh * L * Dk, Dk, pb.len_q, Dk, dq_rows.at(b, h, 0), dq_rows.stride_l);
         }
       }
     }
@@ -177,22 +190,37 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
           const acc_t* part = acc + s * split_stride + bh * L * Dk;
           for (int64_t e = 0; e < L * Dk; ++e) rows[e] += part[e];
         }
-        store_rows(rows.data(), Dk, L, Dk, dq_rows.at(bh / p.heads_q, bh % p.heads_q, 0), dq_rows.stride_l);
+        store_rows(rows.data(), Dk, p.for_batch(bh / p.heads_q).len_q, Dk,
+                   dq_rows.at(bh / p.heads_q, bh % p.heads_q, 0), dq_rows.stride_l);
       }
     });
   }
 }
 
+}  // namespace
+
+void run_attention_backward_cpu(const AttentionParams& p, const MaskView& mask, const at::Tensor& grad_out,
+                                const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq,
+                                const at::Tensor& dk, const at::Tensor& dv) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_backward_cpu", [&] {
+    backward_kernel<scalar_t>(p, mask, grad_out, q, k, v, out, lse, dq, dk, dv);
+  });
+}
+
+namespace {
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right) {
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap) {
   check_attention_inputs("flash_attn_ext.attention_backward", q, k, v, attn_mask, dropout_p, scale,
                          window_left, window_right);
+  check_softcap("flash_attn_ext.attention_backward", softcap);
   check_attention_backward_inputs(grad_out, q, k, v, out, lse, rng_state);
   AttentionParams p =
-      make_attention_params(q, k, v, dropout_p, scale, window_left, window_right, bottom_right);
+      make_attention_params(q, k, v, dropout_p, scale, window_left, window_right, bottom_right, softcap);
   const at::Tensor rng = rng_state.cpu();
   p.dropout_seed = static_cast<uint64_t>(rng.data_ptr<int64_t>()[0]);
   p.dropout_offset = static_cast<uint64_t>(rng.data_ptr<int64_t>()[1]);
@@ -207,9 +235,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     dq.zero_();
     return {dq, dk, dv};
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_backward_cpu", [&] {
-    backward_kernel<scalar_t>(p, mask, grad_out, q, k, v, out, lse, dq, dk, dv);
-  });
+  run_attention_backward_cpu(p, mask, grad_out, q, k, v, out, lse, dq, dk, dv);
   return {dq, dk, dv};
 }
 

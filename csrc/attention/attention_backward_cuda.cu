@@ -68,17 +68,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right) {
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap) {
   constexpr const char* kOp = "flash_attn_ext.attention_backward";
   check_attention_inputs(kOp, q, k, v, attn_mask, dropout_p, scale, window_left, window_right);
+  check_softcap(kOp, softcap);
   check_attention_backward_inputs(grad_out, q, k, v, out, lse, rng_state);
   check_cuda_head_dims(kOp, q.size(3), v.size(3));
   for (const auto* t : {&grad_out, &out, &lse}) {
     TORCH_CHECK_VALUE(t->device() == q.device(), kOp, ": grad_out, out and lse must be on ", q.device());
   }
   const c10::cuda::CUDAGuard guard(q.device());
-  const AttentionParams p =
-      make_attention_params(q, k, v, dropout_p, scale, window_left, window_right, bottom_right);
+  const AttentionParams p = make_attention_params(q, k, v, dropout_p, scale, window_left, window_right,
+                                                  bottom_right, softcap);
   const MaskView mask = make_mask_view(attn_mask);
   at::Tensor dq = at::empty_like(q);
   at::Tensor dk = at::empty_like(k);
@@ -91,33 +92,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     return {dq, dk, dv};
   }
   const at::Tensor rng = rng_state.to(q.device(), at::kLong).contiguous();
-  const int64_t* rng_ptr = dropout_p > 0.0 ? rng.data_ptr<int64_t>() : nullptr;
-  at::Tensor delta = at::empty_like(lse);
-  const int64_t n_rows = p.batch * p.heads_q * p.len_q, n_cols = p.batch * p.heads_kv * p.len_k;
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto go = strided<const scalar_t>(grad_out), qs = strided<const scalar_t>(q);
-    const auto ks = strided<const scalar_t>(k), vs = strided<const scalar_t>(v);
-    delta_rows_kernel<scalar_t, acc_t><<<warp_grid(n_rows), kThreadsPerBlock, 0, stream>>>(
-        p, go, strided<const scalar_t>(out), delta.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (try_attention_backward_mma(p, mask.kind != MaskKind::kNone, grad_out, q, k, v, lse, delta, dq, dk, dv))
-      return;
-    grad_query_rows_kernel<scalar_t, acc_t><<<warp_grid(n_rows), kThreadsPerBlock, 0, stream>>>(
-        p, mask, go, qs, ks, vs, lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), strided<scalar_t>(dq), rng_ptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (n_cols > 0) {
-      grad_key_value_columns_kernel<scalar_t, acc_t><<<warp_grid(n_cols), kThreadsPerBlock, 0, stream>>>(
-          p, mask, go, qs, ks, vs, lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), strided<scalar_t>(dk),
-          strided<scalar_t>(dv), rng_ptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  });
+  run_attention_backward_cuda(p, mask, grad_out, q, k, v, out, lse, dropout_p > 0.0 ? rng.data_ptr<int64_t>() : nullptr,
+                              dq, dk, dv);
   return {dq, dk, dv};
 }
 
 }  // namespace
+
+void run_attention_backward_cuda(const AttentionParams& p, const MaskView& mask, const at::Tensor& grad_out,
+                                 const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& out, const at::Tensor& lse, const int64_t* rng_ptr,
+                                 const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
+  at::Tensor delta = at::empty_like(lse);  // indexed as the lse (AttentionParams::row_index)
+  const int64_t n_rows = p.batch * p.heads_q * p.len_q, n_cols = p.batch * p.heads_kv * p.len_k;
+  if (n_rows == 0) return;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto go = rows::q_view(strided<const scalar_t>(grad_out), p);
+    const auto qs = rows::q_view(strided<const scalar_t>(q), p);
+    const auto ks = rows::kv_view(strided<const scalar_t>(k), p), vs = rows::kv_view(strided<const scalar_t>(v), p);
+    delta_rows_kernel<scalar_t, acc_t><<<warp_grid(n_rows), kThreadsPerBlock, 0, stream>>>(
+        p, go, rows::q_view(strided<const scalar_t>(out), p), delta.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (try_attention_backward_mma(p, mask.kind != MaskKind::kNone, grad_out, q, k, v, lse, delta, dq, dk, dv))
+      return;
+    grad_query_rows_kernel<scalar_t, acc_t><<<warp_grid(n_rows), kThreadsPerBlock, 0, stream>>>(
+        p, mask, go, qs, ks, vs, lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
+        rows::q_view(strided<scalar_t>(dq), p), rng_ptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (n_cols > 0) {
+      grad_key_value_columns_kernel<scalar_t, acc_t><<<warp_grid(n_cols), kThreadsPerBlock, 0, stream>>>(
+          p, mask, go, qs, ks, vs, lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
+          rows::kv_view(strided<scalar_t>(dk), p), rows::kv_view(strided<scalar_t>(dv), p), rng_ptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+}
 
 TORCH_LIBRARY_IMPL(flash_attn_ext, CUDA, m) {
   m.impl("attention_backward", &attention_backward_cuda);

@@ -29,14 +29,17 @@ constexpr int64_t kBlockK = 64;
 
 // A (batch, head, position, feature) tensor read through its strides; for a paged KV cache,
 // position i of sequence b lives in block table[b * blocks_per_seq + i / block_size] (the
-// tensor's first dim), row i % block_size.
+// tensor's first dim), row i % block_size; for packed sequences (varlen), position i of
+// sequence b is row seq_start[b] + i.
 template <typename T>
 struct Rows {
   T* data;
   int64_t stride_b, stride_h, stride_l;
   const int32_t* table = nullptr;
   int64_t block_size = 0, blocks_per_seq = 0;
+  const int32_t* seq_start = nullptr;
   T* at(int64_t b, int64_t h, int64_t i) const {
+    if (seq_start != nullptr) return data + h * stride_h + (seq_start[b] + i) * stride_l;
     if (table != nullptr)
       return data + table[b * blocks_per_seq + i / block_size] * stride_b + h * stride_h + (i % block_size) * stride_l;
     return data + b * stride_b + h * stride_h + i * stride_l;
@@ -50,14 +53,39 @@ Rows<T> rows_of(const at::Tensor& t) {
   return {static_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
 }
 
-// K or V rows as the kernels address them: paged when p carries a block table.
+// K or V rows (and their gradients) as the kernels address them: paged when p carries a
+// block table, packed when p is varlen.
 template <typename T>
 Rows<T> kv_rows_of(const at::Tensor& t, const AttentionParams& p) {
   Rows<T> r = rows_of<T>(t);
   r.table = p.block_table;
   r.block_size = p.block_size;
   r.blocks_per_seq = p.blocks_per_seq;
+  r.seq_start = p.cu_seqlens_k;
   return r;
+}
+
+// Query-side rows (query, out, their gradients): packed when p is varlen.
+template <typename T>
+Rows<T> q_rows_of(const at::Tensor& t, const AttentionParams& p) {
+  Rows<T> r = rows_of<T>(t);
+  r.seq_start = p.cu_seqlens_q;
+  return r;
+}
+
+// Soft-capping of a score tile in place, s = cap * tanh(s / cap) (p.softcap > 0; before the
+// mask, as flash-attn and Gemma-2 apply it). slope, when given, receives 1 - tanh^2, the
+// backward's factor from the capped to the raw score.
+template <typename acc_t>
+inline void softcap_tile(acc_t* s, int64_t ld, int64_t rows, int64_t cols, acc_t cap,
+                         acc_t* slope = nullptr) {
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* sr = s + r * ld;
+    for (int64_t c = 0; c < cols; ++c) {
+      sr[c] = apply_softcap(sr[c], cap);
+      if (slope != nullptr) slope[r * ld + c] = softcap_slope(sr[c], cap);
+    }
+  }
 }
 
 // Asks the caches for `rows` rows of `dim` elements. Decode is bound by memory latency

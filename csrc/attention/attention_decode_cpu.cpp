@@ -183,6 +183,7 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
         }
         for (int64_t hk = 0; hk < Hkv; ++hk) {
           acc_t* s = s_all.data() + hk * R * kDecodeTile;
+          if (p.softcap > 0.0) softcap_tile(s, kDecodeTile, R, cols, static_cast<acc_t>(p.softcap));
           for (int64_t g = 0; g < G; ++g)  // the window / causal edges of the band
             mask_tile(s + g * L * kDecodeTile, kDecodeTile, L, cols, 0, j0, b, hk * G + g, pb, MaskView{});
           for (int64_t r = 0; r < R; ++r) {
@@ -235,7 +236,7 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
 bool run_attention_decode_cpu(const AttentionParams& p, const MaskView& mask, const at::Tensor& q,
                               const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                               const at::Tensor& lse) {
-  if (mask.kind != MaskKind::kNone || p.dropout_p > 0.0) return false;
+  if (mask.kind != MaskKind::kNone || p.dropout_p > 0.0 || p.varlen()) return false;
   if (p.len_q * p.group_size() > kDecodeRows || p.heads_kv == 0 || p.batch == 0) return false;
   if (env_is_zero("FLASH_ATTN_EXT_CPU_DECODE")) return false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_decode_cpu", [&] {

@@ -59,16 +59,18 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
   const int64_t n_spans = (L + span - 1) / span;
   const int64_t n_packs = p.heads_q / pack;
   const int64_t max_rows = pack * span;
-  const int64_t n_splits = split_count(choose_splits(p.batch * n_packs * n_spans, threads, p.len_k, max_rows));
+  // Packed sequences (varlen) are never split: their rows are prefills, not decode steps.
+  const int64_t n_splits =
+      p.varlen() ? 1 : split_count(choose_splits(p.batch * n_packs * n_spans, threads, p.len_k, max_rows));
   // Partial states of split tasks: per (split, row of (b, h, i)): m, l and the Dv accumulator.
   const int64_t n_rows_all = p.batch * p.heads_q * L;
   SplitStates<acc_t> parts(n_splits, n_rows_all, Dv);
-  const auto q_rows = rows_of<const scalar_t>(q);
+  const auto q_rows = q_rows_of<const scalar_t>(q, p);
   const auto k_rows = kv_rows_of<const scalar_t>(k, p);
   const auto v_rows = kv_rows_of<const scalar_t>(v, p);
-  const auto o_rows = rows_of<scalar_t>(out);
+  const auto o_rows = q_rows_of<scalar_t>(out, p);
   acc_t* lse_data = lse.data_ptr<acc_t>();
-  const acc_t scale = static_cast<acc_t>(p.scale);
+  const acc_t scale = static_cast<acc_t>(p.scale), cap = static_cast<acc_t>(p.softcap);
   const bool dropout = p.dropout_p > 0.0;
   const uint32_t threshold = dropout_threshold(p.dropout_p);
   // Dropout zeroes probabilities after the row sum; the 1/(1-p) of the kept ones is applied
@@ -87,7 +89,9 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
       const int64_t b = task / n_spans / n_packs, h0 = (task / n_spans % n_packs) * pack;
       const int64_t hk = p.kv_head(h0);
       const int64_t i0 = sp * span;
-      const int64_t n_pos = std::min(span, L - i0);
+      const AttentionParams pb = p.for_batch(b);  // per-sequence lengths (KV cache, varlen)
+      if (i0 >= pb.len_q) continue;  // past a packed sequence's end
+      const int64_t n_pos = std::min(span, pb.len_q - i0);
       const int64_t rows = pack * n_pos;  // row g * n_pos + r: head h0 + g, position i0 + r
 
       // Q is pre-multiplied by the softmax scale: one multiply per element of Q instead of S.
@@ -98,7 +102,6 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
       std::fill(l_run.begin(), l_run.end(), acc_t(0));
       std::fill(o_acc.begin(), o_acc.end(), acc_t(0));
 
-      const AttentionParams pb = p.for_batch(b);  // per-sequence key length (KV cache)
       const KeyRange band = split_band(visible_key_range(i0, i0 + n_pos, pb.align_offset, pb.window_left,
                                                          pb.window_right, pb.len_k),
                                        split, n_splits, kBlockK);
@@ -119,6 +122,7 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
                     kBlockK, /*accumulate=*/false);
         }
         load_tile(v_rows, b, hk, j0, cols, Dv, acc_t(1), v_tile.data(), Dv);
+        if (cap > acc_t(0)) softcap_tile(s, kBlockK, rows, cols, cap);
         for (int64_t g = 0; g < pack; ++g) {  // masks and dropout depend on the head
           mask_tile(s + g * n_pos * kBlockK, kBlockK, n_pos, cols, i0, j0, b, h0 + g, pb, mask);
           if (dropout)
@@ -159,10 +163,10 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
       // Rows that saw no key (l == 0) return zeros and lse = -inf.
       for (int64_t r = 0; r < rows; ++r) {
         const acc_t l = l_run[r];
-        const int64_t bh = b * p.heads_q + h0 + r / n_pos, i = i0 + r % n_pos;
+        const int64_t at = p.row_index(b, h0 + r / n_pos, i0 + r % n_pos);
         scale_row(o_acc.data() + r * Dv, Dv, l > acc_t(0) ? keep_scale / l : acc_t(0));
-        lse_data[bh * L + i] = l > acc_t(0) ? m_run[r] + std::log(l) : kNegInf;
-        if (l != l) lse_data[bh * L + i] = l;  // NaN inputs: keep the NaN, not a zero row
+        lse_data[at] = l > acc_t(0) ? m_run[r] + std::log(l) : kNegInf;
+        if (l != l) lse_data[at] = l;  // NaN inputs: keep the NaN, not a zero row
       }
       for (int64_t g = 0; g < pack; ++g)
         store_rows(o_acc.data() + g * n_pos * Dv, Dv, n_pos, Dv, o_rows.at(b, h0 + g, i0), o_rows.stride_l);
@@ -172,6 +176,8 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
 
   merge_split_states<scalar_t, acc_t>(parts, p.heads_q, L, keep_scale, o_rows, lse_data);
 }
+
+}  // namespace
 
 // Draws the dropout seed from PyTorch's default CPU generator (so torch.manual_seed
 // reproduces it) and returns it as the op's rng_state (seed, offset) for the backward.
@@ -189,8 +195,6 @@ at::Tensor draw_rng_state(double dropout_p, const at::TensorOptions& options) {
   return state;
 }
 
-}  // namespace
-
 void run_attention_forward_cpu(const AttentionParams& p, const MaskView& mask, const at::Tensor& q,
                                const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                                const at::Tensor& lse) {
@@ -206,11 +210,12 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right) {
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap) {
   check_attention_inputs("flash_attn_ext.attention_forward", q, k, v, attn_mask, dropout_p, scale,
                          window_left, window_right);
-  AttentionParams p =
-      make_attention_params(q, k, v, dropout_p, scale, window_left, window_right, bottom_right);
+  check_softcap("flash_attn_ext.attention_forward", softcap);
+  AttentionParams p = make_attention_params(q, k, v, dropout_p, scale, window_left, window_right,
+                                            bottom_right, softcap);
   const MaskView mask = make_mask_view(attn_mask);
   at::Tensor out = empty_attention_output(q, p.dim_v);
   at::Tensor lse = at::empty({p.batch, p.heads_q, p.len_q}, q.options().dtype(lse_dtype(q.scalar_type())));

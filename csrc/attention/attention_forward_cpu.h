@@ -1,4 +1,5 @@
-// The CPU forward kernel, for the ops that reuse it (attention_forward, attention_kvcache).
+// The CPU attention kernels, for the ops that reuse them (attention_forward/backward, their
+// varlen forms, attention_kvcache).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -12,6 +13,16 @@ namespace flash_attn_ext::cpu {
 void run_attention_forward_cpu(const AttentionParams& p, const MaskView& mask, const at::Tensor& q,
                                const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                                const at::Tensor& lse);
+
+// dq, dk, dv (preallocated like q, k, v) of the call p describes (attention_backward_cpu.cpp).
+void run_attention_backward_cpu(const AttentionParams& p, const MaskView& mask, const at::Tensor& grad_out,
+                                const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq,
+                                const at::Tensor& dk, const at::Tensor& dv);
+
+// Draws the dropout seed from PyTorch's default CPU generator and returns the op's rng_state
+// (int64 [seed, offset]) for the backward; zeros without dropout.
+at::Tensor draw_rng_state(double dropout_p, const at::TensorOptions& options);
 
 // The decode path (attention_decode_cpu.cpp): serves calls with few query rows per KV head,
 // no mask and no dropout, and returns true; returns false (nothing done) otherwise.

@@ -49,6 +49,28 @@ __global__ void unpack_rng_state_kernel(at::PhiloxCudaState philox, int64_t* rng
   rng_state[1] = static_cast<int64_t>(std::get<1>(seeds));
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap) {
+  constexpr const char* kOp = "flash_attn_ext.attention_forward";
+  check_attention_inputs(kOp, q, k, v, attn_mask, dropout_p, scale, window_left, window_right);
+  check_softcap(kOp, softcap);
+  check_cuda_head_dims(kOp, q.size(3), v.size(3));
+  const c10::cuda::CUDAGuard guard(q.device());
+  const AttentionParams p = make_attention_params(q, k, v, dropout_p, scale, window_left, window_right,
+                                                  bottom_right, softcap);
+  const MaskView mask = make_mask_view(attn_mask);
+  at::Tensor out = empty_attention_output(q, p.dim_v);
+  at::Tensor lse = at::empty({p.batch, p.heads_q, p.len_q}, q.options().dtype(lse_dtype(q.scalar_type())));
+  at::Tensor rng_state = draw_rng_state_cuda(dropout_p, q);
+  if (try_attention_forward_mma(p, mask.kind != MaskKind::kNone, q, k, v, out, lse)) return {out, lse, rng_state};
+  run_attention_forward_cuda(p, mask, q, k, v, out, lse, dropout_p > 0.0 ? rng_state.data_ptr<int64_t>() : nullptr);
+  return {out, lse, rng_state};
+}
+
+}  // namespace
+
 // int64 [seed, offset] on the device; zeros without dropout.
 at::Tensor draw_rng_state_cuda(double dropout_p, const at::Tensor& q) {
   at::Tensor state = at::zeros({2}, q.options().dtype(at::kLong));
@@ -67,27 +89,6 @@ at::Tensor draw_rng_state_cuda(double dropout_p, const at::Tensor& q) {
   return state;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cuda(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right) {
-  constexpr const char* kOp = "flash_attn_ext.attention_forward";
-  check_attention_inputs(kOp, q, k, v, attn_mask, dropout_p, scale, window_left, window_right);
-  check_cuda_head_dims(kOp, q.size(3), v.size(3));
-  const c10::cuda::CUDAGuard guard(q.device());
-  const AttentionParams p =
-      make_attention_params(q, k, v, dropout_p, scale, window_left, window_right, bottom_right);
-  const MaskView mask = make_mask_view(attn_mask);
-  at::Tensor out = empty_attention_output(q, p.dim_v);
-  at::Tensor lse = at::empty({p.batch, p.heads_q, p.len_q}, q.options().dtype(lse_dtype(q.scalar_type())));
-  at::Tensor rng_state = draw_rng_state_cuda(dropout_p, q);
-  if (try_attention_forward_mma(p, mask.kind != MaskKind::kNone, q, k, v, out, lse)) return {out, lse, rng_state};
-  run_attention_forward_cuda(p, mask, q, k, v, out, lse, dropout_p > 0.0 ? rng_state.data_ptr<int64_t>() : nullptr);
-  return {out, lse, rng_state};
-}
-
-}  // namespace
-
 void check_cuda_head_dims(const char* op, int64_t dim_qk, int64_t dim_v) {
   TORCH_CHECK_VALUE(dim_qk <= kMaxHeadDim && dim_v <= kMaxHeadDim, op,
                     ": the CUDA kernels support head dims up to ", kMaxHeadDim, ", got query/key ",
@@ -103,9 +104,9 @@ void run_attention_forward_cuda(const AttentionParams& p, const MaskView& mask, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     forward_rows_kernel<scalar_t, acc_t><<<warp_grid(n_rows), kThreadsPerBlock, 0, stream>>>(
-        p, mask, strided<const scalar_t>(q), rows::paged(strided<const scalar_t>(k), p),
-        rows::paged(strided<const scalar_t>(v), p),
-        strided<scalar_t>(out), lse.data_ptr<acc_t>(), rng_state);
+        p, mask, rows::q_view(strided<const scalar_t>(q), p), rows::kv_view(strided<const scalar_t>(k), p),
+        rows::kv_view(strided<const scalar_t>(v), p),
+        rows::q_view(strided<scalar_t>(out), p), lse.data_ptr<acc_t>(), rng_state);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

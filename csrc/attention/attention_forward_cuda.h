@@ -1,4 +1,4 @@
-// CUDA forward entry point shared by attention_forward and attention_kvcache.
+// CUDA entry points shared by attention_forward/backward, their varlen forms and attention_kvcache.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -12,6 +12,17 @@ namespace flash_attn_ext::cuda {
 void run_attention_forward_cuda(const AttentionParams& p, const MaskView& mask, const at::Tensor& q,
                                 const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                                 const at::Tensor& lse, const int64_t* rng_state);
+
+// dq, dk, dv for p on the current stream (the tensor-core backward where it serves the call,
+// the row programs otherwise). rng_ptr: the device rng_state, or nullptr without dropout.
+void run_attention_backward_cuda(const AttentionParams& p, const MaskView& mask, const at::Tensor& grad_out,
+                                 const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& out, const at::Tensor& lse, const int64_t* rng_ptr,
+                                 const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv);
+
+// int64 [seed, offset] of the call's dropout mask on q's device, drawn from PyTorch's CUDA
+// generator; zeros without dropout.
+at::Tensor draw_rng_state_cuda(double dropout_p, const at::Tensor& q);
 
 // Checks what only the CUDA kernels limit: head dims up to kMaxHeadDim.
 void check_cuda_head_dims(const char* op, int64_t dim_qk, int64_t dim_v);

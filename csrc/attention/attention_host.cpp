@@ -104,10 +104,15 @@ void check_attention_backward_inputs(const at::Tensor& grad_out, const at::Tenso
                     ": rng_state must be the int64 tensor of 2 elements returned by the forward");
 }
 
+void check_softcap(const char* op, double softcap) {
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0, op,
+                    ": softcap must be a finite number >= 0 (0 = no soft-capping), got ", softcap);
+}
+
 AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k,
                                       const at::Tensor& v, double dropout_p, double scale,
                                       int64_t window_left, int64_t window_right,
-                                      bool bottom_right) {
+                                      bool bottom_right, double softcap) {
   AttentionParams p;
   p.batch = q.size(0);
   p.heads_q = q.size(1);
@@ -122,6 +127,7 @@ AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k,
   p.bottom_right = bottom_right;
   p.scale = scale;
   p.dropout_p = dropout_p;
+  p.softcap = softcap;
   return p;
 }
 

@@ -27,10 +27,13 @@ void check_attention_backward_inputs(const at::Tensor& grad_out, const at::Tenso
                                      const at::Tensor& out, const at::Tensor& lse,
                                      const at::Tensor& rng_state);
 
+// softcap must be finite and >= 0 (0 = off).
+void check_softcap(const char* op, double softcap);
+
 AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k,
                                       const at::Tensor& v, double dropout_p, double scale,
                                       int64_t window_left, int64_t window_right,
-                                      bool bottom_right);
+                                      bool bottom_right, double softcap);
 
 MaskView make_mask_view(const std::optional<at::Tensor>& attn_mask);
 

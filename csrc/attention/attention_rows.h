@@ -29,25 +29,36 @@ namespace flash_attn_ext::rows {
 // A (batch, head, position, feature) tensor read through its strides; features contiguous.
 // For a paged KV cache (AttentionParams::block_table), position i of sequence b is row
 // i % block_size of block table[b * blocks_per_seq + i / block_size] (the first dim).
+// For packed sequences (varlen), position i of sequence b is row seq_start[b] + i.
 template <typename T>
 struct Strided {
   T* data;
   int64_t stride_b, stride_h, stride_l;
   const int32_t* table = nullptr;
   int64_t block_size = 0, blocks_per_seq = 0;
+  const int32_t* seq_start = nullptr;
   FAE_HOST_DEVICE T* row(int64_t b, int64_t h, int64_t i) const {
+    if (seq_start != nullptr) return data + h * stride_h + (seq_start[b] + i) * stride_l;
     if (table != nullptr)
       return data + table[b * blocks_per_seq + i / block_size] * stride_b + h * stride_h + (i % block_size) * stride_l;
     return data + b * stride_b + h * stride_h + i * stride_l;
   }
 };
 
-// The K/V view of p: paged when p carries a block table.
+// The K/V view of p: paged when p carries a block table, packed when p is varlen.
 template <typename T>
-FAE_HOST_DEVICE Strided<T> paged(Strided<T> s, const AttentionParams& p) {
+FAE_HOST_DEVICE Strided<T> kv_view(Strided<T> s, const AttentionParams& p) {
   s.table = p.block_table;
   s.block_size = p.block_size;
   s.blocks_per_seq = p.blocks_per_seq;
+  s.seq_start = p.cu_seqlens_k;
+  return s;
+}
+
+// The view of a query-side tensor (query, out, their gradients): packed when p is varlen.
+template <typename T>
+FAE_HOST_DEVICE Strided<T> q_view(Strided<T> s, const AttentionParams& p) {
+  s.seq_start = p.cu_seqlens_q;
   return s;
 }
 
@@ -109,17 +120,27 @@ FAE_HOST_DEVICE Acc mask_bias(const MaskView& m, int64_t b, int64_t h, int64_t i
   return Acc(0);
 }
 
-// Scaled score of (q row, key j) with the user mask applied; -inf means "not attended".
+// scale * <q row, k row>, summed over the lanes.
 template <typename T, typename Acc, int kLanes, int kPerLane, typename Reduce>
-FAE_HOST_DEVICE Acc score(const Acc (&q)[kPerLane], const T* k, int64_t dim, Acc scale, int lane,
-                          const MaskView& mask, int64_t b, int64_t h, int64_t i, int64_t j) {
+FAE_HOST_DEVICE Acc dot(const Acc (&q)[kPerLane], const T* k, int64_t dim, Acc scale, int lane) {
   Acc s = 0;
 FAE_UNROLL
   for (int t = 0; t < kPerLane; ++t) {
     const int64_t d = lane + t * kLanes;
     if (d < dim) s += q[t] * static_cast<Acc>(k[d]);
   }
-  s = Reduce::sum(s) * scale;
+  return Reduce::sum(s) * scale;
+}
+
+// Score of (q row, key j): scaled, soft-capped (cap > 0), then the user mask applied; -inf
+// means "not attended". `capped` receives the score before the mask (the backward's softcap
+// slope needs it).
+template <typename T, typename Acc, int kLanes, int kPerLane, typename Reduce>
+FAE_HOST_DEVICE Acc score(const Acc (&q)[kPerLane], const T* k, int64_t dim, Acc scale, Acc cap,
+                          int lane, const MaskView& mask, int64_t b, int64_t h, int64_t i, int64_t j,
+                          Acc* capped = nullptr) {
+  Acc s = apply_softcap(dot<T, Acc, kLanes, kPerLane, Reduce>(q, k, dim, scale, lane), cap);
+  if (capped != nullptr) *capped = s;
   if (mask.kind != MaskKind::kNone) s += mask_bias<Acc>(mask, b, h, i, j);
   return s;
 }
@@ -155,8 +176,9 @@ FAE_HOST_DEVICE void forward_row(const AttentionParams& p, const MaskView& mask,
                                  const Strided<const T>& v, const Strided<T>& out, Acc* lse,
                                  int64_t b, int64_t h, int64_t i, int lane) {
   const AttentionParams pb = p.for_batch(b);
+  if (i >= pb.len_q) return;  // past a packed sequence's end
   const int64_t hk = p.kv_head(h), bh = b * p.heads_q + h;
-  const Acc scale = static_cast<Acc>(p.scale);
+  const Acc scale = static_cast<Acc>(p.scale), cap = static_cast<Acc>(p.softcap);
   const bool dropout = p.dropout_p > 0.0;
   const uint32_t threshold = dropout_threshold(p.dropout_p);
   Acc qr[kPerLane], acc[kPerLane];
@@ -167,7 +189,7 @@ FAE_UNROLL
   const int64_t j_end = end_visible_key(i, pb.align_offset, pb.window_right, pb.len_k);
   for (int64_t j = first_visible_key(i, pb.align_offset, pb.window_left, pb.len_k); j < j_end; ++j) {
     const Acc s = score<T, Acc, kLanes, kPerLane, Reduce>(qr, k.row(b, hk, j), p.dim_qk, scale,
-                                                          lane, mask, b, h, i, j);
+                                                          cap, lane, mask, b, h, i, j);
     if (s == neg_inf<Acc>()) continue;
     const Acc m_new = (s > m || s != s) ? s : m;
     const Acc alpha = exp_(m - m_new);  // 0 for the first visible key (m = -inf)
@@ -184,14 +206,15 @@ FAE_UNROLL
   }
   const Acc factor = l > Acc(0) ? dropout_scale<Acc>(p) / l : Acc(0);
   store<T, Acc, kLanes, kPerLane>(out.row(b, h, i), acc, factor, p.dim_v, lane);
-  if (lane == 0) lse[bh * p.len_q + i] = l != l ? l : (l > Acc(0) ? m + log_(l) : neg_inf<Acc>());
+  if (lane == 0) lse[p.row_index(b, h, i)] = l != l ? l : (l > Acc(0) ? m + log_(l) : neg_inf<Acc>());
 }
 
-// delta[(b * Hq + h) * L + i] = <dO_i, O_i>, the row term of the softmax gradient.
+// delta[row_index(b, h, i)] = <dO_i, O_i>, the row term of the softmax gradient.
 template <typename T, typename Acc, int kLanes, int kPerLane, typename Reduce>
 FAE_HOST_DEVICE void delta_row(const AttentionParams& p, const Strided<const T>& grad_out,
                                const Strided<const T>& out, Acc* delta, int64_t b, int64_t h,
                                int64_t i, int lane) {
+  if (i >= p.for_batch(b).len_q) return;
   const T* go = grad_out.row(b, h, i);
   const T* o = out.row(b, h, i);
   Acc s = 0;
@@ -201,7 +224,7 @@ FAE_UNROLL
     if (d < p.dim_v) s += static_cast<Acc>(go[d]) * static_cast<Acc>(o[d]);
   }
   s = Reduce::sum(s);
-  if (lane == 0) delta[(b * p.heads_q + h) * p.len_q + i] = s;
+  if (lane == 0) delta[p.row_index(b, h, i)] = s;
 }
 
 // The gradient of score (i, j) given P_ij = exp(s - lse_i): dS = P (dP' - delta_i), with
@@ -226,11 +249,13 @@ FAE_HOST_DEVICE void grad_query_row(const AttentionParams& p, const MaskView& ma
                                     const Acc* lse, const Acc* delta, const Strided<T>& grad_q,
                                     int64_t b, int64_t h, int64_t i, int lane) {
   const AttentionParams pb = p.for_batch(b);
+  if (i >= pb.len_q) return;  // past a packed sequence's end
   const int64_t hk = p.kv_head(h), bh = b * p.heads_q + h;
   const Acc scale = static_cast<Acc>(p.scale), keep_scale = dropout_scale<Acc>(p);
+  const Acc cap = static_cast<Acc>(p.softcap);
   const bool dropout = p.dropout_p > 0.0;
   const uint32_t threshold = dropout_threshold(p.dropout_p);
-  const Acc lse_i = lse[bh * p.len_q + i], delta_i = delta[bh * p.len_q + i];
+  const Acc lse_i = lse[p.row_index(b, h, i)], delta_i = delta[p.row_index(b, h, i)];
   Acc qr[kPerLane], dor[kPerLane], dq[kPerLane];
   load<T, Acc, kLanes, kPerLane>(qr, q.row(b, h, i), p.dim_qk, lane);
   load<T, Acc, kLanes, kPerLane>(dor, grad_out.row(b, h, i), p.dim_v, lane);
@@ -241,13 +266,13 @@ FAE_UNROLL
                             : end_visible_key(i, pb.align_offset, pb.window_right, pb.len_k);
   for (int64_t j = first_visible_key(i, pb.align_offset, pb.window_left, pb.len_k); j < j_end; ++j) {
     const T* kj = k.row(b, hk, j);
-    const Acc s = score<T, Acc, kLanes, kPerLane, Reduce>(qr, kj, p.dim_qk, scale, lane, mask, b,
-                                                          h, i, j);
+    Acc capped;
+    const Acc s = score<T, Acc, kLanes, kPerLane, Reduce>(qr, kj, p.dim_qk, scale, cap, lane, mask,
+                                                          b, h, i, j, &capped);
     if (s == neg_inf<Acc>()) continue;
-    const Acc dp = score<T, Acc, kLanes, kPerLane, Reduce>(dor, v.row(b, hk, j), p.dim_v, Acc(1),
-                                                           lane, MaskView{}, b, h, i, j);
+    const Acc dp = dot<T, Acc, kLanes, kPerLane, Reduce>(dor, v.row(b, hk, j), p.dim_v, Acc(1), lane);
     const bool keep = !dropout || dropout_keep(p.dropout_seed, p.dropout_offset, bh, i, j, threshold);
-    const Acc ds = score_grad(exp_(s - lse_i), dp, delta_i, keep, keep_scale).ds;
+    const Acc ds = score_grad(exp_(s - lse_i), dp, delta_i, keep, keep_scale).ds * softcap_slope(capped, cap);
 FAE_UNROLL
     for (int t = 0; t < kPerLane; ++t) {
       const int64_t d = lane + t * kLanes;
@@ -269,7 +294,9 @@ FAE_HOST_DEVICE void grad_key_value_column(const AttentionParams& p, const MaskV
                                            const Strided<T>& grad_v, int64_t b, int64_t hk,
                                            int64_t j, int lane) {
   const AttentionParams pb = p.for_batch(b);
+  if (p.varlen() && j >= pb.len_k) return;  // past a packed sequence's end: another's rows
   const Acc scale = static_cast<Acc>(p.scale), keep_scale = dropout_scale<Acc>(p);
+  const Acc cap = static_cast<Acc>(p.softcap);
   const bool dropout = p.dropout_p > 0.0;
   const uint32_t threshold = dropout_threshold(p.dropout_p);
   Acc kr[kPerLane], vr[kPerLane], dk[kPerLane], dv[kPerLane];
@@ -279,23 +306,24 @@ FAE_UNROLL
   for (int t = 0; t < kPerLane; ++t) dk[t] = dv[t] = 0;
   // Keys past a sequence's length (KV cache) are seen by no query.
   const RowRange rows = j < pb.len_k ? visible_row_range(j, j + 1, pb.align_offset, pb.window_left,
-                                                         pb.window_right, p.len_q)
+                                                         pb.window_right, pb.len_q)
                                      : RowRange{0, 0};
   const int64_t G = p.group_size();
   for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
     const int64_t bh = b * p.heads_q + h;
     for (int64_t i = rows.begin; i < rows.end; ++i) {
-      const Acc lse_i = lse[bh * p.len_q + i];
+      const Acc lse_i = lse[p.row_index(b, h, i)];
       if (lse_i == neg_inf<Acc>()) continue;
       const T* qi = q.row(b, h, i);
       const T* doi = grad_out.row(b, h, i);
-      const Acc s = score<T, Acc, kLanes, kPerLane, Reduce>(kr, qi, p.dim_qk, scale, lane, mask,
-                                                            b, h, i, j);
+      Acc capped;
+      const Acc s = score<T, Acc, kLanes, kPerLane, Reduce>(kr, qi, p.dim_qk, scale, cap, lane, mask,
+                                                            b, h, i, j, &capped);
       if (s == neg_inf<Acc>()) continue;
-      const Acc dp = score<T, Acc, kLanes, kPerLane, Reduce>(vr, doi, p.dim_v, Acc(1), lane,
-                                                             MaskView{}, b, h, i, j);
+      const Acc dp = dot<T, Acc, kLanes, kPerLane, Reduce>(vr, doi, p.dim_v, Acc(1), lane);
       const bool keep = !dropout || dropout_keep(p.dropout_seed, p.dropout_offset, bh, i, j, threshold);
-      const ScoreGrad<Acc> g = score_grad(exp_(s - lse_i), dp, delta[bh * p.len_q + i], keep, keep_scale);
+      ScoreGrad<Acc> g = score_grad(exp_(s - lse_i), dp, delta[p.row_index(b, h, i)], keep, keep_scale);
+      g.ds *= softcap_slope(capped, cap);
 FAE_UNROLL
       for (int t = 0; t < kPerLane; ++t) {
         const int64_t d = lane + t * kLanes;

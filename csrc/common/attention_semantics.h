@@ -5,6 +5,7 @@
 // compiled for the device by nvcc.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "host_device.h"
@@ -40,11 +41,30 @@ struct AttentionParams {
   double dropout_p = 0.0;  // double: 1/(1-p) must be exact for float64 inputs
   uint64_t dropout_seed = 0, dropout_offset = 0;
 
+  // Soft-capping (Gemma-2, Grok): scores become softcap * tanh(s / softcap) before the user
+  // mask and the softmax; 0 = off.
+  double softcap = 0.0;
+
+  // Packed variable-length sequences (flash-attn's varlen API): when set, sequence b holds
+  // query rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of a (total_q, heads, dim) tensor and
+  // key rows [cu_seqlens_k[b], cu_seqlens_k[b + 1]); len_q / len_k are the longest sequence
+  // (they bound the loops; for_batch gives each sequence its own), and the log-sum-exp is
+  // (heads_q, total_q), as flash-attn returns it.
+  const int32_t* cu_seqlens_q = nullptr;
+  const int32_t* cu_seqlens_k = nullptr;
+  int64_t total_q = 0;
+
   FAE_HOST_DEVICE int64_t group_size() const { return heads_q / heads_kv; }
   // GQA/MQA: query head h reads key/value head h / (Hq / Hkv) (contiguous groups).
   FAE_HOST_DEVICE int64_t kv_head(int64_t h) const { return h / group_size(); }
-  // The parameters as sequence b sees them (its key length and alignment).
+  // The parameters as sequence b sees them (its query and key lengths and alignment).
   FAE_HOST_DEVICE AttentionParams for_batch(int64_t b) const;
+  FAE_HOST_DEVICE bool varlen() const { return cu_seqlens_q != nullptr; }
+  // Index of row (b, h, i) in the log-sum-exp (and the backward's delta): (B, Hq, L), or
+  // (Hq, total_q) for packed sequences.
+  FAE_HOST_DEVICE int64_t row_index(int64_t b, int64_t h, int64_t i) const {
+    return varlen() ? h * total_q + cu_seqlens_q[b] + i : (b * heads_q + h) * len_q + i;
+  }
 };
 
 // A user attention mask, read through strides (0 for broadcast dims), on top of the window.
@@ -63,11 +83,32 @@ FAE_HOST_DEVICE int64_t alignment_offset(int64_t len_q, int64_t len_k, bool bott
 
 FAE_HOST_DEVICE AttentionParams AttentionParams::for_batch(int64_t b) const {
   AttentionParams r = *this;
-  if (seqlens_k != nullptr) {
+  if (cu_seqlens_q != nullptr) {
+    r.len_q = cu_seqlens_q[b + 1] - cu_seqlens_q[b];
+    r.len_k = cu_seqlens_k[b + 1] - cu_seqlens_k[b];
+    r.align_offset = alignment_offset(r.len_q, r.len_k, bottom_right);
+  } else if (seqlens_k != nullptr) {
     r.len_k = seqlens_k[b];
     r.align_offset = alignment_offset(len_q, r.len_k, bottom_right);
   }
   return r;
+}
+
+// Soft-capping of a scaled score, and its slope d(capped)/d(score) = 1 - (capped / cap)^2,
+// from the capped value (what the backward recomputes). cap <= 0: identity, slope 1.
+FAE_HOST_DEVICE float tanh_(float x) { return tanhf(x); }
+FAE_HOST_DEVICE double tanh_(double x) { return tanh(x); }
+
+template <typename Acc>
+FAE_HOST_DEVICE Acc apply_softcap(Acc s, Acc cap) {
+  return cap > Acc(0) ? cap * tanh_(s / cap) : s;
+}
+
+template <typename Acc>
+FAE_HOST_DEVICE Acc softcap_slope(Acc capped, Acc cap) {
+  if (!(cap > Acc(0))) return Acc(1);
+  const Acc t = capped / cap;
+  return Acc(1) - t * t;
 }
 
 // Key j is visible to query i iff i + o - left <= j <= i + o + right (a bound of -1 is open).

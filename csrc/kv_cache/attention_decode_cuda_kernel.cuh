@@ -154,9 +154,9 @@ __global__ void __launch_bounds__(kThreads) attention_decode_split_kernel(const 
     sL[tid] = 0.f;
   }
   const rows::Strided<const uint16_t> K =
-      rows::paged(rows::Strided<const uint16_t>{static_cast<const uint16_t*>(dp.k), dp.k_sb, dp.k_sh, dp.k_sl}, P);
+      rows::kv_view(rows::Strided<const uint16_t>{static_cast<const uint16_t*>(dp.k), dp.k_sb, dp.k_sh, dp.k_sl}, P);
   const rows::Strided<const uint16_t> V =
-      rows::paged(rows::Strided<const uint16_t>{static_cast<const uint16_t*>(dp.v), dp.v_sb, dp.v_sh, dp.v_sl}, P);
+      rows::kv_view(rows::Strided<const uint16_t>{static_cast<const uint16_t*>(dp.v), dp.v_sb, dp.v_sh, dp.v_sl}, P);
   const KeyRange band = visible_key_range(0, L, pb.align_offset, pb.window_left, pb.window_right, pb.len_k);
   const KeyRange range = split_range(band, split, dp.n_splits);
 

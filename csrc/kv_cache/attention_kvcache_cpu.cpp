@@ -19,7 +19,8 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_cpu(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
     const std::optional<at::Tensor>& v_new, double scale, int64_t window_left,
-    int64_t window_right, const std::optional<at::Tensor>& block_table) {
+    int64_t window_right, const std::optional<at::Tensor>& block_table, double softcap) {
+  check_softcap("flash_attn_ext.attention_kvcache", softcap);
   BlockTable table;
   std::vector<int64_t> lens_before;
   std::vector<int64_t> lens = check_attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
@@ -27,7 +28,7 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_cpu(
   if (k_new.has_value()) append_validated(k_cache, v_cache, *k_new, *v_new, lens_before, /*rolling=*/false, table);
 
   AttentionParams p = make_attention_params(q, k_cache, v_cache, 0.0, scale, window_left,
-                                            window_right, /*bottom_right=*/true);
+                                            window_right, /*bottom_right=*/true, softcap);
   apply_block_table(p, table);
   p.seqlens_k = lens.data();
   at::Tensor out = empty_attention_output(q, p.dim_v);

@@ -1,0 +1,36 @@
+// Host glue of the varlen ops (attention_varlen_forward/backward), shared by their CPU and
+// CUDA implementations: validation of the packed tensors and cu_seqlens, and the translation
+// into the (1, H, total, D) views and AttentionParams the attention kernels take. The kernels
+// themselves are the ordinary forward/backward kernels: a varlen AttentionParams gives each
+// sequence its row offsets and lengths (AttentionParams::for_batch, row_index).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "../common/attention_semantics.h"
+
+namespace flash_attn_ext {
+
+struct VarlenCall {
+  AttentionParams params;  // cu_seqlens_* point at the tensors below (device pointers on CUDA)
+  at::Tensor cu_seqlens_q, cu_seqlens_k;  // int32, contiguous, on the inputs' device
+};
+
+// Validates query (total_q, Hq, D), key (total_k, Hkv, D), value (total_k, Hkv, Dv),
+// cu_seqlens_q/k (int32, (B + 1,), 0 first, non-decreasing, total last), max_seqlen_q/k (at
+// least every sequence's length) and the attention options, reading cu_seqlens on the host,
+// before anything is allocated. `op` names the caller in messages.
+VarlenCall make_varlen_call(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                            int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p, double scale,
+                            int64_t window_left, int64_t window_right, bool bottom_right, double softcap);
+
+// The backward's extra checks: grad_out and out (total_q, Hq, Dv) in the query's dtype, lse
+// (Hq, total_q) contiguous.
+void check_varlen_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& v,
+                                  const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state);
+
+// A packed (total, H, D) tensor as the (1, H, total, D) view the kernels address.
+inline at::Tensor as_heads_view(const at::Tensor& t) { return t.transpose(0, 1).unsqueeze(0); }
+
+}  // namespace flash_attn_ext
