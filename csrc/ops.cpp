@@ -7,19 +7,21 @@ TORCH_LIBRARY(flash_attn_ext, m) {
   // Fused attention forward, (B, H, L, D) layout read through strides. window_left/right:
   // -1 = unbounded; bottom_right aligns query L-1 with key S-1 (flash-attn's causal),
   // otherwise query 0 with key 0 (SDPA's is_causal). softcap > 0: scores become
-  // softcap * tanh(score / softcap) before the mask (Gemma-2). Returns out (B, Hq, L, Dv), lse
+  // softcap * tanh(score / softcap) before the mask (Gemma-2). alibi_slopes (float32, (Hq,) or
+  // (B, Hq)): score (b, h, i, j) gains -slope * |i + o - j| (o the alignment offset), as
+  // flash-attn's alibi_slopes. Returns out (B, Hq, L, Dv), lse
   // (B, Hq, L; float32, float64 for float64 inputs) and rng_state (int64 [seed, offset]
   // of the dropout mask, for the backward).
   m.def(
       "attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
       "float dropout_p, float scale, int window_left, int window_right, bool bottom_right, "
-      "float softcap=0.0) -> (Tensor out, Tensor lse, Tensor rng_state)");
+      "float softcap=0.0, Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse, Tensor rng_state)");
   // Its gradient with respect to query, key and value (not attn_mask).
   m.def(
       "attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, "
       "Tensor lse, Tensor rng_state, Tensor? attn_mask, float dropout_p, float scale, "
-      "int window_left, int window_right, bool bottom_right, float softcap=0.0) "
-      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+      "int window_left, int window_right, bool bottom_right, float softcap=0.0, "
+      "Tensor? alibi_slopes=None) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
   // Packed variable-length sequences (flash-attn's varlen layout): query (total_q, Hq, D), key
   // (total_k, Hkv, D), value (total_k, Hkv, Dv); sequence b is rows [cu_seqlens_q[b],
   // cu_seqlens_q[b + 1]) of query and [cu_seqlens_k[b], cu_seqlens_k[b + 1]) of key/value
@@ -29,13 +31,13 @@ TORCH_LIBRARY(flash_attn_ext, m) {
   m.def(
       "attention_varlen_forward(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, "
       "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float dropout_p, float scale, "
-      "int window_left, int window_right, bool bottom_right, float softcap=0.0) "
-      "-> (Tensor out, Tensor lse, Tensor rng_state)");
+      "int window_left, int window_right, bool bottom_right, float softcap=0.0, "
+      "Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse, Tensor rng_state)");
   m.def(
       "attention_varlen_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
       "Tensor out, Tensor lse, Tensor rng_state, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, float dropout_p, float scale, int window_left, "
-      "int window_right, bool bottom_right, float softcap=0.0) "
+      "int window_right, bool bottom_right, float softcap=0.0, Tensor? alibi_slopes=None) "
       "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
   // KV cache: writes k_new/v_new (B, Hkv, L_new, D) into k_cache/v_cache (B, Hkv, S_max, D)
   // in place at positions cache_seqlens[b] + t, read through strides (a flash-attn
@@ -54,7 +56,7 @@ TORCH_LIBRARY(flash_attn_ext, m) {
   m.def(
       "attention_kvcache(Tensor query, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
       "Tensor? k_new, Tensor? v_new, float scale, int window_left, int window_right, "
-      "Tensor? block_table=None, float softcap=0.0) -> (Tensor out, Tensor lse)");
+      "Tensor? block_table=None, float softcap=0.0, Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse)");
   // Exact merge of two attention results over disjoint key sets (split-KV decoding, ring /
   // context-parallel attention): out_a, out_b (..., D) with their log-sum-exps (...).
   // Returns the attention over the union and its lse. Differentiable.

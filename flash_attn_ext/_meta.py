@@ -10,7 +10,7 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.register_fake("flash_attn_ext::attention_forward")
 def _attention_forward_fake(query, key, value, attn_mask, dropout_p, scale, window_left,
-                            window_right, bottom_right, softcap=0.0):
+                            window_right, bottom_right, softcap=0.0, alibi_slopes=None):
     torch._check(query.dim() == 4, lambda: f"query must be 4-D, got {query.dim()}-D")
     torch._check(key.dim() == 4 and value.dim() == 4, lambda: "key and value must be 4-D")
     torch._check(query.shape[1] % key.shape[1] == 0,
@@ -25,14 +25,14 @@ def _attention_forward_fake(query, key, value, attn_mask, dropout_p, scale, wind
 
 @torch.library.register_fake("flash_attn_ext::attention_backward")
 def _attention_backward_fake(grad_out, query, key, value, out, lse, rng_state, attn_mask,
-                             dropout_p, scale, window_left, window_right, bottom_right, softcap=0.0):
+                             dropout_p, scale, window_left, window_right, bottom_right, softcap=0.0, alibi_slopes=None):
     return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
 
 
 @torch.library.register_fake("flash_attn_ext::attention_varlen_forward")
 def _attention_varlen_forward_fake(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                    max_seqlen_k, dropout_p, scale, window_left, window_right,
-                                   bottom_right, softcap=0.0):
+                                   bottom_right, softcap=0.0, alibi_slopes=None):
     torch._check(query.dim() == 3, lambda: f"query must be 3-D (total_q, heads, head_dim), got {query.dim()}-D")
     torch._check(key.dim() == 3 and value.dim() == 3, lambda: "key and value must be 3-D")
     total_q, heads, _ = query.shape
@@ -45,7 +45,7 @@ def _attention_varlen_forward_fake(query, key, value, cu_seqlens_q, cu_seqlens_k
 @torch.library.register_fake("flash_attn_ext::attention_varlen_backward")
 def _attention_varlen_backward_fake(grad_out, query, key, value, out, lse, rng_state, cu_seqlens_q,
                                     cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale,
-                                    window_left, window_right, bottom_right, softcap=0.0):
+                                    window_left, window_right, bottom_right, softcap=0.0, alibi_slopes=None):
     return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
 
 
@@ -57,7 +57,7 @@ def _kv_cache_append_fake(k_cache, v_cache, k_new, v_new, cache_seqlens, rolling
 
 @torch.library.register_fake("flash_attn_ext::attention_kvcache")
 def _attention_kvcache_fake(query, k_cache, v_cache, cache_seqlens, k_new, v_new, scale,
-                            window_left, window_right, block_table=None, softcap=0.0):
+                            window_left, window_right, block_table=None, softcap=0.0, alibi_slopes=None):
     torch._check(query.dim() == 4 and k_cache.dim() == 4, lambda: "query and caches must be 4-D")
     batch, heads, len_q, _ = query.shape
     out = query.new_empty((batch, len_q, heads, v_cache.shape[-1])).transpose(1, 2)

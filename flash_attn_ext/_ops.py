@@ -60,18 +60,20 @@ def require_kernel(device_type: str) -> None:
 def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attn_mask: Optional[torch.Tensor], dropout_p: float, scale: float,
                       window_left: int, window_right: int, bottom_right: bool,
-                      softcap: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     require_kernel(query.device.type)
     return _lib.attention_forward(query, key, value, attn_mask, dropout_p, scale, window_left,
-                                  window_right, bottom_right, softcap)
+                                  window_right, bottom_right, softcap, alibi_slopes)
 
 
 def attention_varlen_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                              max_seqlen_q: int, max_seqlen_k: int, dropout_p: float, scale: float,
                              window_left: int, window_right: int, bottom_right: bool,
-                             softcap: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     require_kernel(query.device.type)
     return _lib.attention_varlen_forward(query, key, value, cu_seqlens_q, cu_seqlens_k,
                                          max_seqlen_q, max_seqlen_k, dropout_p, scale,
-                                         window_left, window_right, bottom_right, softcap)
+                                         window_left, window_right, bottom_right, softcap, alibi_slopes)

@@ -32,7 +32,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
               causal: bool = False, window_size: Window = (-1, -1),
               scale: Optional[float] = None, attn_mask: Optional[torch.Tensor] = None,
               dropout_p: float = 0.0, alignment: str = "bottom_right",
-              softcap: float = 0.0, return_lse: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+              softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
+              return_lse: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Fused exact attention, layout (batch, heads, len, head_dim) like SDPA.
 
     query (B, Hq, L, D), key (B, Hkv, S, D), value (B, Hkv, S, Dv), Hq a multiple of Hkv
@@ -42,7 +43,9 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
     is_causal). causal=True is right = 0. attn_mask (bool: True = attend; float: added to the
     scores) broadcasts to (B, Hq, L, S). Rows that see no key return zeros (lse = -inf).
     Dropout (dropout_p > 0) uses PyTorch's generator. softcap > 0 soft-caps the scaled scores,
-    s -> softcap * tanh(s / softcap), before the mask (Gemma-2, flash-attn's softcap). Returns out (B, Hq, L, Dv) and, with
+    s -> softcap * tanh(s / softcap), before the mask (Gemma-2, flash-attn's softcap).
+    alibi_slopes (float32, (Hq,) or (B, Hq)) adds -slope * |i + o - j| to score (i, j) (ALiBi,
+    as flash-attn's alibi_slopes; no gradient flows to the slopes). Returns out (B, Hq, L, Dv) and, with
     return_lse, the float32 log-sum-exp (B, Hq, L). Differentiable in query, key and value.
     """
     if alignment not in ("bottom_right", "top_left"):
@@ -58,7 +61,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
     out, lse, _ = _ops.attention_forward(
         _contiguous_last_dim(query), _contiguous_last_dim(key), _contiguous_last_dim(value),
         attn_mask, float(dropout_p), float(scale), left, right, alignment == "bottom_right",
-        float(softcap))
+        float(softcap), alibi_slopes)
     return (out, lse) if return_lse else out
 
 

@@ -8,6 +8,8 @@ import flash_attn_func` can replace `from flash_attn import flash_attn_func`:
 - `window_size=(left, right)`, -1 for unbounded;
 - `softcap > 0` soft-caps the scaled scores, `softcap * tanh(s / softcap)`, in the kernels
   (forward, backward and KV-cache decode), as flash-attn does for Gemma-2;
+- `alibi_slopes` (float32, `(heads,)` or `(batch, heads)`) adds `-slope * |i + Sk - Sq - j|`
+  to the scores, in the kernels, as flash-attn documents it (the log-sum-exp includes it);
 - the varlen functions take packed sequences, (total, heads, head_dim) with int32 `cu_seqlens`
   offsets, and attend each sequence on its own, in the kernels (no padding, no Python loop);
   their log-sum-exp is (heads, total_q), as flash-attn's;
@@ -16,7 +18,7 @@ import flash_attn_func` can replace `from flash_attn import flash_attn_func`:
   the third element is None (flash-attn returns them only for testing, with dropout).
 
 Not yet (an argument that would change the result raises NotImplementedError naming it):
-`alibi_slopes`, rotary embedding in `flash_attn_with_kvcache`, `cache_batch_idx`,
+rotary embedding in `flash_attn_with_kvcache`, `cache_batch_idx`,
 `cache_leftpad`, and `block_table` in `flash_attn_varlen_func`. `deterministic` is accepted:
 every kernel here is deterministic. `num_splits` is accepted and ignored: the split count is
 chosen per call (FLASH_ATTN_EXT_NUM_SPLITS forces it).
@@ -46,14 +48,14 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
                     alibi_slopes: Optional[torch.Tensor] = None, deterministic: bool = False,
                     return_attn_probs: bool = False):
     """q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, Hq, D) [, softmax_lse (B, Hq, Sq), None]."""
-    _not_yet(alibi_slopes=alibi_slopes)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"flash_attn_func: {name} must be (batch, seqlen, heads, head_dim), got shape "
                              f"{tuple(t.shape)}")
     out, lse = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
                          window_size=tuple(window_size), scale=softmax_scale, dropout_p=dropout_p,
-                         alignment="bottom_right", softcap=float(softcap), return_lse=True)
+                         alignment="bottom_right", softcap=float(softcap), alibi_slopes=alibi_slopes,
+                         return_lse=True)
     out = out.transpose(1, 2)
     return (out, lse, None) if return_attn_probs else out
 
@@ -68,7 +70,7 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of q and [cu_seqlens_k[b], cu_seqlens_k[b + 1]) of k/v
     (int32, (batch + 1,)). causal aligns each sequence's mask to its bottom right.
     -> out (total_q, Hq, D) [, softmax_lse (Hq, total_q), None]."""
-    _not_yet(alibi_slopes=alibi_slopes, block_table=block_table)
+    _not_yet(block_table=block_table)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 3:
             raise ValueError(f"flash_attn_varlen_func: {name} must be (total_tokens, heads, head_dim), got shape "
@@ -80,7 +82,7 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     out, lse, _ = _ops.attention_varlen_forward(
         _contiguous_last_dim(q), _contiguous_last_dim(k), _contiguous_last_dim(v), cu_seqlens_q, cu_seqlens_k,
         int(max_seqlen_q), int(max_seqlen_k), float(dropout_p), float(softmax_scale), left, right, True,
-        float(softcap))
+        float(softcap), alibi_slopes)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -155,9 +157,9 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     semantics: cache (B, S_max, Hkv, D) or paged (num_blocks, block_size, Hkv, D) with
     block_table; cache_seqlens the lengths before the append)."""
     _not_yet(rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_batch_idx=cache_batch_idx,
-             cache_leftpad=cache_leftpad, alibi_slopes=alibi_slopes)
+             cache_leftpad=cache_leftpad)
     with torch.no_grad():  # forward-only, as in flash-attn: the result has no autograd history
         return attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens,
                                       softmax_scale=softmax_scale, causal=causal, window_size=tuple(window_size),
                                       return_softmax_lse=return_softmax_lse, block_table=block_table,
-                                      softcap=float(softcap))
+                                      softcap=float(softcap), alibi_slopes=alibi_slopes)

@@ -45,7 +45,8 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            softmax_scale: Optional[float] = None, causal: bool = False,
                            window_size: Tuple[int, int] = (-1, -1),
                            return_softmax_lse: bool = False, *, layout: str = "bshd",
-                           block_table: Optional[torch.Tensor] = None, softcap: float = 0.0):
+                           block_table: Optional[torch.Tensor] = None, softcap: float = 0.0,
+                           alibi_slopes: Optional[torch.Tensor] = None):
     """Decode / chunked-prefill attention against a KV cache (flash-attn's argument names).
 
     layout "bshd": q (B, L, Hq, D), caches (B, S_max, Hkv, D), k/v (B, L_new, Hkv, D), out
@@ -57,7 +58,8 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     Returns out, or (out, lse) with return_softmax_lse (lse float32, (B, Hq, L)).
     block_table (int32, (B, blocks_per_seq)): a paged cache, as in kv_cache_append (caches
     (num_blocks, block_size, Hkv, D) for "bshd"); each sequence then holds up to
-    blocks_per_seq * block_size positions. softcap > 0 soft-caps the scores (Gemma-2).
+    blocks_per_seq * block_size positions. softcap > 0 soft-caps the scores (Gemma-2);
+    alibi_slopes (float32, (Hq,) or (B, Hq)) adds ALiBi biases, as flash-attn.
     Inference only: not differentiable.
     """
     if layout not in _LAYOUTS:
@@ -83,7 +85,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out, lse = torch.ops.flash_attn_ext.attention_kvcache(
         _contiguous_last_dim(qb), kc, vc, cache_seqlens,
         None if k is None else _as_bhsd(k.detach(), layout), None if v is None else _as_bhsd(v.detach(), layout),
-        float(softmax_scale), left, right, block_table, float(softcap))
+        float(softmax_scale), left, right, block_table, float(softcap), alibi_slopes)
     out = out.transpose(1, 2) if layout == "bshd" else out
     return (out, lse) if return_softmax_lse else out
 

@@ -24,10 +24,12 @@ def visibility(len_q, len_k, window_left=-1, window_right=-1, bottom_right=True,
 
 
 def reference_attention(q, k, v, *, scale=None, window=(-1, -1), bottom_right=True,
-                        attn_mask=None, keep=None, dropout_p=0.0, softcap=0.0, dtype=torch.float64):
+                        attn_mask=None, keep=None, dropout_p=0.0, softcap=0.0, alibi_slopes=None,
+                        dtype=torch.float64):
     """Returns (out, lse), computed in `dtype` (float64 for the reference, the input dtype
     for the low-precision baseline). keep: the dropout keep-mask (B, Hq, L, S) to apply.
-    softcap > 0: scores become softcap * tanh(score / softcap) before the mask."""
+    softcap > 0: scores become softcap * tanh(score / softcap) before the mask. alibi_slopes
+    ((Hq,) or (B, Hq)): score (b, h, i, j) gains -slope * |i + o - j|."""
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -43,6 +45,11 @@ def reference_attention(q, k, v, *, scale=None, window=(-1, -1), bottom_right=Tr
                 torch.full((B, Hq, L), float("-inf"), dtype=dtype, device=q.device))
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        o = S - L if bottom_right else 0
+        dist = (torch.arange(L, device=q.device).unsqueeze(-1) + o - torch.arange(S, device=q.device)).abs()
+        slopes = alibi_slopes.to(dtype).reshape(-1 if alibi_slopes.dim() == 2 else 1, Hq, 1, 1)
+        s = s - slopes * dist.to(dtype)
     vis = visibility(L, S, window[0], window[1], bottom_right, q.device).expand(B, Hq, L, S)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:

@@ -70,11 +70,12 @@ def test_with_kvcache_appends_and_matches(device):
     assert lse.shape == (B, Hq, 1)
 
 
-@pytest.mark.parametrize("name,kw", [("alibi_slopes", dict(alibi_slopes=torch.ones(4)))])
+@pytest.mark.parametrize("name,kw", [("cache_batch_idx", dict(cache_batch_idx=torch.zeros(1, dtype=torch.int32))),
+                                     ("cache_leftpad", dict(cache_leftpad=torch.zeros(1, dtype=torch.int32)))])
 def test_unsupported_arguments_raise_by_name(name, kw):
     q = torch.randn(1, 8, 4, 16)
-    with pytest.raises(NotImplementedError, match=name):
-        flash_attn_func(q, q, q, **kw)
+    with pytest.raises(NotImplementedError, match=name), torch.no_grad():
+        flash_attn_with_kvcache(q[:, :1], q, q, **kw)
     with pytest.raises(NotImplementedError, match="rotary_cos"), torch.no_grad():
         flash_attn_with_kvcache(q[:, :1], q, q, rotary_cos=torch.ones(8, 8), rotary_sin=torch.ones(8, 8))
     with pytest.raises(ValueError, match="qkv must be"):

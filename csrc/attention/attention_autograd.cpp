@@ -16,59 +16,64 @@ using torch::autograd::variable_list;
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right, double softcap) {
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("flash_attn_ext::attention_forward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const std::optional<at::Tensor>&, double, double, int64_t, int64_t,
-                           bool, double)>();
-  return op.call(q, k, v, attn_mask, dropout_p, scale, window_left, window_right, bottom_right, softcap);
+                           bool, double, const std::optional<at::Tensor>&)>();
+  return op.call(q, k, v, attn_mask, dropout_p, scale, window_left, window_right, bottom_right, softcap, alibi_slopes);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right, double softcap) {
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("flash_attn_ext::attention_backward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
                            const at::Tensor&, const std::optional<at::Tensor>&, double, double,
-                           int64_t, int64_t, bool, double)>();
+                           int64_t, int64_t, bool, double, const std::optional<at::Tensor>&)>();
   return op.call(grad_out, q, k, v, out, lse, rng_state, attn_mask, dropout_p, scale, window_left,
-                 window_right, bottom_right, softcap);
+                 window_right, bottom_right, softcap, alibi_slopes);
 }
 
 using Varlen3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 Varlen3 call_varlen_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
                             const at::Tensor& cu_k, int64_t max_q, int64_t max_k, double dropout_p, double scale,
-                            int64_t window_left, int64_t window_right, bool bottom_right, double softcap) {
+                            int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("flash_attn_ext::attention_varlen_forward", "")
                        .typed<Varlen3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                       const at::Tensor&, int64_t, int64_t, double, double, int64_t, int64_t, bool,
-                                      double)>();
+                                      double, const std::optional<at::Tensor>&)>();
   return op.call(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, window_left, window_right, bottom_right,
-                 softcap);
+                 softcap, alibi_slopes);
 }
 
 Varlen3 call_varlen_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                              const at::Tensor& rng_state, const at::Tensor& cu_q, const at::Tensor& cu_k,
                              int64_t max_q, int64_t max_k, double dropout_p, double scale, int64_t window_left,
-                             int64_t window_right, bool bottom_right, double softcap) {
+                             int64_t window_right, bool bottom_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("flash_attn_ext::attention_varlen_backward", "")
           .typed<Varlen3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                          const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                         const at::Tensor&, int64_t, int64_t, double, double, int64_t, int64_t, bool, double)>();
+                         const at::Tensor&, int64_t, int64_t, double, double, int64_t, int64_t, bool, double,
+                         const std::optional<at::Tensor>&)>();
   return op.call(grad_out, q, k, v, out, lse, rng_state, cu_q, cu_k, max_q, max_k, dropout_p, scale, window_left,
-                 window_right, bottom_right, softcap);
+                 window_right, bottom_right, softcap, alibi_slopes);
 }
 
 // The gradient as the backward kernels read it: a last dim of stride 1 (e.g. the expanded
@@ -82,11 +87,13 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
                                double dropout_p, double scale, int64_t window_left,
-                               int64_t window_right, bool bottom_right, double softcap) {
+                               int64_t window_right, bool bottom_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, lse, rng_state] = call_forward(q, k, v, attn_mask, dropout_p, scale, window_left,
-                                              window_right, bottom_right, softcap);
-    ctx->save_for_backward({q, k, v, out, lse, rng_state, attn_mask.value_or(at::Tensor())});
+                                              window_right, bottom_right, softcap, alibi_slopes);
+    ctx->save_for_backward({q, k, v, out, lse, rng_state, attn_mask.value_or(at::Tensor()),
+                            alibi_slopes.value_or(at::Tensor())});
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["window_left"] = window_left;
@@ -100,17 +107,18 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor grad_out = contiguous_last_dim(grads[0]);
-    if (!grad_out.defined()) return variable_list(10);
-    std::optional<at::Tensor> attn_mask;
+    if (!grad_out.defined()) return variable_list(11);
+    std::optional<at::Tensor> attn_mask, alibi_slopes;
     if (saved[6].defined()) attn_mask = saved[6];
+    if (saved[7].defined()) alibi_slopes = saved[7];
     auto [dq, dk, dv] = call_backward(
         grad_out, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], attn_mask,
         ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["scale"].toDouble(),
         ctx->saved_data["window_left"].toInt(), ctx->saved_data["window_right"].toInt(),
-        ctx->saved_data["bottom_right"].toBool(), ctx->saved_data["softcap"].toDouble());
-    // No gradient for attn_mask (documented; the Python layer falls back to PyTorch when a
+        ctx->saved_data["bottom_right"].toBool(), ctx->saved_data["softcap"].toDouble(), alibi_slopes);
+    // No gradient for attn_mask, alibi_slopes (documented; the Python layer falls back to PyTorch when a
     // mask requires grad) or for the non-tensor arguments.
-    variable_list result(10);
+    variable_list result(11);
     result[0] = dq, result[1] = dk, result[2] = dv;
     return result;
   }
@@ -122,11 +130,12 @@ class VarlenAttentionFunction : public torch::autograd::Function<VarlenAttention
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
                                int64_t max_q, int64_t max_k, double dropout_p, double scale, int64_t window_left,
-                               int64_t window_right, bool bottom_right, double softcap) {
+                               int64_t window_right, bool bottom_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, lse, rng_state] = call_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale,
-                                                     window_left, window_right, bottom_right, softcap);
-    ctx->save_for_backward({q, k, v, out, lse, rng_state, cu_q, cu_k});
+                                                     window_left, window_right, bottom_right, softcap, alibi_slopes);
+    ctx->save_for_backward({q, k, v, out, lse, rng_state, cu_q, cu_k, alibi_slopes.value_or(at::Tensor())});
     ctx->saved_data["max_q"] = max_q;
     ctx->saved_data["max_k"] = max_k;
     ctx->saved_data["dropout_p"] = dropout_p;
@@ -142,14 +151,16 @@ class VarlenAttentionFunction : public torch::autograd::Function<VarlenAttention
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
     const at::Tensor grad_out = contiguous_last_dim(grads[0]);
-    variable_list result(13);
+    variable_list result(14);
     if (!grad_out.defined()) return result;
+    std::optional<at::Tensor> alibi_slopes;
+    if (s[8].defined()) alibi_slopes = s[8];
     auto [dq, dk, dv] = call_varlen_backward(
         grad_out, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], ctx->saved_data["max_q"].toInt(),
         ctx->saved_data["max_k"].toInt(), ctx->saved_data["dropout_p"].toDouble(),
         ctx->saved_data["scale"].toDouble(), ctx->saved_data["window_left"].toInt(),
         ctx->saved_data["window_right"].toInt(), ctx->saved_data["bottom_right"].toBool(),
-        ctx->saved_data["softcap"].toDouble());
+        ctx->saved_data["softcap"].toDouble(), alibi_slopes);
     result[0] = dq, result[1] = dk, result[2] = dv;
     return result;
   }
@@ -164,10 +175,11 @@ class AttentionBackwardFunction : public torch::autograd::Function<AttentionBack
                                const at::Tensor& rng_state,
                                const std::optional<at::Tensor>& attn_mask, double dropout_p,
                                double scale, int64_t window_left, int64_t window_right,
-                               bool bottom_right, double softcap) {
+                               bool bottom_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [dq, dk, dv] = call_backward(grad_out, q, k, v, out, lse, rng_state, attn_mask,
-                                      dropout_p, scale, window_left, window_right, bottom_right, softcap);
+                                      dropout_p, scale, window_left, window_right, bottom_right, softcap, alibi_slopes);
     return {dq, dk, dv};
   }
 
@@ -185,10 +197,11 @@ class VarlenBackwardFunction : public torch::autograd::Function<VarlenBackwardFu
                                const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                const at::Tensor& rng_state, const at::Tensor& cu_q, const at::Tensor& cu_k,
                                int64_t max_q, int64_t max_k, double dropout_p, double scale, int64_t window_left,
-                               int64_t window_right, bool bottom_right, double softcap) {
+                               int64_t window_right, bool bottom_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [dq, dk, dv] = call_varlen_backward(grad_out, q, k, v, out, lse, rng_state, cu_q, cu_k, max_q, max_k,
-                                             dropout_p, scale, window_left, window_right, bottom_right, softcap);
+                                             dropout_p, scale, window_left, window_right, bottom_right, softcap, alibi_slopes);
     return {dq, dk, dv};
   }
 
@@ -203,7 +216,8 @@ class VarlenBackwardFunction : public torch::autograd::Function<VarlenBackwardFu
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right, double softcap) {
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   // A silently missing gradient would be a wrong answer: refuse instead (the SDPA drop-in
   // serves such calls through PyTorch). Checked here, not in forward(), where grad mode is
   // already off; under no_grad a mask that requires grad is just data.
@@ -213,16 +227,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_autograd(
                     "supported; pass attn_mask.detach(), or use "
                     "flash_attn_ext.scaled_dot_product_attention, which falls back to PyTorch");
   auto r = AttentionFunction::apply(q, k, v, attn_mask, dropout_p, scale, window_left,
-                                    window_right, bottom_right, softcap);
+                                    window_right, bottom_right, softcap, alibi_slopes);
   return {r[0], r[1], r[2]};
 }
 
 Varlen3 attention_varlen_forward_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                           const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q,
                                           int64_t max_k, double dropout_p, double scale, int64_t window_left,
-                                          int64_t window_right, bool bottom_right, double softcap) {
+                                          int64_t window_right, bool bottom_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   auto r = VarlenAttentionFunction::apply(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, window_left,
-                                          window_right, bottom_right, softcap);
+                                          window_right, bottom_right, softcap, alibi_slopes);
   return {r[0], r[1], r[2]};
 }
 
@@ -230,10 +245,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_autograd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right, double softcap) {
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   auto r = AttentionBackwardFunction::apply(grad_out, q, k, v, out, lse, rng_state, attn_mask,
                                             dropout_p, scale, window_left, window_right,
-                                            bottom_right, softcap);
+                                            bottom_right, softcap, alibi_slopes);
   return {r[0], r[1], r[2]};
 }
 
@@ -242,9 +258,10 @@ Varlen3 attention_varlen_backward_autograd(const at::Tensor& grad_out, const at:
                                            const at::Tensor& rng_state, const at::Tensor& cu_q,
                                            const at::Tensor& cu_k, int64_t max_q, int64_t max_k, double dropout_p,
                                            double scale, int64_t window_left, int64_t window_right,
-                                           bool bottom_right, double softcap) {
+                                           bool bottom_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   auto r = VarlenBackwardFunction::apply(grad_out, q, k, v, out, lse, rng_state, cu_q, cu_k, max_q, max_k,
-                                         dropout_p, scale, window_left, window_right, bottom_right, softcap);
+                                         dropout_p, scale, window_left, window_right, bottom_right, softcap, alibi_slopes);
   return {r[0], r[1], r[2]};
 }
 

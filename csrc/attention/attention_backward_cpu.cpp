@@ -214,13 +214,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right, double softcap) {
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   check_attention_inputs("flash_attn_ext.attention_backward", q, k, v, attn_mask, dropout_p, scale,
                          window_left, window_right);
   check_softcap("flash_attn_ext.attention_backward", softcap);
   check_attention_backward_inputs(grad_out, q, k, v, out, lse, rng_state);
   AttentionParams p =
       make_attention_params(q, k, v, dropout_p, scale, window_left, window_right, bottom_right, softcap);
+  set_alibi_slopes("flash_attn_ext.attention_backward", p, alibi_slopes, q.device());
   const at::Tensor rng = rng_state.cpu();
   p.dropout_seed = static_cast<uint64_t>(rng.data_ptr<int64_t>()[0]);
   p.dropout_offset = static_cast<uint64_t>(rng.data_ptr<int64_t>()[1]);

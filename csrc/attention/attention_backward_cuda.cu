@@ -68,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right, double softcap) {
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   constexpr const char* kOp = "flash_attn_ext.attention_backward";
   check_attention_inputs(kOp, q, k, v, attn_mask, dropout_p, scale, window_left, window_right);
   check_softcap(kOp, softcap);
@@ -78,8 +78,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     TORCH_CHECK_VALUE(t->device() == q.device(), kOp, ": grad_out, out and lse must be on ", q.device());
   }
   const c10::cuda::CUDAGuard guard(q.device());
-  const AttentionParams p = make_attention_params(q, k, v, dropout_p, scale, window_left, window_right,
-                                                  bottom_right, softcap);
+  AttentionParams p = make_attention_params(q, k, v, dropout_p, scale, window_left, window_right,
+                                            bottom_right, softcap);
+  set_alibi_slopes(kOp, p, alibi_slopes, q.device());
   const MaskView mask = make_mask_view(attn_mask);
   at::Tensor dq = at::empty_like(q);
   at::Tensor dk = at::empty_like(k);

@@ -184,7 +184,8 @@ inline void add_user_mask(acc_t* s, int64_t ld, int64_t rows, int64_t cols, cons
 }
 
 // Sets invisible entries of the score tile s (rows i0.., keys j0..) to -inf: first the
-// window/causal band (skipped when the whole tile is inside it), then the user mask.
+// window/causal band (skipped when the whole tile is inside it), then the ALiBi bias and the
+// user mask.
 template <typename acc_t>
 inline void mask_tile(acc_t* s, int64_t ld, int64_t rows, int64_t cols, int64_t i0, int64_t j0,
                       int64_t b, int64_t h, const AttentionParams& p, const MaskView& mask) {
@@ -200,6 +201,14 @@ inline void mask_tile(acc_t* s, int64_t ld, int64_t rows, int64_t cols, int64_t 
       acc_t* sr = s + r * ld;
       std::fill(sr, sr + lo, kNegInf);
       std::fill(sr + hi, sr + cols, kNegInf);
+    }
+  }
+  if (p.alibi_slopes != nullptr) {  // -slope * |i + o - j| (masked entries stay -inf)
+    const acc_t slope = static_cast<acc_t>(p.alibi_slopes[b * p.alibi_batch_stride + h]);
+    for (int64_t r = 0; r < rows; ++r) {
+      acc_t* sr = s + r * ld;
+      const int64_t center = i0 + r + p.align_offset - j0;
+      for (int64_t c = 0; c < cols; ++c) sr[c] -= slope * static_cast<acc_t>(center > c ? center - c : c - center);
     }
   }
   if (mask.kind == MaskKind::kNone) return;

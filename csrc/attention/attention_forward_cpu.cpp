@@ -210,12 +210,13 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right, double softcap) {
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   check_attention_inputs("flash_attn_ext.attention_forward", q, k, v, attn_mask, dropout_p, scale,
                          window_left, window_right);
   check_softcap("flash_attn_ext.attention_forward", softcap);
   AttentionParams p = make_attention_params(q, k, v, dropout_p, scale, window_left, window_right,
                                             bottom_right, softcap);
+  set_alibi_slopes("flash_attn_ext.attention_forward", p, alibi_slopes, q.device());
   const MaskView mask = make_mask_view(attn_mask);
   at::Tensor out = empty_attention_output(q, p.dim_v);
   at::Tensor lse = at::empty({p.batch, p.heads_q, p.len_q}, q.options().dtype(lse_dtype(q.scalar_type())));

@@ -52,14 +52,15 @@ __global__ void unpack_rng_state_kernel(at::PhiloxCudaState philox, int64_t* rng
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right, double softcap) {
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   constexpr const char* kOp = "flash_attn_ext.attention_forward";
   check_attention_inputs(kOp, q, k, v, attn_mask, dropout_p, scale, window_left, window_right);
   check_softcap(kOp, softcap);
   check_cuda_head_dims(kOp, q.size(3), v.size(3));
   const c10::cuda::CUDAGuard guard(q.device());
-  const AttentionParams p = make_attention_params(q, k, v, dropout_p, scale, window_left, window_right,
-                                                  bottom_right, softcap);
+  AttentionParams p = make_attention_params(q, k, v, dropout_p, scale, window_left, window_right,
+                                            bottom_right, softcap);
+  set_alibi_slopes(kOp, p, alibi_slopes, q.device());
   const MaskView mask = make_mask_view(attn_mask);
   at::Tensor out = empty_attention_output(q, p.dim_v);
   at::Tensor lse = at::empty({p.batch, p.heads_q, p.len_q}, q.options().dtype(lse_dtype(q.scalar_type())));

@@ -49,6 +49,7 @@ const char* mma_ineligible(const AttentionParams& p, bool has_mask, const at::Te
   if (p.seqlens_k != nullptr) return "per-sequence key lengths";
   if (p.varlen()) return "packed variable-length sequences";
   if (p.softcap > 0.0) return "softcap";
+  if (p.alibi_slopes != nullptr) return "alibi_slopes";
   if (p.len_q == 0 || p.batch * p.heads_q == 0) return "empty";
   if (!mma_rows_aligned(q) || !mma_rows_aligned(k) || !mma_rows_aligned(v) || !mma_rows_aligned(out))
     return "rows not 16-byte aligned";

@@ -109,6 +109,22 @@ void check_softcap(const char* op, double softcap) {
                     ": softcap must be a finite number >= 0 (0 = no soft-capping), got ", softcap);
 }
 
+void set_alibi_slopes(const char* op, AttentionParams& p, const std::optional<at::Tensor>& alibi_slopes,
+                      const at::Device& device) {
+  if (!alibi_slopes.has_value() || !alibi_slopes->defined()) return;
+  const at::Tensor& a = *alibi_slopes;
+  TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, op, ": alibi_slopes must be float32, got ", a.scalar_type());
+  TORCH_CHECK_VALUE(a.device() == device, op, ": alibi_slopes must be on ", device, ", got ", a.device());
+  const bool per_head = a.dim() == 1 && a.size(0) == p.heads_q;
+  const bool per_batch = a.dim() == 2 && a.size(0) == p.batch && a.size(1) == p.heads_q;
+  TORCH_CHECK_VALUE(per_head || per_batch, op, ": alibi_slopes must have shape (", p.heads_q, ",) or (", p.batch,
+                    ", ", p.heads_q, "), got ", a.sizes());
+  TORCH_CHECK_VALUE(a.size(-1) <= 1 || a.stride(-1) == 1, op,
+                    ": alibi_slopes must have a contiguous last dimension, got stride ", a.stride(-1));
+  p.alibi_slopes = a.data_ptr<float>();
+  p.alibi_batch_stride = per_batch && a.size(0) > 1 ? a.stride(0) : 0;
+}
+
 AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k,
                                       const at::Tensor& v, double dropout_p, double scale,
                                       int64_t window_left, int64_t window_right,

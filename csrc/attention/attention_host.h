@@ -30,6 +30,11 @@ void check_attention_backward_inputs(const at::Tensor& grad_out, const at::Tenso
 // softcap must be finite and >= 0 (0 = off).
 void check_softcap(const char* op, double softcap);
 
+// alibi_slopes, when given: float32, (heads_q,) or (batch, heads_q), on `device`, last dim
+// contiguous. Sets p.alibi_slopes / alibi_batch_stride (the tensor must outlive the call).
+void set_alibi_slopes(const char* op, AttentionParams& p, const std::optional<at::Tensor>& alibi_slopes,
+                      const at::Device& device);
+
 AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k,
                                       const at::Tensor& v, double dropout_p, double scale,
                                       int64_t window_left, int64_t window_right,

@@ -189,7 +189,8 @@ FAE_UNROLL
   const int64_t j_end = end_visible_key(i, pb.align_offset, pb.window_right, pb.len_k);
   for (int64_t j = first_visible_key(i, pb.align_offset, pb.window_left, pb.len_k); j < j_end; ++j) {
     const Acc s = score<T, Acc, kLanes, kPerLane, Reduce>(qr, k.row(b, hk, j), p.dim_qk, scale,
-                                                          cap, lane, mask, b, h, i, j);
+                                                          cap, lane, mask, b, h, i, j) +
+                  pb.alibi_bias<Acc>(b, h, i, j);
     if (s == neg_inf<Acc>()) continue;
     const Acc m_new = (s > m || s != s) ? s : m;
     const Acc alpha = exp_(m - m_new);  // 0 for the first visible key (m = -inf)
@@ -268,7 +269,8 @@ FAE_UNROLL
     const T* kj = k.row(b, hk, j);
     Acc capped;
     const Acc s = score<T, Acc, kLanes, kPerLane, Reduce>(qr, kj, p.dim_qk, scale, cap, lane, mask,
-                                                          b, h, i, j, &capped);
+                                                          b, h, i, j, &capped) +
+                  pb.alibi_bias<Acc>(b, h, i, j);
     if (s == neg_inf<Acc>()) continue;
     const Acc dp = dot<T, Acc, kLanes, kPerLane, Reduce>(dor, v.row(b, hk, j), p.dim_v, Acc(1), lane);
     const bool keep = !dropout || dropout_keep(p.dropout_seed, p.dropout_offset, bh, i, j, threshold);
@@ -318,7 +320,8 @@ FAE_UNROLL
       const T* doi = grad_out.row(b, h, i);
       Acc capped;
       const Acc s = score<T, Acc, kLanes, kPerLane, Reduce>(kr, qi, p.dim_qk, scale, cap, lane, mask,
-                                                            b, h, i, j, &capped);
+                                                            b, h, i, j, &capped) +
+                    pb.alibi_bias<Acc>(b, h, i, j);
       if (s == neg_inf<Acc>()) continue;
       const Acc dp = dot<T, Acc, kLanes, kPerLane, Reduce>(vr, doi, p.dim_v, Acc(1), lane);
       const bool keep = !dropout || dropout_keep(p.dropout_seed, p.dropout_offset, bh, i, j, threshold);

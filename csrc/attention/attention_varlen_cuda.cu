@@ -17,10 +17,11 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right, double softcap) {
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   constexpr const char* kOp = "flash_attn_ext.attention_varlen_forward";
   const VarlenCall call = make_varlen_call(kOp, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                           dropout_p, scale, window_left, window_right, bottom_right, softcap);
+                                           dropout_p, scale, window_left, window_right, bottom_right, softcap, alibi_slopes);
   check_cuda_head_dims(kOp, q.size(2), v.size(2));
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({q.size(0), q.size(1), v.size(2)}, q.options());
@@ -38,10 +39,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right, double softcap) {
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   constexpr const char* kOp = "flash_attn_ext.attention_varlen_backward";
   const VarlenCall call = make_varlen_call(kOp, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                           dropout_p, scale, window_left, window_right, bottom_right, softcap);
+                                           dropout_p, scale, window_left, window_right, bottom_right, softcap, alibi_slopes);
   check_varlen_backward_inputs(grad_out, q, v, out, lse, rng_state);
   check_cuda_head_dims(kOp, q.size(2), v.size(2));
   const c10::cuda::CUDAGuard guard(q.device());

@@ -43,7 +43,8 @@ void check_packed(const char* op, const char* name, const at::Tensor& t, const c
 VarlenCall make_varlen_call(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                             int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p, double scale,
-                            int64_t window_left, int64_t window_right, bool bottom_right, double softcap) {
+                            int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+                            const std::optional<at::Tensor>& alibi_slopes) {
   check_packed(op, "query", q, "(total_q, heads, head_dim)");
   check_packed(op, "key", k, "(total_k, kv_heads, head_dim)");
   check_packed(op, "value", v, "(total_k, kv_heads, head_dim_v)");
@@ -78,6 +79,7 @@ VarlenCall make_varlen_call(const char* op, const at::Tensor& q, const at::Tenso
   p.total_q = q.size(0);
   p.cu_seqlens_q = call.cu_seqlens_q.data_ptr<int32_t>();
   p.cu_seqlens_k = call.cu_seqlens_k.data_ptr<int32_t>();
+  set_alibi_slopes(op, p, alibi_slopes, q.device());
   return call;
 }
 

@@ -23,7 +23,8 @@ struct VarlenCall {
 VarlenCall make_varlen_call(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                             int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p, double scale,
-                            int64_t window_left, int64_t window_right, bool bottom_right, double softcap);
+                            int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+                            const std::optional<at::Tensor>& alibi_slopes);
 
 // The backward's extra checks: grad_out and out (total_q, Hq, Dv) in the query's dtype, lse
 // (Hq, total_q) contiguous.

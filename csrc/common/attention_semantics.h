@@ -54,6 +54,12 @@ struct AttentionParams {
   const int32_t* cu_seqlens_k = nullptr;
   int64_t total_q = 0;
 
+  // ALiBi (flash-attn's alibi_slopes): score (b, h, i, j) gains -slope * |i + o - j|, slope =
+  // alibi_slopes[b * alibi_batch_stride + h] (float32; stride 0 for per-head slopes), o the
+  // sequence's alignment offset. Added with the user mask, after the softcap.
+  const float* alibi_slopes = nullptr;
+  int64_t alibi_batch_stride = 0;
+
   FAE_HOST_DEVICE int64_t group_size() const { return heads_q / heads_kv; }
   // GQA/MQA: query head h reads key/value head h / (Hq / Hkv) (contiguous groups).
   FAE_HOST_DEVICE int64_t kv_head(int64_t h) const { return h / group_size(); }
@@ -64,6 +70,14 @@ struct AttentionParams {
   // (Hq, total_q) for packed sequences.
   FAE_HOST_DEVICE int64_t row_index(int64_t b, int64_t h, int64_t i) const {
     return varlen() ? h * total_q + cu_seqlens_q[b] + i : (b * heads_q + h) * len_q + i;
+  }
+  // The ALiBi bias of score (b, h, i, j) (0 without slopes); call on for_batch(b)'s params,
+  // whose align_offset is the sequence's own.
+  template <typename Acc>
+  FAE_HOST_DEVICE Acc alibi_bias(int64_t b, int64_t h, int64_t i, int64_t j) const {
+    if (alibi_slopes == nullptr) return Acc(0);
+    const int64_t d = i + align_offset - j;
+    return -static_cast<Acc>(alibi_slopes[b * alibi_batch_stride + h]) * static_cast<Acc>(d < 0 ? -d : d);
   }
 };
 

@@ -59,6 +59,7 @@ const char* decode_ineligible(const AttentionParams& p, const at::Tensor& q, con
   if (p.group_size() * p.len_q > decode_detail::kMaxRows) return "more than 16 query rows per key/value head";
   if (p.dropout_p > 0.0) return "dropout";
   if (p.softcap > 0.0) return "softcap";
+  if (p.alibi_slopes != nullptr) return "alibi_slopes";
   if (p.len_q == 0 || p.batch * p.heads_kv == 0) return "empty";
   if (!mma_rows_aligned(q) || !mma_rows_aligned(k) || !mma_rows_aligned(v) || !mma_rows_aligned(out))
     return "rows not 16-byte aligned";

@@ -19,16 +19,17 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_cpu(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
     const std::optional<at::Tensor>& v_new, double scale, int64_t window_left,
-    int64_t window_right, const std::optional<at::Tensor>& block_table, double softcap) {
+    int64_t window_right, const std::optional<at::Tensor>& block_table, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   check_softcap("flash_attn_ext.attention_kvcache", softcap);
   BlockTable table;
   std::vector<int64_t> lens_before;
   std::vector<int64_t> lens = check_attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
                                                       scale, window_left, window_right, block_table, &table, &lens_before);
-  if (k_new.has_value()) append_validated(k_cache, v_cache, *k_new, *v_new, lens_before, /*rolling=*/false, table);
-
   AttentionParams p = make_attention_params(q, k_cache, v_cache, 0.0, scale, window_left,
                                             window_right, /*bottom_right=*/true, softcap);
+  set_alibi_slopes("flash_attn_ext.attention_kvcache", p, alibi_slopes, q.device());  // checked before the append
+  if (k_new.has_value()) append_validated(k_cache, v_cache, *k_new, *v_new, lens_before, /*rolling=*/false, table);
   apply_block_table(p, table);
   p.seqlens_k = lens.data();
   at::Tensor out = empty_attention_output(q, p.dim_v);

@@ -21,7 +21,8 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_cuda(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
     const std::optional<at::Tensor>& v_new, double scale, int64_t window_left, int64_t window_right,
-    const std::optional<at::Tensor>& block_table, double softcap) {
+    const std::optional<at::Tensor>& block_table, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   check_softcap("flash_attn_ext.attention_kvcache", softcap);
   BlockTable table;
   std::vector<int64_t> lens_before;
@@ -29,10 +30,11 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_cuda(
                                                             scale, window_left, window_right, block_table, &table, &lens_before);
   check_cuda_head_dims("flash_attn_ext.attention_kvcache", q.size(3), v_cache.size(3));
   const c10::cuda::CUDAGuard guard(q.device());
-  if (k_new.has_value()) append_validated(k_cache, v_cache, *k_new, *v_new, lens_before, /*rolling=*/false, table);
-  const at::Tensor lens_dev = at::tensor(lens, at::kLong).to(q.device());
   AttentionParams p = make_attention_params(q, k_cache, v_cache, 0.0, scale, window_left, window_right,
                                             /*bottom_right=*/true, softcap);
+  set_alibi_slopes("flash_attn_ext.attention_kvcache", p, alibi_slopes, q.device());  // checked before the append
+  if (k_new.has_value()) append_validated(k_cache, v_cache, *k_new, *v_new, lens_before, /*rolling=*/false, table);
+  const at::Tensor lens_dev = at::tensor(lens, at::kLong).to(q.device());
   apply_block_table(p, table);  // a device pointer: the table lives on the cache's device
   p.seqlens_k = lens_dev.data_ptr<int64_t>();
   at::Tensor out = empty_attention_output(q, p.dim_v);

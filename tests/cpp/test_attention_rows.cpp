@@ -40,6 +40,7 @@ struct Case {
   double dropout;
   int64_t paged_block = 0;  // > 0: K/V read through a shuffled block table of this block size
   double softcap = 0.0;
+  bool alibi = false;  // per-(batch, head) ALiBi slopes
   double scale_value() const { return 1.0 / std::sqrt(static_cast<double>(Dk)); }
 };
 
@@ -175,6 +176,7 @@ Reference reference(const Case& c, const AttentionParams& p, const MaskData& mas
           for (int64_t d = 0; d < c.Dk; ++d) dot += double(q.at(b, h, i, d)) * double(k.at(b, hk, j, d));
           const double raw = dot * c.scale_value();
           s[j] = (c.softcap > 0 ? c.softcap * std::tanh(raw / c.softcap) : raw) + mask.bias(b, h, i, j);
+          if (c.alibi) s[j] -= double(p.alibi_slopes[b * p.alibi_batch_stride + h]) * std::fabs(double(center - j));
           mx = std::max(mx, s[j]);
           if (c.dropout > 0) keep[j] = dropout_keep(p.dropout_seed, p.dropout_offset, bh, i, j, threshold) ? keep_scale : 0.0;
         }
@@ -244,6 +246,9 @@ void run_case(const Case& c, uint32_t seed, double tol) {
   p.seqlens_k = c.seqlens ? lens.data() : nullptr;
   p.dropout_p = c.dropout;
   p.softcap = c.softcap;
+  std::vector<float> slopes(c.B * c.Hq);
+  for (size_t e = 0; e < slopes.size(); ++e) slopes[e] = 0.05f * float(e + 1);
+  if (c.alibi) p.alibi_slopes = slopes.data(), p.alibi_batch_stride = c.Hq;
   p.dropout_seed = 0x9E3779B97F4A7C15ull ^ seed;
   p.dropout_offset = 8;
 
@@ -514,6 +519,14 @@ int main() {
   finite_difference_check(8, 0.6);  // a cap below the score range: tanh far from linear
   varlen_checks(seed_varlen);
   uint32_t seed = 1;
+  for (bool br : {false, true})  // ALiBi, both alignments, with per-sequence lengths, masks and softcap
+    for (bool seqlens : {false, true}) {
+      Case c{2, 4, 2, 11, 19, 12, 10, -1, -1, br, seqlens ? MaskKind::kNone : MaskKind::kFloat32, seqlens, 0.0};
+      c.alibi = true;
+      run_case<double, double>(c, seed++, 1e-12);
+      c.left = 5, c.right = 0, c.softcap = 0.8, c.dropout = 0.2;
+      run_case<float, float>(c, seed++, 2e-5);
+    }
   for (double cap : {0.5, 3.0})  // soft-capping with masks, windows, GQA, seqlens and dropout
     for (const MaskKind mk : {MaskKind::kNone, MaskKind::kFloat32})
       for (bool seqlens : {false, true}) {
