@@ -16,9 +16,23 @@ for dtype in (torch.float16, torch.bfloat16, torch.float32):
         k = torch.randn(2, 2, 45, D, device=dev, dtype=dtype, requires_grad=True)
         v = torch.randn(2, 2, 45, D, device=dev, dtype=dtype, requires_grad=True)
         mask = torch.rand(2, 1, 37, 45, device=dev) > 0.2
-        for kw in (dict(causal=True), dict(window_size=(7, 3)), dict(attn_mask=mask, dropout_p=0.2)):
+        slopes = torch.rand(2, 4, device=dev)
+        for kw in (dict(causal=True), dict(window_size=(7, 3)), dict(attn_mask=mask, dropout_p=0.2),
+                   dict(causal=True, softcap=2.0, alibi_slopes=slopes)):
             out = flash_attn_ext.attention(q, k, v, **kw)
             out.float().square().sum().backward()
+
+# packed varlen sequences (an empty one, one shorter than the others): forward and backward
+from flash_attn_ext.flash_attn_interface import flash_attn_varlen_func  # noqa: E402
+
+cu = torch.tensor([0, 5, 5, 38, 55], device=dev, dtype=torch.int32)
+for dtype in (torch.float16, torch.float32):
+    q = torch.randn(55, 4, 64, device=dev, dtype=dtype, requires_grad=True)
+    k = torch.randn(55, 2, 64, device=dev, dtype=dtype, requires_grad=True)
+    v = torch.randn(55, 2, 64, device=dev, dtype=dtype, requires_grad=True)
+    out = flash_attn_varlen_func(q, k, v, cu, cu, 33, 33, causal=True, window_size=(9, 0), softcap=3.0,
+                                 dropout_p=0.1)
+    out.float().square().sum().backward()
 
 with torch.no_grad():
     B, H, S_max, D = 3, 2, 64, 64

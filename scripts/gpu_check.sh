@@ -47,6 +47,9 @@ if [ -z "${SKIP_BENCH:-}" ]; then
   step bench_decode 120 $py benchmarks/bench_decode.py --device cuda --seq 8192 32768 131072 --batch 1 8 \
     --dtypes bfloat16 --csv "$out/bench_decode.csv"
   cat "$out/bench_decode.log"
+  step bench_varlen 90 $py benchmarks/bench_varlen.py --device cuda --lengths 8192 512 3000 128 6000 1024 \
+    --dtypes bfloat16 --dim 128 --csv "$out/bench_varlen.csv"
+  cat "$out/bench_varlen.log"
 fi
 echo
 cat "$out/summary.md"
