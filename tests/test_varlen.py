@@ -145,14 +145,15 @@ def test_varlen_opcheck(device):
     torch.library.opcheck(OPS.attention_varlen_backward, bargs)
 
 
-def test_varlen_compiles_fullgraph(device):
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_varlen_compiles_fullgraph(device, dynamic):
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(6)
     lq = [9, 30, 2]
     q, k, v = (packed(lq, 2, 16, torch.float32, device, g, requires_grad=True) for _ in range(3))
     cs = cu(lq, device)
     fn = lambda q, k, v: flash_attn_varlen_func(q, k, v, cs, cs, 30, 30, causal=True, softcap=3.0)  # noqa: E731
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic, backend="aot_eager")
     eager = fn(q, k, v)
     out = compiled(q, k, v)
     torch.testing.assert_close(out, eager, rtol=0, atol=0)
