@@ -82,24 +82,46 @@ at::Tensor contiguous_last_dim(const at::Tensor& g) {
   return g.defined() && g.size(-1) > 1 && g.stride(-1) != 1 ? g.contiguous() : g;
 }
 
-class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
-                               const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
-                               double dropout_p, double scale, int64_t window_left,
-                               int64_t window_right, bool bottom_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, lse, rng_state] = call_forward(q, k, v, attn_mask, dropout_p, scale, window_left,
-                                              window_right, bottom_right, softcap, alibi_slopes);
-    ctx->save_for_backward({q, k, v, out, lse, rng_state, attn_mask.value_or(at::Tensor()),
-                            alibi_slopes.value_or(at::Tensor())});
+// The non-tensor options of a forward call, kept in the autograd context for its backward.
+struct Options {
+  double dropout_p, scale;
+  int64_t window_left, window_right;
+  bool bottom_right;
+  double softcap;
+
+  void save(AutogradContext* ctx) const {
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["window_left"] = window_left;
     ctx->saved_data["window_right"] = window_right;
     ctx->saved_data["bottom_right"] = bottom_right;
     ctx->saved_data["softcap"] = softcap;
+  }
+  static Options load(AutogradContext* ctx) {
+    return {ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["scale"].toDouble(),
+            ctx->saved_data["window_left"].toInt(),  ctx->saved_data["window_right"].toInt(),
+            ctx->saved_data["bottom_right"].toBool(), ctx->saved_data["softcap"].toDouble()};
+  }
+};
+
+// An optional tensor saved for backward as an undefined tensor when absent.
+std::optional<at::Tensor> optional_of(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
+                               double dropout_p, double scale, int64_t window_left,
+                               int64_t window_right, bool bottom_right, double softcap,
+                               const std::optional<at::Tensor>& alibi_slopes) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, lse, rng_state] = call_forward(q, k, v, attn_mask, dropout_p, scale, window_left,
+                                              window_right, bottom_right, softcap, alibi_slopes);
+    ctx->save_for_backward({q, k, v, out, lse, rng_state, attn_mask.value_or(at::Tensor()),
+                            alibi_slopes.value_or(at::Tensor())});
+    Options{dropout_p, scale, window_left, window_right, bottom_right, softcap}.save(ctx);
     ctx->mark_non_differentiable({lse, rng_state});
     return {out, lse, rng_state};
   }
@@ -108,16 +130,12 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor grad_out = contiguous_last_dim(grads[0]);
     if (!grad_out.defined()) return variable_list(11);
-    std::optional<at::Tensor> attn_mask, alibi_slopes;
-    if (saved[6].defined()) attn_mask = saved[6];
-    if (saved[7].defined()) alibi_slopes = saved[7];
-    auto [dq, dk, dv] = call_backward(
-        grad_out, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], attn_mask,
-        ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["scale"].toDouble(),
-        ctx->saved_data["window_left"].toInt(), ctx->saved_data["window_right"].toInt(),
-        ctx->saved_data["bottom_right"].toBool(), ctx->saved_data["softcap"].toDouble(), alibi_slopes);
-    // No gradient for attn_mask, alibi_slopes (documented; the Python layer falls back to PyTorch when a
-    // mask requires grad) or for the non-tensor arguments.
+    const Options o = Options::load(ctx);
+    auto [dq, dk, dv] = call_backward(grad_out, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
+                                      optional_of(saved[6]), o.dropout_p, o.scale, o.window_left, o.window_right,
+                                      o.bottom_right, o.softcap, optional_of(saved[7]));
+    // No gradient for attn_mask (documented; the Python layer falls back to PyTorch when a
+    // mask requires grad), alibi_slopes or the non-tensor arguments.
     variable_list result(11);
     result[0] = dq, result[1] = dk, result[2] = dv;
     return result;
@@ -131,19 +149,14 @@ class VarlenAttentionFunction : public torch::autograd::Function<VarlenAttention
                                const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
                                int64_t max_q, int64_t max_k, double dropout_p, double scale, int64_t window_left,
                                int64_t window_right, bool bottom_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes) {
+                               const std::optional<at::Tensor>& alibi_slopes) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, lse, rng_state] = call_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale,
                                                      window_left, window_right, bottom_right, softcap, alibi_slopes);
     ctx->save_for_backward({q, k, v, out, lse, rng_state, cu_q, cu_k, alibi_slopes.value_or(at::Tensor())});
     ctx->saved_data["max_q"] = max_q;
     ctx->saved_data["max_k"] = max_k;
-    ctx->saved_data["dropout_p"] = dropout_p;
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["window_left"] = window_left;
-    ctx->saved_data["window_right"] = window_right;
-    ctx->saved_data["bottom_right"] = bottom_right;
-    ctx->saved_data["softcap"] = softcap;
+    Options{dropout_p, scale, window_left, window_right, bottom_right, softcap}.save(ctx);
     ctx->mark_non_differentiable({lse, rng_state});
     return {out, lse, rng_state};
   }
@@ -153,14 +166,11 @@ class VarlenAttentionFunction : public torch::autograd::Function<VarlenAttention
     const at::Tensor grad_out = contiguous_last_dim(grads[0]);
     variable_list result(14);
     if (!grad_out.defined()) return result;
-    std::optional<at::Tensor> alibi_slopes;
-    if (s[8].defined()) alibi_slopes = s[8];
+    const Options o = Options::load(ctx);
     auto [dq, dk, dv] = call_varlen_backward(
         grad_out, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], ctx->saved_data["max_q"].toInt(),
-        ctx->saved_data["max_k"].toInt(), ctx->saved_data["dropout_p"].toDouble(),
-        ctx->saved_data["scale"].toDouble(), ctx->saved_data["window_left"].toInt(),
-        ctx->saved_data["window_right"].toInt(), ctx->saved_data["bottom_right"].toBool(),
-        ctx->saved_data["softcap"].toDouble(), alibi_slopes);
+        ctx->saved_data["max_k"].toInt(), o.dropout_p, o.scale, o.window_left, o.window_right, o.bottom_right,
+        o.softcap, optional_of(s[8]));
     result[0] = dq, result[1] = dk, result[2] = dv;
     return result;
   }
@@ -176,7 +186,7 @@ class AttentionBackwardFunction : public torch::autograd::Function<AttentionBack
                                const std::optional<at::Tensor>& attn_mask, double dropout_p,
                                double scale, int64_t window_left, int64_t window_right,
                                bool bottom_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes) {
+                               const std::optional<at::Tensor>& alibi_slopes) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [dq, dk, dv] = call_backward(grad_out, q, k, v, out, lse, rng_state, attn_mask,
                                       dropout_p, scale, window_left, window_right, bottom_right, softcap, alibi_slopes);
@@ -198,7 +208,7 @@ class VarlenBackwardFunction : public torch::autograd::Function<VarlenBackwardFu
                                const at::Tensor& rng_state, const at::Tensor& cu_q, const at::Tensor& cu_k,
                                int64_t max_q, int64_t max_k, double dropout_p, double scale, int64_t window_left,
                                int64_t window_right, bool bottom_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes) {
+                               const std::optional<at::Tensor>& alibi_slopes) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [dq, dk, dv] = call_varlen_backward(grad_out, q, k, v, out, lse, rng_state, cu_q, cu_k, max_q, max_k,
                                              dropout_p, scale, window_left, window_right, bottom_right, softcap, alibi_slopes);
