@@ -230,3 +230,21 @@ def test_split_kv_forward(device, monkeypatch, splits, L, S):
     torch.manual_seed(3)
     whole = flash_attn_ext.attention(q, k, v, dropout_p=0.4)
     torch.testing.assert_close(split, whole, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bf16_gemm", ["1", "0"], ids=["vdpbf16ps", "float_tiles"])
+@pytest.mark.parametrize("L,S,D,Hq,Hkv,causal,window", [
+    (113, 203, 33, 4, 2, True, (-1, -1)),   # odd head dim (a zero pair), odd key tail, GQA packing
+    (203, 113, 64, 2, 2, False, (16, 16)),  # L > S, window edges inside tiles
+    (64, 64, 128, 8, 1, True, (-1, -1)),    # MQA, exact tiles
+    (17, 1, 80, 2, 1, False, (-1, -1)),     # one key: an odd pair count in P V
+    (256, 512, 256, 2, 2, True, (100, 0)),  # the largest head dim
+])
+def test_bf16_tile_paths(device, monkeypatch, bf16_gemm, L, S, D, Hq, Hkv, causal, window):
+    """bf16 forward on both CPU tile paths: vdpbf16ps products with P rounded to bf16 (where the
+    CPU has AVX512-BF16), and the float tiles (FLASH_ATTN_EXT_CPU_BF16_GEMM=0); each within the
+    SPEC bound of the float64 reference, with masks and dropout's keep-mask applied as usual."""
+    monkeypatch.setenv("FLASH_ATTN_EXT_CPU_BF16_GEMM", bf16_gemm)
+    check_forward(device, torch.bfloat16, 2, Hq, Hkv, L, S, D, causal=causal, window=window, seed=L + D)
+    mask = torch.randn(1, 1, L, S).to(device)
+    check_forward(device, torch.bfloat16, 1, Hq, Hkv, L, S, D, attn_mask=mask, seed=L + D + 1)

@@ -19,6 +19,7 @@ def test_tile_math(tmp_path, flags):
     subprocess.run([cxx, "-std=c++17", "-O2", "-Wall", "-Wno-psabi", *flags, "-I", os.path.join(ROOT, "csrc"),
                     os.path.join(HERE, "cpp", "test_tile_math.cpp"), os.path.join(ROOT, "csrc", "cpu", "tile_math.cpp"),
                     os.path.join(ROOT, "csrc", "cpu", "decode_math.cpp"),
+                    os.path.join(ROOT, "csrc", "cpu", "tile_math_bf16.cpp"),
                     "-o", str(exe)], check=True)
     result = subprocess.run([str(exe)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

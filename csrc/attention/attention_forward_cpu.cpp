@@ -12,10 +12,13 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "../cpu/tile_math.h"
+#include "../cpu/tile_math_bf16.h"
 #include "attention_cpu_tiles.h"
 #include "attention_forward_cpu.h"
 #include "attention_host.h"
@@ -76,9 +79,18 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
   // Dropout zeroes probabilities after the row sum; the 1/(1-p) of the kept ones is applied
   // once, at the end, with 1/l.
   const acc_t keep_scale = dropout ? acc_t(1) / (acc_t(1) - static_cast<acc_t>(p.dropout_p)) : acc_t(1);
+  // bf16 on AVX512-BF16: both tile products on vdpbf16ps (tile_math_bf16.h), Q and K as
+  // stored, P rounded to bf16 for P V as flash-attn does on GPUs; the softmax stays float.
+  // FLASH_ATTN_EXT_CPU_BF16_GEMM=0: the float path (the tests run both).
+  const bool bf16_gemm = std::is_same_v<scalar_t, c10::BFloat16> && has_bf16_gemm() &&
+                         !env_is_zero("FLASH_ATTN_EXT_CPU_BF16_GEMM");
+  const int64_t Dk2 = Dk + Dk % 2;  // the bf16 products run over pairs: odd dims get a zero
 
   at::parallel_for(0, p.batch * n_packs * n_spans * n_splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> q_tile(max_rows * Dk), kt_tile(Dk * kBlockK), v_tile(kBlockK * Dv);
+    std::vector<uint16_t> q_bf(bf16_gemm ? max_rows * Dk2 : 0), p_bf(bf16_gemm ? max_rows * kBlockK : 0);
+    std::vector<uint32_t> kt_bf(bf16_gemm ? Dk2 / 2 * kBlockK : 0), v_bf(bf16_gemm ? kBlockK / 2 * Dv : 0);
+    std::vector<const uint16_t*> row_ptrs(bf16_gemm ? kBlockK : 0);
     std::vector<acc_t> s_tile(max_rows * kBlockK), o_acc(max_rows * Dv);
     std::vector<acc_t> m_run(max_rows), l_run(max_rows);
     std::vector<uint8_t> keep(dropout ? max_rows * kBlockK : 0);
@@ -94,10 +106,21 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
       const int64_t n_pos = std::min(span, pb.len_q - i0);
       const int64_t rows = pack * n_pos;  // row g * n_pos + r: head h0 + g, position i0 + r
 
-      // Q is pre-multiplied by the softmax scale: one multiply per element of Q instead of S.
-      for (int64_t g = 0; g < pack; ++g)
-        load_rows(q_rows.at(b, h0 + g, i0), q_rows.stride_l, n_pos, Dk, scale,
-                  q_tile.data() + g * n_pos * Dk, Dk);
+      const bool use_bf16 = bf16_gemm && rows > kFewRows;
+      if (use_bf16) {  // Q as stored (bf16 bits), a zero column for an odd head dim
+        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
+          for (int64_t g = 0; g < pack; ++g)
+            for (int64_t r = 0; r < n_pos; ++r) {
+              uint16_t* dst = q_bf.data() + (g * n_pos + r) * Dk2;
+              std::memcpy(dst, q_rows.at(b, h0 + g, i0 + r), Dk * sizeof(uint16_t));
+              if (Dk2 != Dk) dst[Dk] = 0;
+            }
+      } else {
+        // Q is pre-multiplied by the softmax scale: one multiply per element of Q instead of S.
+        for (int64_t g = 0; g < pack; ++g)
+          load_rows(q_rows.at(b, h0 + g, i0), q_rows.stride_l, n_pos, Dk, scale,
+                    q_tile.data() + g * n_pos * Dk, Dk);
+      }
       std::fill(m_run.begin(), m_run.end(), kNegInf);
       std::fill(l_run.begin(), l_run.end(), acc_t(0));
       std::fill(o_acc.begin(), o_acc.end(), acc_t(0));
@@ -113,7 +136,18 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
           prefetch_tile(v_rows, b, hk, j0 + kBlockK, next, Dv);
         }
         acc_t* s = s_tile.data();
-        if (rows <= kFewRows) {  // decode: row dot products on K as stored, no transpose
+        const int64_t cols2 = cols + cols % 2;  // P V over key pairs
+        if (use_bf16) {
+          if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+            const auto bits = [](const scalar_t* x) { return reinterpret_cast<const uint16_t*>(x); };
+            for (int64_t c = 0; c < cols; ++c) row_ptrs[c] = bits(k_rows.at(b, hk, j0 + c));
+            pack_bf16_transposed(row_ptrs.data(), cols, Dk, kt_bf.data(), kBlockK);
+            tile_gemm_bf16(rows, cols, Dk2, static_cast<float>(scale), q_bf.data(), Dk2, kt_bf.data(), kBlockK, s,
+                           kBlockK, /*accumulate=*/false);
+            for (int64_t c = 0; c < cols; ++c) row_ptrs[c] = bits(v_rows.at(b, hk, j0 + c));
+            pack_bf16_row_pairs(row_ptrs.data(), cols, Dv, v_bf.data(), Dv);
+          }
+        } else if (rows <= kFewRows) {  // decode: row dot products on K as stored, no transpose
           load_tile(k_rows, b, hk, j0, cols, Dk, acc_t(1), kt_tile.data(), Dk);
           tile_gemm_nt(rows, cols, Dk, q_tile.data(), Dk, kt_tile.data(), Dk, s, kBlockK);
         } else {
@@ -121,7 +155,7 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
           tile_gemm(false, rows, cols, Dk, acc_t(1), q_tile.data(), Dk, kt_tile.data(), kBlockK, s,
                     kBlockK, /*accumulate=*/false);
         }
-        load_tile(v_rows, b, hk, j0, cols, Dv, acc_t(1), v_tile.data(), Dv);
+        if (!use_bf16) load_tile(v_rows, b, hk, j0, cols, Dv, acc_t(1), v_tile.data(), Dv);
         if (cap > acc_t(0)) softcap_tile(s, kBlockK, rows, cols, cap);
         for (int64_t g = 0; g < pack; ++g) {  // masks and dropout depend on the head
           mask_tile(s + g * n_pos * kBlockK, kBlockK, n_pos, cols, i0, j0, b, h0 + g, pb, mask);
@@ -149,8 +183,16 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
             for (int64_t c = 0; c < cols; ++c) sr[c] = kr[c] ? sr[c] : acc_t(0);
           }
         }
-        tile_gemm(false, rows, Dv, cols, acc_t(1), s, kBlockK, v_tile.data(), Dv, o_acc.data(), Dv,
-                  /*accumulate=*/true);
+        if (use_bf16) {
+          if constexpr (std::is_same_v<acc_t, float>) {
+            floats_to_bf16(s, kBlockK, rows, cols, cols2, p_bf.data(), kBlockK);
+            tile_gemm_bf16(rows, Dv, cols2, 1.0f, p_bf.data(), kBlockK, v_bf.data(), Dv, o_acc.data(), Dv,
+                           /*accumulate=*/true);
+          }
+        } else {
+          tile_gemm(false, rows, Dv, cols, acc_t(1), s, kBlockK, v_tile.data(), Dv, o_acc.data(), Dv,
+                    /*accumulate=*/true);
+        }
       }
 
       if (n_splits > 1) {  // leave the partial state to the merge pass

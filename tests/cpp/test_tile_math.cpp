@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cpu/decode_math.h"
+#include "cpu/tile_math_bf16.h"
 #include "cpu/tile_math.h"
 
 using namespace flash_attn_ext::cpu;
@@ -141,6 +142,66 @@ static void check_decode_math(std::mt19937& rng) {
   check_decode_math_for<uint16_t>(rng, to_bf16, from_bf16);
 }
 
+// tile_gemm_bf16 (vdpbf16ps) against exact bf16 products summed in double, over the shapes the
+// attention kernels use (partial column vectors, row tails, odd K padded), both packings, and
+// floats_to_bf16's rounding (nearest even) against the scalar rule.
+static void check_bf16_gemm(std::mt19937& rng) {
+  std::normal_distribution<float> nd;
+  for (int64_t M : {1, 5, 12, 13, 64})
+    for (int64_t N : {1, 15, 16, 17, 32, 33, 64, 80})
+      for (int64_t K : {1, 2, 63, 64, 128})
+        for (bool acc : {false, true}) {
+          const int64_t K2 = K + K % 2, lda = K2 + 2, ldb = N + 3, ldc = N + 1;
+          std::vector<uint16_t> A(M * lda, 0), X(N * K), Y(K * N);  // X: B^T rows; Y: B rows
+          for (auto& x : A) x = to_bf16(nd(rng));
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t k = K; k < K2; ++k) A[m * lda + k] = 0;
+          for (auto& x : X) x = to_bf16(nd(rng));
+          for (int64_t k = 0; k < K; ++k)
+            for (int64_t n = 0; n < N; ++n) Y[k * N + n] = X[n * K + k];
+          std::vector<const uint16_t*> xrows(N), yrows(K);
+          for (int64_t n = 0; n < N; ++n) xrows[n] = X.data() + n * K;
+          for (int64_t k = 0; k < K; ++k) yrows[k] = Y.data() + k * N;
+          std::vector<uint32_t> P1(K2 / 2 * ldb, 0xFFFFFFFFu), P2(K2 / 2 * ldb, 0xFFFFFFFFu);
+          pack_bf16_transposed(xrows.data(), N, K, P1.data(), ldb);
+          pack_bf16_row_pairs(yrows.data(), K, N, P2.data(), ldb);
+          for (int64_t e = 0; e < K2 / 2; ++e)
+            for (int64_t n = 0; n < N; ++n)
+              if (P1[e * ldb + n] != P2[e * ldb + n] && ++failures <= 10)
+                std::printf("FAIL bf16 packings differ K=%ld N=%ld\n", (long)K, (long)N);
+          if (!has_bf16_gemm()) continue;
+          std::vector<float> C(M * ldc, 0.25f);
+          const std::vector<float> C0 = C;
+          tile_gemm_bf16(M, N, K2, 0.5f, A.data(), lda, P1.data(), ldb, C.data(), ldc, acc);
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t n = 0; n < ldc; ++n) {
+              if (n >= N) {  // the padding column of C is never written
+                if (C[m * ldc + n] != C0[m * ldc + n] && ++failures <= 10) std::printf("FAIL bf16 gemm wrote past N\n");
+                continue;
+              }
+              double ref = 0, mag = 0;
+              for (int64_t k = 0; k < K; ++k) {
+                const double p = double(from_bf16(A[m * lda + k])) * from_bf16(X[n * K + k]);
+                ref += p, mag += std::fabs(p);
+              }
+              ref = 0.5 * ref + (acc ? 0.25 : 0.0);
+              if (std::fabs(C[m * ldc + n] - ref) > 1e-6 * (mag + 1) && ++failures <= 10)
+                std::printf("FAIL bf16 gemm M=%ld N=%ld K=%ld acc=%d: %g vs %g\n", (long)M, (long)N, (long)K, acc,
+                            C[m * ldc + n], ref);
+            }
+        }
+  std::vector<float> f(37);
+  for (auto& x : f) x = nd(rng) * 1e3f;
+  f[3] = 1.00390625f;  // exactly between two bf16 values: rounds to the even one (1.0)
+  std::vector<uint16_t> h(40, 0xFFFF);
+  floats_to_bf16(f.data(), 37, 1, 37, 40, h.data(), 40);
+  for (int64_t c = 0; c < 40; ++c) {
+    const uint16_t want = c < 37 ? to_bf16(f[c]) : 0;
+    if (h[c] != want && ++failures <= 10) std::printf("FAIL floats_to_bf16 c=%ld: %04x vs %04x\n", (long)c, h[c], want);
+  }
+  if (h[3] != 0x3f80 && ++failures <= 10) std::printf("FAIL floats_to_bf16: ties to even\n");
+}
+
 int main() {
   std::mt19937 rng(7);
   for (bool t : {false, true})
@@ -197,6 +258,8 @@ int main() {
   }
   if (row_max(static_cast<const float*>(nullptr), 0) != -std::numeric_limits<float>::infinity()) ++failures;
   check_decode_math(rng);
+  check_bf16_gemm(rng);
+  std::printf("bf16 GEMM (AVX512-BF16): %s\n", has_bf16_gemm() ? "tested" : "not on this CPU/build (packing tested)");
   std::printf("bf16 dot (AVX512-BF16): %s\n", has_bf16_dot() ? "tested" : "not on this CPU/build");
   std::printf("%s\n", failures ? "FAILED" : "ok");
   return failures ? 1 : 0;
