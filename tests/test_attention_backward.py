@@ -152,3 +152,18 @@ def test_double_backward_raises(device):
     (gq,) = torch.autograd.grad(out.sum(), (q,), create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         gq.sum().backward()
+
+
+@pytest.mark.parametrize("bf16_gemm", ["1", "0"], ids=["vdpbf16ps", "float_tiles"])
+@pytest.mark.parametrize("L,S,D,Hq,Hkv,causal,window", [
+    (113, 203, 33, 4, 2, True, (-1, -1)),   # odd head dim, odd row and key tails, GQA
+    (203, 113, 64, 2, 2, False, (16, 16)),  # L > S, window edges inside tiles
+    (64, 64, 128, 8, 1, True, (-1, -1)),    # MQA: dK/dV summed over 8 query heads
+    (17, 1, 80, 2, 1, False, (-1, -1)),     # one key
+])
+def test_bf16_tile_paths_backward(device, monkeypatch, bf16_gemm, L, S, D, Hq, Hkv, causal, window):
+    """bf16 backward on both CPU tile paths: vdpbf16ps products with P and dS rounded to bf16
+    (AVX512-BF16 CPUs) and the float tiles (FLASH_ATTN_EXT_CPU_BF16_GEMM=0), each within the
+    SPEC bound of autograd through the float64 reference."""
+    monkeypatch.setenv("FLASH_ATTN_EXT_CPU_BF16_GEMM", bf16_gemm)
+    check_backward(device, torch.bfloat16, 2, Hq, Hkv, L, S, D, causal=causal, window=window, seed=L + D)

@@ -14,15 +14,54 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../cpu/tile_math.h"
+#include "../cpu/tile_math_bf16.h"
 #include "attention_cpu_tiles.h"
 #include "attention_forward_cpu.h"
 #include "attention_host.h"
 
 namespace flash_attn_ext::cpu {
 namespace {
+
+template <typename T>
+const uint16_t* bf16_bits(const T* x) {
+  return reinterpret_cast<const uint16_t*>(x);
+}
+
+// Rows i0.. of (b, h) as bf16 bits into dst (a zero column when dim is odd, so pairs are
+// whole); ptrs receives each copied row (the packers' input).
+template <typename T>
+void copy_bf16_rows(const Rows<const T>& src, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t dim,
+                    uint16_t* dst, int64_t ld, const uint16_t** ptrs) {
+  for (int64_t r = 0; r < rows; ++r) {
+    uint16_t* d = dst + r * ld;
+    std::memcpy(d, src.at(b, h, i0 + r), dim * sizeof(uint16_t));
+    if (ld > dim) d[dim] = 0;
+    ptrs[r] = d;
+  }
+}
+
+// dst (cols x rows_pad) = src^T for a rows x cols bf16 tile; columns rows..rows_pad are zero.
+inline void transpose_bf16(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols, int64_t rows_pad,
+                           uint16_t* dst, int64_t ldd) {
+  for (int64_t c = 0; c < cols; ++c) {
+    uint16_t* d = dst + c * ldd;
+    for (int64_t r = 0; r < rows; ++r) d[r] = src[r * lds + c];
+    for (int64_t r = rows; r < rows_pad; ++r) d[r] = 0;
+  }
+}
+
+// bf16 of a float tile, transposed: (cols x rows_pad) from rows x cols; scratch holds the
+// rounded rows first.
+inline void floats_to_bf16_transposed(const float* src, int64_t lds, int64_t rows, int64_t cols, int64_t rows_pad,
+                                      uint16_t* dst, int64_t ldd, uint16_t* scratch) {
+  floats_to_bf16(src, lds, rows, cols, cols, scratch, cols);
+  transpose_bf16(scratch, cols, rows, cols, rows_pad, dst, ldd);
+}
 
 template <typename scalar_t>
 void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::Tensor& dout,
@@ -82,8 +121,22 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
   at::Tensor dq_acc = at::zeros({n_splits, p.batch * p.heads_q, L, Dk}, acc_options);
   const int64_t split_stride = p.batch * p.heads_q * L * Dk;
 
+  // bf16 on AVX512-BF16: the five tile products on vdpbf16ps (tile_math_bf16.h) with P and dS
+  // rounded to bf16, as flash-attn's GPU backward does; the softmax algebra stays float.
+  // FLASH_ATTN_EXT_CPU_BF16_GEMM=0: the float tiles.
+  constexpr bool kBf16 = std::is_same_v<scalar_t, c10::BFloat16>;
+  const bool use_bf16 = kBf16 && has_bf16_gemm() && !env_is_zero("FLASH_ATTN_EXT_CPU_BF16_GEMM");
+  const int64_t Dk2 = Dk + Dk % 2, Dv2 = Dv + Dv % 2;  // pairs: odd dims get a zero
+
   at::parallel_for(0, units * n_splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> k_tile(kBlockK * Dk), kt_tile(Dk * kBlockK), vt_tile(Dv * kBlockK);
+    // bf16 operands: A tiles as bf16 rows, B tiles packed by pairs of their K dimension.
+    const int64_t nb = use_bf16 ? 1 : 0;
+    std::vector<uint32_t> kt_bf(nb * Dk2 / 2 * kBlockK), vt_bf(nb * Dv2 / 2 * kBlockK), k_pairs(nb * kBlockK / 2 * Dk);
+    std::vector<uint32_t> q_pairs(nb * kBlockQ / 2 * Dk), do_pairs(nb * kBlockQ / 2 * Dv);
+    std::vector<uint16_t> q_bf(nb * kBlockQ * Dk2), do_bf(nb * kBlockQ * Dv2);
+    std::vector<uint16_t> pt_bf(nb * kBlockK * kBlockQ), ds_bf(nb * kBlockQ * kBlockK), scratch(nb * kBlockQ * kBlockK);
+    std::vector<const uint16_t*> row_ptrs(nb * std::max(kBlockK, kBlockQ));
     std::vector<acc_t> dk_acc(kBlockK * Dk), dv_acc(kBlockK * Dv);
     std::vector<acc_t> q_tile(kBlockQ * Dk), do_tile(kBlockQ * Dv);
     std::vector<acc_t> p_tile(kBlockQ * kBlockK), dp_tile(kBlockQ * kBlockK);
@@ -102,7 +155,16 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
                                                 pb.window_right, pb.len_q);
         std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
         std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
-        if (band.begin < band.end) {
+        const int64_t cols2 = cols + cols % 2;
+        if (band.begin < band.end && use_bf16) {
+          if constexpr (kBf16) {
+            for (int64_t c = 0; c < cols; ++c) row_ptrs[c] = bf16_bits(k_rows.at(b, hk, j0 + c));
+            pack_bf16_transposed(row_ptrs.data(), cols, Dk, kt_bf.data(), kBlockK);  // S = Q K^T
+            pack_bf16_row_pairs(row_ptrs.data(), cols, Dk, k_pairs.data(), Dk);       // dQ = dS K
+            for (int64_t c = 0; c < cols; ++c) row_ptrs[c] = bf16_bits(v_rows.at(b, hk, j0 + c));
+            pack_bf16_transposed(row_ptrs.data(), cols, Dv, vt_bf.data(), kBlockK);  // dP = dO V^T
+          }
+        } else if (band.begin < band.end) {
           load_rows(k_rows.at(b, hk, j0), k_rows.stride_l, cols, Dk, acc_t(1), k_tile.data(), Dk);
           load_rows_transposed(k_rows.at(b, hk, j0), k_rows.stride_l, cols, Dk, kt_tile.data(), kBlockK);
           load_rows_transposed(v_rows.at(b, hk, j0), v_rows.stride_l, cols, Dv, vt_tile.data(), kBlockK);
@@ -111,13 +173,24 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
           const int64_t bh = b * p.heads_q + h;
           for (int64_t i0 = band.begin; i0 < band.end; i0 += kBlockQ) {
             const int64_t rows = std::min(kBlockQ, band.end - i0);
-            load_rows(q_rows.at(b, h, i0), q_rows.stride_l, rows, Dk, scale, q_tile.data(), Dk);
-            load_rows(do_rows.at(b, h, i0), do_rows.stride_l, rows, Dv, acc_t(1), do_tile.data(), Dv);
-
-            // P = exp(softcap(scale * Q K^T) + mask - lse), exactly the forward's probabilities.
+            const int64_t rows2 = rows + rows % 2;
             acc_t* pt = p_tile.data();
-            tile_gemm(false, rows, cols, Dk, acc_t(1), q_tile.data(), Dk, kt_tile.data(), kBlockK,
-                      pt, kBlockK, /*accumulate=*/false);
+            if (use_bf16) {
+              if constexpr (kBf16) {
+                copy_bf16_rows(q_rows, b, h, i0, rows, Dk, q_bf.data(), Dk2, row_ptrs.data());
+                pack_bf16_row_pairs(row_ptrs.data(), rows, Dk, q_pairs.data(), Dk);  // dK = dS^T Q
+                copy_bf16_rows(do_rows, b, h, i0, rows, Dv, do_bf.data(), Dv2, row_ptrs.data());
+                pack_bf16_row_pairs(row_ptrs.data(), rows, Dv, do_pairs.data(), Dv);  // dV = P^T dO
+                tile_gemm_bf16(rows, cols, Dk2, static_cast<float>(scale), q_bf.data(), Dk2, kt_bf.data(), kBlockK,
+                               pt, kBlockK, /*accumulate=*/false);
+              }
+            } else {
+              load_rows(q_rows.at(b, h, i0), q_rows.stride_l, rows, Dk, scale, q_tile.data(), Dk);
+              load_rows(do_rows.at(b, h, i0), do_rows.stride_l, rows, Dv, acc_t(1), do_tile.data(), Dv);
+              // P = exp(softcap(scale * Q K^T) + mask - lse), exactly the forward's probabilities.
+              tile_gemm(false, rows, cols, Dk, acc_t(1), q_tile.data(), Dk, kt_tile.data(), kBlockK,
+                        pt, kBlockK, /*accumulate=*/false);
+            }
             if (cap > acc_t(0)) softcap_tile(pt, kBlockK, rows, cols, cap, slope_tile.data());
             mask_tile(pt, kBlockK, rows, cols, i0, j0, b, h, pb, mask);
             for (int64_t r = 0; r < rows; ++r) {
@@ -138,13 +211,23 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
               p_used = pd_tile.data();
             }
             // dV += (P o Z)^T dO / (1 - p_drop)
-            tile_gemm(true, cols, Dv, rows, keep_scale, p_used, kBlockK, do_tile.data(), Dv,
-                      dv_acc.data(), Dv, /*accumulate=*/true);
-            // dP = dO V^T, then through dropout, then dS = P * (dP - delta) (times the softcap
-            // slope: the gradient of the raw score).
             acc_t* dpt = dp_tile.data();
-            tile_gemm(false, rows, cols, Dv, acc_t(1), do_tile.data(), Dv, vt_tile.data(), kBlockK,
-                      dpt, kBlockK, /*accumulate=*/false);
+            if (use_bf16) {
+              if constexpr (kBf16) {
+                floats_to_bf16_transposed(p_used, kBlockK, rows, cols, rows2, pt_bf.data(), kBlockQ, scratch.data());
+                tile_gemm_bf16(cols, Dv, rows2, static_cast<float>(keep_scale), pt_bf.data(), kBlockQ, do_pairs.data(),
+                               Dv, dv_acc.data(), Dv, /*accumulate=*/true);
+                tile_gemm_bf16(rows, cols, Dv2, 1.0f, do_bf.data(), Dv2, vt_bf.data(), kBlockK, dpt, kBlockK,
+                               /*accumulate=*/false);
+              }
+            } else {
+              tile_gemm(true, cols, Dv, rows, keep_scale, p_used, kBlockK, do_tile.data(), Dv,
+                        dv_acc.data(), Dv, /*accumulate=*/true);
+              // dP = dO V^T, then through dropout, then dS = P * (dP - delta) (times the softcap
+              // slope: the gradient of the raw score).
+              tile_gemm(false, rows, cols, Dv, acc_t(1), do_tile.data(), Dv, vt_tile.data(), kBlockK,
+                        dpt, kBlockK, /*accumulate=*/false);
+            }
             for (int64_t r = 0; r < rows; ++r) {
               const acc_t d = delta_data[p.row_index(b, h, i0 + r)];
               acc_t* dr = dpt + r * kBlockK;
@@ -161,12 +244,24 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
                 for (int64_t c = 0; c < cols; ++c) dr[c] *= sl[c];
               }
             }
-            // dK += dS^T (scale Q)  (q_tile already carries the scale)
-            tile_gemm(true, cols, Dk, rows, acc_t(1), dpt, kBlockK, q_tile.data(), Dk,
-                      dk_acc.data(), Dk, /*accumulate=*/true);
-            // dQ += scale dS K
-            tile_gemm(false, rows, Dk, cols, scale, dpt, kBlockK, k_tile.data(), Dk,
-                      dq_acc_data + (bh * L + i0) * Dk, Dk, /*accumulate=*/true);
+            if (use_bf16) {
+              if constexpr (kBf16) {
+                // dK += scale dS^T Q ; dQ += scale dS K, with dS rounded to bf16 once
+                floats_to_bf16(dpt, kBlockK, rows, cols, cols2, ds_bf.data(), kBlockK);
+                transpose_bf16(ds_bf.data(), kBlockK, rows, cols, rows2, pt_bf.data(), kBlockQ);
+                tile_gemm_bf16(cols, Dk, rows2, static_cast<float>(scale), pt_bf.data(), kBlockQ, q_pairs.data(), Dk,
+                               dk_acc.data(), Dk, /*accumulate=*/true);
+                tile_gemm_bf16(rows, Dk, cols2, static_cast<float>(scale), ds_bf.data(), kBlockK, k_pairs.data(), Dk,
+                               dq_acc_data + (bh * L + i0) * Dk, Dk, /*accumulate=*/true);
+              }
+            } else {
+              // dK += dS^T (scale Q)  (q_tile already carries the scale)
+              tile_gemm(true, cols, Dk, rows, acc_t(1), dpt, kBlockK, q_tile.data(), Dk,
+                        dk_acc.data(), Dk, /*accumulate=*/true);
+              // dQ += scale dS K
+              tile_gemm(false, rows, Dk, cols, scale, dpt, kBlockK, k_tile.data(), Dk,
+                        dq_acc_data + (bh * L + i0) * Dk, Dk, /*accumulate=*/true);
+            }
           }
         }
         store_rows(dk_acc.data(), Dk, cols, Dk, dk_rows.at(b, hk, j0), dk_rows.stride_l);
