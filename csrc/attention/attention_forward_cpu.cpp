@@ -155,7 +155,14 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
           tile_gemm(false, rows, cols, Dk, acc_t(1), q_tile.data(), Dk, kt_tile.data(), kBlockK, s,
                     kBlockK, /*accumulate=*/false);
         }
-        if (!use_bf16) load_tile(v_rows, b, hk, j0, cols, Dv, acc_t(1), v_tile.data(), Dv);
+        // float V rows evenly strided (not split by a paged block): the P V product reads them
+        // in place, no copy.
+        const acc_t* v_in = v_tile.data();
+        int64_t ld_v = Dv;
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          if (!use_bf16 && v_rows.run(j0) >= cols) v_in = v_rows.at(b, hk, j0), ld_v = v_rows.stride_l;
+        }
+        if (!use_bf16 && v_in == v_tile.data()) load_tile(v_rows, b, hk, j0, cols, Dv, acc_t(1), v_tile.data(), Dv);
         if (cap > acc_t(0)) softcap_tile(s, kBlockK, rows, cols, cap);
         for (int64_t g = 0; g < pack; ++g) {  // masks and dropout depend on the head
           mask_tile(s + g * n_pos * kBlockK, kBlockK, n_pos, cols, i0, j0, b, h0 + g, pb, mask);
@@ -190,7 +197,7 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
                            /*accumulate=*/true);
           }
         } else {
-          tile_gemm(false, rows, Dv, cols, acc_t(1), s, kBlockK, v_tile.data(), Dv, o_acc.data(), Dv,
+          tile_gemm(false, rows, Dv, cols, acc_t(1), s, kBlockK, v_in, ld_v, o_acc.data(), Dv,
                     /*accumulate=*/true);
         }
       }
