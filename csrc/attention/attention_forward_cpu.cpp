@@ -85,12 +85,24 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
   const bool bf16_gemm = std::is_same_v<scalar_t, c10::BFloat16> && has_bf16_gemm() &&
                          !env_is_zero("FLASH_ATTN_EXT_CPU_BF16_GEMM");
   const int64_t Dk2 = Dk + Dk % 2;  // the bf16 products run over pairs: odd dims get a zero
+  // The per-thread K^T cache (below): when a head has several query spans, up to 8 MiB per thread
+  // (longer sequences transpose per span, as before; FLASH_ATTN_EXT_CPU_KT_CACHE=0 always does).
+  const int64_t n_ktiles = (p.len_k + kBlockK - 1) / kBlockK;
+  const bool cache_kt = n_spans > 1 && n_ktiles * (Dk + Dv) * kBlockK * static_cast<int64_t>(sizeof(acc_t)) <= (8 << 20) &&
+                        !env_is_zero("FLASH_ATTN_EXT_CPU_KT_CACHE");
 
   at::parallel_for(0, p.batch * n_packs * n_spans * n_splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> q_tile(max_rows * Dk), kt_tile(Dk * kBlockK), v_tile(kBlockK * Dv);
     std::vector<uint16_t> q_bf(bf16_gemm ? max_rows * Dk2 : 0), p_bf(bf16_gemm ? max_rows * kBlockK : 0);
     std::vector<uint32_t> kt_bf(bf16_gemm ? Dk2 / 2 * kBlockK : 0), v_bf(bf16_gemm ? kBlockK / 2 * Dv : 0);
     std::vector<const uint16_t*> row_ptrs(bf16_gemm ? kBlockK : 0);
+    // K^T tiles of the current (sequence, KV head), kept across the query spans a thread runs
+    // in a row (parallel_for hands each thread consecutive spans of a head): each tile is
+    // transposed once per thread instead of once per span. Tile t holds kt_cols[t] keys.
+    std::vector<acc_t> kt_cache;
+    std::vector<uint32_t> bf_cache;  // bf16: packed K^T and V pairs per tile
+    std::vector<int64_t> kt_cols;
+    int64_t cache_b = -1, cache_hk = -1;
     std::vector<acc_t> s_tile(max_rows * kBlockK), o_acc(max_rows * Dv);
     std::vector<acc_t> m_run(max_rows), l_run(max_rows);
     std::vector<uint8_t> keep(dropout ? max_rows * kBlockK : 0);
@@ -137,23 +149,58 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
         }
         acc_t* s = s_tile.data();
         const int64_t cols2 = cols + cols % 2;  // P V over key pairs
+        const uint32_t* v_p = v_bf.data();
         if (use_bf16) {
           if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
             const auto bits = [](const scalar_t* x) { return reinterpret_cast<const uint16_t*>(x); };
-            for (int64_t c = 0; c < cols; ++c) row_ptrs[c] = bits(k_rows.at(b, hk, j0 + c));
-            pack_bf16_transposed(row_ptrs.data(), cols, Dk, kt_bf.data(), kBlockK);
-            tile_gemm_bf16(rows, cols, Dk2, static_cast<float>(scale), q_bf.data(), Dk2, kt_bf.data(), kBlockK, s,
-                           kBlockK, /*accumulate=*/false);
-            for (int64_t c = 0; c < cols; ++c) row_ptrs[c] = bits(v_rows.at(b, hk, j0 + c));
-            pack_bf16_row_pairs(row_ptrs.data(), cols, Dv, v_bf.data(), Dv);
+            uint32_t* kt_dst = kt_bf.data();
+            uint32_t* v_dst = v_bf.data();
+            bool packed = false;
+            if (cache_kt && j0 % kBlockK == 0) {  // the packed K^T and V tiles, cached as the float K^T below
+              const int64_t kt_size = Dk2 / 2 * kBlockK, v_size = kBlockK / 2 * Dv;
+              if (bf_cache.empty()) bf_cache.resize(n_ktiles * (kt_size + v_size)), kt_cols.assign(n_ktiles, 0);
+              if (b != cache_b || hk != cache_hk) {
+                std::fill(kt_cols.begin(), kt_cols.end(), 0);
+                cache_b = b, cache_hk = hk;
+              }
+              const int64_t t = j0 / kBlockK;
+              kt_dst = bf_cache.data() + t * (kt_size + v_size);
+              v_dst = kt_dst + kt_size;
+              packed = kt_cols[t] >= cols;
+              kt_cols[t] = std::max(kt_cols[t], cols);
+            }
+            if (!packed) {
+              for (int64_t c = 0; c < cols; ++c) row_ptrs[c] = bits(k_rows.at(b, hk, j0 + c));
+              pack_bf16_transposed(row_ptrs.data(), cols, Dk, kt_dst, kBlockK);
+              for (int64_t c = 0; c < cols; ++c) row_ptrs[c] = bits(v_rows.at(b, hk, j0 + c));
+              pack_bf16_row_pairs(row_ptrs.data(), cols, Dv, v_dst, Dv);
+            }
+            v_p = v_dst;
+            tile_gemm_bf16(rows, cols, Dk2, static_cast<float>(scale), q_bf.data(), Dk2, kt_dst, kBlockK, s, kBlockK,
+                           /*accumulate=*/false);
           }
         } else if (rows <= kFewRows) {  // decode: row dot products on K as stored, no transpose
           load_tile(k_rows, b, hk, j0, cols, Dk, acc_t(1), kt_tile.data(), Dk);
           tile_gemm_nt(rows, cols, Dk, q_tile.data(), Dk, kt_tile.data(), Dk, s, kBlockK);
         } else {
-          load_tile_transposed(k_rows, b, hk, j0, cols, Dk, kt_tile.data(), kBlockK);
-          tile_gemm(false, rows, cols, Dk, acc_t(1), q_tile.data(), Dk, kt_tile.data(), kBlockK, s,
-                    kBlockK, /*accumulate=*/false);
+          acc_t* kt = kt_tile.data();
+          if (cache_kt && j0 % kBlockK == 0) {
+            if (kt_cache.empty()) kt_cache.resize(n_ktiles * Dk * kBlockK), kt_cols.assign(n_ktiles, 0);
+            if (b != cache_b || hk != cache_hk) {
+              std::fill(kt_cols.begin(), kt_cols.end(), 0);
+              cache_b = b, cache_hk = hk;
+            }
+            const int64_t t = j0 / kBlockK;
+            kt = kt_cache.data() + t * Dk * kBlockK;
+            if (kt_cols[t] < cols) {
+              load_tile_transposed(k_rows, b, hk, j0, cols, Dk, kt, kBlockK);
+              kt_cols[t] = cols;
+            }
+          } else {
+            load_tile_transposed(k_rows, b, hk, j0, cols, Dk, kt, kBlockK);
+          }
+          tile_gemm(false, rows, cols, Dk, acc_t(1), q_tile.data(), Dk, kt, kBlockK, s, kBlockK,
+                    /*accumulate=*/false);
         }
         // float V rows evenly strided (not split by a paged block): the P V product reads them
         // in place, no copy.
@@ -193,7 +240,7 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
         if (use_bf16) {
           if constexpr (std::is_same_v<acc_t, float>) {
             floats_to_bf16(s, kBlockK, rows, cols, cols2, p_bf.data(), kBlockK);
-            tile_gemm_bf16(rows, Dv, cols2, 1.0f, p_bf.data(), kBlockK, v_bf.data(), Dv, o_acc.data(), Dv,
+            tile_gemm_bf16(rows, Dv, cols2, 1.0f, p_bf.data(), kBlockK, v_p, Dv, o_acc.data(), Dv,
                            /*accumulate=*/true);
           }
         } else {
