@@ -21,8 +21,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_forward_cpu(
                                      max_seqlen_q, max_seqlen_k, dropout_p, scale, window_left, window_right,
                                      bottom_right, softcap, alibi_slopes);
   AttentionParams& p = call.params;
-  at::Tensor out = at::empty({q.size(0), q.size(1), v.size(2)}, q.options());
-  at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(lse_dtype(q.scalar_type())));
+  auto [out, lse] = empty_varlen_outputs(q, v);
   at::Tensor rng_state = draw_rng_state(dropout_p, q.options());
   p.dropout_seed = static_cast<uint64_t>(rng_state.data_ptr<int64_t>()[0]);
   p.dropout_offset = static_cast<uint64_t>(rng_state.data_ptr<int64_t>()[1]);
@@ -45,15 +44,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_cpu(
   const at::Tensor rng = rng_state.cpu();
   p.dropout_seed = static_cast<uint64_t>(rng.data_ptr<int64_t>()[0]);
   p.dropout_offset = static_cast<uint64_t>(rng.data_ptr<int64_t>()[1]);
-  at::Tensor dq = at::empty_like(q);
-  at::Tensor dk = at::empty_like(k);
-  at::Tensor dv = at::empty_like(v);
-  if (p.batch * p.heads_q == 0 || q.size(0) == 0) {  // no query reads any key
-    dq.zero_();
-    dk.zero_();
-    dv.zero_();
-    return {dq, dk, dv};
-  }
+  bool nothing_to_run = false;
+  auto [dq, dk, dv] = varlen_gradients(call, q, k, v, &nothing_to_run);
+  if (nothing_to_run) return {dq, dk, dv};
   run_attention_backward_cpu(p, MaskView{}, as_heads_view(grad_out), as_heads_view(q), as_heads_view(k),
                              as_heads_view(v), as_heads_view(out), lse, as_heads_view(dq), as_heads_view(dk),
                              as_heads_view(dv));

@@ -24,8 +24,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_forward_cuda(
                                            dropout_p, scale, window_left, window_right, bottom_right, softcap, alibi_slopes);
   check_cuda_head_dims(kOp, q.size(2), v.size(2));
   const c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor out = at::empty({q.size(0), q.size(1), v.size(2)}, q.options());
-  at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(lse_dtype(q.scalar_type())));
+  auto [out, lse] = empty_varlen_outputs(q, v);
   at::Tensor rng_state = draw_rng_state_cuda(dropout_p, q);
   const at::Tensor q4 = as_heads_view(q), k4 = as_heads_view(k), v4 = as_heads_view(v), out4 = as_heads_view(out);
   // Asked first so that FLASH_ATTN_EXT_CUDA_FAST=require names why it declines (varlen).
@@ -47,15 +46,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_cuda(
   check_varlen_backward_inputs(grad_out, q, v, out, lse, rng_state);
   check_cuda_head_dims(kOp, q.size(2), v.size(2));
   const c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor dq = at::empty_like(q);
-  at::Tensor dk = at::empty_like(k);
-  at::Tensor dv = at::empty_like(v);
-  if (call.params.batch * call.params.heads_q == 0 || q.size(0) == 0) {
-    dq.zero_();
-    dk.zero_();
-    dv.zero_();
-    return {dq, dk, dv};
-  }
+  bool nothing_to_run = false;
+  auto [dq, dk, dv] = varlen_gradients(call, q, k, v, &nothing_to_run);
+  if (nothing_to_run) return {dq, dk, dv};
   const at::Tensor rng = rng_state.to(q.device(), at::kLong).contiguous();
   // Keys no sequence covers do not exist (cu_seqlens_k ends at total_k), so every dK/dV row
   // has exactly one writer, as in the dense backward.

@@ -83,6 +83,24 @@ VarlenCall make_varlen_call(const char* op, const at::Tensor& q, const at::Tenso
   return call;
 }
 
+std::tuple<at::Tensor, at::Tensor> empty_varlen_outputs(const at::Tensor& q, const at::Tensor& v) {
+  return {at::empty({q.size(0), q.size(1), v.size(2)}, q.options()),
+          at::empty({q.size(1), q.size(0)}, q.options().dtype(lse_dtype(q.scalar_type())))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_gradients(const VarlenCall& call, const at::Tensor& q,
+                                                                const at::Tensor& k, const at::Tensor& v,
+                                                                bool* nothing_to_run) {
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  *nothing_to_run = call.params.batch * call.params.heads_q == 0 || q.size(0) == 0;
+  if (*nothing_to_run) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+  }
+  return {dq, dk, dv};
+}
+
 void check_varlen_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& v,
                                   const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state) {
   const char* op = "flash_attn_ext.attention_varlen_backward";

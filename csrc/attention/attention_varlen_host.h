@@ -7,6 +7,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <tuple>
+
 #include "../common/attention_semantics.h"
 
 namespace flash_attn_ext {
@@ -30,6 +32,15 @@ VarlenCall make_varlen_call(const char* op, const at::Tensor& q, const at::Tenso
 // (Hq, total_q) contiguous.
 void check_varlen_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& v,
                                   const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state);
+
+// The forward's outputs, uninitialised: out (total_q, Hq, Dv) and lse (Hq, total_q).
+std::tuple<at::Tensor, at::Tensor> empty_varlen_outputs(const at::Tensor& q, const at::Tensor& v);
+
+// The backward's gradients, shaped like q, k, v. When no query reads any key (no sequence,
+// no head or no query row) they are zeroed and `nothing_to_run` is set: the kernels are skipped.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_gradients(const VarlenCall& call, const at::Tensor& q,
+                                                                const at::Tensor& k, const at::Tensor& v,
+                                                                bool* nothing_to_run);
 
 // A packed (total, H, D) tensor as the (1, H, total, D) view the kernels address.
 inline at::Tensor as_heads_view(const at::Tensor& t) { return t.transpose(0, 1).unsqueeze(0); }
