@@ -27,24 +27,6 @@
 namespace flash_attn_ext::cpu {
 namespace {
 
-template <typename T>
-const uint16_t* bf16_bits(const T* x) {
-  return reinterpret_cast<const uint16_t*>(x);
-}
-
-// Rows i0.. of (b, h) as bf16 bits into dst (a zero column when dim is odd, so pairs are
-// whole); ptrs receives each copied row (the packers' input).
-template <typename T>
-void copy_bf16_rows(const Rows<const T>& src, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t dim,
-                    uint16_t* dst, int64_t ld, const uint16_t** ptrs) {
-  for (int64_t r = 0; r < rows; ++r) {
-    uint16_t* d = dst + r * ld;
-    std::memcpy(d, src.at(b, h, i0 + r), dim * sizeof(uint16_t));
-    if (ld > dim) d[dim] = 0;
-    ptrs[r] = d;
-  }
-}
-
 // dst (cols x rows_pad) = src^T for a rows x cols bf16 tile; columns rows..rows_pad are zero.
 inline void transpose_bf16(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols, int64_t rows_pad,
                            uint16_t* dst, int64_t ldd) {

@@ -251,6 +251,25 @@ inline void dropout_keep_tile(uint8_t* keep, int64_t ld, int64_t rows, int64_t c
   }
 }
 
+// bf16 tensors as the bf16 tile GEMM (csrc/cpu/tile_math_bf16.h) reads them: raw bits.
+template <typename T>
+const uint16_t* bf16_bits(const T* x) {
+  return reinterpret_cast<const uint16_t*>(x);
+}
+
+// Rows i0.. of (b, h) as bf16 bits into dst (a zero column when ld > dim: an odd dim's pairs
+// stay whole for tile_gemm_bf16); ptrs, when given, receives each copied row (the packers' input).
+template <typename T>
+void copy_bf16_rows(const Rows<const T>& src, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t dim,
+                    uint16_t* dst, int64_t ld, const uint16_t** ptrs = nullptr) {
+  for (int64_t r = 0; r < rows; ++r) {
+    uint16_t* d = dst + r * ld;
+    std::memcpy(d, src.at(b, h, i0 + r), dim * sizeof(uint16_t));
+    if (ld > dim) d[dim] = 0;
+    if (ptrs != nullptr) ptrs[r] = d;
+  }
+}
+
 // Split `split` of n_splits's share of a key band, in whole tiles of `tile` keys (empty when
 // the band has fewer tiles than splits).
 inline KeyRange split_band(KeyRange band, int64_t split, int64_t n_splits, int64_t tile) {

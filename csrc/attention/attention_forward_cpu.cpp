@@ -103,6 +103,17 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
     std::vector<uint32_t> bf_cache;  // bf16: packed K^T and V pairs per tile
     std::vector<int64_t> kt_cols;
     int64_t cache_b = -1, cache_hk = -1;
+    // The cache slot of key tile j0 of (b, hk), emptied when the head changes; -1: not cached
+    // (cache off, or a band that starts off the tile grid).
+    const auto cache_slot = [&](int64_t b, int64_t hk, int64_t j0) -> int64_t {
+      if (!cache_kt || j0 % kBlockK != 0) return -1;
+      if (kt_cols.empty()) kt_cols.assign(n_ktiles, 0);
+      if (b != cache_b || hk != cache_hk) {
+        std::fill(kt_cols.begin(), kt_cols.end(), 0);
+        cache_b = b, cache_hk = hk;
+      }
+      return j0 / kBlockK;
+    };
     std::vector<acc_t> s_tile(max_rows * kBlockK), o_acc(max_rows * Dv);
     std::vector<acc_t> m_run(max_rows), l_run(max_rows);
     std::vector<uint8_t> keep(dropout ? max_rows * kBlockK : 0);
@@ -122,11 +133,7 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
       if (use_bf16) {  // Q as stored (bf16 bits), a zero column for an odd head dim
         if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
           for (int64_t g = 0; g < pack; ++g)
-            for (int64_t r = 0; r < n_pos; ++r) {
-              uint16_t* dst = q_bf.data() + (g * n_pos + r) * Dk2;
-              std::memcpy(dst, q_rows.at(b, h0 + g, i0 + r), Dk * sizeof(uint16_t));
-              if (Dk2 != Dk) dst[Dk] = 0;
-            }
+            copy_bf16_rows(q_rows, b, h0 + g, i0, n_pos, Dk, q_bf.data() + g * n_pos * Dk2, Dk2);
       } else {
         // Q is pre-multiplied by the softmax scale: one multiply per element of Q instead of S.
         for (int64_t g = 0; g < pack; ++g)
@@ -152,27 +159,21 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
         const uint32_t* v_p = v_bf.data();
         if (use_bf16) {
           if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-            const auto bits = [](const scalar_t* x) { return reinterpret_cast<const uint16_t*>(x); };
             uint32_t* kt_dst = kt_bf.data();
             uint32_t* v_dst = v_bf.data();
             bool packed = false;
-            if (cache_kt && j0 % kBlockK == 0) {  // the packed K^T and V tiles, cached as the float K^T below
+            if (const int64_t t = cache_slot(b, hk, j0); t >= 0) {  // the packed K^T and V tiles
               const int64_t kt_size = Dk2 / 2 * kBlockK, v_size = kBlockK / 2 * Dv;
-              if (bf_cache.empty()) bf_cache.resize(n_ktiles * (kt_size + v_size)), kt_cols.assign(n_ktiles, 0);
-              if (b != cache_b || hk != cache_hk) {
-                std::fill(kt_cols.begin(), kt_cols.end(), 0);
-                cache_b = b, cache_hk = hk;
-              }
-              const int64_t t = j0 / kBlockK;
+              if (bf_cache.empty()) bf_cache.resize(n_ktiles * (kt_size + v_size));
               kt_dst = bf_cache.data() + t * (kt_size + v_size);
               v_dst = kt_dst + kt_size;
               packed = kt_cols[t] >= cols;
               kt_cols[t] = std::max(kt_cols[t], cols);
             }
             if (!packed) {
-              for (int64_t c = 0; c < cols; ++c) row_ptrs[c] = bits(k_rows.at(b, hk, j0 + c));
+              for (int64_t c = 0; c < cols; ++c) row_ptrs[c] = bf16_bits(k_rows.at(b, hk, j0 + c));
               pack_bf16_transposed(row_ptrs.data(), cols, Dk, kt_dst, kBlockK);
-              for (int64_t c = 0; c < cols; ++c) row_ptrs[c] = bits(v_rows.at(b, hk, j0 + c));
+              for (int64_t c = 0; c < cols; ++c) row_ptrs[c] = bf16_bits(v_rows.at(b, hk, j0 + c));
               pack_bf16_row_pairs(row_ptrs.data(), cols, Dv, v_dst, Dv);
             }
             v_p = v_dst;
@@ -184,13 +185,8 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
           tile_gemm_nt(rows, cols, Dk, q_tile.data(), Dk, kt_tile.data(), Dk, s, kBlockK);
         } else {
           acc_t* kt = kt_tile.data();
-          if (cache_kt && j0 % kBlockK == 0) {
-            if (kt_cache.empty()) kt_cache.resize(n_ktiles * Dk * kBlockK), kt_cols.assign(n_ktiles, 0);
-            if (b != cache_b || hk != cache_hk) {
-              std::fill(kt_cols.begin(), kt_cols.end(), 0);
-              cache_b = b, cache_hk = hk;
-            }
-            const int64_t t = j0 / kBlockK;
+          if (const int64_t t = cache_slot(b, hk, j0); t >= 0) {
+            if (kt_cache.empty()) kt_cache.resize(n_ktiles * Dk * kBlockK);
             kt = kt_cache.data() + t * Dk * kBlockK;
             if (kt_cols[t] < cols) {
               load_tile_transposed(k_rows, b, hk, j0, cols, Dk, kt, kBlockK);
