@@ -110,16 +110,36 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
   const bool use_bf16 = kBf16 && has_bf16_gemm() && !env_is_zero("FLASH_ATTN_EXT_CPU_BF16_GEMM");
   const int64_t Dk2 = Dk + Dk % 2, Dv2 = Dv + Dv % 2;  // pairs: odd dims get a zero
 
+  // GQA loop order. One pass over the key tiles for all G query heads packs each K/V tile once,
+  // but each key tile then sweeps G heads' Q, dO and dQ, a working set G times MHA's that falls
+  // out of the L2 cache. Past kGroupSweepBytes, one pass per query head (the K/V tiles packed G
+  // times, as MHA does) with dK/dV summed in a float (S x D) buffer per task.
+  constexpr int64_t kGroupSweepBytes = int64_t{1} << 20;
+  const int64_t sweep_bytes = G * L * (2 * Dk + Dv) * static_cast<int64_t>(sizeof(acc_t));
+  bool head_passes = G > 1 && sweep_bytes > kGroupSweepBytes;
+  if (const char* env = std::getenv("FLASH_ATTN_EXT_CPU_BWD_HEAD_PASSES")) head_passes = G > 1 && env[0] == '1';
+  const int64_t heads_per_pass = head_passes ? 1 : G;
+  // Head passes keep every packed K/V tile of the unit (one slot per key tile) for the group's
+  // later heads, so GQA packs K/V once per group, not once per query head; up to 8 MiB per thread.
+  const int64_t tile_bytes = use_bf16 ? (Dk2 / 2 * kBlockK + Dv2 / 2 * kBlockK + kBlockK / 2 * Dk) * 4
+                                      : (2 * kBlockK * Dk + Dv * kBlockK) * static_cast<int64_t>(sizeof(acc_t));
+  const bool keep_kv_tiles = head_passes && n_kblocks * tile_bytes <= (int64_t{8} << 20);
+  const int64_t kv_slots = keep_kv_tiles ? n_kblocks : 1;
+
   at::parallel_for(0, units * n_splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> k_tile(kBlockK * Dk), kt_tile(Dk * kBlockK), vt_tile(Dv * kBlockK);
+    const int64_t nf = use_bf16 ? 0 : kv_slots;
+    std::vector<acc_t> k_tiles(nf * kBlockK * Dk), kt_tiles(nf * Dk * kBlockK), vt_tiles(nf * Dv * kBlockK);
     // bf16 operands: A tiles as bf16 rows, B tiles packed by pairs of their K dimension.
     const int64_t nb = use_bf16 ? 1 : 0;
-    std::vector<uint32_t> kt_bf(nb * Dk2 / 2 * kBlockK), vt_bf(nb * Dv2 / 2 * kBlockK), k_pairs(nb * kBlockK / 2 * Dk);
+    const int64_t nbs = nb * kv_slots;
+    std::vector<uint32_t> kt_bfs(nbs * Dk2 / 2 * kBlockK), vt_bfs(nbs * Dv2 / 2 * kBlockK);
+    std::vector<uint32_t> k_pairss(nbs * kBlockK / 2 * Dk);
     std::vector<uint32_t> q_pairs(nb * kBlockQ / 2 * Dk), do_pairs(nb * kBlockQ / 2 * Dv);
     std::vector<uint16_t> q_bf(nb * kBlockQ * Dk2), do_bf(nb * kBlockQ * Dv2);
     std::vector<uint16_t> pt_bf(nb * kBlockK * kBlockQ), ds_bf(nb * kBlockQ * kBlockK), scratch(nb * kBlockQ * kBlockK);
     std::vector<const uint16_t*> row_ptrs(nb * std::max(kBlockK, kBlockQ));
     std::vector<acc_t> dk_acc(kBlockK * Dk), dv_acc(kBlockK * Dv);
+    std::vector<acc_t> dk_unit(head_passes ? S * Dk : 0), dv_unit(head_passes ? S * Dv : 0);
     std::vector<acc_t> q_tile(kBlockQ * Dk), do_tile(kBlockQ * Dv);
     std::vector<acc_t> p_tile(kBlockQ * kBlockK), dp_tile(kBlockQ * kBlockK);
     std::vector<acc_t> pd_tile(dropout ? kBlockQ * kBlockK : 0);
@@ -131,123 +151,150 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
       const int64_t b = unit / p.heads_kv, hk = unit % p.heads_kv;
       const AttentionParams pb = p.for_batch(b);
       acc_t* dq_acc_data = dq_acc.data_ptr<acc_t>() + split * split_stride;
-      for (int64_t j0 = split * kBlockK; j0 < pb.len_k; j0 += n_splits * kBlockK) {
-        const int64_t cols = std::min(kBlockK, pb.len_k - j0);
-        const RowRange band = visible_row_range(j0, j0 + cols, pb.align_offset, pb.window_left,
-                                                pb.window_right, pb.len_q);
-        std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
-        std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
-        const int64_t cols2 = cols + cols % 2;
-        if (band.begin < band.end && use_bf16) {
-          if constexpr (kBf16) {
-            for (int64_t c = 0; c < cols; ++c) row_ptrs[c] = bf16_bits(k_rows.at(b, hk, j0 + c));
-            pack_bf16_transposed(row_ptrs.data(), cols, Dk, kt_bf.data(), kBlockK);  // S = Q K^T
-            pack_bf16_row_pairs(row_ptrs.data(), cols, Dk, k_pairs.data(), Dk);       // dQ = dS K
-            for (int64_t c = 0; c < cols; ++c) row_ptrs[c] = bf16_bits(v_rows.at(b, hk, j0 + c));
-            pack_bf16_transposed(row_ptrs.data(), cols, Dv, vt_bf.data(), kBlockK);  // dP = dO V^T
+      if (head_passes) {
+        std::fill(dk_unit.begin(), dk_unit.end(), acc_t(0));
+        std::fill(dv_unit.begin(), dv_unit.end(), acc_t(0));
+      }
+      for (int64_t h0 = hk * G; h0 < (hk + 1) * G; h0 += heads_per_pass) {
+        for (int64_t j0 = split * kBlockK; j0 < pb.len_k; j0 += n_splits * kBlockK) {
+          const int64_t cols = std::min(kBlockK, pb.len_k - j0);
+          const RowRange band = visible_row_range(j0, j0 + cols, pb.align_offset, pb.window_left,
+                                                  pb.window_right, pb.len_q);
+          acc_t* dk_t = head_passes ? dk_unit.data() + j0 * Dk : dk_acc.data();
+          acc_t* dv_t = head_passes ? dv_unit.data() + j0 * Dv : dv_acc.data();
+          if (!head_passes) {
+            std::fill(dk_acc.begin(), dk_acc.end(), acc_t(0));
+            std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
           }
-        } else if (band.begin < band.end) {
-          load_rows(k_rows.at(b, hk, j0), k_rows.stride_l, cols, Dk, acc_t(1), k_tile.data(), Dk);
-          load_rows_transposed(k_rows.at(b, hk, j0), k_rows.stride_l, cols, Dk, kt_tile.data(), kBlockK);
-          load_rows_transposed(v_rows.at(b, hk, j0), v_rows.stride_l, cols, Dv, vt_tile.data(), kBlockK);
-        }
-        for (int64_t h = hk * G; h < (hk + 1) * G && band.begin < band.end; ++h) {
-          const int64_t bh = b * p.heads_q + h;
-          for (int64_t i0 = band.begin; i0 < band.end; i0 += kBlockQ) {
-            const int64_t rows = std::min(kBlockQ, band.end - i0);
-            const int64_t rows2 = rows + rows % 2;
-            acc_t* pt = p_tile.data();
-            if (use_bf16) {
-              if constexpr (kBf16) {
-                copy_bf16_rows(q_rows, b, h, i0, rows, Dk, q_bf.data(), Dk2, row_ptrs.data());
-                pack_bf16_row_pairs(row_ptrs.data(), rows, Dk, q_pairs.data(), Dk);  // dK = dS^T Q
-                copy_bf16_rows(do_rows, b, h, i0, rows, Dv, do_bf.data(), Dv2, row_ptrs.data());
-                pack_bf16_row_pairs(row_ptrs.data(), rows, Dv, do_pairs.data(), Dv);  // dV = P^T dO
-                tile_gemm_bf16(rows, cols, Dk2, static_cast<float>(scale), q_bf.data(), Dk2, kt_bf.data(), kBlockK,
-                               pt, kBlockK, /*accumulate=*/false);
-              }
-            } else {
-              load_rows(q_rows.at(b, h, i0), q_rows.stride_l, rows, Dk, scale, q_tile.data(), Dk);
-              load_rows(do_rows.at(b, h, i0), do_rows.stride_l, rows, Dv, acc_t(1), do_tile.data(), Dv);
-              // P = exp(softcap(scale * Q K^T) + mask - lse), exactly the forward's probabilities.
-              tile_gemm(false, rows, cols, Dk, acc_t(1), q_tile.data(), Dk, kt_tile.data(), kBlockK,
-                        pt, kBlockK, /*accumulate=*/false);
+          const int64_t cols2 = cols + cols % 2;
+          const int64_t slot = keep_kv_tiles ? j0 / kBlockK : 0;
+          const bool pack = !keep_kv_tiles || h0 == hk * G;  // else the group's first pass packed it
+          acc_t* k_tile = k_tiles.data() + slot * kBlockK * Dk;
+          acc_t* kt_tile = kt_tiles.data() + slot * Dk * kBlockK;
+          acc_t* vt_tile = vt_tiles.data() + slot * Dv * kBlockK;
+          uint32_t* kt_bf = kt_bfs.data() + slot * (Dk2 / 2 * kBlockK);
+          uint32_t* vt_bf = vt_bfs.data() + slot * (Dv2 / 2 * kBlockK);
+          uint32_t* k_pairs = k_pairss.data() + slot * (kBlockK / 2 * Dk);
+          if (pack && band.begin < band.end && use_bf16) {
+            if constexpr (kBf16) {
+              for (int64_t c = 0; c < cols; ++c) row_ptrs[c] = bf16_bits(k_rows.at(b, hk, j0 + c));
+              pack_bf16_transposed(row_ptrs.data(), cols, Dk, kt_bf, kBlockK);  // S = Q K^T
+              pack_bf16_row_pairs(row_ptrs.data(), cols, Dk, k_pairs, Dk);       // dQ = dS K
+              for (int64_t c = 0; c < cols; ++c) row_ptrs[c] = bf16_bits(v_rows.at(b, hk, j0 + c));
+              pack_bf16_transposed(row_ptrs.data(), cols, Dv, vt_bf, kBlockK);  // dP = dO V^T
             }
-            if (cap > acc_t(0)) softcap_tile(pt, kBlockK, rows, cols, cap, slope_tile.data());
-            mask_tile(pt, kBlockK, rows, cols, i0, j0, b, h, pb, mask);
-            for (int64_t r = 0; r < rows; ++r) {
-              const acc_t l = lse_data[p.row_index(b, h, i0 + r)];
-              acc_t* pr = pt + r * kBlockK;
-              if (l == -std::numeric_limits<acc_t>::infinity()) {
-                std::fill(pr, pr + cols, acc_t(0));  // a row that sees nothing has zero gradient
+          } else if (pack && band.begin < band.end) {
+            load_rows(k_rows.at(b, hk, j0), k_rows.stride_l, cols, Dk, acc_t(1), k_tile, Dk);
+            load_rows_transposed(k_rows.at(b, hk, j0), k_rows.stride_l, cols, Dk, kt_tile, kBlockK);
+            load_rows_transposed(v_rows.at(b, hk, j0), v_rows.stride_l, cols, Dv, vt_tile, kBlockK);
+          }
+          for (int64_t h = h0; h < h0 + heads_per_pass && band.begin < band.end; ++h) {
+            const int64_t bh = b * p.heads_q + h;
+            for (int64_t i0 = band.begin; i0 < band.end; i0 += kBlockQ) {
+              const int64_t rows = std::min(kBlockQ, band.end - i0);
+              const int64_t rows2 = rows + rows % 2;
+              acc_t* pt = p_tile.data();
+              if (use_bf16) {
+                if constexpr (kBf16) {
+                  copy_bf16_rows(q_rows, b, h, i0, rows, Dk, q_bf.data(), Dk2, row_ptrs.data());
+                  pack_bf16_row_pairs(row_ptrs.data(), rows, Dk, q_pairs.data(), Dk);  // dK = dS^T Q
+                  copy_bf16_rows(do_rows, b, h, i0, rows, Dv, do_bf.data(), Dv2, row_ptrs.data());
+                  pack_bf16_row_pairs(row_ptrs.data(), rows, Dv, do_pairs.data(), Dv);  // dV = P^T dO
+                  tile_gemm_bf16(rows, cols, Dk2, static_cast<float>(scale), q_bf.data(), Dk2, kt_bf, kBlockK,
+                                 pt, kBlockK, /*accumulate=*/false);
+                }
               } else {
-                exp_shift_sum(pr, cols, l);
+                load_rows(q_rows.at(b, h, i0), q_rows.stride_l, rows, Dk, scale, q_tile.data(), Dk);
+                load_rows(do_rows.at(b, h, i0), do_rows.stride_l, rows, Dv, acc_t(1), do_tile.data(), Dv);
+                // P = exp(softcap(scale * Q K^T) + mask - lse), exactly the forward's probabilities.
+                tile_gemm(false, rows, cols, Dk, acc_t(1), q_tile.data(), Dk, kt_tile, kBlockK,
+                          pt, kBlockK, /*accumulate=*/false);
               }
-            }
-            const acc_t* p_used = pt;  // the probabilities that multiplied V in the forward
-            if (dropout) {
-              dropout_keep_tile(keep.data(), kBlockK, rows, cols, i0, j0, bh, p, threshold);
-              for (int64_t r = 0; r < rows; ++r)
-                for (int64_t c = 0; c < cols; ++c)
-                  pd_tile[r * kBlockK + c] = keep[r * kBlockK + c] ? pt[r * kBlockK + c] : acc_t(0);
-              p_used = pd_tile.data();
-            }
-            // dV += (P o Z)^T dO / (1 - p_drop)
-            acc_t* dpt = dp_tile.data();
-            if (use_bf16) {
-              if constexpr (kBf16) {
-                floats_to_bf16_transposed(p_used, kBlockK, rows, cols, rows2, pt_bf.data(), kBlockQ, scratch.data());
-                tile_gemm_bf16(cols, Dv, rows2, static_cast<float>(keep_scale), pt_bf.data(), kBlockQ, do_pairs.data(),
-                               Dv, dv_acc.data(), Dv, /*accumulate=*/true);
-                tile_gemm_bf16(rows, cols, Dv2, 1.0f, do_bf.data(), Dv2, vt_bf.data(), kBlockK, dpt, kBlockK,
-                               /*accumulate=*/false);
+              if (cap > acc_t(0)) softcap_tile(pt, kBlockK, rows, cols, cap, slope_tile.data());
+              mask_tile(pt, kBlockK, rows, cols, i0, j0, b, h, pb, mask);
+              for (int64_t r = 0; r < rows; ++r) {
+                const acc_t l = lse_data[p.row_index(b, h, i0 + r)];
+                acc_t* pr = pt + r * kBlockK;
+                if (l == -std::numeric_limits<acc_t>::infinity()) {
+                  std::fill(pr, pr + cols, acc_t(0));  // a row that sees nothing has zero gradient
+                } else {
+                  exp_shift_sum(pr, cols, l);
+                }
               }
-            } else {
-              tile_gemm(true, cols, Dv, rows, keep_scale, p_used, kBlockK, do_tile.data(), Dv,
-                        dv_acc.data(), Dv, /*accumulate=*/true);
-              // dP = dO V^T, then through dropout, then dS = P * (dP - delta) (times the softcap
-              // slope: the gradient of the raw score).
-              tile_gemm(false, rows, cols, Dv, acc_t(1), do_tile.data(), Dv, vt_tile.data(), kBlockK,
-                        dpt, kBlockK, /*accumulate=*/false);
-            }
-            for (int64_t r = 0; r < rows; ++r) {
-              const acc_t d = delta_data[p.row_index(b, h, i0 + r)];
-              acc_t* dr = dpt + r * kBlockK;
-              const acc_t* pr = pt + r * kBlockK;
+              const acc_t* p_used = pt;  // the probabilities that multiplied V in the forward
               if (dropout) {
-                const uint8_t* kr = keep.data() + r * kBlockK;
-                for (int64_t c = 0; c < cols; ++c)
-                  dr[c] = pr[c] * ((kr[c] ? dr[c] * keep_scale : acc_t(0)) - d);
+                dropout_keep_tile(keep.data(), kBlockK, rows, cols, i0, j0, bh, p, threshold);
+                for (int64_t r = 0; r < rows; ++r)
+                  for (int64_t c = 0; c < cols; ++c)
+                    pd_tile[r * kBlockK + c] = keep[r * kBlockK + c] ? pt[r * kBlockK + c] : acc_t(0);
+                p_used = pd_tile.data();
+              }
+              // dV += (P o Z)^T dO / (1 - p_drop)
+              acc_t* dpt = dp_tile.data();
+              if (use_bf16) {
+                if constexpr (kBf16) {
+                  floats_to_bf16_transposed(p_used, kBlockK, rows, cols, rows2, pt_bf.data(), kBlockQ, scratch.data());
+                  tile_gemm_bf16(cols, Dv, rows2, static_cast<float>(keep_scale), pt_bf.data(), kBlockQ, do_pairs.data(),
+                                 Dv, dv_t, Dv, /*accumulate=*/true);
+                  tile_gemm_bf16(rows, cols, Dv2, 1.0f, do_bf.data(), Dv2, vt_bf, kBlockK, dpt, kBlockK,
+                                 /*accumulate=*/false);
+                }
               } else {
-                for (int64_t c = 0; c < cols; ++c) dr[c] = pr[c] * (dr[c] - d);
+                tile_gemm(true, cols, Dv, rows, keep_scale, p_used, kBlockK, do_tile.data(), Dv,
+                          dv_t, Dv, /*accumulate=*/true);
+                // dP = dO V^T, then through dropout, then dS = P * (dP - delta) (times the softcap
+                // slope: the gradient of the raw score).
+                tile_gemm(false, rows, cols, Dv, acc_t(1), do_tile.data(), Dv, vt_tile, kBlockK,
+                          dpt, kBlockK, /*accumulate=*/false);
               }
-              if (cap > acc_t(0)) {
-                const acc_t* sl = slope_tile.data() + r * kBlockK;
-                for (int64_t c = 0; c < cols; ++c) dr[c] *= sl[c];
+              for (int64_t r = 0; r < rows; ++r) {
+                const acc_t d = delta_data[p.row_index(b, h, i0 + r)];
+                acc_t* dr = dpt + r * kBlockK;
+                const acc_t* pr = pt + r * kBlockK;
+                if (dropout) {
+                  const uint8_t* kr = keep.data() + r * kBlockK;
+                  for (int64_t c = 0; c < cols; ++c)
+                    dr[c] = pr[c] * ((kr[c] ? dr[c] * keep_scale : acc_t(0)) - d);
+                } else {
+                  for (int64_t c = 0; c < cols; ++c) dr[c] = pr[c] * (dr[c] - d);
+                }
+                if (cap > acc_t(0)) {
+                  const acc_t* sl = slope_tile.data() + r * kBlockK;
+                  for (int64_t c = 0; c < cols; ++c) dr[c] *= sl[c];
+                }
               }
-            }
-            if (use_bf16) {
-              if constexpr (kBf16) {
-                // dK += scale dS^T Q ; dQ += scale dS K, with dS rounded to bf16 once
-                floats_to_bf16(dpt, kBlockK, rows, cols, cols2, ds_bf.data(), kBlockK);
-                transpose_bf16(ds_bf.data(), kBlockK, rows, cols, rows2, pt_bf.data(), kBlockQ);
-                tile_gemm_bf16(cols, Dk, rows2, static_cast<float>(scale), pt_bf.data(), kBlockQ, q_pairs.data(), Dk,
-                               dk_acc.data(), Dk, /*accumulate=*/true);
-                tile_gemm_bf16(rows, Dk, cols2, static_cast<float>(scale), ds_bf.data(), kBlockK, k_pairs.data(), Dk,
-                               dq_acc_data + (bh * L + i0) * Dk, Dk, /*accumulate=*/true);
+              if (use_bf16) {
+                if constexpr (kBf16) {
+                  // dK += scale dS^T Q ; dQ += scale dS K, with dS rounded to bf16 once
+                  floats_to_bf16(dpt, kBlockK, rows, cols, cols2, ds_bf.data(), kBlockK);
+                  transpose_bf16(ds_bf.data(), kBlockK, rows, cols, rows2, pt_bf.data(), kBlockQ);
+                  tile_gemm_bf16(cols, Dk, rows2, static_cast<float>(scale), pt_bf.data(), kBlockQ, q_pairs.data(), Dk,
+                                 dk_t, Dk, /*accumulate=*/true);
+                  tile_gemm_bf16(rows, Dk, cols2, static_cast<float>(scale), ds_bf.data(), kBlockK, k_pairs, Dk,
+                                 dq_acc_data + (bh * L + i0) * Dk, Dk, /*accumulate=*/true);
+                }
+              } else {
+                // dK += dS^T (scale Q)  (q_tile already carries the scale)
+                tile_gemm(true, cols, Dk, rows, acc_t(1), dpt, kBlockK, q_tile.data(), Dk,
+                          dk_t, Dk, /*accumulate=*/true);
+                // dQ += scale dS K
+                tile_gemm(false, rows, Dk, cols, scale, dpt, kBlockK, k_tile, Dk,
+                          dq_acc_data + (bh * L + i0) * Dk, Dk, /*accumulate=*/true);
               }
-            } else {
-              // dK += dS^T (scale Q)  (q_tile already carries the scale)
-              tile_gemm(true, cols, Dk, rows, acc_t(1), dpt, kBlockK, q_tile.data(), Dk,
-                        dk_acc.data(), Dk, /*accumulate=*/true);
-              // dQ += scale dS K
-              tile_gemm(false, rows, Dk, cols, scale, dpt, kBlockK, k_tile.data(), Dk,
-                        dq_acc_data + (bh * L + i0) * Dk, Dk, /*accumulate=*/true);
             }
           }
+          if (!head_passes) {
+            store_rows(dk_acc.data(), Dk, cols, Dk, dk_rows.at(b, hk, j0), dk_rows.stride_l);
+            store_rows(dv_acc.data(), Dv, cols, Dv, dv_rows.at(b, hk, j0), dv_rows.stride_l);
+          }
         }
-        store_rows(dk_acc.data(), Dk, cols, Dk, dk_rows.at(b, hk, j0), dk_rows.stride_l);
-        store_rows(dv_acc.data(), Dv, cols, Dv, dv_rows.at(b, hk, j0), dv_rows.stride_l);
+      }
+      if (head_passes) {  // this split's key tiles have all G heads' terms: narrow them once
+        for (int64_t j0 = split * kBlockK; j0 < pb.len_k; j0 += n_splits * kBlockK) {
+          const int64_t cols = std::min(kBlockK, pb.len_k - j0);
+          store_rows(dk_unit.data() + j0 * Dk, Dk, cols, Dk, dk_rows.at(b, hk, j0), dk_rows.stride_l);
+          store_rows(dv_unit.data() + j0 * Dv, Dv, cols, Dv, dv_rows.at(b, hk, j0), dv_rows.stride_l);
+        }
       }
       if (n_splits == 1) {  // this task's query heads are complete: narrow their dQ now
         for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
