@@ -8,9 +8,22 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _same_device(op: str, **tensors) -> None:
+    """The kernels' device check, here too: a tensor on the meta device among real ones routes
+    the call to these fake kernels, which must then raise as the kernel would."""
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(f"flash_attn_ext.{op}: {name} is on {t.device}, {first_name} on {first.device}; "
+                             f"all tensors must be on the same device")
+
+
 @torch.library.register_fake("flash_attn_ext::attention_forward")
 def _attention_forward_fake(query, key, value, attn_mask, dropout_p, scale, window_left,
                             window_right, bottom_right, softcap=0.0, alibi_slopes=None):
+    _same_device("attention_forward", query=query, key=key, value=value, attn_mask=attn_mask,
+                 alibi_slopes=alibi_slopes)
     torch._check(query.dim() == 4, lambda: f"query must be 4-D, got {query.dim()}-D")
     torch._check(key.dim() == 4 and value.dim() == 4, lambda: "key and value must be 4-D")
     torch._check(query.shape[1] % key.shape[1] == 0,
@@ -26,6 +39,8 @@ def _attention_forward_fake(query, key, value, attn_mask, dropout_p, scale, wind
 @torch.library.register_fake("flash_attn_ext::attention_backward")
 def _attention_backward_fake(grad_out, query, key, value, out, lse, rng_state, attn_mask,
                              dropout_p, scale, window_left, window_right, bottom_right, softcap=0.0, alibi_slopes=None):
+    _same_device("attention_backward", query=query, grad_out=grad_out, key=key, value=value, out=out, lse=lse,
+                 attn_mask=attn_mask, alibi_slopes=alibi_slopes)
     return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
 
 
@@ -33,6 +48,8 @@ def _attention_backward_fake(grad_out, query, key, value, out, lse, rng_state, a
 def _attention_varlen_forward_fake(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                    max_seqlen_k, dropout_p, scale, window_left, window_right,
                                    bottom_right, softcap=0.0, alibi_slopes=None):
+    _same_device("attention_varlen_forward", query=query, key=key, value=value, cu_seqlens_q=cu_seqlens_q,
+                 cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes)
     torch._check(query.dim() == 3, lambda: f"query must be 3-D (total_q, heads, head_dim), got {query.dim()}-D")
     torch._check(key.dim() == 3 and value.dim() == 3, lambda: "key and value must be 3-D")
     total_q, heads, _ = query.shape
@@ -46,11 +63,15 @@ def _attention_varlen_forward_fake(query, key, value, cu_seqlens_q, cu_seqlens_k
 def _attention_varlen_backward_fake(grad_out, query, key, value, out, lse, rng_state, cu_seqlens_q,
                                     cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale,
                                     window_left, window_right, bottom_right, softcap=0.0, alibi_slopes=None):
+    _same_device("attention_varlen_backward", query=query, grad_out=grad_out, key=key, value=value, out=out,
+                 lse=lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes)
     return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
 
 
 @torch.library.register_fake("flash_attn_ext::kv_cache_append")
 def _kv_cache_append_fake(k_cache, v_cache, k_new, v_new, cache_seqlens, rolling=False, block_table=None):
+    _same_device("kv_cache_append", k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new,
+                 cache_seqlens=cache_seqlens, block_table=block_table)
     torch._check(k_cache.dim() == 4 and k_new.dim() == 4, lambda: "caches and new K/V must be 4-D")
     return None
 
@@ -58,6 +79,8 @@ def _kv_cache_append_fake(k_cache, v_cache, k_new, v_new, cache_seqlens, rolling
 @torch.library.register_fake("flash_attn_ext::attention_kvcache")
 def _attention_kvcache_fake(query, k_cache, v_cache, cache_seqlens, k_new, v_new, scale,
                             window_left, window_right, block_table=None, softcap=0.0, alibi_slopes=None):
+    _same_device("attention_kvcache", query=query, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens,
+                 k_new=k_new, v_new=v_new, block_table=block_table, alibi_slopes=alibi_slopes)
     torch._check(query.dim() == 4 and k_cache.dim() == 4, lambda: "query and caches must be 4-D")
     batch, heads, len_q, _ = query.shape
     out = query.new_empty((batch, len_q, heads, v_cache.shape[-1])).transpose(1, 2)
@@ -67,5 +90,6 @@ def _attention_kvcache_fake(query, k_cache, v_cache, cache_seqlens, k_new, v_new
 
 @torch.library.register_fake("flash_attn_ext::merge_attention_states")
 def _merge_attention_states_fake(out_a, lse_a, out_b, lse_b):
+    _same_device("merge_attention_states", out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
     torch._check(out_a.shape == out_b.shape, lambda: "out_a and out_b must have the same shape")
     return out_a.new_empty(out_a.shape), lse_a.new_empty(lse_a.shape)

@@ -51,6 +51,14 @@ def no_kernel_reason(device_type: str) -> str:
     return f"device {device_type} has no fused kernel"
 
 
+def check_tensors(fn: str, optional=(), **named) -> None:
+    """TypeError naming the argument for anything that is not a tensor (None is allowed for the
+    names in optional)."""
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor) and not (t is None and name in optional):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+
+
 def require_kernel(device_type: str) -> None:
     """Raise a clear error where the Python layer has no native kernel for the device."""
     if device_type not in _KERNEL_DEVICES:

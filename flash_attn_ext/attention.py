@@ -1,5 +1,6 @@
 """flash_attn_ext.attention: the package's own entry point to the fused kernels."""
 import math
+import operator
 from typing import Optional, Tuple, Union
 
 import torch
@@ -7,6 +8,7 @@ import torch
 from . import _ops
 
 Window = Tuple[int, int]
+_MAX_WINDOW = 2**63 - 1
 
 
 def _contiguous_last_dim(t: torch.Tensor) -> torch.Tensor:
@@ -20,9 +22,14 @@ def normalize_window(window_size, causal: bool) -> Window:
         window_size = (-1, -1)
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}")
-    left, right = (int(w) for w in window_size)
+    try:  # ints (Python, NumPy or 0-d integer tensors), never a silently truncated float
+        left, right = (operator.index(w) for w in window_size)
+    except TypeError:
+        raise TypeError(f"window_size entries must be integers, got {window_size!r}") from None
     if left < -1 or right < -1:
         raise ValueError(f"window_size entries must be >= -1 (-1 = unbounded), got {window_size!r}")
+    if max(left, right) > _MAX_WINDOW:  # any window past the sequence is unbounded anyway
+        raise ValueError(f"window_size entries must be at most {_MAX_WINDOW} (int64), got {window_size!r}")
     if causal:
         right = 0 if right < 0 else min(right, 0)
     return left, right
@@ -48,6 +55,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
     as flash-attn's alibi_slopes; no gradient flows to the slopes). Returns out (B, Hq, L, Dv) and, with
     return_lse, the float32 log-sum-exp (B, Hq, L). Differentiable in query, key and value.
     """
+    _ops.check_tensors("flash_attn_ext.attention", query=query, key=key, value=value,
+                       attn_mask=attn_mask, alibi_slopes=alibi_slopes, optional=("attn_mask", "alibi_slopes"))
     if alignment not in ("bottom_right", "top_left"):
         raise ValueError(f"alignment must be 'bottom_right' or 'top_left', got {alignment!r}")
     left, right = normalize_window(window_size, causal)
@@ -71,5 +80,6 @@ def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torc
     context-parallel attention). out_x (..., D) with its log-sum-exp lse_x (...), as returned
     by attention(..., return_lse=True). Returns (out, lse) of the attention over the union;
     a side with lse = -inf (no visible key) contributes nothing. Differentiable."""
+    _ops.check_tensors("flash_attn_ext.merge_attention_states", out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
     _ops.require_kernel(out_a.device.type)
     return torch.ops.flash_attn_ext.merge_attention_states(out_a, lse_a, out_b, lse_b)

@@ -31,6 +31,9 @@ def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.T
     (num_blocks, block_size, Hkv, D) ("bshd") or (num_blocks, Hkv, block_size, D) ("bhsd"), and
     position p of sequence b lives in row p % block_size of block block_table[b, p // block_size].
     """
+    _ops.check_tensors("flash_attn_ext.kv_cache_append", k_cache=k_cache, v_cache=v_cache, k_new=k_new,
+                       v_new=v_new, cache_seqlens=cache_seqlens, block_table=block_table,
+                       optional=("block_table",))
     if layout not in _LAYOUTS:
         raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
     _ops.require_kernel(k_cache.device.type)
@@ -62,8 +65,16 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     alibi_slopes (float32, (Hq,) or (B, Hq)) adds ALiBi biases, as flash-attn.
     Inference only: not differentiable.
     """
+    _ops.check_tensors("flash_attn_ext.attention_with_kvcache", q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v,
+                       block_table=block_table, alibi_slopes=alibi_slopes,
+                       cache_seqlens=None if isinstance(cache_seqlens, int) else cache_seqlens,
+                       optional=("k", "v", "block_table", "alibi_slopes", "cache_seqlens"))
     if layout not in _LAYOUTS:
         raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dim() != 4:
+            raise ValueError(f"flash_attn_ext.attention_with_kvcache: {name} must be 4-D ({layout}), "
+                             f"got shape {tuple(t.shape)}")
     if (k is None) != (v is None):
         raise ValueError("pass both k and v, or neither")
     if torch.is_grad_enabled() and q.requires_grad:

@@ -34,6 +34,9 @@ class Attention(nn.Module):
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
+        if head_dim is None and embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}), "
+                             f"or pass head_dim")
         head_dim = embed_dim // num_heads if head_dim is None else head_dim
         if head_dim <= 0:
             raise ValueError(f"head_dim must be positive, got {head_dim}")
