@@ -217,6 +217,9 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
                 acc_t* pr = pt + r * kBlockK;
                 if (l == -std::numeric_limits<acc_t>::infinity()) {
                   std::fill(pr, pr + cols, acc_t(0));  // a row that sees nothing has zero gradient
+                } else if (l != l) {  // a NaN row (NaN in its query): NaN where it sees, 0 elsewhere
+                  for (int64_t c = 0; c < cols; ++c)
+                    pr[c] = pr[c] == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : l;
                 } else {
                   exp_shift_sum(pr, cols, l);
                 }
@@ -251,12 +254,14 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
                 const acc_t d = delta_data[p.row_index(b, h, i0 + r)];
                 acc_t* dr = dpt + r * kBlockK;
                 const acc_t* pr = pt + r * kBlockK;
+                // P = 0 (a masked or invisible pair) gives dS = 0 even where dP or delta is not
+                // finite (NaN in a dO row, or in a V row this query does not see).
                 if (dropout) {
                   const uint8_t* kr = keep.data() + r * kBlockK;
                   for (int64_t c = 0; c < cols; ++c)
-                    dr[c] = pr[c] * ((kr[c] ? dr[c] * keep_scale : acc_t(0)) - d);
+                    dr[c] = pr[c] == acc_t(0) ? acc_t(0) : pr[c] * ((kr[c] ? dr[c] * keep_scale : acc_t(0)) - d);
                 } else {
-                  for (int64_t c = 0; c < cols; ++c) dr[c] = pr[c] * (dr[c] - d);
+                  for (int64_t c = 0; c < cols; ++c) dr[c] = pr[c] == acc_t(0) ? acc_t(0) : pr[c] * (dr[c] - d);
                 }
                 if (cap > acc_t(0)) {
                   const acc_t* sl = slope_tile.data() + r * kBlockK;
