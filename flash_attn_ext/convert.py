@@ -23,6 +23,7 @@ validates everything before writing, never modifies the input, streams one shard
 writes into a temporary directory beside the output and renames it into place at the end.
 """
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -167,11 +168,36 @@ def _weight_files(input_dir: str) -> Tuple[str, list]:
     for kind, single in (("safetensors", "model.safetensors"), ("bin", "pytorch_model.bin")):
         index = os.path.join(input_dir, single + ".index.json")
         if os.path.exists(index):
-            with open(index) as f:
-                return kind, sorted(set(json.load(f)["weight_map"].values()))
+            try:
+                with open(index) as f:
+                    return kind, sorted(set(json.load(f)["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON or no weight_map
+                raise ConversionError(f"{index} is not a valid checkpoint index ({type(e).__name__}: {e})") from None
         if os.path.exists(os.path.join(input_dir, single)):
             return kind, [single]
     raise ConversionError(f"{input_dir} holds no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+@contextlib.contextmanager
+def _reading(shard: str):
+    """A shard that cannot be read (truncated, corrupt, not a checkpoint) raises a
+    ConversionError naming it."""
+    try:
+        yield
+    except ConversionError:
+        raise
+    except Exception as e:  # SafetensorError, UnpicklingError, RuntimeError (zip), OSError, ...
+        raise ConversionError(f"cannot read shard {shard} (truncated or corrupt?): {type(e).__name__}: {e}") from e
+
+
+@contextlib.contextmanager
+def _writing(name: str, output_dir: str):
+    """A write that fails (a full disk, no permission) raises a ConversionError naming the file;
+    the caller then removes the temporary directory, so output_dir is never left half-written."""
+    try:
+        yield
+    except OSError as e:
+        raise ConversionError(f"writing {name} failed ({e.strerror or e}); nothing was written to {output_dir}") from e
 
 
 def _safetensors_name(bin_shard: str, n_shards: int) -> str:
@@ -247,8 +273,13 @@ def convert_checkpoint(input_dir: str, output_dir: str, num_kv_heads: int, *, me
     config_path = os.path.join(input_dir, "config.json")
     if not os.path.exists(config_path):
         raise ConversionError(f"{input_dir} has no config.json")
-    with open(config_path) as f:
-        config = json.load(f)
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ConversionError(f"{config_path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
     if dtype is not None and dtype not in _DTYPES:
         raise ConversionError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     check_conversion(config, num_kv_heads, method)
@@ -261,11 +292,12 @@ def convert_checkpoint(input_dir: str, output_dir: str, num_kv_heads: int, *, me
         path = os.path.join(input_dir, shard)
         if not os.path.exists(path):
             raise ConversionError(f"shard {shard} listed in the index is missing")
-        if kind == "safetensors":
-            with safe_open(path, framework="pt") as f:
-                shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
-        else:
-            shapes = {k: list(v.shape) for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
+        with _reading(shard):
+            if kind == "safetensors":
+                with safe_open(path, framework="pt") as f:
+                    shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+            else:
+                shapes = {k: list(v.shape) for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
         for name, shape in shapes.items():
             m = head_similarity._PROJ.match(name)
             if method == "similarity" and m and m["kind"] == "weight" and m["proj"] in ("q_proj", "o_proj"):
@@ -318,16 +350,18 @@ def convert_checkpoint(input_dir: str, output_dir: str, num_kv_heads: int, *, me
             iterator = tqdm(shards, desc="converting shards", unit="shard")
         for shard in iterator:  # one shard in memory at a time
             path = os.path.join(input_dir, shard)
-            if kind == "safetensors":
-                with safe_open(path, framework="pt") as f:
-                    metadata = f.metadata() or {}
-                    tensors = {k: f.get_tensor(k) for k in f.keys()}
-            else:
-                metadata, tensors = {}, torch.load(path, map_location="cpu", weights_only=True)
+            with _reading(shard):
+                if kind == "safetensors":
+                    with safe_open(path, framework="pt") as f:
+                        metadata = f.metadata() or {}
+                        tensors = {k: f.get_tensor(k) for k in f.keys()}
+                else:
+                    metadata, tensors = {}, torch.load(path, map_location="cpu", weights_only=True)
             converted = _convert_tensors(sorted(tensors.items()), old_kv_heads, num_kv_heads, method, generator, target,
                                          perms, config)
             out_name = shard if kind == "safetensors" else _safetensors_name(shard, len(shards))
-            save_file(converted, os.path.join(tmp, out_name), metadata={**metadata, "format": "pt"})
+            with _writing(out_name, output_dir):
+                save_file(converted, os.path.join(tmp, out_name), metadata={**metadata, "format": "pt"})
             weight_map.update({k: out_name for k in converted})
             del tensors, converted
         if len(shards) > 1:
@@ -337,19 +371,21 @@ def convert_checkpoint(input_dir: str, output_dir: str, num_kv_heads: int, *, me
             total = sum(os.path.getsize(os.path.join(tmp, s)) for s in set(weight_map.values()))
             index["metadata"] = dict(index.get("metadata", {}), total_size=total)
             index["weight_map"] = weight_map
-            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            with _writing("model.safetensors.index.json", output_dir), \
+                    open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=2)
         new_config = dict(config, num_key_value_heads=num_kv_heads)
         if dtype is not None:
             new_config["torch_dtype"] = dtype
-        with open(os.path.join(tmp, "config.json"), "w") as f:
+        with _writing("config.json", output_dir), open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(new_config, f, indent=2)
         # Everything else (tokenizer, generation config, ...) is copied as is.
         skip = set(shards) | {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
         for name in os.listdir(input_dir):
             src = os.path.join(input_dir, name)
             if name not in skip and os.path.isfile(src):
-                shutil.copy2(src, os.path.join(tmp, name))
+                with _writing(name, output_dir):
+                    shutil.copy2(src, os.path.join(tmp, name))
         if os.path.exists(output_dir):  # --force: replaced only now, once the new one is complete
             shutil.rmtree(output_dir)
         os.rename(tmp, output_dir)
