@@ -4,6 +4,8 @@ Environment switches:
   FLASH_ATTN_EXT_CUDA        auto (default: CUDA sources when nvcc is found), 1 (require), 0 (CPU only)
   FLASH_ATTN_EXT_CUDA_ARCHS  compute capabilities to build, ";"-separated (default "80;90";
                              CI builds "90" only to keep the build short)
+  FLASH_ATTN_EXT_SANITIZE    1: a CPU-only build with AddressSanitizer and UndefinedBehaviorSanitizer
+                             (-O1, for scripts/sanitize_cpu.sh; load it with libasan preloaded)
   MAX_JOBS                   parallel compile jobs (ninja), as in torch.utils.cpp_extension
 """
 import glob
@@ -48,10 +50,20 @@ def _sources(pattern: str) -> list:
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "**", pattern), recursive=True))
 
 
+def _sanitize() -> bool:
+    return os.environ.get("FLASH_ATTN_EXT_SANITIZE", "0").lower() in ("1", "true", "on", "yes")
+
+
 def extensions():
-    use_cuda = _want_cuda()
+    sanitize = _sanitize()
+    use_cuda = _want_cuda() and not sanitize
     # Stable Python ABI (no pybind11): one _C.abi3.so for every CPython >= 3.10.
     cxx = ["-O3", "-DPy_LIMITED_API=0x030A0000", "-Wall", "-Wno-unknown-pragmas"]
+    link = []
+    if sanitize:  # every UB report is fatal, so a test run fails on the first one
+        flags = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+        cxx = ["-O1", "-g"] + flags + cxx[1:]
+        link = flags
     # at::parallel_for is a header template: without -fopenmp, _OPENMP is undefined and every
     # CPU kernel runs on one thread (the ATen headers fall back to a serial loop, silently).
     # Compile-only: the GOMP symbols resolve at load time from the libgomp that libtorch_cpu
@@ -64,9 +76,10 @@ def extensions():
         include_dirs=[os.path.join(HERE, "csrc")],
         py_limited_api=True,
         extra_compile_args={"cxx": cxx},
+        extra_link_args=link,
     )
     if not use_cuda:
-        print("flash_attn_ext: building CPU-only")
+        print("flash_attn_ext: building CPU-only" + (" with ASan + UBSan" if sanitize else ""))
         return [CppExtension(**kwargs)]
     kwargs["sources"] += _sources("*.cu")
     kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-DPy_LIMITED_API=0x030A0000",
