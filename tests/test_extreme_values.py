@@ -209,3 +209,43 @@ def test_sequence_longer_than_65535(device, dtype):
     refd, _ = reference_attention(qd.transpose(1, 2), k.detach(), v.detach())
     lowd, _ = reference_attention(qd.transpose(1, 2), k.detach(), v.detach(), dtype=dtype)
     assert_matches(od.transpose(1, 2), refd, lowd, dtype, "decode over 70000 positions")
+
+
+@pytest.mark.parametrize("what", ["B=0", "H=0", "L=0", "S=0", "D=0", "Dv=0"])
+def test_zero_sized_dims_match_pytorch(device, what):
+    """Zero-sized tensors are valid input, as for PyTorch's SDPA: the same shapes and values
+    (S=0: zero rows, here and there; D=0: every score 0, so the mean of V), and gradients of
+    the right shapes."""
+    dims = dict(B=2, H=2, L=5, S=6, D=8, Dv=8)
+    dims[what.split("=")[0]] = 0
+    B, H, L, S, D, Dv = (dims[n] for n in ("B", "H", "L", "S", "D", "Dv"))
+    g = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(*s, generator=g).to(device).requires_grad_(True)
+               for s in ((B, H, L, D), (B, H, S, D), (B, H, S, Dv)))
+    out = flash_attn_ext.scaled_dot_product_attention(q, k, v)
+    ours_direct = flash_attn_ext.attention(q, k, v)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.detach().double(), k.detach().double(),
+                                                           v.detach().double())
+    assert out.shape == ref.shape == ours_direct.shape
+    torch.testing.assert_close(out.double(), ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ours_direct.double(), ref, atol=1e-6, rtol=1e-6)
+    grads = torch.autograd.grad(ours_direct.sum(), (q, k, v), allow_unused=True)
+    assert all(gr is None or gr.shape == t.shape for gr, t in zip(grads, (q, k, v)))
+    assert all(gr is None or torch.isfinite(gr).all() for gr in grads)
+
+
+def test_kvcache_with_nothing_cached_or_appended(device):
+    """cache_seqlens all 0 (nothing to attend to): zero rows, lse -inf; appending L_new = 0
+    positions is a no-op."""
+    g = torch.Generator().manual_seed(14)
+    kc = torch.randn(2, 16, 2, 8, generator=g).to(device)
+    vc = torch.randn(2, 16, 2, 8, generator=g).to(device)
+    q = torch.randn(2, 1, 4, 8, generator=g).to(device)
+    zero = torch.zeros(2, dtype=torch.int32, device=device)
+    with torch.no_grad():
+        out, lse = flash_attn_ext.attention_with_kvcache(q, kc, vc, cache_seqlens=zero, return_softmax_lse=True)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+    before = kc.clone(), vc.clone()
+    flash_attn_ext.kv_cache_append(kc, vc, kc[:, :0], vc[:, :0], torch.tensor([3, 16], dtype=torch.int32, device=device))
+    assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])
+
