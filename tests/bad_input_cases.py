@@ -16,6 +16,16 @@ import os
 import sys
 
 VE_TE = ("ValueError", "TypeError")
+
+
+def _cuda_available():
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
 TORCH = ("ValueError", "TypeError", "RuntimeError")  # PyTorch's own SDPA errors
 
 CASES = [
@@ -132,6 +142,17 @@ CASES = [
     ("nn/input-width", r"embed_dim|x|input", "fae.nn.Attention(embed_dim=64, num_heads=4)(torch.randn(2, 5, 32))", VE_TE + ("RuntimeError",)),
 ]
 
+# Device mixes with a real second device, straight to the ops (the Python layer gates CUDA
+# until its kernels are verified); where CUDA is available: scripts/gpu_check.sh.
+if _cuda_available():
+    CASES += [
+        ("cuda/key-on-cpu", r"key|device", "OPS.attention_forward(q.cuda(), k, v.cuda(), None, 0.0, 0.25, -1, -1, True)"),
+        ("cuda/mask-on-cpu", r"attn_mask", "OPS.attention_forward(q.cuda(), k.cuda(), v.cuda(), torch.ones(1, 1, 8, 10, dtype=torch.bool), 0.0, 0.25, -1, -1, True)"),
+        ("cuda/seqlens-on-cpu", r"cache_seqlens", "OPS.kv_cache_append(kc_cuda.transpose(1, 2), vc_cuda.transpose(1, 2), kn.cuda().transpose(1, 2), vn.cuda().transpose(1, 2), seqlens)"),
+        ("cuda/append-past-capacity", r"overflows", "OPS.kv_cache_append(kc_cuda.transpose(1, 2), vc_cuda.transpose(1, 2), kn.cuda().transpose(1, 2), vn.cuda().transpose(1, 2), torch.tensor([5, 30], dtype=torch.int32, device='cuda'))"),
+        ("cuda/alibi-on-cpu", r"alibi_slopes", "OPS.attention_forward(q.cuda(), k.cuda(), v.cuda(), None, 0.0, 0.25, -1, -1, True, 0.0, torch.ones(4))"),
+    ]
+
 # The runner's own check (test_bad_input_catalogue.py): a first case that kills the interpreter.
 if os.environ.get("FLASH_ATTN_EXT_CATALOGUE_SELFTEST") == "1":
     CASES = [("selftest/abort", r"", "os.abort()")] + CASES
@@ -162,6 +183,8 @@ def setup():
     cache_obj.append(rnd(2, 4, 2, 16), rnd(2, 4, 2, 16))
     ns["cache_obj"] = cache_obj
     ns["cache_k"], ns["cache_v"], ns["cache_seqlens"] = cache_obj.k, cache_obj.v, cache_obj.seqlens
+    if _cuda_available():
+        ns["kc_cuda"], ns["vc_cuda"] = ns["kc"].cuda(), ns["vc"].cuda()
     return ns
 
 
