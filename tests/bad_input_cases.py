@@ -150,6 +150,7 @@ if _cuda_available():
         ("cuda/mask-on-cpu", r"attn_mask", "OPS.attention_forward(q.cuda(), k.cuda(), v.cuda(), torch.ones(1, 1, 8, 10, dtype=torch.bool), 0.0, 0.25, -1, -1, True)"),
         ("cuda/seqlens-on-cpu", r"cache_seqlens", "OPS.kv_cache_append(kc_cuda.transpose(1, 2), vc_cuda.transpose(1, 2), kn.cuda().transpose(1, 2), vn.cuda().transpose(1, 2), seqlens)"),
         ("cuda/append-past-capacity", r"overflows", "OPS.kv_cache_append(kc_cuda.transpose(1, 2), vc_cuda.transpose(1, 2), kn.cuda().transpose(1, 2), vn.cuda().transpose(1, 2), torch.tensor([5, 30], dtype=torch.int32, device='cuda'))"),
+        ("cuda/head-dim-over-256", r"head dims up to 256", "OPS.attention_forward(*(torch.randn(1, 2, 4, 300, device='cuda') for _ in range(3)), None, 0.0, 0.05, -1, -1, True)"),
         ("cuda/alibi-on-cpu", r"alibi_slopes", "OPS.attention_forward(q.cuda(), k.cuda(), v.cuda(), None, 0.0, 0.25, -1, -1, True, 0.0, torch.ones(4))"),
     ]
 
