@@ -10,8 +10,9 @@ cd "$root"
 export MAX_JOBS="${MAX_JOBS:-2}"
 
 start=$(date +%s)
+mkdir -p build/sanitize
 FLASH_ATTN_EXT_SANITIZE=1 python3 setup.py build_ext --build-temp build/sanitize/temp \
-  --build-lib build/sanitize/lib > build/sanitize.log 2>&1 || { tail -n 50 build/sanitize.log; exit 1; }
+  --build-lib build/sanitize/lib > build/sanitize/build.log 2>&1 || { tail -n 50 build/sanitize/build.log; exit 1; }
 echo "sanitizer build took $(( $(date +%s) - start )) s"
 
 pkg="$root/build/sanitize/pkg"
