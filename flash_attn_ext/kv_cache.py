@@ -142,8 +142,18 @@ class KVCache:
         """Forget every sequence (or those in batch_index); the memory is reused."""
         if batch_index is None:
             self.seqlens.zero_()
-        else:
-            self.seqlens[batch_index] = 0
+            return
+        # Checked first: an out-of-range index part-way through would leave some sequences reset.
+        idx = torch.as_tensor(batch_index, device=self.seqlens.device)
+        B = self.seqlens.shape[0]
+        if idx.dtype == torch.bool:
+            if idx.shape != (B,):
+                raise ValueError(f"batch_index: a bool mask must have shape ({B},), got {tuple(idx.shape)}")
+        elif idx.is_floating_point() or idx.is_complex():
+            raise TypeError(f"batch_index must hold integers or bools, got {idx.dtype}")
+        elif idx.numel() and not (-B <= int(idx.min()) and int(idx.max()) < B):
+            raise ValueError(f"batch_index entries must be in [-{B}, {B}), got {batch_index!r}")
+        self.seqlens[idx] = 0
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v (B, L_new, Hkv, D) after each sequence's current length and advance it."""

@@ -132,6 +132,16 @@ CASES = [
     ("kvcache/cache-dtype-mix", r"dtype|value", "fae.attention_with_kvcache(qd, kc, vc.double(), cache_seqlens=seqlens)"),
     ("kvcache-class/bad-size", r"max_seqlen|positive", "fae.KVCache(batch_size=2, max_seqlen=0, num_kv_heads=2, head_dim=16)"),
     ("kvcache-class/append-past-capacity", r"overflows the cache", "cache_obj.append(torch.randn(2, 40, 2, 16), torch.randn(2, 40, 2, 16))"),
+    ("kvcache-class/attend-heads", r"multiple of the number of key/value heads", "cache_obj.attend(torch.randn(2, 1, 3, 16), torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16))"),
+    ("kvcache-class/attend-new-head-dim", r"k_new|head dim|key", "cache_obj.attend(torch.randn(2, 1, 4, 16), torch.randn(2, 1, 2, 8), torch.randn(2, 1, 2, 8))"),
+    ("kvcache-class/reset-index-range", r"batch_index", "cache_obj.reset(torch.tensor([0, 5]))"),
+    ("kvcache-class/reset-index-float", r"batch_index", "cache_obj.reset(torch.tensor([0.0]))"),
+    ("kvcache-class/rolling-window-bad", r"window", "fae.KVCache(batch_size=2, max_seqlen=None, num_kv_heads=2, head_dim=16, window=0)"),
+    ("fa/with-kvcache-k-without-v", r"both k and v", "fai.flash_attn_with_kvcache(qd, kc, vc, k=kn, cache_seqlens=seqlens)"),
+    ("sdpa/window-float", r"window_size", "fae.scaled_dot_product_attention(q, k, v, enable_gqa=True, window_size=(1.5, 0))"),
+    ("nn/window", r"window_size", "fae.nn.Attention(embed_dim=64, num_heads=4, window_size=(-3, 0))"),
+    ("nn/dropout", r"dropout", "fae.nn.Attention(embed_dim=64, num_heads=4, dropout=1.0)"),
+    ("convert/state-dict-kv-heads", r"num_kv_heads \(3\) must divide", "convert.convert_state_dict({'model.layers.0.self_attn.k_proj.weight': torch.zeros(64, 64)}, dict(model_type='llama', num_attention_heads=8, num_key_value_heads=8, hidden_size=64), 3)", ("ConversionError",)),  # a ValueError
     # --- merge_attention_states ---
     ("merge/shape-mismatch", r"out_b|out_a|shape", "fae.merge_attention_states(o, lse, o[:1], lse[:1])"),
     ("merge/lse-shape", r"lse_a|lse", "fae.merge_attention_states(o, lse[..., :3], o, lse)"),
@@ -170,7 +180,8 @@ def setup():
     def rnd(*shape):
         return torch.randn(*shape, generator=g)
 
-    ns = dict(torch=torch, fae=fae, fai=fai, OPS=torch.ops.flash_attn_ext, math=math, os=os)
+    from flash_attn_ext import convert
+    ns = dict(torch=torch, fae=fae, fai=fai, OPS=torch.ops.flash_attn_ext, math=math, os=os, convert=convert)
     ns.update(q=rnd(2, 4, 8, 16), k=rnd(2, 2, 10, 16), v=rnd(2, 2, 10, 16))  # (B, H, L, D)
     ns.update(qf=rnd(2, 8, 4, 16), kf=rnd(2, 10, 2, 16), vf=rnd(2, 10, 2, 16))  # (B, L, H, D)
     ns.update(qp=rnd(12, 4, 16), kp=rnd(14, 2, 16), vp=rnd(14, 2, 16))  # packed (varlen)
