@@ -26,6 +26,14 @@ import flash_attn_ext
 MATH_MAX_SEQ = 2048  # the math path materialises B*H*L*S scores: skipped above this
 
 
+def write_csv(path, rows):
+    """rows (dicts with the same keys) as a CSV file with a header; the benchmarks' --csv."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        w.writeheader()
+        w.writerows(rows)
+
+
 def attn_flops(B, H, L, S, D, causal):
     """Matmul FLOPs of the forward (QK^T and PV) over visible pairs; backward is 2.5x."""
     pairs = sum(min(S, max(0, i + S - L + 1)) for i in range(L)) if causal else L * S
@@ -225,10 +233,7 @@ def main():
         print(f"\npeak extra memory, L=S={args.memory}, 1 head, D=64, fp32 (output {args.memory * 64 * 4 / 2**20:.1f} MiB "
               f"included): ours {ours:.1f} MiB, torch math path {math_path:.1f} MiB")
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(args.csv, rows)
         print(f"wrote {args.csv}")
     if args.plot:
         plot(rows, args.plot)

@@ -10,7 +10,6 @@
     python benchmarks/bench_cpu_targets.py [--dtypes float32 bfloat16] [--csv out.csv]
 """
 import argparse
-import csv
 import os
 import sys
 
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import peak_memory_mib, timeit  # noqa: E402
+from bench_attention import peak_memory_mib, timeit, write_csv  # noqa: E402
 
 import flash_attn_ext  # noqa: E402
 
@@ -81,10 +80,7 @@ def main():
         rows.append(dict(target="memory", dtype="float32", case=f"L={args.memory}", ours_ms=float("nan"),
                          other_ms=float("nan"), other="torch math MiB", speedup=ours, bar=f"< 64 MiB; math {math_path:.0f}"))
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(args.csv, rows)
 
 
 if __name__ == "__main__":

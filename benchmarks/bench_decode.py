@@ -12,13 +12,13 @@ cache kernel (concatenate the new token's K/V to the past, then SDPA).
     [--csv out.csv] [--plot out.png]
 """
 import argparse
-import csv
 import time
 
 import torch
 import torch.nn.functional as F
 
 import flash_attn_ext
+from bench_attention import write_csv  # the script's directory is on sys.path
 
 
 def best_time(fn, reps=10):
@@ -97,10 +97,7 @@ def main():
                   f"{row['torch_us']:9.0f} {row['ratio_vs_torch']:10.2f} | {row['concat_us']:9.0f} "
                   f"{row['ratio_vs_concat']:11.2f}", flush=True)
     if args.csv and rows:
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(args.csv, rows)
     if args.plot and rows:
         import matplotlib
         matplotlib.use("Agg")

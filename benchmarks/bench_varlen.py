@@ -11,7 +11,6 @@ the machine's matmul ceiling is measured in the same run.
                                       [--passes fwd fwd+bwd] [--device cpu|cuda] [--csv out.csv] [--plot out.png]
 """
 import argparse
-import csv
 import os
 import sys
 
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import attn_flops, timeit  # noqa: E402
+from bench_attention import attn_flops, timeit, write_csv  # noqa: E402
 
 from flash_attn_ext.flash_attn_interface import flash_attn_func, flash_attn_varlen_func  # noqa: E402
 
@@ -125,10 +124,7 @@ def main():
                 print(f"{dtype_name:9} {passes:8} {name:28} {t * 1e3:9.2f} ms {gflops:8.1f} GFLOP/s "
                       f"{gflops / ceiling:6.2f} of matmul ({ceiling:.0f}) {t / base:6.2f}x ours_varlen", flush=True)
     if args.csv and rows:
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(args.csv, rows)
     if args.plot and rows:
         import matplotlib
         matplotlib.use("Agg")
