@@ -73,6 +73,14 @@ def test_pool_heads_methods():
     b = convert.pool_heads(w, 8, 2, "random", torch.Generator().manual_seed(3)).view(2, 4, 16)
     assert torch.equal(a, b)
     assert any(torch.equal(a[0], heads[h]) for h in range(4)) and any(torch.equal(a[1], heads[h]) for h in range(4, 8))
+    # random, not a fixed choice: over 20 seeds every group's pick varies (a method that always
+    # took the group's first head, or the same one, fails here; 4^-19 odds by chance)
+    for group in range(2):
+        picked = set()
+        for seed in range(20):
+            r = convert.pool_heads(w, 8, 2, "random", torch.Generator().manual_seed(seed)).view(2, 4, 16)
+            picked |= {h for h in range(4 * group, 4 * group + 4) if torch.equal(r[group], heads[h])}
+        assert len(picked) > 1, f"group {group}: 'random' always picked head {picked}"
     bias = torch.randn(8 * 4)
     torch.testing.assert_close(convert.pool_heads(bias, 8, 1, "mean"), bias.view(8, 4).mean(0))
 

@@ -76,9 +76,17 @@ def test_minus_inf_masks_and_fully_masked_rows(device, dtype):
         assert_matches(out, ref, low, dtype, f"-inf mask {mask.dtype}")
         assert torch.equal(out[:, :, dead], torch.zeros_like(out[:, :, dead]))
         assert torch.isneginf(lse[:, :, dead]).all() and torch.isneginf(ref_lse[:, :, dead]).all()
-        (dq, dk, dv), _ = _grads(out, (q, k, v))
+        (dq, dk, dv), dout = _grads(out, (q, k, v))
         assert all(torch.isfinite(t).all() for t in (dq, dk, dv))
         assert torch.equal(dq[:, :, dead], torch.zeros_like(dq[:, :, dead]))
+        for ref_dtype in (torch.float64, dtype):  # the gradients match the reference's too
+            leaves = [t.detach().to(ref_dtype).requires_grad_(True) for t in (q, k, v)]
+            o, _ = reference_attention(*leaves, attn_mask=mask, dtype=ref_dtype)
+            got = torch.autograd.grad(o, leaves, dout.to(ref_dtype))
+            if ref_dtype == torch.float64:
+                g64 = got
+        for name, ours, r, lo in zip(("dq", "dk", "dv"), (dq, dk, dv), g64, got if dtype != torch.float32 else g64):
+            assert_matches(ours, r, lo, dtype, f"{name}, -inf mask {mask.dtype}", grad=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -199,7 +207,7 @@ def test_sequence_longer_than_65535(device, dtype):
     # dQ of those rows only depends on the block (its keys' other readers do not enter dQ).
     rq, = torch.autograd.grad(ref, (qs,), dout[:, :, r0:r1].double())
     rq_low, = torch.autograd.grad(low, (ql,), dout[:, :, r0:r1])
-    assert_matches(dq[:, :, r0:r1], rq, rq_low, dtype, "dq, L = 70000, rows 65500-65600")
+    assert_matches(dq[:, :, r0:r1], rq, rq_low, dtype, "dq, L = 70000, rows 65500-65600", grad=True)
     assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
     # decode: one query against all 70000 cached positions
     kc, vc = k.detach().transpose(1, 2), v.detach().transpose(1, 2)  # (1, S, 1, D)

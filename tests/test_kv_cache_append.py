@@ -66,12 +66,15 @@ def test_rolling_buffer(device, L_new):
     kn, vn = torch.randn(B, L_new, H, D, device=device), torch.randn(B, L_new, H, D, device=device)
     lens = torch.tensor([5, 20], device=device)  # beyond W: wraps around
     k_ref = _reference(kc, kn, lens, "bshd", True)  # later tokens overwrite earlier ones
+    v_ref = _reference(vc, vn, lens, "bshd", True)
     flash_attn_ext.kv_cache_append(kc, vc, kn, vn, lens, rolling=True)
     assert torch.equal(kc.nan_to_num(1.0), k_ref.nan_to_num(1.0))
-    # Position p lives in slot p % W: the last min(L_new, W) tokens are all there.
+    assert torch.equal(vc.nan_to_num(1.0), v_ref.nan_to_num(1.0))
+    # Position p lives in slot p % W: the last min(L_new, W) tokens are all there, K and V alike.
     for b in range(B):
         for t in range(max(0, L_new - W), L_new):
             assert torch.equal(kc[b, (lens[b].item() + t) % W], kn[b, t])
+            assert torch.equal(vc[b, (lens[b].item() + t) % W], vn[b, t])
 
 
 BAD = [

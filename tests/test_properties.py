@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import flash_attn_ext
 from flash_attn_ext import _ops
-from reference import LOW_PRECISION, assert_matches, error_bound, make_qkv, reference_attention
+from reference import LOW_PRECISION, assert_lse_matches, assert_matches, make_qkv, reference_attention
 
 QUICK = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                  suppress_health_check=[HealthCheck.too_slow])
@@ -85,52 +85,17 @@ def check_case(case, device="cpu"):
     (r64, ref, ref_lse) = ref_of(torch.float64)
     (rlo, low, _) = ref_of(dtype) if dtype in LOW_PRECISION else (r64, ref, ref_lse)
     assert_matches(out, ref.detach(), low.detach(), dtype, f"out {case}")
-    finite = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), f"lse -inf rows {case}"
-    if finite.any():
-        lse_err = (lse.double() - ref_lse)[finite].abs().max().item()
-        assert lse_err <= (1e-3 if dtype in LOW_PRECISION else 1e-5) * max(1.0, ref_lse[finite].abs().max().item()) + \
-            (0.05 if dtype in LOW_PRECISION else 0), f"lse error {lse_err} {case}"
+    assert_lse_matches(lse, ref_lse, dtype, f"lse {case}")
     if not case["backward"] or (dtype in LOW_PRECISION and case["softcap"] > 0):
-        return  # (low-precision softcap gradients: see _delta_rounding_floor)
+        return  # low-precision softcap gradients: test_softcap.py (the long profile finds 1.1x the
+        # 2x rule at softcap 30, scale 1, L = 1, where tanh's slope amplifies the score's rounding)
     g = torch.Generator().manual_seed(case["seed"] + 2)
     dout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(dtype).to(device)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     g64 = torch.autograd.grad(ref, r64, dout.double())
     glo = torch.autograd.grad(low, rlo, dout.to(low.dtype)) if dtype in LOW_PRECISION else g64
-    floor = _delta_rounding_floor(q, k, v, out, dout, kw) if dtype in LOW_PRECISION else (0.0, 0.0, 0.0)
-    for name, ours, r, lo, extra in zip(("dq", "dk", "dv"), grads, g64, glo, floor):
-        err = (ours.double() - r).abs().max().item() if r.numel() else 0.0
-        assert not torch.isnan(ours).any(), f"{name}: NaN {case}"
-        bound = error_bound(r, lo, dtype) + extra
-        assert err <= bound, f"{name} {case}: max abs error {err:.3e} > bound {bound:.3e}"
-
-
-def _delta_rounding_floor(q, k, v, out, dout, kw):
-    """The error flash-attn's backward algorithm itself carries in low precision (flash-attn's
-    GPU kernels and PyTorch's CPU flash kernel alike): delta = rowsum(dO * O) is formed from the
-    output as stored, rounded to the input dtype, and dS = P (dP - delta) cancels, so a short
-    row (hypothesis found L=1, S=2, D=8) can sit 4x past the low-precision reference's error.
-    Returns the max |change| of dQ, dK, dV that rounding alone causes, computed in float64:
-    P comes from the reference run with V = I. (Softcap would need its slope here too; its
-    low-precision gradients are left to the dedicated tests.)"""
-    q64, k64, v64, o64, do64 = (t.detach().double() for t in (q, k, v, out, dout))
-    B, Hq, L, _ = q64.shape
-    Hkv, S = k64.shape[1], k64.shape[2]
-    if L == 0 or S == 0:
-        return 0.0, 0.0, 0.0
-    eye = torch.eye(S, dtype=torch.float64).expand(B, Hkv, S, S)
-    P, _ = reference_attention(q64, k64, eye, **kw)  # (B, Hq, L, S)
-    G = Hq // Hkv
-    k_rep, v_rep = k64.repeat_interleave(G, dim=1), v64.repeat_interleave(G, dim=1)
-    dP = do64 @ v_rep.transpose(-1, -2)
-    delta_exact = (P * dP).sum(-1, keepdim=True)
-    delta_stored = (do64 * o64).sum(-1, keepdim=True)
-    ddS = P * (delta_exact - delta_stored)
-    scale = kw["scale"] if kw["scale"] is not None else 1.0 / q64.shape[-1] ** 0.5
-    d_dq = scale * ddS @ k_rep
-    d_dk = (scale * ddS.transpose(-1, -2) @ q64).reshape(B, Hkv, G, S, -1).sum(2)
-    return 2 * d_dq.abs().max().item(), 2 * d_dk.abs().max().item(), 0.0
+    for name, ours, r, lo in zip(("dq", "dk", "dv"), grads, g64, glo):
+        assert_matches(ours, r, lo, dtype, f"{name} {case}", grad=True)
 
 
 CUDA = pytest.mark.skipif(not (torch.cuda.is_available() and _ops.has_kernel("cuda")),
@@ -261,22 +226,15 @@ def check_varlen_case(case, device="cpu"):
         l64, r64 = ref_of(torch.float64)
         llo, rlo = ref_of(dtype) if dtype in LOW_PRECISION else (l64, r64)
         assert_matches(out[qs].transpose(0, 1).unsqueeze(0), r64.detach(), rlo.detach(), dtype, f"out {what}")
-        if grads is None or (dtype in LOW_PRECISION and case["softcap"] > 0) or r64.numel() == 0:
-            continue  # (low-precision softcap gradients: see _delta_rounding_floor)
+        if grads is None or r64.numel() == 0 or (dtype in LOW_PRECISION and case["softcap"] > 0):
+            continue  # (low-precision softcap gradients: see check_case)
         d = dout[qs].transpose(0, 1).unsqueeze(0)
         g64 = torch.autograd.grad(r64, l64, d.double(), allow_unused=True)
         glo = torch.autograd.grad(rlo, llo, d.to(rlo.dtype), allow_unused=True) if dtype in LOW_PRECISION else g64
         ours_b = [out_g.detach()[s].transpose(0, 1).unsqueeze(0) for out_g, s in zip(grads, (qs, ks, ks))]
-        floor = (_delta_rounding_floor(*(t for t in (l64[0], l64[1], l64[2])),
-                                       out[qs].transpose(0, 1).unsqueeze(0), d, dict(scale=None, window=w,
-                                                                                     bottom_right=True, attn_mask=None,
-                                                                                     softcap=0.0))
-                 if dtype in LOW_PRECISION else (0.0, 0.0, 0.0))
-        for name, ours, r, lo, extra in zip(("dq", "dk", "dv"), ours_b, g64, glo, floor):
-            if r is None:
-                continue
-            err = (ours.double() - r).abs().max().item() if r.numel() else 0.0
-            assert err <= error_bound(r, lo, dtype) + extra, f"{name} {what}: error {err:.3e}"
+        for name, ours, r, lo in zip(("dq", "dk", "dv"), ours_b, g64, glo):
+            if r is not None:
+                assert_matches(ours, r, lo, dtype, f"{name} {what}", grad=True)
 
 
 @QUICK

@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""Mutation check of the test suite: each mutant is one small, plausible kernel bug (a wrong
+rounding, a lost key, a value written one slot late, ...). For each, a copy of the project gets
+that one change, is rebuilt (CPU only, incrementally: only the touched file recompiles) and the
+tests that must see the bug run against it. Every mutant must die (its tests fail); the script
+exits 1 if one survives, or if the unmutated copy does not pass the same tests.
+
+    python scripts/mutants.py            # all mutants (~1-2 min each on 2 cores)
+    python scripts/mutants.py --list     # names only
+    python scripts/mutants.py trunc_p    # some of them
+
+The copy lives in build/mutants/ (kept between runs, so later runs rebuild little)."""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TREE = os.path.join(ROOT, "build", "mutants", "tree")
+
+# Round-to-nearest-even of the AVX512-BF16 float -> bf16 conversion replaced by truncation.
+_RNE = "(__m256i)_mm512_cvtneps_pbh("
+_TRUNC = "_mm512_cvtepi32_epi16(_mm512_srli_epi32((__m512i)"
+_TRUNC_END = ", 16)));"
+
+# (name, file, old text, new text, pytest arguments that must fail, why it is plausible)
+MUTANTS = [
+    ("trunc_p_and_ds", "csrc/cpu/tile_math_bf16.cpp",
+     "(__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + c)));",
+     _TRUNC + "_mm512_loadu_ps(s + c)" + _TRUNC_END,
+     ["tests/test_attention_forward.py", "-k", "cpu and bfloat16"],
+     "P (and dS) rounded to bf16 by truncation instead of to nearest: forward tests alone must see it"),
+    ("trunc_ds_only", "csrc/attention/attention_backward_cpu.cpp",
+     "floats_to_bf16(dpt, kBlockK, rows, cols, cols2, ds_bf.data(), kBlockK);",
+     "for (int64_t r_ = 0; r_ < rows; ++r_) for (int64_t c_ = 0; c_ < cols2; ++c_) { uint32_t b_; "
+     "std::memcpy(&b_, dpt + r_ * kBlockK + c_, 4); ds_bf[r_ * kBlockK + c_] = c_ < cols ? uint16_t(b_ >> 16) : 0; }",
+     ["tests/test_attention_backward.py", "-k", "cpu and bfloat16"],
+     "dS truncated to bf16 in the backward (the P rounding left right)"),
+    ("missing_key0", "csrc/attention/attention_cpu_tiles.h",
+     "first_visible_key(i, p.align_offset, p.window_left, p.len_k) - j0, 0, cols);",
+     "std::max<int64_t>(1, first_visible_key(i, p.align_offset, p.window_left, p.len_k)) - j0, 0, cols);",
+     ["tests/test_attention_forward.py", "-k", "cpu and causal and bfloat16"],
+     "key 0 dropped from the rows of tiles on the band's edge (exact attention missing one key)"),
+    ("lse_scale", "csrc/attention/attention_forward_cpu.cpp",
+     "lse_data[at] = l > acc_t(0) ? m_run[r] + std::log(l) : kNegInf;",
+     "lse_data[at] = l > acc_t(0) ? m_run[r] + std::log(l * acc_t(1.0002)) : kNegInf;",
+     ["tests/test_attention_forward.py", "-k", "cpu and bfloat16"],
+     "lse off by 2e-4 (a 0.02% error in the row sum): bf16 tests must check the float32 lse tightly"),
+    ("rolling_v_late", "csrc/kv_cache/kv_cache_append_cpu.cpp",
+     "const int64_t pos = lens[b] + t;",
+     "const int64_t pos = lens[b] + t + (rolling && pair.first == &v_cache ? 1 : 0);",
+     ["tests/test_kv_cache_append.py", "-k", "cpu and rolling"],
+     "V written one slot late in the rolling cache (K right)"),
+    ("merge_weight", "csrc/attention/merge_attention_states_cpu.cpp",
+     "rows::merge_weights(qa[r], qb[r])",
+     "rows::merge_weights(qa[r], qb[r] + lse_t(0.01))",
+     ["tests/test_merge_attention_states.py", "-k", "cpu and bfloat16"],
+     "one side's weight 1% off in the merge: bf16 merge tests compare with the float64 reference"),
+    ("convert_random_first", "flash_attn_ext/convert.py",
+     "pick = torch.randint(0, r, (num_kv_heads,), generator=generator)",
+     "pick = torch.zeros(num_kv_heads, dtype=torch.long)",
+     ["tests/test_convert.py", "-k", "pool_heads"],
+     "--method random always picking the group's first head"),
+]
+
+
+def _sync_tree():
+    """Copies the project's tracked and untracked-but-not-ignored files into TREE (build outputs
+    in TREE stay, so ninja rebuilds only what changed)."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split()
+    for rel in files:
+        src, dst = os.path.join(ROOT, rel), os.path.join(TREE, rel)
+        if not os.path.isfile(src):
+            continue
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        with open(src, "rb") as f:
+            data = f.read()
+        if not os.path.exists(dst) or open(dst, "rb").read() != data:
+            with open(dst, "wb") as f:
+                f.write(data)
+
+
+def _build():
+    env = dict(os.environ, FLASH_ATTN_EXT_CUDA="0", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
+    r = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=TREE, env=env,
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.stdout.write(r.stdout[-3000:] + r.stderr[-3000:])
+    return r.returncode == 0
+
+
+def _tests_pass(args):
+    env = dict(os.environ, PYTHONPATH=TREE + os.pathsep + os.path.join(TREE, "tests"))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *args], cwd=TREE,
+                       env=env, capture_output=True, text=True)
+    last = [line for line in r.stdout.splitlines() if line.strip()][-1:] or ["(no output)"]
+    return r.returncode == 0, last[0]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    a = ap.parse_args()
+    if a.list:
+        for name, path, *_, why in MUTANTS:
+            print(f"{name:22s} {path:48s} {why}")
+        return 0
+    chosen = [m for m in MUTANTS if not a.names or m[0] in a.names]
+    os.makedirs(TREE, exist_ok=True)
+    _sync_tree()
+    # The copy must import its own build, not an installed flash_attn_ext.
+    probe = subprocess.run([sys.executable, "-c", "import flash_attn_ext, os; print(os.path.dirname(flash_attn_ext.__file__))"],
+                           cwd=TREE, env=dict(os.environ, PYTHONPATH=TREE), capture_output=True, text=True)
+    if not _build():
+        print("the unmutated copy does not build")
+        return 1
+    if probe.stdout.strip() and os.path.realpath(probe.stdout.strip()) != os.path.realpath(os.path.join(TREE, "flash_attn_ext")):
+        print(f"the copy imports {probe.stdout.strip()}, not its own package")
+        return 1
+    survivors, clean = [], set()
+    print(f"{'mutant':22s} {'result':8s} {'s':>5s}  tests")
+    for name, path, old, new, args, _why in chosen:
+        if tuple(args) not in clean:  # the same tests must pass without the mutation
+            ok, last = _tests_pass(args)
+            if not ok:
+                print(f"{name:22s} the unmutated copy fails these tests: {last}")
+                return 1
+            clean.add(tuple(args))
+        target = os.path.join(TREE, path)
+        original = open(target).read()
+        if original.count(old) < 1:
+            print(f"{name:22s} STALE    its text is no longer in {path}: update the mutant")
+            survivors.append(name)
+            continue
+        t0 = time.time()
+        try:
+            with open(target, "w") as f:
+                f.write(original.replace(old, new))
+            if not _build():
+                print(f"{name:22s} NOBUILD  the mutant does not compile: fix the mutant")
+                survivors.append(name)
+                continue
+            ok, last = _tests_pass(args)
+        finally:  # restore and rebuild: the next tests must see the unmutated code
+            with open(target, "w") as f:
+                f.write(original)
+            _build()
+        print(f"{name:22s} {'SURVIVED' if ok else 'killed':8s} {time.time() - t0:5.0f}  {' '.join(args)}: {last}")
+        if ok:
+            survivors.append(name)
+    print(f"{len(chosen) - len(survivors)} of {len(chosen)} mutants killed" +
+          (f"; survivors: {', '.join(survivors)}" if survivors else ""))
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
