@@ -8,6 +8,12 @@ memory of one long sequence (ours against the math path).
     python benchmarks/bench_attention.py --quick              # a minute: the README demo
     python benchmarks/bench_attention.py                      # the issue's grid (long on 2 cores)
     python benchmarks/bench_attention.py --csv out.csv --plot out.png --memory 16384
+    python benchmarks/bench_attention.py --tiles avx512_bf16 brgemm   # each CPU tile back end, A/B
+    python benchmarks/bench_attention.py --kv-heads 8 --heads 32      # GQA 32/8
+    python benchmarks/bench_attention.py --skinny                     # B=60, H=4, d=32, (L, S) like (799, 3)
+
+The header names the CPU (model, ISA flags), the tile back end each dtype runs on
+(flash_attn_ext.cpu_tiles_in_use) and the matmul ceiling of each dtype measured in the run.
 """
 import argparse
 import csv
@@ -54,6 +60,22 @@ def timeit(fn, min_time=0.5, max_reps=20):
     return min(times)
 
 
+def cpu_description():
+    """'model (ISA flags)' of this machine's CPU, from /proc/cpuinfo."""
+    model, flags = "unknown CPU", []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model == "unknown CPU":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16") if f in flags]
+    return f"{model} ({' '.join(isa) or 'no AVX2'})"
+
+
 def matmul_ceiling(dtype=torch.float32, n=2048):
     a = torch.randn(n, n, dtype=dtype)
     b = torch.randn(n, n, dtype=dtype)
@@ -61,17 +83,25 @@ def matmul_ceiling(dtype=torch.float32, n=2048):
     return 2 * n ** 3 / t / 1e9
 
 
-def make_runners(q, k, v, causal, backward):
-    def ours():
-        return flash_attn_ext.scaled_dot_product_attention(q, k, v, is_causal=causal)
+def make_runners(q, k, v, causal, backward, tiles=(None,)):
+    gqa = q.shape[1] != k.shape[1]
+
+    def ours_on(backend):
+        def run():
+            if backend is None:
+                return flash_attn_ext.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+            with flash_attn_ext.cpu_tiles(backend):
+                return flash_attn_ext.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+        return run
 
     def torch_backend(backend):
         def run():
             with sdpa_kernel([backend]):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
         return run
 
-    runners = {"ours": ours, "torch_flash": torch_backend(SDPBackend.FLASH_ATTENTION)}
+    runners = {("ours" if t is None else f"ours[{t}]"): ours_on(t) for t in tiles}
+    runners["torch_flash"] = torch_backend(SDPBackend.FLASH_ATTENTION)
     if q.shape[-2] <= MATH_MAX_SEQ:
         runners["torch_math"] = torch_backend(SDPBackend.MATH)
     if backward:
@@ -83,32 +113,45 @@ def make_runners(q, k, v, causal, backward):
     return runners
 
 
-def run_grid(shapes, dtypes, causals, passes, min_time):
+def run_grid(shapes, dtypes, causals, passes, min_time, tiles=(None,), kv_heads=None):
+    """shapes: (B, H, L, D) with S = L, or (B, H, L, S, D). tiles: CPU tile back ends to run ours
+    with (None: the automatic choice), one row each, timed in the same process as PyTorch."""
     rows = []
     for dtype in dtypes:
-        for (B, H, L, D) in shapes:
+        for shape in shapes:
+            B, H, L, S, D = shape if len(shape) == 5 else (shape[0], shape[1], shape[2], shape[2], shape[3])
+            Hkv = kv_heads or H
             for causal in causals:
                 for backward in passes:
-                    q, k, v = (torch.randn(B, H, L, D, dtype=dtype, requires_grad=backward) for _ in range(3))
-                    flops = attn_flops(B, H, L, L, D, causal) * (3.5 if backward else 1.0)
-                    times = {name: timeit(fn, min_time) for name, fn in make_runners(q, k, v, causal, backward).items()}
-                    row = dict(dtype=str(dtype).replace("torch.", ""), B=B, H=H, L=L, D=D, causal=causal,
-                               pass_="fwd+bwd" if backward else "fwd", ours_ms=times["ours"] * 1e3,
-                               ours_gflops=flops / times["ours"] / 1e9)
-                    for name in ("torch_flash", "torch_math"):
-                        row[f"{name}_ms"] = times[name] * 1e3 if name in times else float("nan")
-                        row[f"ratio_vs_{name}"] = times["ours"] / times[name] if name in times else float("nan")
-                    rows.append(row)
-                    print(format_row(row), flush=True)
+                    q = torch.randn(B, H, L, D, dtype=dtype, requires_grad=backward)
+                    k, v = (torch.randn(B, Hkv, S, D, dtype=dtype, requires_grad=backward) for _ in range(2))
+                    flops = attn_flops(B, H, L, S, D, causal) * (3.5 if backward else 1.0)
+                    runners = make_runners(q, k, v, causal, backward, tiles)
+                    if L > MATH_MAX_SEQ or S > MATH_MAX_SEQ:
+                        runners.pop("torch_math", None)
+                    times = {name: timeit(fn, min_time) for name, fn in runners.items()}
+                    for t in tiles:
+                        name = "ours" if t is None else f"ours[{t}]"
+                        ran = flash_attn_ext.cpu_tiles_in_use(dtype)[0] if t is None else t
+                        row = dict(dtype=str(dtype).replace("torch.", ""), B=B, H=H, Hkv=Hkv, L=L, S=S, D=D,
+                                   causal=causal, pass_="fwd+bwd" if backward else "fwd", tiles=ran,
+                                   ours_ms=times[name] * 1e3, ours_gflops=flops / times[name] / 1e9)
+                        for other in ("torch_flash", "torch_math"):
+                            row[f"{other}_ms"] = times[other] * 1e3 if other in times else float("nan")
+                            row[f"ratio_vs_{other}"] = times[name] / times[other] if other in times else float("nan")
+                        rows.append(row)
+                        print(format_row(row), flush=True)
     return rows
 
 
-HEADER = (f"{'dtype':8} {'B':>2} {'H':>3} {'L=S':>5} {'D':>4} {'causal':>6} {'pass':>7} | {'ours ms':>9} "
-          f"{'GFLOP/s':>8} | {'flash ms':>9} {'ours/flash':>10} | {'math ms':>9} {'ours/math':>9}")
+HEADER = (f"{'dtype':8} {'B':>2} {'H':>3} {'Hkv':>3} {'L':>5} {'S':>5} {'D':>4} {'causal':>6} {'pass':>7} "
+          f"{'tiles':>11} | {'ours ms':>9} {'GFLOP/s':>8} | {'flash ms':>9} {'ours/flash':>10} | {'math ms':>9} "
+          f"{'ours/math':>9}")
 
 
 def format_row(r):
-    return (f"{r['dtype']:8} {r['B']:>2} {r['H']:>3} {r['L']:>5} {r['D']:>4} {str(r['causal']):>6} {r['pass_']:>7} | "
+    return (f"{r['dtype']:8} {r['B']:>2} {r['H']:>3} {r['Hkv']:>3} {r['L']:>5} {r['S']:>5} {r['D']:>4} "
+            f"{str(r['causal']):>6} {r['pass_']:>7} {r['tiles']:>11} | "
             f"{r['ours_ms']:9.2f} {r['ours_gflops']:8.1f} | {r['torch_flash_ms']:9.2f} {r['ratio_vs_torch_flash']:10.2f} | "
             f"{r['torch_math_ms']:9.2f} {r['ratio_vs_torch_math']:9.2f}")
 
@@ -183,8 +226,9 @@ def read_csv(path):
     with open(path) as f:
         rows = list(csv.DictReader(f))
     for r in rows:
-        for key in ("B", "H", "L", "D"):
-            r[key] = int(r[key])
+        for key in ("B", "H", "Hkv", "L", "S", "D"):
+            if key in r:
+                r[key] = int(r[key])
         r["causal"] = r["causal"] == "True"
         for key, value in r.items():
             if key.endswith("_ms") or key.startswith("ratio") or key.endswith("gflops"):
@@ -202,6 +246,11 @@ def main():
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds of repeats per measurement")
+    ap.add_argument("--kv-heads", type=int, default=None, help="K/V heads (GQA; default: --heads)")
+    ap.add_argument("--tiles", nargs="*", default=None,
+                    help="CPU tile back ends to run ours with, one row each (auto float avx512_bf16 brgemm)")
+    ap.add_argument("--skinny", action="store_true",
+                    help="the skinny shapes of issue 16 instead: B=60, H=4, D=32, (L, S) in (799, 3), (1, 239), (3, 799)")
     ap.add_argument("--memory", type=int, default=0, help="also measure peak memory at this L (one head)")
     ap.add_argument("--csv", help="write the rows to this CSV file")
     ap.add_argument("--plot", help="draw time vs sequence length into this PNG")
@@ -217,17 +266,25 @@ def main():
     dtypes = [getattr(torch, d) for d in args.dtypes]
     print(f"torch {torch.__version__}, flash_attn_ext {flash_attn_ext.__version__}, "
           f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
-    ceiling = matmul_ceiling()
-    print(f"float32 matmul ceiling (2048^3): {ceiling:.1f} GFLOP/s")
+    print(f"cpu: {cpu_description()}")
+    for dtype in dtypes:
+        print(f"cpu tiles {dtype}: %s (%s)" % flash_attn_ext.cpu_tiles_in_use(dtype))
+    ceilings = {str(d).replace("torch.", ""): matmul_ceiling(d) for d in dtypes}
+    print("matmul ceilings (2048^3): " + ", ".join(f"{d} {c:.1f} GFLOP/s" for d, c in ceilings.items()))
     print(HEADER)
-    rows = run_grid([(args.batch, heads, L, D) for L in seqs for D in dims], dtypes, [False, True],
-                    [p == "fwd+bwd" for p in args.passes], args.min_time)
+    tiles = [None if t == "auto" else t for t in args.tiles] if args.tiles else [None]
+    if args.skinny:
+        shapes = [(60, 4, L, S, 32) for (L, S) in ((799, 3), (1, 239), (3, 799))]
+    else:
+        shapes = [(args.batch, heads, L, D) for L in seqs for D in dims]
+    rows = run_grid(shapes, dtypes, [False, True], [p == "fwd+bwd" for p in args.passes], args.min_time, tiles,
+                    args.kv_heads)
     for r in rows:
-        r["matmul_ceiling_gflops"] = ceiling
-        r["fraction_of_ceiling"] = r["ours_gflops"] / ceiling
-    print(f"\nours / float32 matmul ceiling: " + ", ".join(
-        f"{r['dtype']} L={r['L']} D={r['D']} {'causal' if r['causal'] else 'full'} {r['pass_']}: {r['fraction_of_ceiling']:.2f}"
-        for r in rows if r["dtype"] == "float32"))
+        r["matmul_ceiling_gflops"] = ceilings[r["dtype"]]
+        r["fraction_of_ceiling"] = r["ours_gflops"] / ceilings[r["dtype"]]
+    print(f"\nours / the dtype's matmul ceiling: " + ", ".join(
+        f"{r['dtype']} L={r['L']} D={r['D']} {'causal' if r['causal'] else 'full'} {r['pass_']} {r['tiles']}: "
+        f"{r['fraction_of_ceiling']:.2f}" for r in rows))
     if args.memory:
         ours, math_path = peak_memory_mib(args.memory, "ours"), peak_memory_mib(args.memory, "math")
         print(f"\npeak extra memory, L=S={args.memory}, 1 head, D=64, fp32 (output {args.memory * 64 * 4 / 2**20:.1f} MiB "

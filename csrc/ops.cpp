@@ -3,6 +3,22 @@
 // csrc/attention/attention_autograd.cpp, fake (meta) kernels in flash_attn_ext/_meta.py.
 #include <torch/library.h>
 
+#include <string>
+#include <tuple>
+
+#include "cpu/tile_backend.h"
+
+namespace {
+
+std::string set_cpu_tiles(const std::string& backend) { return flash_attn_ext::cpu::set_tile_setting(backend); }
+
+std::tuple<std::string, std::string> cpu_tiles(c10::ScalarType dtype) {
+  const auto choice = flash_attn_ext::cpu::choose_tiles(dtype);
+  return {flash_attn_ext::cpu::tile_backend_name(choice.backend), choice.reason};
+}
+
+}  // namespace
+
 TORCH_LIBRARY(flash_attn_ext, m) {
   // Fused attention forward, (B, H, L, D) layout read through strides. window_left/right:
   // -1 = unbounded; bottom_right aligns query L-1 with key S-1 (flash-attn's causal),
@@ -63,4 +79,11 @@ TORCH_LIBRARY(flash_attn_ext, m) {
   m.def(
       "merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) "
       "-> (Tensor out, Tensor lse)");
+  // CPU kernel configuration (csrc/cpu/tile_backend.h; Python: flash_attn_ext.cpu_tiles): which
+  // back end multiplies the CPU kernels' tiles. _set_cpu_tiles takes "auto", "float",
+  // "avx512_bf16" or "brgemm" for the whole process and returns the previous setting;
+  // _cpu_tiles says which back end inputs of `dtype` get now, and why. No tensors: the kernels
+  // are registered here, for every dispatch key.
+  m.def("_set_cpu_tiles(str backend) -> str", &set_cpu_tiles);
+  m.def("_cpu_tiles(ScalarType dtype) -> (str backend, str reason)", &cpu_tiles);
 }

@@ -1,3 +1,5 @@
+import platform
+
 import pytest
 import torch
 
@@ -26,3 +28,56 @@ def device(request):
 def _reset_fallbacks():
     flash_attn_ext.reset_fallback_counts()
     yield
+
+
+def pytest_addoption(parser):
+    parser.addoption("--cpu-tiles", default=None, choices=["auto", "float", "avx512_bf16", "brgemm"],
+                     help="run every test with the CPU kernels' tiles on this back end (flash_attn_ext.cpu_tiles)")
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def pytest_report_header(config):
+    """The CPU and the tile back end each dtype runs on (the README's verified-on table cites it)."""
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16") if f in flags]
+    if config.getoption("--cpu-tiles"):
+        flash_attn_ext.set_cpu_tiles(config.getoption("--cpu-tiles"))
+    lines = [f"cpu: {_cpu_model()} ({' '.join(isa) or 'no AVX2'})"]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        backend, reason = flash_attn_ext.cpu_tiles_in_use(dtype)
+        lines.append(f"cpu tiles {str(dtype).replace('torch.', '')}: {backend} ({reason})")
+    return lines
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cpu_tiles_option(request):
+    """--cpu-tiles NAME: the whole run on that back end; a back end this machine cannot run for
+    bf16 or float32 is an error, not a silent fallback."""
+    backend = request.config.getoption("--cpu-tiles")
+    if backend is None:
+        yield
+        return
+    previous = flash_attn_ext.set_cpu_tiles(backend)
+    if backend != "auto":
+        served = [d for d in (torch.float32, torch.bfloat16) if flash_attn_ext.cpu_tiles_in_use(d)[0] == backend]
+        if not served:
+            flash_attn_ext.set_cpu_tiles(previous)
+            pytest.exit(f"--cpu-tiles {backend}: no dtype runs it here "
+                        f"({flash_attn_ext.cpu_tiles_in_use(torch.bfloat16)[1]})", returncode=4)
+    yield
+    flash_attn_ext.set_cpu_tiles(previous)

@@ -4,6 +4,7 @@ import torch
 
 import flash_attn_ext
 from reference import LOW_PRECISION, assert_matches, make_qkv, reference_attention
+from tile_backends import cpu_tile_cases
 
 
 def check_backward(device, dtype, B, Hq, Hkv, L, S, D, *, Dv=None, causal=False,
@@ -31,7 +32,7 @@ def check_backward(device, dtype, B, Hq, Hkv, L, S, D, *, Dv=None, causal=False,
     for name, ours, r, lo, inp in (("dq", dq, ref[0], low[0], q), ("dk", dk, ref[1], low[1], k),
                                    ("dv", dv, ref[2], low[2], v)):
         assert ours.dtype == dtype and ours.shape == inp.shape
-        assert_matches(ours, r, lo, dtype, f"{name} {what}")
+        assert_matches(ours, r, lo, dtype, f"{name} {what}", grad=True)
 
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -154,19 +155,19 @@ def test_double_backward_raises(device):
         gq.sum().backward()
 
 
-@pytest.mark.parametrize("bf16_gemm", ["1", "0"], ids=["vdpbf16ps", "float_tiles"])
+@pytest.mark.parametrize("dtype,backend", cpu_tile_cases([torch.bfloat16, torch.float32]))
 @pytest.mark.parametrize("L,S,D,Hq,Hkv,causal,window", [
     (113, 203, 33, 4, 2, True, (-1, -1)),   # odd head dim, odd row and key tails, GQA
     (203, 113, 64, 2, 2, False, (16, 16)),  # L > S, window edges inside tiles
     (64, 64, 128, 8, 1, True, (-1, -1)),    # MQA: dK/dV summed over 8 query heads
     (17, 1, 80, 2, 1, False, (-1, -1)),     # one key
 ])
-def test_bf16_tile_paths_backward(device, monkeypatch, bf16_gemm, L, S, D, Hq, Hkv, causal, window):
-    """bf16 backward on both CPU tile paths: vdpbf16ps products with P and dS rounded to bf16
-    (AVX512-BF16 CPUs) and the float tiles (FLASH_ATTN_EXT_CPU_BF16_GEMM=0), each within the
-    SPEC bound of autograd through the float64 reference."""
-    monkeypatch.setenv("FLASH_ATTN_EXT_CPU_BF16_GEMM", bf16_gemm)
-    check_backward(device, torch.bfloat16, 2, Hq, Hkv, L, S, D, causal=causal, window=window, seed=L + D)
+def test_bf16_tile_paths_backward(device, dtype, backend, L, S, D, Hq, Hkv, causal, window):
+    """The backward on every CPU tile back end this machine runs (tile_backends.py), P and dS
+    rounded to bf16 on the bf16 ones; each within the SPEC bound of autograd through the float64
+    reference."""
+    with flash_attn_ext.cpu_tiles(backend):
+        check_backward(device, dtype, 2, Hq, Hkv, L, S, D, causal=causal, window=window, seed=L + D)
 
 
 @pytest.mark.parametrize("head_passes", ["1", "0"], ids=["per_head_pass", "group_pass"])

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import flash_attn_ext
-from reference import LOW_PRECISION, assert_matches, make_qkv, reference_attention
+from reference import LOW_PRECISION, assert_lse_matches, assert_matches, make_qkv, reference_attention
+from tile_backends import cpu_tile_cases
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 SHAPES = [(1, 1), (1, 97), (113, 203), (203, 113), (256, 512), (1023, 1024)]
@@ -28,12 +29,7 @@ def check_forward(device, dtype, B, Hq, Hkv, L, S, D, *, Dv=None, causal=False, 
     assert_matches(out, ref, low, dtype, what)
     # lse: float32 (float64 for float64 inputs), -inf exactly where a row sees nothing.
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), what + ": lse -inf pattern"
-    finite = torch.isfinite(ref_lse)
-    if finite.any():
-        tol = 1e-10 if dtype == torch.float64 else (1e-4 if dtype == torch.float32 else 2e-2)
-        err = (lse[finite].double() - ref_lse[finite]).abs().max().item()
-        assert err <= tol * max(1.0, ref_lse[finite].abs().max().item()), f"{what}: lse error {err}"
+    assert_lse_matches(lse, ref_lse, dtype, what)
     return out, lse
 
 
@@ -232,7 +228,7 @@ def test_split_kv_forward(device, monkeypatch, splits, L, S):
     torch.testing.assert_close(split, whole, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("bf16_gemm", ["1", "0"], ids=["vdpbf16ps", "float_tiles"])
+@pytest.mark.parametrize("dtype,backend", cpu_tile_cases([torch.bfloat16, torch.float32]))
 @pytest.mark.parametrize("L,S,D,Hq,Hkv,causal,window", [
     (113, 203, 33, 4, 2, True, (-1, -1)),   # odd head dim (a zero pair), odd key tail, GQA packing
     (203, 113, 64, 2, 2, False, (16, 16)),  # L > S, window edges inside tiles
@@ -240,11 +236,11 @@ def test_split_kv_forward(device, monkeypatch, splits, L, S):
     (17, 1, 80, 2, 1, False, (-1, -1)),     # one key: an odd pair count in P V
     (256, 512, 256, 2, 2, True, (100, 0)),  # the largest head dim
 ])
-def test_bf16_tile_paths(device, monkeypatch, bf16_gemm, L, S, D, Hq, Hkv, causal, window):
-    """bf16 forward on both CPU tile paths: vdpbf16ps products with P rounded to bf16 (where the
-    CPU has AVX512-BF16), and the float tiles (FLASH_ATTN_EXT_CPU_BF16_GEMM=0); each within the
-    SPEC bound of the float64 reference, with masks and dropout's keep-mask applied as usual."""
-    monkeypatch.setenv("FLASH_ATTN_EXT_CPU_BF16_GEMM", bf16_gemm)
-    check_forward(device, torch.bfloat16, 2, Hq, Hkv, L, S, D, causal=causal, window=window, seed=L + D)
-    mask = torch.randn(1, 1, L, S).to(device)
-    check_forward(device, torch.bfloat16, 1, Hq, Hkv, L, S, D, attn_mask=mask, seed=L + D + 1)
+def test_bf16_tile_paths(device, dtype, backend, L, S, D, Hq, Hkv, causal, window):
+    """The forward on every CPU tile back end this machine runs (tile_backends.py): float tiles,
+    vdpbf16ps (bf16 on AVX512-BF16) and oneDNN brgemm, P rounded to bf16 on the bf16 ones; each
+    within the SPEC bound of the float64 reference, with a float mask too."""
+    with flash_attn_ext.cpu_tiles(backend):
+        check_forward(device, dtype, 2, Hq, Hkv, L, S, D, causal=causal, window=window, seed=L + D)
+        mask = torch.randn(1, 1, L, S).to(device)
+        check_forward(device, dtype, 1, Hq, Hkv, L, S, D, attn_mask=mask, seed=L + D + 1)

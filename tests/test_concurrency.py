@@ -9,6 +9,7 @@ import torch
 
 import flash_attn_ext
 from reference import make_qkv
+from tile_backends import cpu_tile_cases
 
 N_THREADS = 4
 
@@ -80,15 +81,28 @@ def _assert_bitwise(a, b, what):
         assert torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)), what
 
 
-def test_every_path_is_bitwise_repeatable(device):
+# Each CPU tile back end this machine runs for bf16 (brgemm: oneDNN's per-thread kernels and
+# tile contexts under concurrent callers).
+TILES = pytest.mark.parametrize("dtype,backend", cpu_tile_cases([torch.bfloat16]))
+
+
+@TILES
+def test_every_path_is_bitwise_repeatable(device, dtype, backend):
     """The same call twice (fixed thread count) gives the same bits."""
-    for name, run in _workloads(device).items():
-        _assert_bitwise(run(), run(), name)
+    with flash_attn_ext.cpu_tiles(backend):
+        for name, run in _workloads(device).items():
+            _assert_bitwise(run(), run(), name)
 
 
-def test_calls_from_several_threads_match_serial_calls(device):
+@TILES
+def test_calls_from_several_threads_match_serial_calls(device, dtype, backend):
     """N_THREADS Python threads run every workload at once (each in a different order); every
     result equals the serial one bitwise. The ops release the GIL, so the kernels overlap."""
+    with flash_attn_ext.cpu_tiles(backend):
+        _threads_match_serial(device)
+
+
+def _threads_match_serial(device):
     # Dropout is left out here: it draws from PyTorch's global generator, which threads share.
     work = {n: w for n, w in _workloads(device).items() if "dropout" not in n}
     serial = {name: run() for name, run in work.items()}
@@ -118,13 +132,15 @@ def test_calls_from_several_threads_match_serial_calls(device):
         _assert_bitwise(got, serial[name], f"thread {t} rep {rep}: {name}")
 
 
+@TILES
 @pytest.mark.parametrize("threads", [1, 3])
-def test_forward_bitwise_repeatable_at_each_thread_count(device, threads):
+def test_forward_bitwise_repeatable_at_each_thread_count(device, threads, dtype, backend):
     """Forward at a fixed intra-op thread count (1 and 3: the task split changes with it)."""
     saved = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        for name, run in _workloads(device).items():
-            _assert_bitwise(run(), run(), f"{name} at {threads} threads")
+        with flash_attn_ext.cpu_tiles(backend):
+            for name, run in _workloads(device).items():
+                _assert_bitwise(run(), run(), f"{name} at {threads} threads")
     finally:
         torch.set_num_threads(saved)

@@ -86,16 +86,40 @@ def check_case(case, device="cpu"):
     (rlo, low, _) = ref_of(dtype) if dtype in LOW_PRECISION else (r64, ref, ref_lse)
     assert_matches(out, ref.detach(), low.detach(), dtype, f"out {case}")
     assert_lse_matches(lse, ref_lse, dtype, f"lse {case}")
-    if not case["backward"] or (dtype in LOW_PRECISION and case["softcap"] > 0):
-        return  # low-precision softcap gradients: test_softcap.py (the long profile finds 1.1x the
-        # 2x rule at softcap 30, scale 1, L = 1, where tanh's slope amplifies the score's rounding)
+    if not case["backward"]:
+        return
     g = torch.Generator().manual_seed(case["seed"] + 2)
     dout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(dtype).to(device)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     g64 = torch.autograd.grad(ref, r64, dout.double())
     glo = torch.autograd.grad(low, rlo, dout.to(low.dtype)) if dtype in LOW_PRECISION else g64
+    floor = delta_rounding_floor(*r64, ref, dout, dtype, kw) if dtype in LOW_PRECISION else None
     for name, ours, r, lo in zip(("dq", "dk", "dv"), grads, g64, glo):
-        assert_matches(ours, r, lo, dtype, f"{name} {case}", grad=True)
+        assert_matches(ours, r, lo, dtype, f"{name} {case}", grad=True, extra=floor[name] if floor else 0.0)
+
+
+def delta_rounding_floor(q, k, v, out64, dout, dtype, kw):
+    """An a-priori bound on the error that flash-attn's backward algorithm carries in low
+    precision, derived from the float64 reference alone: delta = rowsum(dO * O) is formed from
+    the output as stored, each element rounded by up to an ulp of the dtype at its magnitude, and
+    dS = P (dP - delta) cancels, so in a short row (hypothesis: L=1 with 2 visible keys) that one
+    rounding, which the kernel and the baseline make independently, is most of the error:
+    |d delta_i| <= sum_d |dO_id| ulp |O_id|, |d dS_ij| <= P_ij |d delta_i| (the softcap slope is
+    at most 1), and dQ, dK follow through |K| and |Q|. dV does not see delta."""
+    q64, k64, v64, o64, do64 = (t.detach().double() for t in (q, k, v, out64, dout))
+    B, Hq, L, _ = q64.shape
+    Hkv, S = k64.shape[1], k64.shape[2]
+    if L == 0 or S == 0:
+        return {"dq": 0.0, "dk": 0.0, "dv": 0.0}
+    eye = torch.eye(S, dtype=torch.float64).expand(B, Hkv, S, S)
+    P, _ = reference_attention(q64, k64, eye, **kw)  # (B, Hq, L, S)
+    G = Hq // Hkv
+    ulp = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    d_delta = (do64.abs() * o64.abs() * ulp).sum(-1, keepdim=True)  # (B, Hq, L, 1)
+    scale = kw["scale"] if kw["scale"] is not None else 1.0 / q64.shape[-1] ** 0.5
+    d_dq = scale * (P * d_delta) @ k64.abs().repeat_interleave(G, dim=1)
+    d_dk = (scale * (P * d_delta).transpose(-1, -2) @ q64.abs()).reshape(B, Hkv, G, S, -1).sum(2)
+    return {"dq": d_dq.max().item(), "dk": d_dk.max().item(), "dv": 0.0}
 
 
 CUDA = pytest.mark.skipif(not (torch.cuda.is_available() and _ops.has_kernel("cuda")),
@@ -226,15 +250,18 @@ def check_varlen_case(case, device="cpu"):
         l64, r64 = ref_of(torch.float64)
         llo, rlo = ref_of(dtype) if dtype in LOW_PRECISION else (l64, r64)
         assert_matches(out[qs].transpose(0, 1).unsqueeze(0), r64.detach(), rlo.detach(), dtype, f"out {what}")
-        if grads is None or r64.numel() == 0 or (dtype in LOW_PRECISION and case["softcap"] > 0):
-            continue  # (low-precision softcap gradients: see check_case)
+        if grads is None or r64.numel() == 0:
+            continue
         d = dout[qs].transpose(0, 1).unsqueeze(0)
         g64 = torch.autograd.grad(r64, l64, d.double(), allow_unused=True)
         glo = torch.autograd.grad(rlo, llo, d.to(rlo.dtype), allow_unused=True) if dtype in LOW_PRECISION else g64
         ours_b = [out_g.detach()[s].transpose(0, 1).unsqueeze(0) for out_g, s in zip(grads, (qs, ks, ks))]
+        floor = (delta_rounding_floor(*l64, r64, d, dtype, dict(scale=None, window=w, bottom_right=True, attn_mask=None,
+                                                                 softcap=case["softcap"]))
+                 if dtype in LOW_PRECISION else None)
         for name, ours, r, lo in zip(("dq", "dk", "dv"), ours_b, g64, glo):
             if r is not None:
-                assert_matches(ours, r, lo, dtype, f"{name} {what}", grad=True)
+                assert_matches(ours, r, lo, dtype, f"{name} {what}", grad=True, extra=floor[name] if floor else 0.0)
 
 
 @QUICK

@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../cpu/tile_backend.h"
 #include "../cpu/tile_math.h"
 #include "../cpu/tile_math_bf16.h"
 #include "attention_cpu_tiles.h"
@@ -103,11 +104,17 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
   at::Tensor dq_acc = at::zeros({n_splits, p.batch * p.heads_q, L, Dk}, acc_options);
   const int64_t split_stride = p.batch * p.heads_q * L * Dk;
 
-  // bf16 on AVX512-BF16: the five tile products on vdpbf16ps (tile_math_bf16.h) with P and dS
-  // rounded to bf16, as flash-attn's GPU backward does; the softmax algebra stays float.
-  // FLASH_ATTN_EXT_CPU_BF16_GEMM=0: the float tiles.
+  // The tile products' back end (tile_backend.h). bf16 on avx512_bf16 or brgemm: the five
+  // products on bf16 operands with P and dS rounded to bf16, as flash-attn's GPU backward does;
+  // the softmax algebra stays float. Otherwise float tiles (bf16/fp16 widened).
   constexpr bool kBf16 = std::is_same_v<scalar_t, c10::BFloat16>;
-  const bool use_bf16 = kBf16 && has_bf16_gemm() && !env_is_zero("FLASH_ATTN_EXT_CPU_BF16_GEMM");
+  const TileBackend tiles = choose_tiles(q.scalar_type()).backend;
+  const bool use_bf16 = kBf16 && tiles != TileBackend::kFloat;
+  // dV and dQ (and dK on the bf16 tiles; the float tiles pre-scale Q) accumulate unscaled: the
+  // softmax scale and the dropout's 1 / (1 - p) are applied once, when the sums are narrowed.
+  // brgemm has no alpha, and an alpha on an accumulating product costs it a pass through
+  // scratch (measured: the brgemm backward 13-19% slower than vdpbf16ps before, NOTES.md #27).
+  const acc_t dk_factor = use_bf16 ? scale : acc_t(1), dv_factor = keep_scale, dq_factor = scale;
   const int64_t Dk2 = Dk + Dk % 2, Dv2 = Dv + Dv % 2;  // pairs: odd dims get a zero
 
   // GQA loop order. One pass over the key tiles for all G query heads packs each K/V tile once,
@@ -200,14 +207,14 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
                   pack_bf16_row_pairs(row_ptrs.data(), rows, Dk, q_pairs.data(), Dk);  // dK = dS^T Q
                   copy_bf16_rows(do_rows, b, h, i0, rows, Dv, do_bf.data(), Dv2, row_ptrs.data());
                   pack_bf16_row_pairs(row_ptrs.data(), rows, Dv, do_pairs.data(), Dv);  // dV = P^T dO
-                  tile_gemm_bf16(rows, cols, Dk2, static_cast<float>(scale), q_bf.data(), Dk2, kt_bf, kBlockK,
+                  tiles_gemm_bf16(tiles, rows, cols, Dk2, static_cast<float>(scale), q_bf.data(), Dk2, kt_bf, kBlockK,
                                  pt, kBlockK, /*accumulate=*/false);
                 }
               } else {
                 load_rows(q_rows.at(b, h, i0), q_rows.stride_l, rows, Dk, scale, q_tile.data(), Dk);
                 load_rows(do_rows.at(b, h, i0), do_rows.stride_l, rows, Dv, acc_t(1), do_tile.data(), Dv);
                 // P = exp(softcap(scale * Q K^T) + mask - lse), exactly the forward's probabilities.
-                tile_gemm(false, rows, cols, Dk, acc_t(1), q_tile.data(), Dk, kt_tile, kBlockK,
+                tiles_gemm(tiles, false, rows, cols, Dk, acc_t(1), q_tile.data(), Dk, kt_tile, kBlockK,
                           pt, kBlockK, /*accumulate=*/false);
               }
               if (cap > acc_t(0)) softcap_tile(pt, kBlockK, rows, cols, cap, slope_tile.data());
@@ -232,22 +239,22 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
                     pd_tile[r * kBlockK + c] = keep[r * kBlockK + c] ? pt[r * kBlockK + c] : acc_t(0);
                 p_used = pd_tile.data();
               }
-              // dV += (P o Z)^T dO / (1 - p_drop)
+              // dV += (P o Z)^T dO  (times 1 / (1 - p_drop) when narrowed)
               acc_t* dpt = dp_tile.data();
               if (use_bf16) {
                 if constexpr (kBf16) {
                   floats_to_bf16_transposed(p_used, kBlockK, rows, cols, rows2, pt_bf.data(), kBlockQ, scratch.data());
-                  tile_gemm_bf16(cols, Dv, rows2, static_cast<float>(keep_scale), pt_bf.data(), kBlockQ, do_pairs.data(),
+                  tiles_gemm_bf16(tiles, cols, Dv, rows2, 1.0f, pt_bf.data(), kBlockQ, do_pairs.data(),
                                  Dv, dv_t, Dv, /*accumulate=*/true);
-                  tile_gemm_bf16(rows, cols, Dv2, 1.0f, do_bf.data(), Dv2, vt_bf, kBlockK, dpt, kBlockK,
+                  tiles_gemm_bf16(tiles, rows, cols, Dv2, 1.0f, do_bf.data(), Dv2, vt_bf, kBlockK, dpt, kBlockK,
                                  /*accumulate=*/false);
                 }
               } else {
-                tile_gemm(true, cols, Dv, rows, keep_scale, p_used, kBlockK, do_tile.data(), Dv,
+                tiles_gemm(tiles, true, cols, Dv, rows, acc_t(1), p_used, kBlockK, do_tile.data(), Dv,
                           dv_t, Dv, /*accumulate=*/true);
                 // dP = dO V^T, then through dropout, then dS = P * (dP - delta) (times the softcap
                 // slope: the gradient of the raw score).
-                tile_gemm(false, rows, cols, Dv, acc_t(1), do_tile.data(), Dv, vt_tile, kBlockK,
+                tiles_gemm(tiles, false, rows, cols, Dv, acc_t(1), do_tile.data(), Dv, vt_tile, kBlockK,
                           dpt, kBlockK, /*accumulate=*/false);
               }
               for (int64_t r = 0; r < rows; ++r) {
@@ -278,41 +285,42 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
                   // dK += scale dS^T Q ; dQ += scale dS K, with dS rounded to bf16 once
                   floats_to_bf16(dpt, kBlockK, rows, cols, cols2, ds_bf.data(), kBlockK);
                   transpose_bf16(ds_bf.data(), kBlockK, rows, cols, rows2, pt_bf.data(), kBlockQ);
-                  tile_gemm_bf16(cols, Dk, rows2, static_cast<float>(scale), pt_bf.data(), kBlockQ, q_pairs.data(), Dk,
+                  tiles_gemm_bf16(tiles, cols, Dk, rows2, 1.0f, pt_bf.data(), kBlockQ, q_pairs.data(), Dk,
                                  dk_t, Dk, /*accumulate=*/true);
-                  tile_gemm_bf16(rows, Dk, cols2, static_cast<float>(scale), ds_bf.data(), kBlockK, k_pairs, Dk,
+                  tiles_gemm_bf16(tiles, rows, Dk, cols2, 1.0f, ds_bf.data(), kBlockK, k_pairs, Dk,
                                  dq_acc_data + (bh * L + i0) * Dk, Dk, /*accumulate=*/true);
                 }
               } else {
                 // dK += dS^T (scale Q)  (q_tile already carries the scale)
-                tile_gemm(true, cols, Dk, rows, acc_t(1), dpt, kBlockK, q_tile.data(), Dk,
+                tiles_gemm(tiles, true, cols, Dk, rows, acc_t(1), dpt, kBlockK, q_tile.data(), Dk,
                           dk_t, Dk, /*accumulate=*/true);
-                // dQ += scale dS K
-                tile_gemm(false, rows, Dk, cols, scale, dpt, kBlockK, k_tile, Dk,
+                // dQ += dS K (scaled when narrowed)
+                tiles_gemm(tiles, false, rows, Dk, cols, acc_t(1), dpt, kBlockK, k_tile, Dk,
                           dq_acc_data + (bh * L + i0) * Dk, Dk, /*accumulate=*/true);
               }
             }
           }
           if (!head_passes) {
-            store_rows(dk_acc.data(), Dk, cols, Dk, dk_rows.at(b, hk, j0), dk_rows.stride_l);
-            store_rows(dv_acc.data(), Dv, cols, Dv, dv_rows.at(b, hk, j0), dv_rows.stride_l);
+            store_rows(dk_acc.data(), Dk, cols, Dk, dk_rows.at(b, hk, j0), dk_rows.stride_l, dk_factor);
+            store_rows(dv_acc.data(), Dv, cols, Dv, dv_rows.at(b, hk, j0), dv_rows.stride_l, dv_factor);
           }
         }
       }
       if (head_passes) {  // this split's key tiles have all G heads' terms: narrow them once
         for (int64_t j0 = split * kBlockK; j0 < pb.len_k; j0 += n_splits * kBlockK) {
           const int64_t cols = std::min(kBlockK, pb.len_k - j0);
-          store_rows(dk_unit.data() + j0 * Dk, Dk, cols, Dk, dk_rows.at(b, hk, j0), dk_rows.stride_l);
-          store_rows(dv_unit.data() + j0 * Dv, Dv, cols, Dv, dv_rows.at(b, hk, j0), dv_rows.stride_l);
+          store_rows(dk_unit.data() + j0 * Dk, Dk, cols, Dk, dk_rows.at(b, hk, j0), dk_rows.stride_l, dk_factor);
+          store_rows(dv_unit.data() + j0 * Dv, Dv, cols, Dv, dv_rows.at(b, hk, j0), dv_rows.stride_l, dv_factor);
         }
       }
       if (n_splits == 1) {  // this task's query heads are complete: narrow their dQ now
         for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
           const int64_t bh = b * p.heads_q + h;
-          store_rows(dq_acc_data + bh * L * Dk, Dk, pb.len_q, Dk, dq_rows.at(b, h, 0), dq_rows.stride_l);
+          store_rows(dq_acc_data + bh * L * Dk, Dk, pb.len_q, Dk, dq_rows.at(b, h, 0), dq_rows.stride_l, dq_factor);
         }
       }
     }
+    tiles_release(tiles);
   });
   if (n_splits > 1) {  // sum the splits' partial dQ in split order, then narrow
     const acc_t* acc = dq_acc.data_ptr<acc_t>();
@@ -325,7 +333,7 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
           for (int64_t e = 0; e < L * Dk; ++e) rows[e] += part[e];
         }
         store_rows(rows.data(), Dk, p.for_batch(bh / p.heads_q).len_q, Dk,
-                   dq_rows.at(bh / p.heads_q, bh % p.heads_q, 0), dq_rows.stride_l);
+                   dq_rows.at(bh / p.heads_q, bh % p.heads_q, 0), dq_rows.stride_l, dq_factor);
       }
     });
   }

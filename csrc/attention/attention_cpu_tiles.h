@@ -155,14 +155,18 @@ inline void prefetch_tile(const Rows<const T>& rows, int64_t b, int64_t h, int64
   }
 }
 
-// dst[r * dst_stride + d] = src[r * ld + d], narrowed to the output dtype.
+// dst[r * dst_stride + d] = factor * src[r * ld + d], narrowed to the output dtype.
 template <typename dst_t, typename acc_t>
 inline void store_rows(const acc_t* src, int64_t ld, int64_t rows, int64_t dim, dst_t* dst,
-                       int64_t dst_stride) {
+                       int64_t dst_stride, acc_t factor = acc_t(1)) {
   for (int64_t r = 0; r < rows; ++r) {
     const acc_t* s = src + r * ld;
     dst_t* d = dst + r * dst_stride;
-    for (int64_t c = 0; c < dim; ++c) d[c] = static_cast<dst_t>(s[c]);
+    if (factor == acc_t(1)) {
+      for (int64_t c = 0; c < dim; ++c) d[c] = static_cast<dst_t>(s[c]);
+    } else {
+      for (int64_t c = 0; c < dim; ++c) d[c] = static_cast<dst_t>(factor * s[c]);
+    }
   }
 }
 

@@ -17,6 +17,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../cpu/tile_backend.h"
 #include "../cpu/tile_math.h"
 #include "../cpu/tile_math_bf16.h"
 #include "attention_cpu_tiles.h"
@@ -79,11 +80,11 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
   // Dropout zeroes probabilities after the row sum; the 1/(1-p) of the kept ones is applied
   // once, at the end, with 1/l.
   const acc_t keep_scale = dropout ? acc_t(1) / (acc_t(1) - static_cast<acc_t>(p.dropout_p)) : acc_t(1);
-  // bf16 on AVX512-BF16: both tile products on vdpbf16ps (tile_math_bf16.h), Q and K as
-  // stored, P rounded to bf16 for P V as flash-attn does on GPUs; the softmax stays float.
-  // FLASH_ATTN_EXT_CPU_BF16_GEMM=0: the float path (the tests run both).
-  const bool bf16_gemm = std::is_same_v<scalar_t, c10::BFloat16> && has_bf16_gemm() &&
-                         !env_is_zero("FLASH_ATTN_EXT_CPU_BF16_GEMM");
+  // The tile products' back end (tile_backend.h). bf16 on avx512_bf16 or brgemm: both products
+  // on bf16 operands, Q and K as stored, P rounded to bf16 for P V as flash-attn does on GPUs;
+  // the softmax stays float. Otherwise float tiles (bf16/fp16 widened), on our kernel or brgemm.
+  const TileBackend tiles = choose_tiles(q.scalar_type()).backend;
+  const bool bf16_gemm = std::is_same_v<scalar_t, c10::BFloat16> && tiles != TileBackend::kFloat;
   const int64_t Dk2 = Dk + Dk % 2;  // the bf16 products run over pairs: odd dims get a zero
   // The per-thread K^T cache (below): when a head has several query spans, up to 8 MiB per thread
   // (longer sequences transpose per span, as before; FLASH_ATTN_EXT_CPU_KT_CACHE=0 always does).
@@ -177,8 +178,8 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
               pack_bf16_row_pairs(row_ptrs.data(), cols, Dv, v_dst, Dv);
             }
             v_p = v_dst;
-            tile_gemm_bf16(rows, cols, Dk2, static_cast<float>(scale), q_bf.data(), Dk2, kt_dst, kBlockK, s, kBlockK,
-                           /*accumulate=*/false);
+            tiles_gemm_bf16(tiles, rows, cols, Dk2, static_cast<float>(scale), q_bf.data(), Dk2, kt_dst, kBlockK, s,
+                            kBlockK, /*accumulate=*/false);
           }
         } else if (rows <= kFewRows) {  // decode: row dot products on K as stored, no transpose
           load_tile(k_rows, b, hk, j0, cols, Dk, acc_t(1), kt_tile.data(), Dk);
@@ -195,8 +196,8 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
           } else {
             load_tile_transposed(k_rows, b, hk, j0, cols, Dk, kt, kBlockK);
           }
-          tile_gemm(false, rows, cols, Dk, acc_t(1), q_tile.data(), Dk, kt, kBlockK, s, kBlockK,
-                    /*accumulate=*/false);
+          tiles_gemm(tiles, false, rows, cols, Dk, acc_t(1), q_tile.data(), Dk, kt, kBlockK, s, kBlockK,
+                     /*accumulate=*/false);
         }
         // float V rows evenly strided (not split by a paged block): the P V product reads them
         // in place, no copy.
@@ -236,12 +237,12 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
         if (use_bf16) {
           if constexpr (std::is_same_v<acc_t, float>) {
             floats_to_bf16(s, kBlockK, rows, cols, cols2, p_bf.data(), kBlockK);
-            tile_gemm_bf16(rows, Dv, cols2, 1.0f, p_bf.data(), kBlockK, v_p, Dv, o_acc.data(), Dv,
-                           /*accumulate=*/true);
+            tiles_gemm_bf16(tiles, rows, Dv, cols2, 1.0f, p_bf.data(), kBlockK, v_p, Dv, o_acc.data(), Dv,
+                            /*accumulate=*/true);
           }
         } else {
-          tile_gemm(false, rows, Dv, cols, acc_t(1), s, kBlockK, v_in, ld_v, o_acc.data(), Dv,
-                    /*accumulate=*/true);
+          tiles_gemm(tiles, false, rows, Dv, cols, acc_t(1), s, kBlockK, v_in, ld_v, o_acc.data(), Dv,
+                     /*accumulate=*/true);
         }
       }
 
@@ -263,6 +264,7 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
       for (int64_t g = 0; g < pack; ++g)
         store_rows(o_acc.data() + g * n_pos * Dv, Dv, n_pos, Dv, o_rows.at(b, h0 + g, i0), o_rows.stride_l);
     }
+    tiles_release(tiles);
   });
   if (n_splits == 1) return;
 
