@@ -55,8 +55,13 @@ def main():
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--issue-grid", action="store_true", help="the issue's full grid, bf16 (long on 2 cores)")
     ap.add_argument("--max-gb", type=float, default=4.0, help="skip rows whose K+V caches exceed this")
+    ap.add_argument("--kv-compare", action="store_true",
+                    help="the lecture's T_infer comparison: decode time per token against one long cache for MHA, "
+                         "GQA-8 and MQA at the same --heads query heads")
     args = ap.parse_args()
     grid = [(args.kv_heads, B, S) for B in args.batch for S in args.seq]
+    if args.kv_compare:
+        grid = [(hkv, B, S) for B in args.batch for S in args.seq for hkv in (args.heads, 8, 1)]
     if args.issue_grid:
         args.dtypes = ["bfloat16"]
         seqs = (1024, 8192, 32768) + ((131072,) if args.device == "cuda" else ())
@@ -96,6 +101,14 @@ def main():
             print(f"{dtype_name:9} {Hkv:>3} {B:>2} {S:>6} | {row['ours_us']:9.0f} {gbs:6.1f} {row['fraction_of_copy']:7.2f} | "
                   f"{row['torch_us']:9.0f} {row['ratio_vs_torch']:10.2f} | {row['concat_us']:9.0f} "
                   f"{row['ratio_vs_concat']:11.2f}", flush=True)
+    if args.kv_compare:  # T_infer per token and its ratio to MHA, per (dtype, B, S)
+        print(f"\ndecode time per token, {args.heads} query heads, D={args.dim} (ours):")
+        for key in sorted({(r["dtype"], r["B"], r["S"]) for r in rows}):
+            same = {r["Hkv"]: r["ours_us"] for r in rows if (r["dtype"], r["B"], r["S"]) == key}
+            mha = same.get(args.heads)
+            print(f"  {key[0]} B={key[1]} S={key[2]}: " + ", ".join(
+                f"{'MHA' if h == args.heads else 'MQA' if h == 1 else f'GQA-{h}'} {t / 1e3:.2f} ms"
+                + (f" ({t / mha:.2f} of MHA)" if mha and h != args.heads else "") for h, t in same.items()))
     if args.csv and rows:
         write_csv(args.csv, rows)
     if args.plot and rows:

@@ -41,6 +41,23 @@ def test_decode_and_prefill_against_cache(device, dtype, L, Hq, Hkv, causal, win
     _check(out, lse, q, kc, vc, lens, w, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B,L", [(1, 1), (1, 2), (2, 3), (1, 5)])
+@pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (True, (300, -1))])
+def test_mqa_decode_many_query_heads(device, dtype, B, L, causal, window):
+    """MQA with 32 query heads: more rows per KV head than the decode path takes. The whole
+    group's rows fit one tile at L <= 2 (packed, one task per sequence, split-KV across the
+    threads); L = 3 and 5 do not (a query head per task, as before)."""
+    Hq, Hkv, S_max, D = 32, 1, 700, 64
+    q, kc, vc = _case(B, Hq, Hkv, L, S_max, D, dtype, device, seed=L)
+    lens = [S_max, 450][:B]
+    with torch.no_grad():
+        out, lse = flash_attn_ext.attention_with_kvcache(
+            q, kc, vc, cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=device),
+            causal=causal, window_size=window, return_softmax_lse=True)
+    _check(out, lse, q, kc, vc, lens, (window[0], 0), dtype)
+
+
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
 def test_append_then_attend(device, layout):
     B, Hq, Hkv, L, S_max, D = 2, 4, 2, 5, 64, 32

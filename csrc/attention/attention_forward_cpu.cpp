@@ -36,8 +36,9 @@ constexpr int64_t kFewRows = 8;
 // of whole tiles, one task per range; each writes its unnormalised partial state (running max,
 // running sum, accumulator) and a merge pass combines them exactly, as
 // merge_attention_states does. Only worth it when the band is long: each split is >= 4 tiles.
+// Tasks of one query tile (decode of a packed GQA/MQA group, short chunks) split too.
 int64_t choose_splits(int64_t tasks, int64_t threads, int64_t len_k, int64_t rows_per_task) {
-  if (tasks >= threads || rows_per_task > kFewRows) return 1;
+  if (tasks >= threads || rows_per_task > kBlockQ) return 1;
   const int64_t by_threads = (threads + tasks - 1) / tasks;
   const int64_t by_length = std::max<int64_t>(1, len_k / (4 * kBlockK));
   return std::min<int64_t>({by_threads, by_length, 64});
@@ -52,13 +53,19 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
   const int64_t L = p.len_q, Dk = p.dim_qk, Dv = p.dim_v;
   // GQA: a tile holds `pack` query heads of one group x `span` positions, so the group's K/V
   // tiles are loaded once for all of them (decode reads the cache once per group, not once
-  // per query head). Packing is used when it still leaves two tasks per thread.
+  // per query head). Packing is used when it still leaves two tasks per thread, or when the
+  // whole group's rows fit one tile (decode with more query rows per KV head than the decode
+  // path takes, e.g. MQA): there unpacked tasks each read the whole cache again, and split-KV
+  // finds the parallelism instead (measured: MQA decode at 32 query heads read the cache 32
+  // times and took 0.92 of MHA's time per token, benchmarks/NOTES.md #28).
   const int64_t threads = at::get_num_threads();
   const auto tasks_for = [&](int64_t pack) {
     const int64_t span = std::max<int64_t>(1, std::min(L, kBlockQ / pack));
     return p.batch * (p.heads_q / pack) * ((L + span - 1) / span);
   };
-  const int64_t pack = p.group_size() > 1 && tasks_for(p.group_size()) >= 2 * threads ? p.group_size() : 1;
+  const bool group_in_one_tile = p.group_size() * L <= kBlockQ;
+  const int64_t pack =
+      p.group_size() > 1 && (group_in_one_tile || tasks_for(p.group_size()) >= 2 * threads) ? p.group_size() : 1;
   const int64_t span = std::max<int64_t>(1, std::min(L, kBlockQ / pack));
   const int64_t n_spans = (L + span - 1) / span;
   const int64_t n_packs = p.heads_q / pack;
