@@ -108,6 +108,11 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
     // in a row (parallel_for hands each thread consecutive spans of a head): each tile is
     // transposed once per thread instead of once per span. Tile t holds kt_cols[t] keys.
     std::vector<acc_t> kt_cache;
+    // fp16 (and bf16 on the float tiles): the widened V tiles too, kept with the K^T tiles. Widened
+    // once per span instead, V's conversions cost more than the P V product itself (fp16 forward
+    // at D=128 ran at 1.8x PyTorch's time, benchmarks/NOTES.md #29).
+    constexpr bool kWidenV = !std::is_same_v<scalar_t, acc_t>;
+    std::vector<acc_t> v_cache;
     std::vector<uint32_t> bf_cache;  // bf16: packed K^T and V pairs per tile
     std::vector<int64_t> kt_cols;
     int64_t cache_b = -1, cache_hk = -1;
@@ -163,6 +168,7 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
           prefetch_tile(v_rows, b, hk, j0 + kBlockK, next, Dv);
         }
         acc_t* s = s_tile.data();
+        const acc_t* v_cached = nullptr;  // this tile's widened V rows in the per-thread cache
         const int64_t cols2 = cols + cols % 2;  // P V over key pairs
         const uint32_t* v_p = v_bf.data();
         if (use_bf16) {
@@ -196,6 +202,12 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
           if (const int64_t t = cache_slot(b, hk, j0); t >= 0) {
             if (kt_cache.empty()) kt_cache.resize(n_ktiles * Dk * kBlockK);
             kt = kt_cache.data() + t * Dk * kBlockK;
+            if constexpr (kWidenV) {
+              if (v_cache.empty()) v_cache.resize(n_ktiles * kBlockK * Dv);
+              acc_t* vc = v_cache.data() + t * kBlockK * Dv;
+              if (kt_cols[t] < cols) load_tile(v_rows, b, hk, j0, cols, Dv, acc_t(1), vc, Dv);
+              v_cached = vc;
+            }
             if (kt_cols[t] < cols) {
               load_tile_transposed(k_rows, b, hk, j0, cols, Dk, kt, kBlockK);
               kt_cols[t] = cols;
@@ -213,6 +225,7 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
         if constexpr (std::is_same_v<scalar_t, acc_t>) {
           if (!use_bf16 && v_rows.run(j0) >= cols) v_in = v_rows.at(b, hk, j0), ld_v = v_rows.stride_l;
         }
+        if (v_cached != nullptr) v_in = v_cached;
         if (!use_bf16 && v_in == v_tile.data()) load_tile(v_rows, b, hk, j0, cols, Dv, acc_t(1), v_tile.data(), Dv);
         if (cap > acc_t(0)) softcap_tile(s, kBlockK, rows, cols, cap);
         for (int64_t g = 0; g < pack; ++g) {  // masks and dropout depend on the head
