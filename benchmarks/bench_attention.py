@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flash_attn_ext
+from flash_attn_ext.backends import cpu_description
 
 MATH_MAX_SEQ = 2048  # the math path materialises B*H*L*S scores: skipped above this
 
@@ -58,22 +59,6 @@ def timeit(fn, min_time=0.5, max_reps=20):
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
-
-
-def cpu_description():
-    """'model (ISA flags)' of this machine's CPU, from /proc/cpuinfo."""
-    model, flags = "unknown CPU", []
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model == "unknown CPU":
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = line.split(":", 1)[1].split()
-    except OSError:
-        pass
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16") if f in flags]
-    return f"{model} ({' '.join(isa) or 'no AVX2'})"
 
 
 def matmul_ceiling(dtype=torch.float32, n=2048):

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flash_attn_ext
-from bench_attention import attn_flops, cpu_description, write_csv
+from bench_attention import attn_flops, write_csv
+from flash_attn_ext.backends import cpu_description
 
 
 def runnable(dtype):

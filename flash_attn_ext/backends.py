@@ -42,6 +42,24 @@ def set_cpu_tiles(backend: str) -> str:
     return _set(backend)
 
 
+def cpu_description() -> str:
+    """'model (ISA flags)' of this machine's CPU from /proc/cpuinfo, the flags being those that
+    decide the tile back ends (avx2, avx512f, avx512_bf16, avx512_fp16, amx_bf16, amx_fp16):
+    what a speed figure or a test run names as its CPU."""
+    model, flags = "unknown CPU", []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model == "unknown CPU":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16") if f in flags]
+    return f"{model} ({' '.join(isa) or 'no AVX2'})"
+
+
 def cpu_tiles_in_use(dtype: torch.dtype):
     """(back end, reason): what the CPU attention kernels use now for inputs of `dtype`."""
     if not isinstance(dtype, torch.dtype):

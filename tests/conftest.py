@@ -1,10 +1,9 @@
-import platform
-
 import pytest
 import torch
 
 import flash_attn_ext
 from flash_attn_ext import _ops
+from flash_attn_ext.backends import cpu_description
 
 
 def _device_params():
@@ -35,29 +34,11 @@ def pytest_addoption(parser):
                      help="run every test with the CPU kernels' tiles on this back end (flash_attn_ext.cpu_tiles)")
 
 
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def pytest_report_header(config):
     """The CPU and the tile back end each dtype runs on (the README's verified-on table cites it)."""
-    flags = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        pass
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16") if f in flags]
     if config.getoption("--cpu-tiles"):
         flash_attn_ext.set_cpu_tiles(config.getoption("--cpu-tiles"))
-    lines = [f"cpu: {_cpu_model()} ({' '.join(isa) or 'no AVX2'})"]
+    lines = [f"cpu: {cpu_description()}"]
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         backend, reason = flash_attn_ext.cpu_tiles_in_use(dtype)
         lines.append(f"cpu tiles {str(dtype).replace('torch.', '')}: {backend} ({reason})")
