@@ -28,6 +28,9 @@
 namespace flash_attn_ext::cpu {
 namespace {
 
+// Key tiles seen by at most this many query rows take the row-dot-product products (below).
+constexpr int64_t kFewRows = 8;
+
 // dst (cols x rows_pad) = src^T for a rows x cols bf16 tile; columns rows..rows_pad are zero.
 inline void transpose_bf16(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols, int64_t rows_pad,
                            uint16_t* dst, int64_t ldd) {
@@ -78,6 +81,11 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.heads_q, h = bh % p.heads_q;
       const int64_t len_q = p.for_batch(b).len_q;
+      if constexpr (std::is_same_v<scalar_t, float>) {  // vectorised for this CPU
+        row_dots(do_rows.at(b, h, 0), do_rows.stride_l, o_rows.at(b, h, 0), o_rows.stride_l, len_q, Dv,
+                 delta_data + p.row_index(b, h, 0));
+        continue;
+      }
       for (int64_t i = 0; i < len_q; ++i) {
         const scalar_t* g = do_rows.at(b, h, i);
         const scalar_t* o = o_rows.at(b, h, i);
@@ -174,6 +182,11 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
             std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
           }
           const int64_t cols2 = cols + cols % 2;
+          // A key tile that few query rows see (decode-like shapes, e.g. L = 1): the float path
+          // takes S = Q K^T and dP = dO V^T as row dot products on K and V as stored, since
+          // transposing both tiles cost more than the products (the transposes were 86% of the
+          // backward's own samples at L = 1, S = 239).
+          const bool few_rows = band.end - band.begin <= kFewRows;
           const int64_t slot = keep_kv_tiles ? j0 / kBlockK : 0;
           const bool pack = !keep_kv_tiles || h0 == hk * G;  // else the group's first pass packed it
           acc_t* k_tile = k_tiles.data() + slot * kBlockK * Dk;
@@ -192,8 +205,12 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
             }
           } else if (pack && band.begin < band.end) {
             load_rows(k_rows.at(b, hk, j0), k_rows.stride_l, cols, Dk, acc_t(1), k_tile, Dk);
-            load_rows_transposed(k_rows.at(b, hk, j0), k_rows.stride_l, cols, Dk, kt_tile, kBlockK);
-            load_rows_transposed(v_rows.at(b, hk, j0), v_rows.stride_l, cols, Dv, vt_tile, kBlockK);
+            if (few_rows) {  // V rows as stored (in vt_tile's slot): S and dP as row dot products
+              load_rows(v_rows.at(b, hk, j0), v_rows.stride_l, cols, Dv, acc_t(1), vt_tile, Dv);
+            } else {
+              load_rows_transposed(k_rows.at(b, hk, j0), k_rows.stride_l, cols, Dk, kt_tile, kBlockK);
+              load_rows_transposed(v_rows.at(b, hk, j0), v_rows.stride_l, cols, Dv, vt_tile, kBlockK);
+            }
           }
           for (int64_t h = h0; h < h0 + heads_per_pass && band.begin < band.end; ++h) {
             const int64_t bh = b * p.heads_q + h;
@@ -214,8 +231,11 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
                 load_rows(q_rows.at(b, h, i0), q_rows.stride_l, rows, Dk, scale, q_tile.data(), Dk);
                 load_rows(do_rows.at(b, h, i0), do_rows.stride_l, rows, Dv, acc_t(1), do_tile.data(), Dv);
                 // P = exp(softcap(scale * Q K^T) + mask - lse), exactly the forward's probabilities.
-                tiles_gemm(tiles, false, rows, cols, Dk, acc_t(1), q_tile.data(), Dk, kt_tile, kBlockK,
-                          pt, kBlockK, /*accumulate=*/false);
+                if (few_rows)
+                  tile_gemm_nt(rows, cols, Dk, q_tile.data(), Dk, k_tile, Dk, pt, kBlockK);
+                else
+                  tiles_gemm(tiles, false, rows, cols, Dk, acc_t(1), q_tile.data(), Dk, kt_tile, kBlockK,
+                             pt, kBlockK, /*accumulate=*/false);
               }
               if (cap > acc_t(0)) softcap_tile(pt, kBlockK, rows, cols, cap, slope_tile.data());
               mask_tile(pt, kBlockK, rows, cols, i0, j0, b, h, pb, mask);
@@ -254,8 +274,11 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
                           dv_t, Dv, /*accumulate=*/true);
                 // dP = dO V^T, then through dropout, then dS = P * (dP - delta) (times the softcap
                 // slope: the gradient of the raw score).
-                tiles_gemm(tiles, false, rows, cols, Dv, acc_t(1), do_tile.data(), Dv, vt_tile, kBlockK,
-                          dpt, kBlockK, /*accumulate=*/false);
+                if (few_rows)
+                  tile_gemm_nt(rows, cols, Dv, do_tile.data(), Dv, vt_tile, Dv, dpt, kBlockK);
+                else
+                  tiles_gemm(tiles, false, rows, cols, Dv, acc_t(1), do_tile.data(), Dv, vt_tile, kBlockK,
+                             dpt, kBlockK, /*accumulate=*/false);
               }
               for (int64_t r = 0; r < rows; ++r) {
                 const acc_t d = delta_data[p.row_index(b, h, i0 + r)];

@@ -14,6 +14,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
+
+#include "../cpu/tile_math.h"
 #include <vector>
 
 #include "../common/attention_semantics.h"
@@ -106,6 +109,9 @@ inline void prefetch_rows(const T* src, int64_t stride, int64_t rows, int64_t di
 template <typename src_t, typename acc_t>
 inline void load_rows(const src_t* src, int64_t src_stride, int64_t rows, int64_t dim,
                       acc_t scale, acc_t* dst, int64_t ld) {
+  if constexpr (std::is_same_v<src_t, float> && std::is_same_v<acc_t, float>) {
+    return scale_rows(src, src_stride, rows, dim, scale, dst, ld);  // vectorised for this CPU
+  }
   for (int64_t r = 0; r < rows; ++r) {
     const src_t* s = src + r * src_stride;
     acc_t* d = dst + r * ld;
@@ -159,6 +165,9 @@ inline void prefetch_tile(const Rows<const T>& rows, int64_t b, int64_t h, int64
 template <typename dst_t, typename acc_t>
 inline void store_rows(const acc_t* src, int64_t ld, int64_t rows, int64_t dim, dst_t* dst,
                        int64_t dst_stride, acc_t factor = acc_t(1)) {
+  if constexpr (std::is_same_v<dst_t, float> && std::is_same_v<acc_t, float>) {
+    return scale_rows(src, ld, rows, dim, factor, dst, dst_stride);
+  }
   for (int64_t r = 0; r < rows; ++r) {
     const acc_t* s = src + r * ld;
     dst_t* d = dst + r * dst_stride;

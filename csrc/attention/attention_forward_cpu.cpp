@@ -248,7 +248,8 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
           const acc_t sum = exp_shift_sum(sr, cols, m_new);
           l_run[r] = l_run[r] * alpha + sum;
           m_run[r] = m_new;
-          if (alpha != acc_t(1)) scale_row(o_acc.data() + r * Dv, Dv, alpha);
+          // The first visible tile (m_old = -inf) has nothing to rescale: o_acc is still 0.
+          if (alpha != acc_t(1) && m_old != kNegInf) scale_row(o_acc.data() + r * Dv, Dv, alpha);
           if (dropout) {
             const uint8_t* kr = keep.data() + r * kBlockK;
             for (int64_t c = 0; c < cols; ++c) sr[c] = kr[c] ? sr[c] : acc_t(0);
@@ -273,16 +274,16 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
         }
         continue;
       }
-      // Rows that saw no key (l == 0) return zeros and lse = -inf.
+      // Normalised as stored. Rows that saw no key (l == 0) return zeros and lse = -inf.
       for (int64_t r = 0; r < rows; ++r) {
         const acc_t l = l_run[r];
-        const int64_t at = p.row_index(b, h0 + r / n_pos, i0 + r % n_pos);
-        scale_row(o_acc.data() + r * Dv, Dv, l > acc_t(0) ? keep_scale / l : acc_t(0));
+        const int64_t h = h0 + r / n_pos, i = i0 + r % n_pos;
+        const int64_t at = p.row_index(b, h, i);
+        store_rows(o_acc.data() + r * Dv, Dv, 1, Dv, o_rows.at(b, h, i), o_rows.stride_l,
+                   l > acc_t(0) ? keep_scale / l : acc_t(0));
         lse_data[at] = l > acc_t(0) ? m_run[r] + std::log(l) : kNegInf;
         if (l != l) lse_data[at] = l;  // NaN inputs: keep the NaN, not a zero row
       }
-      for (int64_t g = 0; g < pack; ++g)
-        store_rows(o_acc.data() + g * n_pos * Dv, Dv, n_pos, Dv, o_rows.at(b, h0 + g, i0), o_rows.stride_l);
     }
     tiles_release(tiles);
   });

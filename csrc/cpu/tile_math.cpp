@@ -167,8 +167,7 @@ void tile_gemm_nt(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
     }
 }
 
-FAE_MULTIVERSION
-float row_max(const float* x, int64_t n) {
+FAE_INLINE float row_max_impl(const float* x, int64_t n) {
   // Two 8-lane running maxima; NaNs are tracked separately (x != x) so the max itself is a
   // plain compare-and-select the compiler keeps in vector registers.
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -201,8 +200,7 @@ double row_max(const double* x, int64_t n) {
   return m;
 }
 
-FAE_MULTIVERSION
-float exp_shift_sum(float* x, int64_t n, float shift) {
+FAE_INLINE float exp_shift_sum_impl(float* x, int64_t n, float shift) {
   v8f sum8 = v8f{};
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
@@ -210,18 +208,24 @@ float exp_shift_sum(float* x, int64_t n, float shift) {
     store8(x + j, e);
     sum8 += e;
   }
-  if (j < n) {  // tail: padded with -inf, whose exp is 0
-    float tail[8];
-    for (int t = 0; t < 8; ++t) tail[t] = j + t < n ? x[j + t] - shift : -std::numeric_limits<float>::infinity();
-    const v8f e = exp_nonpositive8(load8(tail));
+  if (j < n) {  // tail: the row's padding is read and its lanes replaced by -inf, whose exp is 0
+    const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    const v8f neg_inf = v8f{} - std::numeric_limits<float>::infinity();
+    const v8f t = lane < static_cast<int32_t>(n - j) ? load8(x + j) - shift : neg_inf;
+    const v8f e = exp_nonpositive8(t);
     sum8 += e;
-    store8(tail, e);
-    for (int64_t t = 0; j + t < n; ++t) x[j + t] = tail[t];
+    store8(x + j, e);
   }
   float sum = 0.0f;
   for (int t = 0; t < 8; ++t) sum += sum8[t];
   return sum;
 }
+
+FAE_MULTIVERSION
+float row_max(const float* x, int64_t n) { return row_max_impl(x, n); }
+
+FAE_MULTIVERSION
+float exp_shift_sum(float* x, int64_t n, float shift) { return exp_shift_sum_impl(x, n, shift); }
 
 double exp_shift_sum(double* x, int64_t n, double shift) {
   double sum = 0.0;
@@ -235,6 +239,29 @@ double exp_shift_sum(double* x, int64_t n, double shift) {
 FAE_MULTIVERSION
 void scale_row(float* y, int64_t n, float a) {
   for (int64_t j = 0; j < n; ++j) y[j] *= a;
+}
+
+FAE_MULTIVERSION
+void scale_rows(const float* src, int64_t lds, int64_t rows, int64_t n, float a, float* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* __restrict s = src + r * lds;
+    float* __restrict d = dst + r * ldd;
+    for (int64_t c = 0; c < n; ++c) d[c] = a * s[c];
+  }
+}
+
+FAE_MULTIVERSION
+void row_dots(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t rows, int64_t n, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = a + r * lda;
+    const float* y = b + r * ldb;
+    v8f acc = v8f{};
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) acc += load8(x + c) * load8(y + c);
+    float sum = simd::hsum(acc);
+    for (; c < n; ++c) sum += x[c] * y[c];
+    out[r] = sum;
+  }
 }
 
 void scale_row(double* y, int64_t n, double a) {

@@ -32,11 +32,20 @@ float row_max(const float* x, int64_t n);
 double row_max(const double* x, int64_t n);
 
 // x[j] = exp(x[j] - shift) in place (exp(-inf) = 0) and returns the sum. shift is finite.
+// x is a row of a score tile: the float version reads x[n, round_up(n, 8)) and sets it to 0
+// (the tail as one vector: a scalar tail through the stack stalled on store forwarding and
+// was 15% of the forward at S = 3).
 float exp_shift_sum(float* x, int64_t n, float shift);
 double exp_shift_sum(double* x, int64_t n, double shift);
 
 // y[0, n) *= a
 void scale_row(float* y, int64_t n, float a);
+// dst[r * ldd + c] = a * src[r * lds + c] for rows x n floats: the Q load and the output store
+// of the attention kernels, which the kernels' own translation units (built for baseline
+// x86-64) ran as 16-byte moves.
+void scale_rows(const float* src, int64_t lds, int64_t rows, int64_t n, float a, float* dst, int64_t ldd);
+// out[r] = sum_c a[r * lda + c] * b[r * ldb + c] for r < rows: the backward's delta = rowsum(dO * O).
+void row_dots(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t rows, int64_t n, float* out);
 void scale_row(double* y, int64_t n, double a);
 
 }  // namespace flash_attn_ext::cpu

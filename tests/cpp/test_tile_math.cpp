@@ -2,6 +2,7 @@
 // tests/test_tile_math.py builds it once per instruction set this machine can run (baseline
 // x86-64 with FAE_NO_MULTIVERSION, and the run-time-dispatched build), so the portable
 // fallback is exercised even on a CPU where the dispatcher would never pick it.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -231,12 +232,16 @@ int main() {
   // exp_shift_sum: every length (vector body and tail), -inf -> 0, relative error < 1e-6.
   std::uniform_real_distribution<float> ud(-30.f, 0.f);
   for (int64_t n = 0; n <= 40; ++n) {
+    const int64_t padded = (n + 7) / 8 * 8;  // a tile row: the padding is read and zeroed
     std::vector<float> x(n);
     for (auto& v : x) v = ud(rng);
     if (n > 3) x[2] = -std::numeric_limits<float>::infinity();
-    std::vector<float> y = x;
+    std::vector<float> y(padded, std::numeric_limits<float>::quiet_NaN());
+    std::copy(x.begin(), x.end(), y.begin());
     const float shift = -1.5f;
     const float sum = exp_shift_sum(y.data(), n, shift);
+    for (int64_t j = n; j < padded; ++j)
+      if (y[j] != 0.0f && ++failures <= 10) std::printf("FAIL exp padding n=%ld j=%ld: %g\n", (long)n, (long)j, y[j]);
     double ref_sum = 0;
     for (int64_t j = 0; j < n; ++j) {
       const double ref = std::exp(double(x[j]) - shift);
