@@ -34,11 +34,7 @@ constexpr int64_t kFewRows = 8;
 // dst (cols x rows_pad) = src^T for a rows x cols bf16 tile; columns rows..rows_pad are zero.
 inline void transpose_bf16(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols, int64_t rows_pad,
                            uint16_t* dst, int64_t ldd) {
-  for (int64_t c = 0; c < cols; ++c) {
-    uint16_t* d = dst + c * ldd;
-    for (int64_t r = 0; r < rows; ++r) d[r] = src[r * lds + c];
-    for (int64_t r = rows; r < rows_pad; ++r) d[r] = 0;
-  }
+  transpose_tile_u16(src, lds, rows, cols, rows_pad, dst, ldd);
 }
 
 // bf16 of a float tile, transposed: (cols x rows_pad) from rows x cols; scratch holds the

@@ -192,8 +192,7 @@ void tiles_gemm(TileBackend b, bool trans_a, int64_t M, int64_t N, int64_t K, fl
     int64_t ld_a = lda;
     if (trans_a) {  // brgemm reads A row-major: transpose the K x M operand first
       float* t = scratch(0, M * K).data();
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t m = 0; m < M; ++m) t[m * K + k] = A[k * lda + m];
+      transpose_tile(A, lda, K, M, t, K);
       A = t;
       ld_a = K;
     }

@@ -250,6 +250,75 @@ void scale_rows(const float* src, int64_t lds, int64_t rows, int64_t n, float a,
   }
 }
 
+// r[0..8) = the rows of an 8 x 8 block of 32-bit lanes -> out[j] = its column j: pairs of rows
+// interleaved, then pairs of pairs, then halves.
+FAE_INLINE void transpose8x8(const v8f* r, v8f* out) {
+  v8f t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = FAE_SHUFFLE8(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = FAE_SHUFFLE8(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = FAE_SHUFFLE8(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 1] = FAE_SHUFFLE8(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    u[i + 2] = FAE_SHUFFLE8(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 3] = FAE_SHUFFLE8(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  for (int j = 0; j < 4; ++j) {
+    out[j] = FAE_SHUFFLE8(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    out[j + 4] = FAE_SHUFFLE8(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+
+FAE_MULTIVERSION
+void transpose_tile(const float* src, int64_t lds, int64_t K, int64_t M, float* dst, int64_t ldd) {
+  int64_t k0 = 0;
+  for (; k0 + 8 <= K; k0 += 8) {
+    int64_t m0 = 0;
+    for (; m0 + 8 <= M; m0 += 8) {
+      v8f r[8], c[8];
+      for (int i = 0; i < 8; ++i) r[i] = load8(src + (k0 + i) * lds + m0);
+      transpose8x8(r, c);
+      for (int j = 0; j < 8; ++j) store8(dst + (m0 + j) * ldd + k0, c[j]);
+    }
+    for (; m0 < M; ++m0)
+      for (int i = 0; i < 8; ++i) dst[m0 * ldd + k0 + i] = src[(k0 + i) * lds + m0];
+  }
+  for (; k0 < K; ++k0)
+    for (int64_t m = 0; m < M; ++m) dst[m * ldd + k0] = src[k0 * lds + m];
+}
+
+FAE_MULTIVERSION
+void transpose_tile_u16(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols, int64_t rows_pad, uint16_t* dst,
+                        int64_t ldd) {
+  using simd::v8u;
+  using simd::v8u16;
+  int64_t r0 = 0;
+  for (; r0 + 8 <= rows; r0 += 8) {
+    int64_t c0 = 0;
+    for (; c0 + 8 <= cols; c0 += 8) {  // 16-bit lanes widened to 32, the float network, narrowed
+      v8f r[8], c[8];
+      for (int i = 0; i < 8; ++i) {
+        v8u16 h;
+        std::memcpy(&h, src + (r0 + i) * lds + c0, sizeof(h));
+        r[i] = (v8f)__builtin_convertvector(h, v8u);
+      }
+      transpose8x8(r, c);
+      for (int j = 0; j < 8; ++j) {
+        const v8u16 h = __builtin_convertvector((v8u)c[j], v8u16);
+        std::memcpy(dst + (c0 + j) * ldd + r0, &h, sizeof(h));
+      }
+    }
+    for (; c0 < cols; ++c0)
+      for (int i = 0; i < 8; ++i) dst[c0 * ldd + r0 + i] = src[(r0 + i) * lds + c0];
+  }
+  for (int64_t c = 0; c < cols; ++c) {
+    uint16_t* d = dst + c * ldd;
+    for (int64_t r = r0; r < rows; ++r) d[r] = src[r * lds + c];
+    for (int64_t r = rows; r < rows_pad; ++r) d[r] = 0;
+  }
+}
+
 FAE_MULTIVERSION
 void row_dots(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t rows, int64_t n, float* out) {
   for (int64_t r = 0; r < rows; ++r) {

@@ -44,6 +44,15 @@ void scale_row(float* y, int64_t n, float a);
 // of the attention kernels, which the kernels' own translation units (built for baseline
 // x86-64) ran as 16-byte moves.
 void scale_rows(const float* src, int64_t lds, int64_t rows, int64_t n, float a, float* dst, int64_t ldd);
+// dst[m * ldd + k] = src[k * lds + m] for k < K, m < M: dst = src^T, in 8 x 8 register blocks
+// (brgemm reads A row-major: the backward's P^T dO and dS^T Q transposed A with a scalar loop
+// that took 8-15% of the float32 backward).
+void transpose_tile(const float* src, int64_t lds, int64_t K, int64_t M, float* dst, int64_t ldd);
+// dst[c * ldd + r] = src[r * lds + c] for a rows x cols tile of 16-bit values (bf16 bits), and
+// 0 for rows <= r < rows_pad: the backward's P^T and dS^T (its scalar loop was ~20% of the bf16
+// backward).
+void transpose_tile_u16(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols, int64_t rows_pad, uint16_t* dst,
+                        int64_t ldd);
 // out[r] = sum_c a[r * lda + c] * b[r * ldb + c] for r < rows: the backward's delta = rowsum(dO * O).
 void row_dots(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t rows, int64_t n, float* out);
 void scale_row(double* y, int64_t n, double a);

@@ -229,6 +229,36 @@ int main() {
           }
       }
 
+  // transpose_tile: exact, 8 x 8 blocks and both tails, padding between rows untouched.
+  for (int64_t K : {1, 7, 8, 9, 64})
+    for (int64_t M : {1, 8, 13, 64}) {
+      const int64_t lds = M + 3, ldd = K + 5;
+      std::vector<float> src(K * lds), dst(M * ldd, -7.f);
+      for (auto& x : src) x = nd(rng);
+      transpose_tile(src.data(), lds, K, M, dst.data(), ldd);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < ldd; ++k) {
+          const float want = k < K ? src[k * lds + m] : -7.f;
+          if (dst[m * ldd + k] != want && ++failures <= 10)
+            std::printf("FAIL transpose K=%ld M=%ld m=%ld k=%ld\n", (long)K, (long)M, (long)m, (long)k);
+        }
+    }
+
+  // transpose_tile_u16: exact, zero rows up to rows_pad, nothing past it written.
+  for (int64_t rows : {1, 7, 8, 9, 64})
+    for (int64_t cols : {1, 8, 13, 64}) {
+      const int64_t lds = cols + 3, rows_pad = rows + rows % 2, ldd = rows_pad + 4;
+      std::vector<uint16_t> src(rows * lds), dst(cols * ldd, 0xBEEF);
+      for (auto& x : src) x = static_cast<uint16_t>(rng());
+      transpose_tile_u16(src.data(), lds, rows, cols, rows_pad, dst.data(), ldd);
+      for (int64_t c = 0; c < cols; ++c)
+        for (int64_t r = 0; r < ldd; ++r) {
+          const uint16_t want = r < rows ? src[r * lds + c] : r < rows_pad ? 0 : 0xBEEF;
+          if (dst[c * ldd + r] != want && ++failures <= 10)
+            std::printf("FAIL transpose_u16 rows=%ld cols=%ld r=%ld c=%ld\n", (long)rows, (long)cols, (long)r, (long)c);
+        }
+    }
+
   // exp_shift_sum: every length (vector body and tail), -inf -> 0, relative error < 1e-6.
   std::uniform_real_distribution<float> ud(-30.f, 0.f);
   for (int64_t n = 0; n <= 40; ++n) {
