@@ -31,18 +31,12 @@ namespace {
 // Key tiles seen by at most this many query rows take the row-dot-product products (below).
 constexpr int64_t kFewRows = 8;
 
-// dst (cols x rows_pad) = src^T for a rows x cols bf16 tile; columns rows..rows_pad are zero.
-inline void transpose_bf16(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols, int64_t rows_pad,
-                           uint16_t* dst, int64_t ldd) {
-  transpose_tile_u16(src, lds, rows, cols, rows_pad, dst, ldd);
-}
-
 // bf16 of a float tile, transposed: (cols x rows_pad) from rows x cols; scratch holds the
 // rounded rows first.
 inline void floats_to_bf16_transposed(const float* src, int64_t lds, int64_t rows, int64_t cols, int64_t rows_pad,
                                       uint16_t* dst, int64_t ldd, uint16_t* scratch) {
   floats_to_bf16(src, lds, rows, cols, cols, scratch, cols);
-  transpose_bf16(scratch, cols, rows, cols, rows_pad, dst, ldd);
+  transpose_tile_u16(scratch, cols, rows, cols, rows_pad, dst, ldd);
 }
 
 template <typename scalar_t>
@@ -303,7 +297,7 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
                 if constexpr (kBf16) {
                   // dK += scale dS^T Q ; dQ += scale dS K, with dS rounded to bf16 once
                   floats_to_bf16(dpt, kBlockK, rows, cols, cols2, ds_bf.data(), kBlockK);
-                  transpose_bf16(ds_bf.data(), kBlockK, rows, cols, rows2, pt_bf.data(), kBlockQ);
+                  transpose_tile_u16(ds_bf.data(), kBlockK, rows, cols, rows2, pt_bf.data(), kBlockQ);
                   tiles_gemm_bf16(tiles, cols, Dk, rows2, 1.0f, pt_bf.data(), kBlockQ, q_pairs.data(), Dk,
                                  dk_t, Dk, /*accumulate=*/true);
                   tiles_gemm_bf16(tiles, rows, Dk, cols2, 1.0f, ds_bf.data(), kBlockK, k_pairs, Dk,

@@ -124,6 +124,9 @@ inline void load_rows(const src_t* src, int64_t src_stride, int64_t rows, int64_
 template <typename src_t, typename acc_t>
 inline void load_rows_transposed(const src_t* src, int64_t src_stride, int64_t rows,
                                  int64_t dim, acc_t* dst, int64_t ld) {
+  if constexpr (std::is_same_v<src_t, float> && std::is_same_v<acc_t, float>) {
+    return transpose_tile(src, src_stride, rows, dim, dst, ld);  // 8 x 8 register blocks
+  }
   for (int64_t r = 0; r < rows; ++r) {
     const src_t* s = src + r * src_stride;
     for (int64_t c = 0; c < dim; ++c) dst[c * ld + r] = static_cast<acc_t>(s[c]);

@@ -167,7 +167,8 @@ void tile_gemm_nt(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
     }
 }
 
-FAE_INLINE float row_max_impl(const float* x, int64_t n) {
+FAE_MULTIVERSION
+float row_max(const float* x, int64_t n) {
   // Two 8-lane running maxima; NaNs are tracked separately (x != x) so the max itself is a
   // plain compare-and-select the compiler keeps in vector registers.
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -200,7 +201,8 @@ double row_max(const double* x, int64_t n) {
   return m;
 }
 
-FAE_INLINE float exp_shift_sum_impl(float* x, int64_t n, float shift) {
+FAE_MULTIVERSION
+float exp_shift_sum(float* x, int64_t n, float shift) {
   v8f sum8 = v8f{};
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
@@ -220,12 +222,6 @@ FAE_INLINE float exp_shift_sum_impl(float* x, int64_t n, float shift) {
   for (int t = 0; t < 8; ++t) sum += sum8[t];
   return sum;
 }
-
-FAE_MULTIVERSION
-float row_max(const float* x, int64_t n) { return row_max_impl(x, n); }
-
-FAE_MULTIVERSION
-float exp_shift_sum(float* x, int64_t n, float shift) { return exp_shift_sum_impl(x, n, shift); }
 
 double exp_shift_sum(double* x, int64_t n, double shift) {
   double sum = 0.0;
