@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flash_attn_ext
-from flash_attn_ext.backends import cpu_description
+from flash_attn_ext.config import cpu_description
 
 MATH_MAX_SEQ = 2048  # the math path materialises B*H*L*S scores: skipped above this
 

@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flash_attn_ext
 from bench_attention import attn_flops, write_csv
-from flash_attn_ext.backends import cpu_description
+from flash_attn_ext.config import cpu_description
 
 
 def runnable(dtype):

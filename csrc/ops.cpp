@@ -5,15 +5,27 @@
 
 #include <string>
 #include <tuple>
+#include <vector>
 
+#include "common/kernel_config_names.h"
 #include "cpu/tile_backend.h"
 
 namespace {
 
-std::string set_cpu_tiles(const std::string& backend) { return flash_attn_ext::cpu::set_tile_setting(backend); }
+std::vector<std::string> kernel_config() {
+  const auto config = flash_attn_ext::current_kernel_config();
+  std::vector<std::string> fields;
+  for (const std::string& name : flash_attn_ext::kernel_config_fields())
+    fields.push_back(name + "=" + flash_attn_ext::get_config_field(config, name));
+  return fields;
+}
+
+std::string set_kernel_config(const std::string& name, const std::string& value) {
+  return flash_attn_ext::set_kernel_config_field(name, value);
+}
 
 std::tuple<std::string, std::string> cpu_tiles(c10::ScalarType dtype) {
-  const auto choice = flash_attn_ext::cpu::choose_tiles(dtype);
+  const auto choice = flash_attn_ext::cpu::choose_tiles(dtype, flash_attn_ext::current_kernel_config().cpu_tiles);
   return {flash_attn_ext::cpu::tile_backend_name(choice.backend), choice.reason};
 }
 
@@ -79,11 +91,12 @@ TORCH_LIBRARY(flash_attn_ext, m) {
   m.def(
       "merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) "
       "-> (Tensor out, Tensor lse)");
-  // CPU kernel configuration (csrc/cpu/tile_backend.h; Python: flash_attn_ext.cpu_tiles): which
-  // back end multiplies the CPU kernels' tiles. _set_cpu_tiles takes "auto", "float",
-  // "avx512_bf16" or "brgemm" for the whole process and returns the previous setting;
-  // _cpu_tiles says which back end inputs of `dtype` get now, and why. No tensors: the kernels
-  // are registered here, for every dispatch key.
-  m.def("_set_cpu_tiles(str backend) -> str", &set_cpu_tiles);
+  // The kernel configuration (csrc/common/kernel_config.h; Python: flash_attn_ext.kernel_config):
+  // _kernel_config lists the process-wide setting as "name=value" strings; _set_kernel_config
+  // sets one field (ValueError naming it for a bad value) and returns its previous value;
+  // _cpu_tiles says which CPU tile back end inputs of `dtype` get now, and why. No tensors:
+  // the kernels are registered here, for every dispatch key.
+  m.def("_kernel_config() -> str[]", &kernel_config);
+  m.def("_set_kernel_config(str name, str value) -> str", &set_kernel_config);
   m.def("_cpu_tiles(ScalarType dtype) -> (str backend, str reason)", &cpu_tiles);
 }

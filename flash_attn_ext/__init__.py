@@ -6,6 +6,7 @@
     layer = flash_attn_ext.nn.Attention(embed_dim=1024, num_heads=16, num_kv_heads=4)   # module
     from flash_attn_ext.flash_attn_interface import flash_attn_func             # flash-attn's API
     with flash_attn_ext.sdpa_patched(): model(x)     # F.scaled_dot_product_attention -> ours
+    with flash_attn_ext.kernel_config(cuda_fast="off"): ...   # which kernel paths calls take
     with flash_attn_ext.cpu_tiles("brgemm"): ...      # CPU tile products on oneDNN brgemm
 
 Ops: torch.ops.flash_attn_ext.attention_forward / attention_backward / kv_cache_append /
@@ -17,7 +18,8 @@ from . import _C  # noqa: F401  (loads the native library: registers the ops)
 from . import _meta  # noqa: F401  (fake kernels for torch.compile)
 from . import nn  # noqa: F401  (attention modules)
 from ._fallback import fallback_counts, reset_fallback_counts
-from .backends import cpu_tiles, cpu_tiles_in_use, set_cpu_tiles
+from .config import (KernelConfig, cpu_tiles, cpu_tiles_in_use, get_kernel_config, kernel_config, set_cpu_tiles,
+                     set_kernel_config)
 from .attention import attention, merge_attention_states
 from . import flash_attn_interface  # noqa: F401  (flash-attn's API)
 from .kv_cache import KVCache, attention_with_kvcache, kv_cache_append
@@ -39,6 +41,10 @@ __all__ = [
     "scaled_dot_product_attention",
     "fallback_counts",
     "reset_fallback_counts",
+    "KernelConfig",
+    "kernel_config",
+    "get_kernel_config",
+    "set_kernel_config",
     "cpu_tiles",
     "cpu_tiles_in_use",
     "set_cpu_tiles",

@@ -50,13 +50,12 @@ with torch.no_grad():
                                       vc.transpose(1, 2)[:, :, :32].repeat(1, 4, 1, 1)[:, :8], return_lse=True)
     flash_attn_ext.merge_attention_states(oa, la, oa, la)
     # the split-KV decode kernels with their combine step: 8 query rows per KV head, window
-    os.environ["FLASH_ATTN_EXT_NUM_SPLITS"] = "3"
     kc2 = torch.randn(2, 600, 2, 128, device=dev, dtype=torch.bfloat16)
     vc2 = torch.randn(2, 600, 2, 128, device=dev, dtype=torch.bfloat16)
     q2 = torch.randn(2, 2, 8, 128, device=dev, dtype=torch.bfloat16)
-    flash_attn_ext.attention_with_kvcache(q2, kc2, vc2, cache_seqlens=torch.tensor([599, 300], device=dev,
-                                                                              dtype=torch.int32),
-                                         causal=True, window_size=(200, 0))
-    del os.environ["FLASH_ATTN_EXT_NUM_SPLITS"]
+    with flash_attn_ext.kernel_config(num_splits=3):
+        flash_attn_ext.attention_with_kvcache(q2, kc2, vc2, cache_seqlens=torch.tensor([599, 300], device=dev,
+                                                                                  dtype=torch.int32),
+                                             causal=True, window_size=(200, 0))
 torch.cuda.synchronize()
 print("ok")

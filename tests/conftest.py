@@ -1,9 +1,11 @@
+import dataclasses
+
 import pytest
 import torch
 
 import flash_attn_ext
 from flash_attn_ext import _ops
-from flash_attn_ext.backends import cpu_description
+from flash_attn_ext.config import cpu_description
 
 
 def _device_params():
@@ -21,6 +23,15 @@ def _device_params():
 def device(request):
     """Every kernel test runs on each device that has a kernel (CUDA skips cleanly)."""
     return request.param
+
+
+@pytest.fixture
+def kernel_settings():
+    """kernel_settings(name=value, ...) sets flash_attn_ext.kernel_config fields for the rest of
+    the test, pinning the kernel path it checks; the previous setting is restored after it."""
+    previous = flash_attn_ext.get_kernel_config()
+    yield flash_attn_ext.set_kernel_config
+    flash_attn_ext.set_kernel_config(**dataclasses.asdict(previous))
 
 
 @pytest.fixture(autouse=True)

@@ -91,9 +91,9 @@ def test_alibi_flash_attn_func_and_varlen(device):
         assert_matches(dense.transpose(1, 2), ref, ref, torch.float32, f"varlen alibi seq {b}")
 
 
-@pytest.mark.parametrize("decode_path", ["1", "0"], ids=["decode_kernel", "tiled_kernel"])
-def test_alibi_kvcache(device, decode_path, monkeypatch):
-    monkeypatch.setenv("FLASH_ATTN_EXT_CPU_DECODE", decode_path)
+@pytest.mark.parametrize("decode_path", ["require", "off"], ids=["decode_kernel", "tiled_kernel"])
+def test_alibi_kvcache(device, decode_path, kernel_settings):
+    kernel_settings(cpu_decode=decode_path)
     B, Hq, Hkv, S_max, D = 2, 8, 2, 200, 32
     g = torch.Generator().manual_seed(4)
     q = torch.randn(B, 1, Hq, D, generator=g).to(device)

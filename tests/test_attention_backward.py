@@ -170,12 +170,12 @@ def test_bf16_tile_paths_backward(device, dtype, backend, L, S, D, Hq, Hkv, caus
         check_backward(device, dtype, 2, Hq, Hkv, L, S, D, causal=causal, window=window, seed=L + D)
 
 
-@pytest.mark.parametrize("head_passes", ["1", "0"], ids=["per_head_pass", "group_pass"])
+@pytest.mark.parametrize("head_passes", ["require", "off"], ids=["per_head_pass", "group_pass"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("Hq,Hkv,causal,window", [(8, 2, True, (-1, -1)), (6, 2, False, (20, 5)), (4, 1, False, (-1, -1))])
-def test_gqa_backward_loop_orders(device, monkeypatch, head_passes, dtype, Hq, Hkv, causal, window):
+def test_gqa_backward_loop_orders(device, kernel_settings, head_passes, dtype, Hq, Hkv, causal, window):
     """GQA dK/dV on the CPU backward's two loop orders (one pass per query head with the packed
     K/V tiles kept for the group's later heads, or one pass for the whole group; the kernel picks
-    by working set, FLASH_ATTN_EXT_CPU_BWD_HEAD_PASSES forces one), both against the reference."""
-    monkeypatch.setenv("FLASH_ATTN_EXT_CPU_BWD_HEAD_PASSES", head_passes)
+    by working set, cpu_bwd_head_passes='require' / 'off' forces one), both against the reference."""
+    kernel_settings(cpu_bwd_head_passes=head_passes)
     check_backward(device, dtype, 2, Hq, Hkv, 150, 197, 48, causal=causal, window=window)

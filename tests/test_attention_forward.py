@@ -209,12 +209,12 @@ def test_large_sweep(device, dtype, D, causal, Hq, Hkv):
         check_forward(device, dtype, 2, Hq, Hkv, L, S, D, causal=causal, window=(333, -1) if causal else (-1, -1))
 
 
-@pytest.mark.parametrize("splits", ["2", "7"])
+@pytest.mark.parametrize("splits", [2, 7])
 @pytest.mark.parametrize("L,S", [(1, 300), (5, 700), (70, 130)])
-def test_split_kv_forward(device, monkeypatch, splits, L, S):
-    """The forward with its key bands split (FLASH_ATTN_EXT_NUM_SPLITS) and merged: causal,
+def test_split_kv_forward(device, kernel_settings, splits, L, S):
+    """The forward with its key bands split (num_splits) and merged: causal,
     windows, masks and GQA against the reference; dropout draws the same mask either way."""
-    monkeypatch.setenv("FLASH_ATTN_EXT_NUM_SPLITS", splits)
+    kernel_settings(num_splits=splits)
     check_forward(device, torch.float32, 2, 4, 2, L, S, 32, causal=True)
     check_forward(device, torch.bfloat16, 1, 3, 1, L, S, 64, window=(90, 3))
     mask = torch.rand(2, 1, L, S, device=device) > 0.3
@@ -222,7 +222,7 @@ def test_split_kv_forward(device, monkeypatch, splits, L, S):
     q, k, v = make_qkv(1, 2, 2, L, S, 16, torch.float64, device)
     torch.manual_seed(3)
     split = flash_attn_ext.attention(q, k, v, dropout_p=0.4)
-    monkeypatch.setenv("FLASH_ATTN_EXT_NUM_SPLITS", "1")
+    kernel_settings(num_splits=1)
     torch.manual_seed(3)
     whole = flash_attn_ext.attention(q, k, v, dropout_p=0.4)
     torch.testing.assert_close(split, whole, rtol=1e-12, atol=1e-12)

@@ -193,17 +193,16 @@ def test_rolling_cache_rejects_wider_windows(device):
         cache.attend(q, q, q, causal=False)
 
 
-@pytest.mark.parametrize("decode_path", ["1", "0"])
-@pytest.mark.parametrize("splits", ["1", "2", "5", "16"])
+@pytest.mark.parametrize("decode_path", ["require", "off"])
+@pytest.mark.parametrize("splits", [1, 2, 5, 16])
 @pytest.mark.parametrize("Hq,Hkv,L", [(8, 2, 1), (4, 1, 1), (4, 4, 3)])
 @pytest.mark.parametrize("window", [(-1, -1), (100, -1)])
-def test_split_kv_forced_both_ways(device, monkeypatch, splits, Hq, Hkv, L, window, decode_path):
+def test_split_kv_forced_both_ways(device, kernel_settings, splits, Hq, Hkv, L, window, decode_path):
     """Split-KV (the band cut into key ranges, merged exactly) against the reference, with the
-    split count forced (FLASH_ATTN_EXT_NUM_SPLITS), through the CPU decode path (all KV heads of
-    a key tile at once) and the general kernel (FLASH_ATTN_EXT_CPU_DECODE=0); 16 splits leave
+    split count forced (num_splits), through the CPU decode path (cpu_decode='require': all KV
+    heads of a key tile at once) and the general kernel (cpu_decode='off'); 16 splits leave
     some ranges empty, and the length-0 sequence has no visible key at all."""
-    monkeypatch.setenv("FLASH_ATTN_EXT_NUM_SPLITS", splits)
-    monkeypatch.setenv("FLASH_ATTN_EXT_CPU_DECODE", decode_path)
+    kernel_settings(num_splits=splits, cpu_decode=decode_path)
     B, S_max, D = 3, 700, 32
     q, kc, vc = _case(B, Hq, Hkv, L, S_max, D, torch.float32, device, seed=int(splits))
     lens = [0, 333, S_max]
@@ -215,14 +214,14 @@ def test_split_kv_forced_both_ways(device, monkeypatch, splits, Hq, Hkv, L, wind
     assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isneginf(lse[0]).all()
 
 
-@pytest.mark.parametrize("bf16_dot", ["1", "0"])
+@pytest.mark.parametrize("bf16_dot", ["auto", "off"])
 @pytest.mark.parametrize("D", [40, 64, 128])
 @pytest.mark.parametrize("Hq,Hkv,L", [(8, 2, 1), (4, 4, 1), (8, 1, 1), (4, 2, 3)])
-def test_bf16_decode_both_score_loops(monkeypatch, bf16_dot, D, Hq, Hkv, L):
+def test_bf16_decode_both_score_loops(kernel_settings, bf16_dot, D, Hq, Hkv, L):
     """CPU bf16 decode through both score loops: AVX512-BF16 vdpbf16ps where the CPU has it and
-    the widening loop (FLASH_ATTN_EXT_CPU_BF16_DOT=0); head dims with and without a tail past
+    the widening loop (cpu_bf16_dot='off'); head dims with and without a tail past
     the last 16 features; flash-attn (B, S, H, D) and transformers (B, H, S, D) cache layouts."""
-    monkeypatch.setenv("FLASH_ATTN_EXT_CPU_BF16_DOT", bf16_dot)
+    kernel_settings(cpu_bf16_dot=bf16_dot)
     B, S_max = 2, 300
     q, kc, vc = _case(B, Hq, Hkv, L, S_max, D, torch.bfloat16, "cpu", seed=D + Hkv)
     lens = [S_max, 131]

@@ -39,8 +39,8 @@ def test_bad_backend_raises_naming_it(bad, exc, match):
             pass
     with pytest.raises(exc, match=match):
         flash_attn_ext.set_cpu_tiles(bad)
-    with pytest.raises(ValueError, match="backend must be"):  # the native check, for direct op callers
-        torch.ops.flash_attn_ext._set_cpu_tiles("amx")
+    with pytest.raises(ValueError, match="cpu_tiles must be"):  # the native check, for direct op callers
+        torch.ops.flash_attn_ext._set_kernel_config("cpu_tiles", "amx")
     with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
         flash_attn_ext.cpu_tiles_in_use("bfloat16")
     assert flash_attn_ext.cpu_tiles_in_use(torch.float32) == before

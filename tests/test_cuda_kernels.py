@@ -134,15 +134,15 @@ MMA_CASES = {  # name: (L, S, Hq, Hkv, window, bottom_right)
 @pytest.mark.parametrize("D", [32, 64, 96, 128, 192, 256])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", list(MMA_CASES))
-def test_tensor_core_forward(monkeypatch, case, dtype, D):
-    """The tensor-core kernel (pinned with FLASH_ATTN_EXT_CUDA_FAST=require) against the float64
-    reference with the SPEC bound, and against the safety-net kernel (FLASH_ATTN_EXT_CUDA_FAST=0)."""
+def test_tensor_core_forward(kernel_settings, case, dtype, D):
+    """The tensor-core kernel (pinned with cuda_fast='require') against the float64 reference with
+    the SPEC bound, and against the safety-net kernel (cuda_fast='off')."""
     L, S, Hq, Hkv, window, br = MMA_CASES[case]
     q, k, v = make_qkv(2, Hq, Hkv, L, S, D, dtype, "cuda", layout="blhd", seed=L + D)
     kw = dict(window_size=window, alignment="bottom_right" if br else "top_left", return_lse=True)
-    monkeypatch.setenv("FLASH_ATTN_EXT_CUDA_FAST", "require")
+    kernel_settings(cuda_fast="require")
     out, lse = flash_attn_ext.attention(q, k, v, **kw)
-    monkeypatch.setenv("FLASH_ATTN_EXT_CUDA_FAST", "0")
+    kernel_settings(cuda_fast="off")
     safe_out, safe_lse = flash_attn_ext.attention(q, k, v, **kw)
     ref, ref_lse = reference_attention(q, k, v, window=window, bottom_right=br)
     low, _ = reference_attention(q, k, v, window=window, bottom_right=br, dtype=dtype)
@@ -154,8 +154,8 @@ def test_tensor_core_forward(monkeypatch, case, dtype, D):
     assert (lse[finite] - safe_lse[finite]).abs().max().item() < 2e-2
 
 
-def test_tensor_core_path_declines_what_it_does_not_serve(monkeypatch):
-    monkeypatch.setenv("FLASH_ATTN_EXT_CUDA_FAST", "require")
+def test_tensor_core_path_declines_what_it_does_not_serve(kernel_settings):
+    kernel_settings(cuda_fast="require")
     q, k, v = make_qkv(1, 2, 2, 16, 16, 80, torch.float16, "cuda")
     with pytest.raises(RuntimeError, match="head dim not in"):
         flash_attn_ext.attention(q, k, v)
@@ -195,8 +195,8 @@ def test_varlen_and_softcap_same_on_cpu_and_cuda():
 @pytest.mark.parametrize("D", [32, 64, 96, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", list(MMA_CASES))
-def test_tensor_core_backward(monkeypatch, case, dtype, D):
-    """The tensor-core backward (pinned with FLASH_ATTN_EXT_CUDA_FAST=require) against float64
+def test_tensor_core_backward(kernel_settings, case, dtype, D):
+    """The tensor-core backward (pinned with cuda_fast='require') against float64
     gradients with the SPEC bound, bitwise repeatable, and close to the safety net."""
     L, S, Hq, Hkv, window, br = MMA_CASES[case]
     q, k, v = make_qkv(2, Hq, Hkv, L, S, D, dtype, "cuda", layout="blhd", seed=L + D, requires_grad=True)
@@ -204,11 +204,11 @@ def test_tensor_core_backward(monkeypatch, case, dtype, D):
     kw = dict(window_size=window, alignment="bottom_right" if br else "top_left")
 
     def grads(fast):
-        monkeypatch.setenv("FLASH_ATTN_EXT_CUDA_FAST", fast)
+        kernel_settings(cuda_fast=fast)
         out = flash_attn_ext.attention(q, k, v, **kw)
         return torch.autograd.grad(out, (q, k, v), dout)
 
-    ours, again, safe = grads("require"), grads("require"), grads("0")
+    ours, again, safe = grads("require"), grads("require"), grads("off")
 
     def ref(ref_dtype):
         qr, kr, vr = (t.detach().to(ref_dtype).requires_grad_(True) for t in (q, k, v))
@@ -271,24 +271,23 @@ DECODE_CASES = {  # B, Hq, Hkv, L, S_max, lens, window_left
 }
 
 
-@pytest.mark.parametrize("splits", ["auto", "1", "5"])
+@pytest.mark.parametrize("splits", [0, 1, 5], ids=["auto", "1", "5"])
 @pytest.mark.parametrize("D", [64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", list(DECODE_CASES))
-def test_split_kv_decode_kernel(monkeypatch, case, dtype, D, splits):
-    """The CUDA decode kernels (pinned with FLASH_ATTN_EXT_CUDA_FAST=require; split count
+def test_split_kv_decode_kernel(kernel_settings, case, dtype, D, splits):
+    """The CUDA decode kernels (pinned with cuda_fast='require'; split count
     automatic or forced) against the float64 reference per sequence, and against the safety net."""
     from test_attention_kvcache import _case, _check
     B, Hq, Hkv, L, S_max, lens, left = DECODE_CASES[case]
     q, kc, vc = _case(B, Hq, Hkv, L, S_max, D, dtype, "cuda", seed=D + len(case))
-    if splits != "auto":
-        monkeypatch.setenv("FLASH_ATTN_EXT_NUM_SPLITS", splits)
+    kernel_settings(num_splits=splits)
     seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
     kw = dict(cache_seqlens=seqlens, causal=True, window_size=(left, -1), return_softmax_lse=True)
     with torch.no_grad():
-        monkeypatch.setenv("FLASH_ATTN_EXT_CUDA_FAST", "require")
+        kernel_settings(cuda_fast="require")
         out, lse = flash_attn_ext.attention_with_kvcache(q, kc, vc, **kw)
-        monkeypatch.setenv("FLASH_ATTN_EXT_CUDA_FAST", "0")
+        kernel_settings(cuda_fast="off")
         safe_out, safe_lse = flash_attn_ext.attention_with_kvcache(q, kc, vc, **kw)
     seen = [b for b, n in enumerate(lens) if n > 0]  # a sequence of length 0: zeros and lse -inf
     for o, l in ((out, lse), (safe_out, safe_lse)):
@@ -297,11 +296,10 @@ def test_split_kv_decode_kernel(monkeypatch, case, dtype, D, splits):
             assert torch.equal(o[b], torch.zeros_like(o[b])) and torch.isneginf(l[b]).all()
 
 
-def test_split_kv_decode_kernel_paged(monkeypatch):
+def test_split_kv_decode_kernel_paged(kernel_settings):
     from test_attention_kvcache import _case, _check
     from test_paged_kv_cache import _paged_copy
-    monkeypatch.setenv("FLASH_ATTN_EXT_CUDA_FAST", "require")
-    monkeypatch.setenv("FLASH_ATTN_EXT_NUM_SPLITS", "3")
+    kernel_settings(cuda_fast="require", num_splits=3)
     q, kc, vc = _case(2, 8, 2, 1, 512, 128, torch.bfloat16, "cuda", seed=3)
     kp, vp, table = _paged_copy(kc, vc, 64)
     lens = [512, 77]
@@ -312,8 +310,8 @@ def test_split_kv_decode_kernel_paged(monkeypatch):
     _check(out, lse, q, kc, vc, lens, (-1, 0), torch.bfloat16)
 
 
-def test_split_kv_decode_kernel_declines_what_it_does_not_serve(monkeypatch):
-    monkeypatch.setenv("FLASH_ATTN_EXT_CUDA_FAST", "require")
+def test_split_kv_decode_kernel_declines_what_it_does_not_serve(kernel_settings):
+    kernel_settings(cuda_fast="require")
     q = torch.randn(1, 1, 8, 80, device="cuda", dtype=torch.float16)
     kc = torch.randn(1, 32, 8, 80, device="cuda", dtype=torch.float16)
     with pytest.raises(RuntimeError, match="head dim not in"), torch.no_grad():

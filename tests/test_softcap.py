@@ -84,10 +84,10 @@ def test_softcap_with_mask_and_gradcheck(device):
     assert_matches(fn(q, k, v), ref, ref, torch.float64, "softcap + float mask")
 
 
-@pytest.mark.parametrize("decode_path", ["1", "0"], ids=["decode_kernel", "tiled_kernel"])
+@pytest.mark.parametrize("decode_path", ["require", "off"], ids=["decode_kernel", "tiled_kernel"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_softcap_kvcache(device, dtype, decode_path, monkeypatch):
-    monkeypatch.setenv("FLASH_ATTN_EXT_CPU_DECODE", decode_path)
+def test_softcap_kvcache(device, dtype, decode_path, kernel_settings):
+    kernel_settings(cpu_decode=decode_path)
     B, Hq, Hkv, S_max, D, cap = 3, 8, 2, 300, 64, 1.5
     g = torch.Generator().manual_seed(3)
     rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).to(device)  # noqa: E731

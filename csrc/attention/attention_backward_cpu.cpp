@@ -106,7 +106,7 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
   // products on bf16 operands with P and dS rounded to bf16, as flash-attn's GPU backward does;
   // the softmax algebra stays float. Otherwise float tiles (bf16/fp16 widened).
   constexpr bool kBf16 = std::is_same_v<scalar_t, c10::BFloat16>;
-  const TileBackend tiles = choose_tiles(q.scalar_type()).backend;
+  const TileBackend tiles = choose_tiles(q.scalar_type(), p.config.cpu_tiles).backend;
   const bool use_bf16 = kBf16 && tiles != TileBackend::kFloat;
   // dV and dQ (and dK on the bf16 tiles; the float tiles pre-scale Q) accumulate unscaled: the
   // softmax scale and the dropout's 1 / (1 - p) are applied once, when the sums are narrowed.
@@ -121,8 +121,10 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
   // times, as MHA does) with dK/dV summed in a float (S x D) buffer per task.
   constexpr int64_t kGroupSweepBytes = int64_t{1} << 20;
   const int64_t sweep_bytes = G * L * (2 * Dk + Dv) * static_cast<int64_t>(sizeof(acc_t));
-  bool head_passes = G > 1 && sweep_bytes > kGroupSweepBytes;
-  if (const char* env = std::getenv("FLASH_ATTN_EXT_CPU_BWD_HEAD_PASSES")) head_passes = G > 1 && env[0] == '1';
+  // cpu_bwd_head_passes = require / off forces either (the tests run both).
+  const PathMode forced = p.config.cpu_bwd_head_passes;
+  const bool head_passes =
+      G > 1 && (forced == PathMode::kAuto ? sweep_bytes > kGroupSweepBytes : forced == PathMode::kRequire);
   const int64_t heads_per_pass = head_passes ? 1 : G;
   // Head passes keep every packed K/V tile of the unit (one slot per key tile) for the group's
   // later heads, so GQA packs K/V once per group, not once per query head; up to 8 MiB per thread.
@@ -370,29 +372,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
-  check_attention_inputs("flash_attn_ext.attention_backward", q, k, v, attn_mask, dropout_p, scale,
-                         window_left, window_right);
-  check_softcap("flash_attn_ext.attention_backward", softcap);
-  check_attention_backward_inputs(grad_out, q, k, v, out, lse, rng_state);
-  AttentionParams p =
-      make_attention_params(q, k, v, dropout_p, scale, window_left, window_right, bottom_right, softcap);
-  set_alibi_slopes("flash_attn_ext.attention_backward", p, alibi_slopes, q.device());
+  BackwardCall call = prepare_attention_backward(grad_out, q, k, v, out, lse, rng_state, attn_mask, dropout_p, scale,
+                                                 window_left, window_right, bottom_right, softcap, alibi_slopes,
+                                                 DeviceLimits{});
+  if (call.nothing_to_run) return {call.dq, call.dk, call.dv};
   const at::Tensor rng = rng_state.cpu();
-  p.dropout_seed = static_cast<uint64_t>(rng.data_ptr<int64_t>()[0]);
-  p.dropout_offset = static_cast<uint64_t>(rng.data_ptr<int64_t>()[1]);
-  const MaskView mask = make_mask_view(attn_mask);
-  at::Tensor dq = at::empty_like(q);
-  at::Tensor dk = at::empty_like(k);
-  at::Tensor dv = at::empty_like(v);
-  if (q.numel() == 0 && k.numel() == 0 && v.numel() == 0) return {dq, dk, dv};
-  if (p.len_q == 0 || p.batch * p.heads_q == 0) {  // no query reads any key
-    dk.zero_();
-    dv.zero_();
-    dq.zero_();
-    return {dq, dk, dv};
-  }
-  run_attention_backward_cpu(p, mask, grad_out, q, k, v, out, lse, dq, dk, dv);
-  return {dq, dk, dv};
+  call.params.dropout_seed = static_cast<uint64_t>(rng.data_ptr<int64_t>()[0]);
+  call.params.dropout_offset = static_cast<uint64_t>(rng.data_ptr<int64_t>()[1]);
+  run_attention_backward_cpu(call.params, call.mask, grad_out, q, k, v, out, lse, call.dq, call.dk, call.dv);
+  return {call.dq, call.dk, call.dv};
 }
 
 }  // namespace

@@ -69,33 +69,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
-  constexpr const char* kOp = "flash_attn_ext.attention_backward";
-  check_attention_inputs(kOp, q, k, v, attn_mask, dropout_p, scale, window_left, window_right);
-  check_softcap(kOp, softcap);
-  check_attention_backward_inputs(grad_out, q, k, v, out, lse, rng_state);
-  check_cuda_head_dims(kOp, q.size(3), v.size(3));
-  for (const auto* t : {&grad_out, &out, &lse}) {
-    TORCH_CHECK_VALUE(t->device() == q.device(), kOp, ": grad_out, out and lse must be on ", q.device());
-  }
+  const BackwardCall call = prepare_attention_backward(grad_out, q, k, v, out, lse, rng_state, attn_mask, dropout_p,
+                                                       scale, window_left, window_right, bottom_right, softcap,
+                                                       alibi_slopes, cuda_limits());
   const c10::cuda::CUDAGuard guard(q.device());
-  AttentionParams p = make_attention_params(q, k, v, dropout_p, scale, window_left, window_right,
-                                            bottom_right, softcap);
-  set_alibi_slopes(kOp, p, alibi_slopes, q.device());
-  const MaskView mask = make_mask_view(attn_mask);
-  at::Tensor dq = at::empty_like(q);
-  at::Tensor dk = at::empty_like(k);
-  at::Tensor dv = at::empty_like(v);
-  if (q.numel() == 0 && k.numel() == 0 && v.numel() == 0) return {dq, dk, dv};
-  if (p.len_q == 0 || p.batch * p.heads_q == 0) {  // no query reads any key
-    dq.zero_();
-    dk.zero_();
-    dv.zero_();
-    return {dq, dk, dv};
-  }
+  if (call.nothing_to_run) return {call.dq, call.dk, call.dv};
   const at::Tensor rng = rng_state.to(q.device(), at::kLong).contiguous();
-  run_attention_backward_cuda(p, mask, grad_out, q, k, v, out, lse, dropout_p > 0.0 ? rng.data_ptr<int64_t>() : nullptr,
-                              dq, dk, dv);
-  return {dq, dk, dv};
+  run_attention_backward_cuda(call.params, call.mask, grad_out, q, k, v, out, lse,
+                              dropout_p > 0.0 ? rng.data_ptr<int64_t>() : nullptr, call.dq, call.dk, call.dv);
+  return {call.dq, call.dk, call.dv};
 }
 
 }  // namespace

@@ -21,7 +21,6 @@
 
 #include "../common/attention_semantics.h"
 #include "../common/dropout_philox.h"
-#include "../common/env_knobs.h"
 
 namespace flash_attn_ext::cpu {
 

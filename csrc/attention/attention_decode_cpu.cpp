@@ -75,13 +75,13 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
   using read_t = std::conditional_t<kDirect, direct_t, acc_t>;
   // bf16 read in place: q and the accumulators are kept pair-split (decode_math.h).
   constexpr bool kPairSplit = std::is_same_v<read_t, uint16_t>;
-  // bf16 scores with AVX512-BF16 where the CPU has it (FLASH_ATTN_EXT_CPU_BF16_DOT=0: the
+  // bf16 scores with AVX512-BF16 where the CPU has it (cpu_bf16_dot=off: the
   // widening loop instead; the tests run both).
-  const bool bf16_dot = kPairSplit && has_bf16_dot() && !env_is_zero("FLASH_ATTN_EXT_CPU_BF16_DOT");
+  const bool bf16_dot = kPairSplit && has_bf16_dot() && p.config.cpu_bf16_dot != PathMode::kOff;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const int64_t L = p.len_q, G = p.group_size(), Hkv = p.heads_kv, Dk = p.dim_qk, Dv = p.dim_v;
   const int64_t R = G * L;  // rows of one KV head: row g * L + i is query head hk * G + g, position i
-  const int64_t n_splits = split_count(decode_splits(p.batch, at::get_num_threads(), p.len_k));
+  const int64_t n_splits = p.config.splits(decode_splits(p.batch, at::get_num_threads(), p.len_k));
   const int64_t n_rows_all = p.batch * p.heads_q * L;
   SplitStates<acc_t> parts(n_splits, n_rows_all, Dv);
   const auto q_rows = rows_of<const scalar_t>(q);
@@ -236,9 +236,17 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
 bool run_attention_decode_cpu(const AttentionParams& p, const MaskView& mask, const at::Tensor& q,
                               const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                               const at::Tensor& lse) {
-  if (mask.kind != MaskKind::kNone || p.dropout_p > 0.0 || p.varlen()) return false;
-  if (p.len_q * p.group_size() > kDecodeRows || p.heads_kv == 0 || p.batch == 0) return false;
-  if (env_is_zero("FLASH_ATTN_EXT_CPU_DECODE")) return false;
+  if (p.config.cpu_decode == PathMode::kOff) return false;
+  const char* why = nullptr;
+  if (mask.kind != MaskKind::kNone) why = "attn_mask";
+  else if (p.dropout_p > 0.0) why = "dropout";
+  else if (p.varlen()) why = "varlen";
+  else if (p.len_q * p.group_size() > kDecodeRows) why = "too many query rows per KV head (len_q * group size above kMaxDecodeRows)";
+  else if (p.heads_kv == 0 || p.batch == 0) why = "empty";
+  TORCH_CHECK_VALUE(why == nullptr || p.config.cpu_decode != PathMode::kRequire,
+                    "flash_attn_ext: kernel_config(cpu_decode='require') but the CPU decode kernel cannot serve this "
+                    "call: ", why);
+  if (why != nullptr) return false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_decode_cpu", [&] {
     decode_kernel<scalar_t>(p, q, k, v, out, lse);
   });

@@ -72,7 +72,7 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
   const int64_t max_rows = pack * span;
   // Packed sequences (varlen) are never split: their rows are prefills, not decode steps.
   const int64_t n_splits =
-      p.varlen() ? 1 : split_count(choose_splits(p.batch * n_packs * n_spans, threads, p.len_k, max_rows));
+      p.varlen() ? 1 : p.config.splits(choose_splits(p.batch * n_packs * n_spans, threads, p.len_k, max_rows));
   // Partial states of split tasks: per (split, row of (b, h, i)): m, l and the Dv accumulator.
   const int64_t n_rows_all = p.batch * p.heads_q * L;
   SplitStates<acc_t> parts(n_splits, n_rows_all, Dv);
@@ -90,14 +90,14 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
   // The tile products' back end (tile_backend.h). bf16 on avx512_bf16 or brgemm: both products
   // on bf16 operands, Q and K as stored, P rounded to bf16 for P V as flash-attn does on GPUs;
   // the softmax stays float. Otherwise float tiles (bf16/fp16 widened), on our kernel or brgemm.
-  const TileBackend tiles = choose_tiles(q.scalar_type()).backend;
+  const TileBackend tiles = choose_tiles(q.scalar_type(), p.config.cpu_tiles).backend;
   const bool bf16_gemm = std::is_same_v<scalar_t, c10::BFloat16> && tiles != TileBackend::kFloat;
   const int64_t Dk2 = Dk + Dk % 2;  // the bf16 products run over pairs: odd dims get a zero
   // The per-thread K^T cache (below): when a head has several query spans, up to 8 MiB per thread
-  // (longer sequences transpose per span, as before; FLASH_ATTN_EXT_CPU_KT_CACHE=0 always does).
+  // (longer sequences transpose per span, as before; cpu_kt_cache=off always does).
   const int64_t n_ktiles = (p.len_k + kBlockK - 1) / kBlockK;
   const bool cache_kt = n_spans > 1 && n_ktiles * (Dk + Dv) * kBlockK * static_cast<int64_t>(sizeof(acc_t)) <= (8 << 20) &&
-                        !env_is_zero("FLASH_ATTN_EXT_CPU_KT_CACHE");
+                        p.config.cpu_kt_cache != PathMode::kOff;
 
   at::parallel_for(0, p.batch * n_packs * n_spans * n_splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> q_tile(max_rows * Dk), kt_tile(Dk * kBlockK), v_tile(kBlockK * Dv);
@@ -326,20 +326,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
-  check_attention_inputs("flash_attn_ext.attention_forward", q, k, v, attn_mask, dropout_p, scale,
-                         window_left, window_right);
-  check_softcap("flash_attn_ext.attention_forward", softcap);
-  AttentionParams p = make_attention_params(q, k, v, dropout_p, scale, window_left, window_right,
-                                            bottom_right, softcap);
-  set_alibi_slopes("flash_attn_ext.attention_forward", p, alibi_slopes, q.device());
-  const MaskView mask = make_mask_view(attn_mask);
-  at::Tensor out = empty_attention_output(q, p.dim_v);
-  at::Tensor lse = at::empty({p.batch, p.heads_q, p.len_q}, q.options().dtype(lse_dtype(q.scalar_type())));
+  ForwardCall call = prepare_attention_forward(q, k, v, attn_mask, dropout_p, scale, window_left, window_right,
+                                               bottom_right, softcap, alibi_slopes, DeviceLimits{});
   at::Tensor rng_state = draw_rng_state(dropout_p, q.options());
-  p.dropout_seed = static_cast<uint64_t>(rng_state.data_ptr<int64_t>()[0]);
-  p.dropout_offset = static_cast<uint64_t>(rng_state.data_ptr<int64_t>()[1]);
-  run_attention_forward_cpu(p, mask, q, k, v, out, lse);
-  return {out, lse, rng_state};
+  call.params.dropout_seed = static_cast<uint64_t>(rng_state.data_ptr<int64_t>()[0]);
+  call.params.dropout_offset = static_cast<uint64_t>(rng_state.data_ptr<int64_t>()[1]);
+  run_attention_forward_cpu(call.params, call.mask, q, k, v, call.out, call.lse);
+  return {call.out, call.lse, rng_state};
 }
 
 }  // namespace

@@ -26,7 +26,8 @@ at::Tensor draw_rng_state(double dropout_p, const at::TensorOptions& options);
 
 // The decode path (attention_decode_cpu.cpp): serves calls with few query rows per KV head,
 // no mask and no dropout, and returns true; returns false (nothing done) otherwise.
-// FLASH_ATTN_EXT_CPU_DECODE=0 turns it off (tests compare both paths).
+// p.config.cpu_decode off turns it off (tests compare both paths), require raises where it
+// cannot serve the call.
 bool run_attention_decode_cpu(const AttentionParams& p, const MaskView& mask, const at::Tensor& q,
                               const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                               const at::Tensor& lse);

@@ -53,21 +53,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
-  constexpr const char* kOp = "flash_attn_ext.attention_forward";
-  check_attention_inputs(kOp, q, k, v, attn_mask, dropout_p, scale, window_left, window_right);
-  check_softcap(kOp, softcap);
-  check_cuda_head_dims(kOp, q.size(3), v.size(3));
+  const ForwardCall call = prepare_attention_forward(q, k, v, attn_mask, dropout_p, scale, window_left, window_right,
+                                                     bottom_right, softcap, alibi_slopes, cuda_limits());
   const c10::cuda::CUDAGuard guard(q.device());
-  AttentionParams p = make_attention_params(q, k, v, dropout_p, scale, window_left, window_right,
-                                            bottom_right, softcap);
-  set_alibi_slopes(kOp, p, alibi_slopes, q.device());
-  const MaskView mask = make_mask_view(attn_mask);
-  at::Tensor out = empty_attention_output(q, p.dim_v);
-  at::Tensor lse = at::empty({p.batch, p.heads_q, p.len_q}, q.options().dtype(lse_dtype(q.scalar_type())));
+  const AttentionParams& p = call.params;
   at::Tensor rng_state = draw_rng_state_cuda(dropout_p, q);
-  if (try_attention_forward_mma(p, mask.kind != MaskKind::kNone, q, k, v, out, lse)) return {out, lse, rng_state};
-  run_attention_forward_cuda(p, mask, q, k, v, out, lse, dropout_p > 0.0 ? rng_state.data_ptr<int64_t>() : nullptr);
-  return {out, lse, rng_state};
+  if (!try_attention_forward_mma(p, call.mask.kind != MaskKind::kNone, q, k, v, call.out, call.lse))
+    run_attention_forward_cuda(p, call.mask, q, k, v, call.out, call.lse,
+                               dropout_p > 0.0 ? rng_state.data_ptr<int64_t>() : nullptr);
+  return {call.out, call.lse, rng_state};
 }
 
 }  // namespace
@@ -90,11 +84,7 @@ at::Tensor draw_rng_state_cuda(double dropout_p, const at::Tensor& q) {
   return state;
 }
 
-void check_cuda_head_dims(const char* op, int64_t dim_qk, int64_t dim_v) {
-  TORCH_CHECK_VALUE(dim_qk <= kMaxHeadDim && dim_v <= kMaxHeadDim, op,
-                    ": the CUDA kernels support head dims up to ", kMaxHeadDim, ", got query/key ",
-                    dim_qk, " and value ", dim_v);
-}
+DeviceLimits cuda_limits() { return DeviceLimits{"CUDA", kMaxHeadDim}; }
 
 void run_attention_forward_cuda(const AttentionParams& p, const MaskView& mask, const at::Tensor& q,
                                 const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,

@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "../common/attention_semantics.h"
+#include "attention_host.h"
 
 namespace flash_attn_ext::cuda {
 
@@ -24,7 +25,8 @@ void run_attention_backward_cuda(const AttentionParams& p, const MaskView& mask,
 // generator; zeros without dropout.
 at::Tensor draw_rng_state_cuda(double dropout_p, const at::Tensor& q);
 
-// Checks what only the CUDA kernels limit: head dims up to kMaxHeadDim.
-void check_cuda_head_dims(const char* op, int64_t dim_qk, int64_t dim_v);
+// What only the CUDA kernels limit (for check_head_dims and the prologues): head dims up to
+// kMaxHeadDim.
+DeviceLimits cuda_limits();
 
 }  // namespace flash_attn_ext::cuda

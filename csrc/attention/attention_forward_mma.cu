@@ -6,10 +6,10 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
+#include <string>
 
 #include "attention_forward_mma.h"
+#include "mma_head_dims.h"
 
 namespace flash_attn_ext::cuda {
 
@@ -23,17 +23,14 @@ namespace {
 
 template <typename T>
 bool dispatch_head_dim(const MmaParams& mp, int64_t dim, int64_t smem, cudaStream_t stream) {
+#define FAE_LAUNCH(d) \
+  case d: return launch_attention_forward_mma<T, d>(mp, smem, stream);
   switch (dim) {
-    case 32: return launch_attention_forward_mma<T, 32>(mp, smem, stream);
-    case 64: return launch_attention_forward_mma<T, 64>(mp, smem, stream);
-    case 96: return launch_attention_forward_mma<T, 96>(mp, smem, stream);
-    case 128: return launch_attention_forward_mma<T, 128>(mp, smem, stream);
-    case 192: return launch_attention_forward_mma<T, 192>(mp, smem, stream);
-    case 256: return launch_attention_forward_mma<T, 256>(mp, smem, stream);
+    FAE_MMA_FORWARD_HEAD_DIMS(FAE_LAUNCH)
     default: return false;
   }
+#undef FAE_LAUNCH
 }
-
 
 }  // namespace
 
@@ -42,8 +39,11 @@ const char* mma_ineligible(const AttentionParams& p, bool has_mask, const at::Te
   const auto dtype = q.scalar_type();
   if (dtype != at::kHalf && dtype != at::kBFloat16) return "dtype is not float16/bfloat16";
   const int64_t dim = p.dim_qk;
-  if (p.dim_v != dim || (dim != 32 && dim != 64 && dim != 96 && dim != 128 && dim != 192 && dim != 256))
-    return "head dim not in {32, 64, 96, 128, 192, 256} or differs between key and value";
+  if (p.dim_v != dim || !mma_forward_head_dim(dim)) {
+    static const std::string why =
+        std::string("head dim not in {") + mma_forward_head_dims_text() + "} or differs between key and value";
+    return why.c_str();
+  }
   if (has_mask) return "attn_mask";
   if (p.dropout_p > 0.0) return "dropout";
   if (p.seqlens_k != nullptr) return "per-sequence key lengths";
@@ -61,13 +61,13 @@ const char* mma_ineligible(const AttentionParams& p, bool has_mask, const at::Te
 bool try_attention_forward_mma(const AttentionParams& p, bool has_mask, const at::Tensor& q,
                                const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                                const at::Tensor& lse) {
-  // FLASH_ATTN_EXT_CUDA_FAST: "0" = always the safety net (to compare the two), "require" =
+  // cuda_fast (kernel_config.h): off = always the safety net (to compare the two), require =
   // raise when this kernel cannot serve the call (tests use it to pin the path they check).
-  const char* env = std::getenv("FLASH_ATTN_EXT_CUDA_FAST");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  if (p.config.cuda_fast == PathMode::kOff) return false;
+  const bool require = p.config.cuda_fast == PathMode::kRequire;
   const char* why = mma_ineligible(p, has_mask, q, k, v, out);
-  TORCH_CHECK(why == nullptr || env == nullptr || std::strcmp(env, "require") != 0,
-              "flash_attn_ext.attention_forward: FLASH_ATTN_EXT_CUDA_FAST=require but the tensor-core kernel "
+  TORCH_CHECK(why == nullptr || !require,
+              "flash_attn_ext.attention_forward: kernel_config(cuda_fast='require') but the tensor-core kernel "
               "cannot serve this call: ", why);
   if (why != nullptr) return false;
   const auto dtype = q.scalar_type();
@@ -82,8 +82,8 @@ bool try_attention_forward_mma(const AttentionParams& p, bool has_mask, const at
   const int64_t smem = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
   const bool launched = dtype == at::kHalf ? dispatch_head_dim<__half>(mp, dim, smem, stream)
                                            : dispatch_head_dim<__nv_bfloat16>(mp, dim, smem, stream);
-  TORCH_CHECK(launched || env == nullptr || std::strcmp(env, "require") != 0,
-              "flash_attn_ext.attention_forward: FLASH_ATTN_EXT_CUDA_FAST=require but the tensor-core kernel "
+  TORCH_CHECK(launched || !require,
+              "flash_attn_ext.attention_forward: kernel_config(cuda_fast='require') but the tensor-core kernel "
               "needs more shared memory than this GPU gives a block (", smem, " bytes)");
   return launched;
 }

@@ -1,5 +1,5 @@
 // The tensor-core forward (FlashAttention-2 on mma.sync m16n8k16) for float16/bfloat16 and
-// head dims 32, 64, 96, 128, 192, 256: declarations shared by the dispatcher
+// the head dims of mma_head_dims.h: declarations shared by the dispatcher
 // (attention_forward_mma.cu) and the per-head-dim instantiation units
 // (attention_forward_mma_hdim*.cu), so each head dim compiles in its own translation unit.
 #pragma once
@@ -18,8 +18,8 @@ template <typename T, int kHeadDim>
 bool launch_attention_forward_mma(const MmaParams& mp, int64_t smem_limit, cudaStream_t stream);
 
 // Runs the tensor-core forward and returns true when it serves the call (float16/bfloat16,
-// equal head dims from the list above, no attn_mask, no dropout, no per-sequence lengths,
-// 16-byte aligned rows, an sm_80+ GPU, FLASH_ATTN_EXT_CUDA_FAST not "0"); returns false,
+// equal head dims of FAE_MMA_FORWARD_HEAD_DIMS, no attn_mask, no dropout, no per-sequence lengths,
+// 16-byte aligned rows, an sm_80+ GPU, p.config.cuda_fast not off); returns false,
 // having done nothing, otherwise, and the safety-net kernel serves the call.
 bool try_attention_forward_mma(const AttentionParams& p, bool has_mask, const at::Tensor& q,
                                const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,

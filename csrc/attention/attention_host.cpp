@@ -144,6 +144,7 @@ AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k,
   p.scale = scale;
   p.dropout_p = dropout_p;
   p.softcap = softcap;
+  p.config = current_kernel_config();
   return p;
 }
 
@@ -186,6 +187,64 @@ at::Tensor empty_attention_output(const at::Tensor& q, int64_t dim_v) {
 
 at::ScalarType lse_dtype(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_head_dims(const char* op, int64_t dim_qk, int64_t dim_v, const DeviceLimits& limits) {
+  if (limits.max_head_dim <= 0) return;
+  TORCH_CHECK_VALUE(dim_qk <= limits.max_head_dim && dim_v <= limits.max_head_dim, op, ": the ", limits.kernels,
+                    " kernels support head dims up to ", limits.max_head_dim, ", got query/key ", dim_qk,
+                    " and value ", dim_v);
+}
+
+ForwardCall prepare_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
+                                      int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+                                      const std::optional<at::Tensor>& alibi_slopes, const DeviceLimits& limits) {
+  constexpr const char* kOp = "flash_attn_ext.attention_forward";
+  check_attention_inputs(kOp, q, k, v, attn_mask, dropout_p, scale, window_left, window_right);
+  check_softcap(kOp, softcap);
+  check_head_dims(kOp, q.size(3), v.size(3), limits);
+  ForwardCall call;
+  call.params = make_attention_params(q, k, v, dropout_p, scale, window_left, window_right, bottom_right, softcap);
+  set_alibi_slopes(kOp, call.params, alibi_slopes, q.device());
+  call.mask = make_mask_view(attn_mask);
+  const AttentionParams& p = call.params;
+  call.out = empty_attention_output(q, p.dim_v);
+  call.lse = at::empty({p.batch, p.heads_q, p.len_q}, q.options().dtype(lse_dtype(q.scalar_type())));
+  return call;
+}
+
+BackwardCall prepare_attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                        const at::Tensor& rng_state, const std::optional<at::Tensor>& attn_mask,
+                                        double dropout_p, double scale, int64_t window_left, int64_t window_right,
+                                        bool bottom_right, double softcap,
+                                        const std::optional<at::Tensor>& alibi_slopes, const DeviceLimits& limits) {
+  constexpr const char* kOp = "flash_attn_ext.attention_backward";
+  check_attention_inputs(kOp, q, k, v, attn_mask, dropout_p, scale, window_left, window_right);
+  check_softcap(kOp, softcap);
+  check_attention_backward_inputs(grad_out, q, k, v, out, lse, rng_state);
+  check_head_dims(kOp, q.size(3), v.size(3), limits);
+  for (const auto* t : {&grad_out, &out, &lse}) {
+    TORCH_CHECK_VALUE(t->device() == q.device(), kOp, ": grad_out, out and lse must be on ", q.device());
+  }
+  BackwardCall call;
+  call.params = make_attention_params(q, k, v, dropout_p, scale, window_left, window_right, bottom_right, softcap);
+  set_alibi_slopes(kOp, call.params, alibi_slopes, q.device());
+  call.mask = make_mask_view(attn_mask);
+  call.dq = at::empty_like(q);
+  call.dk = at::empty_like(k);
+  call.dv = at::empty_like(v);
+  const AttentionParams& p = call.params;
+  if (q.numel() == 0 && k.numel() == 0 && v.numel() == 0) {
+    call.nothing_to_run = true;
+  } else if (p.len_q == 0 || p.batch * p.heads_q == 0) {  // no query reads any key
+    call.dq.zero_();
+    call.dk.zero_();
+    call.dv.zero_();
+    call.nothing_to_run = true;
+  }
+  return call;
 }
 
 }  // namespace flash_attn_ext

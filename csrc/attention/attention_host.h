@@ -55,4 +55,42 @@ std::vector<int64_t> read_cache_seqlens(const char* op, const at::Tensor& cache_
 // log-sum-exp dtype: float32, or float64 for float64 inputs (so gradcheck sees full precision).
 at::ScalarType lse_dtype(at::ScalarType input_dtype);
 
+// What one device's kernels cannot serve, checked with the other arguments (before anything is
+// allocated or written): the longest head dim (0: any). The CPU kernels have no limit.
+struct DeviceLimits {
+  const char* kernels = "CPU";
+  int64_t max_head_dim = 0;
+};
+void check_head_dims(const char* op, int64_t dim_qk, int64_t dim_v, const DeviceLimits& limits);
+
+// The prologue of attention_forward shared by its CPU and CUDA entries: every check, the params
+// (the kernel configuration included), the mask view and the outputs, out (B, Hq, L, Dv) and lse
+// (B, Hq, L), uninitialised. The entry draws the dropout state and runs its kernels.
+struct ForwardCall {
+  AttentionParams params;
+  MaskView mask;
+  at::Tensor out, lse;
+};
+ForwardCall prepare_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
+                                      int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+                                      const std::optional<at::Tensor>& alibi_slopes, const DeviceLimits& limits);
+
+// The same for attention_backward: the forward's checks and the backward's (grad_out, out, lse
+// and rng_state shapes, dtypes and device), the params and the gradients dq, dk, dv,
+// uninitialised, or zeroed with nothing_to_run set when no query reads any key (the kernels are
+// then skipped).
+struct BackwardCall {
+  AttentionParams params;
+  MaskView mask;
+  at::Tensor dq, dk, dv;
+  bool nothing_to_run = false;
+};
+BackwardCall prepare_attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                        const at::Tensor& rng_state, const std::optional<at::Tensor>& attn_mask,
+                                        double dropout_p, double scale, int64_t window_left, int64_t window_right,
+                                        bool bottom_right, double softcap,
+                                        const std::optional<at::Tensor>& alibi_slopes, const DeviceLimits& limits);
+
 }  // namespace flash_attn_ext

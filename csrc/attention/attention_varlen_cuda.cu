@@ -22,12 +22,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_forward_cuda(
   constexpr const char* kOp = "flash_attn_ext.attention_varlen_forward";
   const VarlenCall call = make_varlen_call(kOp, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                            dropout_p, scale, window_left, window_right, bottom_right, softcap, alibi_slopes);
-  check_cuda_head_dims(kOp, q.size(2), v.size(2));
+  check_head_dims(kOp, q.size(2), v.size(2), cuda_limits());
   const c10::cuda::CUDAGuard guard(q.device());
   auto [out, lse] = empty_varlen_outputs(q, v);
   at::Tensor rng_state = draw_rng_state_cuda(dropout_p, q);
   const at::Tensor q4 = as_heads_view(q), k4 = as_heads_view(k), v4 = as_heads_view(v), out4 = as_heads_view(out);
-  // Asked first so that FLASH_ATTN_EXT_CUDA_FAST=require names why it declines (varlen).
+  // Asked first so that cuda_fast='require' names why it declines (varlen).
   if (try_attention_forward_mma(call.params, false, q4, k4, v4, out4, lse)) return {out, lse, rng_state};
   run_attention_forward_cuda(call.params, MaskView{}, q4, k4, v4, out4, lse,
                              dropout_p > 0.0 ? rng_state.data_ptr<int64_t>() : nullptr);
@@ -44,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_cuda(
   const VarlenCall call = make_varlen_call(kOp, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                            dropout_p, scale, window_left, window_right, bottom_right, softcap, alibi_slopes);
   check_varlen_backward_inputs(grad_out, q, v, out, lse, rng_state);
-  check_cuda_head_dims(kOp, q.size(2), v.size(2));
+  check_head_dims(kOp, q.size(2), v.size(2), cuda_limits());
   const c10::cuda::CUDAGuard guard(q.device());
   bool nothing_to_run = false;
   auto [dq, dk, dv] = varlen_gradients(call, q, k, v, &nothing_to_run);

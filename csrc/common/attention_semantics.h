@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "host_device.h"
+#include "kernel_config.h"
 
 namespace flash_attn_ext {
 
@@ -59,6 +60,10 @@ struct AttentionParams {
   // sequence's alignment offset. Added with the user mask, after the softcap.
   const float* alibi_slopes = nullptr;
   int64_t alibi_batch_stride = 0;
+
+  // Which interchangeable paths the kernels may take (kernel_config.h): the process-wide
+  // setting as the op entry found it.
+  KernelConfig config;
 
   FAE_HOST_DEVICE int64_t group_size() const { return heads_q / heads_kv; }
   // GQA/MQA: query head h reads key/value head h / (Hq / Hkv) (contiguous groups).

@@ -5,11 +5,10 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <atomic>
 #include <mutex>
 #include <vector>
 
-#include "../common/env_knobs.h"
+#include "../common/kernel_config_names.h"
 #include "tile_math.h"
 #include "tile_math_bf16.h"
 
@@ -24,14 +23,6 @@
 
 namespace flash_attn_ext::cpu {
 namespace {
-
-// FLASH_ATTN_EXT_CPU_BF16_GEMM=0 (older documented knob) starts the process on the float tiles.
-std::atomic<int> g_setting{env_is_zero("FLASH_ATTN_EXT_CPU_BF16_GEMM") ? static_cast<int>(TileSetting::kFloat)
-                                                                       : static_cast<int>(TileSetting::kAuto)};
-
-const char* setting_name(TileSetting s) {
-  return s == TileSetting::kAuto ? "auto" : tile_backend_name(static_cast<TileBackend>(s));
-}
 
 // Per-thread scratch of the brgemm wrappers: op(A) transposed, and a product to scale.
 std::vector<float>& scratch(int which, int64_t n) {
@@ -108,29 +99,12 @@ bool trial(c10::ScalarType dtype, std::string* why) {
 
 }  // namespace
 
-const char* tile_backend_name(TileBackend b) {
-  switch (b) {
-    case TileBackend::kFloat: return "float";
-    case TileBackend::kAvx512Bf16: return "avx512_bf16";
-    case TileBackend::kBrgemm: return "brgemm";
-  }
-  return "?";
-}
+// A back end is the setting that names it.
+static_assert(static_cast<int>(CpuTiles::kFloat) == static_cast<int>(TileBackend::kFloat) &&
+              static_cast<int>(CpuTiles::kAvx512Bf16) == static_cast<int>(TileBackend::kAvx512Bf16) &&
+              static_cast<int>(CpuTiles::kBrgemm) == static_cast<int>(TileBackend::kBrgemm));
 
-std::string tile_setting_name() { return setting_name(static_cast<TileSetting>(g_setting.load())); }
-
-std::string set_tile_setting(const std::string& backend) {
-  TileSetting s;
-  if (backend == "auto") s = TileSetting::kAuto;
-  else if (backend == "float") s = TileSetting::kFloat;
-  else if (backend == "avx512_bf16") s = TileSetting::kAvx512Bf16;
-  else if (backend == "brgemm") s = TileSetting::kBrgemm;
-  else
-    TORCH_CHECK_VALUE(false, "flash_attn_ext.cpu_tiles: backend must be 'auto', 'float', 'avx512_bf16' or 'brgemm', got '",
-                      backend, "'");
-  const int old = g_setting.exchange(static_cast<int>(s));
-  return setting_name(static_cast<TileSetting>(old));
-}
+const char* tile_backend_name(TileBackend b) { return cpu_tiles_name(static_cast<CpuTiles>(b)); }
 
 bool brgemm_available(c10::ScalarType dtype, std::string* why) {
   struct Result {
@@ -151,8 +125,7 @@ bool brgemm_available(c10::ScalarType dtype, std::string* why) {
   return r.ok;
 }
 
-TileChoice choose_tiles(c10::ScalarType dtype) {
-  const TileSetting s = static_cast<TileSetting>(g_setting.load());
+TileChoice choose_tiles(c10::ScalarType dtype, CpuTiles s) {
   if (dtype == c10::kDouble) return {TileBackend::kFloat, "float64 runs the double tiles"};
   const bool bf16 = dtype == c10::kBFloat16;
   std::string no_brgemm;
@@ -160,15 +133,15 @@ TileChoice choose_tiles(c10::ScalarType dtype) {
   const bool own_bf16 = bf16 && has_bf16_gemm();
   const std::string no_own_bf16 = bf16 ? "this CPU has no AVX512-BF16" : "avx512_bf16 tiles are for bfloat16 only";
   switch (s) {
-    case TileSetting::kFloat:
+    case CpuTiles::kFloat:
       return {TileBackend::kFloat, "set: float"};
-    case TileSetting::kBrgemm:
+    case CpuTiles::kBrgemm:
       if (brgemm) return {TileBackend::kBrgemm, "set: brgemm"};
       return {TileBackend::kFloat, "set: brgemm, unavailable (" + no_brgemm + "): float"};
-    case TileSetting::kAvx512Bf16:
+    case CpuTiles::kAvx512Bf16:
       if (own_bf16) return {TileBackend::kAvx512Bf16, "set: avx512_bf16"};
       return {TileBackend::kFloat, "set: avx512_bf16, unavailable (" + no_own_bf16 + "): float"};
-    case TileSetting::kAuto:
+    case CpuTiles::kAuto:
       break;
   }
   // auto: brgemm wherever it runs (benchmarks/NOTES.md #27). The library is the default unless

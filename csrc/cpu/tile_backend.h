@@ -6,8 +6,9 @@
 //   kAvx512Bf16  our vdpbf16ps kernel (tile_math_bf16.h; bf16 on CPUs with AVX512-BF16);
 //   kBrgemm      oneDNN's batch-reduce GEMM through ATen (at::native::cpublas::brgemm): AMX
 //                tiles where oneDNN finds them, AVX-512 otherwise; bf16 and float32.
-// Which one runs is decided per call from the process-wide setting (flash_attn_ext.cpu_tiles
-// in Python), the CPU and the torch build, with the reason given as a string.
+// Which one runs is decided per call from the call's KernelConfig::cpu_tiles (in Python
+// flash_attn_ext.kernel_config(cpu_tiles=...) or flash_attn_ext.cpu_tiles), the CPU and the
+// torch build, with the reason given as a string.
 #pragma once
 
 #include <c10/core/ScalarType.h>
@@ -15,31 +16,25 @@
 #include <cstdint>
 #include <string>
 
+#include "../common/kernel_config.h"
+
 namespace flash_attn_ext::cpu {
 
 enum class TileBackend : int { kFloat = 0, kAvx512Bf16 = 1, kBrgemm = 2 };
 
-// What the caller asks for: a back end by name, or "auto" (the default; see choose_tiles).
-enum class TileSetting : int { kAuto = -1, kFloat = 0, kAvx512Bf16 = 1, kBrgemm = 2 };
-
 const char* tile_backend_name(TileBackend b);
-
-// Parses "auto", "float", "avx512_bf16" or "brgemm" (ValueError naming `backend` otherwise),
-// makes it the process-wide setting and returns the previous one's name.
-std::string set_tile_setting(const std::string& backend);
-std::string tile_setting_name();
 
 struct TileChoice {
   TileBackend backend;
   std::string reason;  // why this back end, and why not the preferred ones
 };
 
-// The back end the CPU kernels use for inputs of `dtype` under the current setting. float64
+// The back end the CPU kernels use for inputs of `dtype` under `setting`. float64
 // always runs kFloat (double tiles). A setting the dtype, CPU or torch cannot serve falls back
 // to what can (the reason says so). auto: brgemm wherever oneDNN runs it (bf16, float32); our
 // vdpbf16ps tiles for bf16 on AVX512-BF16 CPUs where it does not; our float tiles otherwise
 // (float16 always, until oneDNN has an f16 kernel for the CPU).
-TileChoice choose_tiles(c10::ScalarType dtype);
+TileChoice choose_tiles(c10::ScalarType dtype, CpuTiles setting);
 
 // Whether brgemm runs here for bf16 / float32 (a one-time trial call; oneDNN throws on CPUs it
 // has no kernel for) and, if not, why.

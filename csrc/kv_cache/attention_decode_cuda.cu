@@ -9,7 +9,6 @@
 #include <cstring>
 
 #include "../attention/attention_forward_mma.h"
-#include "../common/env_knobs.h"
 #include "attention_decode_cuda.h"
 #include "attention_decode_cuda_kernel.cuh"
 
@@ -69,16 +68,15 @@ const char* decode_ineligible(const AttentionParams& p, const at::Tensor& q, con
 bool try_attention_decode_cuda(const AttentionParams& p, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                int64_t max_len_k) {
-  const char* env = std::getenv("FLASH_ATTN_EXT_CUDA_FAST");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  if (p.config.cuda_fast == PathMode::kOff) return false;
   const char* why = decode_ineligible(p, q, k, v, out);
-  TORCH_CHECK(why == nullptr || env == nullptr || std::strcmp(env, "require") != 0,
-              "flash_attn_ext.attention_kvcache: FLASH_ATTN_EXT_CUDA_FAST=require but the decode kernel cannot "
+  TORCH_CHECK(why == nullptr || p.config.cuda_fast != PathMode::kRequire,
+              "flash_attn_ext.attention_kvcache: kernel_config(cuda_fast='require') but the decode kernel cannot "
               "serve this call: ", why);
   if (why != nullptr) return false;
 
   const int64_t blocks = p.batch * p.heads_kv, rows_all = p.batch * p.heads_q * p.len_q;
-  const int64_t n_splits = std::min<int64_t>(split_count(choose_splits(blocks, max_len_k)), 1024);
+  const int64_t n_splits = std::min<int64_t>(p.config.splits(choose_splits(blocks, max_len_k)), 1024);
   TORCH_CHECK(blocks * n_splits <= 0x7fffffff && rows_all <= 0x7fffffff,
               "flash_attn_ext.attention_kvcache: decode grid too large");
   DecodeParams dp;

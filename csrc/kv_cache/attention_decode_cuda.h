@@ -13,9 +13,9 @@ const char* decode_ineligible(const AttentionParams& p, const at::Tensor& q, con
                               const at::Tensor& v, const at::Tensor& out);
 
 // Runs them on the current stream and returns true, or returns false having done nothing
-// (FLASH_ATTN_EXT_CUDA_FAST=0, or ineligible; =require raises instead). p.seqlens_k and the
+// (p.config.cuda_fast off, or ineligible; require raises instead). p.seqlens_k and the
 // block table are device pointers; max_len_k (the longest sequence) sizes the split count,
-// which FLASH_ATTN_EXT_NUM_SPLITS forces.
+// which p.config.num_splits forces.
 bool try_attention_decode_cuda(const AttentionParams& p, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                int64_t max_len_k);

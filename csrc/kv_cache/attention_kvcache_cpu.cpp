@@ -21,21 +21,12 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_cpu(
     const std::optional<at::Tensor>& v_new, double scale, int64_t window_left,
     int64_t window_right, const std::optional<at::Tensor>& block_table, double softcap,
     const std::optional<at::Tensor>& alibi_slopes) {
-  check_softcap("flash_attn_ext.attention_kvcache", softcap);
-  BlockTable table;
-  std::vector<int64_t> lens_before;
-  std::vector<int64_t> lens = check_attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
-                                                      scale, window_left, window_right, block_table, &table, &lens_before);
-  AttentionParams p = make_attention_params(q, k_cache, v_cache, 0.0, scale, window_left,
-                                            window_right, /*bottom_right=*/true, softcap);
-  set_alibi_slopes("flash_attn_ext.attention_kvcache", p, alibi_slopes, q.device());  // checked before the append
-  if (k_new.has_value()) append_validated(k_cache, v_cache, *k_new, *v_new, lens_before, /*rolling=*/false, table);
-  apply_block_table(p, table);
-  p.seqlens_k = lens.data();
-  at::Tensor out = empty_attention_output(q, p.dim_v);
-  at::Tensor lse = at::empty({p.batch, p.heads_q, p.len_q}, q.options().dtype(lse_dtype(q.scalar_type())));
-  run_attention_forward_cpu(p, MaskView{}, q, k_cache, v_cache, out, lse);
-  return {out, lse};
+  KvcacheCall call = prepare_attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_left,
+                                               window_right, block_table, softcap, alibi_slopes, DeviceLimits{},
+                                               &append_validated);
+  call.params.seqlens_k = call.lens.data();
+  run_attention_forward_cpu(call.params, MaskView{}, q, k_cache, v_cache, call.out, call.lse);
+  return {call.out, call.lse};
 }
 
 }  // namespace

@@ -23,26 +23,17 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_cuda(
     const std::optional<at::Tensor>& v_new, double scale, int64_t window_left, int64_t window_right,
     const std::optional<at::Tensor>& block_table, double softcap,
     const std::optional<at::Tensor>& alibi_slopes) {
-  check_softcap("flash_attn_ext.attention_kvcache", softcap);
-  BlockTable table;
-  std::vector<int64_t> lens_before;
-  const std::vector<int64_t> lens = check_attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
-                                                            scale, window_left, window_right, block_table, &table, &lens_before);
-  check_cuda_head_dims("flash_attn_ext.attention_kvcache", q.size(3), v_cache.size(3));
+  KvcacheCall call = prepare_attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_left,
+                                               window_right, block_table, softcap, alibi_slopes, cuda_limits(),
+                                               &append_validated);
   const c10::cuda::CUDAGuard guard(q.device());
-  AttentionParams p = make_attention_params(q, k_cache, v_cache, 0.0, scale, window_left, window_right,
-                                            /*bottom_right=*/true, softcap);
-  set_alibi_slopes("flash_attn_ext.attention_kvcache", p, alibi_slopes, q.device());  // checked before the append
-  if (k_new.has_value()) append_validated(k_cache, v_cache, *k_new, *v_new, lens_before, /*rolling=*/false, table);
-  const at::Tensor lens_dev = at::tensor(lens, at::kLong).to(q.device());
-  apply_block_table(p, table);  // a device pointer: the table lives on the cache's device
+  const at::Tensor lens_dev = at::tensor(call.lens, at::kLong).to(q.device());
+  AttentionParams& p = call.params;
   p.seqlens_k = lens_dev.data_ptr<int64_t>();
-  at::Tensor out = empty_attention_output(q, p.dim_v);
-  at::Tensor lse = at::empty({p.batch, p.heads_q, p.len_q}, q.options().dtype(lse_dtype(q.scalar_type())));
-  const int64_t max_len = lens.empty() ? 0 : *std::max_element(lens.begin(), lens.end());
-  if (!try_attention_decode_cuda(p, q, k_cache, v_cache, out, lse, max_len))
-    run_attention_forward_cuda(p, MaskView{}, q, k_cache, v_cache, out, lse, nullptr);
-  return {out, lse};
+  const int64_t max_len = call.lens.empty() ? 0 : *std::max_element(call.lens.begin(), call.lens.end());
+  if (!try_attention_decode_cuda(p, q, k_cache, v_cache, call.out, call.lse, max_len))
+    run_attention_forward_cuda(p, MaskView{}, q, k_cache, v_cache, call.out, call.lse, nullptr);
+  return {call.out, call.lse};
 }
 
 }  // namespace

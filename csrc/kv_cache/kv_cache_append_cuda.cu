@@ -77,21 +77,8 @@ void append_validated(const at::Tensor& k_cache, const at::Tensor& v_cache, cons
   }
 }
 
-namespace {
-
-void kv_cache_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
-                          const at::Tensor& v_new, const at::Tensor& cache_seqlens, bool rolling,
-                          const std::optional<at::Tensor>& block_table) {
-  BlockTable table;
-  const std::vector<int64_t> lens =
-      check_kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, rolling, block_table, &table);
-  append_validated(k_cache, v_cache, k_new, v_new, lens, rolling, table);
-}
-
-}  // namespace
-
 TORCH_LIBRARY_IMPL(flash_attn_ext, CUDA, m) {
-  m.impl("kv_cache_append", &kv_cache_append_cuda);
+  m.impl("kv_cache_append", &kv_cache_append_op<&append_validated>);
 }
 
 }  // namespace flash_attn_ext::cuda

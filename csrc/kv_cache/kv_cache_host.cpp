@@ -1,5 +1,6 @@
 #include "kv_cache_host.h"
 
+#include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 
@@ -143,6 +144,31 @@ std::vector<int64_t> check_attention_kvcache(const at::Tensor& q, const at::Tens
   BlockTable table = check_block_table(kOp, block_table, B, k_cache, lens);
   if (table_out != nullptr) *table_out = table;
   return lens;
+}
+
+KvcacheCall prepare_attention_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                      const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
+                                      const std::optional<at::Tensor>& v_new, double scale, int64_t window_left,
+                                      int64_t window_right, const std::optional<at::Tensor>& block_table,
+                                      double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                                      const DeviceLimits& limits, AppendValidatedFn append) {
+  constexpr const char* kOp = "flash_attn_ext.attention_kvcache";
+  check_softcap(kOp, softcap);
+  BlockTable table;
+  std::vector<int64_t> lens_before;
+  KvcacheCall call;
+  call.lens = check_attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_left,
+                                      window_right, block_table, &table, &lens_before);
+  check_head_dims(kOp, q.size(3), v_cache.size(3), limits);
+  AttentionParams& p = call.params;
+  p = make_attention_params(q, k_cache, v_cache, 0.0, scale, window_left, window_right, /*bottom_right=*/true,
+                            softcap);
+  set_alibi_slopes(kOp, p, alibi_slopes, q.device());  // checked before the append writes
+  if (k_new.has_value()) append(k_cache, v_cache, *k_new, *v_new, lens_before, /*rolling=*/false, table);
+  apply_block_table(p, table);  // on CUDA a device pointer: the table lives on the cache's device
+  call.out = empty_attention_output(q, p.dim_v);
+  call.lse = at::empty({p.batch, p.heads_q, p.len_q}, q.options().dtype(lse_dtype(q.scalar_type())));
+  return call;
 }
 
 }  // namespace flash_attn_ext

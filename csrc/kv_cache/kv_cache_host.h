@@ -8,6 +8,7 @@
 
 #include <vector>
 
+#include "../attention/attention_host.h"
 #include "../common/attention_semantics.h"
 
 namespace flash_attn_ext {
@@ -59,6 +60,38 @@ void append_validated(const at::Tensor& k_cache, const at::Tensor& v_cache, cons
                       const at::Tensor& v_new, const std::vector<int64_t>& lens, bool rolling,
                       const BlockTable& table);
 }
+
+using AppendValidatedFn = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                  const std::vector<int64_t>&, bool, const BlockTable&);
+
+// The op kv_cache_append on one device: validates everything (before any write), then copies
+// with that device's append_validated. Registered by kv_cache_append_{cpu,cuda}.
+template <AppendValidatedFn AppendValidated>
+void kv_cache_append_op(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
+                        const at::Tensor& v_new, const at::Tensor& cache_seqlens, bool rolling,
+                        const std::optional<at::Tensor>& block_table) {
+  BlockTable table;
+  const std::vector<int64_t> lens =
+      check_kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, rolling, block_table, &table);
+  AppendValidated(k_cache, v_cache, k_new, v_new, lens, rolling, table);
+}
+
+// The prologue of attention_kvcache shared by its CPU and CUDA entries: every check (the
+// device's limits included), the params (kernel configuration included; seqlens_k left for the
+// entry to point at lens, on the host or a device copy), the optional append through the
+// device's append_validated, the block table applied, and the outputs out (B, Hq, L, Dv) and
+// lse (B, Hq, L), uninitialised.
+struct KvcacheCall {
+  AttentionParams params;
+  std::vector<int64_t> lens;  // the key length each sequence attends to (cache_seqlens + L_new)
+  at::Tensor out, lse;
+};
+KvcacheCall prepare_attention_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                      const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
+                                      const std::optional<at::Tensor>& v_new, double scale, int64_t window_left,
+                                      int64_t window_right, const std::optional<at::Tensor>& block_table,
+                                      double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                                      const DeviceLimits& limits, AppendValidatedFn append);
 
 // The first new position that survives a rolling append of L_new positions into S_max slots
 // (only the last S_max are written, which keeps the slots written by one call disjoint).
