@@ -8,7 +8,7 @@ import torch
 _lib = torch.ops.flash_attn_ext
 
 # The CUDA kernels compile on every CI run (which has no GPU) and the row programs they run
-# are checked on the host (tests/cpp/test_attention_rows.cpp), but they have not yet run on a
+# are checked on the host (tests/native/cpp/test_attention_rows.cpp), but they have not yet run on a
 # GPU (README, "Verified on"). Until scripts/gpu_check.sh passes on one and this flag is set,
 # the Python layer uses them only for callers who opt in with FLASH_ATTN_EXT_CUDA_KERNELS=1:
 # scaled_dot_product_attention falls back to PyTorch's SDPA on CUDA (counted), and the other

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check, one call on a GPU machine that has torch and nvcc but no network: build the
 # extension, run every CUDA test (the device-parameterised suite, the slow sweep included, and
-# tests/test_cuda_kernels.py), run every CUDA kernel under compute-sanitizer memcheck and
+# tests/ops/test_cuda_kernels.py), run every CUDA kernel under compute-sanitizer memcheck and
 # racecheck, run the GPU benchmark, and print a short table last. Logs go to $OUT (or
 # /tmp/gpu_check). Designed to finish well inside 8 minutes on an H200.
 #

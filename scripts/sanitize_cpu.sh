@@ -27,10 +27,11 @@ cp build/sanitize/lib/flash_attn_ext/_C*.so "$pkg/flash_attn_ext/"
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1"  # CPython and torch keep memory alive at exit
 export UBSAN_OPTIONS="print_stacktrace=1"
-tests=(test_attention_forward.py test_attention_backward.py test_attention_kvcache.py test_kv_cache_append.py
-       test_paged_kv_cache.py test_varlen.py test_merge_attention_states.py test_extreme_values.py
-       test_softcap.py test_alibi.py test_dropout.py test_properties.py test_concurrency.py
-       test_bad_input_catalogue.py test_errors.py test_opcheck_compile.py)
+tests=(ops/test_attention_forward.py ops/test_attention_backward.py ops/test_attention_kvcache.py
+       ops/test_kv_cache_append.py ops/test_paged_kv_cache.py ops/test_varlen.py ops/test_merge_attention_states.py
+       ops/test_opcheck_compile.py features/test_extreme_values.py features/test_softcap.py features/test_alibi.py
+       features/test_dropout.py features/test_properties.py features/test_concurrency.py
+       features/test_bad_input_catalogue.py features/test_errors.py features/test_kernel_config.py)
 cd "$pkg"  # first on sys.path: `import flash_attn_ext` is the sanitized build
 python3 - <<'PY'
 import flash_attn_ext, os

@@ -1,4 +1,11 @@
+"""Shared fixtures of the test suite, grouped by what a test is about (README, "Tests"):
+ops/ (one file per op), features/ (what cuts across ops), api/ (the public Python APIs),
+tools/ (converter, uptraining), native/ (C++ programs and source checks). The helpers beside
+this file (reference.py: the float64 reference and the SPEC bounds; tile_backends.py) are
+importable from every group."""
 import dataclasses
+import os
+import sys
 
 import pytest
 import torch
@@ -6,6 +13,8 @@ import torch
 import flash_attn_ext
 from flash_attn_ext import _ops
 from flash_attn_ext.config import cpu_description
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def _device_params():

@@ -5,7 +5,7 @@
 // The safety net serves every case the
 // CPU kernel serves (float32/float64/float16/bfloat16, head dims up to 256, both causal
 // alignments, windows, GQA/MQA, attn_mask, dropout, lse). One warp per query row runs the
-// row program of attention_rows.h (checked on the host by tests/cpp/test_attention_rows.cpp):
+// row program of attention_rows.h (checked on the host by tests/native/cpp/test_attention_rows.cpp):
 // an online softmax over the row's visible keys only, nothing of size L x S in memory.
 //
 // Dropout draws its seed and offset from PyTorch's CUDA generator (philox_cuda_state), so

@@ -12,7 +12,7 @@
 //
 // With FAE_SIMT_EMULATION defined, the warp-level primitives (../cuda/mma_primitives.cuh)
 // come from the host emulator named by that macro, and the unchanged kernel body runs on the
-// CPU, one std::thread per CUDA thread (tests/cpp/test_mma_kernels_emulated.cpp).
+// CPU, one std::thread per CUDA thread (tests/native/cpp/test_mma_kernels_emulated.cpp).
 #pragma once
 
 #include <cmath>

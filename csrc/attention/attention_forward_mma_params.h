@@ -1,5 +1,5 @@
 // Arguments of the tensor-core forward and backward kernels, torch-free so that the kernels
-// also compile in the host emulation of tests/cpp/test_mma_kernels_emulated.cpp.
+// also compile in the host emulation of tests/native/cpp/test_mma_kernels_emulated.cpp.
 #pragma once
 
 #include <cstdint>

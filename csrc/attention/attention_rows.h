@@ -2,7 +2,7 @@
 // (dK, dV), written once without torch so that the same code is
 //   - the CUDA safety-net kernels (csrc/attention/*_cuda.cu): one warp per row, the 32 lanes
 //     splitting the head dim and summing dot products with warp shuffles;
-//   - checked on the host by tests/cpp/test_attention_rows.cpp with a single lane against a
+//   - checked on the host by tests/native/cpp/test_attention_rows.cpp with a single lane against a
 //     brute-force float64 reference, on every CI run, without a GPU.
 // They favour the obviously right over the fast: keys are visited one at a time with a
 // scalar online softmax (running max m, running sum l), nothing of size L x S exists, and

@@ -1,7 +1,7 @@
 // The head dims the tensor-core kernels are built for, written once. The dispatch switches and
 // the eligibility checks expand these lists; each dim has its instantiation unit
 // (attention_{forward,backward}_mma_hdim<D>.cu: a dim listed without one fails the CUDA build's
-// import, with an undefined symbol); tests/test_cuda_logic_on_host.py checks that the units
+// import, with an undefined symbol); tests/native/test_host_programs.py checks that the units
 // and the README's list match. Torch-free.
 #pragma once
 

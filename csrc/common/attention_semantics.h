@@ -1,7 +1,7 @@
 // The one definition of attention semantics (SPEC.md section 2), shared by every kernel.
 //
 // CPU and CUDA kernels include this header; nothing here depends on torch, so the same
-// functions are unit-tested on the CPU (tests/test_semantics.py through a debug op) and
+// functions are unit-tested on the CPU (tests/native/cpp/test_semantics.cpp) and
 // compiled for the device by nvcc.
 #pragma once
 

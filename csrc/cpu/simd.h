@@ -6,7 +6,7 @@
 // AVX2+FMA, and a portable baseline) and the loader picks one for the running CPU (GCC
 // target_clones, an ifunc), so one built library runs everywhere with the widest vectors it
 // finds. Clang and other compilers get the portable build only. FAE_NO_MULTIVERSION builds
-// one version for the compiler's -march (tests/cpp/ uses it to run the baseline on any CPU).
+// one version for the compiler's -march (tests/native/cpp/ uses it to run the baseline on any CPU).
 #pragma once
 
 // The vector helpers are always inlined: no vector ABI crosses a call.

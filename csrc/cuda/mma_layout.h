@@ -2,7 +2,7 @@
 // instructions of the mma forward (ldmatrix.x4 and mma.sync m16n8k16 with 16-bit inputs and
 // float32 accumulators), as the PTX ISA defines the fragments. The kernel computes its
 // shared-memory addresses and reads its accumulators through these functions, and
-// tests/cpp/test_mma_layout.cpp emulates ldmatrix and mma on the host from the PTX fragment
+// tests/native/cpp/test_mma_layout.cpp emulates ldmatrix and mma on the host from the PTX fragment
 // definitions to check that they compose into the right matrix products, without a GPU.
 #pragma once
 

@@ -1,7 +1,7 @@
 // Warp-level building blocks of the tensor-core kernels (attention_forward_mma_kernel.cuh,
 // attention_backward_mma_kernel.cuh): cp.async copies, ldmatrix fragment loads, mma.sync
 // m16n8k16 with float32 accumulators, 16-bit packing. With FAE_SIMT_EMULATION defined they
-// come instead from the host emulator that macro names (tests/cpp/simt_emulator.h), and the
+// come instead from the host emulator that macro names (tests/native/cpp/simt_emulator.h), and the
 // kernels run unchanged on the CPU.
 #pragma once
 

@@ -1,6 +1,6 @@
 // The CUDA decode kernel of attention_kvcache (Flash-Decoding): few query rows per KV head
 // against a long cache, for fp16/bf16 caches. Included by attention_decode_cuda.cu and, with
-// FAE_SIMT_EMULATION, by tests/cpp/test_decode_kernel_emulated.cpp (runs it on the CPU).
+// FAE_SIMT_EMULATION, by tests/native/cpp/test_decode_kernel_emulated.cpp (runs it on the CPU).
 //
 // Why not the forward kernels: decode has one query row per head, so a grid over query rows
 // (the safety net: a warp per row) has B * Hq warps for the whole cache and reads each KV head

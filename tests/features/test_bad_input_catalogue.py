@@ -1,4 +1,4 @@
-"""Issue 9's bad-input catalogue (tests/bad_input_cases.py), run out of process: a call that
+"""Issue 9's bad-input catalogue (tests/features/bad_input_cases.py), run out of process: a call that
 crashes the interpreter fails its own case, and the rest run on in a fresh process. Every case
 must raise a Python exception of the expected kind whose message names the argument, and leave
 every tensor it was given (caches, outputs) bitwise unchanged."""

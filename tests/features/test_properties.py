@@ -4,7 +4,7 @@ float64 reference within SPEC.md's bound, forward and backward; a failure shrink
 case, which hypothesis prints.
 
 Two profiles: the default run (CI) draws a fixed, derandomized set of 150 examples per test; the
-long profile (`pytest -m slow tests/test_properties.py`, ~1.5 min) draws 5000, randomly.
+long profile (`pytest -m slow tests/features/test_properties.py`, ~1.5 min) draws 5000, randomly.
 """
 import pytest
 import torch

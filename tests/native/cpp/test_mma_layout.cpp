@@ -2,13 +2,14 @@
 // ldmatrix (.x4, with and without .trans) and mma.sync m16n8k16 are emulated for a whole warp
 // from their PTX ISA fragment definitions, written out here independently of the header; the
 // kernel's address and fragment arithmetic (through the header) must then produce exactly
-// S = Q K^T and O = P V. Built and run by tests/test_cuda_logic_on_host.py; no GPU.
+// S = Q K^T and O = P V. Built and run by tests/native/test_host_programs.py; no GPU.
 #include <cmath>
 #include <cstdio>
 #include <random>
 #include <vector>
 
 #include "cuda/mma_layout.h"
+#include "expect.h"
 
 using namespace flash_attn_ext::mma_layout;
 
@@ -65,7 +66,6 @@ int main() {
   std::vector<float> q(16 * kStride), k(kKeys * kStride), v(kKeys * kStride);
   for (auto* m : {&q, &k, &v})
     for (auto& x : *m) x = static_cast<float>(small(rng));
-  int failures = 0;
 
   // S = Q K^T, as the kernel's k16 / n16 loops do it.
   static float s[kKeys / 8][32][4] = {};
@@ -132,7 +132,5 @@ int main() {
         if (o[dt][l][e] != want && ++failures < 20)
           std::printf("O tile %d lane %d elem %d: %g != %g\n", dt, l, e, o[dt][l][e], want);
       }
-  std::printf("%d failures\n", failures);
-  if (failures == 0) std::printf("ok\n");
-  return failures == 0 ? 0 : 1;
+  return expect_summary("mma fragment layouts");
 }

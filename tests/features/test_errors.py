@@ -16,7 +16,7 @@ def _fwd(q, k, v, mask=None, p=0.0, scale=0.25, wl=-1, wr=-1):
 
 
 # The malformed-call catalogue (every public function and op, run out of process) is
-# tests/bad_input_cases.py; these are the checks that need a live autograd graph or grad mode.
+# tests/features/bad_input_cases.py; these are the checks that need a live autograd graph or grad mode.
 q, k, v = _qkv()
 
 

@@ -1,6 +1,6 @@
 // Unit test of the torch-free semantics headers shared by the CPU and CUDA kernels
 // (csrc/common/attention_semantics.h, dropout_philox.h). Built and run by
-// tests/test_semantics_header.py with the host compiler: no torch, no GPU.
+// tests/native/test_host_programs.py with the host compiler: no torch, no GPU.
 //
 // Brute force over small shapes: the band helpers must cover every visible (query, key) pair
 // (superset: skipping a tile that holds a visible pair would be a wrong answer) and be tight
@@ -12,20 +12,10 @@
 
 #include "common/attention_semantics.h"
 #include "common/dropout_philox.h"
+#include "expect.h"
 
 using namespace flash_attn_ext;
 
-static int failures = 0;
-#define EXPECT(cond, ...)                              \
-  do {                                                 \
-    if (!(cond)) {                                     \
-      if (++failures <= 20) {                          \
-        std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-        std::printf(__VA_ARGS__);                      \
-        std::printf("\n");                             \
-      }                                                \
-    }                                                  \
-  } while (0)
 
 static void check_bands(int64_t L, int64_t S, int64_t left, int64_t right, bool bottom_right) {
   const int64_t o = alignment_offset(L, S, bottom_right);
@@ -117,6 +107,6 @@ int main() {
     }
   }
   check_philox();
-  std::printf("%d band cases; %s\n", cases, failures ? "FAILED" : "ok");
-  return failures ? 1 : 0;
+  std::printf("%d band cases\n", cases);
+  return expect_summary("semantics headers");
 }

@@ -1,18 +1,19 @@
 // The tensor-core kernels (csrc/attention/attention_{forward,backward}_mma_kernel.cuh), unchanged,
-// run on the CPU through tests/cpp/simt_emulator.h (one std::thread per CUDA thread, ldmatrix
+// run on the CPU through tests/native/cpp/simt_emulator.h (one std::thread per CUDA thread, ldmatrix
 // and mma.sync emulated from their PTX fragment definitions), against a float64 reference:
 // tile iteration over the visible band, masking at tile and sequence edges, the online
 // softmax, GQA indexing, strides and the epilogue are checked without a GPU. What the
 // emulation cannot check (timing, races, the real instructions' encodings) is left to
-// scripts/gpu_check.sh. Built and run by tests/test_cuda_logic_on_host.py.
+// scripts/gpu_check.sh. Built and run by tests/native/test_host_programs.py.
 //
 // Also here: the safety-net row programs (csrc/attention/attention_rows.h) with 32 lanes per
 // row and the warp-shuffle sum, as the CUDA safety-net kernels run them, against the same
-// programs on one lane (which tests/cpp/test_attention_rows.cpp checks against float64).
+// programs on one lane (which tests/native/cpp/test_attention_rows.cpp checks against float64).
 #define FAE_SIMT_EMULATION "simt_emulator.h"
 #include "attention/attention_backward_mma_kernel.cuh"
 #include "attention/attention_forward_mma_kernel.cuh"
 #include "attention/attention_rows.h"
+#include "expect.h"
 
 #include <cstdio>
 #include <random>
@@ -20,7 +21,6 @@
 using namespace flash_attn_ext;
 using namespace flash_attn_ext::cuda;
 
-static int failures = 0;
 
 struct Case {
   int64_t B, Hq, Hkv, L, S, left, right;
@@ -310,7 +310,5 @@ int main() {
   for (const Case& c : {full, causal_tl, causal_br_empty_rows, window, gqa}) run_backward<emu::Half, 32>(c, seed++, 3e-3);
   run_backward<emu::BFloat16, 64>(gqa, seed++, 2.5e-2);
   run_backward<emu::Half, 96>(window, seed++, 3e-3);
-  std::printf("%d failures\n", failures);
-  if (failures == 0) std::printf("ok\n");
-  return failures == 0 ? 0 : 1;
+  return expect_summary("tensor-core kernels, emulated");
 }

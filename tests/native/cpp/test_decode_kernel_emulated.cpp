@@ -1,13 +1,14 @@
 // The CUDA decode kernels (csrc/kv_cache/attention_decode_cuda_kernel.cuh: split kernel and
-// combine kernel), unchanged, run on the CPU through tests/cpp/simt_emulator.h against a
+// combine kernel), unchanged, run on the CPU through tests/native/cpp/simt_emulator.h against a
 // float64 reference: GQA rows sharing a pass, per-sequence lengths (0 included), chunked
 // prefill rows (L > 1, bottom-right causal), sliding windows, paged caches with a shuffled
 // block table, one split (the split kernel writes the output) and several (the combine kernel
 // merges them; more splits than chunks leaves some empty). Built and run by
-// tests/test_cuda_logic_on_host.py. Timing, races and the real instructions are left to
+// tests/native/test_host_programs.py. Timing, races and the real instructions are left to
 // scripts/gpu_check.sh.
 #define FAE_SIMT_EMULATION "simt_emulator.h"
 #include "kv_cache/attention_decode_cuda_kernel.cuh"
+#include "expect.h"
 
 #include <algorithm>
 #include <cstdio>
@@ -18,7 +19,6 @@
 using namespace flash_attn_ext;
 using namespace flash_attn_ext::cuda;
 
-static int failures = 0;
 
 struct Case {
   int64_t B, Hq, Hkv, L, S;  // S: cache capacity per sequence
@@ -121,6 +121,5 @@ int main() {
   // head dims 128 and 256 (two output features per thread)
   run<emu::Half, 128>({1, 4, 2, 1, 200, {200}, -1, 0, 2}, 10);
   run<emu::BFloat16, 256>({1, 2, 1, 1, 160, {150}, 40, 0, 1}, 11);
-  std::printf("%s\n", failures ? "FAILED" : "ok");
-  return failures ? 1 : 0;
+  return expect_summary("decode kernels, emulated");
 }

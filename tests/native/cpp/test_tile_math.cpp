@@ -1,5 +1,5 @@
 // Unit test of the CPU tile kernels (csrc/cpu/tile_math.cpp) against naive double loops.
-// tests/test_tile_math.py builds it once per instruction set this machine can run (baseline
+// tests/native/test_host_programs.py builds it once per instruction set this machine can run (baseline
 // x86-64 with FAE_NO_MULTIVERSION, and the run-time-dispatched build), so the portable
 // fallback is exercised even on a CPU where the dispatcher would never pick it.
 #include <algorithm>
@@ -13,11 +13,11 @@
 
 #include "cpu/decode_math.h"
 #include "cpu/tile_math_bf16.h"
+#include "expect.h"
 #include "cpu/tile_math.h"
 
 using namespace flash_attn_ext::cpu;
 
-static int failures = 0;
 
 static void check_gemm(bool trans_a, int64_t M, int64_t N, int64_t K, bool accumulate, std::mt19937& rng) {
   std::normal_distribution<float> nd;
@@ -296,6 +296,5 @@ int main() {
   check_bf16_gemm(rng);
   std::printf("bf16 GEMM (AVX512-BF16): %s\n", has_bf16_gemm() ? "tested" : "not on this CPU/build (packing tested)");
   std::printf("bf16 dot (AVX512-BF16): %s\n", has_bf16_dot() ? "tested" : "not on this CPU/build");
-  std::printf("%s\n", failures ? "FAILED" : "ok");
-  return failures ? 1 : 0;
+  return expect_summary("tile and decode kernels");
 }

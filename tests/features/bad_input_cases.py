@@ -5,7 +5,7 @@ and must raise one of `exceptions` (default ValueError or TypeError) whose messa
 `pattern` (the argument it names), leaving every tensor of the namespace bitwise unchanged
 (caches and outputs passed in included).
 
-`python tests/bad_input_cases.py START` runs the cases from START in order and prints one JSON
+`python tests/features/bad_input_cases.py START` runs the cases from START in order and prints one JSON
 line per case ("start" before it runs, the outcome after), so a parent process
 (test_bad_input_catalogue.py) can tell which case killed the interpreter, if one does, and go on
 from the next one in a fresh process.

@@ -150,7 +150,8 @@ def test_kvcache_class_prefill_then_decode(device):
 def test_generate_example_same_tokens_with_and_without_cache():
     import importlib.util
     import os
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "generate.py")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples",
+                        "generate.py")
     spec = importlib.util.spec_from_file_location("generate_example", path)
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)

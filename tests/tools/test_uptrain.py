@@ -7,7 +7,7 @@ import pytest
 import torch
 
 pytest.importorskip("safetensors")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples"))
 
 import uptrain  # noqa: E402
 from flash_attn_ext import convert  # noqa: E402
