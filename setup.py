@@ -8,6 +8,7 @@ Environment switches:
                              (-O1, for scripts/sanitize_cpu.sh; load it with libasan preloaded)
   MAX_JOBS                   parallel compile jobs (ninja), as in torch.utils.cpp_extension
 """
+
 import glob
 import os
 import sys
@@ -48,7 +49,9 @@ def _gencode_flags() -> list:
 
 
 def _sources(pattern: str) -> list:
-    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "**", pattern), recursive=True))
+    return sorted(
+        os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "**", pattern), recursive=True)
+    )
 
 
 def _sanitize() -> bool:
@@ -83,8 +86,12 @@ def extensions():
         print("flash_attn_ext: building CPU-only" + (" with ASan + UBSan" if sanitize else ""))
         return [CppExtension(**kwargs)]
     kwargs["sources"] += _sources("*.cu")
-    kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-DPy_LIMITED_API=0x030A0000",
-                                            "--expt-relaxed-constexpr", "-lineinfo"] + _gencode_flags()
+    kwargs["extra_compile_args"]["nvcc"] = [
+        "-O3",
+        "-DPy_LIMITED_API=0x030A0000",
+        "--expt-relaxed-constexpr",
+        "-lineinfo",
+    ] + _gencode_flags()
     kwargs["define_macros"] = [("FLASH_ATTN_EXT_WITH_CUDA", "1")]
     print("flash_attn_ext: building with CUDA for", os.environ.get("FLASH_ATTN_EXT_CUDA_ARCHS", DEFAULT_CUDA_ARCHS))
     return [CUDAExtension(**kwargs)]

@@ -15,10 +15,9 @@ memory of one long sequence (ours against the math path).
 The header names the CPU (model, ISA flags), the tile back end each dtype runs on
 (flash_attn_ext.cpu_tiles_in_use) and the matmul ceiling of each dtype measured in the run.
 """
+
 import argparse
 import csv
-import math
-import os
 import subprocess
 import sys
 import time
@@ -65,7 +64,7 @@ def matmul_ceiling(dtype=torch.float32, n=2048):
     a = torch.randn(n, n, dtype=dtype)
     b = torch.randn(n, n, dtype=dtype)
     t = timeit(lambda: a @ b, min_time=1.0)
-    return 2 * n ** 3 / t / 1e9
+    return 2 * n**3 / t / 1e9
 
 
 def make_runners(q, k, v, causal, backward, tiles=(None,)):
@@ -77,12 +76,14 @@ def make_runners(q, k, v, causal, backward, tiles=(None,)):
                 return flash_attn_ext.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
             with flash_attn_ext.cpu_tiles(backend):
                 return flash_attn_ext.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+
         return run
 
     def torch_backend(backend):
         def run():
             with sdpa_kernel([backend]):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+
         return run
 
     runners = {("ours" if t is None else f"ours[{t}]"): ours_on(t) for t in tiles}
@@ -94,6 +95,7 @@ def make_runners(q, k, v, causal, backward, tiles=(None,)):
 
         def with_backward(fwd):
             return lambda: torch.autograd.grad(fwd(), (q, k, v), g)
+
         runners = {name: with_backward(fn) for name, fn in runners.items()}
     return runners
 
@@ -118,9 +120,20 @@ def run_grid(shapes, dtypes, causals, passes, min_time, tiles=(None,), kv_heads=
                     for t in tiles:
                         name = "ours" if t is None else f"ours[{t}]"
                         ran = flash_attn_ext.cpu_tiles_in_use(dtype)[0] if t is None else t
-                        row = dict(dtype=str(dtype).replace("torch.", ""), B=B, H=H, Hkv=Hkv, L=L, S=S, D=D,
-                                   causal=causal, pass_="fwd+bwd" if backward else "fwd", tiles=ran,
-                                   ours_ms=times[name] * 1e3, ours_gflops=flops / times[name] / 1e9)
+                        row = dict(
+                            dtype=str(dtype).replace("torch.", ""),
+                            B=B,
+                            H=H,
+                            Hkv=Hkv,
+                            L=L,
+                            S=S,
+                            D=D,
+                            causal=causal,
+                            pass_="fwd+bwd" if backward else "fwd",
+                            tiles=ran,
+                            ours_ms=times[name] * 1e3,
+                            ours_gflops=flops / times[name] / 1e9,
+                        )
                         for other in ("torch_flash", "torch_math"):
                             row[f"{other}_ms"] = times[other] * 1e3 if other in times else float("nan")
                             row[f"ratio_vs_{other}"] = times[name] / times[other] if other in times else float("nan")
@@ -129,16 +142,20 @@ def run_grid(shapes, dtypes, causals, passes, min_time, tiles=(None,), kv_heads=
     return rows
 
 
-HEADER = (f"{'dtype':8} {'B':>2} {'H':>3} {'Hkv':>3} {'L':>5} {'S':>5} {'D':>4} {'causal':>6} {'pass':>7} "
-          f"{'tiles':>11} | {'ours ms':>9} {'GFLOP/s':>8} | {'flash ms':>9} {'ours/flash':>10} | {'math ms':>9} "
-          f"{'ours/math':>9}")
+HEADER = (
+    f"{'dtype':8} {'B':>2} {'H':>3} {'Hkv':>3} {'L':>5} {'S':>5} {'D':>4} {'causal':>6} {'pass':>7} "
+    f"{'tiles':>11} | {'ours ms':>9} {'GFLOP/s':>8} | {'flash ms':>9} {'ours/flash':>10} | {'math ms':>9} "
+    f"{'ours/math':>9}"
+)
 
 
 def format_row(r):
-    return (f"{r['dtype']:8} {r['B']:>2} {r['H']:>3} {r['Hkv']:>3} {r['L']:>5} {r['S']:>5} {r['D']:>4} "
-            f"{str(r['causal']):>6} {r['pass_']:>7} {r['tiles']:>11} | "
-            f"{r['ours_ms']:9.2f} {r['ours_gflops']:8.1f} | {r['torch_flash_ms']:9.2f} {r['ratio_vs_torch_flash']:10.2f} | "
-            f"{r['torch_math_ms']:9.2f} {r['ratio_vs_torch_math']:9.2f}")
+    return (
+        f"{r['dtype']:8} {r['B']:>2} {r['H']:>3} {r['Hkv']:>3} {r['L']:>5} {r['S']:>5} {r['D']:>4} "
+        f"{str(r['causal']):>6} {r['pass_']:>7} {r['tiles']:>11} | "
+        f"{r['ours_ms']:9.2f} {r['ours_gflops']:8.1f} | {r['torch_flash_ms']:9.2f} {r['ratio_vs_torch_flash']:10.2f} | "
+        f"{r['torch_math_ms']:9.2f} {r['ratio_vs_torch_math']:9.2f}"
+    )
 
 
 _MEMORY_CHILD = r"""
@@ -175,15 +192,19 @@ print((max(peak[0], rss()) - base) / 2**20)
 def peak_memory_mib(L, which):
     """Peak resident memory added by one forward (1 head, D=64, fp32), sampled every 0.5 ms
     in a fresh process; includes the (L, 64) output itself."""
-    out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(L), which], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_CHILD, str(L), which], capture_output=True, text=True, check=True
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 
 def plot(rows, path):
     """One panel per (dtype, pass): time vs L for each (D, causal), ours solid, torch flash dashed."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     panels = sorted({(r["dtype"], r["pass_"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
     for ax, (dtype, pass_) in zip(axes[0], panels):
@@ -193,8 +214,9 @@ def plot(rows, path):
             label = f"D={D} {'causal' if causal else 'full'}"
             color = f"C{i}"
             ax.plot([r["L"] for r in line], [r["ours_ms"] for r in line], "o-", color=color, label="ours " + label)
-            ax.plot([r["L"] for r in line], [r["torch_flash_ms"] for r in line], "x--", color=color,
-                    label="torch " + label)
+            ax.plot(
+                [r["L"] for r in line], [r["torch_flash_ms"] for r in line], "x--", color=color, label="torch " + label
+            )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("L = S")
@@ -232,10 +254,17 @@ def main():
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds of repeats per measurement")
     ap.add_argument("--kv-heads", type=int, default=None, help="K/V heads (GQA; default: --heads)")
-    ap.add_argument("--tiles", nargs="*", default=None,
-                    help="CPU tile back ends to run ours with, one row each (auto float avx512_bf16 brgemm)")
-    ap.add_argument("--skinny", action="store_true",
-                    help="the skinny shapes of issue 16 instead: B=60, H=4, D=32, (L, S) in (799, 3), (1, 239), (3, 799)")
+    ap.add_argument(
+        "--tiles",
+        nargs="*",
+        default=None,
+        help="CPU tile back ends to run ours with, one row each (auto float avx512_bf16 brgemm)",
+    )
+    ap.add_argument(
+        "--skinny",
+        action="store_true",
+        help="the skinny shapes of issue 16 instead: B=60, H=4, D=32, (L, S) in (799, 3), (1, 239), (3, 799)",
+    )
     ap.add_argument("--memory", type=int, default=0, help="also measure peak memory at this L (one head)")
     ap.add_argument("--csv", help="write the rows to this CSV file")
     ap.add_argument("--plot", help="draw time vs sequence length into this PNG")
@@ -249,8 +278,10 @@ def main():
     dims = args.dims or ([64] if args.quick else [64, 128])
     heads = 4 if args.quick else args.heads
     dtypes = [getattr(torch, d) for d in args.dtypes]
-    print(f"torch {torch.__version__}, flash_attn_ext {flash_attn_ext.__version__}, "
-          f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print(
+        f"torch {torch.__version__}, flash_attn_ext {flash_attn_ext.__version__}, "
+        f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    )
     print(f"cpu: {cpu_description()}")
     for dtype in dtypes:
         print(f"cpu tiles {dtype}: %s (%s)" % flash_attn_ext.cpu_tiles_in_use(dtype))
@@ -262,18 +293,27 @@ def main():
         shapes = [(60, 4, L, S, 32) for (L, S) in ((799, 3), (1, 239), (3, 799))]
     else:
         shapes = [(args.batch, heads, L, D) for L in seqs for D in dims]
-    rows = run_grid(shapes, dtypes, [False, True], [p == "fwd+bwd" for p in args.passes], args.min_time, tiles,
-                    args.kv_heads)
+    rows = run_grid(
+        shapes, dtypes, [False, True], [p == "fwd+bwd" for p in args.passes], args.min_time, tiles, args.kv_heads
+    )
     for r in rows:
         r["matmul_ceiling_gflops"] = ceilings[r["dtype"]]
         r["fraction_of_ceiling"] = r["ours_gflops"] / ceilings[r["dtype"]]
-    print(f"\nours / the dtype's matmul ceiling: " + ", ".join(
-        f"{r['dtype']} L={r['L']} D={r['D']} {'causal' if r['causal'] else 'full'} {r['pass_']} {r['tiles']}: "
-        f"{r['fraction_of_ceiling']:.2f}" for r in rows))
+    print(
+        "\nours / the dtype's matmul ceiling: "
+        + ", ".join(
+            f"{r['dtype']} L={r['L']} D={r['D']} {'causal' if r['causal'] else 'full'} {r['pass_']} {r['tiles']}: "
+            f"{r['fraction_of_ceiling']:.2f}"
+            for r in rows
+        )
+    )
     if args.memory:
         ours, math_path = peak_memory_mib(args.memory, "ours"), peak_memory_mib(args.memory, "math")
-        print(f"\npeak extra memory, L=S={args.memory}, 1 head, D=64, fp32 (output {args.memory * 64 * 4 / 2**20:.1f} MiB "
-              f"included): ours {ours:.1f} MiB, torch math path {math_path:.1f} MiB")
+        print(
+            f"\npeak extra memory, L=S={args.memory}, 1 head, D=64, fp32 "
+            f"(output {args.memory * 64 * 4 / 2**20:.1f} MiB included): ours {ours:.1f} MiB, "
+            f"torch math path {math_path:.1f} MiB"
+        )
     if args.csv:
         write_csv(args.csv, rows)
         print(f"wrote {args.csv}")

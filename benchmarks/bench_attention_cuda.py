@@ -8,6 +8,7 @@ B * H fills the GPU: B * L = 16k tokens and H * D = 2048 (H = 32 query heads for
     python benchmarks/bench_attention_cuda.py --quick            # the GPU check's grid
     python benchmarks/bench_attention_cuda.py --csv out.csv --plot out.png
 """
+
 import argparse
 import csv
 import os
@@ -21,8 +22,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import flash_attn_ext  # noqa: E402
 
-BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION}
+BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+}
 
 
 def visible_pairs(L, S, left, right):
@@ -52,7 +56,7 @@ def cuda_time(fn, reps):
 def matmul_ceiling(n=8192):
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    return 2 * n ** 3 / (cuda_time(lambda: a @ b, 20) * 1e-3) / 1e12
+    return 2 * n**3 / (cuda_time(lambda: a @ b, 20) * 1e-3) / 1e12
 
 
 def runners(q, k, v, causal, window, backward):
@@ -65,6 +69,7 @@ def runners(q, k, v, causal, window, backward):
         def step():
             out = fwd()
             out.backward(grad)
+
         grad = torch.randn_like(q)
         return step
 
@@ -79,10 +84,13 @@ def runners(q, k, v, causal, window, backward):
         j = torch.arange(k.shape[2], device="cuda")
         mask = (j >= i - left) & (j <= i + right)
     for name, backend in BACKENDS.items():
+
         def theirs(backend=backend):
             with sdpa_kernel([backend]):
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                                      enable_gqa=gqa)
+                return F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=gqa
+                )
+
         out[name] = wrap(theirs)
     return out
 
@@ -116,8 +124,9 @@ def main():
     torch.manual_seed(0)
     ceiling = matmul_ceiling()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  bf16 matmul ceiling {ceiling:.0f} TFLOP/s")
-    header = ["pass", "dtype", "D", "L", "Hq/Hkv", "mask", "ours ms", "TFLOP/s", "of ceil"] + \
-             [f"/{n}" for n in BACKENDS]
+    header = ["pass", "dtype", "D", "L", "Hq/Hkv", "mask", "ours ms", "TFLOP/s", "of ceil"] + [
+        f"/{n}" for n in BACKENDS
+    ]
     print(" | ".join(header))
     results = []
     for case in grid(args.quick):
@@ -130,8 +139,15 @@ def main():
             backward = pass_ == "fwdbwd"
             mk = lambda h: torch.randn(B, h, L, D, device="cuda", dtype=case["dtype"], requires_grad=backward)  # noqa: E731
             q, k, v = mk(case["Hq"]), mk(case["Hkv"]), mk(case["Hkv"])
-            row = dict(pass_=pass_, dtype=str(case["dtype"]).replace("torch.", ""), D=D, L=L,
-                       heads=f"{case['Hq']}/{case['Hkv']}", mask=mask, B=B)
+            row = dict(
+                pass_=pass_,
+                dtype=str(case["dtype"]).replace("torch.", ""),
+                D=D,
+                L=L,
+                heads=f"{case['Hq']}/{case['Hkv']}",
+                mask=mask,
+                B=B,
+            )
             times = {}
             for name, fn in runners(q, k, v, case["causal"], case["window"], backward).items():
                 try:
@@ -142,12 +158,31 @@ def main():
                         print(f"  ours failed: {e}")
             total = flops * (3.5 if backward else 1.0)
             tflops = total / (times["ours"] * 1e-3) / 1e12
-            row.update(ours_ms=times["ours"], tflops=tflops, of_ceiling=tflops / ceiling,
-                       **{f"{n}_ms": times[n] for n in BACKENDS})
+            row.update(
+                ours_ms=times["ours"],
+                tflops=tflops,
+                of_ceiling=tflops / ceiling,
+                **{f"{n}_ms": times[n] for n in BACKENDS},
+            )
             results.append(row)
             ratios = [f"{times['ours'] / times[n]:.2f}" if times[n] == times[n] else "n/a" for n in BACKENDS]
-            print(" | ".join([pass_, row["dtype"], str(D), str(L), row["heads"], mask, f"{times['ours']:.3f}",
-                              f"{tflops:.1f}", f"{tflops / ceiling:.3f}"] + ratios), flush=True)
+            print(
+                " | ".join(
+                    [
+                        pass_,
+                        row["dtype"],
+                        str(D),
+                        str(L),
+                        row["heads"],
+                        mask,
+                        f"{times['ours']:.3f}",
+                        f"{tflops:.1f}",
+                        f"{tflops / ceiling:.3f}",
+                    ]
+                    + ratios
+                ),
+                flush=True,
+            )
             del q, k, v
     if args.csv:
         with open(args.csv, "w", newline="") as f:
@@ -157,14 +192,22 @@ def main():
                 w.writerow(dict(r, ceiling_tflops=ceiling))
     if args.plot:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         fig, ax = plt.subplots(figsize=(7, 4))
         for name in ["ours"] + list(BACKENDS):
             # a backend's TFLOP/s: same FLOPs, its own time
-            pts = [(r["L"], r["tflops"] * r["ours_ms"] / r[f"{name}_ms"])
-                   for r in results if r["pass_"] == "fwd" and r["mask"] == "causal" and r["D"] == 128
-                   and r["dtype"] == "bfloat16" and r["heads"] == "16/16"]
+            pts = [
+                (r["L"], r["tflops"] * r["ours_ms"] / r[f"{name}_ms"])
+                for r in results
+                if r["pass_"] == "fwd"
+                and r["mask"] == "causal"
+                and r["D"] == 128
+                and r["dtype"] == "bfloat16"
+                and r["heads"] == "16/16"
+            ]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=name)
         ax.set_xscale("log", base=2)

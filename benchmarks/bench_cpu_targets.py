@@ -9,6 +9,7 @@
 
     python benchmarks/bench_cpu_targets.py [--dtypes float32 bfloat16] [--csv out.csv]
 """
+
 import argparse
 import os
 import sys
@@ -31,11 +32,28 @@ def window_rows(dtype, L=16384, W=512, H=4, D=64, min_time=0.5):
     qw, kw, vw = q[:, :, :W], k[:, :, :W], v[:, :, :W]
     full_w = timeit(lambda: flash_attn_ext.attention(qw, kw, vw), min_time)
     scaled = full_w * L / W
-    return [dict(target="window", dtype=str(dtype)[6:], case=f"L={L} W={W} H={H} D={D}", ours_ms=ours * 1e3,
-                 other_ms=sdpa * 1e3, other="torch SDPA + bool mask", speedup=sdpa / ours, bar=">= 10"),
-            dict(target="window", dtype=str(dtype)[6:], case=f"L={L} W={W} H={H} D={D}", ours_ms=ours * 1e3,
-                 other_ms=scaled * 1e3, other="ours full at L=W, x L/W", speedup=ours / scaled,
-                 bar="<= 2 (ours / scaled)")]
+    return [
+        dict(
+            target="window",
+            dtype=str(dtype)[6:],
+            case=f"L={L} W={W} H={H} D={D}",
+            ours_ms=ours * 1e3,
+            other_ms=sdpa * 1e3,
+            other="torch SDPA + bool mask",
+            speedup=sdpa / ours,
+            bar=">= 10",
+        ),
+        dict(
+            target="window",
+            dtype=str(dtype)[6:],
+            case=f"L={L} W={W} H={H} D={D}",
+            ours_ms=ours * 1e3,
+            other_ms=scaled * 1e3,
+            other="ours full at L=W, x L/W",
+            speedup=ours / scaled,
+            bar="<= 2 (ours / scaled)",
+        ),
+    ]
 
 
 def gqa_rows(dtype, L=2048, D=128, min_time=0.5):
@@ -49,13 +67,23 @@ def gqa_rows(dtype, L=2048, D=128, min_time=0.5):
             if backward:
                 g = torch.randn(1, 32, L, D, dtype=dtype)
                 fn = lambda q=q, k=k, v=v, g=g: torch.autograd.grad(  # noqa: E731
-                    flash_attn_ext.attention(q, k, v, causal=True), (q, k, v), g)
+                    flash_attn_ext.attention(q, k, v, causal=True), (q, k, v), g
+                )
             else:
                 fn = lambda q=q, k=k, v=v: flash_attn_ext.attention(q, k, v, causal=True)  # noqa: E731
             times[hkv] = timeit(fn, min_time)
-        rows.append(dict(target="gqa", dtype=str(dtype)[6:], case=f"{'fwd+bwd' if backward else 'fwd'} L={L} D={D} causal",
-                         ours_ms=times[8] * 1e3, other_ms=times[32] * 1e3, other="ours MHA 32/32",
-                         speedup=times[8] / times[32], bar="<= 1 (GQA / MHA per query head)"))
+        rows.append(
+            dict(
+                target="gqa",
+                dtype=str(dtype)[6:],
+                case=f"{'fwd+bwd' if backward else 'fwd'} L={L} D={D} causal",
+                ours_ms=times[8] * 1e3,
+                other_ms=times[32] * 1e3,
+                other="ours MHA 32/32",
+                speedup=times[8] / times[32],
+                bar="<= 1 (GQA / MHA per query head)",
+            )
+        )
     return rows
 
 
@@ -71,14 +99,29 @@ def main():
         dtype = getattr(torch, name)
         rows += window_rows(dtype) + gqa_rows(dtype)
     for r in rows:
-        print(f"{r['target']:7} {r['dtype']:9} {r['case']:32} ours {r['ours_ms']:9.1f} ms | {r['other']:26} "
-              f"{r['other_ms']:9.1f} ms | ratio {r['speedup']:6.2f} (bar {r['bar']})", flush=True)
+        print(
+            f"{r['target']:7} {r['dtype']:9} {r['case']:32} ours {r['ours_ms']:9.1f} ms | {r['other']:26} "
+            f"{r['other_ms']:9.1f} ms | ratio {r['speedup']:6.2f} (bar {r['bar']})",
+            flush=True,
+        )
     if args.memory:
         ours, math_path = peak_memory_mib(args.memory, "ours"), peak_memory_mib(args.memory, "math")
-        print(f"peak extra memory, L=S={args.memory}, 1 head, D=64, fp32 (output included): ours {ours:.1f} MiB, "
-              f"torch math path {math_path:.1f} MiB (bar < 64 MiB)")
-        rows.append(dict(target="memory", dtype="float32", case=f"L={args.memory}", ours_ms=float("nan"),
-                         other_ms=float("nan"), other="torch math MiB", speedup=ours, bar=f"< 64 MiB; math {math_path:.0f}"))
+        print(
+            f"peak extra memory, L=S={args.memory}, 1 head, D=64, fp32 (output included): ours {ours:.1f} MiB, "
+            f"torch math path {math_path:.1f} MiB (bar < 64 MiB)"
+        )
+        rows.append(
+            dict(
+                target="memory",
+                dtype="float32",
+                case=f"L={args.memory}",
+                ours_ms=float("nan"),
+                other_ms=float("nan"),
+                other="torch math MiB",
+                speedup=ours,
+                bar=f"< 64 MiB; math {math_path:.0f}",
+            )
+        )
     if args.csv:
         write_csv(args.csv, rows)
 

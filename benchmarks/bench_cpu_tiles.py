@@ -9,6 +9,7 @@ ratio to the automatic choice, with PyTorch's CPU flash time of the same rounds 
 
 A round times each call at least 0.2 s (several calls of a small shape, averaged).
 """
+
 import argparse
 import time
 
@@ -47,8 +48,11 @@ def main():
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--skinny", action="store_true",
-                    help="issue 16's small shapes instead: B=60, H=4, D=32, (L, S) in (799, 3), (1, 239), (3, 799)")
+    ap.add_argument(
+        "--skinny",
+        action="store_true",
+        help="issue 16's small shapes instead: B=60, H=4, D=32, (L, S) in (799, 3), (1, 239), (3, 799)",
+    )
     ap.add_argument("--csv")
     a = ap.parse_args()
     if a.skinny:
@@ -58,8 +62,10 @@ def main():
         shapes = [(L, L, D) for L in a.seq for D in a.dims]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; cpu: {cpu_description()}")
     rows = []
-    print(f"{'dtype':8} {'L':>5} {'S':>5} {'D':>4} {'causal':>6} {'pass':>7} {'auto':>11} | "
-          f"{'back end':>11} {'best ms':>9} {'GFLOP/s':>8} {'/auto':>6} {'/torch':>7}")
+    print(
+        f"{'dtype':8} {'L':>5} {'S':>5} {'D':>4} {'causal':>6} {'pass':>7} {'auto':>11} | "
+        f"{'back end':>11} {'best ms':>9} {'GFLOP/s':>8} {'/auto':>6} {'/torch':>7}"
+    )
     for dtype in (getattr(torch, d) for d in a.dtypes):
         backends = runnable(dtype)
         auto = flash_attn_ext.cpu_tiles_in_use(dtype)[0]
@@ -68,8 +74,7 @@ def main():
                 for pass_ in a.passes:
                     backward = pass_ == "fwd+bwd"
                     q = torch.randn(a.batch, a.heads, L, D, dtype=dtype, requires_grad=backward)
-                    k, v = (torch.randn(a.batch, a.heads, S, D, dtype=dtype, requires_grad=backward)
-                            for _ in range(2))
+                    k, v = (torch.randn(a.batch, a.heads, S, D, dtype=dtype, requires_grad=backward) for _ in range(2))
                     g = torch.randn(a.batch, a.heads, L, D, dtype=dtype)
 
                     def ours(backend):
@@ -78,6 +83,7 @@ def main():
                                 o = flash_attn_ext.attention(q, k, v, causal=causal, alignment="top_left")
                                 if backward:
                                     torch.autograd.grad(o, (q, k, v), g)
+
                         return run
 
                     def theirs():
@@ -98,14 +104,28 @@ def main():
                             best[name] = min(best[name], once(fn, reps[name]))
                     flops = attn_flops(a.batch, a.heads, L, S, D, causal) * (3.5 if backward else 1.0)
                     for b in backends:
-                        row = dict(dtype=str(dtype).replace("torch.", ""), L=L, S=S, D=D, causal=causal, pass_=pass_,
-                                   auto=auto, backend=b, best_ms=best[b] * 1e3, gflops=flops / best[b] / 1e9,
-                                   ratio_vs_auto=best[b] / best[auto], ratio_vs_torch=best[b] / best["torch"],
-                                   torch_ms=best["torch"] * 1e3)
+                        row = dict(
+                            dtype=str(dtype).replace("torch.", ""),
+                            L=L,
+                            S=S,
+                            D=D,
+                            causal=causal,
+                            pass_=pass_,
+                            auto=auto,
+                            backend=b,
+                            best_ms=best[b] * 1e3,
+                            gflops=flops / best[b] / 1e9,
+                            ratio_vs_auto=best[b] / best[auto],
+                            ratio_vs_torch=best[b] / best["torch"],
+                            torch_ms=best["torch"] * 1e3,
+                        )
                         rows.append(row)
-                        print(f"{row['dtype']:8} {L:>5} {S:>5} {D:>4} {str(causal):>6} {pass_:>7} {auto:>11} | "
-                              f"{b:>11} {row['best_ms']:9.2f} {row['gflops']:8.1f} {row['ratio_vs_auto']:6.2f} "
-                              f"{row['ratio_vs_torch']:7.2f}", flush=True)
+                        print(
+                            f"{row['dtype']:8} {L:>5} {S:>5} {D:>4} {str(causal):>6} {pass_:>7} {auto:>11} | "
+                            f"{b:>11} {row['best_ms']:9.2f} {row['gflops']:8.1f} {row['ratio_vs_auto']:6.2f} "
+                            f"{row['ratio_vs_torch']:7.2f}",
+                            flush=True,
+                        )
     if a.csv:
         write_csv(a.csv, rows)
         print(f"wrote {a.csv}")

@@ -11,6 +11,7 @@ cache kernel (concatenate the new token's K/V to the past, then SDPA).
     python benchmarks/bench_decode.py --device cuda --issue-grid   # adds S = 128k; CUDA SDPA backends
     [--csv out.csv] [--plot out.png]
 """
+
 import argparse
 import time
 
@@ -55,9 +56,12 @@ def main():
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--issue-grid", action="store_true", help="the issue's full grid, bf16 (long on 2 cores)")
     ap.add_argument("--max-gb", type=float, default=4.0, help="skip rows whose K+V caches exceed this")
-    ap.add_argument("--kv-compare", action="store_true",
-                    help="the lecture's T_infer comparison: decode time per token against one long cache for MHA, "
-                         "GQA-8 and MQA at the same --heads query heads")
+    ap.add_argument(
+        "--kv-compare",
+        action="store_true",
+        help="the lecture's T_infer comparison: decode time per token against one long cache for MHA, "
+        "GQA-8 and MQA at the same --heads query heads",
+    )
     args = ap.parse_args()
     grid = [(args.kv_heads, B, S) for B in args.batch for S in args.seq]
     if args.kv_compare:
@@ -70,8 +74,10 @@ def main():
     ceiling = copy_bandwidth_gbs(dev)
     where = torch.cuda.get_device_name() if dev == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}; copy bandwidth {ceiling:.1f} GB/s")
-    print(f"{'dtype':9} {'Hkv':>3} {'B':>2} {'S':>6} | {'ours us':>9} {'GB/s':>6} {'of copy':>7} | "
-          f"{'torch us':>9} {'ours/torch':>10} | {'concat us':>9} {'ours/concat':>11}")
+    print(
+        f"{'dtype':9} {'Hkv':>3} {'B':>2} {'S':>6} | {'ours us':>9} {'GB/s':>6} {'of copy':>7} | "
+        f"{'torch us':>9} {'ours/torch':>10} | {'concat us':>9} {'ours/concat':>11}"
+    )
     rows = []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
@@ -85,36 +91,64 @@ def main():
             q = torch.randn(B, 1, H, D, dtype=dtype, device=dev)
             lens = torch.full((B,), S, dtype=torch.int32, device=dev)
             with torch.inference_mode():
-                ours = best_time(lambda: flash_attn_ext.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True))
+                ours = best_time(
+                    lambda: flash_attn_ext.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True)
+                )
                 qt, kt, vt = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
                 theirs = best_time(lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True))
                 # No cache kernel: each step concatenates the new token to the past K/V.
                 past_k, past_v, new_k, new_v = kt[:, :, :-1], vt[:, :, :-1], kt[:, :, -1:], vt[:, :, -1:]
-                concat = best_time(lambda: F.scaled_dot_product_attention(
-                    qt, torch.cat([past_k, new_k], 2), torch.cat([past_v, new_v], 2), enable_gqa=True), reps=3)
+                concat = best_time(
+                    lambda: F.scaled_dot_product_attention(
+                        qt, torch.cat([past_k, new_k], 2), torch.cat([past_v, new_v], 2), enable_gqa=True
+                    ),
+                    reps=3,
+                )
             nbytes = 2 * B * S * Hkv * D * kc.element_size()
             gbs = nbytes / ours / 1e9
-            row = dict(dtype=dtype_name, Hkv=Hkv, B=B, S=S, ours_us=ours * 1e6, gbs=gbs,
-                       fraction_of_copy=gbs / ceiling, torch_us=theirs * 1e6, ratio_vs_torch=ours / theirs,
-                       concat_us=concat * 1e6, ratio_vs_concat=ours / concat, copy_gbs=ceiling)
+            row = dict(
+                dtype=dtype_name,
+                Hkv=Hkv,
+                B=B,
+                S=S,
+                ours_us=ours * 1e6,
+                gbs=gbs,
+                fraction_of_copy=gbs / ceiling,
+                torch_us=theirs * 1e6,
+                ratio_vs_torch=ours / theirs,
+                concat_us=concat * 1e6,
+                ratio_vs_concat=ours / concat,
+                copy_gbs=ceiling,
+            )
             rows.append(row)
-            print(f"{dtype_name:9} {Hkv:>3} {B:>2} {S:>6} | {row['ours_us']:9.0f} {gbs:6.1f} {row['fraction_of_copy']:7.2f} | "
-                  f"{row['torch_us']:9.0f} {row['ratio_vs_torch']:10.2f} | {row['concat_us']:9.0f} "
-                  f"{row['ratio_vs_concat']:11.2f}", flush=True)
+            print(
+                f"{dtype_name:9} {Hkv:>3} {B:>2} {S:>6} | {row['ours_us']:9.0f} {gbs:6.1f} "
+                f"{row['fraction_of_copy']:7.2f} | "
+                f"{row['torch_us']:9.0f} {row['ratio_vs_torch']:10.2f} | {row['concat_us']:9.0f} "
+                f"{row['ratio_vs_concat']:11.2f}",
+                flush=True,
+            )
     if args.kv_compare:  # T_infer per token and its ratio to MHA, per (dtype, B, S)
         print(f"\ndecode time per token, {args.heads} query heads, D={args.dim} (ours):")
         for key in sorted({(r["dtype"], r["B"], r["S"]) for r in rows}):
             same = {r["Hkv"]: r["ours_us"] for r in rows if (r["dtype"], r["B"], r["S"]) == key}
             mha = same.get(args.heads)
-            print(f"  {key[0]} B={key[1]} S={key[2]}: " + ", ".join(
-                f"{'MHA' if h == args.heads else 'MQA' if h == 1 else f'GQA-{h}'} {t / 1e3:.2f} ms"
-                + (f" ({t / mha:.2f} of MHA)" if mha and h != args.heads else "") for h, t in same.items()))
+            print(
+                f"  {key[0]} B={key[1]} S={key[2]}: "
+                + ", ".join(
+                    f"{'MHA' if h == args.heads else 'MQA' if h == 1 else f'GQA-{h}'} {t / 1e3:.2f} ms"
+                    + (f" ({t / mha:.2f} of MHA)" if mha and h != args.heads else "")
+                    for h, t in same.items()
+                )
+            )
     if args.csv and rows:
         write_csv(args.csv, rows)
     if args.plot and rows:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         labels = [f"{r['dtype'][:4]} {r['Hkv']}kv B{r['B']} S{r['S'] // 1024}k" for r in rows]
         fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(rows)), 4))
         ax.bar(range(len(rows)), [r["fraction_of_copy"] for r in rows])

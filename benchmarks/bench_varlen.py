@@ -10,6 +10,7 @@ the machine's matmul ceiling is measured in the same run.
     python benchmarks/bench_varlen.py [--lengths 2048 64 700 1500 32 900 ...] [--dtypes bfloat16 float32]
                                       [--passes fwd fwd+bwd] [--device cpu|cuda] [--csv out.csv] [--plot out.png]
 """
+
 import argparse
 import os
 import sys
@@ -31,7 +32,7 @@ def matmul_ceiling(dtype, device):
     n = 4096 if device == "cuda" else 2048
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     t = timeit(_synced(lambda: a @ b, device), min_time=1.0)
-    return 2 * n ** 3 / t / 1e9
+    return 2 * n**3 / t / 1e9
 
 
 def _synced(fn, device):
@@ -42,6 +43,7 @@ def _synced(fn, device):
         out = fn()
         torch.cuda.synchronize()
         return out
+
     return run
 
 
@@ -55,7 +57,7 @@ def runners(lengths, H, Hkv, D, dtype, device, backward):
     def pad(t):  # (total, h, D) -> right-padded (B, max_len, h, D), a leaf of its own
         out = t.new_zeros(B, max_len, t.shape[1], D)
         for b, n in enumerate(lengths):
-            out[b, :n] = t.detach()[cu[b]:cu[b] + n]
+            out[b, :n] = t.detach()[cu[b] : cu[b] + n]
         return out.requires_grad_(backward)
 
     qp, kp, vp = pad(q), pad(k), pad(v)
@@ -68,16 +70,20 @@ def runners(lengths, H, Hkv, D, dtype, device, backward):
     if device == "cuda":
         backends += [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
     for be in backends:
+
         def sdpa(be=be):
             with sdpa_kernel([be]):
                 return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+
         fns["torch_padded_" + be.name.lower()] = (sdpa, (qp, kp, vp))
     out = {}
     for name, (fn, inputs) in fns.items():
         if backward:
+
             def fwd_bwd(fn=fn, inputs=inputs):
                 o = fn()
                 return torch.autograd.grad(o, inputs, torch.ones_like(o))
+
             out[name] = fwd_bwd
         else:
             out[name] = fn
@@ -101,8 +107,10 @@ def main():
     useful = sum(attn_flops(1, H, n, n, D, True) for n in lengths)
     padded = attn_flops(len(lengths), H, max(lengths), max(lengths), D, True)
     where = torch.cuda.get_device_name() if dev == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}; {len(lengths)} sequences, {sum(lengths)} tokens (max {max(lengths)}), "
-          f"H={H} Hkv={Hkv} D={D}, causal; padding does {padded / useful:.2f}x the useful work")
+    print(
+        f"torch {torch.__version__}, {where}; {len(lengths)} sequences, {sum(lengths)} tokens (max {max(lengths)}), "
+        f"H={H} Hkv={Hkv} D={D}, causal; padding does {padded / useful:.2f}x the useful work"
+    )
     rows = []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
@@ -119,23 +127,40 @@ def main():
             base = times["ours_varlen"]
             for name, t in times.items():
                 gflops = flops / t / 1e9
-                rows.append(dict(dtype=dtype_name, passes=passes, method=name, ms=t * 1e3, useful_gflops=gflops,
-                                 of_ceiling=gflops / ceiling, time_vs_ours_varlen=t / base, ceiling_gflops=ceiling))
-                print(f"{dtype_name:9} {passes:8} {name:28} {t * 1e3:9.2f} ms {gflops:8.1f} GFLOP/s "
-                      f"{gflops / ceiling:6.2f} of matmul ({ceiling:.0f}) {t / base:6.2f}x ours_varlen", flush=True)
+                rows.append(
+                    dict(
+                        dtype=dtype_name,
+                        passes=passes,
+                        method=name,
+                        ms=t * 1e3,
+                        useful_gflops=gflops,
+                        of_ceiling=gflops / ceiling,
+                        time_vs_ours_varlen=t / base,
+                        ceiling_gflops=ceiling,
+                    )
+                )
+                print(
+                    f"{dtype_name:9} {passes:8} {name:28} {t * 1e3:9.2f} ms {gflops:8.1f} GFLOP/s "
+                    f"{gflops / ceiling:6.2f} of matmul ({ceiling:.0f}) {t / base:6.2f}x ours_varlen",
+                    flush=True,
+                )
     if args.csv and rows:
         write_csv(args.csv, rows)
     if args.plot and rows:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         groups = sorted({(r["dtype"], r["passes"]) for r in rows}, key=str)
         methods = list(dict.fromkeys(r["method"] for r in rows))
         fig, ax = plt.subplots(figsize=(8, 4))
         width = 0.8 / len(methods)
         for m_i, m in enumerate(methods):
-            ys = [next((r["useful_gflops"] for r in rows if (r["dtype"], r["passes"]) == g and r["method"] == m), 0)
-                  for g in groups]
+            ys = [
+                next((r["useful_gflops"] for r in rows if (r["dtype"], r["passes"]) == g and r["method"] == m), 0)
+                for g in groups
+            ]
             ax.bar([x + m_i * width for x in range(len(groups))], ys, width, label=m)
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(groups))], [f"{d} {p}" for d, p in groups])
         ax.set_ylabel("useful GFLOP/s")

@@ -11,6 +11,7 @@ tokens/s through the KV cache. MHA continued for the same steps is the baseline.
 Writes <out>.txt (the table), <out>.csv and <out>.png (held-out loss during uptraining).
 About 7 minutes on 2 cores at the defaults.
 """
+
 import argparse
 import csv
 import os
@@ -41,13 +42,16 @@ def main():
     work = tempfile.mkdtemp(prefix="gqa-uptraining-")
     mha_dir = os.path.join(work, "mha")
     model = uptrain.TinyLM(uptrain.new_config())
-    print(f"pre-training MHA ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters) for "
-          f"{args.steps} steps on {len(train_data) / 1e6:.1f} MB of stdlib source")
+    print(
+        f"pre-training MHA ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters) for "
+        f"{args.steps} steps on {len(train_data) / 1e6:.1f} MB of stdlib source"
+    )
     uptrain.train(model, train_data, held_out, args.steps, out=mha_dir)
     # Calibration for --method similarity: 4 x 128 training bytes through the trained MHA model.
     gen = torch.Generator().manual_seed(1)
     kv_activations = head_similarity.collect_kv_activations(
-        model, [uptrain.batch(train_data, 4, 128, gen, "cpu")[0]], max_tokens=512)
+        model, [uptrain.batch(train_data, 4, 128, gen, "cpu")[0]], max_tokens=512
+    )
 
     rows, curves = [], {}
     variants = [("MHA", 8, "-")] + [(f"GQA-{g}" if g > 1 else "MQA", g, m) for g in args.groups for m in args.methods]
@@ -55,25 +59,49 @@ def main():
         src = mha_dir
         if groups != 8:
             src = os.path.join(work, f"{name}-{method}")
-            convert.convert_checkpoint(mha_dir, src, groups, method=method, progress=False,
-                                       kv_activations=kv_activations if method == "similarity" else None)
+            convert.convert_checkpoint(
+                mha_dir,
+                src,
+                groups,
+                method=method,
+                progress=False,
+                kv_activations=kv_activations if method == "similarity" else None,
+            )
         model = uptrain.load_checkpoint(src)
         before = uptrain.evaluate(model, held_out, 128)
-        curve = [(0, before)] + uptrain.train(model, train_data, held_out, up_steps, eval_every=eval_every,
-                                              progress=False, warmup=1, lr=5e-4)
+        curve = [(0, before)] + uptrain.train(
+            model, train_data, held_out, up_steps, eval_every=eval_every, progress=False, warmup=1, lr=5e-4
+        )
         tps = uptrain.decode_tokens_per_second(model)
-        rows.append(dict(model=name, kv_heads=groups, method=method, loss_converted=before, loss_uptrained=curve[-1][1],
-                         decode_tokens_per_s=tps))
+        rows.append(
+            dict(
+                model=name,
+                kv_heads=groups,
+                method=method,
+                loss_converted=before,
+                loss_uptrained=curve[-1][1],
+                decode_tokens_per_s=tps,
+            )
+        )
         curves[f"{name} {method}"] = curve
-        print(f"{name:6} {method:6} held-out {before:.4f} -> {curve[-1][1]:.4f} after {up_steps} steps; "
-              f"decode {tps:.0f} tok/s", flush=True)
+        print(
+            f"{name:6} {method:6} held-out {before:.4f} -> {curve[-1][1]:.4f} after {up_steps} steps; "
+            f"decode {tps:.0f} tok/s",
+            flush=True,
+        )
 
-    lines = [f"GQA conversion + uptraining: MHA pre-trained {args.steps} steps, uptraining alpha={args.alpha} "
-             f"({up_steps} steps); held-out next-byte loss (nats), lower is better",
-             "", "| model | K/V heads | method | loss after conversion | loss after uptraining | decode tok/s |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['kv_heads']} | {r['method']} | {r['loss_converted']:.4f} | "
-              f"{r['loss_uptrained']:.4f} | {r['decode_tokens_per_s']:.0f} |" for r in rows]
+    lines = [
+        f"GQA conversion + uptraining: MHA pre-trained {args.steps} steps, uptraining alpha={args.alpha} "
+        f"({up_steps} steps); held-out next-byte loss (nats), lower is better",
+        "",
+        "| model | K/V heads | method | loss after conversion | loss after uptraining | decode tok/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['model']} | {r['kv_heads']} | {r['method']} | {r['loss_converted']:.4f} | "
+        f"{r['loss_uptrained']:.4f} | {r['decode_tokens_per_s']:.0f} |"
+        for r in rows
+    ]
     text = "\n".join(lines)
     print(text)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -85,8 +113,10 @@ def main():
         w.writerows(rows)
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for label, curve in curves.items():
             ax.plot(*zip(*curve), marker="o", markersize=3, label=label)

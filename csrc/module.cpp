@@ -6,8 +6,7 @@
 extern "C" {
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
-                                          "flash_attn_ext native ops (see torch.ops.flash_attn_ext)",
-                                          -1, nullptr};
+                                          "flash_attn_ext native ops (see torch.ops.flash_attn_ext)", -1, nullptr};
   return PyModule_Create(&module_def);
 }
 }

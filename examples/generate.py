@@ -7,6 +7,7 @@ layers are flash_attn_ext.nn.Attention (GQA).
 
     python examples/generate.py [--layers 2 --dim 128 --heads 8 --kv-heads 2 --prompt 32 --new 64]
 """
+
 import argparse
 import time
 
@@ -24,12 +25,18 @@ class Decoder(torch.nn.Module):
         self.pos = torch.nn.Embedding(4096, dim)
         self.blocks = torch.nn.ModuleList()
         for _ in range(layers):
-            self.blocks.append(torch.nn.ModuleDict({
-                "norm1": torch.nn.LayerNorm(dim),
-                "attn": flash_attn_ext.nn.Attention(dim, heads, kv_heads, bias=True, causal=True),
-                "norm2": torch.nn.LayerNorm(dim),
-                "mlp": torch.nn.Sequential(torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(), torch.nn.Linear(4 * dim, dim)),
-            }))
+            self.blocks.append(
+                torch.nn.ModuleDict(
+                    {
+                        "norm1": torch.nn.LayerNorm(dim),
+                        "attn": flash_attn_ext.nn.Attention(dim, heads, kv_heads, bias=True, causal=True),
+                        "norm2": torch.nn.LayerNorm(dim),
+                        "mlp": torch.nn.Sequential(
+                            torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(), torch.nn.Linear(4 * dim, dim)
+                        ),
+                    }
+                )
+            )
         self.norm = torch.nn.LayerNorm(dim)
 
     def forward(self, tokens, start=0, caches=None):

@@ -14,6 +14,7 @@ AdamW, gradient accumulation, a tqdm progress bar, a checkpoint at the end (and 
 --save-every steps), and held-out loss before and after. CPU by default; --device cuda where
 a GPU is there.
 """
+
 import argparse
 import glob
 import json
@@ -39,12 +40,18 @@ class TinyLM(torch.nn.Module):
         self.pos = torch.nn.Embedding(config["max_position_embeddings"], dim)
         self.layers = torch.nn.ModuleList()
         for _ in range(config["num_hidden_layers"]):
-            self.layers.append(torch.nn.ModuleDict({
-                "norm1": torch.nn.LayerNorm(dim),
-                "attn": flash_attn_ext.nn.Attention(dim, heads, config["num_key_value_heads"], causal=True),
-                "norm2": torch.nn.LayerNorm(dim),
-                "mlp": torch.nn.Sequential(torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(), torch.nn.Linear(4 * dim, dim)),
-            }))
+            self.layers.append(
+                torch.nn.ModuleDict(
+                    {
+                        "norm1": torch.nn.LayerNorm(dim),
+                        "attn": flash_attn_ext.nn.Attention(dim, heads, config["num_key_value_heads"], causal=True),
+                        "norm2": torch.nn.LayerNorm(dim),
+                        "mlp": torch.nn.Sequential(
+                            torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(), torch.nn.Linear(4 * dim, dim)
+                        ),
+                    }
+                )
+            )
         self.norm = torch.nn.LayerNorm(dim)
         for emb in (self.embed, self.pos):  # small init: the output head is the tied embedding
             torch.nn.init.normal_(emb.weight, std=0.02)
@@ -59,13 +66,21 @@ class TinyLM(torch.nn.Module):
 
 
 def new_config(dim=128, layers=4, heads=8, kv_heads=8, seq=128):
-    return dict(model_type="flash_attn_ext", vocab_size=256, hidden_size=dim, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=seq,
-                torch_dtype="float32")
+    return dict(
+        model_type="flash_attn_ext",
+        vocab_size=256,
+        hidden_size=dim,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=seq,
+        torch_dtype="float32",
+    )
 
 
 def save_checkpoint(model: TinyLM, path: str) -> None:
     from safetensors.torch import save_file
+
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(model.config, f, indent=2)
@@ -75,6 +90,7 @@ def save_checkpoint(model: TinyLM, path: str) -> None:
 
 def load_checkpoint(path: str, device="cpu") -> TinyLM:
     from safetensors.torch import load_file
+
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
     model = TinyLM(config)
@@ -102,7 +118,7 @@ def load_corpus(max_bytes=4 << 20, held_out=0.05):
 
 def batch(data, batch_size, seq, generator, device):
     idx = torch.randint(0, len(data) - seq - 1, (batch_size,), generator=generator)
-    x = torch.stack([data[i:i + seq + 1] for i in idx.tolist()]).to(device)
+    x = torch.stack([data[i : i + seq + 1] for i in idx.tolist()]).to(device)
     return x[:, :-1], x[:, 1:]
 
 
@@ -119,18 +135,37 @@ def evaluate(model, data, seq, n_batches=8, batch_size=16, device="cpu"):
     return sum(losses) / len(losses)
 
 
-def train(model, train_data, held_out, steps, *, batch_size=16, seq=128, lr=2e-3, grad_accum=1, seed=0,
-          eval_every=0, save_every=0, out=None, device="cpu", progress=True, warmup=20):
+def train(
+    model,
+    train_data,
+    held_out,
+    steps,
+    *,
+    batch_size=16,
+    seq=128,
+    lr=2e-3,
+    grad_accum=1,
+    seed=0,
+    eval_every=0,
+    save_every=0,
+    out=None,
+    device="cpu",
+    progress=True,
+    warmup=20,
+):
     """AdamW with linear warm-up and cosine decay; returns [(step, held-out loss)] at every
     eval_every steps (and at the end)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(1, steps))))
+        opt,
+        lambda s: min(1.0, (s + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(1, steps))),
+    )
     g = torch.Generator().manual_seed(seed)
     curve = []
     iterator = range(steps)
     if progress:
         from tqdm import tqdm
+
         iterator = tqdm(iterator, desc="training", unit="step")
     model.train()
     for step in iterator:
@@ -184,11 +219,24 @@ def main():
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     train_data, held_out = load_corpus()
-    model = TinyLM(new_config(seq=args.seq)).to(args.device) if args.init else load_checkpoint(args.checkpoint, args.device)
+    model = (
+        TinyLM(new_config(seq=args.seq)).to(args.device) if args.init else load_checkpoint(args.checkpoint, args.device)
+    )
     steps = max(1, round(args.alpha * args.steps))
     before = evaluate(model, held_out, args.seq, device=args.device)
-    curve = train(model, train_data, held_out, steps, batch_size=args.batch_size, seq=args.seq, lr=args.lr,
-                  grad_accum=args.grad_accum, save_every=args.save_every, out=args.out, device=args.device)
+    curve = train(
+        model,
+        train_data,
+        held_out,
+        steps,
+        batch_size=args.batch_size,
+        seq=args.seq,
+        lr=args.lr,
+        grad_accum=args.grad_accum,
+        save_every=args.save_every,
+        out=args.out,
+        device=args.device,
+    )
     print(f"held-out loss {before:.4f} -> {curve[-1][1]:.4f} nats/byte after {steps} steps; saved {args.out}")
 
 

@@ -12,14 +12,22 @@
 Ops: torch.ops.flash_attn_ext.attention_forward / attention_backward / kv_cache_append /
 attention_kvcache / merge_attention_states (schemas in csrc/ops.cpp).
 """
-import torch
+
+import torch  # noqa: F401  (loads libtorch first: _C links against it)
 
 from . import _C  # noqa: F401  (loads the native library: registers the ops)
 from . import _meta  # noqa: F401  (fake kernels for torch.compile)
 from . import nn  # noqa: F401  (attention modules)
 from ._fallback import fallback_counts, reset_fallback_counts
-from .config import (KernelConfig, cpu_tiles, cpu_tiles_in_use, get_kernel_config, kernel_config, set_cpu_tiles,
-                     set_kernel_config)
+from .config import (
+    KernelConfig,
+    cpu_tiles,
+    cpu_tiles_in_use,
+    get_kernel_config,
+    kernel_config,
+    set_cpu_tiles,
+    set_kernel_config,
+)
 from .attention import attention, merge_attention_states
 from . import flash_attn_interface  # noqa: F401  (flash-attn's API)
 from .kv_cache import KVCache, attention_with_kvcache, kv_cache_append

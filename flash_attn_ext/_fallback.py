@@ -6,6 +6,7 @@ Every fallback increments a counter keyed by its reason and logs one debug line 
     flash_attn_ext.fallback_counts()   # {'device mps has no fused kernel': 3}
     logging.getLogger("flash_attn_ext").setLevel(logging.DEBUG)
 """
+
 import collections
 import logging
 

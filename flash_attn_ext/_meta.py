@@ -1,6 +1,7 @@
 """Fake (meta) kernels: output shapes, dtypes and strides of every op without computing,
 so torch.compile, torch.export and FakeTensor tracing go through the ops without a graph
 break. Strides match the real kernels (checked by torch.library.opcheck in the tests)."""
+
 import torch
 
 
@@ -15,19 +16,33 @@ def _same_device(op: str, **tensors) -> None:
     first_name, first = named[0]
     for name, t in named[1:]:
         if t.device != first.device:
-            raise ValueError(f"flash_attn_ext.{op}: {name} is on {t.device}, {first_name} on {first.device}; "
-                             f"all tensors must be on the same device")
+            raise ValueError(
+                f"flash_attn_ext.{op}: {name} is on {t.device}, {first_name} on {first.device}; "
+                f"all tensors must be on the same device"
+            )
 
 
 @torch.library.register_fake("flash_attn_ext::attention_forward")
-def _attention_forward_fake(query, key, value, attn_mask, dropout_p, scale, window_left,
-                            window_right, bottom_right, softcap=0.0, alibi_slopes=None):
-    _same_device("attention_forward", query=query, key=key, value=value, attn_mask=attn_mask,
-                 alibi_slopes=alibi_slopes)
+def _attention_forward_fake(
+    query,
+    key,
+    value,
+    attn_mask,
+    dropout_p,
+    scale,
+    window_left,
+    window_right,
+    bottom_right,
+    softcap=0.0,
+    alibi_slopes=None,
+):
+    _same_device("attention_forward", query=query, key=key, value=value, attn_mask=attn_mask, alibi_slopes=alibi_slopes)
     torch._check(query.dim() == 4, lambda: f"query must be 4-D, got {query.dim()}-D")
     torch._check(key.dim() == 4 and value.dim() == 4, lambda: "key and value must be 4-D")
-    torch._check(query.shape[1] % key.shape[1] == 0,
-                 lambda: "number of query heads must be a multiple of the number of key/value heads")
+    torch._check(
+        query.shape[1] % key.shape[1] == 0,
+        lambda: "number of query heads must be a multiple of the number of key/value heads",
+    )
     batch, heads, len_q, _ = query.shape
     # (B, L, H, Dv) memory viewed as (B, H, L, Dv), as the CPU/CUDA kernels allocate it.
     out = query.new_empty((batch, len_q, heads, value.shape[-1])).transpose(1, 2)
@@ -37,19 +52,63 @@ def _attention_forward_fake(query, key, value, attn_mask, dropout_p, scale, wind
 
 
 @torch.library.register_fake("flash_attn_ext::attention_backward")
-def _attention_backward_fake(grad_out, query, key, value, out, lse, rng_state, attn_mask,
-                             dropout_p, scale, window_left, window_right, bottom_right, softcap=0.0, alibi_slopes=None):
-    _same_device("attention_backward", query=query, grad_out=grad_out, key=key, value=value, out=out, lse=lse,
-                 attn_mask=attn_mask, alibi_slopes=alibi_slopes)
+def _attention_backward_fake(
+    grad_out,
+    query,
+    key,
+    value,
+    out,
+    lse,
+    rng_state,
+    attn_mask,
+    dropout_p,
+    scale,
+    window_left,
+    window_right,
+    bottom_right,
+    softcap=0.0,
+    alibi_slopes=None,
+):
+    _same_device(
+        "attention_backward",
+        query=query,
+        grad_out=grad_out,
+        key=key,
+        value=value,
+        out=out,
+        lse=lse,
+        attn_mask=attn_mask,
+        alibi_slopes=alibi_slopes,
+    )
     return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
 
 
 @torch.library.register_fake("flash_attn_ext::attention_varlen_forward")
-def _attention_varlen_forward_fake(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                   max_seqlen_k, dropout_p, scale, window_left, window_right,
-                                   bottom_right, softcap=0.0, alibi_slopes=None):
-    _same_device("attention_varlen_forward", query=query, key=key, value=value, cu_seqlens_q=cu_seqlens_q,
-                 cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes)
+def _attention_varlen_forward_fake(
+    query,
+    key,
+    value,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p,
+    scale,
+    window_left,
+    window_right,
+    bottom_right,
+    softcap=0.0,
+    alibi_slopes=None,
+):
+    _same_device(
+        "attention_varlen_forward",
+        query=query,
+        key=key,
+        value=value,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        alibi_slopes=alibi_slopes,
+    )
     torch._check(query.dim() == 3, lambda: f"query must be 3-D (total_q, heads, head_dim), got {query.dim()}-D")
     torch._check(key.dim() == 3 and value.dim() == 3, lambda: "key and value must be 3-D")
     total_q, heads, _ = query.shape
@@ -60,27 +119,82 @@ def _attention_varlen_forward_fake(query, key, value, cu_seqlens_q, cu_seqlens_k
 
 
 @torch.library.register_fake("flash_attn_ext::attention_varlen_backward")
-def _attention_varlen_backward_fake(grad_out, query, key, value, out, lse, rng_state, cu_seqlens_q,
-                                    cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale,
-                                    window_left, window_right, bottom_right, softcap=0.0, alibi_slopes=None):
-    _same_device("attention_varlen_backward", query=query, grad_out=grad_out, key=key, value=value, out=out,
-                 lse=lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes)
+def _attention_varlen_backward_fake(
+    grad_out,
+    query,
+    key,
+    value,
+    out,
+    lse,
+    rng_state,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p,
+    scale,
+    window_left,
+    window_right,
+    bottom_right,
+    softcap=0.0,
+    alibi_slopes=None,
+):
+    _same_device(
+        "attention_varlen_backward",
+        query=query,
+        grad_out=grad_out,
+        key=key,
+        value=value,
+        out=out,
+        lse=lse,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        alibi_slopes=alibi_slopes,
+    )
     return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
 
 
 @torch.library.register_fake("flash_attn_ext::kv_cache_append")
 def _kv_cache_append_fake(k_cache, v_cache, k_new, v_new, cache_seqlens, rolling=False, block_table=None):
-    _same_device("kv_cache_append", k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new,
-                 cache_seqlens=cache_seqlens, block_table=block_table)
+    _same_device(
+        "kv_cache_append",
+        k_cache=k_cache,
+        v_cache=v_cache,
+        k_new=k_new,
+        v_new=v_new,
+        cache_seqlens=cache_seqlens,
+        block_table=block_table,
+    )
     torch._check(k_cache.dim() == 4 and k_new.dim() == 4, lambda: "caches and new K/V must be 4-D")
     return None
 
 
 @torch.library.register_fake("flash_attn_ext::attention_kvcache")
-def _attention_kvcache_fake(query, k_cache, v_cache, cache_seqlens, k_new, v_new, scale,
-                            window_left, window_right, block_table=None, softcap=0.0, alibi_slopes=None):
-    _same_device("attention_kvcache", query=query, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens,
-                 k_new=k_new, v_new=v_new, block_table=block_table, alibi_slopes=alibi_slopes)
+def _attention_kvcache_fake(
+    query,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    k_new,
+    v_new,
+    scale,
+    window_left,
+    window_right,
+    block_table=None,
+    softcap=0.0,
+    alibi_slopes=None,
+):
+    _same_device(
+        "attention_kvcache",
+        query=query,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        cache_seqlens=cache_seqlens,
+        k_new=k_new,
+        v_new=v_new,
+        block_table=block_table,
+        alibi_slopes=alibi_slopes,
+    )
     torch._check(query.dim() == 4 and k_cache.dim() == 4, lambda: "query and caches must be 4-D")
     batch, heads, len_q, _ = query.shape
     out = query.new_empty((batch, len_q, heads, v_cache.shape[-1])).transpose(1, 2)

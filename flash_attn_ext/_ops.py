@@ -1,5 +1,6 @@
 """Thin typed wrappers over torch.ops.flash_attn_ext.* (the schemas live in csrc/ops.cpp), and
 which devices the Python layer sends to the native kernels."""
+
 import os
 from typing import Optional, Tuple
 
@@ -39,8 +40,10 @@ def has_kernel(device_type: str) -> bool:
 
 def why_no_kernel(device_type: str) -> str:
     if device_type == "cuda" and _registered("CUDA"):
-        return (f"flash_attn_ext's CUDA kernels have not been verified on a GPU yet; set "
-                f"{_OPT_IN_ENV}=1 to use them (see the README, 'Verified on')")
+        return (
+            f"flash_attn_ext's CUDA kernels have not been verified on a GPU yet; set "
+            f"{_OPT_IN_ENV}=1 to use them (see the README, 'Verified on')"
+        )
     return f"flash_attn_ext has no kernel for device type {device_type!r} in this build"
 
 
@@ -65,23 +68,55 @@ def require_kernel(device_type: str) -> None:
         raise RuntimeError(why_no_kernel(device_type))
 
 
-def attention_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attn_mask: Optional[torch.Tensor], dropout_p: float, scale: float,
-                      window_left: int, window_right: int, bottom_right: bool,
-                      softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None
-                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def attention_forward(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    dropout_p: float,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    bottom_right: bool,
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     require_kernel(query.device.type)
-    return _lib.attention_forward(query, key, value, attn_mask, dropout_p, scale, window_left,
-                                  window_right, bottom_right, softcap, alibi_slopes)
+    return _lib.attention_forward(
+        query, key, value, attn_mask, dropout_p, scale, window_left, window_right, bottom_right, softcap, alibi_slopes
+    )
 
 
-def attention_varlen_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                             cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-                             max_seqlen_q: int, max_seqlen_k: int, dropout_p: float, scale: float,
-                             window_left: int, window_right: int, bottom_right: bool,
-                             softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None
-                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def attention_varlen_forward(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    bottom_right: bool,
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     require_kernel(query.device.type)
-    return _lib.attention_varlen_forward(query, key, value, cu_seqlens_q, cu_seqlens_k,
-                                         max_seqlen_q, max_seqlen_k, dropout_p, scale,
-                                         window_left, window_right, bottom_right, softcap, alibi_slopes)
+    return _lib.attention_varlen_forward(
+        query,
+        key,
+        value,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        dropout_p,
+        scale,
+        window_left,
+        window_right,
+        bottom_right,
+        softcap,
+        alibi_slopes,
+    )

@@ -1,4 +1,5 @@
 """flash_attn_ext.attention: the package's own entry point to the fused kernels."""
+
 import math
 import operator
 from typing import Optional, Tuple, Union
@@ -35,12 +36,21 @@ def normalize_window(window_size, causal: bool) -> Window:
     return left, right
 
 
-def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
-              causal: bool = False, window_size: Window = (-1, -1),
-              scale: Optional[float] = None, attn_mask: Optional[torch.Tensor] = None,
-              dropout_p: float = 0.0, alignment: str = "bottom_right",
-              softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
-              return_lse: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    causal: bool = False,
+    window_size: Window = (-1, -1),
+    scale: Optional[float] = None,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    alignment: str = "bottom_right",
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Fused exact attention, layout (batch, heads, len, head_dim) like SDPA.
 
     query (B, Hq, L, D), key (B, Hkv, S, D), value (B, Hkv, S, Dv), Hq a multiple of Hkv
@@ -55,8 +65,15 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
     as flash-attn's alibi_slopes; no gradient flows to the slopes). Returns out (B, Hq, L, Dv) and, with
     return_lse, the float32 log-sum-exp (B, Hq, L). Differentiable in query, key and value.
     """
-    _ops.check_tensors("flash_attn_ext.attention", query=query, key=key, value=value,
-                       attn_mask=attn_mask, alibi_slopes=alibi_slopes, optional=("attn_mask", "alibi_slopes"))
+    _ops.check_tensors(
+        "flash_attn_ext.attention",
+        query=query,
+        key=key,
+        value=value,
+        attn_mask=attn_mask,
+        alibi_slopes=alibi_slopes,
+        optional=("attn_mask", "alibi_slopes"),
+    )
     if alignment not in ("bottom_right", "top_left"):
         raise ValueError(f"alignment must be 'bottom_right' or 'top_left', got {alignment!r}")
     left, right = normalize_window(window_size, causal)
@@ -68,14 +85,24 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
         while attn_mask.dim() < 4:
             attn_mask = attn_mask.unsqueeze(0)
     out, lse, _ = _ops.attention_forward(
-        _contiguous_last_dim(query), _contiguous_last_dim(key), _contiguous_last_dim(value),
-        attn_mask, float(dropout_p), float(scale), left, right, alignment == "bottom_right",
-        float(softcap), alibi_slopes)
+        _contiguous_last_dim(query),
+        _contiguous_last_dim(key),
+        _contiguous_last_dim(value),
+        attn_mask,
+        float(dropout_p),
+        float(scale),
+        left,
+        right,
+        alignment == "bottom_right",
+        float(softcap),
+        alibi_slopes,
+    )
     return (out, lse) if return_lse else out
 
 
-def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
-                           lse_b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def merge_attention_states(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exactly combine two attention results over disjoint key sets (split-KV decoding, ring /
     context-parallel attention). out_x (..., D) with its log-sum-exp lse_x (...), as returned
     by attention(..., return_lse=True). Returns (out, lse) of the attention over the union;

@@ -13,6 +13,7 @@ the library first needs the setting) are in KernelConfig below and in the README
 configuration" table. The setting is process-wide, like PyTorch's backend flags: change it
 outside of threads that are running attention. A path that declines a call says why: with
 "require" the call raises with that reason; cpu_tiles_in_use gives the tile back end's."""
+
 import contextlib
 import dataclasses
 

@@ -22,6 +22,7 @@ pytorch_model.bin.index.json, read-only; the output is safetensors). The directo
 validates everything before writing, never modifies the input, streams one shard at a time,
 writes into a temporary directory beside the output and renames it into place at the end.
 """
+
 import argparse
 import contextlib
 import json
@@ -67,23 +68,30 @@ def check_conversion(config: dict, num_kv_heads: int, method: str) -> None:
     """Raises ConversionError when config cannot become num_kv_heads groups with method."""
     model_type = config.get("model_type", "")
     if model_type in FUSED_QKV_MODEL_TYPES:
-        raise ConversionError(f"model_type {model_type!r} uses a fused QKV projection; only architectures with "
-                              f"separate k_proj/v_proj are supported ({', '.join(SUPPORTED_MODEL_TYPES)})")
+        raise ConversionError(
+            f"model_type {model_type!r} uses a fused QKV projection; only architectures with "
+            f"separate k_proj/v_proj are supported ({', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConversionError(f"unknown model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     if method not in METHODS:
         raise ConversionError(f"method must be one of {METHODS}, got {method!r}")
     heads, kv_heads, _ = head_counts(config)
     if heads % kv_heads:
-        raise ConversionError(f"the config is inconsistent: num_attention_heads ({heads}) is not a multiple of "
-                              f"num_key_value_heads ({kv_heads})")
+        raise ConversionError(
+            f"the config is inconsistent: num_attention_heads ({heads}) is not a multiple of "
+            f"num_key_value_heads ({kv_heads})"
+        )
     if num_kv_heads <= 0 or kv_heads % num_kv_heads:
-        raise ConversionError(f"num_kv_heads ({num_kv_heads}) must divide the checkpoint's key/value heads "
-                              f"({kv_heads}; query heads {heads})")
+        raise ConversionError(
+            f"num_kv_heads ({num_kv_heads}) must divide the checkpoint's key/value heads "
+            f"({kv_heads}; query heads {heads})"
+        )
 
 
-def pool_heads(t: torch.Tensor, old_kv_heads: int, num_kv_heads: int, method: str,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def pool_heads(
+    t: torch.Tensor, old_kv_heads: int, num_kv_heads: int, method: str, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """Pools a k/v projection weight (old_kv_heads * head_dim, hidden) or bias
     (old_kv_heads * head_dim,) to num_kv_heads heads: contiguous groups of r heads each."""
     r = old_kv_heads // num_kv_heads
@@ -99,9 +107,16 @@ def pool_heads(t: torch.Tensor, old_kv_heads: int, num_kv_heads: int, method: st
     return pooled.reshape(num_kv_heads * grouped.shape[2], *t.shape[1:]).contiguous()
 
 
-def _convert_tensors(items: Iterable[Tuple[str, torch.Tensor]], old_kv_heads: int, num_kv_heads: int, method: str,
-                     generator: torch.Generator, dtype: Optional[torch.dtype],
-                     perms: Optional[Dict[str, List[int]]] = None, config: Optional[dict] = None) -> Dict[str, torch.Tensor]:
+def _convert_tensors(
+    items: Iterable[Tuple[str, torch.Tensor]],
+    old_kv_heads: int,
+    num_kv_heads: int,
+    method: str,
+    generator: torch.Generator,
+    dtype: Optional[torch.dtype],
+    perms: Optional[Dict[str, List[int]]] = None,
+    config: Optional[dict] = None,
+) -> Dict[str, torch.Tensor]:
     out = {}
     for name, t in items:
         if perms:
@@ -109,8 +124,10 @@ def _convert_tensors(items: Iterable[Tuple[str, torch.Tensor]], old_kv_heads: in
             t = head_similarity.permute_tensor(name, t, perms, heads, old_kv_heads, head_dim)
         if _KV_KEY.search(name):
             if t.shape[0] % old_kv_heads:
-                raise ConversionError(f"{name} has {t.shape[0]} rows, not a multiple of the {old_kv_heads} "
-                                      f"key/value heads the config declares")
+                raise ConversionError(
+                    f"{name} has {t.shape[0]} rows, not a multiple of the {old_kv_heads} "
+                    f"key/value heads the config declares"
+                )
             t = pool_heads(t, old_kv_heads, num_kv_heads, "mean" if method == "similarity" else method, generator)
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
@@ -118,8 +135,9 @@ def _convert_tensors(items: Iterable[Tuple[str, torch.Tensor]], old_kv_heads: in
     return out
 
 
-def similarity_orders(kv_activations: Dict[str, Tuple[torch.Tensor, torch.Tensor]], config: dict,
-                      num_kv_heads: int) -> Dict[str, List[int]]:
+def similarity_orders(
+    kv_activations: Dict[str, Tuple[torch.Tensor, torch.Tensor]], config: dict, num_kv_heads: int
+) -> Dict[str, List[int]]:
     """The K/V head order of every attention module (by state-dict prefix) that puts heads with
     close keys and values in the same group; kv_activations from
     head_similarity.collect_kv_activations."""
@@ -127,16 +145,24 @@ def similarity_orders(kv_activations: Dict[str, Tuple[torch.Tensor, torch.Tensor
     orders = {}
     for prefix, (k, v) in kv_activations.items():
         if k.shape[-1] != old_kv_heads * head_dim or v.shape[-1] != old_kv_heads * head_dim:
-            raise ConversionError(f"calibration activations of {prefix} have {k.shape[-1]} / {v.shape[-1]} features; "
-                                  f"the config declares {old_kv_heads} key/value heads of dim {head_dim}")
+            raise ConversionError(
+                f"calibration activations of {prefix} have {k.shape[-1]} / {v.shape[-1]} features; "
+                f"the config declares {old_kv_heads} key/value heads of dim {head_dim}"
+            )
         orders[prefix] = head_similarity.group_heads(k, v, num_kv_heads, old_kv_heads)
     return orders
 
 
-def convert_state_dict(state_dict: Dict[str, torch.Tensor], config: dict, num_kv_heads: int, *,
-                       method: str = "mean", seed: int = 0, dtype: Optional[torch.dtype] = None,
-                       kv_activations: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None,
-                       ) -> Tuple[Dict[str, torch.Tensor], dict]:
+def convert_state_dict(
+    state_dict: Dict[str, torch.Tensor],
+    config: dict,
+    num_kv_heads: int,
+    *,
+    method: str = "mean",
+    seed: int = 0,
+    dtype: Optional[torch.dtype] = None,
+    kv_activations: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None,
+) -> Tuple[Dict[str, torch.Tensor], dict]:
     """Returns (new state dict, new config) with num_kv_heads key/value heads. Every tensor
     whose name ends in k_proj/v_proj .weight/.bias is pooled; the rest is copied (cast to dtype
     if given). method "similarity" needs kv_activations (head_similarity.collect_kv_activations
@@ -154,8 +180,9 @@ def convert_state_dict(state_dict: Dict[str, torch.Tensor], config: dict, num_kv
         if missing:
             raise ConversionError(f"no calibration activations for attention modules {missing}")
     generator = torch.Generator().manual_seed(seed)
-    new_sd = _convert_tensors(sorted(state_dict.items()), old_kv_heads, num_kv_heads, method, generator, dtype,
-                              perms, config)
+    new_sd = _convert_tensors(
+        sorted(state_dict.items()), old_kv_heads, num_kv_heads, method, generator, dtype, perms, config
+    )
     new_config = dict(config, num_key_value_heads=num_kv_heads)
     if dtype is not None:
         new_config["torch_dtype"] = str(dtype).replace("torch.", "")
@@ -204,8 +231,8 @@ def _safetensors_name(bin_shard: str, n_shards: int) -> str:
     """Output name of a .bin shard: pytorch_model-00001-of-00002.bin -> model-00001-of-00002.safetensors."""
     if n_shards == 1:
         return "model.safetensors"
-    stem = bin_shard[:-len(".bin")] if bin_shard.endswith(".bin") else bin_shard
-    return (stem[len("pytorch_"):] if stem.startswith("pytorch_") else stem) + ".safetensors"
+    stem = bin_shard[: -len(".bin")] if bin_shard.endswith(".bin") else bin_shard
+    return (stem[len("pytorch_") :] if stem.startswith("pytorch_") else stem) + ".safetensors"
 
 
 def kv_cache_bytes_per_token(config: dict, kv_heads: int, dtype_bytes: int) -> int:
@@ -226,15 +253,19 @@ def _calibration_activations(input_dir: str, config: dict, text_path: str, max_t
     max_tokens tokens of a text file: tokenized with the checkpoint's tokenizer when it has one,
     else read as bytes (ids = byte % vocab_size)."""
     if config.get("model_type") == "flash_attn_ext":
-        raise ConversionError("--calibration runs the model with transformers, which cannot load model_type "
-                              "'flash_attn_ext'; use convert_state_dict / convert_checkpoint with kv_activations "
-                              "(flash_attn_ext.head_similarity.collect_kv_activations) instead")
+        raise ConversionError(
+            "--calibration runs the model with transformers, which cannot load model_type "
+            "'flash_attn_ext'; use convert_state_dict / convert_checkpoint with kv_activations "
+            "(flash_attn_ext.head_similarity.collect_kv_activations) instead"
+        )
     if not os.path.isfile(text_path):
         raise ConversionError(f"calibration text {text_path} does not exist")
     try:
         import transformers
     except ImportError:
-        raise ConversionError("--method similarity needs transformers (pip install 'flash_attn_ext[convert]')") from None
+        raise ConversionError(
+            "--method similarity needs transformers (pip install 'flash_attn_ext[convert]')"
+        ) from None
     with open(text_path, "rb") as f:
         raw = f.read(16 * max_tokens)
     if not raw:
@@ -247,17 +278,27 @@ def _calibration_activations(input_dir: str, config: dict, text_path: str, max_t
         ids = torch.tensor(list(raw), dtype=torch.long) % int(config["vocab_size"])
     ids = ids[:max_tokens]
     seq = min(512, int(config.get("max_position_embeddings", 512)))
-    batches = [ids[i:i + seq].unsqueeze(0) for i in range(0, len(ids), seq)]
+    batches = [ids[i : i + seq].unsqueeze(0) for i in range(0, len(ids), seq)]
     model = transformers.AutoModelForCausalLM.from_pretrained(input_dir, torch_dtype=torch.float32)
     acts = head_similarity.collect_kv_activations(model, batches, max_tokens=max_tokens)
     del model
     return acts
 
 
-def convert_checkpoint(input_dir: str, output_dir: str, num_kv_heads: int, *, method: str = "mean", seed: int = 0,
-                       dtype: Optional[str] = None, progress: bool = True, force: bool = False,
-                       calibration: Optional[str] = None, calibration_tokens: int = 2048,
-                       kv_activations: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None) -> dict:
+def convert_checkpoint(
+    input_dir: str,
+    output_dir: str,
+    num_kv_heads: int,
+    *,
+    method: str = "mean",
+    seed: int = 0,
+    dtype: Optional[str] = None,
+    progress: bool = True,
+    force: bool = False,
+    calibration: Optional[str] = None,
+    calibration_tokens: int = 2048,
+    kv_activations: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None,
+) -> dict:
     """Converts a HuggingFace-format checkpoint directory; returns the new config. See the
     module docstring for what is validated and how the output is written. method "similarity"
     needs calibration (a text file; the model is run with transformers, so the whole model is
@@ -303,14 +344,18 @@ def convert_checkpoint(input_dir: str, output_dir: str, num_kv_heads: int, *, me
             if method == "similarity" and m and m["kind"] == "weight" and m["proj"] in ("q_proj", "o_proj"):
                 dim = 0 if m["proj"] == "q_proj" else 1
                 if len(shape) != 2 or shape[dim] != heads * head_dim:
-                    raise ConversionError(f"{name} has shape {list(shape)}; the config declares {heads} query heads "
-                                          f"of dim {head_dim} ({heads * head_dim} {'rows' if dim == 0 else 'columns'})")
+                    raise ConversionError(
+                        f"{name} has shape {list(shape)}; the config declares {heads} query heads "
+                        f"of dim {head_dim} ({heads * head_dim} {'rows' if dim == 0 else 'columns'})"
+                    )
             if _KV_KEY.search(name):
                 n_kv += 1
                 kv_names.add(name)
                 if shape[0] != old_kv_heads * head_dim:
-                    raise ConversionError(f"{name} has {shape[0]} rows; the config declares {old_kv_heads} key/value "
-                                          f"heads of dim {head_dim} ({old_kv_heads * head_dim} rows)")
+                    raise ConversionError(
+                        f"{name} has {shape[0]} rows; the config declares {old_kv_heads} key/value "
+                        f"heads of dim {head_dim} ({old_kv_heads * head_dim} rows)"
+                    )
     if n_kv == 0:
         raise ConversionError("no k_proj/v_proj tensors found in the checkpoint")
     for name in sorted(kv_names):  # every k projection has its v projection, and vice versa
@@ -320,8 +365,9 @@ def convert_checkpoint(input_dir: str, output_dir: str, num_kv_heads: int, *, me
     layers = config.get("num_hidden_layers")
     n_k = sum(1 for n in kv_names if n.endswith("k_proj.weight"))
     if layers is not None and n_k != int(layers):
-        raise ConversionError(f"the checkpoint has {n_k} k_proj weights but the config declares {layers} layers: "
-                              f"missing tensors")
+        raise ConversionError(
+            f"the checkpoint has {n_k} k_proj weights but the config declares {layers} layers: missing tensors"
+        )
 
     perms, spread = None, None
     if method == "similarity":
@@ -334,9 +380,12 @@ def convert_checkpoint(input_dir: str, output_dir: str, num_kv_heads: int, *, me
         if modules - set(perms):
             raise ConversionError(f"no calibration activations for attention modules {sorted(modules - set(perms))}")
         contiguous = list(range(old_kv_heads))
-        spread = [head_similarity.grouping_spread(k, v, old_kv_heads, perms[p], num_kv_heads)
-                  / max(head_similarity.grouping_spread(k, v, old_kv_heads, contiguous, num_kv_heads), 1e-30)
-                  for p, (k, v) in kv_activations.items() if p in modules]
+        spread = [
+            head_similarity.grouping_spread(k, v, old_kv_heads, perms[p], num_kv_heads)
+            / max(head_similarity.grouping_spread(k, v, old_kv_heads, contiguous, num_kv_heads), 1e-30)
+            for p, (k, v) in kv_activations.items()
+            if p in modules
+        ]
 
     parent = os.path.dirname(os.path.abspath(output_dir))
     tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)
@@ -347,6 +396,7 @@ def convert_checkpoint(input_dir: str, output_dir: str, num_kv_heads: int, *, me
         iterator = shards
         if progress:
             from tqdm import tqdm
+
             iterator = tqdm(shards, desc="converting shards", unit="shard")
         for shard in iterator:  # one shard in memory at a time
             path = os.path.join(input_dir, shard)
@@ -357,8 +407,9 @@ def convert_checkpoint(input_dir: str, output_dir: str, num_kv_heads: int, *, me
                         tensors = {k: f.get_tensor(k) for k in f.keys()}
                 else:
                     metadata, tensors = {}, torch.load(path, map_location="cpu", weights_only=True)
-            converted = _convert_tensors(sorted(tensors.items()), old_kv_heads, num_kv_heads, method, generator, target,
-                                         perms, config)
+            converted = _convert_tensors(
+                sorted(tensors.items()), old_kv_heads, num_kv_heads, method, generator, target, perms, config
+            )
             out_name = shard if kind == "safetensors" else _safetensors_name(shard, len(shards))
             with _writing(out_name, output_dir):
                 save_file(converted, os.path.join(tmp, out_name), metadata={**metadata, "format": "pt"})
@@ -371,8 +422,10 @@ def convert_checkpoint(input_dir: str, output_dir: str, num_kv_heads: int, *, me
             total = sum(os.path.getsize(os.path.join(tmp, s)) for s in set(weight_map.values()))
             index["metadata"] = dict(index.get("metadata", {}), total_size=total)
             index["weight_map"] = weight_map
-            with _writing("model.safetensors.index.json", output_dir), \
-                    open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            with (
+                _writing("model.safetensors.index.json", output_dir),
+                open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f,
+            ):
                 json.dump(index, f, indent=2)
         new_config = dict(config, num_key_value_heads=num_kv_heads)
         if dtype is not None:
@@ -393,23 +446,32 @@ def convert_checkpoint(input_dir: str, output_dir: str, num_kv_heads: int, *, me
         shutil.rmtree(tmp, ignore_errors=True)  # no partial output, even on Ctrl-C
         raise
 
-    nbytes = _DTYPES[dtype].itemsize if dtype else {"float32": 4, "float16": 2, "bfloat16": 2}.get(
-        str(config.get("torch_dtype", "float32")), 4)
+    nbytes = (
+        _DTYPES[dtype].itemsize
+        if dtype
+        else {"float32": 4, "float16": 2, "bfloat16": 2}.get(str(config.get("torch_dtype", "float32")), 4)
+    )
     before = kv_cache_bytes_per_token(config, old_kv_heads, nbytes)
     after = kv_cache_bytes_per_token(config, num_kv_heads, nbytes)
-    print(f"converted {input_dir} -> {output_dir}: {heads} query heads, key/value heads {old_kv_heads} -> "
-          f"{num_kv_heads} ({method}); KV cache per token {_human(before)} -> {_human(after)} "
-          f"({before / after:.1f}x smaller)")
+    print(
+        f"converted {input_dir} -> {output_dir}: {heads} query heads, key/value heads {old_kv_heads} -> "
+        f"{num_kv_heads} ({method}); KV cache per token {_human(before)} -> {_human(after)} "
+        f"({before / after:.1f}x smaller)"
+    )
     if spread:
-        print(f"similarity grouping: within-group K/V spread {100 * sum(spread) / len(spread):.0f}% of the contiguous "
-              f"grouping's (mean over {len(spread)} layers; lower loses less when pooled)")
+        print(
+            f"similarity grouping: within-group K/V spread {100 * sum(spread) / len(spread):.0f}% of the contiguous "
+            f"grouping's (mean over {len(spread)} layers; lower loses less when pooled)"
+        )
     return new_config
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="flash-attn-ext-convert",
-                                 description="Convert a multi-head (or GQA) HuggingFace checkpoint to fewer "
-                                             "key/value heads by pooling them, as in the GQA paper.")
+    ap = argparse.ArgumentParser(
+        prog="flash-attn-ext-convert",
+        description="Convert a multi-head (or GQA) HuggingFace checkpoint to fewer "
+        "key/value heads by pooling them, as in the GQA paper.",
+    )
     ap.add_argument("--input", required=True, help="checkpoint directory (config.json + safetensors or .bin)")
     ap.add_argument("--output", required=True, help="new directory (must not exist)")
     ap.add_argument("--num-kv-heads", type=int, required=True, help="key/value heads after conversion")
@@ -422,9 +484,18 @@ def main(argv=None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     try:
-        convert_checkpoint(args.input, args.output, args.num_kv_heads, method=args.method, seed=args.seed,
-                           dtype=args.dtype, progress=not args.no_progress, force=args.force,
-                           calibration=args.calibration, calibration_tokens=args.calibration_tokens)
+        convert_checkpoint(
+            args.input,
+            args.output,
+            args.num_kv_heads,
+            method=args.method,
+            seed=args.seed,
+            dtype=args.dtype,
+            progress=not args.no_progress,
+            force=args.force,
+            calibration=args.calibration,
+            calibration_tokens=args.calibration_tokens,
+        )
     except ConversionError as e:
         print(f"flash-attn-ext-convert: error: {e}", file=sys.stderr)
         return 2

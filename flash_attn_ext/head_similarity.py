@@ -16,6 +16,7 @@ distances between the rotated keys.
     perms = {prefix: group_heads(k, v, num_kv_heads, kv_heads) for prefix, (k, v) in acts.items()}
     new_sd = permute_heads(state_dict, perms, q_heads, kv_heads, head_dim)   # then pool as "mean"
 """
+
 import re
 from typing import Dict, Iterable, List, Tuple
 
@@ -25,8 +26,9 @@ _PROJ = re.compile(r"^(?P<prefix>.*)\.(?P<proj>q_proj|k_proj|v_proj|o_proj)\.(?P
 
 
 @torch.no_grad()
-def collect_kv_activations(model: torch.nn.Module, batches: Iterable[torch.Tensor],
-                           max_tokens: int = 4096) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+def collect_kv_activations(
+    model: torch.nn.Module, batches: Iterable[torch.Tensor], max_tokens: int = 4096
+) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
     """Runs model(batch) on each batch of token ids and returns, for every attention module
     (the prefix of its `k_proj` / `v_proj` submodules), the outputs of k_proj and v_proj as
     float32 (tokens, kv_heads * head_dim) matrices, at most max_tokens rows each."""
@@ -55,8 +57,10 @@ def collect_kv_activations(model: torch.nn.Module, batches: Iterable[torch.Tenso
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return {prefix: (torch.cat(d["k_proj"])[:max_tokens], torch.cat(d["v_proj"])[:max_tokens])
-            for prefix, d in captured.items()}
+    return {
+        prefix: (torch.cat(d["k_proj"])[:max_tokens], torch.cat(d["v_proj"])[:max_tokens])
+        for prefix, d in captured.items()
+    }
 
 
 def _group_cost(dist: torch.Tensor, groups: List[List[int]]) -> float:
@@ -75,7 +79,7 @@ def _distances(k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
 def grouping_spread(k: torch.Tensor, v: torch.Tensor, heads: int, order: List[int], num_groups: int) -> float:
     """The cost group_heads minimises, for the groups that contiguous pooling of `order` forms."""
     r = heads // num_groups
-    return _group_cost(_distances(k, v, heads), [order[g * r:(g + 1) * r] for g in range(num_groups)])
+    return _group_cost(_distances(k, v, heads), [order[g * r : (g + 1) * r] for g in range(num_groups)])
 
 
 def group_heads(k: torch.Tensor, v: torch.Tensor, num_groups: int, heads: int) -> List[int]:
@@ -112,7 +116,7 @@ def group_heads(k: torch.Tensor, v: torch.Tensor, num_groups: int, heads: int) -
                     for b in range(r):
                         ga, gb = list(groups[gi]), list(groups[gj])
                         ga[a], gb[b] = gb[b], ga[a]
-                        trial = groups[:gi] + [ga] + groups[gi + 1:gj] + [gb] + groups[gj + 1:]
+                        trial = groups[:gi] + [ga] + groups[gi + 1 : gj] + [gb] + groups[gj + 1 :]
                         new_cost = _group_cost(dist, trial)
                         if new_cost < cost - 1e-12 * max(1.0, cost):
                             groups, cost, improved = trial, new_cost, True
@@ -125,8 +129,9 @@ def head_index(order: List[int], head_dim: int) -> torch.Tensor:
     return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in order])
 
 
-def permute_tensor(name: str, t: torch.Tensor, perms: Dict[str, List[int]], q_heads: int, kv_heads: int,
-                   head_dim: int) -> torch.Tensor:
+def permute_tensor(
+    name: str, t: torch.Tensor, perms: Dict[str, List[int]], q_heads: int, kv_heads: int, head_dim: int
+) -> torch.Tensor:
     """t reordered by the K/V head order perms[prefix] of its attention module (unchanged if
     the name is not a q/k/v/o projection of a module in perms). Query heads move with their
     K/V head: K/V head a owns query heads [a * q_per_kv, (a + 1) * q_per_kv)."""

@@ -1,4 +1,5 @@
 """KV cache operations: the in-place append and attention against the cache."""
+
 import math
 from typing import Optional, Tuple, Union
 
@@ -14,9 +15,17 @@ def _as_bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t.transpose(1, 2) if layout == "bshd" else t
 
 
-def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor,
-                    v_new: torch.Tensor, cache_seqlens: torch.Tensor, *, layout: str = "bshd",
-                    rolling: bool = False, block_table: Optional[torch.Tensor] = None) -> None:
+def kv_cache_append(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    layout: str = "bshd",
+    rolling: bool = False,
+    block_table: Optional[torch.Tensor] = None,
+) -> None:
     """Write each sequence's new keys/values into the caches, in place, at its current length.
 
     layout "bshd": caches (B, S_max, Hkv, D) and new K/V (B, L_new, Hkv, D), as flash-attn;
@@ -31,25 +40,47 @@ def kv_cache_append(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.T
     (num_blocks, block_size, Hkv, D) ("bshd") or (num_blocks, Hkv, block_size, D) ("bhsd"), and
     position p of sequence b lives in row p % block_size of block block_table[b, p // block_size].
     """
-    _ops.check_tensors("flash_attn_ext.kv_cache_append", k_cache=k_cache, v_cache=v_cache, k_new=k_new,
-                       v_new=v_new, cache_seqlens=cache_seqlens, block_table=block_table,
-                       optional=("block_table",))
+    _ops.check_tensors(
+        "flash_attn_ext.kv_cache_append",
+        k_cache=k_cache,
+        v_cache=v_cache,
+        k_new=k_new,
+        v_new=v_new,
+        cache_seqlens=cache_seqlens,
+        block_table=block_table,
+        optional=("block_table",),
+    )
     if layout not in _LAYOUTS:
         raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
     _ops.require_kernel(k_cache.device.type)
     torch.ops.flash_attn_ext.kv_cache_append(
-        _as_bhsd(k_cache, layout), _as_bhsd(v_cache, layout), _as_bhsd(k_new.detach(), layout),
-        _as_bhsd(v_new.detach(), layout), cache_seqlens, rolling, block_table)
+        _as_bhsd(k_cache, layout),
+        _as_bhsd(v_cache, layout),
+        _as_bhsd(k_new.detach(), layout),
+        _as_bhsd(v_new.detach(), layout),
+        cache_seqlens,
+        rolling,
+        block_table,
+    )
 
 
-def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
-                           cache_seqlens: Optional[Union[torch.Tensor, int]] = None,
-                           softmax_scale: Optional[float] = None, causal: bool = False,
-                           window_size: Tuple[int, int] = (-1, -1),
-                           return_softmax_lse: bool = False, *, layout: str = "bshd",
-                           block_table: Optional[torch.Tensor] = None, softcap: float = 0.0,
-                           alibi_slopes: Optional[torch.Tensor] = None):
+def attention_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: Optional[torch.Tensor] = None,
+    v: Optional[torch.Tensor] = None,
+    cache_seqlens: Optional[Union[torch.Tensor, int]] = None,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    return_softmax_lse: bool = False,
+    *,
+    layout: str = "bshd",
+    block_table: Optional[torch.Tensor] = None,
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+):
     """Decode / chunked-prefill attention against a KV cache (flash-attn's argument names).
 
     layout "bshd": q (B, L, Hq, D), caches (B, S_max, Hkv, D), k/v (B, L_new, Hkv, D), out
@@ -65,28 +96,40 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     alibi_slopes (float32, (Hq,) or (B, Hq)) adds ALiBi biases, as flash-attn.
     Inference only: not differentiable.
     """
-    _ops.check_tensors("flash_attn_ext.attention_with_kvcache", q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v,
-                       block_table=block_table, alibi_slopes=alibi_slopes,
-                       cache_seqlens=None if isinstance(cache_seqlens, int) else cache_seqlens,
-                       optional=("k", "v", "block_table", "alibi_slopes", "cache_seqlens"))
+    _ops.check_tensors(
+        "flash_attn_ext.attention_with_kvcache",
+        q=q,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        k=k,
+        v=v,
+        block_table=block_table,
+        alibi_slopes=alibi_slopes,
+        cache_seqlens=None if isinstance(cache_seqlens, int) else cache_seqlens,
+        optional=("k", "v", "block_table", "alibi_slopes", "cache_seqlens"),
+    )
     if layout not in _LAYOUTS:
         raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dim() != 4:
-            raise ValueError(f"flash_attn_ext.attention_with_kvcache: {name} must be 4-D ({layout}), "
-                             f"got shape {tuple(t.shape)}")
+            raise ValueError(
+                f"flash_attn_ext.attention_with_kvcache: {name} must be 4-D ({layout}), got shape {tuple(t.shape)}"
+            )
     if (k is None) != (v is None):
         raise ValueError("pass both k and v, or neither")
     if torch.is_grad_enabled() and q.requires_grad:
-        raise RuntimeError("attention_with_kvcache is inference-only (not differentiable); "
-                           "call it under torch.no_grad() or torch.inference_mode()")
+        raise RuntimeError(
+            "attention_with_kvcache is inference-only (not differentiable); "
+            "call it under torch.no_grad() or torch.inference_mode()"
+        )
     qb, kc, vc = _as_bhsd(q, layout), _as_bhsd(k_cache, layout), _as_bhsd(v_cache, layout)
     batch, s_max = qb.shape[0], kc.shape[2]
     if block_table is not None and block_table.dim() == 2:
         s_max = kc.shape[2] * block_table.shape[1]  # positions per sequence of a paged cache
     if cache_seqlens is None:
-        cache_seqlens = torch.full((batch,), s_max - (0 if k is None else _as_bhsd(k, layout).shape[2]),
-                                   dtype=torch.int32, device=q.device)
+        cache_seqlens = torch.full(
+            (batch,), s_max - (0 if k is None else _as_bhsd(k, layout).shape[2]), dtype=torch.int32, device=q.device
+        )
     elif isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
     left, right = normalize_window(window_size, causal)
@@ -94,9 +137,19 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
     _ops.require_kernel(q.device.type)
     out, lse = torch.ops.flash_attn_ext.attention_kvcache(
-        _contiguous_last_dim(qb), kc, vc, cache_seqlens,
-        None if k is None else _as_bhsd(k.detach(), layout), None if v is None else _as_bhsd(v.detach(), layout),
-        float(softmax_scale), left, right, block_table, float(softcap), alibi_slopes)
+        _contiguous_last_dim(qb),
+        kc,
+        vc,
+        cache_seqlens,
+        None if k is None else _as_bhsd(k.detach(), layout),
+        None if v is None else _as_bhsd(v.detach(), layout),
+        float(softmax_scale),
+        left,
+        right,
+        block_table,
+        float(softcap),
+        alibi_slopes,
+    )
     out = out.transpose(1, 2) if layout == "bshd" else out
     return (out, lse) if return_softmax_lse else out
 
@@ -119,9 +172,18 @@ class KVCache:
     position order first (an O(W * D) copy).
     """
 
-    def __init__(self, batch_size: int, max_seqlen: Optional[int], num_kv_heads: int, head_dim: int, *,
-                 dtype: torch.dtype = torch.float32, device="cpu", head_dim_v: Optional[int] = None,
-                 window: Optional[int] = None):
+    def __init__(
+        self,
+        batch_size: int,
+        max_seqlen: Optional[int],
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device="cpu",
+        head_dim_v: Optional[int] = None,
+        window: Optional[int] = None,
+    ):
         if window is not None:
             if window <= 0:
                 raise ValueError(f"window must be positive, got {window}")
@@ -160,17 +222,34 @@ class KVCache:
         kv_cache_append(self.k, self.v, k, v, self.seqlens, rolling=self.window is not None)
         self.seqlens += k.shape[1]
 
-    def attend(self, q: torch.Tensor, k: Optional[torch.Tensor] = None, v: Optional[torch.Tensor] = None,
-               *, causal: bool = True, window_size: Tuple[int, int] = (-1, -1),
-               softmax_scale: Optional[float] = None, return_lse: bool = False):
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: Optional[torch.Tensor] = None,
+        v: Optional[torch.Tensor] = None,
+        *,
+        causal: bool = True,
+        window_size: Tuple[int, int] = (-1, -1),
+        softmax_scale: Optional[float] = None,
+        return_lse: bool = False,
+    ):
         """Attention of q (B, L, Hq, D) against the cache after appending k, v (if given);
         advances the lengths by k's length. Bottom-right aligned, so a chunk of L queries
         attends to everything before it and causally within itself."""
         if self.window is not None:
             return self._attend_rolling(q, k, v, causal, window_size, softmax_scale, return_lse)
-        result = attention_with_kvcache(q, self.k, self.v, k, v, cache_seqlens=self.seqlens,
-                                        softmax_scale=softmax_scale, causal=causal,
-                                        window_size=window_size, return_softmax_lse=return_lse)
+        result = attention_with_kvcache(
+            q,
+            self.k,
+            self.v,
+            k,
+            v,
+            cache_seqlens=self.seqlens,
+            softmax_scale=softmax_scale,
+            causal=causal,
+            window_size=window_size,
+            return_softmax_lse=return_lse,
+        )
         if k is not None:
             self.seqlens += k.shape[1]
         return result
@@ -179,9 +258,11 @@ class KVCache:
         W = self.window
         left, right = normalize_window(window_size, causal)
         if right != 0 or not (0 <= left <= W - 1 or left == -1):
-            raise ValueError(f"a rolling cache of {W} slots serves causal attention with a window of at most "
-                             f"{W} tokens (window_size=(left <= {W - 1}, 0)), got causal={causal}, "
-                             f"window_size={window_size}")
+            raise ValueError(
+                f"a rolling cache of {W} slots serves causal attention with a window of at most "
+                f"{W} tokens (window_size=(left <= {W - 1}, 0)), got causal={causal}, "
+                f"window_size={window_size}"
+            )
         left = W - 1 if left == -1 else left
         if (k is None) != (v is None):
             raise ValueError("pass both k and v, or neither")
@@ -192,8 +273,15 @@ class KVCache:
             if k is not None:
                 self.append(k, v)
             valid = torch.clamp(self.seqlens, max=W).to(torch.int32)  # slots [0, valid) hold data
-            return attention_with_kvcache(q, self.k, self.v, cache_seqlens=valid, softmax_scale=softmax_scale,
-                                          causal=False, return_softmax_lse=return_lse)
+            return attention_with_kvcache(
+                q,
+                self.k,
+                self.v,
+                cache_seqlens=valid,
+                softmax_scale=softmax_scale,
+                causal=False,
+                return_softmax_lse=return_lse,
+            )
         B, _, H, D = self.k.shape
         # The cached positions in order: sequence b keeps its last min(seqlens[b], W) positions.
         seen = self.seqlens.to(torch.int64)
@@ -205,9 +293,18 @@ class KVCache:
         keys[:, :W] = torch.gather(self.k, 1, order[:, :, None, None].expand(B, W, H, D))
         values[:, :W] = torch.gather(self.v, 1, order[:, :, None, None].expand(B, W, H, self.v.shape[-1]))
         # Old keys then the chunk's own keys, bottom-right aligned: exact for any chunk length.
-        result = attention_with_kvcache(q, keys, values, k, v, cache_seqlens=kept.to(torch.int32),
-                                        softmax_scale=softmax_scale, causal=True, window_size=(left, 0),
-                                        return_softmax_lse=return_lse)
+        result = attention_with_kvcache(
+            q,
+            keys,
+            values,
+            k,
+            v,
+            cache_seqlens=kept.to(torch.int32),
+            softmax_scale=softmax_scale,
+            causal=True,
+            window_size=(left, 0),
+            return_softmax_lse=return_lse,
+        )
         if k is not None:
             self.append(k, v)
         return result

@@ -10,6 +10,7 @@ The projections are named q_proj, k_proj, v_proj, o_proj, as in Llama / Mistral 
 checkpoints, so their weights load by name and flash_attn_ext's MHA -> GQA converter treats the
 module like those architectures. K/V heads are shared by their query group, never repeated.
 """
+
 import math
 from typing import Optional, Tuple
 
@@ -26,17 +27,27 @@ class Attention(nn.Module):
     is a Mistral window of W tokens); dropout applies to the attention probabilities in training.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: Optional[int] = None, *,
-                 head_dim: Optional[int] = None, bias: bool = False, causal: bool = True,
-                 window_size: Tuple[int, int] = (-1, -1), dropout: float = 0.0,
-                 softmax_scale: Optional[float] = None, device=None, dtype=None):
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        num_kv_heads: Optional[int] = None,
+        *,
+        head_dim: Optional[int] = None,
+        bias: bool = False,
+        causal: bool = True,
+        window_size: Tuple[int, int] = (-1, -1),
+        dropout: float = 0.0,
+        softmax_scale: Optional[float] = None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
         if head_dim is None and embed_dim % num_heads:
-            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}), "
-                             f"or pass head_dim")
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}), or pass head_dim")
         head_dim = embed_dim // num_heads if head_dim is None else head_dim
         if head_dim <= 0:
             raise ValueError(f"head_dim must be positive, got {head_dim}")
@@ -51,16 +62,25 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, **kw)
         self.o_proj = nn.Linear(num_heads * head_dim, embed_dim, **kw)
 
-    def make_cache(self, batch_size: int, max_seqlen: Optional[int] = None, *,
-                   rolling_window: Optional[int] = None) -> KVCache:
+    def make_cache(
+        self, batch_size: int, max_seqlen: Optional[int] = None, *, rolling_window: Optional[int] = None
+    ) -> KVCache:
         """A KVCache shaped for this module (its dtype and device); rolling_window=W keeps only
         the last W positions (requires window_size=(W - 1, 0) or narrower, causal)."""
         w = self.q_proj.weight
-        return KVCache(batch_size, max_seqlen, self.num_kv_heads, self.head_dim, dtype=w.dtype, device=w.device,
-                       window=rolling_window)
+        return KVCache(
+            batch_size,
+            max_seqlen,
+            self.num_kv_heads,
+            self.head_dim,
+            dtype=w.dtype,
+            device=w.device,
+            window=rolling_window,
+        )
 
-    def forward(self, x: torch.Tensor, *, attn_mask: Optional[torch.Tensor] = None,
-                kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *, attn_mask: Optional[torch.Tensor] = None, kv_cache: Optional[KVCache] = None
+    ) -> torch.Tensor:
         """x (B, L, embed_dim) -> (B, L, embed_dim). With kv_cache, x continues each cached
         sequence (prefill or decode; inference only): its keys/values are appended and its
         queries attend to everything cached, bottom-right aligned. attn_mask (bool: True =
@@ -75,12 +95,21 @@ class Attention(nn.Module):
                 raise ValueError("attn_mask is not supported together with kv_cache")
             out = kv_cache.attend(q, k, v, causal=self.causal, window_size=self.window_size, softmax_scale=scale)
         else:
-            out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=self.causal,
-                            window_size=self.window_size, scale=scale, attn_mask=attn_mask,
-                            dropout_p=self.dropout if self.training else 0.0).transpose(1, 2)
+            out = attention(
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                causal=self.causal,
+                window_size=self.window_size,
+                scale=scale,
+                attn_mask=attn_mask,
+                dropout_p=self.dropout if self.training else 0.0,
+            ).transpose(1, 2)
         return self.o_proj(out.reshape(B, L, self.num_heads * self.head_dim))
 
     def extra_repr(self) -> str:
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-                f"head_dim={self.head_dim}, causal={self.causal}, window_size={self.window_size}, "
-                f"dropout={self.dropout}")
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+            f"head_dim={self.head_dim}, causal={self.causal}, window_size={self.window_size}, "
+            f"dropout={self.dropout}"
+        )

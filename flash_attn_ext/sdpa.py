@@ -4,6 +4,7 @@ Same signature, results and errors; keyword-only window_size=(left, right) exten
 (top-left aligned, like is_causal). Calls the fused kernels can serve go to them; every other
 call goes to PyTorch's SDPA, counted and logged (see _fallback.py), never to a wrong answer.
 """
+
 import contextlib
 import math
 from typing import Optional
@@ -80,8 +81,12 @@ def _window_mask(len_q, len_k, left, right, device):
 def _fallback(reason, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window):
     record_fallback(reason)
     kwargs = {"enable_gqa": True} if enable_gqa else {}
-    if (window is not None and window != (-1, -1) and isinstance(query, torch.Tensor)
-            and not (is_causal and attn_mask is not None)):  # that combination: PyTorch's error
+    if (
+        window is not None
+        and window != (-1, -1)
+        and isinstance(query, torch.Tensor)
+        and not (is_causal and attn_mask is not None)
+    ):  # that combination: PyTorch's error
         # PyTorch has no window: the equivalent explicit mask (L x S, on the fallback only).
         left, right = normalize_window(window, is_causal)
         visible = _window_mask(query.shape[-2], key.shape[-2], left, right, query.device)
@@ -92,23 +97,25 @@ def _fallback(reason, query, key, value, attn_mask, dropout_p, is_causal, scale,
         else:
             attn_mask = attn_mask.masked_fill(~visible, float("-inf"))
         is_causal = False
-    return torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                      is_causal=is_causal, scale=scale, **kwargs)
+    return torch_sdpa(
+        query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs
+    )
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                                 scale=None, enable_gqa=False, *, window_size=None):
+def scaled_dot_product_attention(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *, window_size=None
+):
     """torch.nn.functional.scaled_dot_product_attention, served by flash_attn_ext's fused
     kernels. Layout (..., H, L, D). window_size=(left, right), keyword-only: key j visible to
     query i iff i - left <= j <= i + right (-1 = unbounded); is_causal sets right = 0.
     Rows with no visible key give zeros (PyTorch's math path gives NaN there)."""
     reason = _unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
     if reason is not None:
-        return _fallback(reason, query, key, value, attn_mask, dropout_p, is_causal, scale,
-                         enable_gqa, window_size)
+        return _fallback(reason, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size)
     left, right = normalize_window(window_size, is_causal)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
+
     # Collapse (..., H, L, D) to the kernels' (B, H, L, D); views for up to 4 dims.
     def as4d(t):
         if t.dim() == 2:
@@ -116,6 +123,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         if t.dim() == 3:
             return t.unsqueeze(0)
         return t.reshape(-1, *t.shape[-3:]) if t.dim() > 4 else t
+
     q4, k4, v4 = as4d(query), as4d(key), as4d(value)
     mask4 = None
     if attn_mask is not None:
@@ -128,8 +136,16 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         else:
             mask4 = as4d(mask4)
     out, _, _ = _ops.attention_forward(
-        _contiguous_last_dim(q4), _contiguous_last_dim(k4), _contiguous_last_dim(v4), mask4,
-        float(dropout_p), float(scale), left, right, False)
+        _contiguous_last_dim(q4),
+        _contiguous_last_dim(k4),
+        _contiguous_last_dim(v4),
+        mask4,
+        float(dropout_p),
+        float(scale),
+        left,
+        right,
+        False,
+    )
     return out.reshape(*query.shape[:-1], value.shape[-1])
 
 

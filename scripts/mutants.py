@@ -10,9 +10,9 @@ exits 1 if one survives, or if the unmutated copy does not pass the same tests.
     python scripts/mutants.py trunc_p    # some of them
 
 The copy lives in build/mutants/ (kept between runs, so later runs rebuild little)."""
+
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -27,60 +27,89 @@ _TRUNC_END = ", 16)));"
 
 # (name, file, old text, new text, pytest arguments that must fail, why it is plausible)
 MUTANTS = [
-    ("trunc_p_and_ds", "csrc/cpu/tile_math_bf16.cpp",
-     "(__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + c)));",
-     _TRUNC + "_mm512_loadu_ps(s + c)" + _TRUNC_END,
-     ["tests/ops/test_attention_forward.py", "-k", "cpu and bfloat16"],
-     "P (and dS) rounded to bf16 by truncation instead of to nearest: forward tests alone must see it"),
-    ("trunc_ds_only", "csrc/attention/attention_backward_cpu.cpp",
-     "floats_to_bf16(dpt, kBlockK, rows, cols, cols2, ds_bf.data(), kBlockK);",
-     "for (int64_t r_ = 0; r_ < rows; ++r_) for (int64_t c_ = 0; c_ < cols2; ++c_) { uint32_t b_; "
-     "std::memcpy(&b_, dpt + r_ * kBlockK + c_, 4); ds_bf[r_ * kBlockK + c_] = c_ < cols ? uint16_t(b_ >> 16) : 0; }",
-     ["tests/ops/test_attention_backward.py", "-k", "cpu and bfloat16"],
-     "dS truncated to bf16 in the backward (the P rounding left right)"),
-    ("missing_key0", "csrc/attention/attention_cpu_tiles.h",
-     "first_visible_key(i, p.align_offset, p.window_left, p.len_k) - j0, 0, cols);",
-     "std::max<int64_t>(1, first_visible_key(i, p.align_offset, p.window_left, p.len_k)) - j0, 0, cols);",
-     ["tests/ops/test_attention_forward.py", "-k", "cpu and causal and bfloat16"],
-     "key 0 dropped from the rows of tiles on the band's edge (exact attention missing one key)"),
-    ("lse_scale", "csrc/attention/attention_forward_cpu.cpp",
-     "lse_data[at] = l > acc_t(0) ? m_run[r] + std::log(l) : kNegInf;",
-     "lse_data[at] = l > acc_t(0) ? m_run[r] + std::log(l * acc_t(1.0002)) : kNegInf;",
-     ["tests/ops/test_attention_forward.py", "-k", "cpu and bfloat16"],
-     "lse off by 2e-4 (a 0.02% error in the row sum): bf16 tests must check the float32 lse tightly"),
-    ("rolling_v_late", "csrc/kv_cache/kv_cache_append_cpu.cpp",
-     "const int64_t pos = lens[b] + t;",
-     "const int64_t pos = lens[b] + t + (rolling && pair.first == &v_cache ? 1 : 0);",
-     ["tests/ops/test_kv_cache_append.py", "-k", "cpu and rolling"],
-     "V written one slot late in the rolling cache (K right)"),
-    ("merge_weight", "csrc/attention/merge_attention_states_cpu.cpp",
-     "rows::merge_weights(qa[r], qb[r])",
-     "rows::merge_weights(qa[r], qb[r] + lse_t(0.01))",
-     ["tests/ops/test_merge_attention_states.py", "-k", "cpu and bfloat16"],
-     "one side's weight 1% off in the merge: bf16 merge tests compare with the float64 reference"),
-    ("exp_tail_one_more", "csrc/cpu/tile_math.cpp",
-     "lane < static_cast<int32_t>(n - j) ? load8(x + j) - shift : neg_inf;",
-     "lane <= static_cast<int32_t>(n - j) ? load8(x + j) - shift : neg_inf;",
-     ["tests/ops/test_attention_forward.py", "-k", "cpu and float32"],
-     "the exp tail's mask admitting one padding lane of the score row into the row sum"),
-    ("transpose_u16_lane", "csrc/cpu/tile_math.cpp",
-     "t[i + 1] = FAE_SHUFFLE8(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);",
-     "t[i + 1] = FAE_SHUFFLE8(r[i], r[i + 1], 2, 10, 3, 11, 7, 14, 6, 15);",
-     ["tests/ops/test_attention_backward.py", "-k", "cpu and bfloat16"],
-     "two lanes swapped in the 8x8 transpose network (P^T / dS^T of the backward)"),
-    ("convert_random_first", "flash_attn_ext/convert.py",
-     "pick = torch.randint(0, r, (num_kv_heads,), generator=generator)",
-     "pick = torch.zeros(num_kv_heads, dtype=torch.long)",
-     ["tests/tools/test_convert.py", "-k", "pool_heads"],
-     "--method random always picking the group's first head"),
+    (
+        "trunc_p_and_ds",
+        "csrc/cpu/tile_math_bf16.cpp",
+        "(__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + c)));",
+        _TRUNC + "_mm512_loadu_ps(s + c)" + _TRUNC_END,
+        ["tests/ops/test_attention_forward.py", "-k", "cpu and bfloat16"],
+        "P (and dS) rounded to bf16 by truncation instead of to nearest: forward tests alone must see it",
+    ),
+    (
+        "trunc_ds_only",
+        "csrc/attention/attention_backward_cpu.cpp",
+        "floats_to_bf16(dpt, kBlockK, rows, cols, cols2, ds_bf.data(), kBlockK);",
+        "for (int64_t r_ = 0; r_ < rows; ++r_) for (int64_t c_ = 0; c_ < cols2; ++c_) { uint32_t b_; "
+        "std::memcpy(&b_, dpt + r_ * kBlockK + c_, 4); "
+        "ds_bf[r_ * kBlockK + c_] = c_ < cols ? uint16_t(b_ >> 16) : 0; }",
+        ["tests/ops/test_attention_backward.py", "-k", "cpu and bfloat16"],
+        "dS truncated to bf16 in the backward (the P rounding left right)",
+    ),
+    (
+        "missing_key0",
+        "csrc/attention/attention_cpu_tiles.h",
+        "first_visible_key(i, p.align_offset, p.window_left, p.len_k) - j0, 0, cols);",
+        "std::max<int64_t>(1, first_visible_key(i, p.align_offset, p.window_left, p.len_k)) - j0, 0, cols);",
+        ["tests/ops/test_attention_forward.py", "-k", "cpu and causal and bfloat16"],
+        "key 0 dropped from the rows of tiles on the band's edge (exact attention missing one key)",
+    ),
+    (
+        "lse_scale",
+        "csrc/attention/attention_forward_cpu.cpp",
+        "lse_data[at] = l > acc_t(0) ? m_run[r] + std::log(l) : kNegInf;",
+        "lse_data[at] = l > acc_t(0) ? m_run[r] + std::log(l * acc_t(1.0002)) : kNegInf;",
+        ["tests/ops/test_attention_forward.py", "-k", "cpu and bfloat16"],
+        "lse off by 2e-4 (a 0.02% error in the row sum): bf16 tests must check the float32 lse tightly",
+    ),
+    (
+        "rolling_v_late",
+        "csrc/kv_cache/kv_cache_append_cpu.cpp",
+        "const int64_t pos = lens[b] + t;",
+        "const int64_t pos = lens[b] + t + (rolling && pair.first == &v_cache ? 1 : 0);",
+        ["tests/ops/test_kv_cache_append.py", "-k", "cpu and rolling"],
+        "V written one slot late in the rolling cache (K right)",
+    ),
+    (
+        "merge_weight",
+        "csrc/attention/merge_attention_states_cpu.cpp",
+        "rows::merge_weights(qa[r], qb[r])",
+        "rows::merge_weights(qa[r], qb[r] + lse_t(0.01))",
+        ["tests/ops/test_merge_attention_states.py", "-k", "cpu and bfloat16"],
+        "one side's weight 1% off in the merge: bf16 merge tests compare with the float64 reference",
+    ),
+    (
+        "exp_tail_one_more",
+        "csrc/cpu/tile_math.cpp",
+        "lane < static_cast<int32_t>(n - j) ? load8(x + j) - shift : neg_inf;",
+        "lane <= static_cast<int32_t>(n - j) ? load8(x + j) - shift : neg_inf;",
+        ["tests/ops/test_attention_forward.py", "-k", "cpu and float32"],
+        "the exp tail's mask admitting one padding lane of the score row into the row sum",
+    ),
+    (
+        "transpose_u16_lane",
+        "csrc/cpu/tile_math.cpp",
+        "t[i + 1] = FAE_SHUFFLE8(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);",
+        "t[i + 1] = FAE_SHUFFLE8(r[i], r[i + 1], 2, 10, 3, 11, 7, 14, 6, 15);",
+        ["tests/ops/test_attention_backward.py", "-k", "cpu and bfloat16"],
+        "two lanes swapped in the 8x8 transpose network (P^T / dS^T of the backward)",
+    ),
+    (
+        "convert_random_first",
+        "flash_attn_ext/convert.py",
+        "pick = torch.randint(0, r, (num_kv_heads,), generator=generator)",
+        "pick = torch.zeros(num_kv_heads, dtype=torch.long)",
+        ["tests/tools/test_convert.py", "-k", "pool_heads"],
+        "--method random always picking the group's first head",
+    ),
 ]
 
 
 def _sync_tree():
     """Copies the project's tracked and untracked-but-not-ignored files into TREE (build outputs
     in TREE stay, so ninja rebuilds only what changed)."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
-                           capture_output=True, text=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.split()
     for rel in files:
         src, dst = os.path.join(ROOT, rel), os.path.join(TREE, rel)
         if not os.path.isfile(src):
@@ -95,8 +124,9 @@ def _sync_tree():
 
 def _build():
     env = dict(os.environ, FLASH_ATTN_EXT_CUDA="0", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
-    r = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=TREE, env=env,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=TREE, env=env, capture_output=True, text=True
+    )
     if r.returncode != 0:
         sys.stdout.write(r.stdout[-3000:] + r.stderr[-3000:])
     return r.returncode == 0
@@ -104,8 +134,13 @@ def _build():
 
 def _tests_pass(args):
     env = dict(os.environ, PYTHONPATH=TREE + os.pathsep + os.path.join(TREE, "tests"))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *args], cwd=TREE,
-                       env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *args],
+        cwd=TREE,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     last = [line for line in r.stdout.splitlines() if line.strip()][-1:] or ["(no output)"]
     return r.returncode == 0, last[0]
 
@@ -123,12 +158,19 @@ def main():
     os.makedirs(TREE, exist_ok=True)
     _sync_tree()
     # The copy must import its own build, not an installed flash_attn_ext.
-    probe = subprocess.run([sys.executable, "-c", "import flash_attn_ext, os; print(os.path.dirname(flash_attn_ext.__file__))"],
-                           cwd=TREE, env=dict(os.environ, PYTHONPATH=TREE), capture_output=True, text=True)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import flash_attn_ext, os; print(os.path.dirname(flash_attn_ext.__file__))"],
+        cwd=TREE,
+        env=dict(os.environ, PYTHONPATH=TREE),
+        capture_output=True,
+        text=True,
+    )
     if not _build():
         print("the unmutated copy does not build")
         return 1
-    if probe.stdout.strip() and os.path.realpath(probe.stdout.strip()) != os.path.realpath(os.path.join(TREE, "flash_attn_ext")):
+    if probe.stdout.strip() and os.path.realpath(probe.stdout.strip()) != os.path.realpath(
+        os.path.join(TREE, "flash_attn_ext")
+    ):
         print(f"the copy imports {probe.stdout.strip()}, not its own package")
         return 1
     survivors, clean = [], set()
@@ -162,8 +204,10 @@ def main():
         print(f"{name:22s} {'SURVIVED' if ok else 'killed':8s} {time.time() - t0:5.0f}  {' '.join(args)}: {last}")
         if ok:
             survivors.append(name)
-    print(f"{len(chosen) - len(survivors)} of {len(chosen)} mutants killed" +
-          (f"; survivors: {', '.join(survivors)}" if survivors else ""))
+    print(
+        f"{len(chosen) - len(survivors)} of {len(chosen)} mutants killed"
+        + (f"; survivors: {', '.join(survivors)}" if survivors else "")
+    )
     return 1 if survivors else 0
 
 

@@ -3,6 +3,7 @@ ops/ (one file per op), features/ (what cuts across ops), api/ (the public Pytho
 tools/ (converter, uptraining), native/ (C++ programs and source checks). The helpers beside
 this file (reference.py: the float64 reference and the SPEC bounds; tile_backends.py) are
 importable from every group."""
+
 import dataclasses
 import os
 import sys
@@ -50,8 +51,12 @@ def _reset_fallbacks():
 
 
 def pytest_addoption(parser):
-    parser.addoption("--cpu-tiles", default=None, choices=["auto", "float", "avx512_bf16", "brgemm"],
-                     help="run every test with the CPU kernels' tiles on this back end (flash_attn_ext.cpu_tiles)")
+    parser.addoption(
+        "--cpu-tiles",
+        default=None,
+        choices=["auto", "float", "avx512_bf16", "brgemm"],
+        help="run every test with the CPU kernels' tiles on this back end (flash_attn_ext.cpu_tiles)",
+    )
 
 
 def pytest_report_header(config):
@@ -78,7 +83,9 @@ def _cpu_tiles_option(request):
         served = [d for d in (torch.float32, torch.bfloat16) if flash_attn_ext.cpu_tiles_in_use(d)[0] == backend]
         if not served:
             flash_attn_ext.set_cpu_tiles(previous)
-            pytest.exit(f"--cpu-tiles {backend}: no dtype runs it here "
-                        f"({flash_attn_ext.cpu_tiles_in_use(torch.bfloat16)[1]})", returncode=4)
+            pytest.exit(
+                f"--cpu-tiles {backend}: no dtype runs it here ({flash_attn_ext.cpu_tiles_in_use(torch.bfloat16)[1]})",
+                returncode=4,
+            )
     yield
     flash_attn_ext.set_cpu_tiles(previous)

@@ -3,6 +3,7 @@
 reference_attention is plain softmax(scale * Q K^T + mask) V with an explicit (L, S)
 visibility matrix, K/V repeated per query head (tests only; the kernels never do that).
 """
+
 import math
 
 import torch
@@ -68,8 +69,7 @@ class _KernelRounding(torch.autograd.Function):
     and the gradients to `dtype` once (the .to() around this function)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, window, bottom_right, attn_mask, softcap, alibi_slopes, keep,
-                dropout_p, dtype):
+    def forward(ctx, q, k, v, scale, window, bottom_right, attn_mask, softcap, alibi_slopes, keep, dropout_p, dtype):
         s, slope = _scores(q, k, scale, window, bottom_right, attn_mask, softcap, alibi_slopes)
         e, l, safe_l, lse = _softmax_parts(s)
         keep_scale = 1.0 / (1.0 - dropout_p)
@@ -85,8 +85,11 @@ class _KernelRounding(torch.autograd.Function):
         scale, window, bottom_right, softcap, dropout_p, dtype = ctx.args
         s, slope = _scores(q, k, scale, window, bottom_right, attn_mask, softcap, alibi_slopes)
         finite = torch.isfinite(lse).unsqueeze(-1)
-        p = torch.where(finite, torch.exp(s - torch.where(finite, lse.unsqueeze(-1), torch.zeros_like(s[..., :1]))),
-                        torch.zeros_like(s))
+        p = torch.where(
+            finite,
+            torch.exp(s - torch.where(finite, lse.unsqueeze(-1), torch.zeros_like(s[..., :1]))),
+            torch.zeros_like(s),
+        )
         keep_scale = 1.0 / (1.0 - dropout_p)
         p_used = p if keep is None else p * keep.to(p.dtype)
         dv = keep_scale * (p_used.to(dtype).float().transpose(-1, -2) @ dout)
@@ -103,9 +106,21 @@ class _KernelRounding(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
-def reference_attention(q, k, v, *, scale=None, window=(-1, -1), bottom_right=True,
-                        attn_mask=None, keep=None, dropout_p=0.0, softcap=0.0, alibi_slopes=None,
-                        dtype=torch.float64):
+def reference_attention(
+    q,
+    k,
+    v,
+    *,
+    scale=None,
+    window=(-1, -1),
+    bottom_right=True,
+    attn_mask=None,
+    keep=None,
+    dropout_p=0.0,
+    softcap=0.0,
+    alibi_slopes=None,
+    dtype=torch.float64,
+):
     """Returns (out, lse). dtype float64: the reference, plain softmax(scale * Q K^T + mask) V,
     differentiable by autograd. dtype float16/bfloat16: the input-dtype baseline, computed as the
     kernels round (_KernelRounding), the output rounded to dtype and its lse float32.
@@ -123,11 +138,14 @@ def reference_attention(q, k, v, *, scale=None, window=(-1, -1), bottom_right=Tr
         scale = 1.0 / math.sqrt(D)
     if S == 0:  # no key at all: zero rows, lse -inf (differentiable, all-zero gradients)
         zero = 0 * q.sum() + 0 * k.sum() + 0 * v.sum()
-        return ((torch.zeros(B, Hq, L, v.shape[-1], dtype=work, device=q.device) + zero).to(dtype),
-                torch.full((B, Hq, L), float("-inf"), dtype=work, device=q.device))
+        return (
+            (torch.zeros(B, Hq, L, v.shape[-1], dtype=work, device=q.device) + zero).to(dtype),
+            torch.full((B, Hq, L), float("-inf"), dtype=work, device=q.device),
+        )
     if dtype in LOW_PRECISION:
-        out, lse = _KernelRounding.apply(q, k, v, scale, window, bottom_right, attn_mask, softcap,
-                                         alibi_slopes, keep, dropout_p, dtype)
+        out, lse = _KernelRounding.apply(
+            q, k, v, scale, window, bottom_right, attn_mask, softcap, alibi_slopes, keep, dropout_p, dtype
+        )
         return out.to(dtype), lse
     s, _ = _scores(q, k, scale, window, bottom_right, attn_mask, softcap, alibi_slopes)
     e, l, safe_l, lse = _softmax_parts(s)
@@ -138,7 +156,7 @@ def reference_attention(q, k, v, *, scale=None, window=(-1, -1), bottom_right=Tr
 
 
 def _ulp(dtype):
-    return 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11  # at 1: bf16 keeps 8 significant bits, fp16 11
+    return 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11  # at 1: bf16 keeps 8 significant bits, fp16 11
 
 
 def error_bound(ref64: torch.Tensor, ref_lowp: torch.Tensor, dtype: torch.dtype) -> float:
@@ -160,7 +178,7 @@ def error_bound(ref64: torch.Tensor, ref_lowp: torch.Tensor, dtype: torch.dtype)
         return 1e-4 * (max(1.0, ref64.abs().max().item()) if ref64.numel() else 1.0)
     mag = ref64.abs().max().item() if ref64.numel() else 0.0
     base = (ref_lowp.double() - ref64).abs().max().item() if ref64.numel() else 0.0
-    return 2.0 * base + _ulp(dtype) * mag + 2.0 ** -16 * max(1.0, mag)
+    return 2.0 * base + _ulp(dtype) * mag + 2.0**-16 * max(1.0, mag)
 
 
 def scale_bias(ours: torch.Tensor, ref64: torch.Tensor) -> float:
@@ -184,11 +202,18 @@ def bias_bound(ref64: torch.Tensor, ref_lowp: torch.Tensor, dtype: torch.dtype, 
         return 0.0
     e = ref_lowp.double().flatten() - r
     noise = (e * r).pow(2).sum().sqrt().item() / den
-    return 2.0 * abs(scale_bias(ref_lowp, ref64)) + sigmas * noise + 2.0 ** -20
+    return 2.0 * abs(scale_bias(ref_lowp, ref64)) + sigmas * noise + 2.0**-20
 
 
-def assert_matches(ours: torch.Tensor, ref64: torch.Tensor, ref_lowp: torch.Tensor,
-                   dtype: torch.dtype, what: str, grad: bool = False, extra: float = 0.0) -> None:
+def assert_matches(
+    ours: torch.Tensor,
+    ref64: torch.Tensor,
+    ref_lowp: torch.Tensor,
+    dtype: torch.dtype,
+    what: str,
+    grad: bool = False,
+    extra: float = 0.0,
+) -> None:
     """The max-error bound of error_bound and, for low precision, the bias bound. Gradients get
     twice the noise floor (12 sigmas): their rounding errors are correlated (one rounding of
     delta = rowsum(dO * O) shifts a whole row of dS, one rounded dS enters a row of dQ and a
@@ -230,8 +255,7 @@ def assert_lse_matches(lse: torch.Tensor, ref_lse: torch.Tensor, dtype: torch.dt
         assert err <= tol, f"{what}: lse error {err:.3e} > {tol:.3e}"
 
 
-def make_qkv(B, Hq, Hkv, L, S, D, dtype, device="cpu", Dv=None, layout="bhld", seed=0,
-             requires_grad=False):
+def make_qkv(B, Hq, Hkv, L, S, D, dtype, device="cpu", Dv=None, layout="bhld", seed=0, requires_grad=False):
     """Fresh random inputs. layout 'blhd' returns transposed views of (B, L, H, D) storage
     (non-contiguous, as flash-attn callers pass them); 'sliced' returns views into wider
     tensors (row stride > D)."""
@@ -242,7 +266,7 @@ def make_qkv(B, Hq, Hkv, L, S, D, dtype, device="cpu", Dv=None, layout="bhld", s
         if layout == "blhd":
             t = torch.randn(B, n, h, d, generator=g, dtype=torch.float64).to(dtype).transpose(1, 2)
         elif layout == "sliced":
-            t = torch.randn(B, h, n, d + 7, generator=g, dtype=torch.float64).to(dtype)[..., 3:3 + d]
+            t = torch.randn(B, h, n, d + 7, generator=g, dtype=torch.float64).to(dtype)[..., 3 : 3 + d]
         else:
             t = torch.randn(B, h, n, d, generator=g, dtype=torch.float64).to(dtype)
         t = t.to(device)

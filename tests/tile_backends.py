@@ -1,6 +1,6 @@
 """Test parameters for the CPU tile back ends (flash_attn_ext.cpu_tiles)."""
+
 import pytest
-import torch
 
 import flash_attn_ext
 

@@ -13,35 +13,33 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> call_forward(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_forward(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v,
+                                                            const std::optional<at::Tensor>& attn_mask,
+                                                            double dropout_p, double scale, int64_t window_left,
+                                                            int64_t window_right, bool bottom_right, double softcap,
+                                                            const std::optional<at::Tensor>& alibi_slopes) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("flash_attn_ext::attention_forward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const std::optional<at::Tensor>&, double, double, int64_t, int64_t,
-                           bool, double, const std::optional<at::Tensor>&)>();
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           double, double, int64_t, int64_t, bool, double, const std::optional<at::Tensor>&)>();
   return op.call(q, k, v, attn_mask, dropout_p, scale, window_left, window_right, bottom_right, softcap, alibi_slopes);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state,
-    const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& rng_state, const std::optional<at::Tensor>& attn_mask, double dropout_p,
+    double scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
     const std::optional<at::Tensor>& alibi_slopes) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("flash_attn_ext::attention_backward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const at::Tensor&, const std::optional<at::Tensor>&, double, double,
-                           int64_t, int64_t, bool, double, const std::optional<at::Tensor>&)>();
-  return op.call(grad_out, q, k, v, out, lse, rng_state, attn_mask, dropout_p, scale, window_left,
-                 window_right, bottom_right, softcap, alibi_slopes);
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           double, double, int64_t, int64_t, bool, double, const std::optional<at::Tensor>&)>();
+  return op.call(grad_out, q, k, v, out, lse, rng_state, attn_mask, dropout_p, scale, window_left, window_right,
+                 bottom_right, softcap, alibi_slopes);
 }
 
 using Varlen3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
@@ -49,29 +47,27 @@ using Varlen3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 Varlen3 call_varlen_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
                             const at::Tensor& cu_k, int64_t max_q, int64_t max_k, double dropout_p, double scale,
                             int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes) {
+                            const std::optional<at::Tensor>& alibi_slopes) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("flash_attn_ext::attention_varlen_forward", "")
                        .typed<Varlen3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                       const at::Tensor&, int64_t, int64_t, double, double, int64_t, int64_t, bool,
                                       double, const std::optional<at::Tensor>&)>();
-  return op.call(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, window_left, window_right, bottom_right,
-                 softcap, alibi_slopes);
+  return op.call(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, window_left, window_right, bottom_right, softcap,
+                 alibi_slopes);
 }
 
-Varlen3 call_varlen_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                             const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                             const at::Tensor& rng_state, const at::Tensor& cu_q, const at::Tensor& cu_k,
-                             int64_t max_q, int64_t max_k, double dropout_p, double scale, int64_t window_left,
-                             int64_t window_right, bool bottom_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes) {
+Varlen3 call_varlen_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state,
+                             const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k,
+                             double dropout_p, double scale, int64_t window_left, int64_t window_right,
+                             bool bottom_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("flash_attn_ext::attention_varlen_backward", "")
-          .typed<Varlen3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                         const at::Tensor&, int64_t, int64_t, double, double, int64_t, int64_t, bool, double,
-                         const std::optional<at::Tensor>&)>();
+          .typed<Varlen3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
+                         double, double, int64_t, int64_t, bool, double, const std::optional<at::Tensor>&)>();
   return op.call(grad_out, q, k, v, out, lse, rng_state, cu_q, cu_k, max_q, max_k, dropout_p, scale, window_left,
                  window_right, bottom_right, softcap, alibi_slopes);
 }
@@ -98,8 +94,8 @@ struct Options {
     ctx->saved_data["softcap"] = softcap;
   }
   static Options load(AutogradContext* ctx) {
-    return {ctx->saved_data["dropout_p"].toDouble(), ctx->saved_data["scale"].toDouble(),
-            ctx->saved_data["window_left"].toInt(),  ctx->saved_data["window_right"].toInt(),
+    return {ctx->saved_data["dropout_p"].toDouble(),  ctx->saved_data["scale"].toDouble(),
+            ctx->saved_data["window_left"].toInt(),   ctx->saved_data["window_right"].toInt(),
             ctx->saved_data["bottom_right"].toBool(), ctx->saved_data["softcap"].toDouble()};
   }
 };
@@ -111,16 +107,15 @@ std::optional<at::Tensor> optional_of(const at::Tensor& t) {
 
 class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
-                               const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
-                               double dropout_p, double scale, int64_t window_left,
-                               int64_t window_right, bool bottom_right, double softcap,
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
+                               int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
                                const std::optional<at::Tensor>& alibi_slopes) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, lse, rng_state] = call_forward(q, k, v, attn_mask, dropout_p, scale, window_left,
-                                              window_right, bottom_right, softcap, alibi_slopes);
-    ctx->save_for_backward({q, k, v, out, lse, rng_state, attn_mask.value_or(at::Tensor()),
-                            alibi_slopes.value_or(at::Tensor())});
+    auto [out, lse, rng_state] = call_forward(q, k, v, attn_mask, dropout_p, scale, window_left, window_right,
+                                              bottom_right, softcap, alibi_slopes);
+    ctx->save_for_backward(
+        {q, k, v, out, lse, rng_state, attn_mask.value_or(at::Tensor()), alibi_slopes.value_or(at::Tensor())});
     Options{dropout_p, scale, window_left, window_right, bottom_right, softcap}.save(ctx);
     ctx->mark_non_differentiable({lse, rng_state});
     return {out, lse, rng_state};
@@ -145,14 +140,13 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
 // Autograd of attention_varlen_forward: the same recomputation from (out, lse, rng_state).
 class VarlenAttentionFunction : public torch::autograd::Function<VarlenAttentionFunction> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
-                               const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
-                               int64_t max_q, int64_t max_k, double dropout_p, double scale, int64_t window_left,
-                               int64_t window_right, bool bottom_right, double softcap,
-                               const std::optional<at::Tensor>& alibi_slopes) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k,
+                               double dropout_p, double scale, int64_t window_left, int64_t window_right,
+                               bool bottom_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, lse, rng_state] = call_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale,
-                                                     window_left, window_right, bottom_right, softcap, alibi_slopes);
+    auto [out, lse, rng_state] = call_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, window_left,
+                                                     window_right, bottom_right, softcap, alibi_slopes);
     ctx->save_for_backward({q, k, v, out, lse, rng_state, cu_q, cu_k, alibi_slopes.value_or(at::Tensor())});
     ctx->saved_data["max_q"] = max_q;
     ctx->saved_data["max_k"] = max_k;
@@ -167,10 +161,10 @@ class VarlenAttentionFunction : public torch::autograd::Function<VarlenAttention
     variable_list result(14);
     if (!grad_out.defined()) return result;
     const Options o = Options::load(ctx);
-    auto [dq, dk, dv] = call_varlen_backward(
-        grad_out, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], ctx->saved_data["max_q"].toInt(),
-        ctx->saved_data["max_k"].toInt(), o.dropout_p, o.scale, o.window_left, o.window_right, o.bottom_right,
-        o.softcap, optional_of(s[8]));
+    auto [dq, dk, dv] =
+        call_varlen_backward(grad_out, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], ctx->saved_data["max_q"].toInt(),
+                             ctx->saved_data["max_k"].toInt(), o.dropout_p, o.scale, o.window_left, o.window_right,
+                             o.bottom_right, o.softcap, optional_of(s[8]));
     result[0] = dq, result[1] = dk, result[2] = dv;
     return result;
   }
@@ -179,17 +173,14 @@ class VarlenAttentionFunction : public torch::autograd::Function<VarlenAttention
 // The backward op is itself differentiable only to first order.
 class AttentionBackwardFunction : public torch::autograd::Function<AttentionBackwardFunction> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_out,
-                               const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const at::Tensor& out, const at::Tensor& lse,
-                               const at::Tensor& rng_state,
-                               const std::optional<at::Tensor>& attn_mask, double dropout_p,
-                               double scale, int64_t window_left, int64_t window_right,
-                               bool bottom_right, double softcap,
-                               const std::optional<at::Tensor>& alibi_slopes) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_out, const at::Tensor& q,
+                               const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                               const at::Tensor& rng_state, const std::optional<at::Tensor>& attn_mask,
+                               double dropout_p, double scale, int64_t window_left, int64_t window_right,
+                               bool bottom_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [dq, dk, dv] = call_backward(grad_out, q, k, v, out, lse, rng_state, attn_mask,
-                                      dropout_p, scale, window_left, window_right, bottom_right, softcap, alibi_slopes);
+    auto [dq, dk, dv] = call_backward(grad_out, q, k, v, out, lse, rng_state, attn_mask, dropout_p, scale, window_left,
+                                      window_right, bottom_right, softcap, alibi_slopes);
     return {dq, dk, dv};
   }
 
@@ -203,15 +194,16 @@ class AttentionBackwardFunction : public torch::autograd::Function<AttentionBack
 
 class VarlenBackwardFunction : public torch::autograd::Function<VarlenBackwardFunction> {
  public:
-  static variable_list forward(AutogradContext*, const at::Tensor& grad_out, const at::Tensor& q,
-                               const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+  static variable_list forward(AutogradContext*, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                const at::Tensor& rng_state, const at::Tensor& cu_q, const at::Tensor& cu_k,
                                int64_t max_q, int64_t max_k, double dropout_p, double scale, int64_t window_left,
                                int64_t window_right, bool bottom_right, double softcap,
                                const std::optional<at::Tensor>& alibi_slopes) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [dq, dk, dv] = call_varlen_backward(grad_out, q, k, v, out, lse, rng_state, cu_q, cu_k, max_q, max_k,
-                                             dropout_p, scale, window_left, window_right, bottom_right, softcap, alibi_slopes);
+    auto [dq, dk, dv] =
+        call_varlen_backward(grad_out, q, k, v, out, lse, rng_state, cu_q, cu_k, max_q, max_k, dropout_p, scale,
+                             window_left, window_right, bottom_right, softcap, alibi_slopes);
     return {dq, dk, dv};
   }
 
@@ -224,54 +216,50 @@ class VarlenBackwardFunction : public torch::autograd::Function<VarlenBackwardFu
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_autograd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
+    double dropout_p, double scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
     const std::optional<at::Tensor>& alibi_slopes) {
   // A silently missing gradient would be a wrong answer: refuse instead (the SDPA drop-in
   // serves such calls through PyTorch). Checked here, not in forward(), where grad mode is
   // already off; under no_grad a mask that requires grad is just data.
-  TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && attn_mask.has_value() && attn_mask->defined() &&
-                      attn_mask->requires_grad()),
-                    "flash_attn_ext.attention_forward: gradients with respect to attn_mask are not "
-                    "supported; pass attn_mask.detach(), or use "
-                    "flash_attn_ext.scaled_dot_product_attention, which falls back to PyTorch");
-  auto r = AttentionFunction::apply(q, k, v, attn_mask, dropout_p, scale, window_left,
-                                    window_right, bottom_right, softcap, alibi_slopes);
+  TORCH_CHECK_VALUE(
+      !(at::GradMode::is_enabled() && attn_mask.has_value() && attn_mask->defined() && attn_mask->requires_grad()),
+      "flash_attn_ext.attention_forward: gradients with respect to attn_mask are not "
+      "supported; pass attn_mask.detach(), or use "
+      "flash_attn_ext.scaled_dot_product_attention, which falls back to PyTorch");
+  auto r = AttentionFunction::apply(q, k, v, attn_mask, dropout_p, scale, window_left, window_right, bottom_right,
+                                    softcap, alibi_slopes);
   return {r[0], r[1], r[2]};
 }
 
 Varlen3 attention_varlen_forward_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                          const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q,
-                                          int64_t max_k, double dropout_p, double scale, int64_t window_left,
-                                          int64_t window_right, bool bottom_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes) {
+                                          const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k,
+                                          double dropout_p, double scale, int64_t window_left, int64_t window_right,
+                                          bool bottom_right, double softcap,
+                                          const std::optional<at::Tensor>& alibi_slopes) {
   auto r = VarlenAttentionFunction::apply(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, window_left,
                                           window_right, bottom_right, softcap, alibi_slopes);
   return {r[0], r[1], r[2]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_autograd(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state,
-    const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& rng_state, const std::optional<at::Tensor>& attn_mask, double dropout_p,
+    double scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
     const std::optional<at::Tensor>& alibi_slopes) {
-  auto r = AttentionBackwardFunction::apply(grad_out, q, k, v, out, lse, rng_state, attn_mask,
-                                            dropout_p, scale, window_left, window_right,
-                                            bottom_right, softcap, alibi_slopes);
+  auto r = AttentionBackwardFunction::apply(grad_out, q, k, v, out, lse, rng_state, attn_mask, dropout_p, scale,
+                                            window_left, window_right, bottom_right, softcap, alibi_slopes);
   return {r[0], r[1], r[2]};
 }
 
 Varlen3 attention_varlen_backward_autograd(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                            const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                                           const at::Tensor& rng_state, const at::Tensor& cu_q,
-                                           const at::Tensor& cu_k, int64_t max_q, int64_t max_k, double dropout_p,
-                                           double scale, int64_t window_left, int64_t window_right,
-                                           bool bottom_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes) {
-  auto r = VarlenBackwardFunction::apply(grad_out, q, k, v, out, lse, rng_state, cu_q, cu_k, max_q, max_k,
-                                         dropout_p, scale, window_left, window_right, bottom_right, softcap, alibi_slopes);
+                                           const at::Tensor& rng_state, const at::Tensor& cu_q, const at::Tensor& cu_k,
+                                           int64_t max_q, int64_t max_k, double dropout_p, double scale,
+                                           int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+                                           const std::optional<at::Tensor>& alibi_slopes) {
+  auto r = VarlenBackwardFunction::apply(grad_out, q, k, v, out, lse, rng_state, cu_q, cu_k, max_q, max_k, dropout_p,
+                                         scale, window_left, window_right, bottom_right, softcap, alibi_slopes);
   return {r[0], r[1], r[2]};
 }
 

@@ -40,10 +40,9 @@ inline void floats_to_bf16_transposed(const float* src, int64_t lds, int64_t row
 }
 
 template <typename scalar_t>
-void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::Tensor& dout,
-                     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq,
-                     const at::Tensor& dk, const at::Tensor& dv) {
+void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::Tensor& dout, const at::Tensor& q,
+                     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                     const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t L = p.len_q, S = p.len_k, Dk = p.dim_qk, Dv = p.dim_v, G = p.group_size();
   // Packed sequences (varlen): rows at their offsets, loops bounded by each sequence's lengths
@@ -96,8 +95,9 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
   // Each extra split costs a float dQ copy: at most ~512 MiB of them in all.
   const int64_t split_bytes = p.batch * p.heads_q * L * Dk * static_cast<int64_t>(sizeof(acc_t));
   const int64_t max_splits = std::max<int64_t>(1, (int64_t{512} << 20) / std::max<int64_t>(1, split_bytes));
-  const int64_t n_splits = units >= want_tasks ? 1
-      : std::max<int64_t>(1, std::min({n_kblocks, (want_tasks + units - 1) / units, max_splits}));
+  const int64_t n_splits =
+      units >= want_tasks ? 1
+                          : std::max<int64_t>(1, std::min({n_kblocks, (want_tasks + units - 1) / units, max_splits}));
   // dQ accumulates over key tiles in the accumulation type, then is narrowed once.
   at::Tensor dq_acc = at::zeros({n_splits, p.batch * p.heads_q, L, Dk}, acc_options);
   const int64_t split_stride = p.batch * p.heads_q * L * Dk;
@@ -165,8 +165,8 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
       for (int64_t h0 = hk * G; h0 < (hk + 1) * G; h0 += heads_per_pass) {
         for (int64_t j0 = split * kBlockK; j0 < pb.len_k; j0 += n_splits * kBlockK) {
           const int64_t cols = std::min(kBlockK, pb.len_k - j0);
-          const RowRange band = visible_row_range(j0, j0 + cols, pb.align_offset, pb.window_left,
-                                                  pb.window_right, pb.len_q);
+          const RowRange band =
+              visible_row_range(j0, j0 + cols, pb.align_offset, pb.window_left, pb.window_right, pb.len_q);
           acc_t* dk_t = head_passes ? dk_unit.data() + j0 * Dk : dk_acc.data();
           acc_t* dv_t = head_passes ? dv_unit.data() + j0 * Dv : dv_acc.data();
           if (!head_passes) {
@@ -191,7 +191,7 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
             if constexpr (kBf16) {
               for (int64_t c = 0; c < cols; ++c) row_ptrs[c] = bf16_bits(k_rows.at(b, hk, j0 + c));
               pack_bf16_transposed(row_ptrs.data(), cols, Dk, kt_bf, kBlockK);  // S = Q K^T
-              pack_bf16_row_pairs(row_ptrs.data(), cols, Dk, k_pairs, Dk);       // dQ = dS K
+              pack_bf16_row_pairs(row_ptrs.data(), cols, Dk, k_pairs, Dk);      // dQ = dS K
               for (int64_t c = 0; c < cols; ++c) row_ptrs[c] = bf16_bits(v_rows.at(b, hk, j0 + c));
               pack_bf16_transposed(row_ptrs.data(), cols, Dv, vt_bf, kBlockK);  // dP = dO V^T
             }
@@ -217,7 +217,7 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
                   copy_bf16_rows(do_rows, b, h, i0, rows, Dv, do_bf.data(), Dv2, row_ptrs.data());
                   pack_bf16_row_pairs(row_ptrs.data(), rows, Dv, do_pairs.data(), Dv);  // dV = P^T dO
                   tiles_gemm_bf16(tiles, rows, cols, Dk2, static_cast<float>(scale), q_bf.data(), Dk2, kt_bf, kBlockK,
-                                 pt, kBlockK, /*accumulate=*/false);
+                                  pt, kBlockK, /*accumulate=*/false);
                 }
               } else {
                 load_rows(q_rows.at(b, h, i0), q_rows.stride_l, rows, Dk, scale, q_tile.data(), Dk);
@@ -226,8 +226,8 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
                 if (few_rows)
                   tile_gemm_nt(rows, cols, Dk, q_tile.data(), Dk, k_tile, Dk, pt, kBlockK);
                 else
-                  tiles_gemm(tiles, false, rows, cols, Dk, acc_t(1), q_tile.data(), Dk, kt_tile, kBlockK,
-                             pt, kBlockK, /*accumulate=*/false);
+                  tiles_gemm(tiles, false, rows, cols, Dk, acc_t(1), q_tile.data(), Dk, kt_tile, kBlockK, pt, kBlockK,
+                             /*accumulate=*/false);
               }
               if (cap > acc_t(0)) softcap_tile(pt, kBlockK, rows, cols, cap, slope_tile.data());
               mask_tile(pt, kBlockK, rows, cols, i0, j0, b, h, pb, mask);
@@ -236,7 +236,7 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
                 acc_t* pr = pt + r * kBlockK;
                 if (l == -std::numeric_limits<acc_t>::infinity()) {
                   std::fill(pr, pr + cols, acc_t(0));  // a row that sees nothing has zero gradient
-                } else if (l != l) {  // a NaN row (NaN in its query): NaN where it sees, 0 elsewhere
+                } else if (l != l) {                   // a NaN row (NaN in its query): NaN where it sees, 0 elsewhere
                   for (int64_t c = 0; c < cols; ++c)
                     pr[c] = pr[c] == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : l;
                 } else {
@@ -256,21 +256,21 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
               if (use_bf16) {
                 if constexpr (kBf16) {
                   floats_to_bf16_transposed(p_used, kBlockK, rows, cols, rows2, pt_bf.data(), kBlockQ, scratch.data());
-                  tiles_gemm_bf16(tiles, cols, Dv, rows2, 1.0f, pt_bf.data(), kBlockQ, do_pairs.data(),
-                                 Dv, dv_t, Dv, /*accumulate=*/true);
+                  tiles_gemm_bf16(tiles, cols, Dv, rows2, 1.0f, pt_bf.data(), kBlockQ, do_pairs.data(), Dv, dv_t, Dv,
+                                  /*accumulate=*/true);
                   tiles_gemm_bf16(tiles, rows, cols, Dv2, 1.0f, do_bf.data(), Dv2, vt_bf, kBlockK, dpt, kBlockK,
-                                 /*accumulate=*/false);
+                                  /*accumulate=*/false);
                 }
               } else {
-                tiles_gemm(tiles, true, cols, Dv, rows, acc_t(1), p_used, kBlockK, do_tile.data(), Dv,
-                          dv_t, Dv, /*accumulate=*/true);
+                tiles_gemm(tiles, true, cols, Dv, rows, acc_t(1), p_used, kBlockK, do_tile.data(), Dv, dv_t, Dv,
+                           /*accumulate=*/true);
                 // dP = dO V^T, then through dropout, then dS = P * (dP - delta) (times the softcap
                 // slope: the gradient of the raw score).
                 if (few_rows)
                   tile_gemm_nt(rows, cols, Dv, do_tile.data(), Dv, vt_tile, Dv, dpt, kBlockK);
                 else
-                  tiles_gemm(tiles, false, rows, cols, Dv, acc_t(1), do_tile.data(), Dv, vt_tile, kBlockK,
-                             dpt, kBlockK, /*accumulate=*/false);
+                  tiles_gemm(tiles, false, rows, cols, Dv, acc_t(1), do_tile.data(), Dv, vt_tile, kBlockK, dpt, kBlockK,
+                             /*accumulate=*/false);
               }
               for (int64_t r = 0; r < rows; ++r) {
                 const acc_t d = delta_data[p.row_index(b, h, i0 + r)];
@@ -283,8 +283,8 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
                 if (dropout) {
                   const uint8_t* kr = keep.data() + r * kBlockK;
                   for (int64_t c = 0; c < cols; ++c)
-                    dr[c] = nan_row && pr[c] == acc_t(0) ? acc_t(0)
-                                                         : pr[c] * ((kr[c] ? dr[c] * keep_scale : acc_t(0)) - d);
+                    dr[c] =
+                        nan_row && pr[c] == acc_t(0) ? acc_t(0) : pr[c] * ((kr[c] ? dr[c] * keep_scale : acc_t(0)) - d);
                 } else if (nan_row) {
                   for (int64_t c = 0; c < cols; ++c) dr[c] = pr[c] == acc_t(0) ? acc_t(0) : pr[c] * (dr[c] - d);
                 } else {
@@ -300,18 +300,18 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
                   // dK += scale dS^T Q ; dQ += scale dS K, with dS rounded to bf16 once
                   floats_to_bf16(dpt, kBlockK, rows, cols, cols2, ds_bf.data(), kBlockK);
                   transpose_tile_u16(ds_bf.data(), kBlockK, rows, cols, rows2, pt_bf.data(), kBlockQ);
-                  tiles_gemm_bf16(tiles, cols, Dk, rows2, 1.0f, pt_bf.data(), kBlockQ, q_pairs.data(), Dk,
-                                 dk_t, Dk, /*accumulate=*/true);
+                  tiles_gemm_bf16(tiles, cols, Dk, rows2, 1.0f, pt_bf.data(), kBlockQ, q_pairs.data(), Dk, dk_t, Dk,
+                                  /*accumulate=*/true);
                   tiles_gemm_bf16(tiles, rows, Dk, cols2, 1.0f, ds_bf.data(), kBlockK, k_pairs, Dk,
-                                 dq_acc_data + (bh * L + i0) * Dk, Dk, /*accumulate=*/true);
+                                  dq_acc_data + (bh * L + i0) * Dk, Dk, /*accumulate=*/true);
                 }
               } else {
                 // dK += dS^T (scale Q)  (q_tile already carries the scale)
-                tiles_gemm(tiles, true, cols, Dk, rows, acc_t(1), dpt, kBlockK, q_tile.data(), Dk,
-                          dk_t, Dk, /*accumulate=*/true);
+                tiles_gemm(tiles, true, cols, Dk, rows, acc_t(1), dpt, kBlockK, q_tile.data(), Dk, dk_t, Dk,
+                           /*accumulate=*/true);
                 // dQ += dS K (scaled when narrowed)
                 tiles_gemm(tiles, false, rows, Dk, cols, acc_t(1), dpt, kBlockK, k_tile, Dk,
-                          dq_acc_data + (bh * L + i0) * Dk, Dk, /*accumulate=*/true);
+                           dq_acc_data + (bh * L + i0) * Dk, Dk, /*accumulate=*/true);
               }
             }
           }
@@ -357,24 +357,23 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
 }  // namespace
 
 void run_attention_backward_cpu(const AttentionParams& p, const MaskView& mask, const at::Tensor& grad_out,
-                                const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq,
-                                const at::Tensor& dk, const at::Tensor& dv) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_backward_cpu", [&] {
-    backward_kernel<scalar_t>(p, mask, grad_out, q, k, v, out, lse, dq, dk, dv);
-  });
+                                const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
+                                const at::Tensor& dv) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_backward_cpu",
+                                  [&] { backward_kernel<scalar_t>(p, mask, grad_out, q, k, v, out, lse, dq, dk, dv); });
 }
 
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state,
-    const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
-  BackwardCall call = prepare_attention_backward(grad_out, q, k, v, out, lse, rng_state, attn_mask, dropout_p, scale,
-                                                 window_left, window_right, bottom_right, softcap, alibi_slopes,
-                                                 DeviceLimits{});
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& rng_state, const std::optional<at::Tensor>& attn_mask, double dropout_p,
+    double scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
+  BackwardCall call =
+      prepare_attention_backward(grad_out, q, k, v, out, lse, rng_state, attn_mask, dropout_p, scale, window_left,
+                                 window_right, bottom_right, softcap, alibi_slopes, DeviceLimits{});
   if (call.nothing_to_run) return {call.dq, call.dk, call.dv};
   const at::Tensor rng = rng_state.cpu();
   call.params.dropout_seed = static_cast<uint64_t>(rng.data_ptr<int64_t>()[0]);
@@ -385,8 +384,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(flash_attn_ext, CPU, m) {
-  m.impl("attention_backward", &attention_backward_cpu);
-}
+TORCH_LIBRARY_IMPL(flash_attn_ext, CPU, m) { m.impl("attention_backward", &attention_backward_cpu); }
 
 }  // namespace flash_attn_ext::cpu

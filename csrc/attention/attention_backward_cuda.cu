@@ -24,8 +24,7 @@ namespace {
 
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreadsPerBlock)
-    delta_rows_kernel(AttentionParams p, rows::Strided<const T> grad_out, rows::Strided<const T> out,
-                      Acc* delta) {
+    delta_rows_kernel(AttentionParams p, rows::Strided<const T> grad_out, rows::Strided<const T> out, Acc* delta) {
   const int64_t n_rows = p.batch * p.heads_q * p.len_q;
   for (int64_t r = global_warp(); r < n_rows; r += warp_count()) {
     const int64_t i = r % p.len_q, h = r / p.len_q % p.heads_q, b = r / p.len_q / p.heads_q;
@@ -35,43 +34,41 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreadsPerBlock)
-    grad_query_rows_kernel(AttentionParams p, MaskView mask, rows::Strided<const T> grad_out,
-                           rows::Strided<const T> q, rows::Strided<const T> k, rows::Strided<const T> v,
-                           const Acc* lse, const Acc* delta, rows::Strided<T> grad_q,
-                           const int64_t* rng_state) {
+    grad_query_rows_kernel(AttentionParams p, MaskView mask, rows::Strided<const T> grad_out, rows::Strided<const T> q,
+                           rows::Strided<const T> k, rows::Strided<const T> v, const Acc* lse, const Acc* delta,
+                           rows::Strided<T> grad_q, const int64_t* rng_state) {
   load_rng_state(p, rng_state);
   const int64_t n_rows = p.batch * p.heads_q * p.len_q;
   for (int64_t r = global_warp(); r < n_rows; r += warp_count()) {
     const int64_t i = r % p.len_q, h = r / p.len_q % p.heads_q, b = r / p.len_q / p.heads_q;
-    rows::grad_query_row<T, Acc, kWarp, kPerLane, WarpSum>(p, mask, grad_out, q, k, v, lse, delta,
-                                                           grad_q, b, h, i, lane_id());
+    rows::grad_query_row<T, Acc, kWarp, kPerLane, WarpSum>(p, mask, grad_out, q, k, v, lse, delta, grad_q, b, h, i,
+                                                           lane_id());
   }
 }
 
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     grad_key_value_columns_kernel(AttentionParams p, MaskView mask, rows::Strided<const T> grad_out,
-                                  rows::Strided<const T> q, rows::Strided<const T> k,
-                                  rows::Strided<const T> v, const Acc* lse, const Acc* delta,
-                                  rows::Strided<T> grad_k, rows::Strided<T> grad_v,
+                                  rows::Strided<const T> q, rows::Strided<const T> k, rows::Strided<const T> v,
+                                  const Acc* lse, const Acc* delta, rows::Strided<T> grad_k, rows::Strided<T> grad_v,
                                   const int64_t* rng_state) {
   load_rng_state(p, rng_state);
   const int64_t n_cols = p.batch * p.heads_kv * p.len_k;
   for (int64_t c = global_warp(); c < n_cols; c += warp_count()) {
     const int64_t j = c % p.len_k, hk = c / p.len_k % p.heads_kv, b = c / p.len_k / p.heads_kv;
-    rows::grad_key_value_column<T, Acc, kWarp, kPerLane, WarpSum>(p, mask, grad_out, q, k, v, lse, delta,
-                                                                  grad_k, grad_v, b, hk, j, lane_id());
+    rows::grad_key_value_column<T, Acc, kWarp, kPerLane, WarpSum>(p, mask, grad_out, q, k, v, lse, delta, grad_k,
+                                                                  grad_v, b, hk, j, lane_id());
   }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state,
-    const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
-  const BackwardCall call = prepare_attention_backward(grad_out, q, k, v, out, lse, rng_state, attn_mask, dropout_p,
-                                                       scale, window_left, window_right, bottom_right, softcap,
-                                                       alibi_slopes, cuda_limits());
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& rng_state, const std::optional<at::Tensor>& attn_mask, double dropout_p,
+    double scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
+  const BackwardCall call =
+      prepare_attention_backward(grad_out, q, k, v, out, lse, rng_state, attn_mask, dropout_p, scale, window_left,
+                                 window_right, bottom_right, softcap, alibi_slopes, cuda_limits());
   const c10::cuda::CUDAGuard guard(q.device());
   if (call.nothing_to_run) return {call.dq, call.dk, call.dv};
   const at::Tensor rng = rng_state.to(q.device(), at::kLong).contiguous();
@@ -83,9 +80,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
 }  // namespace
 
 void run_attention_backward_cuda(const AttentionParams& p, const MaskView& mask, const at::Tensor& grad_out,
-                                 const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const at::Tensor& out, const at::Tensor& lse, const int64_t* rng_ptr,
-                                 const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
+                                 const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                 const at::Tensor& lse, const int64_t* rng_ptr, const at::Tensor& dq,
+                                 const at::Tensor& dk, const at::Tensor& dv) {
   at::Tensor delta = at::empty_like(lse);  // indexed as the lse (AttentionParams::row_index)
   const int64_t n_rows = p.batch * p.heads_q * p.len_q, n_cols = p.batch * p.heads_kv * p.len_k;
   if (n_rows == 0) return;
@@ -98,11 +95,10 @@ void run_attention_backward_cuda(const AttentionParams& p, const MaskView& mask,
     delta_rows_kernel<scalar_t, acc_t><<<warp_grid(n_rows), kThreadsPerBlock, 0, stream>>>(
         p, go, rows::q_view(strided<const scalar_t>(out), p), delta.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (try_attention_backward_mma(p, mask.kind != MaskKind::kNone, grad_out, q, k, v, lse, delta, dq, dk, dv))
-      return;
+    if (try_attention_backward_mma(p, mask.kind != MaskKind::kNone, grad_out, q, k, v, lse, delta, dq, dk, dv)) return;
     grad_query_rows_kernel<scalar_t, acc_t><<<warp_grid(n_rows), kThreadsPerBlock, 0, stream>>>(
-        p, mask, go, qs, ks, vs, lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
-        rows::q_view(strided<scalar_t>(dq), p), rng_ptr);
+        p, mask, go, qs, ks, vs, lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), rows::q_view(strided<scalar_t>(dq), p),
+        rng_ptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (n_cols > 0) {
       grad_key_value_columns_kernel<scalar_t, acc_t><<<warp_grid(n_cols), kThreadsPerBlock, 0, stream>>>(
@@ -113,8 +109,6 @@ void run_attention_backward_cuda(const AttentionParams& p, const MaskView& mask,
   });
 }
 
-TORCH_LIBRARY_IMPL(flash_attn_ext, CUDA, m) {
-  m.impl("attention_backward", &attention_backward_cuda);
-}
+TORCH_LIBRARY_IMPL(flash_attn_ext, CUDA, m) { m.impl("attention_backward", &attention_backward_cuda); }
 
 }  // namespace flash_attn_ext::cuda

@@ -29,9 +29,9 @@ bool dispatch_head_dim(const MmaBackwardParams& bp, int64_t dim, int64_t smem, c
 }  // namespace
 
 bool try_attention_backward_mma(const AttentionParams& p, bool has_mask, const at::Tensor& grad_out,
-                                const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& dq,
-                                const at::Tensor& dk, const at::Tensor& dv) {
+                                const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
+                                const at::Tensor& delta, const at::Tensor& dq, const at::Tensor& dk,
+                                const at::Tensor& dv) {
   if (p.config.cuda_fast == PathMode::kOff) return false;
   const bool require = p.config.cuda_fast == PathMode::kRequire;
   const char* why = mma_ineligible(p, has_mask, q, k, v, grad_out);
@@ -45,7 +45,8 @@ bool try_attention_backward_mma(const AttentionParams& p, bool has_mask, const a
   if (why == nullptr && (p.len_k + 63) / 64 * p.heads_kv * p.batch > 0x7fffffff) why = "grid too large";
   TORCH_CHECK(why == nullptr || !require,
               "flash_attn_ext.attention_backward: kernel_config(cuda_fast='require') but the tensor-core kernel "
-              "cannot serve this call: ", why);
+              "cannot serve this call: ",
+              why);
   if (why != nullptr) return false;
 
   MmaBackwardParams bp;
@@ -67,7 +68,8 @@ bool try_attention_backward_mma(const AttentionParams& p, bool has_mask, const a
                                                      : dispatch_head_dim<__nv_bfloat16>(bp, p.dim_qk, smem, stream);
   TORCH_CHECK(launched || !require,
               "flash_attn_ext.attention_backward: kernel_config(cuda_fast='require') but the tensor-core kernels "
-              "need more shared memory than this GPU gives a block (", smem, " bytes)");
+              "need more shared memory than this GPU gives a block (",
+              smem, " bytes)");
   return launched;
 }
 

@@ -1,6 +1,6 @@
 // The tensor-core backward (attention_backward_mma_kernel.cuh) for float16/bfloat16 and the
-// head dims of FAE_MMA_BACKWARD_HEAD_DIMS (mma_head_dims.h): declarations shared by the dispatcher (attention_backward_mma.cu) and
-// the per-head-dim instantiation units (attention_backward_mma_hdim*.cu).
+// head dims of FAE_MMA_BACKWARD_HEAD_DIMS (mma_head_dims.h): declarations shared by the dispatcher
+// (attention_backward_mma.cu) and the per-head-dim instantiation units (attention_backward_mma_hdim*.cu).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -22,8 +22,8 @@ bool launch_attention_backward_mma(const MmaBackwardParams& bp, int64_t smem_lim
 // returns false, having done nothing, otherwise. p.config.cuda_fast off / require as
 // for the forward.
 bool try_attention_backward_mma(const AttentionParams& p, bool has_mask, const at::Tensor& grad_out,
-                                const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& dq,
-                                const at::Tensor& dk, const at::Tensor& dv);
+                                const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
+                                const at::Tensor& delta, const at::Tensor& dq, const at::Tensor& dk,
+                                const at::Tensor& dv);
 
 }  // namespace flash_attn_ext::cuda

@@ -74,8 +74,8 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kThreads)
   FAE_DYNAMIC_SMEM(uint16_t, smem);
   uint16_t* const sK = smem;
   uint16_t* const sV = sK + TL::kTile;
-  uint16_t* const sQ0 = sV + TL::kTile;         // 2 buffers
-  uint16_t* const sdO0 = sQ0 + 2 * TL::kTile;   // 2 buffers
+  uint16_t* const sQ0 = sV + TL::kTile;                                 // 2 buffers
+  uint16_t* const sdO0 = sQ0 + 2 * TL::kTile;                           // 2 buffers
   float* const sRow0 = reinterpret_cast<float*>(sdO0 + 2 * TL::kTile);  // 2 x (lse2[64], delta[64])
 
   const AttentionParams& p = bp.p;
@@ -107,8 +107,8 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kThreads)
     load_tile<kBlockM, kHeadDim, kStride, TL::kThreads>(
         sQ0 + buf * TL::kTile, static_cast<const uint16_t*>(bp.q) + b * bp.q_sb + h * bp.q_sh, bp.q_sl, m0, rows, tid);
     load_tile<kBlockM, kHeadDim, kStride, TL::kThreads>(
-        sdO0 + buf * TL::kTile, static_cast<const uint16_t*>(bp.grad_out) + b * bp.do_sb + h * bp.do_sh, bp.do_sl,
-        m0, rows, tid);
+        sdO0 + buf * TL::kTile, static_cast<const uint16_t*>(bp.grad_out) + b * bp.do_sb + h * bp.do_sh, bp.do_sl, m0,
+        rows, tid);
     float* row_data = sRow0 + buf * 2 * kBlockM;
     for (int r = tid; r < kBlockM; r += TL::kThreads) {  // plain loads: the next barrier orders them
       const int64_t i = m0 + r, at = (b * p.heads_q + h) * p.len_q + i;
@@ -171,8 +171,8 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kThreads)
         const int c = qt * 8 + mma_layout::acc_element(lane, e).col;  // query within the tile
         const int64_t i = m0 + c, j = key[e >> 1];
         const float l2 = lse2[c];
-        const bool visible = j < p.len_k && l2 != -INFINITY &&
-                             key_visible(i, j, p.align_offset, p.window_left, p.window_right);
+        const bool visible =
+            j < p.len_k && l2 != -INFINITY && key_visible(i, j, p.align_offset, p.window_left, p.window_right);
         const float prob = visible ? exp2f(st[qt][e] * bp.scale_log2 - l2) : 0.f;
         st[qt][e] = prob;
         dpt[qt][e] = visible ? prob * (dpt[qt][e] - delta[c]) : 0.f;  // 0 even for a NaN dP or delta
@@ -200,10 +200,10 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kThreads)
   cp_async_wait_all();
 
   const float scale = bp.scale_log2 * 0.69314718055994531f;  // back to the softmax scale
-  store_acc<T, kDimTiles>(static_cast<uint16_t*>(bp.grad_k) + b * bp.dk_sb + hk * bp.dk_sh, bp.dk_sl,
-                          n0 + warp * 16, p.len_k, dk, scale, lane);
-  store_acc<T, kDimTiles>(static_cast<uint16_t*>(bp.grad_v) + b * bp.dv_sb + hk * bp.dv_sh, bp.dv_sl,
-                          n0 + warp * 16, p.len_k, dv, 1.f, lane);
+  store_acc<T, kDimTiles>(static_cast<uint16_t*>(bp.grad_k) + b * bp.dk_sb + hk * bp.dk_sh, bp.dk_sl, n0 + warp * 16,
+                          p.len_k, dk, scale, lane);
+  store_acc<T, kDimTiles>(static_cast<uint16_t*>(bp.grad_v) + b * bp.dv_sb + hk * bp.dv_sh, bp.dv_sl, n0 + warp * 16,
+                          p.len_k, dv, 1.f, lane);
 }
 
 template <typename T, int kHeadDim>
@@ -265,8 +265,10 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kThreads)
     __syncthreads();
     if (it + 1 < n_tiles) {
       const int64_t n1 = n0 + kBlockN;
-      load_tile<kBlockN, kHeadDim, kStride, TL::kThreads>(sK0 + (cur ^ 1) * TL::kTile, k, bp.k_sl, n1, p.len_k - n1, tid);
-      load_tile<kBlockN, kHeadDim, kStride, TL::kThreads>(sV0 + (cur ^ 1) * TL::kTile, v, bp.v_sl, n1, p.len_k - n1, tid);
+      load_tile<kBlockN, kHeadDim, kStride, TL::kThreads>(sK0 + (cur ^ 1) * TL::kTile, k, bp.k_sl, n1, p.len_k - n1,
+                                                          tid);
+      load_tile<kBlockN, kHeadDim, kStride, TL::kThreads>(sV0 + (cur ^ 1) * TL::kTile, v, bp.v_sl, n1, p.len_k - n1,
+                                                          tid);
     }
     cp_async_commit();
     const uint16_t* sK = sK0 + cur * TL::kTile;
@@ -322,8 +324,8 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kThreads)
     }
   }
   cp_async_wait_all();
-  store_acc<T, kDimTiles>(static_cast<uint16_t*>(bp.grad_q) + b * bp.dq_sb + h * bp.dq_sh, bp.dq_sl,
-                          m0 + warp * 16, p.len_q, dq, bp.scale_log2 * 0.69314718055994531f, lane);
+  store_acc<T, kDimTiles>(static_cast<uint16_t*>(bp.grad_q) + b * bp.dq_sb + h * bp.dq_sh, bp.dq_sl, m0 + warp * 16,
+                          p.len_q, dq, bp.scale_log2 * 0.69314718055994531f, lane);
 }
 
 }  // namespace mma_detail
@@ -336,10 +338,10 @@ bool launch_attention_backward_mma(const MmaBackwardParams& bp, int64_t smem_lim
   if (static_cast<int64_t>(std::max(TL::kSmemKV, TL::kSmemQ)) > smem_limit) return false;
   const auto kv_kernel = mma_detail::attention_grad_kv_mma_kernel<T, kHeadDim>;
   const auto q_kernel = mma_detail::attention_grad_q_mma_kernel<T, kHeadDim>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(TL::kSmemKV)));
-  C10_CUDA_CHECK(cudaFuncSetAttribute(q_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(TL::kSmemQ)));
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(kv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(TL::kSmemKV)));
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(q_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(TL::kSmemQ)));
   const int64_t kv_blocks = (bp.p.len_k + TL::kBlockN - 1) / TL::kBlockN * bp.p.heads_kv * bp.p.batch;
   if (kv_blocks > 0) {
     kv_kernel<<<static_cast<unsigned int>(kv_blocks), TL::kThreads, TL::kSmemKV, stream>>>(bp);

@@ -79,8 +79,7 @@ Rows<T> q_rows_of(const at::Tensor& t, const AttentionParams& p) {
 // mask, as flash-attn and Gemma-2 apply it). slope, when given, receives 1 - tanh^2, the
 // backward's factor from the capped to the raw score.
 template <typename acc_t>
-inline void softcap_tile(acc_t* s, int64_t ld, int64_t rows, int64_t cols, acc_t cap,
-                         acc_t* slope = nullptr) {
+inline void softcap_tile(acc_t* s, int64_t ld, int64_t rows, int64_t cols, acc_t cap, acc_t* slope = nullptr) {
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* sr = s + r * ld;
     for (int64_t c = 0; c < cols; ++c) {
@@ -106,8 +105,8 @@ inline void prefetch_rows(const T* src, int64_t stride, int64_t rows, int64_t di
 
 // dst[r * ld + d] = scale * src[r * src_stride + d]
 template <typename src_t, typename acc_t>
-inline void load_rows(const src_t* src, int64_t src_stride, int64_t rows, int64_t dim,
-                      acc_t scale, acc_t* dst, int64_t ld) {
+inline void load_rows(const src_t* src, int64_t src_stride, int64_t rows, int64_t dim, acc_t scale, acc_t* dst,
+                      int64_t ld) {
   if constexpr (std::is_same_v<src_t, float> && std::is_same_v<acc_t, float>) {
     return scale_rows(src, src_stride, rows, dim, scale, dst, ld);  // vectorised for this CPU
   }
@@ -121,8 +120,8 @@ inline void load_rows(const src_t* src, int64_t src_stride, int64_t rows, int64_
 // dst[d * ld + r] = src[r * src_stride + d]: K^T / V^T tiles, so every tile GEMM streams
 // its B operand along contiguous rows.
 template <typename src_t, typename acc_t>
-inline void load_rows_transposed(const src_t* src, int64_t src_stride, int64_t rows,
-                                 int64_t dim, acc_t* dst, int64_t ld) {
+inline void load_rows_transposed(const src_t* src, int64_t src_stride, int64_t rows, int64_t dim, acc_t* dst,
+                                 int64_t ld) {
   if constexpr (std::is_same_v<src_t, float> && std::is_same_v<acc_t, float>) {
     return transpose_tile(src, src_stride, rows, dim, dst, ld);  // 8 x 8 register blocks
   }
@@ -165,8 +164,8 @@ inline void prefetch_tile(const Rows<const T>& rows, int64_t b, int64_t h, int64
 
 // dst[r * dst_stride + d] = factor * src[r * ld + d], narrowed to the output dtype.
 template <typename dst_t, typename acc_t>
-inline void store_rows(const acc_t* src, int64_t ld, int64_t rows, int64_t dim, dst_t* dst,
-                       int64_t dst_stride, acc_t factor = acc_t(1)) {
+inline void store_rows(const acc_t* src, int64_t ld, int64_t rows, int64_t dim, dst_t* dst, int64_t dst_stride,
+                       acc_t factor = acc_t(1)) {
   if constexpr (std::is_same_v<dst_t, float> && std::is_same_v<acc_t, float>) {
     return scale_rows(src, ld, rows, dim, factor, dst, dst_stride);
   }
@@ -182,8 +181,8 @@ inline void store_rows(const acc_t* src, int64_t ld, int64_t rows, int64_t dim, 
 }
 
 template <typename mask_t, typename acc_t>
-inline void add_user_mask(acc_t* s, int64_t ld, int64_t rows, int64_t cols, const mask_t* m,
-                          int64_t stride_i, int64_t stride_j) {
+inline void add_user_mask(acc_t* s, int64_t ld, int64_t rows, int64_t cols, const mask_t* m, int64_t stride_i,
+                          int64_t stride_j) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   for (int64_t r = 0; r < rows; ++r) {
     const mask_t* mr = m + r * stride_i;
@@ -202,17 +201,16 @@ inline void add_user_mask(acc_t* s, int64_t ld, int64_t rows, int64_t cols, cons
 // window/causal band (skipped when the whole tile is inside it), then the ALiBi bias and the
 // user mask.
 template <typename acc_t>
-inline void mask_tile(acc_t* s, int64_t ld, int64_t rows, int64_t cols, int64_t i0, int64_t j0,
-                      int64_t b, int64_t h, const AttentionParams& p, const MaskView& mask) {
+inline void mask_tile(acc_t* s, int64_t ld, int64_t rows, int64_t cols, int64_t i0, int64_t j0, int64_t b, int64_t h,
+                      const AttentionParams& p, const MaskView& mask) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  if (!tile_fully_visible(i0, i0 + rows, j0, j0 + cols, p.align_offset, p.window_left,
-                          p.window_right)) {
+  if (!tile_fully_visible(i0, i0 + rows, j0, j0 + cols, p.align_offset, p.window_left, p.window_right)) {
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = i0 + r;
-      const int64_t lo = std::clamp<int64_t>(
-          first_visible_key(i, p.align_offset, p.window_left, p.len_k) - j0, 0, cols);
-      const int64_t hi = std::clamp<int64_t>(
-          end_visible_key(i, p.align_offset, p.window_right, p.len_k) - j0, lo, cols);
+      const int64_t lo =
+          std::clamp<int64_t>(first_visible_key(i, p.align_offset, p.window_left, p.len_k) - j0, 0, cols);
+      const int64_t hi =
+          std::clamp<int64_t>(end_visible_key(i, p.align_offset, p.window_right, p.len_k) - j0, lo, cols);
       acc_t* sr = s + r * ld;
       std::fill(sr, sr + lo, kNegInf);
       std::fill(sr + hi, sr + cols, kNegInf);
@@ -242,22 +240,20 @@ inline void mask_tile(acc_t* s, int64_t ld, int64_t rows, int64_t cols, int64_t 
       add_user_mask(s, ld, rows, cols, static_cast<const c10::Half*>(mask.data) + base, mask.stride_i, mask.stride_j);
       break;
     case MaskKind::kBFloat16:
-      add_user_mask(s, ld, rows, cols, static_cast<const c10::BFloat16*>(mask.data) + base, mask.stride_i, mask.stride_j);
+      add_user_mask(s, ld, rows, cols, static_cast<const c10::BFloat16*>(mask.data) + base, mask.stride_i,
+                    mask.stride_j);
       break;
-    case MaskKind::kNone:
-      break;
+    case MaskKind::kNone: break;
   }
 }
 
 // keep[r * ld + c] = 1 if element (bh, i0 + r, j0 + c) survives dropout.
-inline void dropout_keep_tile(uint8_t* keep, int64_t ld, int64_t rows, int64_t cols, int64_t i0,
-                              int64_t j0, int64_t bh, const AttentionParams& p,
-                              uint32_t threshold) {
+inline void dropout_keep_tile(uint8_t* keep, int64_t ld, int64_t rows, int64_t cols, int64_t i0, int64_t j0, int64_t bh,
+                              const AttentionParams& p, uint32_t threshold) {
   for (int64_t r = 0; r < rows; ++r) {
     uint8_t* kr = keep + r * ld;
     for (int64_t j4 = j0 >> 2; (j4 << 2) < j0 + cols; ++j4) {
-      const uint32_t bits = dropout_keep_bits4(p.dropout_seed, p.dropout_offset, bh, i0 + r, j4,
-                                               threshold);
+      const uint32_t bits = dropout_keep_bits4(p.dropout_seed, p.dropout_offset, bh, i0 + r, j4, threshold);
       for (int t = 0; t < 4; ++t) {
         const int64_t c = (j4 << 2) + t - j0;
         if (c >= 0 && c < cols) kr[c] = (bits >> t) & 1u;
@@ -303,7 +299,10 @@ struct SplitStates {
   int64_t n_splits, n_rows, dim;
   std::vector<acc_t> ml, acc;  // (m, l) pairs; accumulators
   SplitStates(int64_t splits, int64_t rows, int64_t d)
-      : n_splits(splits), n_rows(rows), dim(d), ml(splits > 1 ? splits * rows * 2 : 0),
+      : n_splits(splits),
+        n_rows(rows),
+        dim(d),
+        ml(splits > 1 ? splits * rows * 2 : 0),
         acc(splits > 1 ? splits * rows * d : 0) {}
   void store(int64_t split, int64_t row, acc_t m, acc_t l, const acc_t* a) {
     ml[(split * n_rows + row) * 2] = m;

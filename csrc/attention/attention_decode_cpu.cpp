@@ -28,7 +28,7 @@ namespace flash_attn_ext::cpu {
 namespace {
 
 constexpr int64_t kDecodeRows = kMaxDecodeRows;  // query rows per KV head (L * group size) served here
-constexpr int64_t kDecodeTile = 32;  // keys per tile: all heads' K or V tile stays in L2
+constexpr int64_t kDecodeTile = 32;              // keys per tile: all heads' K or V tile stays in L2
 
 int64_t decode_splits(int64_t batch, int64_t threads, int64_t len_k) {
   if (batch >= 2 * threads) return 1;
@@ -95,8 +95,8 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
   const bool v_heads_inner = v_rows.stride_h < v_rows.stride_l;
 
   at::parallel_for(0, p.batch * n_splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> q_all(bf16_dot ? 0 : Hkv * R * Dk), s_all(Hkv * R * kDecodeTile), acc(Hkv * R * Dv), m_run(Hkv * R),
-        l_run(Hkv * R);
+    std::vector<acc_t> q_all(bf16_dot ? 0 : Hkv * R * Dk), s_all(Hkv * R * kDecodeTile), acc(Hkv * R * Dv),
+        m_run(Hkv * R), l_run(Hkv * R);
     std::vector<acc_t> k_all(kDirect ? 0 : Hkv * kDecodeTile * Dk), v_all(kDirect ? 0 : Hkv * kDecodeTile * Dv);
     std::vector<const read_t*> row_ptrs(kDecodeTile), k_ptrs(Hkv * kDecodeTile);
     std::vector<const acc_t*> q_ptrs(Hkv * kDecodeTile);
@@ -105,8 +105,8 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
     std::vector<acc_t*> s_ptrs(Hkv * kDecodeTile);
     std::vector<const void*> prefetch_rows(Hkv * kDecodeTile);
     // Row c of head hk of the current tile, as the inner loops read it.
-    const auto row = [&](const Rows<const scalar_t>& src, const std::vector<acc_t>& widened, int64_t dim,
-                         int64_t b, int64_t hk, int64_t j0, int64_t c) -> const read_t* {
+    const auto row = [&](const Rows<const scalar_t>& src, const std::vector<acc_t>& widened, int64_t dim, int64_t b,
+                         int64_t hk, int64_t j0, int64_t c) -> const read_t* {
       if constexpr (kDirect)
         return reinterpret_cast<const read_t*>(src.at(b, hk, j0 + c));
       else
@@ -115,21 +115,22 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / n_splits, split = unit % n_splits;
       const AttentionParams pb = p.for_batch(b);
-      const KeyRange band = split_band(
-          visible_key_range(0, L, pb.align_offset, pb.window_left, pb.window_right, pb.len_k), split, n_splits,
-          kDecodeTile);
+      const KeyRange band =
+          split_band(visible_key_range(0, L, pb.align_offset, pb.window_left, pb.window_right, pb.len_k), split,
+                     n_splits, kDecodeTile);
       if (!bf16_dot) {
         for (int64_t hk = 0; hk < Hkv; ++hk)
           for (int64_t g = 0; g < G; ++g)  // Q pre-multiplied by the softmax scale
-            load_rows(q_rows.at(b, hk * G + g, 0), q_rows.stride_l, L, Dk, scale,
-                      q_all.data() + (hk * R + g * L) * Dk, Dk);
+            load_rows(q_rows.at(b, hk * G + g, 0), q_rows.stride_l, L, Dk, scale, q_all.data() + (hk * R + g * L) * Dk,
+                      Dk);
         if constexpr (kPairSplit)
           for (int64_t r = 0; r < Hkv * R; ++r) to_pair_split(q_all.data() + r * Dk, Dk);
       } else {  // vdpbf16ps takes q as it is (bf16, unscaled; the scale goes on the sums)
         for (int64_t hk = 0; hk < Hkv; ++hk)
           for (int64_t g = 0; g < G; ++g)
             for (int64_t i = 0; i < L; ++i)
-              std::memcpy(q_bf16.data() + (hk * R + g * L + i) * Dk, q_rows.at(b, hk * G + g, i), Dk * sizeof(uint16_t));
+              std::memcpy(q_bf16.data() + (hk * R + g * L + i) * Dk, q_rows.at(b, hk * G + g, i),
+                          Dk * sizeof(uint16_t));
       }
       std::fill(m_run.begin(), m_run.end(), kNegInf);
       std::fill(l_run.begin(), l_run.end(), acc_t(0));
@@ -143,7 +144,8 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
           if (heads_inner) {
             for (int64_t c = 0; c < cols; ++c)
               for (int64_t hk = 0; hk < Hkv; ++hk)
-                load_rows(src.at(b, hk, j0 + c), src.stride_l, 1, dim, acc_t(1), dst + (hk * kDecodeTile + c) * dim, dim);
+                load_rows(src.at(b, hk, j0 + c), src.stride_l, 1, dim, acc_t(1), dst + (hk * kDecodeTile + c) * dim,
+                          dim);
           } else {
             for (int64_t hk = 0; hk < Hkv; ++hk)
               load_tile(src, b, hk, j0, cols, dim, acc_t(1), dst + hk * kDecodeTile * dim, dim);
@@ -169,8 +171,7 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
           for_memory_order(v_heads_inner, Hkv, cols,
                            [&](int64_t hk, int64_t c) { prefetch_rows[n_pf++] = v_rows.at(b, hk, j0 + c); });
         for_memory_order(k_heads_inner, Hkv, cols, add_key);
-        const PrefetchList prefetch{prefetch_rows.data(), n_pf,
-                                    Dv * static_cast<int64_t>(sizeof(scalar_t))};
+        const PrefetchList prefetch{prefetch_rows.data(), n_pf, Dv * static_cast<int64_t>(sizeof(scalar_t))};
         if constexpr (kPairSplit) {
           if (bf16_dot) {
             dot_rows_bf16_dot(n, q_bf16_ptrs.data(), k_ptrs.data(), s_ptrs.data(), R, Dk, kDecodeTile,
@@ -227,29 +228,32 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
       }
     }
   });
-  if (n_splits > 1)
-    merge_split_states<scalar_t, acc_t>(parts, p.heads_q, L, acc_t(1), o_rows, lse_data);
+  if (n_splits > 1) merge_split_states<scalar_t, acc_t>(parts, p.heads_q, L, acc_t(1), o_rows, lse_data);
 }
 
 }  // namespace
 
-bool run_attention_decode_cpu(const AttentionParams& p, const MaskView& mask, const at::Tensor& q,
-                              const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                              const at::Tensor& lse) {
+bool run_attention_decode_cpu(const AttentionParams& p, const MaskView& mask, const at::Tensor& q, const at::Tensor& k,
+                              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse) {
   if (p.config.cpu_decode == PathMode::kOff) return false;
   const char* why = nullptr;
-  if (mask.kind != MaskKind::kNone) why = "attn_mask";
-  else if (p.dropout_p > 0.0) why = "dropout";
-  else if (p.varlen()) why = "varlen";
-  else if (p.len_q * p.group_size() > kDecodeRows) why = "too many query rows per KV head (len_q * group size above kMaxDecodeRows)";
-  else if (p.heads_kv == 0 || p.batch == 0) why = "empty";
+  if (mask.kind != MaskKind::kNone)
+    why = "attn_mask";
+  else if (p.dropout_p > 0.0)
+    why = "dropout";
+  else if (p.varlen())
+    why = "varlen";
+  else if (p.len_q * p.group_size() > kDecodeRows)
+    why = "too many query rows per KV head (len_q * group size above kMaxDecodeRows)";
+  else if (p.heads_kv == 0 || p.batch == 0)
+    why = "empty";
   TORCH_CHECK_VALUE(why == nullptr || p.config.cpu_decode != PathMode::kRequire,
                     "flash_attn_ext: kernel_config(cpu_decode='require') but the CPU decode kernel cannot serve this "
-                    "call: ", why);
+                    "call: ",
+                    why);
   if (why != nullptr) return false;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_decode_cpu", [&] {
-    decode_kernel<scalar_t>(p, q, k, v, out, lse);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_decode_cpu",
+                                  [&] { decode_kernel<scalar_t>(p, q, k, v, out, lse); });
   return true;
 }
 

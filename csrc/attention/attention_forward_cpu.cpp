@@ -45,9 +45,8 @@ int64_t choose_splits(int64_t tasks, int64_t threads, int64_t len_k, int64_t row
 }
 
 template <typename scalar_t>
-void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Tensor& q,
-                    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                    const at::Tensor& lse) {
+void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Tensor& q, const at::Tensor& k,
+                    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const int64_t L = p.len_q, Dk = p.dim_qk, Dv = p.dim_v;
@@ -96,7 +95,8 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
   // The per-thread K^T cache (below): when a head has several query spans, up to 8 MiB per thread
   // (longer sequences transpose per span, as before; cpu_kt_cache=off always does).
   const int64_t n_ktiles = (p.len_k + kBlockK - 1) / kBlockK;
-  const bool cache_kt = n_spans > 1 && n_ktiles * (Dk + Dv) * kBlockK * static_cast<int64_t>(sizeof(acc_t)) <= (8 << 20) &&
+  const bool cache_kt = n_spans > 1 &&
+                        n_ktiles * (Dk + Dv) * kBlockK * static_cast<int64_t>(sizeof(acc_t)) <= (8 << 20) &&
                         p.config.cpu_kt_cache != PathMode::kOff;
 
   at::parallel_for(0, p.batch * n_packs * n_spans * n_splits, 1, [&](int64_t begin, int64_t end) {
@@ -138,7 +138,7 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
       const int64_t hk = p.kv_head(h0);
       const int64_t i0 = sp * span;
       const AttentionParams pb = p.for_batch(b);  // per-sequence lengths (KV cache, varlen)
-      if (i0 >= pb.len_q) continue;  // past a packed sequence's end
+      if (i0 >= pb.len_q) continue;               // past a packed sequence's end
       const int64_t n_pos = std::min(span, pb.len_q - i0);
       const int64_t rows = pack * n_pos;  // row g * n_pos + r: head h0 + g, position i0 + r
 
@@ -150,16 +150,15 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
       } else {
         // Q is pre-multiplied by the softmax scale: one multiply per element of Q instead of S.
         for (int64_t g = 0; g < pack; ++g)
-          load_rows(q_rows.at(b, h0 + g, i0), q_rows.stride_l, n_pos, Dk, scale,
-                    q_tile.data() + g * n_pos * Dk, Dk);
+          load_rows(q_rows.at(b, h0 + g, i0), q_rows.stride_l, n_pos, Dk, scale, q_tile.data() + g * n_pos * Dk, Dk);
       }
       std::fill(m_run.begin(), m_run.end(), kNegInf);
       std::fill(l_run.begin(), l_run.end(), acc_t(0));
       std::fill(o_acc.begin(), o_acc.end(), acc_t(0));
 
-      const KeyRange band = split_band(visible_key_range(i0, i0 + n_pos, pb.align_offset, pb.window_left,
-                                                         pb.window_right, pb.len_k),
-                                       split, n_splits, kBlockK);
+      const KeyRange band =
+          split_band(visible_key_range(i0, i0 + n_pos, pb.align_offset, pb.window_left, pb.window_right, pb.len_k),
+                     split, n_splits, kBlockK);
       for (int64_t j0 = band.begin; j0 < band.end; j0 += kBlockK) {
         const int64_t cols = std::min(kBlockK, band.end - j0);
         if (rows <= kFewRows && j0 + kBlockK < band.end) {  // decode: fetch the next K/V tile now
@@ -168,7 +167,7 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
           prefetch_tile(v_rows, b, hk, j0 + kBlockK, next, Dv);
         }
         acc_t* s = s_tile.data();
-        const acc_t* v_cached = nullptr;  // this tile's widened V rows in the per-thread cache
+        const acc_t* v_cached = nullptr;        // this tile's widened V rows in the per-thread cache
         const int64_t cols2 = cols + cols % 2;  // P V over key pairs
         const uint32_t* v_p = v_bf.data();
         if (use_bf16) {
@@ -231,8 +230,8 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
         for (int64_t g = 0; g < pack; ++g) {  // masks and dropout depend on the head
           mask_tile(s + g * n_pos * kBlockK, kBlockK, n_pos, cols, i0, j0, b, h0 + g, pb, mask);
           if (dropout)
-            dropout_keep_tile(keep.data() + g * n_pos * kBlockK, kBlockK, n_pos, cols, i0, j0,
-                              b * p.heads_q + h0 + g, p, threshold);
+            dropout_keep_tile(keep.data() + g * n_pos * kBlockK, kBlockK, n_pos, cols, i0, j0, b * p.heads_q + h0 + g,
+                              p, threshold);
         }
 
         for (int64_t r = 0; r < rows; ++r) {
@@ -299,8 +298,7 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
 at::Tensor draw_rng_state(double dropout_p, const at::TensorOptions& options) {
   uint64_t seed = 0;
   if (dropout_p > 0.0) {
-    auto gen = at::get_generator_or_default<at::CPUGeneratorImpl>(
-        std::nullopt, at::detail::getDefaultCPUGenerator());
+    auto gen = at::get_generator_or_default<at::CPUGeneratorImpl>(std::nullopt, at::detail::getDefaultCPUGenerator());
     std::lock_guard<std::mutex> lock(gen->mutex_);
     seed = gen->random64();
   }
@@ -310,22 +308,20 @@ at::Tensor draw_rng_state(double dropout_p, const at::TensorOptions& options) {
   return state;
 }
 
-void run_attention_forward_cpu(const AttentionParams& p, const MaskView& mask, const at::Tensor& q,
-                               const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                               const at::Tensor& lse) {
+void run_attention_forward_cpu(const AttentionParams& p, const MaskView& mask, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse) {
   if (out.numel() == 0 && lse.numel() == 0) return;
   if (run_attention_decode_cpu(p, mask, q, k, v, out, lse)) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_forward_cpu", [&] {
-    forward_kernel<scalar_t>(p, mask, q, k, v, out, lse);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_forward_cpu",
+                                  [&] { forward_kernel<scalar_t>(p, mask, q, k, v, out, lse); });
 }
 
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
+    double dropout_p, double scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   ForwardCall call = prepare_attention_forward(q, k, v, attn_mask, dropout_p, scale, window_left, window_right,
                                                bottom_right, softcap, alibi_slopes, DeviceLimits{});
   at::Tensor rng_state = draw_rng_state(dropout_p, q.options());
@@ -337,8 +333,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(flash_attn_ext, CPU, m) {
-  m.impl("attention_forward", &attention_forward_cpu);
-}
+TORCH_LIBRARY_IMPL(flash_attn_ext, CPU, m) { m.impl("attention_forward", &attention_forward_cpu); }
 
 }  // namespace flash_attn_ext::cpu

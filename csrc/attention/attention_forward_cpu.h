@@ -10,15 +10,14 @@ namespace flash_attn_ext::cpu {
 
 // out (B, Hq, L, Dv) and lse (B, Hq, L) preallocated; p and mask describe the call
 // (p.seqlens_k: per-sequence key lengths, or nullptr).
-void run_attention_forward_cpu(const AttentionParams& p, const MaskView& mask, const at::Tensor& q,
-                               const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                               const at::Tensor& lse);
+void run_attention_forward_cpu(const AttentionParams& p, const MaskView& mask, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse);
 
 // dq, dk, dv (preallocated like q, k, v) of the call p describes (attention_backward_cpu.cpp).
 void run_attention_backward_cpu(const AttentionParams& p, const MaskView& mask, const at::Tensor& grad_out,
-                                const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq,
-                                const at::Tensor& dk, const at::Tensor& dv);
+                                const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
+                                const at::Tensor& dv);
 
 // Draws the dropout seed from PyTorch's default CPU generator and returns the op's rng_state
 // (int64 [seed, offset]) for the backward; zeros without dropout.
@@ -28,8 +27,7 @@ at::Tensor draw_rng_state(double dropout_p, const at::TensorOptions& options);
 // no mask and no dropout, and returns true; returns false (nothing done) otherwise.
 // p.config.cpu_decode off turns it off (tests compare both paths), require raises where it
 // cannot serve the call.
-bool run_attention_decode_cpu(const AttentionParams& p, const MaskView& mask, const at::Tensor& q,
-                              const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                              const at::Tensor& lse);
+bool run_attention_decode_cpu(const AttentionParams& p, const MaskView& mask, const at::Tensor& q, const at::Tensor& k,
+                              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse);
 
 }  // namespace flash_attn_ext::cpu

@@ -32,9 +32,8 @@ namespace {
 
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreadsPerBlock)
-    forward_rows_kernel(AttentionParams p, MaskView mask, rows::Strided<const T> q,
-                        rows::Strided<const T> k, rows::Strided<const T> v, rows::Strided<T> out,
-                        Acc* lse, const int64_t* rng_state) {
+    forward_rows_kernel(AttentionParams p, MaskView mask, rows::Strided<const T> q, rows::Strided<const T> k,
+                        rows::Strided<const T> v, rows::Strided<T> out, Acc* lse, const int64_t* rng_state) {
   load_rng_state(p, rng_state);
   const int64_t n_rows = p.batch * p.heads_q * p.len_q;
   for (int64_t r = global_warp(); r < n_rows; r += warp_count()) {  // warp-uniform loop
@@ -50,9 +49,9 @@ __global__ void unpack_rng_state_kernel(at::PhiloxCudaState philox, int64_t* rng
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cuda(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
+    double dropout_p, double scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   const ForwardCall call = prepare_attention_forward(q, k, v, attn_mask, dropout_p, scale, window_left, window_right,
                                                      bottom_right, softcap, alibi_slopes, cuda_limits());
   const c10::cuda::CUDAGuard guard(q.device());
@@ -70,8 +69,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cuda(
 at::Tensor draw_rng_state_cuda(double dropout_p, const at::Tensor& q) {
   at::Tensor state = at::zeros({2}, q.options().dtype(at::kLong));
   if (dropout_p <= 0.0) return state;
-  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
-      std::nullopt, at::cuda::detail::getDefaultCUDAGenerator());
+  auto* gen =
+      at::get_generator_or_default<at::CUDAGeneratorImpl>(std::nullopt, at::cuda::detail::getDefaultCUDAGenerator());
   at::PhiloxCudaState philox;
   {
     std::lock_guard<std::mutex> lock(gen->mutex_);
@@ -87,8 +86,8 @@ at::Tensor draw_rng_state_cuda(double dropout_p, const at::Tensor& q) {
 DeviceLimits cuda_limits() { return DeviceLimits{"CUDA", kMaxHeadDim}; }
 
 void run_attention_forward_cuda(const AttentionParams& p, const MaskView& mask, const at::Tensor& q,
-                                const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                                const at::Tensor& lse, const int64_t* rng_state) {
+                                const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                const int64_t* rng_state) {
   const int64_t n_rows = p.batch * p.heads_q * p.len_q;
   if (n_rows == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -96,14 +95,12 @@ void run_attention_forward_cuda(const AttentionParams& p, const MaskView& mask, 
     using acc_t = at::opmath_type<scalar_t>;
     forward_rows_kernel<scalar_t, acc_t><<<warp_grid(n_rows), kThreadsPerBlock, 0, stream>>>(
         p, mask, rows::q_view(strided<const scalar_t>(q), p), rows::kv_view(strided<const scalar_t>(k), p),
-        rows::kv_view(strided<const scalar_t>(v), p),
-        rows::q_view(strided<scalar_t>(out), p), lse.data_ptr<acc_t>(), rng_state);
+        rows::kv_view(strided<const scalar_t>(v), p), rows::q_view(strided<scalar_t>(out), p), lse.data_ptr<acc_t>(),
+        rng_state);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
-TORCH_LIBRARY_IMPL(flash_attn_ext, CUDA, m) {
-  m.impl("attention_forward", &attention_forward_cuda);
-}
+TORCH_LIBRARY_IMPL(flash_attn_ext, CUDA, m) { m.impl("attention_forward", &attention_forward_cuda); }
 
 }  // namespace flash_attn_ext::cuda

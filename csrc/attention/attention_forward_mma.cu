@@ -15,8 +15,8 @@ namespace flash_attn_ext::cuda {
 
 bool mma_rows_aligned(const at::Tensor& t) {
   // cp.async moves 16 bytes: every row must start on a 16-byte boundary.
-  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % 8 == 0 &&
-         t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0 && t.stride(3) == 1;
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 &&
+         t.stride(2) % 8 == 0 && t.stride(3) == 1;
 }
 
 namespace {
@@ -58,9 +58,8 @@ const char* mma_ineligible(const AttentionParams& p, bool has_mask, const at::Te
   return nullptr;
 }
 
-bool try_attention_forward_mma(const AttentionParams& p, bool has_mask, const at::Tensor& q,
-                               const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                               const at::Tensor& lse) {
+bool try_attention_forward_mma(const AttentionParams& p, bool has_mask, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse) {
   // cuda_fast (kernel_config.h): off = always the safety net (to compare the two), require =
   // raise when this kernel cannot serve the call (tests use it to pin the path they check).
   if (p.config.cuda_fast == PathMode::kOff) return false;
@@ -68,7 +67,8 @@ bool try_attention_forward_mma(const AttentionParams& p, bool has_mask, const at
   const char* why = mma_ineligible(p, has_mask, q, k, v, out);
   TORCH_CHECK(why == nullptr || !require,
               "flash_attn_ext.attention_forward: kernel_config(cuda_fast='require') but the tensor-core kernel "
-              "cannot serve this call: ", why);
+              "cannot serve this call: ",
+              why);
   if (why != nullptr) return false;
   const auto dtype = q.scalar_type();
   const int64_t dim = p.dim_qk;
@@ -84,7 +84,8 @@ bool try_attention_forward_mma(const AttentionParams& p, bool has_mask, const at
                                            : dispatch_head_dim<__nv_bfloat16>(mp, dim, smem, stream);
   TORCH_CHECK(launched || !require,
               "flash_attn_ext.attention_forward: kernel_config(cuda_fast='require') but the tensor-core kernel "
-              "needs more shared memory than this GPU gives a block (", smem, " bytes)");
+              "needs more shared memory than this GPU gives a block (",
+              smem, " bytes)");
   return launched;
 }
 

@@ -21,9 +21,8 @@ bool launch_attention_forward_mma(const MmaParams& mp, int64_t smem_limit, cudaS
 // equal head dims of FAE_MMA_FORWARD_HEAD_DIMS, no attn_mask, no dropout, no per-sequence lengths,
 // 16-byte aligned rows, an sm_80+ GPU, p.config.cuda_fast not off); returns false,
 // having done nothing, otherwise, and the safety-net kernel serves the call.
-bool try_attention_forward_mma(const AttentionParams& p, bool has_mask, const at::Tensor& q,
-                               const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                               const at::Tensor& lse);
+bool try_attention_forward_mma(const AttentionParams& p, bool has_mask, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse);
 
 // Why the tensor-core kernels cannot serve a call on these tensors (`out`: the output, or
 // grad_out for the backward), or nullptr when they can.

@@ -31,18 +31,17 @@ namespace mma_detail {
 
 template <int kHeadDim>
 struct Tiles {
-  static constexpr int kBlockM = 64;                        // query rows per block
+  static constexpr int kBlockM = 64;                         // query rows per block
   static constexpr int kBlockN = kHeadDim <= 128 ? 64 : 32;  // keys per tile
-  static constexpr int kThreads = 128;                      // 4 warps x 16 rows
-  static constexpr int kStride = kHeadDim + 8;              // padded row, in elements
+  static constexpr int kThreads = 128;                       // 4 warps x 16 rows
+  static constexpr int kStride = kHeadDim + 8;               // padded row, in elements
   static constexpr int kSmemQ = kBlockM * kStride;
   static constexpr int kSmemKV = kBlockN * kStride;
   static constexpr size_t kSmemBytes = (kSmemQ + 4 * kSmemKV) * sizeof(uint16_t);
 };
 
 template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(Tiles<kHeadDim>::kThreads)
-    attention_forward_mma_kernel(const MmaParams mp) {
+__global__ void __launch_bounds__(Tiles<kHeadDim>::kThreads) attention_forward_mma_kernel(const MmaParams mp) {
   using TL = Tiles<kHeadDim>;
   constexpr int kBlockM = TL::kBlockM, kBlockN = TL::kBlockN, kStride = TL::kStride;
   constexpr int kDimTiles = kHeadDim / 8;  // n8 tiles of the output row
@@ -92,8 +91,10 @@ __global__ void __launch_bounds__(Tiles<kHeadDim>::kThreads)
     __syncthreads();  // tile `it` landed, and every warp is done with the other buffer
     if (it + 1 < n_tiles) {
       const int64_t n1 = n0 + kBlockN;
-      load_tile<kBlockN, kHeadDim, kStride, TL::kThreads>(sK0 + (cur ^ 1) * TL::kSmemKV, k, mp.k_sl, n1, p.len_k - n1, tid);
-      load_tile<kBlockN, kHeadDim, kStride, TL::kThreads>(sV0 + (cur ^ 1) * TL::kSmemKV, v, mp.v_sl, n1, p.len_k - n1, tid);
+      load_tile<kBlockN, kHeadDim, kStride, TL::kThreads>(sK0 + (cur ^ 1) * TL::kSmemKV, k, mp.k_sl, n1, p.len_k - n1,
+                                                          tid);
+      load_tile<kBlockN, kHeadDim, kStride, TL::kThreads>(sV0 + (cur ^ 1) * TL::kSmemKV, v, mp.v_sl, n1, p.len_k - n1,
+                                                          tid);
     }
     cp_async_commit();
     const uint16_t* sK = sK0 + cur * TL::kSmemKV;
@@ -117,9 +118,8 @@ __global__ void __launch_bounds__(Tiles<kHeadDim>::kThreads)
     }
 
     // Scale to base 2 and mask what the window or the sequence end hides.
-    const bool inside = n0 + kBlockN <= p.len_k &&
-                        tile_fully_visible(m0, m0 + kBlockM, n0, n0 + kBlockN, p.align_offset,
-                                           p.window_left, p.window_right);
+    const bool inside = n0 + kBlockN <= p.len_k && tile_fully_visible(m0, m0 + kBlockM, n0, n0 + kBlockN,
+                                                                      p.align_offset, p.window_left, p.window_right);
 #pragma unroll
     for (int nt = 0; nt < kKeyTiles; ++nt) {
 #pragma unroll
@@ -219,8 +219,8 @@ bool launch_attention_forward_mma(const MmaParams& mp, int64_t smem_limit, cudaS
   if (static_cast<int64_t>(TL::kSmemBytes) > smem_limit) return false;  // e.g. D=256 beyond 99 KB parts
   const auto kernel = mma_detail::attention_forward_mma_kernel<T, kHeadDim>;
   if (TL::kSmemBytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(TL::kSmemBytes)));
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(TL::kSmemBytes)));
   }
   const int64_t blocks = (mp.p.len_q + TL::kBlockM - 1) / TL::kBlockM * mp.p.heads_q * mp.p.batch;
   kernel<<<static_cast<unsigned int>(blocks), TL::kThreads, TL::kSmemBytes, stream>>>(mp);

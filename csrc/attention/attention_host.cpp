@@ -10,96 +10,85 @@ namespace {
 
 void check_floating(const char* op, const char* name, const at::Tensor& t) {
   const auto st = t.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-                   op, ": ", name, " must be float32, float64, float16 or bfloat16, got ", st);
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op, ": ", name,
+                   " must be float32, float64, float16 or bfloat16, got ", st);
 }
 
 void check_last_dim_contiguous(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.numel() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, op, ": ", name,
-                    " must have a contiguous last dimension (stride 1), got stride ",
-                    t.stride(-1), "; call .contiguous() first");
+                    " must have a contiguous last dimension (stride 1), got stride ", t.stride(-1),
+                    "; call .contiguous() first");
 }
 
 }  // namespace
 
-void check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
-                            const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
-                            double dropout_p, double scale, int64_t window_left,
-                            int64_t window_right, bool paged_kv) {
-  TORCH_CHECK_VALUE(q.dim() == 4, op, ": query must be 4-D (batch, heads, len_q, head_dim), got ",
-                    q.dim(), "-D with shape ", q.sizes());
-  TORCH_CHECK_VALUE(k.dim() == 4, op, ": key must be 4-D (batch, kv_heads, len_k, head_dim), got ",
-                    k.dim(), "-D with shape ", k.sizes());
-  TORCH_CHECK_VALUE(v.dim() == 4, op,
-                    ": value must be 4-D (batch, kv_heads, len_k, head_dim_v), got ", v.dim(),
+void check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
+                            int64_t window_left, int64_t window_right, bool paged_kv) {
+  TORCH_CHECK_VALUE(q.dim() == 4, op, ": query must be 4-D (batch, heads, len_q, head_dim), got ", q.dim(),
+                    "-D with shape ", q.sizes());
+  TORCH_CHECK_VALUE(k.dim() == 4, op, ": key must be 4-D (batch, kv_heads, len_k, head_dim), got ", k.dim(),
+                    "-D with shape ", k.sizes());
+  TORCH_CHECK_VALUE(v.dim() == 4, op, ": value must be 4-D (batch, kv_heads, len_k, head_dim_v), got ", v.dim(),
                     "-D with shape ", v.sizes());
   check_floating(op, "query", q);
   TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
-                   ": query, key and value must have the same dtype, got query ", q.scalar_type(),
-                   ", key ", k.scalar_type(), ", value ", v.scalar_type());
+                   ": query, key and value must have the same dtype, got query ", q.scalar_type(), ", key ",
+                   k.scalar_type(), ", value ", v.scalar_type());
   TORCH_CHECK_VALUE(k.device() == q.device() && v.device() == q.device(), op,
-                    ": query, key and value must be on the same device, got query ", q.device(),
-                    ", key ", k.device(), ", value ", v.device());
-  TORCH_CHECK_VALUE(v.size(0) == k.size(0) && (paged_kv || k.size(0) == q.size(0)), op,
-                    ": batch sizes differ: query ", q.size(0), ", key ", k.size(0), ", value ",
-                    v.size(0));
+                    ": query, key and value must be on the same device, got query ", q.device(), ", key ", k.device(),
+                    ", value ", v.device());
+  TORCH_CHECK_VALUE(v.size(0) == k.size(0) && (paged_kv || k.size(0) == q.size(0)), op, ": batch sizes differ: query ",
+                    q.size(0), ", key ", k.size(0), ", value ", v.size(0));
   TORCH_CHECK_VALUE(k.size(1) == v.size(1), op, ": key and value must have the same number of heads, got key ",
                     k.size(1), ", value ", v.size(1));
-  TORCH_CHECK_VALUE(k.size(2) == v.size(2), op, ": key and value must have the same length, got key ",
-                    k.size(2), ", value ", v.size(2));
-  TORCH_CHECK_VALUE(q.size(3) == k.size(3), op, ": query and key head dims differ: query ",
-                    q.size(3), ", key ", k.size(3));
+  TORCH_CHECK_VALUE(k.size(2) == v.size(2), op, ": key and value must have the same length, got key ", k.size(2),
+                    ", value ", v.size(2));
+  TORCH_CHECK_VALUE(q.size(3) == k.size(3), op, ": query and key head dims differ: query ", q.size(3), ", key ",
+                    k.size(3));
   TORCH_CHECK_VALUE((k.size(1) >= 1 && q.size(1) % k.size(1) == 0) || (q.size(1) == 0 && k.size(1) == 0), op,
-                    ": number of query heads (", q.size(1),
-                    ") must be a multiple of the number of key/value heads (", k.size(1), ")");
+                    ": number of query heads (", q.size(1), ") must be a multiple of the number of key/value heads (",
+                    k.size(1), ")");
   check_last_dim_contiguous(op, "query", q);
   check_last_dim_contiguous(op, "key", k);
   check_last_dim_contiguous(op, "value", v);
-  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ",
-                    dropout_p);
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
   TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite, got ", scale);
-  TORCH_CHECK_VALUE(window_left >= -1, op, ": window_left must be >= -1 (-1 = unbounded), got ",
-                    window_left);
-  TORCH_CHECK_VALUE(window_right >= -1, op, ": window_right must be >= -1 (-1 = unbounded), got ",
-                    window_right);
+  TORCH_CHECK_VALUE(window_left >= -1, op, ": window_left must be >= -1 (-1 = unbounded), got ", window_left);
+  TORCH_CHECK_VALUE(window_right >= -1, op, ": window_right must be >= -1 (-1 = unbounded), got ", window_right);
   if (attn_mask.has_value() && attn_mask->defined()) {
     const at::Tensor& m = *attn_mask;
     TORCH_CHECK_TYPE(m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type()), op,
                      ": attn_mask must be bool or floating point, got ", m.scalar_type());
-    TORCH_CHECK_VALUE(m.device() == q.device(), op, ": attn_mask must be on ", q.device(),
-                      ", got ", m.device());
-    TORCH_CHECK_VALUE(m.dim() == 4, op,
-                      ": attn_mask must be 4-D, broadcastable to (batch, heads, len_q, len_k), got ",
+    TORCH_CHECK_VALUE(m.device() == q.device(), op, ": attn_mask must be on ", q.device(), ", got ", m.device());
+    TORCH_CHECK_VALUE(m.dim() == 4, op, ": attn_mask must be 4-D, broadcastable to (batch, heads, len_q, len_k), got ",
                       m.dim(), "-D with shape ", m.sizes());
     const int64_t want[4] = {q.size(0), q.size(1), q.size(2), k.size(2)};
     for (int d = 0; d < 4; ++d) {
-      TORCH_CHECK_VALUE(m.size(d) == want[d] || m.size(d) == 1, op, ": attn_mask of shape ",
-                        m.sizes(), " is not broadcastable to (", want[0], ", ", want[1], ", ",
-                        want[2], ", ", want[3], ")");
+      TORCH_CHECK_VALUE(m.size(d) == want[d] || m.size(d) == 1, op, ": attn_mask of shape ", m.sizes(),
+                        " is not broadcastable to (", want[0], ", ", want[1], ", ", want[2], ", ", want[3], ")");
     }
   }
 }
 
-void check_attention_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q,
-                                     const at::Tensor& k, const at::Tensor& v,
-                                     const at::Tensor& out, const at::Tensor& lse,
+void check_attention_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                      const at::Tensor& rng_state) {
   const char* op = "flash_attn_ext.attention_backward";
   const std::vector<int64_t> out_shape = {q.size(0), q.size(1), q.size(2), v.size(3)};
-  TORCH_CHECK_VALUE(out.sizes() == out_shape, op, ": out must have shape ", out_shape, ", got ",
-                    out.sizes());
-  TORCH_CHECK_VALUE(grad_out.sizes() == out_shape, op, ": grad_out must have shape ", out_shape,
-                    ", got ", grad_out.sizes());
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
-                   op, ": grad_out and out must have the query's dtype ", q.scalar_type(),
-                   ", got ", grad_out.scalar_type(), " and ", out.scalar_type());
+  TORCH_CHECK_VALUE(out.sizes() == out_shape, op, ": out must have shape ", out_shape, ", got ", out.sizes());
+  TORCH_CHECK_VALUE(grad_out.sizes() == out_shape, op, ": grad_out must have shape ", out_shape, ", got ",
+                    grad_out.sizes());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), op,
+                   ": grad_out and out must have the query's dtype ", q.scalar_type(), ", got ", grad_out.scalar_type(),
+                   " and ", out.scalar_type());
   check_last_dim_contiguous(op, "grad_out", grad_out);
   check_last_dim_contiguous(op, "out", out);
   const std::vector<int64_t> lse_shape = {q.size(0), q.size(1), q.size(2)};
-  TORCH_CHECK_VALUE(lse.sizes() == lse_shape && lse.is_contiguous(), op,
-                    ": lse must be a contiguous tensor of shape ", lse_shape, ", got ", lse.sizes());
-  TORCH_CHECK_TYPE(lse.scalar_type() == lse_dtype(q.scalar_type()), op, ": lse must be ",
-                   lse_dtype(q.scalar_type()), ", got ", lse.scalar_type());
+  TORCH_CHECK_VALUE(lse.sizes() == lse_shape && lse.is_contiguous(), op, ": lse must be a contiguous tensor of shape ",
+                    lse_shape, ", got ", lse.sizes());
+  TORCH_CHECK_TYPE(lse.scalar_type() == lse_dtype(q.scalar_type()), op, ": lse must be ", lse_dtype(q.scalar_type()),
+                   ", got ", lse.scalar_type());
   TORCH_CHECK_VALUE(rng_state.numel() == 2 && rng_state.scalar_type() == at::kLong, op,
                     ": rng_state must be the int64 tensor of 2 elements returned by the forward");
 }
@@ -117,18 +106,17 @@ void set_alibi_slopes(const char* op, AttentionParams& p, const std::optional<at
   TORCH_CHECK_VALUE(a.device() == device, op, ": alibi_slopes must be on ", device, ", got ", a.device());
   const bool per_head = a.dim() == 1 && a.size(0) == p.heads_q;
   const bool per_batch = a.dim() == 2 && a.size(0) == p.batch && a.size(1) == p.heads_q;
-  TORCH_CHECK_VALUE(per_head || per_batch, op, ": alibi_slopes must have shape (", p.heads_q, ",) or (", p.batch,
-                    ", ", p.heads_q, "), got ", a.sizes());
+  TORCH_CHECK_VALUE(per_head || per_batch, op, ": alibi_slopes must have shape (", p.heads_q, ",) or (", p.batch, ", ",
+                    p.heads_q, "), got ", a.sizes());
   TORCH_CHECK_VALUE(a.size(-1) <= 1 || a.stride(-1) == 1, op,
                     ": alibi_slopes must have a contiguous last dimension, got stride ", a.stride(-1));
   p.alibi_slopes = a.data_ptr<float>();
   p.alibi_batch_stride = per_batch && a.size(0) > 1 ? a.stride(0) : 0;
 }
 
-AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k,
-                                      const at::Tensor& v, double dropout_p, double scale,
-                                      int64_t window_left, int64_t window_right,
-                                      bool bottom_right, double softcap) {
+AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double dropout_p,
+                                      double scale, int64_t window_left, int64_t window_right, bool bottom_right,
+                                      double softcap) {
   AttentionParams p;
   p.batch = q.size(0);
   p.heads_q = q.size(1);
@@ -173,10 +161,10 @@ std::vector<int64_t> read_cache_seqlens(const char* op, const at::Tensor& cache_
                                         const at::Device& device) {
   TORCH_CHECK_TYPE(cache_seqlens.scalar_type() == at::kInt || cache_seqlens.scalar_type() == at::kLong, op,
                    ": cache_seqlens must be int32 or int64, got ", cache_seqlens.scalar_type());
-  TORCH_CHECK_VALUE(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == batch, op,
-                    ": cache_seqlens must have shape (", batch, "), got ", cache_seqlens.sizes());
-  TORCH_CHECK_VALUE(cache_seqlens.device() == device, op, ": cache_seqlens is on ",
-                    cache_seqlens.device(), ", expected ", device);
+  TORCH_CHECK_VALUE(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == batch, op, ": cache_seqlens must have shape (",
+                    batch, "), got ", cache_seqlens.sizes());
+  TORCH_CHECK_VALUE(cache_seqlens.device() == device, op, ": cache_seqlens is on ", cache_seqlens.device(),
+                    ", expected ", device);
   const at::Tensor s = cache_seqlens.to(at::kCPU, at::kLong).contiguous();
   return std::vector<int64_t>(s.data_ptr<int64_t>(), s.data_ptr<int64_t>() + batch);
 }
@@ -185,15 +173,13 @@ at::Tensor empty_attention_output(const at::Tensor& q, int64_t dim_v) {
   return at::empty({q.size(0), q.size(2), q.size(1), dim_v}, q.options()).transpose(1, 2);
 }
 
-at::ScalarType lse_dtype(at::ScalarType input_dtype) {
-  return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
+at::ScalarType lse_dtype(at::ScalarType input_dtype) { return input_dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check_head_dims(const char* op, int64_t dim_qk, int64_t dim_v, const DeviceLimits& limits) {
   if (limits.max_head_dim <= 0) return;
   TORCH_CHECK_VALUE(dim_qk <= limits.max_head_dim && dim_v <= limits.max_head_dim, op, ": the ", limits.kernels,
-                    " kernels support head dims up to ", limits.max_head_dim, ", got query/key ", dim_qk,
-                    " and value ", dim_v);
+                    " kernels support head dims up to ", limits.max_head_dim, ", got query/key ", dim_qk, " and value ",
+                    dim_v);
 }
 
 ForwardCall prepare_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

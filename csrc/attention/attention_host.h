@@ -16,15 +16,13 @@ namespace flash_attn_ext {
 // broadcastable to (B, Hq, L, S), bool or floating), dropout_p in [0, 1), a finite scale
 // and windows >= -1. `op` names the caller in messages.
 // paged_kv: k/v are the blocks of a paged cache (their first dim counts blocks, not sequences).
-void check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
-                            const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
-                            double dropout_p, double scale, int64_t window_left,
-                            int64_t window_right, bool paged_kv = false);
+void check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
+                            int64_t window_left, int64_t window_right, bool paged_kv = false);
 
 // Backward also checks that grad_out, out and lse match the forward's shapes.
-void check_attention_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q,
-                                     const at::Tensor& k, const at::Tensor& v,
-                                     const at::Tensor& out, const at::Tensor& lse,
+void check_attention_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                      const at::Tensor& rng_state);
 
 // softcap must be finite and >= 0 (0 = off).
@@ -35,10 +33,9 @@ void check_softcap(const char* op, double softcap);
 void set_alibi_slopes(const char* op, AttentionParams& p, const std::optional<at::Tensor>& alibi_slopes,
                       const at::Device& device);
 
-AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k,
-                                      const at::Tensor& v, double dropout_p, double scale,
-                                      int64_t window_left, int64_t window_right,
-                                      bool bottom_right, double softcap);
+AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double dropout_p,
+                                      double scale, int64_t window_left, int64_t window_right, bool bottom_right,
+                                      double softcap);
 
 MaskView make_mask_view(const std::optional<at::Tensor>& attn_mask);
 

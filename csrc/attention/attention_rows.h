@@ -64,7 +64,9 @@ FAE_HOST_DEVICE Strided<T> q_view(Strided<T> s, const AttentionParams& p) {
 
 struct SingleLane {  // the host build: one lane holds the whole row
   template <typename Acc>
-  FAE_HOST_DEVICE static Acc sum(Acc x) { return x; }
+  FAE_HOST_DEVICE static Acc sum(Acc x) {
+    return x;
+  }
 };
 
 FAE_HOST_DEVICE float exp_(float x) { return expf(x); }
@@ -73,7 +75,9 @@ FAE_HOST_DEVICE float log_(float x) { return logf(x); }
 FAE_HOST_DEVICE double log_(double x) { return log(x); }
 
 template <typename Acc>
-FAE_HOST_DEVICE constexpr Acc neg_inf() { return -std::numeric_limits<Acc>::infinity(); }
+FAE_HOST_DEVICE constexpr Acc neg_inf() {
+  return -std::numeric_limits<Acc>::infinity();
+}
 
 FAE_HOST_DEVICE float bits_to_float(uint32_t bits) {
   float f;
@@ -94,9 +98,7 @@ FAE_HOST_DEVICE float half_bits_to_float(uint16_t h) {
   return bits_to_float(sign | ((exponent + 112) << 23) | (mantissa << 13));
 }
 
-FAE_HOST_DEVICE float bfloat16_bits_to_float(uint16_t h) {
-  return bits_to_float(static_cast<uint32_t>(h) << 16);
-}
+FAE_HOST_DEVICE float bfloat16_bits_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
 
 // The user mask's contribution to score (b, h, i, j): 0 or -inf for bool masks, the value
 // for float masks, 0 without a mask.
@@ -104,18 +106,12 @@ template <typename Acc>
 FAE_HOST_DEVICE Acc mask_bias(const MaskView& m, int64_t b, int64_t h, int64_t i, int64_t j) {
   const int64_t at = b * m.stride_b + h * m.stride_h + i * m.stride_i + j * m.stride_j;
   switch (m.kind) {
-    case MaskKind::kBool:
-      return static_cast<const uint8_t*>(m.data)[at] ? Acc(0) : neg_inf<Acc>();
-    case MaskKind::kFloat32:
-      return static_cast<Acc>(static_cast<const float*>(m.data)[at]);
-    case MaskKind::kFloat64:
-      return static_cast<Acc>(static_cast<const double*>(m.data)[at]);
-    case MaskKind::kFloat16:
-      return static_cast<Acc>(half_bits_to_float(static_cast<const uint16_t*>(m.data)[at]));
-    case MaskKind::kBFloat16:
-      return static_cast<Acc>(bfloat16_bits_to_float(static_cast<const uint16_t*>(m.data)[at]));
-    case MaskKind::kNone:
-      break;
+    case MaskKind::kBool: return static_cast<const uint8_t*>(m.data)[at] ? Acc(0) : neg_inf<Acc>();
+    case MaskKind::kFloat32: return static_cast<Acc>(static_cast<const float*>(m.data)[at]);
+    case MaskKind::kFloat64: return static_cast<Acc>(static_cast<const double*>(m.data)[at]);
+    case MaskKind::kFloat16: return static_cast<Acc>(half_bits_to_float(static_cast<const uint16_t*>(m.data)[at]));
+    case MaskKind::kBFloat16: return static_cast<Acc>(bfloat16_bits_to_float(static_cast<const uint16_t*>(m.data)[at]));
+    case MaskKind::kNone: break;
   }
   return Acc(0);
 }
@@ -124,7 +120,7 @@ FAE_HOST_DEVICE Acc mask_bias(const MaskView& m, int64_t b, int64_t h, int64_t i
 template <typename T, typename Acc, int kLanes, int kPerLane, typename Reduce>
 FAE_HOST_DEVICE Acc dot(const Acc (&q)[kPerLane], const T* k, int64_t dim, Acc scale, int lane) {
   Acc s = 0;
-FAE_UNROLL
+  FAE_UNROLL
   for (int t = 0; t < kPerLane; ++t) {
     const int64_t d = lane + t * kLanes;
     if (d < dim) s += q[t] * static_cast<Acc>(k[d]);
@@ -136,9 +132,8 @@ FAE_UNROLL
 // means "not attended". `capped` receives the score before the mask (the backward's softcap
 // slope needs it).
 template <typename T, typename Acc, int kLanes, int kPerLane, typename Reduce>
-FAE_HOST_DEVICE Acc score(const Acc (&q)[kPerLane], const T* k, int64_t dim, Acc scale, Acc cap,
-                          int lane, const MaskView& mask, int64_t b, int64_t h, int64_t i, int64_t j,
-                          Acc* capped = nullptr) {
+FAE_HOST_DEVICE Acc score(const Acc (&q)[kPerLane], const T* k, int64_t dim, Acc scale, Acc cap, int lane,
+                          const MaskView& mask, int64_t b, int64_t h, int64_t i, int64_t j, Acc* capped = nullptr) {
   Acc s = apply_softcap(dot<T, Acc, kLanes, kPerLane, Reduce>(q, k, dim, scale, lane), cap);
   if (capped != nullptr) *capped = s;
   if (mask.kind != MaskKind::kNone) s += mask_bias<Acc>(mask, b, h, i, j);
@@ -147,7 +142,7 @@ FAE_HOST_DEVICE Acc score(const Acc (&q)[kPerLane], const T* k, int64_t dim, Acc
 
 template <typename T, typename Acc, int kLanes, int kPerLane>
 FAE_HOST_DEVICE void load(Acc (&dst)[kPerLane], const T* src, int64_t dim, int lane) {
-FAE_UNROLL
+  FAE_UNROLL
   for (int t = 0; t < kPerLane; ++t) {
     const int64_t d = lane + t * kLanes;
     dst[t] = d < dim ? static_cast<Acc>(src[d]) : Acc(0);
@@ -156,7 +151,7 @@ FAE_UNROLL
 
 template <typename T, typename Acc, int kLanes, int kPerLane>
 FAE_HOST_DEVICE void store(T* dst, const Acc (&src)[kPerLane], Acc factor, int64_t dim, int lane) {
-FAE_UNROLL
+  FAE_UNROLL
   for (int t = 0; t < kPerLane; ++t) {
     const int64_t d = lane + t * kLanes;
     if (d < dim) dst[d] = static_cast<T>(src[t] * factor);
@@ -171,9 +166,8 @@ FAE_HOST_DEVICE Acc dropout_scale(const AttentionParams& p) {
 // Forward of query row (b, h, i): out row and lse[(b * Hq + h) * L + i]. A row with no
 // visible key gets zeros and lse = -inf; a NaN score makes the row (and only it) NaN.
 template <typename T, typename Acc, int kLanes, int kPerLane, typename Reduce>
-FAE_HOST_DEVICE void forward_row(const AttentionParams& p, const MaskView& mask,
-                                 const Strided<const T>& q, const Strided<const T>& k,
-                                 const Strided<const T>& v, const Strided<T>& out, Acc* lse,
+FAE_HOST_DEVICE void forward_row(const AttentionParams& p, const MaskView& mask, const Strided<const T>& q,
+                                 const Strided<const T>& k, const Strided<const T>& v, const Strided<T>& out, Acc* lse,
                                  int64_t b, int64_t h, int64_t i, int lane) {
   const AttentionParams pb = p.for_batch(b);
   if (i >= pb.len_q) return;  // past a packed sequence's end
@@ -183,14 +177,14 @@ FAE_HOST_DEVICE void forward_row(const AttentionParams& p, const MaskView& mask,
   const uint32_t threshold = dropout_threshold(p.dropout_p);
   Acc qr[kPerLane], acc[kPerLane];
   load<T, Acc, kLanes, kPerLane>(qr, q.row(b, h, i), p.dim_qk, lane);
-FAE_UNROLL
+  FAE_UNROLL
   for (int t = 0; t < kPerLane; ++t) acc[t] = 0;
   Acc m = neg_inf<Acc>(), l = 0;
   const int64_t j_end = end_visible_key(i, pb.align_offset, pb.window_right, pb.len_k);
   for (int64_t j = first_visible_key(i, pb.align_offset, pb.window_left, pb.len_k); j < j_end; ++j) {
-    const Acc s = score<T, Acc, kLanes, kPerLane, Reduce>(qr, k.row(b, hk, j), p.dim_qk, scale,
-                                                          cap, lane, mask, b, h, i, j) +
-                  pb.alibi_bias<Acc>(b, h, i, j);
+    const Acc s =
+        score<T, Acc, kLanes, kPerLane, Reduce>(qr, k.row(b, hk, j), p.dim_qk, scale, cap, lane, mask, b, h, i, j) +
+        pb.alibi_bias<Acc>(b, h, i, j);
     if (s == neg_inf<Acc>()) continue;
     const Acc m_new = (s > m || s != s) ? s : m;
     const Acc alpha = exp_(m - m_new);  // 0 for the first visible key (m = -inf)
@@ -199,7 +193,7 @@ FAE_UNROLL
     m = m_new;
     if (dropout && !dropout_keep(p.dropout_seed, p.dropout_offset, bh, i, j, threshold)) prob = 0;
     const T* vj = v.row(b, hk, j);
-FAE_UNROLL
+    FAE_UNROLL
     for (int t = 0; t < kPerLane; ++t) {
       const int64_t d = lane + t * kLanes;
       if (d < p.dim_v) acc[t] = acc[t] * alpha + prob * static_cast<Acc>(vj[d]);
@@ -212,14 +206,13 @@ FAE_UNROLL
 
 // delta[row_index(b, h, i)] = <dO_i, O_i>, the row term of the softmax gradient.
 template <typename T, typename Acc, int kLanes, int kPerLane, typename Reduce>
-FAE_HOST_DEVICE void delta_row(const AttentionParams& p, const Strided<const T>& grad_out,
-                               const Strided<const T>& out, Acc* delta, int64_t b, int64_t h,
-                               int64_t i, int lane) {
+FAE_HOST_DEVICE void delta_row(const AttentionParams& p, const Strided<const T>& grad_out, const Strided<const T>& out,
+                               Acc* delta, int64_t b, int64_t h, int64_t i, int lane) {
   if (i >= p.for_batch(b).len_q) return;
   const T* go = grad_out.row(b, h, i);
   const T* o = out.row(b, h, i);
   Acc s = 0;
-FAE_UNROLL
+  FAE_UNROLL
   for (int t = 0; t < kPerLane; ++t) {
     const int64_t d = lane + t * kLanes;
     if (d < p.dim_v) s += static_cast<Acc>(go[d]) * static_cast<Acc>(o[d]);
@@ -244,11 +237,10 @@ FAE_HOST_DEVICE ScoreGrad<Acc> score_grad(Acc prob, Acc dp, Acc delta_i, bool ke
 
 // dQ row (b, h, i) = scale * sum_j dS_ij K_j. Rows with lse = -inf saw no key: zeros.
 template <typename T, typename Acc, int kLanes, int kPerLane, typename Reduce>
-FAE_HOST_DEVICE void grad_query_row(const AttentionParams& p, const MaskView& mask,
-                                    const Strided<const T>& grad_out, const Strided<const T>& q,
-                                    const Strided<const T>& k, const Strided<const T>& v,
-                                    const Acc* lse, const Acc* delta, const Strided<T>& grad_q,
-                                    int64_t b, int64_t h, int64_t i, int lane) {
+FAE_HOST_DEVICE void grad_query_row(const AttentionParams& p, const MaskView& mask, const Strided<const T>& grad_out,
+                                    const Strided<const T>& q, const Strided<const T>& k, const Strided<const T>& v,
+                                    const Acc* lse, const Acc* delta, const Strided<T>& grad_q, int64_t b, int64_t h,
+                                    int64_t i, int lane) {
   const AttentionParams pb = p.for_batch(b);
   if (i >= pb.len_q) return;  // past a packed sequence's end
   const int64_t hk = p.kv_head(h), bh = b * p.heads_q + h;
@@ -260,22 +252,20 @@ FAE_HOST_DEVICE void grad_query_row(const AttentionParams& p, const MaskView& ma
   Acc qr[kPerLane], dor[kPerLane], dq[kPerLane];
   load<T, Acc, kLanes, kPerLane>(qr, q.row(b, h, i), p.dim_qk, lane);
   load<T, Acc, kLanes, kPerLane>(dor, grad_out.row(b, h, i), p.dim_v, lane);
-FAE_UNROLL
+  FAE_UNROLL
   for (int t = 0; t < kPerLane; ++t) dq[t] = 0;
-  const int64_t j_end = lse_i == neg_inf<Acc>()
-                            ? 0
-                            : end_visible_key(i, pb.align_offset, pb.window_right, pb.len_k);
+  const int64_t j_end = lse_i == neg_inf<Acc>() ? 0 : end_visible_key(i, pb.align_offset, pb.window_right, pb.len_k);
   for (int64_t j = first_visible_key(i, pb.align_offset, pb.window_left, pb.len_k); j < j_end; ++j) {
     const T* kj = k.row(b, hk, j);
     Acc capped;
-    const Acc s = score<T, Acc, kLanes, kPerLane, Reduce>(qr, kj, p.dim_qk, scale, cap, lane, mask,
-                                                          b, h, i, j, &capped) +
-                  pb.alibi_bias<Acc>(b, h, i, j);
+    const Acc s =
+        score<T, Acc, kLanes, kPerLane, Reduce>(qr, kj, p.dim_qk, scale, cap, lane, mask, b, h, i, j, &capped) +
+        pb.alibi_bias<Acc>(b, h, i, j);
     if (s == neg_inf<Acc>()) continue;
     const Acc dp = dot<T, Acc, kLanes, kPerLane, Reduce>(dor, v.row(b, hk, j), p.dim_v, Acc(1), lane);
     const bool keep = !dropout || dropout_keep(p.dropout_seed, p.dropout_offset, bh, i, j, threshold);
     const Acc ds = score_grad(exp_(s - lse_i), dp, delta_i, keep, keep_scale).ds * softcap_slope(capped, cap);
-FAE_UNROLL
+    FAE_UNROLL
     for (int t = 0; t < kPerLane; ++t) {
       const int64_t d = lane + t * kLanes;
       if (d < p.dim_qk) dq[t] += ds * static_cast<Acc>(kj[d]);
@@ -289,12 +279,10 @@ FAE_UNROLL
 // reduction over the group needs no atomics and is bitwise repeatable.
 template <typename T, typename Acc, int kLanes, int kPerLane, typename Reduce>
 FAE_HOST_DEVICE void grad_key_value_column(const AttentionParams& p, const MaskView& mask,
-                                           const Strided<const T>& grad_out,
-                                           const Strided<const T>& q, const Strided<const T>& k,
-                                           const Strided<const T>& v, const Acc* lse,
-                                           const Acc* delta, const Strided<T>& grad_k,
-                                           const Strided<T>& grad_v, int64_t b, int64_t hk,
-                                           int64_t j, int lane) {
+                                           const Strided<const T>& grad_out, const Strided<const T>& q,
+                                           const Strided<const T>& k, const Strided<const T>& v, const Acc* lse,
+                                           const Acc* delta, const Strided<T>& grad_k, const Strided<T>& grad_v,
+                                           int64_t b, int64_t hk, int64_t j, int lane) {
   const AttentionParams pb = p.for_batch(b);
   if (p.varlen() && j >= pb.len_k) return;  // past a packed sequence's end: another's rows
   const Acc scale = static_cast<Acc>(p.scale), keep_scale = dropout_scale<Acc>(p);
@@ -304,12 +292,12 @@ FAE_HOST_DEVICE void grad_key_value_column(const AttentionParams& p, const MaskV
   Acc kr[kPerLane], vr[kPerLane], dk[kPerLane], dv[kPerLane];
   load<T, Acc, kLanes, kPerLane>(kr, k.row(b, hk, j), p.dim_qk, lane);
   load<T, Acc, kLanes, kPerLane>(vr, v.row(b, hk, j), p.dim_v, lane);
-FAE_UNROLL
+  FAE_UNROLL
   for (int t = 0; t < kPerLane; ++t) dk[t] = dv[t] = 0;
   // Keys past a sequence's length (KV cache) are seen by no query.
-  const RowRange rows = j < pb.len_k ? visible_row_range(j, j + 1, pb.align_offset, pb.window_left,
-                                                         pb.window_right, pb.len_q)
-                                     : RowRange{0, 0};
+  const RowRange rows = j < pb.len_k
+                            ? visible_row_range(j, j + 1, pb.align_offset, pb.window_left, pb.window_right, pb.len_q)
+                            : RowRange{0, 0};
   const int64_t G = p.group_size();
   for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
     const int64_t bh = b * p.heads_q + h;
@@ -319,15 +307,15 @@ FAE_UNROLL
       const T* qi = q.row(b, h, i);
       const T* doi = grad_out.row(b, h, i);
       Acc capped;
-      const Acc s = score<T, Acc, kLanes, kPerLane, Reduce>(kr, qi, p.dim_qk, scale, cap, lane, mask,
-                                                            b, h, i, j, &capped) +
-                    pb.alibi_bias<Acc>(b, h, i, j);
+      const Acc s =
+          score<T, Acc, kLanes, kPerLane, Reduce>(kr, qi, p.dim_qk, scale, cap, lane, mask, b, h, i, j, &capped) +
+          pb.alibi_bias<Acc>(b, h, i, j);
       if (s == neg_inf<Acc>()) continue;
       const Acc dp = dot<T, Acc, kLanes, kPerLane, Reduce>(vr, doi, p.dim_v, Acc(1), lane);
       const bool keep = !dropout || dropout_keep(p.dropout_seed, p.dropout_offset, bh, i, j, threshold);
       ScoreGrad<Acc> g = score_grad(exp_(s - lse_i), dp, delta[p.row_index(b, h, i)], keep, keep_scale);
       g.ds *= softcap_slope(capped, cap);
-FAE_UNROLL
+      FAE_UNROLL
       for (int t = 0; t < kPerLane; ++t) {
         const int64_t d = lane + t * kLanes;
         if (d < p.dim_qk) dk[t] += g.ds * static_cast<Acc>(qi[d]);

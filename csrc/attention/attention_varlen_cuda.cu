@@ -20,8 +20,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_forward_cuda(
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
     const std::optional<at::Tensor>& alibi_slopes) {
   constexpr const char* kOp = "flash_attn_ext.attention_varlen_forward";
-  const VarlenCall call = make_varlen_call(kOp, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                           dropout_p, scale, window_left, window_right, bottom_right, softcap, alibi_slopes);
+  const VarlenCall call =
+      make_varlen_call(kOp, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale,
+                       window_left, window_right, bottom_right, softcap, alibi_slopes);
   check_head_dims(kOp, q.size(2), v.size(2), cuda_limits());
   const c10::cuda::CUDAGuard guard(q.device());
   auto [out, lse] = empty_varlen_outputs(q, v);
@@ -35,14 +36,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_forward_cuda(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state, const at::Tensor& cu_seqlens_q,
-    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes) {
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& rng_state, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p, double scale, int64_t window_left,
+    int64_t window_right, bool bottom_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   constexpr const char* kOp = "flash_attn_ext.attention_varlen_backward";
-  const VarlenCall call = make_varlen_call(kOp, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                           dropout_p, scale, window_left, window_right, bottom_right, softcap, alibi_slopes);
+  const VarlenCall call =
+      make_varlen_call(kOp, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale,
+                       window_left, window_right, bottom_right, softcap, alibi_slopes);
   check_varlen_backward_inputs(grad_out, q, v, out, lse, rng_state);
   check_head_dims(kOp, q.size(2), v.size(2), cuda_limits());
   const c10::cuda::CUDAGuard guard(q.device());
@@ -54,8 +55,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_cuda(
   // has exactly one writer, as in the dense backward.
   run_attention_backward_cuda(call.params, MaskView{}, as_heads_view(grad_out), as_heads_view(q), as_heads_view(k),
                               as_heads_view(v), as_heads_view(out), lse,
-                              dropout_p > 0.0 ? rng.data_ptr<int64_t>() : nullptr, as_heads_view(dq),
-                              as_heads_view(dk), as_heads_view(dv));
+                              dropout_p > 0.0 ? rng.data_ptr<int64_t>() : nullptr, as_heads_view(dq), as_heads_view(dk),
+                              as_heads_view(dv));
   return {dq, dk, dv};
 }
 

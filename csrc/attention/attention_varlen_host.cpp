@@ -12,12 +12,12 @@ namespace flash_attn_ext {
 namespace {
 
 // The sequence lengths of a cu_seqlens tensor, checked against its packed tensor's length.
-std::vector<int64_t> read_cu_seqlens(const char* op, const char* name, const at::Tensor& cu,
-                                     int64_t total, const char* tensor_name, const at::Device& device) {
+std::vector<int64_t> read_cu_seqlens(const char* op, const char* name, const at::Tensor& cu, int64_t total,
+                                     const char* tensor_name, const at::Device& device) {
   TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, op, ": ", name, " must be int32 (as flash-attn's), got ",
                    cu.scalar_type());
-  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1, op, ": ", name,
-                    " must be 1-D of shape (batch + 1,), got shape ", cu.sizes());
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1, op, ": ", name, " must be 1-D of shape (batch + 1,), got shape ",
+                    cu.sizes());
   TORCH_CHECK_VALUE(cu.device() == device, op, ": ", name, " is on ", cu.device(), ", expected ", device);
   const at::Tensor host = cu.to(at::kCPU, at::kLong).contiguous();
   const int64_t* c = host.data_ptr<int64_t>();
@@ -25,11 +25,11 @@ std::vector<int64_t> read_cu_seqlens(const char* op, const char* name, const at:
   std::vector<int64_t> lens(cu.size(0) - 1);
   for (size_t b = 0; b < lens.size(); ++b) {
     lens[b] = c[b + 1] - c[b];
-    TORCH_CHECK_VALUE(lens[b] >= 0, op, ": ", name, " must be non-decreasing, got ", name, "[", b, "] = ", c[b],
-                      " > ", name, "[", b + 1, "] = ", c[b + 1]);
+    TORCH_CHECK_VALUE(lens[b] >= 0, op, ": ", name, " must be non-decreasing, got ", name, "[", b, "] = ", c[b], " > ",
+                      name, "[", b + 1, "] = ", c[b + 1]);
   }
-  TORCH_CHECK_VALUE(c[cu.size(0) - 1] == total, op, ": ", name, "[-1] must equal ", tensor_name,
-                    ".size(0) = ", total, ", got ", c[cu.size(0) - 1]);
+  TORCH_CHECK_VALUE(c[cu.size(0) - 1] == total, op, ": ", name, "[-1] must equal ", tensor_name, ".size(0) = ", total,
+                    ", got ", c[cu.size(0) - 1]);
   return lens;
 }
 
@@ -41,9 +41,9 @@ void check_packed(const char* op, const char* name, const at::Tensor& t, const c
 }  // namespace
 
 VarlenCall make_varlen_call(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                            int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p, double scale,
-                            int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+                            const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                            int64_t max_seqlen_k, double dropout_p, double scale, int64_t window_left,
+                            int64_t window_right, bool bottom_right, double softcap,
                             const std::optional<at::Tensor>& alibi_slopes) {
   check_packed(op, "query", q, "(total_q, heads, head_dim)");
   check_packed(op, "key", k, "(total_k, kv_heads, head_dim)");
@@ -109,8 +109,8 @@ void check_varlen_backward_inputs(const at::Tensor& grad_out, const at::Tensor& 
   TORCH_CHECK_VALUE(grad_out.sizes() == out_shape, op, ": grad_out must have shape ", out_shape, ", got ",
                     grad_out.sizes());
   TORCH_CHECK_TYPE(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), op,
-                   ": grad_out and out must have the query's dtype ", q.scalar_type(), ", got ",
-                   grad_out.scalar_type(), " and ", out.scalar_type());
+                   ": grad_out and out must have the query's dtype ", q.scalar_type(), ", got ", grad_out.scalar_type(),
+                   " and ", out.scalar_type());
   for (const auto* t : {&grad_out, &out, &lse}) {
     TORCH_CHECK_VALUE(t->device() == q.device(), op, ": grad_out, out and lse must be on ", q.device());
   }

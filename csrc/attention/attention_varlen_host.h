@@ -14,7 +14,7 @@
 namespace flash_attn_ext {
 
 struct VarlenCall {
-  AttentionParams params;  // cu_seqlens_* point at the tensors below (device pointers on CUDA)
+  AttentionParams params;                 // cu_seqlens_* point at the tensors below (device pointers on CUDA)
   at::Tensor cu_seqlens_q, cu_seqlens_k;  // int32, contiguous, on the inputs' device
 };
 
@@ -23,9 +23,9 @@ struct VarlenCall {
 // least every sequence's length) and the attention options, reading cu_seqlens on the host,
 // before anything is allocated. `op` names the caller in messages.
 VarlenCall make_varlen_call(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                            int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p, double scale,
-                            int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+                            const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                            int64_t max_seqlen_k, double dropout_p, double scale, int64_t window_left,
+                            int64_t window_right, bool bottom_right, double softcap,
                             const std::optional<at::Tensor>& alibi_slopes);
 
 // The backward's extra checks: grad_out and out (total_q, Hq, Dv) in the query's dtype, lse

@@ -24,18 +24,18 @@ constexpr const char* kOp = "flash_attn_ext.merge_attention_states";
 void check_merge_inputs(const at::Tensor& out_a, const at::Tensor& lse_a, const at::Tensor& out_b,
                         const at::Tensor& lse_b) {
   TORCH_CHECK_VALUE(out_a.dim() >= 1 && out_a.sizes() == out_b.sizes(), kOp,
-                    ": out_a and out_b must have the same shape (..., head_dim), got ", out_a.sizes(),
-                    " and ", out_b.sizes());
-  TORCH_CHECK_VALUE(lse_a.sizes() == out_a.sizes().slice(0, out_a.dim() - 1) && lse_b.sizes() == lse_a.sizes(),
-                    kOp, ": lse_a and lse_b must have out_a's shape without its last dim ",
+                    ": out_a and out_b must have the same shape (..., head_dim), got ", out_a.sizes(), " and ",
+                    out_b.sizes());
+  TORCH_CHECK_VALUE(lse_a.sizes() == out_a.sizes().slice(0, out_a.dim() - 1) && lse_b.sizes() == lse_a.sizes(), kOp,
+                    ": lse_a and lse_b must have out_a's shape without its last dim ",
                     out_a.sizes().slice(0, out_a.dim() - 1), ", got ", lse_a.sizes(), " and ", lse_b.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(out_a.scalar_type()) && out_b.scalar_type() == out_a.scalar_type(), kOp,
                    ": out_a and out_b must share a floating dtype, got ", out_a.scalar_type(), " and ",
                    out_b.scalar_type());
   TORCH_CHECK_TYPE((lse_a.scalar_type() == at::kFloat || lse_a.scalar_type() == at::kDouble) &&
                        lse_b.scalar_type() == lse_a.scalar_type(),
-                   kOp, ": lse_a and lse_b must both be float32 or float64, got ", lse_a.scalar_type(),
-                   " and ", lse_b.scalar_type());
+                   kOp, ": lse_a and lse_b must both be float32 or float64, got ", lse_a.scalar_type(), " and ",
+                   lse_b.scalar_type());
   for (const auto* t : {&lse_a, &out_b, &lse_b}) {
     TORCH_CHECK_VALUE(t->device() == out_a.device(), kOp, ": all inputs must be on ", out_a.device());
   }
@@ -59,8 +59,8 @@ void merge_kernel(const at::Tensor& oa, const at::Tensor& la, const at::Tensor& 
       const lse_t wa = w.a, wb = w.b, l = w.lse;
       ql[r] = l;
       for (int64_t d = 0; d < D; ++d) {
-        po[r * D + d] = static_cast<scalar_t>(wa * static_cast<lse_t>(pa[r * D + d]) +
-                                              wb * static_cast<lse_t>(pb[r * D + d]));
+        po[r * D + d] =
+            static_cast<scalar_t>(wa * static_cast<lse_t>(pa[r * D + d]) + wb * static_cast<lse_t>(pb[r * D + d]));
       }
     }
   });
@@ -129,12 +129,8 @@ std::tuple<at::Tensor, at::Tensor> merge_attention_states_autograd(const at::Ten
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(flash_attn_ext, CPU, m) {
-  m.impl("merge_attention_states", &merge_attention_states_cpu);
-}
+TORCH_LIBRARY_IMPL(flash_attn_ext, CPU, m) { m.impl("merge_attention_states", &merge_attention_states_cpu); }
 
-TORCH_LIBRARY_IMPL(flash_attn_ext, Autograd, m) {
-  m.impl("merge_attention_states", &merge_attention_states_autograd);
-}
+TORCH_LIBRARY_IMPL(flash_attn_ext, Autograd, m) { m.impl("merge_attention_states", &merge_attention_states_autograd); }
 
 }  // namespace flash_attn_ext

@@ -13,8 +13,8 @@ namespace flash_attn_ext::cuda {
 namespace {
 
 template <typename T, typename L>
-__global__ void merge_kernel(const T* out_a, const L* lse_a, const T* out_b, const L* lse_b, T* out,
-                             L* lse, int64_t n_rows, int64_t dim) {
+__global__ void merge_kernel(const T* out_a, const L* lse_a, const T* out_b, const L* lse_b, T* out, L* lse,
+                             int64_t n_rows, int64_t dim) {
   const int64_t n = n_rows * dim, stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += stride) {
     const int64_t r = e / dim;
@@ -58,8 +58,6 @@ std::tuple<at::Tensor, at::Tensor> merge_attention_states_cuda(const at::Tensor&
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(flash_attn_ext, CUDA, m) {
-  m.impl("merge_attention_states", &merge_attention_states_cuda);
-}
+TORCH_LIBRARY_IMPL(flash_attn_ext, CUDA, m) { m.impl("merge_attention_states", &merge_attention_states_cuda); }
 
 }  // namespace flash_attn_ext::cuda

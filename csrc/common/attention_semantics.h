@@ -131,23 +131,20 @@ FAE_HOST_DEVICE Acc softcap_slope(Acc capped, Acc cap) {
 }
 
 // Key j is visible to query i iff i + o - left <= j <= i + o + right (a bound of -1 is open).
-FAE_HOST_DEVICE bool key_visible(int64_t i, int64_t j, int64_t offset, int64_t left,
-                                 int64_t right) {
+FAE_HOST_DEVICE bool key_visible(int64_t i, int64_t j, int64_t offset, int64_t left, int64_t right) {
   const int64_t center = i + offset;
   return (left < 0 || j >= center - left) && (right < 0 || j <= center + right);
 }
 
 // First visible key of query i (clamped to [0, len_k]).
-FAE_HOST_DEVICE int64_t first_visible_key(int64_t i, int64_t offset, int64_t left,
-                                          int64_t len_k) {
+FAE_HOST_DEVICE int64_t first_visible_key(int64_t i, int64_t offset, int64_t left, int64_t len_k) {
   if (left < 0) return 0;
   const int64_t j = i + offset - left;
   return j < 0 ? 0 : (j > len_k ? len_k : j);
 }
 
 // One past the last visible key of query i (clamped to [0, len_k]).
-FAE_HOST_DEVICE int64_t end_visible_key(int64_t i, int64_t offset, int64_t right,
-                                        int64_t len_k) {
+FAE_HOST_DEVICE int64_t end_visible_key(int64_t i, int64_t offset, int64_t right, int64_t len_k) {
   if (right < 0) return len_k;
   const int64_t j = i + offset + right + 1;
   return j < 0 ? 0 : (j > len_k ? len_k : j);
@@ -160,8 +157,8 @@ struct KeyRange {
   int64_t begin, end;
 };
 
-FAE_HOST_DEVICE KeyRange visible_key_range(int64_t row_begin, int64_t row_end, int64_t offset,
-                                           int64_t left, int64_t right, int64_t len_k) {
+FAE_HOST_DEVICE KeyRange visible_key_range(int64_t row_begin, int64_t row_end, int64_t offset, int64_t left,
+                                           int64_t right, int64_t len_k) {
   KeyRange r;
   r.begin = first_visible_key(row_begin, offset, left, len_k);
   r.end = end_visible_key(row_end - 1, offset, right, len_k);
@@ -175,8 +172,8 @@ struct RowRange {
   int64_t begin, end;
 };
 
-FAE_HOST_DEVICE RowRange visible_row_range(int64_t key_begin, int64_t key_end, int64_t offset,
-                                           int64_t left, int64_t right, int64_t len_q) {
+FAE_HOST_DEVICE RowRange visible_row_range(int64_t key_begin, int64_t key_end, int64_t offset, int64_t left,
+                                           int64_t right, int64_t len_q) {
   // j <= i + o + right  <=>  i >= j - o - right ; j >= i + o - left  <=>  i <= j - o + left
   RowRange r;
   int64_t b = right < 0 ? 0 : key_begin - offset - right;
@@ -189,9 +186,8 @@ FAE_HOST_DEVICE RowRange visible_row_range(int64_t key_begin, int64_t key_end, i
 
 // Does every (query, key) pair of the tile satisfy the window? Then the per-element
 // predicate is skipped for that tile.
-FAE_HOST_DEVICE bool tile_fully_visible(int64_t row_begin, int64_t row_end, int64_t key_begin,
-                                        int64_t key_end, int64_t offset, int64_t left,
-                                        int64_t right) {
+FAE_HOST_DEVICE bool tile_fully_visible(int64_t row_begin, int64_t row_end, int64_t key_begin, int64_t key_end,
+                                        int64_t offset, int64_t left, int64_t right) {
   // The tightest constraints come from the corners of the tile.
   return key_visible(row_end - 1, key_begin, offset, left, right) &&
          key_visible(row_begin, key_end - 1, offset, left, right);

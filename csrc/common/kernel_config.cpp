@@ -23,9 +23,12 @@ KernelConfig from_environment() {
   const auto mode = [&](const char* name, PathMode& field, const char* on_value) {
     const char* v = env(name);
     if (v == nullptr) return;
-    if (std::strcmp(v, "0") == 0) field = PathMode::kOff;
-    else if (std::strcmp(v, on_value) == 0) field = PathMode::kRequire;
-    else if (std::strcmp(v, "auto") == 0) field = PathMode::kAuto;
+    if (std::strcmp(v, "0") == 0)
+      field = PathMode::kOff;
+    else if (std::strcmp(v, on_value) == 0)
+      field = PathMode::kRequire;
+    else if (std::strcmp(v, "auto") == 0)
+      field = PathMode::kAuto;
     else
       TORCH_CHECK_VALUE(false, "flash_attn_ext: environment variable ", name, " must be '0', 'auto' or '", on_value,
                         "', got '", v, "'");
@@ -63,7 +66,7 @@ const char* mode_name(PathMode m) {
 
 struct ModeField {
   const char* name;
-  PathMode KernelConfig::*member;
+  PathMode KernelConfig::* member;
   bool has_require;  // auto | off only, otherwise
 };
 
@@ -111,9 +114,12 @@ std::string get_config_field(const KernelConfig& c, const std::string& name) {
 void set_config_field(KernelConfig& c, const std::string& name, const std::string& value) {
   for (const ModeField& f : kModeFields) {
     if (name != f.name) continue;
-    if (value == "auto") c.*f.member = PathMode::kAuto;
-    else if (value == "off") c.*f.member = PathMode::kOff;
-    else if (value == "require" && f.has_require) c.*f.member = PathMode::kRequire;
+    if (value == "auto")
+      c.*f.member = PathMode::kAuto;
+    else if (value == "off")
+      c.*f.member = PathMode::kOff;
+    else if (value == "require" && f.has_require)
+      c.*f.member = PathMode::kRequire;
     else
       TORCH_CHECK_VALUE(false, "flash_attn_ext.kernel_config: ", name,
                         f.has_require ? " must be 'auto', 'off' or 'require'" : " must be 'auto' or 'off'", ", got '",

@@ -105,8 +105,7 @@ FAE_INLINE void axpy_rows_bf16_n(const float* __restrict p, int64_t ld_p, int64_
 // kRows query rows against one key row. kUnroll independent accumulators per row keep the
 // FMA pipes busy when rows are few (one row alone would wait on its own FMA latency).
 template <int kRows, typename src_t>
-FAE_INLINE void dot_rows_n(const float* __restrict q, int64_t dim, const src_t* __restrict k, float* s,
-                           int64_t ld_s) {
+FAE_INLINE void dot_rows_n(const float* __restrict q, int64_t dim, const src_t* __restrict k, float* s, int64_t ld_s) {
   constexpr int kUnroll = kRows >= 4 ? 1 : 4 / kRows;
   v8f acc[kRows][kUnroll];
   for (int r = 0; r < kRows; ++r)
@@ -148,8 +147,8 @@ FAE_INLINE void dot_list_n(int64_t n, const float* const* q, const src_t* const*
 }
 
 template <typename src_t>
-FAE_INLINE void dot_list_any(int64_t n, const float* const* q, const src_t* const* k, float* const* s,
-                             int64_t rows, int64_t dim, int64_t ld_s, const PrefetchList& prefetch) {
+FAE_INLINE void dot_list_any(int64_t n, const float* const* q, const src_t* const* k, float* const* s, int64_t rows,
+                             int64_t dim, int64_t ld_s, const PrefetchList& prefetch) {
   switch (rows) {
     case 1: return dot_list_n<1>(n, q, k, s, dim, ld_s, prefetch);
     case 2: return dot_list_n<2>(n, q, k, s, dim, ld_s, prefetch);
@@ -166,8 +165,8 @@ FAE_INLINE void dot_list_any(int64_t n, const float* const* q, const src_t* cons
 // each step loads one V row's slice once and broadcasts one probability per row. Eight rows
 // use one vector each so 8 accumulators + V + broadcast fit AVX2's 16 registers.
 template <int kRows, typename src_t>
-FAE_INLINE void axpy_rows_n(const float* __restrict p, int64_t ld_p, int64_t cols, const src_t* const* v,
-                            int64_t dim, float* __restrict acc) {
+FAE_INLINE void axpy_rows_n(const float* __restrict p, int64_t ld_p, int64_t cols, const src_t* const* v, int64_t dim,
+                            float* __restrict acc) {
   constexpr int kWidth = kRows <= 4 ? 2 : 1;
   int64_t d = 0;
   for (; d + 8 * kWidth <= dim; d += 8 * kWidth) {
@@ -209,14 +208,38 @@ FAE_INLINE void axpy_rows_any(const float* p, int64_t ld_p, int64_t rows, int64_
     const float* pr = p + r0 * ld_p;
     float* ar = acc + r0 * dim;
     switch (rows - r0) {
-      case 1: axpy_rows_pick<1>(pr, ld_p, cols, v, dim, ar); r0 += 1; break;
-      case 2: axpy_rows_pick<2>(pr, ld_p, cols, v, dim, ar); r0 += 2; break;
-      case 3: axpy_rows_pick<3>(pr, ld_p, cols, v, dim, ar); r0 += 3; break;
-      case 4: axpy_rows_pick<4>(pr, ld_p, cols, v, dim, ar); r0 += 4; break;
-      case 5: axpy_rows_pick<5>(pr, ld_p, cols, v, dim, ar); r0 += 5; break;
-      case 6: axpy_rows_pick<6>(pr, ld_p, cols, v, dim, ar); r0 += 6; break;
-      case 7: axpy_rows_pick<7>(pr, ld_p, cols, v, dim, ar); r0 += 7; break;
-      default: axpy_rows_pick<8>(pr, ld_p, cols, v, dim, ar); r0 += 8; break;
+      case 1:
+        axpy_rows_pick<1>(pr, ld_p, cols, v, dim, ar);
+        r0 += 1;
+        break;
+      case 2:
+        axpy_rows_pick<2>(pr, ld_p, cols, v, dim, ar);
+        r0 += 2;
+        break;
+      case 3:
+        axpy_rows_pick<3>(pr, ld_p, cols, v, dim, ar);
+        r0 += 3;
+        break;
+      case 4:
+        axpy_rows_pick<4>(pr, ld_p, cols, v, dim, ar);
+        r0 += 4;
+        break;
+      case 5:
+        axpy_rows_pick<5>(pr, ld_p, cols, v, dim, ar);
+        r0 += 5;
+        break;
+      case 6:
+        axpy_rows_pick<6>(pr, ld_p, cols, v, dim, ar);
+        r0 += 6;
+        break;
+      case 7:
+        axpy_rows_pick<7>(pr, ld_p, cols, v, dim, ar);
+        r0 += 7;
+        break;
+      default:
+        axpy_rows_pick<8>(pr, ld_p, cols, v, dim, ar);
+        r0 += 8;
+        break;
     }
   }
 }
@@ -236,7 +259,8 @@ FAE_TARGET_BF16 inline void dot_rows_bf16_dp_n(const uint16_t* __restrict q, int
   for (int64_t d = 0; d < main_end; d += 16) {
     const __m256bh kv = (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + d));
     for (int r = 0; r < kRows; ++r)
-      acc[r] = _mm256_dpbf16_ps(acc[r], (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * dim + d)), kv);
+      acc[r] =
+          _mm256_dpbf16_ps(acc[r], (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * dim + d)), kv);
   }
   float sums[kRows + 3];
   for (int r = 0; r < kRows; r += 4)
@@ -325,8 +349,8 @@ void dot_rows(int64_t n, const float* const* q, const uint16_t* const* k_bf16, f
   dot_list_any(n, q, k_bf16, s, rows, dim, ld_s, prefetch);
 }
 
-void dot_rows(int64_t n, const double* const* q, const double* const* k, double* const* s, int64_t rows,
-              int64_t dim, int64_t ld_s, const PrefetchList& /*prefetch*/) {
+void dot_rows(int64_t n, const double* const* q, const double* const* k, double* const* s, int64_t rows, int64_t dim,
+              int64_t ld_s, const PrefetchList& /*prefetch*/) {
   for (int64_t e = 0; e < n; ++e)
     for (int64_t r = 0; r < rows; ++r) {
       double sum = 0.0;
@@ -342,8 +366,8 @@ void axpy_rows(const float* p, int64_t ld_p, int64_t rows, int64_t cols, const f
 }
 
 FAE_MULTIVERSION
-void axpy_rows(const float* p, int64_t ld_p, int64_t rows, int64_t cols, const uint16_t* const* v_bf16,
-               int64_t dim, float* acc) {
+void axpy_rows(const float* p, int64_t ld_p, int64_t rows, int64_t cols, const uint16_t* const* v_bf16, int64_t dim,
+               float* acc) {
   axpy_rows_any(p, ld_p, rows, cols, v_bf16, dim, acc);
 }
 

@@ -36,8 +36,8 @@ void dot_rows(int64_t n, const float* const* q, const float* const* k, float* co
               int64_t ld_s, const PrefetchList& prefetch);
 void dot_rows(int64_t n, const float* const* q, const uint16_t* const* k_bf16, float* const* s, int64_t rows,
               int64_t dim, int64_t ld_s, const PrefetchList& prefetch);
-void dot_rows(int64_t n, const double* const* q, const double* const* k, double* const* s, int64_t rows,
-              int64_t dim, int64_t ld_s, const PrefetchList& prefetch);
+void dot_rows(int64_t n, const double* const* q, const double* const* k, double* const* s, int64_t rows, int64_t dim,
+              int64_t ld_s, const PrefetchList& prefetch);
 
 // Scores of bf16 q rows (natural order, unscaled) against bf16 key rows with AVX512-BF16's
 // vdpbf16ps: exact bf16 products, summed in float32, times scale. Only where has_bf16_dot()
@@ -51,8 +51,8 @@ void dot_rows_bf16_dot(int64_t n, const uint16_t* const* q, const uint16_t* cons
 // caches read in place).
 void axpy_rows(const float* p, int64_t ld_p, int64_t rows, int64_t cols, const float* const* v, int64_t dim,
                float* acc);
-void axpy_rows(const float* p, int64_t ld_p, int64_t rows, int64_t cols, const uint16_t* const* v_bf16,
-               int64_t dim, float* acc);
+void axpy_rows(const float* p, int64_t ld_p, int64_t rows, int64_t cols, const uint16_t* const* v_bf16, int64_t dim,
+               float* acc);
 void axpy_rows(const double* p, int64_t ld_p, int64_t rows, int64_t cols, const double* const* v, int64_t dim,
                double* acc);
 

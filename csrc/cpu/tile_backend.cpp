@@ -133,16 +133,14 @@ TileChoice choose_tiles(c10::ScalarType dtype, CpuTiles s) {
   const bool own_bf16 = bf16 && has_bf16_gemm();
   const std::string no_own_bf16 = bf16 ? "this CPU has no AVX512-BF16" : "avx512_bf16 tiles are for bfloat16 only";
   switch (s) {
-    case CpuTiles::kFloat:
-      return {TileBackend::kFloat, "set: float"};
+    case CpuTiles::kFloat: return {TileBackend::kFloat, "set: float"};
     case CpuTiles::kBrgemm:
       if (brgemm) return {TileBackend::kBrgemm, "set: brgemm"};
       return {TileBackend::kFloat, "set: brgemm, unavailable (" + no_brgemm + "): float"};
     case CpuTiles::kAvx512Bf16:
       if (own_bf16) return {TileBackend::kAvx512Bf16, "set: avx512_bf16"};
       return {TileBackend::kFloat, "set: avx512_bf16, unavailable (" + no_own_bf16 + "): float"};
-    case CpuTiles::kAuto:
-      break;
+    case CpuTiles::kAuto: break;
   }
   // auto: brgemm wherever it runs (benchmarks/NOTES.md #27). The library is the default unless
   // our kernels measure faster, and they do not: on the AMD EPYC Zen 4 (AVX512-BF16, no AMX),
@@ -157,8 +155,8 @@ TileChoice choose_tiles(c10::ScalarType dtype, CpuTiles s) {
   return {TileBackend::kFloat, "auto: float (" + why_not + ")"};
 }
 
-void tiles_gemm(TileBackend b, bool trans_a, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
-                int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+void tiles_gemm(TileBackend b, bool trans_a, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
 #if defined(FAE_BRGEMM_F32)
   if (b == TileBackend::kBrgemm) {
     if (zero_sized(M, N, K, C, ldc, accumulate)) return;
@@ -177,8 +175,8 @@ void tiles_gemm(TileBackend b, bool trans_a, int64_t M, int64_t N, int64_t K, fl
   tile_gemm(trans_a, M, N, K, alpha, A, lda, B, ldb, C, ldc, accumulate);
 }
 
-void tiles_gemm(TileBackend, bool trans_a, int64_t M, int64_t N, int64_t K, double alpha, const double* A,
-                int64_t lda, const double* B, int64_t ldb, double* C, int64_t ldc, bool accumulate) {
+void tiles_gemm(TileBackend, bool trans_a, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
+                const double* B, int64_t ldb, double* C, int64_t ldc, bool accumulate) {
   tile_gemm(trans_a, M, N, K, alpha, A, lda, B, ldb, C, ldc, accumulate);
 }
 

@@ -42,8 +42,8 @@ bool brgemm_available(c10::ScalarType dtype, std::string* why = nullptr);
 
 // C[M x N] = (accumulate ? C : 0) + alpha * op(A) * B in float, as tile_gemm (tile_math.h):
 // op(A) = A (M x K, lda) or, with trans_a, A^T of a K x M A; B row-major K x N.
-void tiles_gemm(TileBackend b, bool trans_a, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
-                int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate);
+void tiles_gemm(TileBackend b, bool trans_a, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate);
 void tiles_gemm(TileBackend b, bool trans_a, int64_t M, int64_t N, int64_t K, double alpha, const double* A,
                 int64_t lda, const double* B, int64_t ldb, double* C, int64_t ldc, bool accumulate);
 

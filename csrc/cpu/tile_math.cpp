@@ -22,9 +22,9 @@ using simd::v8i;
 constexpr int kCols = 16;
 
 template <int kRows>
-FAE_INLINE void micro_kernel_f32(int64_t K, float alpha, const float* __restrict A, int64_t a_m,
-                                 int64_t a_k, const float* __restrict B, int64_t ldb,
-                                 float* __restrict C, int64_t ldc, bool accumulate) {
+FAE_INLINE void micro_kernel_f32(int64_t K, float alpha, const float* __restrict A, int64_t a_m, int64_t a_k,
+                                 const float* __restrict B, int64_t ldb, float* __restrict C, int64_t ldc,
+                                 bool accumulate) {
   v8f acc[kRows][2];
   for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = v8f{};
   for (int64_t k = 0; k < K; ++k) {
@@ -49,9 +49,8 @@ FAE_INLINE void micro_kernel_f32(int64_t K, float alpha, const float* __restrict
 
 // Any shape, one row at a time: the column tail of the float path and all of float64.
 template <typename T>
-FAE_INLINE void gemm_rows_generic(int64_t M, int64_t N, int64_t K, T alpha, const T* A,
-                                  int64_t a_m, int64_t a_k, const T* B, int64_t ldb, T* C,
-                                  int64_t ldc, bool accumulate) {
+FAE_INLINE void gemm_rows_generic(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t a_m, int64_t a_k,
+                                  const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
   constexpr int kChunk = 32;
   for (int64_t m = 0; m < M; ++m) {
     T* c = C + m * ldc;
@@ -68,9 +67,8 @@ FAE_INLINE void gemm_rows_generic(int64_t M, int64_t N, int64_t K, T alpha, cons
   }
 }
 
-FAE_INLINE void gemm_f32(bool trans_a, int64_t M, int64_t N, int64_t K, float alpha,
-                         const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                         int64_t ldc, bool accumulate) {
+FAE_INLINE void gemm_f32(bool trans_a, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                         const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   const int64_t a_m = trans_a ? 1 : lda;  // element (m, k) of op(A) is A[m * a_m + k * a_k]
   const int64_t a_k = trans_a ? lda : 1;
   const int64_t n_main = N - N % kCols;
@@ -122,22 +120,19 @@ FAE_INLINE v8f exp_nonpositive8(v8f x) {
 }  // namespace
 
 FAE_MULTIVERSION
-void tile_gemm(bool trans_a, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
-               int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-               bool accumulate) {
+void tile_gemm(bool trans_a, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
+               int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   gemm_f32(trans_a, M, N, K, alpha, A, lda, B, ldb, C, ldc, accumulate);
 }
 
-void tile_gemm(bool trans_a, int64_t M, int64_t N, int64_t K, double alpha, const double* A,
-               int64_t lda, const double* B, int64_t ldb, double* C, int64_t ldc,
-               bool accumulate) {
-  gemm_rows_generic<double>(M, N, K, alpha, A, trans_a ? 1 : lda, trans_a ? lda : 1, B, ldb, C, ldc,
-                            accumulate);
+void tile_gemm(bool trans_a, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
+               const double* B, int64_t ldb, double* C, int64_t ldc, bool accumulate) {
+  gemm_rows_generic<double>(M, N, K, alpha, A, trans_a ? 1 : lda, trans_a ? lda : 1, B, ldb, C, ldc, accumulate);
 }
 
 FAE_MULTIVERSION
-void tile_gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-                  int64_t ldb, float* C, int64_t ldc) {
+void tile_gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                  int64_t ldc) {
   for (int64_t n = 0; n < N; ++n) {
     const float* b = B + n * ldb;
     for (int64_t m = 0; m < M; ++m) {
@@ -157,8 +152,8 @@ void tile_gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, 
   }
 }
 
-void tile_gemm_nt(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B,
-                  int64_t ldb, double* C, int64_t ldc) {
+void tile_gemm_nt(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb,
+                  double* C, int64_t ldc) {
   for (int64_t n = 0; n < N; ++n)
     for (int64_t m = 0; m < M; ++m) {
       double sum = 0.0;
@@ -297,7 +292,7 @@ void transpose_tile_u16(const uint16_t* src, int64_t lds, int64_t rows, int64_t 
       for (int i = 0; i < 8; ++i) {
         v8u16 h;
         std::memcpy(&h, src + (r0 + i) * lds + c0, sizeof(h));
-        r[i] = (v8f)__builtin_convertvector(h, v8u);
+        r[i] = (v8f) __builtin_convertvector(h, v8u);
       }
       transpose8x8(r, c);
       for (int j = 0; j < 8; ++j) {

@@ -13,18 +13,17 @@ namespace flash_attn_ext::cpu {
 // C[M x N] = (accumulate ? C : 0) + alpha * op(A) * B.
 // op(A) is A (row-major M x K, leading dim lda) or, with trans_a, A^T where A is K x M.
 // B is row-major K x N (leading dim ldb), C row-major M x N (leading dim ldc).
-void tile_gemm(bool trans_a, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
-               int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate);
-void tile_gemm(bool trans_a, int64_t M, int64_t N, int64_t K, double alpha, const double* A,
-               int64_t lda, const double* B, int64_t ldb, double* C, int64_t ldc,
-               bool accumulate);
+void tile_gemm(bool trans_a, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
+               int64_t ldb, float* C, int64_t ldc, bool accumulate);
+void tile_gemm(bool trans_a, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
+               const double* B, int64_t ldb, double* C, int64_t ldc, bool accumulate);
 
 // C[M x N] = A * B^T with A row-major M x K and B row-major N x K: row-by-row dot products,
 // for tiles with few rows (decode), where transposing B first would cost more than the product.
-void tile_gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-                  int64_t ldb, float* C, int64_t ldc);
-void tile_gemm_nt(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B,
-                  int64_t ldb, double* C, int64_t ldc);
+void tile_gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                  int64_t ldc);
+void tile_gemm_nt(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb,
+                  double* C, int64_t ldc);
 
 // max over x[0, n); -inf for n == 0 or all -inf; NaN if any x is NaN (a NaN input row
 // stays NaN instead of turning into a silent zero).

@@ -58,6 +58,8 @@ FAE_BF16_INLINE void rows_block(int64_t M, int64_t K2, float alpha, const uint16
     micro_kernel<kMain, kVecs>(K2, alpha, A + m * lda, lda, B, ldb, C + m * ldc, ldc, accumulate, tail);
   const uint16_t* a = A + m * lda;
   float* c = C + m * ldc;
+  // clang-format cannot lay out a run of macro-made case labels:
+  // clang-format off
   switch (M - m) {
 #define FAE_CASE(n) \
   case n: return micro_kernel<n, kVecs>(K2, alpha, a, lda, B, ldb, c, ldc, accumulate, tail);
@@ -66,6 +68,7 @@ FAE_BF16_INLINE void rows_block(int64_t M, int64_t K2, float alpha, const uint16
 #undef FAE_CASE
     default: return;
   }
+  // clang-format on
 }
 
 FAE_BF16_TARGET void gemm_bf16(int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A, int64_t lda,
@@ -82,8 +85,8 @@ FAE_BF16_TARGET void gemm_bf16(int64_t M, int64_t N, int64_t K, float alpha, con
   }
 }
 
-FAE_BF16_TARGET void to_bf16(const float* src, int64_t lds, int64_t rows, int64_t cols, int64_t cols_pad,
-                             uint16_t* dst, int64_t ldd) {
+FAE_BF16_TARGET void to_bf16(const float* src, int64_t lds, int64_t rows, int64_t cols, int64_t cols_pad, uint16_t* dst,
+                             int64_t ldd) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* s = src + r * lds;
     uint16_t* d = dst + r * ldd;
@@ -103,16 +106,16 @@ FAE_BF16_TARGET void to_bf16(const float* src, int64_t lds, int64_t rows, int64_
 
 bool has_bf16_gemm() {
 #ifdef FAE_BF16_GEMM
-  static const bool has = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512bw");
+  static const bool has =
+      __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
   return has;
 #else
   return false;
 #endif
 }
 
-void tile_gemm_bf16(int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A, int64_t lda,
-                    const uint32_t* Bp, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+void tile_gemm_bf16(int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A, int64_t lda, const uint32_t* Bp,
+                    int64_t ldb, float* C, int64_t ldc, bool accumulate) {
 #ifdef FAE_BF16_GEMM
   if (!has_bf16_gemm() || K % 2 != 0) std::abort();  // callers check and pad
   gemm_bf16(M, N, K, alpha, A, lda, Bp, ldb, C, ldc, accumulate);

@@ -16,8 +16,8 @@ bool has_bf16_gemm();
 // A: bf16 bits, row-major M x K, leading dim lda (even); K even (pad A and B with zeros).
 // Bp: B (K x N) packed by row pairs: Bp[(k / 2) * ldb + n] holds B[k][n] in its low and
 // B[k + 1][n] in its high 16 bits; ldb >= N. C: float, row-major, leading dim ldc.
-void tile_gemm_bf16(int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A, int64_t lda,
-                    const uint32_t* Bp, int64_t ldb, float* C, int64_t ldc, bool accumulate);
+void tile_gemm_bf16(int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A, int64_t lda, const uint32_t* Bp,
+                    int64_t ldb, float* C, int64_t ldc, bool accumulate);
 
 // Packs B = X^T for the n rows X[r] (dim bf16 each, at rows[r]): Bp[(k / 2) * ld + r] =
 // (X[r][k], X[r][k + 1]); an odd dim's last pair has a zero high half.

@@ -55,8 +55,6 @@ __device__ __forceinline__ int lane_id() { return threadIdx.x % kWarp; }
 __device__ __forceinline__ int64_t global_warp() {
   return (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
 }
-__device__ __forceinline__ int64_t warp_count() {
-  return static_cast<int64_t>(gridDim.x) * blockDim.x / kWarp;
-}
+__device__ __forceinline__ int64_t warp_count() { return static_cast<int64_t>(gridDim.x) * blockDim.x / kWarp; }
 
 }  // namespace flash_attn_ext::cuda

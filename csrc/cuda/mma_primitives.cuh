@@ -44,20 +44,16 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool 
   // "memory": no shared-memory access may be moved across the copy's issue.
   FAE_SM80_ASM("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(global), "r"(bytes) : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { FAE_SM80_ASM("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { FAE_SM80_ASM("cp.async.wait_group 0;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() { FAE_SM80_ASM("cp.async.commit_group;\n" :: : "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { FAE_SM80_ASM("cp.async.wait_group 0;\n" :: : "memory"); }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  FAE_SM80_ASM("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");  // reads shared memory the compiler does not see
+  FAE_SM80_ASM("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n" : "=r"(r[0]), "=r"(r[1]),
+               "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");  // reads shared memory the compiler does not see
 }
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  FAE_SM80_ASM("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
+  FAE_SM80_ASM("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n" : "=r"(r[0]), "=r"(r[1]),
+               "=r"(r[2]), "=r"(r[3]) : "r"(addr) : "memory");
 }
 
 // d += a (16x16, row) * b (16x8, col), float32 accumulators.
@@ -68,9 +64,8 @@ template <>
 __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   FAE_SM80_ASM(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+      "{%0, %1, %2, %3};\n" : "+f"(d[0]),
+      "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 template <>
@@ -78,9 +73,8 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const ui
                                                          uint32_t b1) {
   FAE_SM80_ASM(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+      "{%0, %1, %2, %3};\n" : "+f"(d[0]),
+      "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // Two floats as one register of two 16-bit values, `lo` in the low half (the lower column).
@@ -105,8 +99,8 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
 // shared rows of kStride elements, with kThreads threads; rows at or past row0 + n_valid are
 // zero-filled.
 template <int kRows, int kDim, int kStride, int kThreads>
-__device__ __forceinline__ void load_tile(uint16_t* smem, const uint16_t* slice, int64_t row_stride,
-                                          int64_t row0, int64_t n_valid, int tid) {
+__device__ __forceinline__ void load_tile(uint16_t* smem, const uint16_t* slice, int64_t row_stride, int64_t row0,
+                                          int64_t n_valid, int tid) {
   constexpr int kChunks = kDim / 8;  // 16-byte chunks per row
 #pragma unroll
   for (int c = tid; c < kRows * kChunks; c += kThreads) {

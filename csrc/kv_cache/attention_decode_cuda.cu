@@ -48,8 +48,8 @@ void dispatch_dim(const DecodeParams& dp, int64_t dim, int64_t blocks, int64_t r
 
 }  // namespace
 
-const char* decode_ineligible(const AttentionParams& p, const at::Tensor& q, const at::Tensor& k,
-                              const at::Tensor& v, const at::Tensor& out) {
+const char* decode_ineligible(const AttentionParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& out) {
   const auto dtype = q.scalar_type();
   if (dtype != at::kHalf && dtype != at::kBFloat16) return "dtype is not float16/bfloat16";
   const int64_t dim = p.dim_qk;
@@ -65,14 +65,14 @@ const char* decode_ineligible(const AttentionParams& p, const at::Tensor& q, con
   return nullptr;
 }
 
-bool try_attention_decode_cuda(const AttentionParams& p, const at::Tensor& q, const at::Tensor& k,
-                               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                               int64_t max_len_k) {
+bool try_attention_decode_cuda(const AttentionParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& out, const at::Tensor& lse, int64_t max_len_k) {
   if (p.config.cuda_fast == PathMode::kOff) return false;
   const char* why = decode_ineligible(p, q, k, v, out);
   TORCH_CHECK(why == nullptr || p.config.cuda_fast != PathMode::kRequire,
               "flash_attn_ext.attention_kvcache: kernel_config(cuda_fast='require') but the decode kernel cannot "
-              "serve this call: ", why);
+              "serve this call: ",
+              why);
   if (why != nullptr) return false;
 
   const int64_t blocks = p.batch * p.heads_kv, rows_all = p.batch * p.heads_q * p.len_q;

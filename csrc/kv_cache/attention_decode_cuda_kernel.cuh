@@ -41,8 +41,8 @@ struct DecodeParams {
   const void* q;  // (B, Hq, L, D) through its strides, features contiguous
   const void* k;  // cache, addressed as attention_rows.h's Strided (paged when p has a table)
   const void* v;
-  void* out;      // (B, Hq, L, Dv), written when n_splits == 1 (else by the combine kernel)
-  float* lse;     // (B, Hq, L), natural log
+  void* out;   // (B, Hq, L, Dv), written when n_splits == 1 (else by the combine kernel)
+  float* lse;  // (B, Hq, L), natural log
   int64_t q_sb, q_sh, q_sl, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, o_sb, o_sh, o_sl;
   AttentionParams p;  // per-sequence lengths (seqlens_k) and block table are device pointers
   float scale_log2;   // softmax scale * log2(e)
@@ -127,12 +127,12 @@ __device__ __forceinline__ float warp_sum(float x) {
 template <typename T, int kDim>
 __global__ void __launch_bounds__(kThreads) attention_decode_split_kernel(const DecodeParams dp) {
   constexpr int kPer = (kDim + kThreads - 1) / kThreads;  // output features per thread
-  FAE_DYNAMIC_SMEM(float, smem);  // smem_bytes<kDim>()
-  float* const sQ = smem;                      // [kMaxRows][kDim] q, scaled to base 2
-  float* const sP = sQ + kMaxRows * kDim;      // [kMaxRows][kChunk] scores, then probabilities
-  float* const sM = sP + kMaxRows * kChunk;    // [kMaxRows] running max (base 2)
-  float* const sL = sM + kMaxRows;             // [kMaxRows] running sum
-  float* const sAlpha = sL + kMaxRows;         // [kMaxRows] this chunk's rescale factor
+  FAE_DYNAMIC_SMEM(float, smem);                          // smem_bytes<kDim>()
+  float* const sQ = smem;                                 // [kMaxRows][kDim] q, scaled to base 2
+  float* const sP = sQ + kMaxRows * kDim;                 // [kMaxRows][kChunk] scores, then probabilities
+  float* const sM = sP + kMaxRows * kChunk;               // [kMaxRows] running max (base 2)
+  float* const sL = sM + kMaxRows;                        // [kMaxRows] running sum
+  float* const sAlpha = sL + kMaxRows;                    // [kMaxRows] this chunk's rescale factor
 
   const AttentionParams& P = dp.p;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;

@@ -17,15 +17,16 @@
 namespace flash_attn_ext::cuda {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> attention_kvcache_cuda(
-    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-    const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
-    const std::optional<at::Tensor>& v_new, double scale, int64_t window_left, int64_t window_right,
-    const std::optional<at::Tensor>& block_table, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes) {
-  KvcacheCall call = prepare_attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_left,
-                                               window_right, block_table, softcap, alibi_slopes, cuda_limits(),
-                                               &append_validated);
+std::tuple<at::Tensor, at::Tensor> attention_kvcache_cuda(const at::Tensor& q, const at::Tensor& k_cache,
+                                                          const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                                                          const std::optional<at::Tensor>& k_new,
+                                                          const std::optional<at::Tensor>& v_new, double scale,
+                                                          int64_t window_left, int64_t window_right,
+                                                          const std::optional<at::Tensor>& block_table, double softcap,
+                                                          const std::optional<at::Tensor>& alibi_slopes) {
+  KvcacheCall call =
+      prepare_attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_left, window_right,
+                                block_table, softcap, alibi_slopes, cuda_limits(), &append_validated);
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor lens_dev = at::tensor(call.lens, at::kLong).to(q.device());
   AttentionParams& p = call.params;
@@ -38,8 +39,6 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(flash_attn_ext, CUDA, m) {
-  m.impl("attention_kvcache", &attention_kvcache_cuda);
-}
+TORCH_LIBRARY_IMPL(flash_attn_ext, CUDA, m) { m.impl("attention_kvcache", &attention_kvcache_cuda); }
 
 }  // namespace flash_attn_ext::cuda

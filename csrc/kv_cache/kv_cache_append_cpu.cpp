@@ -33,22 +33,21 @@ void append_validated(const at::Tensor& k_cache, const at::Tensor& v_cache, cons
         const at::Tensor& fresh = *pair.second;
         const int64_t bytes = cache.size(3) * elem;
         auto* base = static_cast<char*>(cache.data_ptr()) + h * cache.stride(1) * elem;
-        const auto* src = static_cast<const char*>(fresh.data_ptr()) + (b * fresh.stride(0) + h * fresh.stride(1)) * elem;
+        const auto* src =
+            static_cast<const char*>(fresh.data_ptr()) + (b * fresh.stride(0) + h * fresh.stride(1)) * elem;
         for (int64_t t = t_begin; t < L_new; ++t) {
           const int64_t pos = lens[b] + t;
           // The slot's (cache entry, row): a sequence, a block of a paged cache.
           const int64_t entry = blocks ? blocks[b * table.blocks_per_seq + pos / S_max] : b;
           const int64_t slot = blocks ? pos % S_max : (rolling ? pos % S_max : pos);
-          std::memcpy(base + (entry * cache.stride(0) + slot * cache.stride(2)) * elem, src + t * fresh.stride(2) * elem,
-                      bytes);
+          std::memcpy(base + (entry * cache.stride(0) + slot * cache.stride(2)) * elem,
+                      src + t * fresh.stride(2) * elem, bytes);
         }
       }
     }
   });
 }
 
-TORCH_LIBRARY_IMPL(flash_attn_ext, CPU, m) {
-  m.impl("kv_cache_append", &kv_cache_append_op<&append_validated>);
-}
+TORCH_LIBRARY_IMPL(flash_attn_ext, CPU, m) { m.impl("kv_cache_append", &kv_cache_append_op<&append_validated>); }
 
 }  // namespace flash_attn_ext::cpu

@@ -19,8 +19,8 @@ struct CacheRows {
 };
 
 template <typename Word>  // the element as an opaque word of its size: a copy needs no dtype
-__device__ void copy_row(const CacheRows& dst, const CacheRows& src, int64_t entry, int64_t b, int64_t h,
-                         int64_t slot, int64_t t, int lane) {
+__device__ void copy_row(const CacheRows& dst, const CacheRows& src, int64_t entry, int64_t b, int64_t h, int64_t slot,
+                         int64_t t, int lane) {
   Word* d = reinterpret_cast<Word*>(dst.data) + entry * dst.stride_b + h * dst.stride_h + slot * dst.stride_l;
   const Word* s = reinterpret_cast<const Word*>(src.data) + b * src.stride_b + h * src.stride_h + t * src.stride_l;
   for (int64_t e = lane; e < dst.dim; e += kWarp) d[e] = s[e];
@@ -28,9 +28,9 @@ __device__ void copy_row(const CacheRows& dst, const CacheRows& src, int64_t ent
 
 template <typename Word>
 __global__ void __launch_bounds__(kThreadsPerBlock)
-    append_kernel(CacheRows k_cache, CacheRows v_cache, CacheRows k_new, CacheRows v_new,
-                  const int64_t* lens, int64_t batch, int64_t heads, int64_t t_begin, int64_t t_end,
-                  int64_t max_len, bool rolling, const int32_t* blocks, int64_t blocks_per_seq) {
+    append_kernel(CacheRows k_cache, CacheRows v_cache, CacheRows k_new, CacheRows v_new, const int64_t* lens,
+                  int64_t batch, int64_t heads, int64_t t_begin, int64_t t_end, int64_t max_len, bool rolling,
+                  const int32_t* blocks, int64_t blocks_per_seq) {
   const int64_t span = t_end - t_begin, n = batch * heads * span;
   for (int64_t r = global_warp(); r < n; r += warp_count()) {
     const int64_t t = t_begin + r % span, h = r / span % heads, b = r / span / heads;
@@ -63,9 +63,9 @@ void append_validated(const at::Tensor& k_cache, const at::Tensor& v_cache, cons
   const auto launch = [&](auto word) {
     using Word = decltype(word);
     append_kernel<Word><<<warp_grid(n), kThreadsPerBlock, 0, stream>>>(
-        cache_rows(k_cache), cache_rows(v_cache), cache_rows(k_new), cache_rows(v_new),
-        lens_dev.data_ptr<int64_t>(), B, H, t_begin, L_new, S_max, rolling,
-        table.defined() ? table.table.data_ptr<int32_t>() : nullptr, table.blocks_per_seq);
+        cache_rows(k_cache), cache_rows(v_cache), cache_rows(k_new), cache_rows(v_new), lens_dev.data_ptr<int64_t>(), B,
+        H, t_begin, L_new, S_max, rolling, table.defined() ? table.table.data_ptr<int32_t>() : nullptr,
+        table.blocks_per_seq);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   switch (k_cache.element_size()) {
@@ -73,12 +73,11 @@ void append_validated(const at::Tensor& k_cache, const at::Tensor& v_cache, cons
     case 2: launch(uint16_t{}); break;
     case 4: launch(uint32_t{}); break;
     case 8: launch(uint64_t{}); break;
-    default: TORCH_CHECK_TYPE(false, "flash_attn_ext.kv_cache_append: unsupported element size ", k_cache.element_size());
+    default:
+      TORCH_CHECK_TYPE(false, "flash_attn_ext.kv_cache_append: unsupported element size ", k_cache.element_size());
   }
 }
 
-TORCH_LIBRARY_IMPL(flash_attn_ext, CUDA, m) {
-  m.impl("kv_cache_append", &kv_cache_append_op<&append_validated>);
-}
+TORCH_LIBRARY_IMPL(flash_attn_ext, CUDA, m) { m.impl("kv_cache_append", &kv_cache_append_op<&append_validated>); }
 
 }  // namespace flash_attn_ext::cuda

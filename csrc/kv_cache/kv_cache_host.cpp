@@ -9,24 +9,23 @@
 namespace flash_attn_ext {
 namespace {
 
-void check_cache_pair(const char* op, const char* cache_name, const at::Tensor& cache,
-                      const char* new_name, const at::Tensor& fresh, bool paged) {
+void check_cache_pair(const char* op, const char* cache_name, const at::Tensor& cache, const char* new_name,
+                      const at::Tensor& fresh, bool paged) {
   TORCH_CHECK_VALUE(cache.dim() == 4, op, ": ", cache_name,
                     " must be 4-D (batch, kv_heads, max_len, head_dim), got shape ", cache.sizes());
   TORCH_CHECK_VALUE(fresh.dim() == 4, op, ": ", new_name,
                     " must be 4-D (batch, kv_heads, new_len, head_dim), got shape ", fresh.sizes());
-  TORCH_CHECK_TYPE(fresh.scalar_type() == cache.scalar_type(), op, ": ", new_name, " dtype ",
-                   fresh.scalar_type(), " differs from ", cache_name, " dtype ", cache.scalar_type());
-  TORCH_CHECK_VALUE(fresh.device() == cache.device(), op, ": ", new_name, " is on ", fresh.device(),
-                    ", ", cache_name, " on ", cache.device());
-  TORCH_CHECK_VALUE((paged || fresh.size(0) == cache.size(0)) && fresh.size(1) == cache.size(1) &&
-                        fresh.size(3) == cache.size(3),
-                    op, ": ", new_name, " of shape ", fresh.sizes(), " does not match ", cache_name,
-                    " of shape ", cache.sizes(), " in batch, kv_heads or head_dim");
+  TORCH_CHECK_TYPE(fresh.scalar_type() == cache.scalar_type(), op, ": ", new_name, " dtype ", fresh.scalar_type(),
+                   " differs from ", cache_name, " dtype ", cache.scalar_type());
+  TORCH_CHECK_VALUE(fresh.device() == cache.device(), op, ": ", new_name, " is on ", fresh.device(), ", ", cache_name,
+                    " on ", cache.device());
+  TORCH_CHECK_VALUE(
+      (paged || fresh.size(0) == cache.size(0)) && fresh.size(1) == cache.size(1) && fresh.size(3) == cache.size(3), op,
+      ": ", new_name, " of shape ", fresh.sizes(), " does not match ", cache_name, " of shape ", cache.sizes(),
+      " in batch, kv_heads or head_dim");
   for (const auto* t : {&cache, &fresh}) {
     TORCH_CHECK_VALUE(t->numel() == 0 || t->size(3) <= 1 || t->stride(3) == 1, op, ": ",
-                      t == &cache ? cache_name : new_name,
-                      " must have a contiguous last dimension (stride 1)");
+                      t == &cache ? cache_name : new_name, " must have a contiguous last dimension (stride 1)");
   }
 }
 
@@ -50,8 +49,9 @@ BlockTable check_block_table(const char* op, const std::optional<at::Tensor>& bl
   const int32_t* entries = host.data_ptr<int32_t>();
   const int64_t num_blocks = k_cache.size(0);
   for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK_VALUE(used[b] <= r.capacity(), op, ": sequence ", b, " needs ", used[b], " positions but block_table gives ",
-                      r.blocks_per_seq, " blocks of ", r.block_size, "; nothing was written");
+    TORCH_CHECK_VALUE(used[b] <= r.capacity(), op, ": sequence ", b, " needs ", used[b],
+                      " positions but block_table gives ", r.blocks_per_seq, " blocks of ", r.block_size,
+                      "; nothing was written");
     for (int64_t blk = 0; blk * r.block_size < used[b]; ++blk) {
       const int32_t e = entries[b * r.blocks_per_seq + blk];
       TORCH_CHECK_VALUE(e >= 0 && e < num_blocks, op, ": block_table[", b, ", ", blk, "] = ", e,
@@ -76,17 +76,17 @@ std::vector<int64_t> check_kv_cache_append(const at::Tensor& k_cache, const at::
   constexpr const char* kOp = "flash_attn_ext.kv_cache_append";
   const bool paged = block_table.has_value() && block_table->defined();
   TORCH_CHECK_VALUE(!(paged && rolling), kOp, ": a paged cache (block_table) cannot also be rolling");
-  TORCH_CHECK_VALUE(!paged || block_table->dim() == 2, kOp, ": block_table must be 2-D (batch, blocks_per_sequence), got ",
+  TORCH_CHECK_VALUE(!paged || block_table->dim() == 2, kOp,
+                    ": block_table must be 2-D (batch, blocks_per_sequence), got ",
                     paged ? block_table->sizes() : at::IntArrayRef{});
   check_cache_pair(kOp, "k_cache", k_cache, "k_new", k_new, paged);
   check_cache_pair(kOp, "v_cache", v_cache, "v_new", v_new, paged);
-  TORCH_CHECK_VALUE(k_cache.sizes().slice(0, 3).equals(v_cache.sizes().slice(0, 3)), kOp,
-                    ": k_cache ", k_cache.sizes(), " and v_cache ", v_cache.sizes(),
-                    " differ in batch, kv_heads or max_len");
-  TORCH_CHECK_VALUE(k_cache.device() == v_cache.device(), kOp, ": k_cache is on ", k_cache.device(),
-                    ", v_cache on ", v_cache.device());
-  TORCH_CHECK_VALUE(k_new.size(2) == v_new.size(2), kOp, ": k_new has ", k_new.size(2),
-                    " new positions, v_new ", v_new.size(2));
+  TORCH_CHECK_VALUE(k_cache.sizes().slice(0, 3).equals(v_cache.sizes().slice(0, 3)), kOp, ": k_cache ", k_cache.sizes(),
+                    " and v_cache ", v_cache.sizes(), " differ in batch, kv_heads or max_len");
+  TORCH_CHECK_VALUE(k_cache.device() == v_cache.device(), kOp, ": k_cache is on ", k_cache.device(), ", v_cache on ",
+                    v_cache.device());
+  TORCH_CHECK_VALUE(k_new.size(2) == v_new.size(2), kOp, ": k_new has ", k_new.size(2), " new positions, v_new ",
+                    v_new.size(2));
   const int64_t B = paged ? k_new.size(0) : k_cache.size(0), L_new = k_new.size(2);
   const int64_t S_max = paged ? k_cache.size(2) * block_table->size(-1) : k_cache.size(2);
   TORCH_CHECK_VALUE(k_new.size(0) == v_new.size(0), kOp, ": k_new and v_new differ in batch");
@@ -94,9 +94,8 @@ std::vector<int64_t> check_kv_cache_append(const at::Tensor& k_cache, const at::
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK_VALUE(lens[b] >= 0, kOp, ": cache_seqlens[", b, "] = ", lens[b], " is negative");
     if (!rolling) {
-      TORCH_CHECK_VALUE(lens[b] + L_new <= S_max, kOp, ": appending ", L_new,
-                        " positions at cache_seqlens[", b, "] = ", lens[b],
-                        " overflows the cache (max_len ", S_max,
+      TORCH_CHECK_VALUE(lens[b] + L_new <= S_max, kOp, ": appending ", L_new, " positions at cache_seqlens[", b,
+                        "] = ", lens[b], " overflows the cache (max_len ", S_max,
                         "); nothing was written. Use a larger cache or rolling=True");
     }
   }
@@ -108,20 +107,18 @@ std::vector<int64_t> check_kv_cache_append(const at::Tensor& k_cache, const at::
   return lens;
 }
 
-std::vector<int64_t> check_attention_kvcache(const at::Tensor& q, const at::Tensor& k_cache,
-                                             const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
-                                             const std::optional<at::Tensor>& k_new,
-                                             const std::optional<at::Tensor>& v_new, double scale,
-                                             int64_t window_left, int64_t window_right,
-                                             const std::optional<at::Tensor>& block_table, BlockTable* table_out,
-                                             std::vector<int64_t>* lens_before_out) {
+std::vector<int64_t> check_attention_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                             const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
+                                             const std::optional<at::Tensor>& v_new, double scale, int64_t window_left,
+                                             int64_t window_right, const std::optional<at::Tensor>& block_table,
+                                             BlockTable* table_out, std::vector<int64_t>* lens_before_out) {
   constexpr const char* kOp = "flash_attn_ext.attention_kvcache";
   const bool paged = block_table.has_value() && block_table->defined();
   check_attention_inputs(kOp, q, k_cache, v_cache, std::nullopt, 0.0, scale, window_left, window_right, paged);
-  TORCH_CHECK_VALUE(!paged || block_table->dim() == 2, kOp, ": block_table must be 2-D (batch, blocks_per_sequence), got ",
+  TORCH_CHECK_VALUE(!paged || block_table->dim() == 2, kOp,
+                    ": block_table must be 2-D (batch, blocks_per_sequence), got ",
                     paged ? block_table->sizes() : at::IntArrayRef{});
-  TORCH_CHECK_VALUE(k_new.has_value() == v_new.has_value(), kOp,
-                    ": pass both k_new and v_new, or neither");
+  TORCH_CHECK_VALUE(k_new.has_value() == v_new.has_value(), kOp, ": pass both k_new and v_new, or neither");
   const int64_t B = q.size(0);
   const int64_t S_max = paged ? k_cache.size(2) * block_table->size(-1) : k_cache.size(2);
   const int64_t L_new = k_new.has_value() ? k_new->size(2) : 0;
@@ -130,15 +127,13 @@ std::vector<int64_t> check_attention_kvcache(const at::Tensor& q, const at::Tens
     check_cache_pair(kOp, "v_cache", v_cache, "v_new", *v_new, paged);
     TORCH_CHECK_VALUE(k_new->size(0) == B && v_new->size(0) == B, kOp, ": k_new and v_new need batch ", B,
                       " (q's), got ", k_new->size(0), " and ", v_new->size(0));
-    TORCH_CHECK_VALUE(v_new->size(2) == L_new, kOp, ": k_new has ", L_new, " new positions, v_new ",
-                      v_new->size(2));
+    TORCH_CHECK_VALUE(v_new->size(2) == L_new, kOp, ": k_new has ", L_new, " new positions, v_new ", v_new->size(2));
   }
   std::vector<int64_t> lens = read_cache_seqlens(kOp, cache_seqlens, B, q.device());
   if (lens_before_out != nullptr) *lens_before_out = lens;
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK_VALUE(lens[b] >= 0 && lens[b] + L_new <= S_max, kOp, ": cache_seqlens[", b, "] = ",
-                      lens[b], " with ", L_new, " new positions does not fit the cache (max_len ",
-                      S_max, "); nothing was written");
+    TORCH_CHECK_VALUE(lens[b] >= 0 && lens[b] + L_new <= S_max, kOp, ": cache_seqlens[", b, "] = ", lens[b], " with ",
+                      L_new, " new positions does not fit the cache (max_len ", S_max, "); nothing was written");
     lens[b] += L_new;
   }
   BlockTable table = check_block_table(kOp, block_table, B, k_cache, lens);
@@ -161,8 +156,7 @@ KvcacheCall prepare_attention_kvcache(const at::Tensor& q, const at::Tensor& k_c
                                       window_right, block_table, &table, &lens_before);
   check_head_dims(kOp, q.size(3), v_cache.size(3), limits);
   AttentionParams& p = call.params;
-  p = make_attention_params(q, k_cache, v_cache, 0.0, scale, window_left, window_right, /*bottom_right=*/true,
-                            softcap);
+  p = make_attention_params(q, k_cache, v_cache, 0.0, scale, window_left, window_right, /*bottom_right=*/true, softcap);
   set_alibi_slopes(kOp, p, alibi_slopes, q.device());  // checked before the append writes
   if (k_new.has_value()) append(k_cache, v_cache, *k_new, *v_new, lens_before, /*rolling=*/false, table);
   apply_block_table(p, table);  // on CUDA a device pointer: the table lives on the cache's device

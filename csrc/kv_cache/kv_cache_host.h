@@ -38,13 +38,11 @@ std::vector<int64_t> check_kv_cache_append(const at::Tensor& k_cache, const at::
 
 // attention_kvcache, k_new / v_new included: the key length each sequence attends to
 // (cache_seqlens + L_new); *lens_before_out gets cache_seqlens itself (the write positions).
-std::vector<int64_t> check_attention_kvcache(const at::Tensor& q, const at::Tensor& k_cache,
-                                             const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
-                                             const std::optional<at::Tensor>& k_new,
-                                             const std::optional<at::Tensor>& v_new, double scale,
-                                             int64_t window_left, int64_t window_right,
-                                             const std::optional<at::Tensor>& block_table, BlockTable* table_out,
-                                             std::vector<int64_t>* lens_before_out = nullptr);
+std::vector<int64_t> check_attention_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                             const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
+                                             const std::optional<at::Tensor>& v_new, double scale, int64_t window_left,
+                                             int64_t window_right, const std::optional<at::Tensor>& block_table,
+                                             BlockTable* table_out, std::vector<int64_t>* lens_before_out = nullptr);
 
 // The copy of kv_cache_append, for arguments already validated (check_kv_cache_append or
 // check_attention_kvcache): lens are the write positions, read once on the host by the check.
@@ -52,17 +50,15 @@ std::vector<int64_t> check_attention_kvcache(const at::Tensor& q, const at::Tens
 // host sync on CUDA) once, not once per validation.
 namespace cpu {
 void append_validated(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
-                      const at::Tensor& v_new, const std::vector<int64_t>& lens, bool rolling,
-                      const BlockTable& table);
+                      const at::Tensor& v_new, const std::vector<int64_t>& lens, bool rolling, const BlockTable& table);
 }
 namespace cuda {
 void append_validated(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
-                      const at::Tensor& v_new, const std::vector<int64_t>& lens, bool rolling,
-                      const BlockTable& table);
+                      const at::Tensor& v_new, const std::vector<int64_t>& lens, bool rolling, const BlockTable& table);
 }
 
 using AppendValidatedFn = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                  const std::vector<int64_t>&, bool, const BlockTable&);
+                                   const std::vector<int64_t>&, bool, const BlockTable&);
 
 // The op kv_cache_append on one device: validates everything (before any write), then copies
 // with that device's append_validated. Registered by kv_cache_append_{cpu,cuda}.

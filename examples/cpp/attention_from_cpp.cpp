@@ -3,7 +3,8 @@
 // then runs attention_forward and attention_backward on GQA inputs with a causal mask and
 // checks them against the same attention written with ATen operations and autograd.
 //
-//   cmake -S examples/cpp -B build/cpp -DCMAKE_PREFIX_PATH="$(python -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+//   cmake -S examples/cpp -B build/cpp -DCMAKE_PREFIX_PATH="$(python -c 'import torch;
+//   print(torch.utils.cmake_prefix_path)')" \
 //         -DFLASH_ATTN_EXT_LIBRARY="$(python -c 'import flash_attn_ext._C as m; print(m.__file__)')"
 //   cmake --build build/cpp && ctest --test-dir build/cpp --output-on-failure
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -32,16 +33,15 @@ int main(int argc, char** argv) {
   auto& dispatcher = c10::Dispatcher::singleton();
   const auto forward =
       dispatcher.findSchemaOrThrow("flash_attn_ext::attention_forward", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                 const at::Tensor&, const std::optional<at::Tensor>&,
-                                                                 double, double, int64_t, int64_t, bool, double,
-                                                                 const std::optional<at::Tensor>&)>();
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double, double,
+              int64_t, int64_t, bool, double, const std::optional<at::Tensor>&)>();
   const auto backward =
       dispatcher.findSchemaOrThrow("flash_attn_ext::attention_backward", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double, double, int64_t,
-              int64_t, bool, double, const std::optional<at::Tensor>&)>();
+              const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double, double, int64_t, int64_t,
+              bool, double, const std::optional<at::Tensor>&)>();
 
   torch::manual_seed(0);
   const int64_t B = 2, Hq = 8, Hkv = 2, L = 37, D = 32;
@@ -52,8 +52,8 @@ int main(int argc, char** argv) {
 
   // Causal: window (-1, 0), bottom-right (L == S, so the same as top-left); no softcap (0), no ALiBi.
   auto [out, lse, rng_state] = forward.call(q, k, v, std::nullopt, 0.0, scale, -1, 0, true, 0.0, std::nullopt);
-  auto [dq, dk, dv] = backward.call(grad_out, q, k, v, out, lse, rng_state, std::nullopt, 0.0, scale, -1, 0, true,
-                                    0.0, std::nullopt);
+  auto [dq, dk, dv] =
+      backward.call(grad_out, q, k, v, out, lse, rng_state, std::nullopt, 0.0, scale, -1, 0, true, 0.0, std::nullopt);
 
   // The reference: K/V heads repeated to the query heads, masked softmax, autograd.
   at::Tensor qr = q.clone().requires_grad_(), kr = k.clone().requires_grad_(), vr = v.clone().requires_grad_();
@@ -63,8 +63,9 @@ int main(int argc, char** argv) {
   at::Tensor ref = torch::matmul(torch::softmax(scores, -1), vr.repeat_interleave(group, 1));
   ref.backward(grad_out);
 
-  const double err = std::max({(out - ref).abs().max().item<double>(), (dq - qr.grad()).abs().max().item<double>(),
-                               (dk - kr.grad()).abs().max().item<double>(), (dv - vr.grad()).abs().max().item<double>()});
+  const double err =
+      std::max({(out - ref).abs().max().item<double>(), (dq - qr.grad()).abs().max().item<double>(),
+                (dk - kr.grad()).abs().max().item<double>(), (dv - vr.grad()).abs().max().item<double>()});
   std::printf("flash_attn_ext from C++: forward + backward, max abs error vs ATen autograd %.3g\n", err);
   if (!(err < 1e-9)) {
     std::printf("FAILED\n");

@@ -29,6 +29,7 @@ Both take K/V heads as the model gives them (GQA/MQA: not repeated), honour `sca
 `dropout` and `softcap` (Gemma-2's logit soft-capping, in the kernels), and return no attention
 weights (`output_attentions` needs the eager implementation).
 """
+
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
@@ -40,9 +41,19 @@ NAME = "fa_ext"
 FLASH_NAME = "flash_attn_ext"
 
 
-def flash_attn_ext_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                                     value: torch.Tensor, attention_mask, dropout: float = 0.0, scaling=None,
-                                     is_causal=None, sliding_window=None, softcap=None, **kwargs):
+def flash_attn_ext_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling=None,
+    is_causal=None,
+    sliding_window=None,
+    softcap=None,
+    **kwargs,
+):
     """The "fa_ext" implementation. query (B, Hq, L, D), key/value (B, Hkv, S, D) ->
     (attn_output (B, L, Hq, D), None)."""
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -52,8 +63,17 @@ def flash_attn_ext_attention_forward(module: torch.nn.Module, query: torch.Tenso
         out = attention(query, key, value, attn_mask=mask, scale=scaling, dropout_p=dropout, softcap=cap)
     else:
         left = sliding_window - 1 if sliding_window else -1
-        out = attention(query, key, value, causal=bool(is_causal), window_size=(left, 0 if is_causal else -1),
-                        scale=scaling, dropout_p=dropout, alignment="bottom_right", softcap=cap)
+        out = attention(
+            query,
+            key,
+            value,
+            causal=bool(is_causal),
+            window_size=(left, 0 if is_causal else -1),
+            scale=scaling,
+            dropout_p=dropout,
+            alignment="bottom_right",
+            softcap=cap,
+        )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -69,9 +89,19 @@ def _flash_cache():
         from transformers.masking_utils import flash_attention_mask
     except ImportError:
         return None
-    needed = ("_loaded_implementation", "_flash_fn", "_flash_varlen_fn", "_flash_with_kvcache_fn", "_pad_fn",
-              "_unpad_fn", "_process_flash_kwargs_fn", "_process_with_kvcache_kwargs_fn", "_pad_input",
-              "_unpad_input", "_lazy_define_process_function")
+    needed = (
+        "_loaded_implementation",
+        "_flash_fn",
+        "_flash_varlen_fn",
+        "_flash_with_kvcache_fn",
+        "_pad_fn",
+        "_unpad_fn",
+        "_process_flash_kwargs_fn",
+        "_process_with_kvcache_kwargs_fn",
+        "_pad_input",
+        "_unpad_input",
+        "_lazy_define_process_function",
+    )
     if not all(hasattr(fa_utils, n) for n in needed):
         return None
     return fa_utils, flash_attention_forward, flash_attention_mask

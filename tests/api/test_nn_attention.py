@@ -1,10 +1,10 @@
 """flash_attn_ext.nn.Attention: the module against the same projections run through PyTorch's
 SDPA with repeated K/V heads (float64), its gradients, and generation through its KV cache."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-import flash_attn_ext
 from flash_attn_ext.nn import Attention
 
 
@@ -56,7 +56,7 @@ def test_generation_with_cache_equals_full_forward(device, rolling):
     with torch.no_grad():
         full = mod(x)
         cache = mod.make_cache(3, None if rolling else 16, rolling_window=W if rolling else None)
-        steps = [mod(x[:, :7], kv_cache=cache)] + [mod(x[:, t:t + 1], kv_cache=cache) for t in range(7, 16)]
+        steps = [mod(x[:, :7], kv_cache=cache)] + [mod(x[:, t : t + 1], kv_cache=cache) for t in range(7, 16)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
     assert cache.seqlens.tolist() == [16, 16, 16]
 

@@ -1,5 +1,6 @@
 """patch_sdpa / unpatch_sdpa / sdpa_patched: stock PyTorch modules that call
 torch.nn.functional.scaled_dot_product_attention run on this package's op while patched."""
+
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
@@ -17,8 +18,11 @@ def _ran_our_op(fn):
 
 def test_transformer_encoder_layer_and_multihead_attention_use_the_patch():
     torch.manual_seed(0)
-    layer = torch.nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, dropout=0.0,
-                                             batch_first=True).double().train()  # train: no fused fast path
+    layer = (
+        torch.nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True)
+        .double()
+        .train()
+    )  # train: no fused fast path
     mha = torch.nn.MultiheadAttention(32, 4, batch_first=True).double()
     x = torch.randn(2, 10, 32, dtype=torch.float64, requires_grad=True)
     causal = torch.nn.Transformer.generate_square_subsequent_mask(10, dtype=torch.float64)

@@ -1,4 +1,5 @@
 """flash_attn_ext.scaled_dot_product_attention is a drop-in for PyTorch's."""
+
 import logging
 
 import pytest
@@ -48,8 +49,9 @@ def test_masks_match_torch_sdpa(device, mask_shape, mask_dtype):
     g = torch.Generator().manual_seed(1)
     mask = (torch.rand(mask_shape, generator=g) > 0.2) if mask_dtype == "bool" else torch.randn(mask_shape, generator=g)
     mask = mask.to(device)
-    torch.testing.assert_close(fae_sdpa(q, k, v, attn_mask=mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
-                               atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(
+        fae_sdpa(q, k, v, attn_mask=mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=2e-5, rtol=2e-5
+    )
     assert flash_attn_ext.fallback_counts() == {}
 
 
@@ -81,14 +83,16 @@ def _same_error(fn_ours, fn_torch):
 
 def test_errors_as_pytorch(device):
     q, k, v = make_qkv(2, 4, 2, 8, 8, 16, torch.float32, device)
-    for args, kw in [((q, k, v), {}),  # head counts differ without enable_gqa
-                     ((q, k[..., :8], v), {}),  # head dims differ
-                     ((q, k.double(), v), {}),  # dtypes differ
-                     ((q.int(), k.int(), v.int()), {}),
-                     ((q, k, v), {"enable_gqa": True, "is_causal": True, "attn_mask": torch.ones(8, 8, dtype=torch.bool)}),
-                     ((q, k, v), {"enable_gqa": True, "attn_mask": torch.ones(3, 5, dtype=torch.bool)}),
-                     ((q, k, v), {"enable_gqa": True, "attn_mask": torch.ones(8, dtype=torch.bool)}),
-                     ((q, k, v), {"enable_gqa": True, "dropout_p": -0.5})]:
+    for args, kw in [
+        ((q, k, v), {}),  # head counts differ without enable_gqa
+        ((q, k[..., :8], v), {}),  # head dims differ
+        ((q, k.double(), v), {}),  # dtypes differ
+        ((q.int(), k.int(), v.int()), {}),
+        ((q, k, v), {"enable_gqa": True, "is_causal": True, "attn_mask": torch.ones(8, 8, dtype=torch.bool)}),
+        ((q, k, v), {"enable_gqa": True, "attn_mask": torch.ones(3, 5, dtype=torch.bool)}),
+        ((q, k, v), {"enable_gqa": True, "attn_mask": torch.ones(8, dtype=torch.bool)}),
+        ((q, k, v), {"enable_gqa": True, "dropout_p": -0.5}),
+    ]:
         _same_error(lambda: fae_sdpa(*args, **kw), lambda: F.scaled_dot_product_attention(*args, **kw))
 
 
@@ -125,6 +129,7 @@ def test_five_dim_inputs_with_mask(device, mask_shape):
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(s, generator=g).to(device) for s in ((2, 3, 2, 9, 8), (2, 3, 2, 11, 8), (2, 3, 2, 11, 8)))
     mask = (torch.rand(mask_shape, generator=g) > 0.3).to(device)
-    torch.testing.assert_close(fae_sdpa(q, k, v, attn_mask=mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
-                               atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(
+        fae_sdpa(q, k, v, attn_mask=mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=2e-5, rtol=2e-5
+    )
     assert flash_attn_ext.fallback_counts() == {}

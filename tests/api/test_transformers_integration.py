@@ -3,6 +3,7 @@
 Gemma-2 (softcap, alternating sliding / global layers) models built here, against transformers'
 own sdpa / eager implementations: logits with and without padding, greedy generate(), and the
 gradients of a training step."""
+
 import copy
 
 import pytest
@@ -17,8 +18,14 @@ from flash_attn_ext.integrations.transformers import FLASH_NAME, NAME  # noqa: E
 IMPLS = [FLASH_NAME, NAME]
 # Gemma-2: logit soft-capping (the queries are scaled up in _pair so the cap bends the scores),
 # a sliding window on alternating layers; transformers serves it with eager attention (SDPA has no softcap).
-GEMMA2 = {"attn_logit_softcapping": 1.5, "sliding_window": 4, "head_dim": 8, "query_pre_attn_scalar": 8,
-          "final_logit_softcapping": 30.0, "num_hidden_layers": 4}
+GEMMA2 = {
+    "attn_logit_softcapping": 1.5,
+    "sliding_window": 4,
+    "head_dim": 8,
+    "query_pre_attn_scalar": 8,
+    "final_logit_softcapping": 30.0,
+    "num_hidden_layers": 4,
+}
 ARCHS = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}, "sdpa"),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": 5}, "sdpa"),
@@ -32,8 +39,16 @@ PADDED_OP = {FLASH_NAME: "flash_attn_ext::attention_varlen_forward", NAME: "flas
 
 def _pair(arch, impl=NAME, impl_ref=None):
     config_cls, model_cls, extra, default_ref = ARCHS[arch]
-    kw = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
-              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    kw = dict(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     kw.update(extra)
     config = config_cls(**kw)
     torch.manual_seed(0)
@@ -100,8 +115,8 @@ def test_packed_sequences_from_position_ids():
     start = 0
     with torch.no_grad():
         for n in lengths:
-            alone = ref(ids[:, start:start + n]).logits
-            torch.testing.assert_close(packed[:, start:start + n], alone, rtol=1e-4, atol=1e-4)
+            alone = ref(ids[:, start : start + n]).logits
+            torch.testing.assert_close(packed[:, start : start + n], alone, rtol=1e-4, atol=1e-4)
             start += n
 
 
@@ -111,6 +126,7 @@ def test_sliding_window_off_by_one_against_eager():
     and the attention function itself matches the reference with (W - 1, 0), not (W, 0)."""
     from flash_attn_ext.integrations.transformers import flash_attn_ext_attention_forward
     from reference import reference_attention
+
     ours, eager = _pair("mistral", NAME, impl_ref="eager")
     assert ours.config._attn_implementation == "fa_ext" and eager.config._attn_implementation == "eager"
     ids = torch.randint(0, 96, (1, 14))

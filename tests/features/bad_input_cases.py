@@ -10,6 +10,7 @@ line per case ("start" before it runs, the outcome after), so a parent process
 (test_bad_input_catalogue.py) can tell which case killed the interpreter, if one does, and go on
 from the next one in a fresh process.
 """
+
 import json
 import math
 import os
@@ -21,6 +22,7 @@ VE_TE = ("ValueError", "TypeError")
 def _cuda_available():
     try:
         import torch
+
         return torch.cuda.is_available()
     except ImportError:
         return False
@@ -36,12 +38,20 @@ CASES = [
     ("attention/batch-mismatch", r"batch", "fae.attention(q, k[:1], v[:1])"),
     ("attention/kv-length-mismatch", r"key and value must have the same length", "fae.attention(q, k, v[:, :, :5])"),
     ("attention/head-dim-mismatch", r"head dims differ", "fae.attention(q, k[..., :8], v)"),
-    ("attention/kv-heads-mismatch", r"key and value must have the same number of heads", "fae.attention(q, k, v[:, :1])"),
+    (
+        "attention/kv-heads-mismatch",
+        r"key and value must have the same number of heads",
+        "fae.attention(q, k, v[:, :1])",
+    ),
     ("attention/hq-not-multiple", r"multiple of the number of key/value heads", "fae.attention(q[:, :3], k, v)"),
     ("attention/dtype-mix", r"same dtype", "fae.attention(q, k.double(), v)"),
     ("attention/integer-tensors", r"query must be", "fae.attention(q.int(), k.int(), v.int())"),
     ("attention/bool-tensors", r"query must be", "fae.attention(q > 0, k > 0, v > 0)"),
-    ("attention/complex-tensors", r"query must be", "fae.attention(q.to(torch.complex64), k.to(torch.complex64), v.to(torch.complex64))"),
+    (
+        "attention/complex-tensors",
+        r"query must be",
+        "fae.attention(q.to(torch.complex64), k.to(torch.complex64), v.to(torch.complex64))",
+    ),
     ("attention/device-mix", r"key.*device|device.*key|same device", "fae.attention(q, k.to('meta'), v)"),
     ("attention/window-left-negative", r"window", "fae.attention(q, k, v, window_size=(-2, 0))"),
     ("attention/window-right-absurd", r"window", "fae.attention(q, k, v, window_size=(0, -7))"),
@@ -53,16 +63,40 @@ CASES = [
     ("attention/dropout-one", r"dropout_p", "fae.attention(q, k, v, dropout_p=1.0)"),
     ("attention/dropout-negative", r"dropout_p", "fae.attention(q, k, v, dropout_p=-0.1)"),
     ("attention/dropout-nan", r"dropout_p", "fae.attention(q, k, v, dropout_p=float('nan'))"),
-    ("attention/mask-int", r"attn_mask", "fae.attention(q, k, v, attn_mask=torch.ones(1, 1, 8, 10, dtype=torch.int32))"),
-    ("attention/mask-wrong-shape", r"attn_mask", "fae.attention(q, k, v, attn_mask=torch.ones(1, 3, 8, 10, dtype=torch.bool))"),
+    (
+        "attention/mask-int",
+        r"attn_mask",
+        "fae.attention(q, k, v, attn_mask=torch.ones(1, 1, 8, 10, dtype=torch.int32))",
+    ),
+    (
+        "attention/mask-wrong-shape",
+        r"attn_mask",
+        "fae.attention(q, k, v, attn_mask=torch.ones(1, 3, 8, 10, dtype=torch.bool))",
+    ),
     ("attention/mask-wrong-len", r"attn_mask", "fae.attention(q, k, v, attn_mask=torch.ones(8, 11, dtype=torch.bool))"),
-    ("attention/mask-5d", r"attn_mask", "fae.attention(q, k, v, attn_mask=torch.ones(1, 1, 1, 8, 10, dtype=torch.bool))"),
-    ("attention/mask-device", r"attn_mask", "fae.attention(q, k, v, attn_mask=torch.ones(8, 10, dtype=torch.bool, device='meta'))"),
-    ("attention/last-dim-strided", r"contiguous last dimension|stride", "OPS.attention_forward(q[..., ::2], k[..., ::2], v, None, 0.0, 0.25, -1, -1, True)"),
+    (
+        "attention/mask-5d",
+        r"attn_mask",
+        "fae.attention(q, k, v, attn_mask=torch.ones(1, 1, 1, 8, 10, dtype=torch.bool))",
+    ),
+    (
+        "attention/mask-device",
+        r"attn_mask",
+        "fae.attention(q, k, v, attn_mask=torch.ones(8, 10, dtype=torch.bool, device='meta'))",
+    ),
+    (
+        "attention/last-dim-strided",
+        r"contiguous last dimension|stride",
+        "OPS.attention_forward(q[..., ::2], k[..., ::2], v, None, 0.0, 0.25, -1, -1, True)",
+    ),
     ("attention/alignment", r"alignment", "fae.attention(q, k, v, alignment='left')"),
     ("attention/softcap-negative", r"softcap", "fae.attention(q, k, v, softcap=-1.0)"),
     ("attention/softcap-nan", r"softcap", "fae.attention(q, k, v, softcap=float('nan'))"),
-    ("attention/alibi-dtype", r"alibi_slopes", "fae.attention(q, k, v, alibi_slopes=torch.ones(4, dtype=torch.float64))"),
+    (
+        "attention/alibi-dtype",
+        r"alibi_slopes",
+        "fae.attention(q, k, v, alibi_slopes=torch.ones(4, dtype=torch.float64))",
+    ),
     ("attention/alibi-shape", r"alibi_slopes", "fae.attention(q, k, v, alibi_slopes=torch.ones(3))"),
     ("attention/not-a-tensor", r"query", "fae.attention(q.tolist(), k, v)"),
     ("attention/key-not-a-tensor", r"key must be a torch.Tensor", "fae.attention(q, None, v)"),
@@ -70,27 +104,64 @@ CASES = [
     ("attention/window-string", r"window_size", "fae.attention(q, k, v, window_size=('a', 0))"),
     ("attention/alibi-device", r"alibi_slopes", "fae.attention(q, k, v, alibi_slopes=torch.ones(4, device='meta'))"),
     ("attention/value-device", r"value", "fae.attention(q, k, v.to('meta'))"),
-    ("op-varlen/cu-device", r"cu_seqlens_q", "OPS.attention_varlen_forward(qp, kp, vp, cu.to('meta'), cuk, 7, 7, 0.0, 0.25, -1, -1, True)"),
-    ("op-kvcache/seqlens-device", r"cache_seqlens", "OPS.attention_kvcache(qd.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), seqlens.to('meta'), None, None, 0.25, -1, -1)"),
+    (
+        "op-varlen/cu-device",
+        r"cu_seqlens_q",
+        "OPS.attention_varlen_forward(qp, kp, vp, cu.to('meta'), cuk, 7, 7, 0.0, 0.25, -1, -1, True)",
+    ),
+    (
+        "op-kvcache/seqlens-device",
+        r"cache_seqlens",
+        "OPS.attention_kvcache(qd.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), seqlens.to('meta'), None, None, 0.25, -1, -1)",
+    ),
     ("op-merge/device", r"lse_b", "OPS.merge_attention_states(o, lse, o, lse.to('meta'))"),
-    ("kvcache/q-not-a-tensor", r"q must be a torch.Tensor", "fae.attention_with_kvcache(None, kc, vc, cache_seqlens=seqlens)"),
+    (
+        "kvcache/q-not-a-tensor",
+        r"q must be a torch.Tensor",
+        "fae.attention_with_kvcache(None, kc, vc, cache_seqlens=seqlens)",
+    ),
     ("kvcache/cache-rank", r"k_cache", "fae.attention_with_kvcache(qd, kc[0], vc, cache_seqlens=seqlens)"),
     ("append/new-not-a-tensor", r"k_new must be a torch.Tensor", "fae.kv_cache_append(kc, vc, 3, vn, seqlens)"),
     ("merge/not-a-tensor", r"lse_a must be a torch.Tensor", "fae.merge_attention_states(o, 0.5, o, lse)"),
     # --- attention_forward / attention_backward ops ---
     ("op-forward/scale-nan", r"scale", "OPS.attention_forward(q, k, v, None, 0.0, float('nan'), -1, -1, True)"),
     ("op-forward/window-left", r"window_left", "OPS.attention_forward(q, k, v, None, 0.0, 0.25, -3, -1, True)"),
-    ("op-backward/grad-out-shape", r"grad_out", "OPS.attention_backward(o[:, :, :3], q, k, v, o, lse, rng, None, 0.0, 0.25, -1, -1, True)"),
-    ("op-backward/lse-shape", r"lse", "OPS.attention_backward(o, q, k, v, o, lse[:, :2], rng, None, 0.0, 0.25, -1, -1, True)"),
-    ("op-backward/lse-dtype", r"lse", "OPS.attention_backward(o, q, k, v, o, lse.double(), rng, None, 0.0, 0.25, -1, -1, True)"),
-    ("op-backward/rng-state", r"rng_state", "OPS.attention_backward(o, q, k, v, o, lse, rng[:1], None, 0.0, 0.25, -1, -1, True)"),
-    ("op-backward/out-dtype", r"grad_out|out", "OPS.attention_backward(o.double(), q, k, v, o, lse, rng, None, 0.0, 0.25, -1, -1, True)"),
+    (
+        "op-backward/grad-out-shape",
+        r"grad_out",
+        "OPS.attention_backward(o[:, :, :3], q, k, v, o, lse, rng, None, 0.0, 0.25, -1, -1, True)",
+    ),
+    (
+        "op-backward/lse-shape",
+        r"lse",
+        "OPS.attention_backward(o, q, k, v, o, lse[:, :2], rng, None, 0.0, 0.25, -1, -1, True)",
+    ),
+    (
+        "op-backward/lse-dtype",
+        r"lse",
+        "OPS.attention_backward(o, q, k, v, o, lse.double(), rng, None, 0.0, 0.25, -1, -1, True)",
+    ),
+    (
+        "op-backward/rng-state",
+        r"rng_state",
+        "OPS.attention_backward(o, q, k, v, o, lse, rng[:1], None, 0.0, 0.25, -1, -1, True)",
+    ),
+    (
+        "op-backward/out-dtype",
+        r"grad_out|out",
+        "OPS.attention_backward(o.double(), q, k, v, o, lse, rng, None, 0.0, 0.25, -1, -1, True)",
+    ),
     # --- scaled_dot_product_attention (PyTorch's signature) ---
     # The drop-in raises PyTorch's own errors (what it cannot serve goes to PyTorch's SDPA).
     ("sdpa/query-rank", r"query", "fae.scaled_dot_product_attention(q[0, 0, 0], k, v)", TORCH),
     ("sdpa/dropout", r"dropout", "fae.scaled_dot_product_attention(q, k, v, dropout_p=1.5, enable_gqa=True)", TORCH),
     ("sdpa/not-a-tensor", r"query", "fae.scaled_dot_product_attention(q.tolist(), k, v)", TORCH),
-    ("sdpa/mask-and-causal", r"attn_mask|is_causal", "fae.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(8, 10, dtype=torch.bool), is_causal=True, enable_gqa=True)", TORCH),
+    (
+        "sdpa/mask-and-causal",
+        r"attn_mask|is_causal",
+        "fae.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(8, 10, dtype=torch.bool), is_causal=True, enable_gqa=True)",
+        TORCH,
+    ),
     ("sdpa/window", r"window_size", "fae.scaled_dot_product_attention(q, k, v, enable_gqa=True, window_size=(-5, 0))"),
     # --- flash-attn's API ((B, L, H, D)) ---
     ("fa/func-rank", r"q|query", "fai.flash_attn_func(qf[0], kf, vf)"),
@@ -100,15 +171,39 @@ CASES = [
     ("fa/qkvpacked-shape", r"qkv", "fai.flash_attn_qkvpacked_func(qf)"),
     ("fa/kvpacked-shape", r"kv", "fai.flash_attn_kvpacked_func(qf, kf)"),
     ("fa/varlen-cu-dtype", r"cu_seqlens_q", "fai.flash_attn_varlen_func(qp, kp, vp, cu.float(), cuk, 7, 7)"),
-    ("fa/varlen-cu-decreasing", r"cu_seqlens_k", "fai.flash_attn_varlen_func(qp, kp, vp, cu, torch.tensor([0, 9, 7], dtype=torch.int32), 7, 9)"),
-    ("fa/varlen-cu-total", r"cu_seqlens_q|total", "fai.flash_attn_varlen_func(qp, kp, vp, torch.tensor([0, 5, 13], dtype=torch.int32), cuk, 8, 7)"),
-    ("fa/varlen-cu-first", r"cu_seqlens_q", "fai.flash_attn_varlen_func(qp, kp, vp, torch.tensor([1, 5, 12], dtype=torch.int32), cuk, 7, 7)"),
+    (
+        "fa/varlen-cu-decreasing",
+        r"cu_seqlens_k",
+        "fai.flash_attn_varlen_func(qp, kp, vp, cu, torch.tensor([0, 9, 7], dtype=torch.int32), 7, 9)",
+    ),
+    (
+        "fa/varlen-cu-total",
+        r"cu_seqlens_q|total",
+        "fai.flash_attn_varlen_func(qp, kp, vp, torch.tensor([0, 5, 13], dtype=torch.int32), cuk, 8, 7)",
+    ),
+    (
+        "fa/varlen-cu-first",
+        r"cu_seqlens_q",
+        "fai.flash_attn_varlen_func(qp, kp, vp, torch.tensor([1, 5, 12], dtype=torch.int32), cuk, 7, 7)",
+    ),
     ("fa/varlen-max-seqlen", r"max_seqlen_q", "fai.flash_attn_varlen_func(qp, kp, vp, cu, cuk, 3, 7)"),
     ("fa/varlen-rank", r"q|query", "fai.flash_attn_varlen_func(qf, kp, vp, cu, cuk, 7, 7)"),
-    ("fa/with-kvcache-seqlens-range", r"cache_seqlens", "fai.flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=torch.tensor([5, 40], dtype=torch.int32))"),
+    (
+        "fa/with-kvcache-seqlens-range",
+        r"cache_seqlens",
+        "fai.flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=torch.tensor([5, 40], dtype=torch.int32))",
+    ),
     # --- KV cache: append ---
-    ("append/past-capacity", r"cache_seqlens\[1\] = 30 overflows", "fae.kv_cache_append(kc, vc, kn, vn, torch.tensor([5, 30], dtype=torch.int32))"),
-    ("append/seqlens-negative", r"cache_seqlens", "fae.kv_cache_append(kc, vc, kn, vn, torch.tensor([-1, 3], dtype=torch.int32))"),
+    (
+        "append/past-capacity",
+        r"cache_seqlens\[1\] = 30 overflows",
+        "fae.kv_cache_append(kc, vc, kn, vn, torch.tensor([5, 30], dtype=torch.int32))",
+    ),
+    (
+        "append/seqlens-negative",
+        r"cache_seqlens",
+        "fae.kv_cache_append(kc, vc, kn, vn, torch.tensor([-1, 3], dtype=torch.int32))",
+    ),
     ("append/seqlens-float", r"cache_seqlens", "fae.kv_cache_append(kc, vc, kn, vn, seqlens.float())"),
     ("append/seqlens-shape", r"cache_seqlens", "fae.kv_cache_append(kc, vc, kn, vn, seqlens[:1])"),
     ("append/seqlens-device", r"cache_seqlens", "fae.kv_cache_append(kc, vc, kn, vn, seqlens.to('meta'))"),
@@ -118,30 +213,95 @@ CASES = [
     ("append/head-dim", r"head_dim|head dim|k_new", "fae.kv_cache_append(kc, vc, kn[..., :8], vn, seqlens)"),
     ("append/layout", r"layout", "fae.kv_cache_append(kc, vc, kn, vn, seqlens, layout='sbhd')"),
     ("append/cache-rank", r"k_cache", "fae.kv_cache_append(kc[0], vc, kn, vn, seqlens)"),
-    ("append/block-table-dtype", r"block_table", "fae.kv_cache_append(kc, vc, kn, vn, seqlens, block_table=torch.zeros(2, 1, dtype=torch.float32))"),
-    ("append/block-table-range", r"block_table", "fae.kv_cache_append(kc, vc, kn, vn, seqlens, block_table=torch.tensor([[0], [7]], dtype=torch.int32))"),
+    (
+        "append/block-table-dtype",
+        r"block_table",
+        "fae.kv_cache_append(kc, vc, kn, vn, seqlens, block_table=torch.zeros(2, 1, dtype=torch.float32))",
+    ),
+    (
+        "append/block-table-range",
+        r"block_table",
+        "fae.kv_cache_append(kc, vc, kn, vn, seqlens, block_table=torch.tensor([[0], [7]], dtype=torch.int32))",
+    ),
     # --- KV cache: attention ---
-    ("kvcache/seqlens-range", r"cache_seqlens", "fae.attention_with_kvcache(qd, kc, vc, cache_seqlens=torch.tensor([5, 33], dtype=torch.int32))"),
-    ("kvcache/seqlens-dtype", r"cache_seqlens", "fae.attention_with_kvcache(qd, kc, vc, cache_seqlens=seqlens.to(torch.int16))"),
-    ("kvcache/append-past-capacity", r"cache_seqlens", "fae.attention_with_kvcache(qd, kc, vc, kn, vn, cache_seqlens=torch.tensor([30, 3], dtype=torch.int32))"),
+    (
+        "kvcache/seqlens-range",
+        r"cache_seqlens",
+        "fae.attention_with_kvcache(qd, kc, vc, cache_seqlens=torch.tensor([5, 33], dtype=torch.int32))",
+    ),
+    (
+        "kvcache/seqlens-dtype",
+        r"cache_seqlens",
+        "fae.attention_with_kvcache(qd, kc, vc, cache_seqlens=seqlens.to(torch.int16))",
+    ),
+    (
+        "kvcache/append-past-capacity",
+        r"cache_seqlens",
+        "fae.attention_with_kvcache(qd, kc, vc, kn, vn, cache_seqlens=torch.tensor([30, 3], dtype=torch.int32))",
+    ),
     ("kvcache/k-without-v", r"k and v|both", "fae.attention_with_kvcache(qd, kc, vc, kn, None, cache_seqlens=seqlens)"),
     ("kvcache/query-rank", r"query|q\b", "fae.attention_with_kvcache(qd[0], kc, vc, cache_seqlens=seqlens)"),
-    ("kvcache/scale-nan", r"scale", "fae.attention_with_kvcache(qd, kc, vc, cache_seqlens=seqlens, softmax_scale=float('nan'))"),
-    ("kvcache/softcap-inf-before-append", r"softcap", "fae.attention_with_kvcache(qd, kc, vc, kn, vn, cache_seqlens=seqlens, softcap=float('inf'))"),
+    (
+        "kvcache/scale-nan",
+        r"scale",
+        "fae.attention_with_kvcache(qd, kc, vc, cache_seqlens=seqlens, softmax_scale=float('nan'))",
+    ),
+    (
+        "kvcache/softcap-inf-before-append",
+        r"softcap",
+        "fae.attention_with_kvcache(qd, kc, vc, kn, vn, cache_seqlens=seqlens, softcap=float('inf'))",
+    ),
     ("kvcache/window", r"window", "fae.attention_with_kvcache(qd, kc, vc, cache_seqlens=seqlens, window_size=(-9, 0))"),
-    ("kvcache/cache-dtype-mix", r"dtype|value", "fae.attention_with_kvcache(qd, kc, vc.double(), cache_seqlens=seqlens)"),
-    ("kvcache-class/bad-size", r"max_seqlen|positive", "fae.KVCache(batch_size=2, max_seqlen=0, num_kv_heads=2, head_dim=16)"),
-    ("kvcache-class/append-past-capacity", r"overflows the cache", "cache_obj.append(torch.randn(2, 40, 2, 16), torch.randn(2, 40, 2, 16))"),
-    ("kvcache-class/attend-heads", r"multiple of the number of key/value heads", "cache_obj.attend(torch.randn(2, 1, 3, 16), torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16))"),
-    ("kvcache-class/attend-new-head-dim", r"k_new|head dim|key", "cache_obj.attend(torch.randn(2, 1, 4, 16), torch.randn(2, 1, 2, 8), torch.randn(2, 1, 2, 8))"),
+    (
+        "kvcache/cache-dtype-mix",
+        r"dtype|value",
+        "fae.attention_with_kvcache(qd, kc, vc.double(), cache_seqlens=seqlens)",
+    ),
+    (
+        "kvcache-class/bad-size",
+        r"max_seqlen|positive",
+        "fae.KVCache(batch_size=2, max_seqlen=0, num_kv_heads=2, head_dim=16)",
+    ),
+    (
+        "kvcache-class/append-past-capacity",
+        r"overflows the cache",
+        "cache_obj.append(torch.randn(2, 40, 2, 16), torch.randn(2, 40, 2, 16))",
+    ),
+    (
+        "kvcache-class/attend-heads",
+        r"multiple of the number of key/value heads",
+        "cache_obj.attend(torch.randn(2, 1, 3, 16), torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16))",
+    ),
+    (
+        "kvcache-class/attend-new-head-dim",
+        r"k_new|head dim|key",
+        "cache_obj.attend(torch.randn(2, 1, 4, 16), torch.randn(2, 1, 2, 8), torch.randn(2, 1, 2, 8))",
+    ),
     ("kvcache-class/reset-index-range", r"batch_index", "cache_obj.reset(torch.tensor([0, 5]))"),
     ("kvcache-class/reset-index-float", r"batch_index", "cache_obj.reset(torch.tensor([0.0]))"),
-    ("kvcache-class/rolling-window-bad", r"window", "fae.KVCache(batch_size=2, max_seqlen=None, num_kv_heads=2, head_dim=16, window=0)"),
-    ("fa/with-kvcache-k-without-v", r"both k and v", "fai.flash_attn_with_kvcache(qd, kc, vc, k=kn, cache_seqlens=seqlens)"),
-    ("sdpa/window-float", r"window_size", "fae.scaled_dot_product_attention(q, k, v, enable_gqa=True, window_size=(1.5, 0))"),
+    (
+        "kvcache-class/rolling-window-bad",
+        r"window",
+        "fae.KVCache(batch_size=2, max_seqlen=None, num_kv_heads=2, head_dim=16, window=0)",
+    ),
+    (
+        "fa/with-kvcache-k-without-v",
+        r"both k and v",
+        "fai.flash_attn_with_kvcache(qd, kc, vc, k=kn, cache_seqlens=seqlens)",
+    ),
+    (
+        "sdpa/window-float",
+        r"window_size",
+        "fae.scaled_dot_product_attention(q, k, v, enable_gqa=True, window_size=(1.5, 0))",
+    ),
     ("nn/window", r"window_size", "fae.nn.Attention(embed_dim=64, num_heads=4, window_size=(-3, 0))"),
     ("nn/dropout", r"dropout", "fae.nn.Attention(embed_dim=64, num_heads=4, dropout=1.0)"),
-    ("convert/state-dict-kv-heads", r"num_kv_heads \(3\) must divide", "convert.convert_state_dict({'model.layers.0.self_attn.k_proj.weight': torch.zeros(64, 64)}, dict(model_type='llama', num_attention_heads=8, num_key_value_heads=8, hidden_size=64), 3)", ("ConversionError",)),  # a ValueError
+    (
+        "convert/state-dict-kv-heads",
+        r"num_kv_heads \(3\) must divide",
+        "convert.convert_state_dict({'model.layers.0.self_attn.k_proj.weight': torch.zeros(64, 64)}, dict(model_type='llama', num_attention_heads=8, num_key_value_heads=8, hidden_size=64), 3)",
+        ("ConversionError",),
+    ),  # a ValueError
     # --- merge_attention_states ---
     ("merge/shape-mismatch", r"out_b|out_a|shape", "fae.merge_attention_states(o, lse, o[:1], lse[:1])"),
     ("merge/lse-shape", r"lse_a|lse", "fae.merge_attention_states(o, lse[..., :3], o, lse)"),
@@ -149,19 +309,48 @@ CASES = [
     # --- modules ---
     ("nn/heads-not-multiple", r"num_kv_heads|num_heads", "fae.nn.Attention(embed_dim=64, num_heads=4, num_kv_heads=3)"),
     ("nn/embed-not-divisible", r"embed_dim|head_dim", "fae.nn.Attention(embed_dim=63, num_heads=4)"),
-    ("nn/input-width", r"embed_dim|x|input", "fae.nn.Attention(embed_dim=64, num_heads=4)(torch.randn(2, 5, 32))", VE_TE + ("RuntimeError",)),
+    (
+        "nn/input-width",
+        r"embed_dim|x|input",
+        "fae.nn.Attention(embed_dim=64, num_heads=4)(torch.randn(2, 5, 32))",
+        VE_TE + ("RuntimeError",),
+    ),
 ]
 
 # Device mixes with a real second device, straight to the ops (the Python layer gates CUDA
 # until its kernels are verified); where CUDA is available: scripts/gpu_check.sh.
 if _cuda_available():
     CASES += [
-        ("cuda/key-on-cpu", r"key|device", "OPS.attention_forward(q.cuda(), k, v.cuda(), None, 0.0, 0.25, -1, -1, True)"),
-        ("cuda/mask-on-cpu", r"attn_mask", "OPS.attention_forward(q.cuda(), k.cuda(), v.cuda(), torch.ones(1, 1, 8, 10, dtype=torch.bool), 0.0, 0.25, -1, -1, True)"),
-        ("cuda/seqlens-on-cpu", r"cache_seqlens", "OPS.kv_cache_append(kc_cuda.transpose(1, 2), vc_cuda.transpose(1, 2), kn.cuda().transpose(1, 2), vn.cuda().transpose(1, 2), seqlens)"),
-        ("cuda/append-past-capacity", r"overflows", "OPS.kv_cache_append(kc_cuda.transpose(1, 2), vc_cuda.transpose(1, 2), kn.cuda().transpose(1, 2), vn.cuda().transpose(1, 2), torch.tensor([5, 30], dtype=torch.int32, device='cuda'))"),
-        ("cuda/head-dim-over-256", r"head dims up to 256", "OPS.attention_forward(*(torch.randn(1, 2, 4, 300, device='cuda') for _ in range(3)), None, 0.0, 0.05, -1, -1, True)"),
-        ("cuda/alibi-on-cpu", r"alibi_slopes", "OPS.attention_forward(q.cuda(), k.cuda(), v.cuda(), None, 0.0, 0.25, -1, -1, True, 0.0, torch.ones(4))"),
+        (
+            "cuda/key-on-cpu",
+            r"key|device",
+            "OPS.attention_forward(q.cuda(), k, v.cuda(), None, 0.0, 0.25, -1, -1, True)",
+        ),
+        (
+            "cuda/mask-on-cpu",
+            r"attn_mask",
+            "OPS.attention_forward(q.cuda(), k.cuda(), v.cuda(), torch.ones(1, 1, 8, 10, dtype=torch.bool), 0.0, 0.25, -1, -1, True)",
+        ),
+        (
+            "cuda/seqlens-on-cpu",
+            r"cache_seqlens",
+            "OPS.kv_cache_append(kc_cuda.transpose(1, 2), vc_cuda.transpose(1, 2), kn.cuda().transpose(1, 2), vn.cuda().transpose(1, 2), seqlens)",
+        ),
+        (
+            "cuda/append-past-capacity",
+            r"overflows",
+            "OPS.kv_cache_append(kc_cuda.transpose(1, 2), vc_cuda.transpose(1, 2), kn.cuda().transpose(1, 2), vn.cuda().transpose(1, 2), torch.tensor([5, 30], dtype=torch.int32, device='cuda'))",
+        ),
+        (
+            "cuda/head-dim-over-256",
+            r"head dims up to 256",
+            "OPS.attention_forward(*(torch.randn(1, 2, 4, 300, device='cuda') for _ in range(3)), None, 0.0, 0.05, -1, -1, True)",
+        ),
+        (
+            "cuda/alibi-on-cpu",
+            r"alibi_slopes",
+            "OPS.attention_forward(q.cuda(), k.cuda(), v.cuda(), None, 0.0, 0.25, -1, -1, True, 0.0, torch.ones(4))",
+        ),
     ]
 
 # The runner's own check (test_bad_input_catalogue.py): a first case that kills the interpreter.
@@ -181,6 +370,7 @@ def setup():
         return torch.randn(*shape, generator=g)
 
     from flash_attn_ext import convert
+
     ns = dict(torch=torch, fae=fae, fai=fai, OPS=torch.ops.flash_attn_ext, math=math, os=os, convert=convert)
     ns.update(q=rnd(2, 4, 8, 16), k=rnd(2, 2, 10, 16), v=rnd(2, 2, 10, 16))  # (B, H, L, D)
     ns.update(qf=rnd(2, 8, 4, 16), kf=rnd(2, 10, 2, 16), vf=rnd(2, 10, 2, 16))  # (B, L, H, D)
@@ -202,17 +392,23 @@ def setup():
 
 def _snapshot(ns):
     import torch
-    return {name: t.detach().clone() for name, t in ns.items()
-            if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+
+    return {
+        name: t.detach().clone() for name, t in ns.items() if isinstance(t, torch.Tensor) and t.device.type != "meta"
+    }
 
 
 def _unchanged(before, ns):
     import torch
+
     changed = []
     for name, old in before.items():
         new = ns[name]
-        same = (new.shape == old.shape and new.dtype == old.dtype
-                and torch.equal(new.detach().reshape(-1).view(torch.uint8), old.reshape(-1).view(torch.uint8)))
+        same = (
+            new.shape == old.shape
+            and new.dtype == old.dtype
+            and torch.equal(new.detach().reshape(-1).view(torch.uint8), old.reshape(-1).view(torch.uint8))
+        )
         if not same:
             changed.append(name)
     return changed

@@ -1,6 +1,7 @@
 """ALiBi (alibi_slopes, as flash-attn: score (b, h, i, j) gains -slope * |i + o - j|, o the
 alignment offset) in the forward, backward, varlen and KV-cache kernels, against the float64
 reference of SPEC.md section 6."""
+
 import itertools
 
 import pytest
@@ -37,8 +38,9 @@ def test_alibi_forward_backward(device, dtype, case):
     B = 2
     q, k, v = make_qkv(B, Hq, Hkv, L, S, 32, dtype, device, requires_grad=True)
     slopes = slopes_for(B, Hq, per_batch, device)
-    out, lse = flash_attn_ext.attention(q, k, v, causal=causal, window_size=window, softcap=cap, alibi_slopes=slopes,
-                                        return_lse=True)
+    out, lse = flash_attn_ext.attention(
+        q, k, v, causal=causal, window_size=window, softcap=cap, alibi_slopes=slopes, return_lse=True
+    )
     w = (window[0], 0 if causal else window[1])
     g = torch.Generator().manual_seed(1)
     dout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(dtype).to(device)
@@ -83,11 +85,16 @@ def test_alibi_flash_attn_func_and_varlen(device):
     slopes = torch.stack([slopes_for(1, H, False, device)] * 3) * torch.tensor([[1.0], [2.0], [0.5]], device=device)
     out = flash_attn_varlen_func(q, k, v, cq, ck, 30, 40, causal=True, alibi_slopes=slopes)
     for b in range(3):
-        qs, ks, vs = q[cq[b]:cq[b + 1]][None], k[ck[b]:ck[b + 1]][None], v[ck[b]:ck[b + 1]][None]
-        dense = flash_attn_func(qs, ks, vs, causal=True, alibi_slopes=slopes[b:b + 1])
-        torch.testing.assert_close(out[cq[b]:cq[b + 1]], dense[0], rtol=0, atol=1e-6)
-        ref = reference_attention(qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2), window=(-1, 0),
-                                  alibi_slopes=slopes[b:b + 1].cpu())[0]
+        qs, ks, vs = q[cq[b] : cq[b + 1]][None], k[ck[b] : ck[b + 1]][None], v[ck[b] : ck[b + 1]][None]
+        dense = flash_attn_func(qs, ks, vs, causal=True, alibi_slopes=slopes[b : b + 1])
+        torch.testing.assert_close(out[cq[b] : cq[b + 1]], dense[0], rtol=0, atol=1e-6)
+        ref = reference_attention(
+            qs.transpose(1, 2),
+            ks.transpose(1, 2),
+            vs.transpose(1, 2),
+            window=(-1, 0),
+            alibi_slopes=slopes[b : b + 1].cpu(),
+        )[0]
         assert_matches(dense.transpose(1, 2), ref, ref, torch.float32, f"varlen alibi seq {b}")
 
 
@@ -97,17 +104,26 @@ def test_alibi_kvcache(device, decode_path, kernel_settings):
     B, Hq, Hkv, S_max, D = 2, 8, 2, 200, 32
     g = torch.Generator().manual_seed(4)
     q = torch.randn(B, 1, Hq, D, generator=g).to(device)
-    kc, vc = torch.randn(B, S_max, Hkv, D, generator=g).to(device), torch.randn(B, S_max, Hkv, D, generator=g).to(device)
+    kc, vc = (
+        torch.randn(B, S_max, Hkv, D, generator=g).to(device),
+        torch.randn(B, S_max, Hkv, D, generator=g).to(device),
+    )
     lens = torch.tensor([7, 200], dtype=torch.int32, device=device)
     slopes = slopes_for(B, Hq, False, device)
-    out, lse = flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True, alibi_slopes=slopes,
-                                       return_softmax_lse=True)
+    out, lse = flash_attn_with_kvcache(
+        q, kc, vc, cache_seqlens=lens, causal=True, alibi_slopes=slopes, return_softmax_lse=True
+    )
     for b in range(B):
         n = int(lens[b])
-        ref, ref_lse = reference_attention(q[b:b + 1].transpose(1, 2), kc[b:b + 1, :n].transpose(1, 2),
-                                           vc[b:b + 1, :n].transpose(1, 2), window=(-1, 0), alibi_slopes=slopes.cpu())
-        assert_matches(out[b:b + 1].transpose(1, 2), ref, ref, torch.float32, f"kvcache alibi b={b}")
-        assert (lse[b:b + 1].double() - ref_lse).abs().max().item() < 1e-4
+        ref, ref_lse = reference_attention(
+            q[b : b + 1].transpose(1, 2),
+            kc[b : b + 1, :n].transpose(1, 2),
+            vc[b : b + 1, :n].transpose(1, 2),
+            window=(-1, 0),
+            alibi_slopes=slopes.cpu(),
+        )
+        assert_matches(out[b : b + 1].transpose(1, 2), ref, ref, torch.float32, f"kvcache alibi b={b}")
+        assert (lse[b : b + 1].double() - ref_lse).abs().max().item() < 1e-4
 
 
 def test_alibi_opcheck(device):
@@ -116,22 +132,55 @@ def test_alibi_opcheck(device):
         args = (q, k, v, None, 0.0, 0.25, -1, 0, True, 0.0, slopes)
         torch.library.opcheck(OPS.attention_forward, args)
         out, lse, rng = OPS.attention_forward(q.detach(), k.detach(), v.detach(), *args[3:])
-        torch.library.opcheck(OPS.attention_backward, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out,
-                                                       lse, rng, None, 0.0, 0.25, -1, 0, True, 0.0, slopes))
+        torch.library.opcheck(
+            OPS.attention_backward,
+            (
+                torch.randn_like(out),
+                q.detach(),
+                k.detach(),
+                v.detach(),
+                out,
+                lse,
+                rng,
+                None,
+                0.0,
+                0.25,
+                -1,
+                0,
+                True,
+                0.0,
+                slopes,
+            ),
+        )
 
 
-@pytest.mark.parametrize("bad,match", [
-    (lambda d: torch.ones(4, dtype=torch.float64, device=d), "alibi_slopes must be float32"),
-    (lambda d: torch.ones(3, device=d), r"alibi_slopes must have shape \(4,\) or \(2, 4\)"),
-    (lambda d: torch.ones(3, 4, device=d), r"alibi_slopes must have shape"),
-    (lambda d: torch.ones(4, 2, device=d).t(), "contiguous last dimension"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (lambda d: torch.ones(4, dtype=torch.float64, device=d), "alibi_slopes must be float32"),
+        (lambda d: torch.ones(3, device=d), r"alibi_slopes must have shape \(4,\) or \(2, 4\)"),
+        (lambda d: torch.ones(3, 4, device=d), r"alibi_slopes must have shape"),
+        (lambda d: torch.ones(4, 2, device=d).t(), "contiguous last dimension"),
+    ],
+)
 def test_alibi_rejects_bad_slopes(device, bad, match):
     q, k, v = make_qkv(2, 4, 2, 5, 5, 8, torch.float32, device)
     with pytest.raises((ValueError, TypeError), match=match):
         OPS.attention_forward(q, k, v, None, 0.0, 0.3, -1, -1, True, 0.0, bad(device))
     kc, vc = torch.zeros(2, 2, 8, 8, device=device), torch.zeros(2, 2, 8, 8, device=device)
     with pytest.raises((ValueError, TypeError), match=match):
-        OPS.attention_kvcache(q[:, :, :1], kc, vc, torch.tensor([2, 3], dtype=torch.int32, device=device), k[:, :, :1],
-                              v[:, :, :1], 0.3, -1, 0, None, 0.0, bad(device))
+        OPS.attention_kvcache(
+            q[:, :, :1],
+            kc,
+            vc,
+            torch.tensor([2, 3], dtype=torch.int32, device=device),
+            k[:, :, :1],
+            v[:, :, :1],
+            0.3,
+            -1,
+            0,
+            None,
+            0.0,
+            bad(device),
+        )
     assert torch.all(kc == 0), "nothing is written before the error"

@@ -2,6 +2,7 @@
 crashes the interpreter fails its own case, and the rest run on in a fresh process. Every case
 must raise a Python exception of the expected kind whose message names the argument, and leave
 every tensor it was given (caches, outputs) bitwise unchanged."""
+
 import json
 import os
 import re
@@ -16,16 +17,26 @@ from bad_input_cases import CASES, VE_TE
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The child imports the same flash_attn_ext as this process (a source tree on PYTHONPATH or
 # the installed package).
-_ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
-    [os.path.dirname(os.path.dirname(os.path.abspath(flash_attn_ext.__file__))), HERE]
-    + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+_ENV = dict(
+    os.environ,
+    PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(flash_attn_ext.__file__))), HERE]
+        + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    ),
+)
 
 
 def _run_catalogue(cases=CASES, env=_ENV):
     results, start = {}, 0
     while start < len(cases):
-        proc = subprocess.run([sys.executable, os.path.join(HERE, "bad_input_cases.py"), str(start)],
-                              capture_output=True, text=True, timeout=600, cwd=HERE, env=env)
+        proc = subprocess.run(
+            [sys.executable, os.path.join(HERE, "bad_input_cases.py"), str(start)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=HERE,
+            env=env,
+        )
         last_started = None
         for line in proc.stdout.splitlines():
             if not line.startswith("{"):
@@ -38,8 +49,12 @@ def _run_catalogue(cases=CASES, env=_ENV):
         if proc.returncode == 0 and len(cases) - 1 in results:
             break
         crashed = last_started if last_started is not None and last_started not in results else start
-        results[crashed] = {"index": crashed, "id": cases[crashed][0], "crashed": proc.returncode,
-                            "stderr": proc.stderr[-3000:]}
+        results[crashed] = {
+            "index": crashed,
+            "id": cases[crashed][0],
+            "crashed": proc.returncode,
+            "stderr": proc.stderr[-3000:],
+        }
         start = crashed + 1
     return results
 

@@ -2,6 +2,7 @@
 results of the same calls made one at a time, bitwise; CPU forward and backward are bitwise
 repeatable for a fixed thread count (every op, every path: tiles, GQA packing, split-KV,
 decode, varlen, bf16 tiles, dropout with a seeded generator)."""
+
 import threading
 
 import pytest
@@ -17,10 +18,12 @@ N_THREADS = 4
 def _workloads(device):
     """Named calls, each returning a tuple of tensors; each builds its own inputs (a KV cache
     is written in place, so every call gets its own)."""
+
     def fwd(dtype, Hq, Hkv, L, S, D, **kw):
         def run():
             q, k, v = make_qkv(2, Hq, Hkv, L, S, D, dtype, device, seed=L + S + D)
             return (flash_attn_ext.attention(q, k, v, **kw),)
+
         return run
 
     def fwd_bwd(dtype, **kw):
@@ -30,6 +33,7 @@ def _workloads(device):
             g = torch.Generator().manual_seed(4)
             dout = torch.randn(out.shape, generator=g).to(dtype).to(device)
             return (out.detach(),) + torch.autograd.grad(out, (q, k, v), dout)
+
         return run
 
     def dropout():
@@ -50,10 +54,12 @@ def _workloads(device):
             with torch.no_grad():
                 out = flash_attn_ext.attention_with_kvcache(q, kc, vc, new, new, cache_seqlens=lens, causal=True)
             return out, kc, vc
+
         return run
 
     def varlen():
         from flash_attn_ext.flash_attn_interface import flash_attn_varlen_func
+
         g = torch.Generator().manual_seed(8)
         cu = torch.tensor([0, 50, 51, 180], dtype=torch.int32, device=device)
         q = torch.randn(180, 4, 32, generator=g).to(device)
@@ -113,7 +119,7 @@ def _threads_match_serial(device):
     def worker(t):
         try:
             start.wait()
-            order = names[t % len(names):] + names[:t % len(names)]
+            order = names[t % len(names) :] + names[: t % len(names)]
             for rep in range(2):
                 for name in order:
                     results[(t, rep, name)] = work[name]()

@@ -1,4 +1,5 @@
 """flash_attn_ext.cpu_tiles: the typed setting of the CPU kernels' tile back end."""
+
 import pytest
 import torch
 
@@ -30,8 +31,9 @@ def test_float64_and_float16_never_leave_the_float_tiles():
                 assert ran == "float" and "bfloat16 only" in why
 
 
-@pytest.mark.parametrize("bad,exc,match", [("amx", ValueError, "backend must be one of"),
-                                           (3, ValueError, "backend must be one of")])
+@pytest.mark.parametrize(
+    "bad,exc,match", [("amx", ValueError, "backend must be one of"), (3, ValueError, "backend must be one of")]
+)
 def test_bad_backend_raises_naming_it(bad, exc, match):
     before = flash_attn_ext.cpu_tiles_in_use(torch.float32)
     with pytest.raises(exc, match=match):

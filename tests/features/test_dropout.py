@@ -1,4 +1,5 @@
 """Dropout: driven by PyTorch's CPU generator, regenerated exactly by the backward."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """Bad input that needs gradients or grad mode: a Python exception naming the argument."""
+
 import pytest
 import torch
 
@@ -8,7 +9,11 @@ OPS = torch.ops.flash_attn_ext
 
 
 def _qkv(dtype=torch.float32):
-    return torch.randn(2, 4, 8, 16, dtype=dtype), torch.randn(2, 2, 10, 16, dtype=dtype), torch.randn(2, 2, 10, 16, dtype=dtype)
+    return (
+        torch.randn(2, 4, 8, 16, dtype=dtype),
+        torch.randn(2, 2, 10, 16, dtype=dtype),
+        torch.randn(2, 2, 10, 16, dtype=dtype),
+    )
 
 
 def _fwd(q, k, v, mask=None, p=0.0, scale=0.25, wl=-1, wr=-1):

@@ -1,6 +1,7 @@
 """Extreme values (issue 9): huge logits, float16 near its maximum, -inf masks and fully
 masked rows, NaN confined to where it belongs, memory the kernels must never read, batch*heads
 past CUDA's 65535 grid limit and sequences longer than 65535."""
+
 import pytest
 import torch
 
@@ -153,8 +154,9 @@ def test_cache_memory_past_the_lengths_is_never_read(device, dtype, L):
     seqlens = torch.tensor([40 - L, 13], dtype=torch.int32, device=device)
     with torch.no_grad():
         out = flash_attn_ext.attention_with_kvcache(q, kc, vc, cache_seqlens=seqlens, causal=True)
-        out_app = flash_attn_ext.attention_with_kvcache(q, kc.clone(), vc.clone(), new, new,
-                                                        cache_seqlens=seqlens, causal=True)
+        out_app = flash_attn_ext.attention_with_kvcache(
+            q, kc.clone(), vc.clone(), new, new, cache_seqlens=seqlens, causal=True
+        )
         # paged: 10 blocks of 16 positions, the sequences use blocks [3, 1, 7] and [0]; the rest NaN
         blocks = torch.full((10, 16, 2, D), float("nan"), dtype=dtype, device=device)
         vblocks = blocks.clone()
@@ -165,8 +167,9 @@ def test_cache_memory_past_the_lengths_is_never_read(device, dtype, L):
                 blocks[blk, pos % 16] = kc[b, pos]
                 vblocks[blk, pos % 16] = vc[b, pos]
         lens_paged = torch.tensor([40 - L, 13 - L], dtype=torch.int32, device=device)
-        out_paged = flash_attn_ext.attention_with_kvcache(q, blocks, vblocks, cache_seqlens=lens_paged,
-                                                          causal=True, block_table=table)
+        out_paged = flash_attn_ext.attention_with_kvcache(
+            q, blocks, vblocks, cache_seqlens=lens_paged, causal=True, block_table=table
+        )
     assert torch.isfinite(out).all() and torch.isfinite(out_app).all() and torch.isfinite(out_paged).all()
 
 
@@ -194,19 +197,28 @@ def test_sequence_longer_than_65535(device, dtype):
     r0, r1 = 65500, 65600  # query rows around 65535; they see keys [r0 - W, r1)
     (dq, dk, dv), dout = _grads(out, (q, k, v))
     # The reference of that block: query i' = i - r0 sees keys j' = j - (r0 - W) in [i', i' + W].
-    qs, ks, vs = (t.detach()[:, :, a:b].double().requires_grad_(True)
-                  for t, a, b in ((q, r0, r1), (k, r0 - W, r1), (v, r0 - W, r1)))
+    qs, ks, vs = (
+        t.detach()[:, :, a:b].double().requires_grad_(True)
+        for t, a, b in ((q, r0, r1), (k, r0 - W, r1), (v, r0 - W, r1))
+    )
     ref, _ = reference_attention(qs, ks, vs, window=(0, W), bottom_right=False)
     ql, kl, vl = (t.detach().to(dtype).requires_grad_(True) for t in (qs, ks, vs))
     low, _ = reference_attention(ql, kl, vl, window=(0, W), bottom_right=False, dtype=dtype)
     assert_matches(out[:, :, r0:r1], ref, low.detach(), dtype, "L = 70000, rows 65500-65600")
-    assert_matches(out[:, :, -3:], reference_attention(q.detach()[:, :, -3:], k.detach()[:, :, -3 - W:],
-                                                       v.detach()[:, :, -3 - W:], window=(W, 0))[0],
-                   reference_attention(q.detach()[:, :, -3:], k.detach()[:, :, -3 - W:], v.detach()[:, :, -3 - W:],
-                                       window=(W, 0), dtype=dtype)[0], dtype, "L = 70000, last rows")
+    assert_matches(
+        out[:, :, -3:],
+        reference_attention(
+            q.detach()[:, :, -3:], k.detach()[:, :, -3 - W :], v.detach()[:, :, -3 - W :], window=(W, 0)
+        )[0],
+        reference_attention(
+            q.detach()[:, :, -3:], k.detach()[:, :, -3 - W :], v.detach()[:, :, -3 - W :], window=(W, 0), dtype=dtype
+        )[0],
+        dtype,
+        "L = 70000, last rows",
+    )
     # dQ of those rows only depends on the block (its keys' other readers do not enter dQ).
-    rq, = torch.autograd.grad(ref, (qs,), dout[:, :, r0:r1].double())
-    rq_low, = torch.autograd.grad(low, (ql,), dout[:, :, r0:r1])
+    (rq,) = torch.autograd.grad(ref, (qs,), dout[:, :, r0:r1].double())
+    (rq_low,) = torch.autograd.grad(low, (ql,), dout[:, :, r0:r1])
     assert_matches(dq[:, :, r0:r1], rq, rq_low, dtype, "dq, L = 70000, rows 65500-65600", grad=True)
     assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
     # decode: one query against all 70000 cached positions
@@ -228,12 +240,15 @@ def test_zero_sized_dims_match_pytorch(device, what):
     dims[what.split("=")[0]] = 0
     B, H, L, S, D, Dv = (dims[n] for n in ("B", "H", "L", "S", "D", "Dv"))
     g = torch.Generator().manual_seed(13)
-    q, k, v = (torch.randn(*s, generator=g).to(device).requires_grad_(True)
-               for s in ((B, H, L, D), (B, H, S, D), (B, H, S, Dv)))
+    q, k, v = (
+        torch.randn(*s, generator=g).to(device).requires_grad_(True)
+        for s in ((B, H, L, D), (B, H, S, D), (B, H, S, Dv))
+    )
     out = flash_attn_ext.scaled_dot_product_attention(q, k, v)
     ours_direct = flash_attn_ext.attention(q, k, v)
-    ref = torch.nn.functional.scaled_dot_product_attention(q.detach().double(), k.detach().double(),
-                                                           v.detach().double())
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.detach().double(), k.detach().double(), v.detach().double()
+    )
     assert out.shape == ref.shape == ours_direct.shape
     torch.testing.assert_close(out.double(), ref, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(ours_direct.double(), ref, atol=1e-6, rtol=1e-6)
@@ -254,6 +269,7 @@ def test_kvcache_with_nothing_cached_or_appended(device):
         out, lse = flash_attn_ext.attention_with_kvcache(q, kc, vc, cache_seqlens=zero, return_softmax_lse=True)
     assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
     before = kc.clone(), vc.clone()
-    flash_attn_ext.kv_cache_append(kc, vc, kc[:, :0], vc[:, :0], torch.tensor([3, 16], dtype=torch.int32, device=device))
+    flash_attn_ext.kv_cache_append(
+        kc, vc, kc[:, :0], vc[:, :0], torch.tensor([3, 16], dtype=torch.int32, device=device)
+    )
     assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])
-

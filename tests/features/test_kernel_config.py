@@ -1,5 +1,6 @@
 """flash_attn_ext.kernel_config: the one typed setting of which kernel paths calls take
 (csrc/common/kernel_config.h), its environment defaults, and that the kernels obey it."""
+
 import dataclasses
 import os
 import subprocess
@@ -11,17 +12,25 @@ import torch
 import flash_attn_ext
 from flash_attn_ext import KernelConfig
 
-_ENV_NAMES = ("FLASH_ATTN_EXT_CUDA_FAST", "FLASH_ATTN_EXT_CPU_DECODE", "FLASH_ATTN_EXT_CPU_BF16_DOT",
-              "FLASH_ATTN_EXT_CPU_KT_CACHE", "FLASH_ATTN_EXT_CPU_BWD_HEAD_PASSES", "FLASH_ATTN_EXT_CPU_TILES",
-              "FLASH_ATTN_EXT_CPU_BF16_GEMM", "FLASH_ATTN_EXT_NUM_SPLITS")
+_ENV_NAMES = (
+    "FLASH_ATTN_EXT_CUDA_FAST",
+    "FLASH_ATTN_EXT_CPU_DECODE",
+    "FLASH_ATTN_EXT_CPU_BF16_DOT",
+    "FLASH_ATTN_EXT_CPU_KT_CACHE",
+    "FLASH_ATTN_EXT_CPU_BWD_HEAD_PASSES",
+    "FLASH_ATTN_EXT_CPU_TILES",
+    "FLASH_ATTN_EXT_CPU_BF16_GEMM",
+    "FLASH_ATTN_EXT_NUM_SPLITS",
+)
 
 
 def _config_in_fresh_process(**env):
     """The setting a new process starts with under `env` (the variables above cleared first)."""
     clean = {k: v for k, v in os.environ.items() if k not in _ENV_NAMES}
     code = "import dataclasses, flash_attn_ext as f; print(dataclasses.asdict(f.get_kernel_config()))"
-    run = subprocess.run([sys.executable, "-c", code], env=dict(clean, **env), capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=dict(clean, **env), capture_output=True, text=True, timeout=300
+    )
     return run.returncode, run.stdout.strip(), run.stderr
 
 
@@ -30,13 +39,28 @@ def test_defaults_and_environment_defaults():
     assert rc == 0, err
     assert out == str(dataclasses.asdict(KernelConfig())), out
     rc, out, err = _config_in_fresh_process(
-        FLASH_ATTN_EXT_CUDA_FAST="require", FLASH_ATTN_EXT_CPU_DECODE="0", FLASH_ATTN_EXT_CPU_BF16_DOT="0",
-        FLASH_ATTN_EXT_CPU_KT_CACHE="0", FLASH_ATTN_EXT_CPU_BWD_HEAD_PASSES="1", FLASH_ATTN_EXT_NUM_SPLITS="3",
-        FLASH_ATTN_EXT_CPU_TILES="float")
+        FLASH_ATTN_EXT_CUDA_FAST="require",
+        FLASH_ATTN_EXT_CPU_DECODE="0",
+        FLASH_ATTN_EXT_CPU_BF16_DOT="0",
+        FLASH_ATTN_EXT_CPU_KT_CACHE="0",
+        FLASH_ATTN_EXT_CPU_BWD_HEAD_PASSES="1",
+        FLASH_ATTN_EXT_NUM_SPLITS="3",
+        FLASH_ATTN_EXT_CPU_TILES="float",
+    )
     assert rc == 0, err
-    assert out == str(dataclasses.asdict(KernelConfig(
-        cuda_fast="require", cpu_decode="off", cpu_bf16_dot="off", cpu_kt_cache="off",
-        cpu_bwd_head_passes="require", num_splits=3, cpu_tiles="float"))), out
+    assert out == str(
+        dataclasses.asdict(
+            KernelConfig(
+                cuda_fast="require",
+                cpu_decode="off",
+                cpu_bf16_dot="off",
+                cpu_kt_cache="off",
+                cpu_bwd_head_passes="require",
+                num_splits=3,
+                cpu_tiles="float",
+            )
+        )
+    ), out
     rc, out, err = _config_in_fresh_process(FLASH_ATTN_EXT_CPU_BF16_GEMM="0")  # the older spelling
     assert rc == 0 and "'cpu_tiles': 'float'" in out, (out, err)
 
@@ -63,15 +87,18 @@ def test_context_manager_sets_restores_and_nests():
     assert flash_attn_ext.get_kernel_config() == before
 
 
-@pytest.mark.parametrize("settings,exc,match", [
-    (dict(cuda_fast="on"), ValueError, "cuda_fast must be 'auto', 'off' or 'require'"),
-    (dict(cpu_kt_cache="require"), ValueError, "cpu_kt_cache must be 'auto' or 'off'"),
-    (dict(cpu_tiles="amx"), ValueError, "cpu_tiles must be"),
-    (dict(num_splits=-1), ValueError, r"num_splits must be an integer in \[0, 1024\]"),
-    (dict(num_splits=True), TypeError, "num_splits must be an int"),
-    (dict(cpu_decode=0), TypeError, "cpu_decode must be a str"),
-    (dict(split_count=2), TypeError, "unknown setting 'split_count'"),
-])
+@pytest.mark.parametrize(
+    "settings,exc,match",
+    [
+        (dict(cuda_fast="on"), ValueError, "cuda_fast must be 'auto', 'off' or 'require'"),
+        (dict(cpu_kt_cache="require"), ValueError, "cpu_kt_cache must be 'auto' or 'off'"),
+        (dict(cpu_tiles="amx"), ValueError, "cpu_tiles must be"),
+        (dict(num_splits=-1), ValueError, r"num_splits must be an integer in \[0, 1024\]"),
+        (dict(num_splits=True), TypeError, "num_splits must be an int"),
+        (dict(cpu_decode=0), TypeError, "cpu_decode must be a str"),
+        (dict(split_count=2), TypeError, "unknown setting 'split_count'"),
+    ],
+)
 def test_bad_settings_raise_naming_them_and_change_nothing(settings, exc, match):
     before = flash_attn_ext.get_kernel_config()
     with pytest.raises(exc, match=match):
@@ -90,7 +117,9 @@ def test_require_pins_the_cpu_decode_path():
     outs = {}
     for mode in ("require", "off", "auto"):
         with flash_attn_ext.kernel_config(cpu_decode=mode):
-            outs[mode] = flash_attn_ext.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True, layout="bhsd")
+            outs[mode] = flash_attn_ext.attention_with_kvcache(
+                q, kc, vc, cache_seqlens=lens, causal=True, layout="bhsd"
+            )
     torch.testing.assert_close(outs["require"], outs["off"], atol=1e-6, rtol=1e-5)
     assert torch.equal(outs["require"], outs["auto"])
     long_q = torch.randn(2, 4, 40, 32)  # 80 query rows per KV head: past the decode kernel

@@ -1,7 +1,6 @@
 """Soft-capping (softcap > 0: scores become softcap * tanh(score / softcap) before the mask, as
 in Gemma-2 and flash-attn) in the forward, backward and KV-cache kernels, against the float64
 reference of SPEC.md section 6."""
-import os
 
 import pytest
 import torch
@@ -94,15 +93,20 @@ def test_softcap_kvcache(device, dtype, decode_path, kernel_settings):
     q = (rnd(B, 1, Hq, D).double() * 4).to(dtype)
     k_cache, v_cache = rnd(B, S_max, Hkv, D), rnd(B, S_max, Hkv, D)
     lens = torch.tensor([1, 150, 300], dtype=torch.int32, device=device)
-    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, causal=True, softcap=cap,
-                                       return_softmax_lse=True)
+    out, lse = flash_attn_with_kvcache(
+        q, k_cache, v_cache, cache_seqlens=lens, causal=True, softcap=cap, return_softmax_lse=True
+    )
     for b in range(B):
         n = int(lens[b])
-        qb, kb, vb = (t[b:b + 1].transpose(1, 2) for t in (q, k_cache[:, :n], v_cache[:, :n]))
+        qb, kb, vb = (t[b : b + 1].transpose(1, 2) for t in (q, k_cache[:, :n], v_cache[:, :n]))
         ref, ref_lse = reference_attention(qb, kb, vb, window=(-1, 0), softcap=cap)
-        low = reference_attention(qb, kb, vb, window=(-1, 0), softcap=cap, dtype=dtype)[0] if dtype in LOW_PRECISION else ref
-        assert_matches(out[b:b + 1].transpose(1, 2), ref, low, dtype, f"kvcache softcap b={b}")
-        assert_lse_matches(lse[b:b + 1], ref_lse, dtype, f"kvcache softcap lse b={b}")
+        low = (
+            reference_attention(qb, kb, vb, window=(-1, 0), softcap=cap, dtype=dtype)[0]
+            if dtype in LOW_PRECISION
+            else ref
+        )
+        assert_matches(out[b : b + 1].transpose(1, 2), ref, low, dtype, f"kvcache softcap b={b}")
+        assert_lse_matches(lse[b : b + 1], ref_lse, dtype, f"kvcache softcap lse b={b}")
 
 
 def test_flash_attn_func_softcap_matches_attention(device):
@@ -120,6 +124,17 @@ def test_softcap_rejects_bad_values(device, bad):
     k_cache, v_cache = torch.zeros(1, 2, 8, 8, device=device), torch.zeros(1, 2, 8, 8, device=device)
     before = k_cache.clone()
     with pytest.raises(ValueError, match="softcap"):
-        OPS.attention_kvcache(q[:, :, :1], k_cache, v_cache, torch.tensor([2], dtype=torch.int32, device=device),
-                              k[:, :, :1], v[:, :, :1], 0.3, -1, 0, None, bad)
+        OPS.attention_kvcache(
+            q[:, :, :1],
+            k_cache,
+            v_cache,
+            torch.tensor([2], dtype=torch.int32, device=device),
+            k[:, :, :1],
+            v[:, :, :1],
+            0.3,
+            -1,
+            0,
+            None,
+            bad,
+        )
     assert torch.equal(k_cache, before), "nothing is written before the error"

@@ -1,6 +1,7 @@
 """examples/cpp: a C++ program (LibTorch from the pip wheel, found with find_package(Torch))
 calls the ops through the dispatcher, forward and backward, and checks them against ATen
 autograd; configured, built and run as a CTest here."""
+
 import os
 import shutil
 import subprocess
@@ -17,9 +18,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_cpp_example_builds_and_passes_ctest(tmp_path):
     build = str(tmp_path / "build")
     run = lambda *cmd: subprocess.run(cmd, capture_output=True, text=True)  # noqa: E731
-    r = run("cmake", "-S", os.path.join(ROOT, "examples", "cpp"), "-B", build,
-            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
-            f"-DFLASH_ATTN_EXT_LIBRARY={flash_attn_ext._C.__file__}")
+    r = run(
+        "cmake",
+        "-S",
+        os.path.join(ROOT, "examples", "cpp"),
+        "-B",
+        build,
+        f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+        f"-DFLASH_ATTN_EXT_LIBRARY={flash_attn_ext._C.__file__}",
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     r = run("cmake", "--build", build, "-j2")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -14,6 +14,7 @@ GPU) and run on every CI run; each checks with tests/native/cpp/expect.h and pri
 - test_tile_math: the CPU tile and decode kernels against naive loops, in the portable baseline
   build and in the run-time-dispatched build (whichever clone this CPU selects).
 """
+
 import os
 import shutil
 import subprocess
@@ -48,8 +49,22 @@ def test_host_program(tmp_path, case):
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     assert cxx, "a C++ compiler is needed (the extension itself is built with one)"
     exe = tmp_path / program
-    subprocess.run([cxx, *flags, "-Wall", "-I", CSRC, "-I", os.path.join(HERE, "cpp"),
-                    os.path.join(HERE, "cpp", program + ".cpp"), *sources, "-o", str(exe)], check=True)
+    subprocess.run(
+        [
+            cxx,
+            *flags,
+            "-Wall",
+            "-I",
+            CSRC,
+            "-I",
+            os.path.join(HERE, "cpp"),
+            os.path.join(HERE, "cpp", program + ".cpp"),
+            *sources,
+            "-o",
+            str(exe),
+        ],
+        check=True,
+    )
     result = subprocess.run([str(exe)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.rstrip().endswith("ok"), result.stdout

@@ -1,4 +1,5 @@
 """Checks on the sources themselves: what is written once stays consistent where it is used."""
+
 import glob
 import os
 import re

@@ -1,4 +1,5 @@
 """Gradients of the fused attention op against autograd through the float64 reference."""
+
 import pytest
 import torch
 
@@ -7,30 +8,56 @@ from reference import LOW_PRECISION, assert_matches, make_qkv, reference_attenti
 from tile_backends import cpu_tile_cases
 
 
-def check_backward(device, dtype, B, Hq, Hkv, L, S, D, *, Dv=None, causal=False,
-                   window=(-1, -1), bottom_right=True, attn_mask=None, scale=None,
-                   layout="bhld", seed=0):
-    q, k, v = make_qkv(B, Hq, Hkv, L, S, D, dtype, device, Dv=Dv, layout=layout, seed=seed,
-                       requires_grad=True)
+def check_backward(
+    device,
+    dtype,
+    B,
+    Hq,
+    Hkv,
+    L,
+    S,
+    D,
+    *,
+    Dv=None,
+    causal=False,
+    window=(-1, -1),
+    bottom_right=True,
+    attn_mask=None,
+    scale=None,
+    layout="bhld",
+    seed=0,
+):
+    q, k, v = make_qkv(B, Hq, Hkv, L, S, D, dtype, device, Dv=Dv, layout=layout, seed=seed, requires_grad=True)
     g = torch.Generator().manual_seed(seed + 1)
     dout = torch.randn(B, Hq, L, v.shape[-1], generator=g, dtype=torch.float64).to(dtype).to(device)
-    out = flash_attn_ext.attention(q, k, v, causal=causal, window_size=window, scale=scale,
-                                   attn_mask=attn_mask,
-                                   alignment="bottom_right" if bottom_right else "top_left")
+    out = flash_attn_ext.attention(
+        q,
+        k,
+        v,
+        causal=causal,
+        window_size=window,
+        scale=scale,
+        attn_mask=attn_mask,
+        alignment="bottom_right" if bottom_right else "top_left",
+    )
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
     w = (window[0], (0 if window[1] < 0 else min(window[1], 0)) if causal else window[1])
 
     def ref_grads(ref_dtype):
         qr, kr, vr = (t.detach().to(ref_dtype).requires_grad_(True) for t in (q, k, v))
-        o, _ = reference_attention(qr, kr, vr, scale=scale, window=w, bottom_right=bottom_right,
-                                   attn_mask=attn_mask, dtype=ref_dtype)
+        o, _ = reference_attention(
+            qr, kr, vr, scale=scale, window=w, bottom_right=bottom_right, attn_mask=attn_mask, dtype=ref_dtype
+        )
         return torch.autograd.grad(o, (qr, kr, vr), dout.to(ref_dtype))
 
     ref = ref_grads(torch.float64)
     low = ref_grads(dtype) if dtype in LOW_PRECISION else ref
     what = f"{dtype} B={B} Hq={Hq} Hkv={Hkv} L={L} S={S} D={D} w={w} br={bottom_right}"
-    for name, ours, r, lo, inp in (("dq", dq, ref[0], low[0], q), ("dk", dk, ref[1], low[1], k),
-                                   ("dv", dv, ref[2], low[2], v)):
+    for name, ours, r, lo, inp in (
+        ("dq", dq, ref[0], low[0], q),
+        ("dk", dk, ref[1], low[1], k),
+        ("dv", dv, ref[2], low[2], v),
+    ):
         assert ours.dtype == dtype and ours.shape == inp.shape
         assert_matches(ours, r, lo, dtype, f"{name} {what}", grad=True)
 
@@ -108,13 +135,14 @@ def test_fully_invisible_rows_have_zero_grad(device):
     check_backward(device, torch.float32, 1, 1, 1, 50, 10, 8, causal=True)
 
 
-@pytest.mark.parametrize("causal,window,mask", [(False, (-1, -1), False), (True, (-1, -1), False),
-                                                (False, (3, 2), False), (False, (-1, -1), True)])
+@pytest.mark.parametrize(
+    "causal,window,mask",
+    [(False, (-1, -1), False), (True, (-1, -1), False), (False, (3, 2), False), (False, (-1, -1), True)],
+)
 def test_gradcheck_float64(device, causal, window, mask):
     q, k, v = make_qkv(1, 2, 1, 9, 11, 5, torch.float64, device, requires_grad=True)
     attn_mask = (torch.rand(1, 2, 9, 11) > 0.3).to(device) if mask else None
-    fn = lambda q, k, v: flash_attn_ext.attention(q, k, v, causal=causal, window_size=window,
-                                                  attn_mask=attn_mask)
+    fn = lambda q, k, v: flash_attn_ext.attention(q, k, v, causal=causal, window_size=window, attn_mask=attn_mask)
     assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
@@ -156,12 +184,15 @@ def test_double_backward_raises(device):
 
 
 @pytest.mark.parametrize("dtype,backend", cpu_tile_cases([torch.bfloat16, torch.float32]))
-@pytest.mark.parametrize("L,S,D,Hq,Hkv,causal,window", [
-    (113, 203, 33, 4, 2, True, (-1, -1)),   # odd head dim, odd row and key tails, GQA
-    (203, 113, 64, 2, 2, False, (16, 16)),  # L > S, window edges inside tiles
-    (64, 64, 128, 8, 1, True, (-1, -1)),    # MQA: dK/dV summed over 8 query heads
-    (17, 1, 80, 2, 1, False, (-1, -1)),     # one key
-])
+@pytest.mark.parametrize(
+    "L,S,D,Hq,Hkv,causal,window",
+    [
+        (113, 203, 33, 4, 2, True, (-1, -1)),  # odd head dim, odd row and key tails, GQA
+        (203, 113, 64, 2, 2, False, (16, 16)),  # L > S, window edges inside tiles
+        (64, 64, 128, 8, 1, True, (-1, -1)),  # MQA: dK/dV summed over 8 query heads
+        (17, 1, 80, 2, 1, False, (-1, -1)),  # one key
+    ],
+)
 def test_bf16_tile_paths_backward(device, dtype, backend, L, S, D, Hq, Hkv, causal, window):
     """The backward on every CPU tile back end this machine runs (tile_backends.py), P and dS
     rounded to bf16 on the bf16 ones; each within the SPEC bound of autograd through the float64
@@ -172,7 +203,9 @@ def test_bf16_tile_paths_backward(device, dtype, backend, L, S, D, Hq, Hkv, caus
 
 @pytest.mark.parametrize("head_passes", ["require", "off"], ids=["per_head_pass", "group_pass"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("Hq,Hkv,causal,window", [(8, 2, True, (-1, -1)), (6, 2, False, (20, 5)), (4, 1, False, (-1, -1))])
+@pytest.mark.parametrize(
+    "Hq,Hkv,causal,window", [(8, 2, True, (-1, -1)), (6, 2, False, (20, 5)), (4, 1, False, (-1, -1))]
+)
 def test_gqa_backward_loop_orders(device, kernel_settings, head_passes, dtype, Hq, Hkv, causal, window):
     """GQA dK/dV on the CPU backward's two loop orders (one pass per query head with the packed
     K/V tiles kept for the group's later heads, or one pass for the whole group; the kernel picks

@@ -1,5 +1,4 @@
 """Forward of the fused attention op against the float64 reference (SPEC.md section 6)."""
-import math
 
 import pytest
 import torch
@@ -13,17 +12,46 @@ SHAPES = [(1, 1), (1, 97), (113, 203), (203, 113), (256, 512), (1023, 1024)]
 HEAD_DIMS = [1, 8, 33, 64, 80, 128, 256]
 
 
-def check_forward(device, dtype, B, Hq, Hkv, L, S, D, *, Dv=None, causal=False, window=(-1, -1),
-                  bottom_right=True, attn_mask=None, scale=None, layout="bhld", seed=0):
+def check_forward(
+    device,
+    dtype,
+    B,
+    Hq,
+    Hkv,
+    L,
+    S,
+    D,
+    *,
+    Dv=None,
+    causal=False,
+    window=(-1, -1),
+    bottom_right=True,
+    attn_mask=None,
+    scale=None,
+    layout="bhld",
+    seed=0,
+):
     q, k, v = make_qkv(B, Hq, Hkv, L, S, D, dtype, device, Dv=Dv, layout=layout, seed=seed)
     out, lse = flash_attn_ext.attention(
-        q, k, v, causal=causal, window_size=window, scale=scale, attn_mask=attn_mask,
-        alignment="bottom_right" if bottom_right else "top_left", return_lse=True)
+        q,
+        k,
+        v,
+        causal=causal,
+        window_size=window,
+        scale=scale,
+        attn_mask=attn_mask,
+        alignment="bottom_right" if bottom_right else "top_left",
+        return_lse=True,
+    )
     w = (window[0], 0 if causal and window[1] < 0 else (min(window[1], 0) if causal else window[1]))
-    ref, ref_lse = reference_attention(q, k, v, scale=scale, window=w, bottom_right=bottom_right,
-                                       attn_mask=attn_mask)
-    low = reference_attention(q, k, v, scale=scale, window=w, bottom_right=bottom_right,
-                              attn_mask=attn_mask, dtype=dtype)[0] if dtype in LOW_PRECISION else ref
+    ref, ref_lse = reference_attention(q, k, v, scale=scale, window=w, bottom_right=bottom_right, attn_mask=attn_mask)
+    low = (
+        reference_attention(
+            q, k, v, scale=scale, window=w, bottom_right=bottom_right, attn_mask=attn_mask, dtype=dtype
+        )[0]
+        if dtype in LOW_PRECISION
+        else ref
+    )
     what = f"out {dtype} B={B} Hq={Hq} Hkv={Hkv} L={L} S={S} D={D} w={w} br={bottom_right}"
     assert out.dtype == dtype and out.device.type == device
     assert_matches(out, ref, low, dtype, what)
@@ -34,8 +62,13 @@ def check_forward(device, dtype, B, Hq, Hkv, L, S, D, *, Dv=None, causal=False, 
 
 
 # float64 at the largest sizes only adds run time (it is the reference's own precision).
-PLAIN_GRID = [(dtype, L, S, D) for dtype in DTYPES for (L, S) in SHAPES for D in HEAD_DIMS
-              if not (dtype == torch.float64 and L * S * D > 1023 * 1024 * 64)]
+PLAIN_GRID = [
+    (dtype, L, S, D)
+    for dtype in DTYPES
+    for (L, S) in SHAPES
+    for D in HEAD_DIMS
+    if not (dtype == torch.float64 and L * S * D > 1023 * 1024 * 64)
+]
 
 
 @pytest.mark.parametrize("dtype,L,S,D", PLAIN_GRID, ids=str)
@@ -50,8 +83,7 @@ def test_causal(device, dtype, L, S, bottom_right):
     check_forward(device, dtype, 2, 3, 3, L, S, 64, causal=True, bottom_right=bottom_right)
 
 
-WINDOWS = [(0, 0), (1, 0), (0, 5), (16, 16), (63, 0), (64, 0), (65, 3), (300, -1), (-1, 40),
-           (5000, 5000), (2000, 0)]
+WINDOWS = [(0, 0), (1, 0), (0, 5), (16, 16), (63, 0), (64, 0), (65, 3), (300, -1), (-1, 40), (5000, 5000), (2000, 0)]
 
 
 @pytest.mark.parametrize("window", WINDOWS, ids=str)
@@ -126,8 +158,9 @@ def _masks(B, H, L, S, device, dtype):
     }
 
 
-@pytest.mark.parametrize("kind", ["bool_full", "bool_bcast_rows", "bool_bcast_heads", "float_full",
-                                  "float_bcast", "float_neg_inf"])
+@pytest.mark.parametrize(
+    "kind", ["bool_full", "bool_bcast_rows", "bool_bcast_heads", "float_full", "float_bcast", "float_neg_inf"]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_attn_mask(device, kind, dtype):
     B, H, L, S = 2, 3, 97, 130
@@ -168,8 +201,9 @@ def test_empty_query_sequence(device):
     assert out.shape == (1, 2, 0, 8) and lse.shape == (1, 2, 0)
 
 
-@pytest.mark.parametrize("shape_q,shape_kv", [((0, 2, 5, 4), (0, 2, 5, 4)), ((1, 0, 5, 4), (1, 0, 5, 4)),
-                                              ((1, 2, 0, 4), (1, 2, 5, 4))])
+@pytest.mark.parametrize(
+    "shape_q,shape_kv", [((0, 2, 5, 4), (0, 2, 5, 4)), ((1, 0, 5, 4), (1, 0, 5, 4)), ((1, 2, 0, 4), (1, 2, 5, 4))]
+)
 def test_empty_tensors_forward_and_backward(device, shape_q, shape_kv):
     q = torch.randn(shape_q, device=device, requires_grad=True)
     k = torch.randn(shape_kv, device=device, requires_grad=True)
@@ -229,13 +263,16 @@ def test_split_kv_forward(device, kernel_settings, splits, L, S):
 
 
 @pytest.mark.parametrize("dtype,backend", cpu_tile_cases([torch.bfloat16, torch.float32]))
-@pytest.mark.parametrize("L,S,D,Hq,Hkv,causal,window", [
-    (113, 203, 33, 4, 2, True, (-1, -1)),   # odd head dim (a zero pair), odd key tail, GQA packing
-    (203, 113, 64, 2, 2, False, (16, 16)),  # L > S, window edges inside tiles
-    (64, 64, 128, 8, 1, True, (-1, -1)),    # MQA, exact tiles
-    (17, 1, 80, 2, 1, False, (-1, -1)),     # one key: an odd pair count in P V
-    (256, 512, 256, 2, 2, True, (100, 0)),  # the largest head dim
-])
+@pytest.mark.parametrize(
+    "L,S,D,Hq,Hkv,causal,window",
+    [
+        (113, 203, 33, 4, 2, True, (-1, -1)),  # odd head dim (a zero pair), odd key tail, GQA packing
+        (203, 113, 64, 2, 2, False, (16, 16)),  # L > S, window edges inside tiles
+        (64, 64, 128, 8, 1, True, (-1, -1)),  # MQA, exact tiles
+        (17, 1, 80, 2, 1, False, (-1, -1)),  # one key: an odd pair count in P V
+        (256, 512, 256, 2, 2, True, (100, 0)),  # the largest head dim
+    ],
+)
 def test_bf16_tile_paths(device, dtype, backend, L, S, D, Hq, Hkv, causal, window):
     """The forward on every CPU tile back end this machine runs (tile_backends.py): float tiles,
     vdpbf16ps (bf16 on AVX512-BF16) and oneDNN brgemm, P rounded to bf16 on the bf16 ones; each

@@ -1,5 +1,6 @@
 """Attention against a KV cache (decode and chunked prefill) with per-sequence lengths,
 against the float64 reference on each sequence's valid prefix."""
+
 import pytest
 import torch
 
@@ -16,13 +17,16 @@ def _case(B, Hq, Hkv, L, S_max, D, dtype, device, seed=0):
 def _check(out, lse, q, kc, vc, lens, window, dtype):
     """Per sequence: reference over cache positions [0, lens[b]), bottom-right aligned."""
     for b, n in enumerate(lens):
-        qb = q[b:b + 1].transpose(1, 2)
-        kb, vb = kc[b:b + 1, :n].transpose(1, 2), vc[b:b + 1, :n].transpose(1, 2)
+        qb = q[b : b + 1].transpose(1, 2)
+        kb, vb = kc[b : b + 1, :n].transpose(1, 2), vc[b : b + 1, :n].transpose(1, 2)
         ref, ref_lse = reference_attention(qb, kb, vb, window=window, bottom_right=True)
-        low = reference_attention(qb, kb, vb, window=window, bottom_right=True, dtype=dtype)[0] \
-            if dtype in LOW_PRECISION else ref
-        assert_matches(out[b:b + 1].transpose(1, 2), ref, low, dtype, f"kvcache out b={b} len={n} w={window}")
-        assert_lse_matches(lse[b:b + 1], ref_lse, dtype, f"kvcache lse b={b} len={n} w={window}")
+        low = (
+            reference_attention(qb, kb, vb, window=window, bottom_right=True, dtype=dtype)[0]
+            if dtype in LOW_PRECISION
+            else ref
+        )
+        assert_matches(out[b : b + 1].transpose(1, 2), ref, low, dtype, f"kvcache out b={b} len={n} w={window}")
+        assert_lse_matches(lse[b : b + 1], ref_lse, dtype, f"kvcache lse b={b} len={n} w={window}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -35,8 +39,14 @@ def test_decode_and_prefill_against_cache(device, dtype, L, Hq, Hkv, causal, win
     lens = [L, 77, S_max]  # a sequence exactly as long as its query chunk, one mid-cache, one full
     with torch.no_grad():
         out, lse = flash_attn_ext.attention_with_kvcache(
-            q, kc, vc, cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=device),
-            causal=causal, window_size=window, return_softmax_lse=True)
+            q,
+            kc,
+            vc,
+            cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=device),
+            causal=causal,
+            window_size=window,
+            return_softmax_lse=True,
+        )
     w = (window[0], 0 if causal else window[1])
     _check(out, lse, q, kc, vc, lens, w, dtype)
 
@@ -53,8 +63,14 @@ def test_mqa_decode_many_query_heads(device, dtype, B, L, causal, window):
     lens = [S_max, 450][:B]
     with torch.no_grad():
         out, lse = flash_attn_ext.attention_with_kvcache(
-            q, kc, vc, cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=device),
-            causal=causal, window_size=window, return_softmax_lse=True)
+            q,
+            kc,
+            vc,
+            cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=device),
+            causal=causal,
+            window_size=window,
+            return_softmax_lse=True,
+        )
     _check(out, lse, q, kc, vc, lens, (window[0], 0), dtype)
 
 
@@ -62,15 +78,27 @@ def test_mqa_decode_many_query_heads(device, dtype, B, L, causal, window):
 def test_append_then_attend(device, layout):
     B, Hq, Hkv, L, S_max, D = 2, 4, 2, 5, 64, 32
     q, kc, vc = _case(B, Hq, Hkv, L, S_max, D, torch.float32, device)
-    knew, vnew = _case(B, Hkv, Hkv, L, 1, D, torch.float32, device, seed=3)[0], _case(B, Hkv, Hkv, L, 1, D, torch.float32, device, seed=4)[0]
+    knew, vnew = (
+        _case(B, Hkv, Hkv, L, 1, D, torch.float32, device, seed=3)[0],
+        _case(B, Hkv, Hkv, L, 1, D, torch.float32, device, seed=4)[0],
+    )
     lens = torch.tensor([10, 40], device=device)
     kc_ref, vc_ref = kc.clone(), vc.clone()
     for b, n in enumerate(lens.tolist()):
-        kc_ref[b, n:n + L], vc_ref[b, n:n + L] = knew[b], vnew[b]
+        kc_ref[b, n : n + L], vc_ref[b, n : n + L] = knew[b], vnew[b]
     t = (lambda x: x.transpose(1, 2)) if layout == "bhsd" else (lambda x: x)
     with torch.inference_mode():
-        out, lse = flash_attn_ext.attention_with_kvcache(t(q), t(kc), t(vc), t(knew), t(vnew), cache_seqlens=lens,
-                                                         causal=True, return_softmax_lse=True, layout=layout)
+        out, lse = flash_attn_ext.attention_with_kvcache(
+            t(q),
+            t(kc),
+            t(vc),
+            t(knew),
+            t(vnew),
+            cache_seqlens=lens,
+            causal=True,
+            return_softmax_lse=True,
+            layout=layout,
+        )
     assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
     out = out.transpose(1, 2) if layout == "bhsd" else out
     _check(out, lse, q, kc_ref, vc_ref, [n + L for n in lens.tolist()], (-1, 0), torch.float32)
@@ -85,8 +113,11 @@ def test_generation_loop_equals_full_causal_attention(device):
     outs = []
     with torch.no_grad():
         for t in range(T):
-            outs.append(flash_attn_ext.attention_with_kvcache(q[:, t:t + 1], kc, vc, k[:, t:t + 1], v[:, t:t + 1],
-                                                              cache_seqlens=lens, causal=True))
+            outs.append(
+                flash_attn_ext.attention_with_kvcache(
+                    q[:, t : t + 1], kc, vc, k[:, t : t + 1], v[:, t : t + 1], cache_seqlens=lens, causal=True
+                )
+            )
             lens += 1
         full = flash_attn_ext.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
     torch.testing.assert_close(torch.cat(outs, dim=1), full.transpose(1, 2), atol=1e-5, rtol=1e-5)
@@ -98,17 +129,23 @@ def test_errors_before_any_write(device):
     knew = torch.ones(B, 3, H, D, device=device)
     lens = torch.tensor([2, 14], dtype=torch.int32, device=device)  # 14 + 3 > 16
     with pytest.raises(ValueError, match="does not fit the cache"), torch.no_grad():
-        flash_attn_ext.attention_with_kvcache(torch.randn(B, 3, H, D, device=device), kc, vc, knew, knew, cache_seqlens=lens)
+        flash_attn_ext.attention_with_kvcache(
+            torch.randn(B, 3, H, D, device=device), kc, vc, knew, knew, cache_seqlens=lens
+        )
     bad_q = torch.randn(B, 3, 3, D, device=device)  # 3 query heads, 2 kv heads
     with pytest.raises(ValueError, match="multiple of the number of key/value heads"), torch.no_grad():
-        flash_attn_ext.attention_with_kvcache(bad_q, kc, vc, knew, knew, cache_seqlens=torch.tensor([0, 0], device=device))
+        flash_attn_ext.attention_with_kvcache(
+            bad_q, kc, vc, knew, knew, cache_seqlens=torch.tensor([0, 0], device=device)
+        )
     # The append inside attention_kvcache is validated with the attention (one read of
     # cache_seqlens), so new tokens that do not match the cache are refused here, by name.
     ok_q, zero = torch.randn(B, 3, H, D, device=device), torch.tensor([0, 0], dtype=torch.int32, device=device)
-    for k_new, v_new, name in [(torch.ones(B, 3, H, D + 1, device=device), knew, "k_new"),
-                               (knew, torch.ones(B, 3, H + 1, D, device=device), "v_new"),
-                               (knew, torch.ones(B, 2, H, D, device=device), "v_new"),
-                               (knew[:1], knew[:1], "k_new")]:
+    for k_new, v_new, name in [
+        (torch.ones(B, 3, H, D + 1, device=device), knew, "k_new"),
+        (knew, torch.ones(B, 3, H + 1, D, device=device), "v_new"),
+        (knew, torch.ones(B, 2, H, D, device=device), "v_new"),
+        (knew[:1], knew[:1], "k_new"),
+    ]:
         with pytest.raises(ValueError, match=name), torch.no_grad():
             flash_attn_ext.attention_with_kvcache(ok_q, kc, vc, k_new, v_new, cache_seqlens=zero)
     assert torch.all(kc == 0) and torch.all(vc == 0)
@@ -122,8 +159,11 @@ def test_opcheck(device):
     q = torch.randn(B, 4, 2, D, device=device)
     lens = torch.tensor([3, 9], dtype=torch.int32, device=device)
     knew, vnew = torch.randn(B, H, 2, D, device=device), torch.randn(B, H, 2, D, device=device)
-    for args in [(q, kc, vc, lens, None, None, 0.3, -1, 0), (q, kc, vc, lens, knew, vnew, 0.3, 4, 0),
-                 (q, kc, vc, lens, knew, vnew, 0.3, 4, 0, None, 2.0)]:
+    for args in [
+        (q, kc, vc, lens, None, None, 0.3, -1, 0),
+        (q, kc, vc, lens, knew, vnew, 0.3, 4, 0),
+        (q, kc, vc, lens, knew, vnew, 0.3, 4, 0, None, 2.0),
+    ]:
         torch.library.opcheck(torch.ops.flash_attn_ext.attention_kvcache, args)
 
 
@@ -134,7 +174,7 @@ def test_kvcache_class_prefill_then_decode(device):
     with torch.no_grad():
         outs = [cache.attend(q[:, :P], k[:, :P], v[:, :P])]  # prefill chunk
         for t in range(P, P + N):
-            outs.append(cache.attend(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1]))
+            outs.append(cache.attend(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1]))
         full = flash_attn_ext.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
     assert cache.seqlens.tolist() == [P + N] * B
     torch.testing.assert_close(torch.cat(outs, 1), full.transpose(1, 2), atol=1e-5, rtol=1e-5)
@@ -150,8 +190,10 @@ def test_kvcache_class_prefill_then_decode(device):
 def test_generate_example_same_tokens_with_and_without_cache():
     import importlib.util
     import os
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples",
-                        "generate.py")
+
+    path = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples", "generate.py"
+    )
     spec = importlib.util.spec_from_file_location("generate_example", path)
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
@@ -174,10 +216,11 @@ def test_rolling_cache_matches_sliding_window_attention(device, chunks):
     outs, t = [], 0
     with torch.no_grad():
         for n in chunks:  # chunks longer than W overwrite slots their own early queries need
-            outs.append(cache.attend(q[:, t:t + n], k[:, t:t + n], v[:, t:t + n]))
+            outs.append(cache.attend(q[:, t : t + n], k[:, t : t + n], v[:, t : t + n]))
             t += n
-        full = flash_attn_ext.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                        causal=True, window_size=(W - 1, 0))
+        full = flash_attn_ext.attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, window_size=(W - 1, 0)
+        )
     assert cache.seqlens.tolist() == [T] * B and cache.k.shape[1] == W
     torch.testing.assert_close(torch.cat(outs, 1), full.transpose(1, 2), atol=1e-5, rtol=1e-5)
     # the buffer holds the last W positions at slot p % W
@@ -209,8 +252,14 @@ def test_split_kv_forced_both_ways(device, kernel_settings, splits, Hq, Hkv, L, 
     lens = [0, 333, S_max]
     with torch.no_grad():
         out, lse = flash_attn_ext.attention_with_kvcache(
-            q, kc, vc, cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=device),
-            causal=True, window_size=window, return_softmax_lse=True)
+            q,
+            kc,
+            vc,
+            cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=device),
+            causal=True,
+            window_size=window,
+            return_softmax_lse=True,
+        )
     _check(out[1:], lse[1:], q[1:], kc[1:], vc[1:], lens[1:], (window[0], 0), torch.float32)
     assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isneginf(lse[0]).all()
 
@@ -231,6 +280,6 @@ def test_bf16_decode_both_score_loops(kernel_settings, bf16_dot, D, Hq, Hkv, L):
         v_in = vc if layout == "bshd" else vc.transpose(1, 2).contiguous().transpose(1, 2)
         with torch.no_grad():
             out, lse = flash_attn_ext.attention_with_kvcache(
-                q, k_in, v_in, cache_seqlens=torch.tensor(lens, dtype=torch.int32), causal=True,
-                return_softmax_lse=True)
+                q, k_in, v_in, cache_seqlens=torch.tensor(lens, dtype=torch.int32), causal=True, return_softmax_lse=True
+            )
         _check(out, lse, q, kc, vc, lens, (-1, 0), torch.bfloat16)

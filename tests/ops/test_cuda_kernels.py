@@ -2,6 +2,7 @@
 on CUDA against the float64 reference): agreement with PyTorch's own CUDA SDPA backends, the
 same dropout mask on CPU and CUDA, stream / graph behaviour and grid limits. Skipped without
 a GPU or without the CUDA kernels (see conftest.py)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,10 +10,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import flash_attn_ext
 from flash_attn_ext import _ops
-from reference import LOW_PRECISION, assert_matches, make_qkv, reference_attention
+from reference import assert_matches, make_qkv, reference_attention
 
-pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and _ops.has_kernel("cuda")),
-                                reason="needs a GPU and the CUDA kernels (FLASH_ATTN_EXT_CUDA_KERNELS=1)")
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and _ops.has_kernel("cuda")),
+    reason="needs a GPU and the CUDA kernels (FLASH_ATTN_EXT_CUDA_KERNELS=1)",
+)
 
 BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
 
@@ -47,11 +50,14 @@ def test_dropout_mask_same_on_cpu_and_cuda(causal):
     q, k, v = make_qkv(B, Hq, Hkv, L, S, D, torch.float64, "cuda", seed=3)
     dout = torch.randn(B, Hq, L, D, dtype=torch.float64, device="cuda")
     wr = 0 if causal else -1
-    out, lse, rng = torch.ops.flash_attn_ext.attention_forward(q, k, v, None, p, D ** -0.5, -1, wr, True)
+    out, lse, rng = torch.ops.flash_attn_ext.attention_forward(q, k, v, None, p, D**-0.5, -1, wr, True)
     assert rng.device.type == "cuda" and rng.dtype == torch.int64
-    grads_cuda = torch.ops.flash_attn_ext.attention_backward(dout, q, k, v, out, lse, rng, None, p, D ** -0.5, -1, wr, True)
+    grads_cuda = torch.ops.flash_attn_ext.attention_backward(
+        dout, q, k, v, out, lse, rng, None, p, D**-0.5, -1, wr, True
+    )
     grads_cpu = torch.ops.flash_attn_ext.attention_backward(
-        *(t.cpu() for t in (dout, q, k, v, out, lse, rng)), None, p, D ** -0.5, -1, wr, True)
+        *(t.cpu() for t in (dout, q, k, v, out, lse, rng)), None, p, D**-0.5, -1, wr, True
+    )
     for name, a, b in zip(("dq", "dk", "dv"), grads_cuda, grads_cpu):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-9, msg=name)
 
@@ -168,8 +174,9 @@ def test_tensor_core_path_declines_what_it_does_not_serve(kernel_settings):
     cu = torch.tensor([0, 7, 16], dtype=torch.int32, device="cuda")
     packed = q[0].transpose(0, 1).contiguous()
     with pytest.raises(RuntimeError, match="variable-length"):
-        torch.ops.flash_attn_ext.attention_varlen_forward(packed, packed, packed, cu, cu, 9, 9, 0.0, 0.125, -1, 0,
-                                                          True, 0.0)
+        torch.ops.flash_attn_ext.attention_varlen_forward(
+            packed, packed, packed, cu, cu, 9, 9, 0.0, 0.125, -1, 0, True, 0.0
+        )
 
 
 def test_varlen_and_softcap_same_on_cpu_and_cuda():
@@ -181,12 +188,15 @@ def test_varlen_and_softcap_same_on_cpu_and_cuda():
     q, k, v = (torch.randn(55, h, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2))
     dout = torch.randn(55, 4, 16, generator=g, dtype=torch.float64)
     args = (33, 33, 0.3, 0.25, 6, 0, True, 2.0)
-    out, lse, rng = torch.ops.flash_attn_ext.attention_varlen_forward(q.cuda(), k.cuda(), v.cuda(), cu.cuda(),
-                                                                      cu.cuda(), *args)
+    out, lse, rng = torch.ops.flash_attn_ext.attention_varlen_forward(
+        q.cuda(), k.cuda(), v.cuda(), cu.cuda(), cu.cuda(), *args
+    )
     grads_cuda = torch.ops.flash_attn_ext.attention_varlen_backward(
-        dout.cuda(), q.cuda(), k.cuda(), v.cuda(), out, lse, rng, cu.cuda(), cu.cuda(), *args)
+        dout.cuda(), q.cuda(), k.cuda(), v.cuda(), out, lse, rng, cu.cuda(), cu.cuda(), *args
+    )
     grads_cpu = torch.ops.flash_attn_ext.attention_varlen_backward(
-        dout, q, k, v, out.cpu(), lse.cpu(), rng.cpu(), cu, cu, *args)
+        dout, q, k, v, out.cpu(), lse.cpu(), rng.cpu(), cu, cu, *args
+    )
     for name, a, b in zip(("dq", "dk", "dv"), grads_cuda, grads_cpu):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-9, msg=name)
     assert sum(lengths) == 55
@@ -279,6 +289,7 @@ def test_split_kv_decode_kernel(kernel_settings, case, dtype, D, splits):
     """The CUDA decode kernels (pinned with cuda_fast='require'; split count
     automatic or forced) against the float64 reference per sequence, and against the safety net."""
     from test_attention_kvcache import _case, _check
+
     B, Hq, Hkv, L, S_max, lens, left = DECODE_CASES[case]
     q, kc, vc = _case(B, Hq, Hkv, L, S_max, D, dtype, "cuda", seed=D + len(case))
     kernel_settings(num_splits=splits)
@@ -299,14 +310,21 @@ def test_split_kv_decode_kernel(kernel_settings, case, dtype, D, splits):
 def test_split_kv_decode_kernel_paged(kernel_settings):
     from test_attention_kvcache import _case, _check
     from test_paged_kv_cache import _paged_copy
+
     kernel_settings(cuda_fast="require", num_splits=3)
     q, kc, vc = _case(2, 8, 2, 1, 512, 128, torch.bfloat16, "cuda", seed=3)
     kp, vp, table = _paged_copy(kc, vc, 64)
     lens = [512, 77]
     with torch.no_grad():
         out, lse = flash_attn_ext.attention_with_kvcache(
-            q, kp, vp, cache_seqlens=torch.tensor(lens, dtype=torch.int32, device="cuda"), causal=True,
-            return_softmax_lse=True, block_table=table)
+            q,
+            kp,
+            vp,
+            cache_seqlens=torch.tensor(lens, dtype=torch.int32, device="cuda"),
+            causal=True,
+            return_softmax_lse=True,
+            block_table=table,
+        )
     _check(out, lse, q, kc, vc, lens, (-1, 0), torch.bfloat16)
 
 
@@ -318,5 +336,6 @@ def test_split_kv_decode_kernel_declines_what_it_does_not_serve(kernel_settings)
         flash_attn_ext.attention_with_kvcache(q, kc, kc.clone(), cache_seqlens=torch.tensor([32], device="cuda"))
     kc = torch.randn(1, 32, 8, 64, device="cuda", dtype=torch.float16)
     with pytest.raises(RuntimeError, match="softcap"), torch.no_grad():
-        flash_attn_ext.attention_with_kvcache(q[..., :64], kc, kc.clone(), softcap=30.0,
-                                              cache_seqlens=torch.tensor([32], device="cuda"))
+        flash_attn_ext.attention_with_kvcache(
+            q[..., :64], kc, kc.clone(), softcap=30.0, cache_seqlens=torch.tensor([32], device="cuda")
+        )

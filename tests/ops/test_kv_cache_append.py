@@ -1,5 +1,6 @@
 """flash_attn_ext.kv_cache_append: in-place, bitwise equal to an indexing reference, nothing
 outside the written slots changes, bad input raises before anything is written."""
+
 import pytest
 import torch
 
@@ -10,7 +11,9 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 def _poisoned_cache(B, S_max, H, D, dtype, device, layout):
     shape = (B, S_max, H, D) if layout == "bshd" else (B, H, S_max, D)
-    return torch.full(shape, float("nan"), dtype=dtype, device=device), torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.full(shape, float("nan"), dtype=dtype, device=device), torch.full(
+        shape, float("nan"), dtype=dtype, device=device
+    )
 
 
 def _reference(cache, new, lens, layout, rolling):
@@ -86,7 +89,10 @@ BAD = [
     ("does not match", lambda kc, vc, kn, vn: (kc, vc, kn[:, :1], vn, torch.tensor([0, 1]))),
     ("k_new has 3 new positions, v_new 2", lambda kc, vc, kn, vn: (kc, vc, kn, vn[:, :, :2], torch.tensor([0, 1]))),
     ("must be 4-D", lambda kc, vc, kn, vn: (kc[0], vc, kn, vn, torch.tensor([0, 1]))),
-    ("contiguous last dimension", lambda kc, vc, kn, vn: (kc, vc, torch.randn(2, 2, 8, 3).transpose(-1, -2), vn, torch.tensor([0, 1]))),
+    (
+        "contiguous last dimension",
+        lambda kc, vc, kn, vn: (kc, vc, torch.randn(2, 2, 8, 3).transpose(-1, -2), vn, torch.tensor([0, 1])),
+    ),
 ]
 
 
@@ -109,8 +115,10 @@ def test_bad_layout():
 def test_opcheck(device):
     kc, vc = torch.zeros(2, 2, 16, 8, device=device), torch.zeros(2, 2, 16, 8, device=device)
     kn, vn = torch.randn(2, 2, 3, 8, device=device), torch.randn(2, 2, 3, 8, device=device)
-    torch.library.opcheck(torch.ops.flash_attn_ext.kv_cache_append,
-                          (kc, vc, kn, vn, torch.tensor([1, 4], dtype=torch.int32, device=device), False))
+    torch.library.opcheck(
+        torch.ops.flash_attn_ext.kv_cache_append,
+        (kc, vc, kn, vn, torch.tensor([1, 4], dtype=torch.int32, device=device), False),
+    )
 
 
 def test_compile_fullgraph(device):

@@ -1,5 +1,6 @@
 """merge_attention_states: attention over two disjoint key sets, merged, equals attention
 over their union (output and lse); gradients through the merge are exact."""
+
 import pytest
 import torch
 
@@ -33,8 +34,10 @@ def test_split_keys_merge_to_full_attention(device, dtype, split, causal, window
     ref, ref_lse = reference_attention(q, k, v, window=w)
     low = ref
     if dtype in LOW_PRECISION:
-        parts = [reference_attention(q, k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=band[:, lo:hi], dtype=dtype)
-                 for lo, hi in ((0, split), (split, S))]
+        parts = [
+            reference_attention(q, k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=band[:, lo:hi], dtype=dtype)
+            for lo, hi in ((0, split), (split, S))
+        ]
         both = torch.logaddexp(parts[0][1].double(), parts[1][1].double())
         safe = torch.where(torch.isfinite(both), both, torch.zeros_like(both)).unsqueeze(-1)
         low = sum(o.double() * torch.exp(l.double().unsqueeze(-1) - safe) for o, l in parts).to(dtype)
@@ -71,11 +74,15 @@ def test_opcheck(device):
     oa, ob = torch.randn(2, 3, 5, 8, device=device, requires_grad=True), torch.randn(2, 3, 5, 8, device=device)
     la, lb = torch.randn(2, 3, 5, device=device), torch.randn(2, 3, 5, device=device)
     torch.library.opcheck(torch.ops.flash_attn_ext.merge_attention_states, (oa, la, ob, lb))
-    torch.library.opcheck(torch.ops.flash_attn_ext.merge_attention_states, (oa.detach().bfloat16(), la, ob.bfloat16(), lb))
+    torch.library.opcheck(
+        torch.ops.flash_attn_ext.merge_attention_states, (oa.detach().bfloat16(), la, ob.bfloat16(), lb)
+    )
 
 
 def test_bad_input():
     with pytest.raises(ValueError, match="lse_a and lse_b must have out_a's shape"):
         flash_attn_ext.merge_attention_states(torch.randn(2, 4), torch.randn(3), torch.randn(2, 4), torch.randn(3))
     with pytest.raises(TypeError, match="must both be float32 or float64"):
-        flash_attn_ext.merge_attention_states(torch.randn(2, 4), torch.randn(2).half(), torch.randn(2, 4), torch.randn(2).half())
+        flash_attn_ext.merge_attention_states(
+            torch.randn(2, 4), torch.randn(2).half(), torch.randn(2, 4), torch.randn(2).half()
+        )

@@ -1,5 +1,6 @@
 """Op registration: torch.library.opcheck (schema, autograd registration, fake tensors,
 AOT dispatch) on every op, and torch.compile without graph breaks."""
+
 import pytest
 import torch
 
@@ -43,16 +44,21 @@ def test_opcheck_softcap(device, dtype):
     args = (q, k, v, None, 0.0, 0.25, 5, 0, True, 1.5)
     torch.library.opcheck(OPS.attention_forward, args)
     out, lse, rng = OPS.attention_forward(*((t.detach() if isinstance(t, torch.Tensor) else t) for t in args))
-    torch.library.opcheck(OPS.attention_backward, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out,
-                                                   lse, rng, None, 0.0, 0.25, 5, 0, True, 1.5))
+    torch.library.opcheck(
+        OPS.attention_backward,
+        (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, rng, None, 0.0, 0.25, 5, 0, True, 1.5),
+    )
 
 
 def test_opcheck_with_dropout_schema_and_fake(device):
     # Dropout draws from the generator, so eager-vs-compiled numerics (aot_dispatch) are
     # compared under a fixed seed in test_compile_dropout instead.
     q, k, v = make_qkv(1, 2, 2, 16, 16, 8, torch.float32, device, requires_grad=True)
-    torch.library.opcheck(OPS.attention_forward, (q, k, v, None, 0.2, 0.3, -1, -1, True),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(
+        OPS.attention_forward,
+        (q, k, v, None, 0.2, 0.3, -1, -1, True),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
 
 
 class Block(torch.nn.Module):
@@ -71,8 +77,9 @@ class Block(torch.nn.Module):
         y = self.norm(x)
         q = self.q(y).view(B, L, self.h, self.d).transpose(1, 2)
         k, v = self.kv_proj(y).view(B, L, 2, self.kv, self.d).unbind(2)
-        a = flash_attn_ext.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2),
-                                                        is_causal=True, enable_gqa=True)
+        a = flash_attn_ext.scaled_dot_product_attention(
+            q, k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+        )
         return x + self.o(a.transpose(1, 2).reshape(B, L, -1))
 
 
@@ -105,8 +112,9 @@ def test_compile_inductor(device):
 def test_compile_dropout(device):
     torch._dynamo.reset()
     q, k, v = make_qkv(1, 2, 2, 16, 16, 8, torch.float32, device)
-    fn = torch.compile(lambda q, k, v: flash_attn_ext.attention(q, k, v, dropout_p=0.5),
-                       fullgraph=True, backend="aot_eager")
+    fn = torch.compile(
+        lambda q, k, v: flash_attn_ext.attention(q, k, v, dropout_p=0.5), fullgraph=True, backend="aot_eager"
+    )
     torch.manual_seed(3)
     a = fn(q, k, v)
     torch.manual_seed(3)
@@ -122,17 +130,26 @@ def test_compile_decode_step_with_every_inference_op(device, dynamic):
     torch._dynamo.reset()
 
     def step(q, kc, vc, kn, vn, lens, q2, k2, v2):
-        out, lse = flash_attn_ext.attention_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=lens, causal=True,
-                                                         return_softmax_lse=True)
+        out, lse = flash_attn_ext.attention_with_kvcache(
+            q, kc, vc, kn, vn, cache_seqlens=lens, causal=True, return_softmax_lse=True
+        )
         o2, l2 = flash_attn_ext.attention(q2, k2, v2, return_lse=True)
         return flash_attn_ext.merge_attention_states(out.transpose(1, 2), lse, o2, l2)
 
     def inputs():
         g = torch.Generator().manual_seed(0)
         r = lambda *s: torch.randn(*s, generator=g).to(device)
-        return (r(2, 1, 4, 8), torch.zeros(2, 32, 2, 8, device=device), torch.zeros(2, 32, 2, 8, device=device),
-                r(2, 1, 2, 8), r(2, 1, 2, 8), torch.tensor([3, 7], dtype=torch.int32, device=device),
-                r(2, 4, 1, 8), r(2, 2, 5, 8), r(2, 2, 5, 8))
+        return (
+            r(2, 1, 4, 8),
+            torch.zeros(2, 32, 2, 8, device=device),
+            torch.zeros(2, 32, 2, 8, device=device),
+            r(2, 1, 2, 8),
+            r(2, 1, 2, 8),
+            torch.tensor([3, 7], dtype=torch.int32, device=device),
+            r(2, 4, 1, 8),
+            r(2, 2, 5, 8),
+            r(2, 2, 5, 8),
+        )
 
     eager_in, compiled_in = inputs(), inputs()
     compiled = torch.compile(step, fullgraph=True, dynamic=dynamic, backend="aot_eager")

@@ -2,14 +2,20 @@
 each sequence, at its cu_seqlens offsets, against the float64 reference of that sequence alone
 (SPEC.md section 6); the varlen and the padded (B, S, H, D) layouts give the same results; bad
 cu_seqlens are refused before anything runs."""
+
 import itertools
 
 import pytest
 import torch
 
-from flash_attn_ext.flash_attn_interface import (flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func,
-                                                  flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
-                                                  flash_attn_varlen_qkvpacked_func)
+from flash_attn_ext.flash_attn_interface import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+)
 from reference import LOW_PRECISION, assert_lse_matches, assert_matches, reference_attention
 
 OPS = torch.ops.flash_attn_ext
@@ -43,7 +49,7 @@ def packed(lengths, heads, dim, dtype, device, gen, requires_grad=False):
 
 def per_sequence(t, cu_seqlens, b):
     """Sequence b of a packed (total, H, D) tensor as (1, H, len, D)."""
-    return t[int(cu_seqlens[b]):int(cu_seqlens[b + 1])].transpose(0, 1).unsqueeze(0)
+    return t[int(cu_seqlens[b]) : int(cu_seqlens[b + 1])].transpose(0, 1).unsqueeze(0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -56,8 +62,9 @@ def test_varlen_forward_backward(device, dtype, lengths, options):
     g = torch.Generator().manual_seed(len(lq) * 31 + Hq)
     q, k, v = (packed(ls, h, D, dtype, device, g, requires_grad=True) for ls, h in ((lq, Hq), (lk, Hkv), (lk, Hkv)))
     cq, ck = cu(lq, device), cu(lk, device)
-    out, lse, probs = flash_attn_varlen_func(q, k, v, cq, ck, max(lq), max(lk), causal=causal, window_size=window,
-                                             softcap=cap, return_attn_probs=True)
+    out, lse, probs = flash_attn_varlen_func(
+        q, k, v, cq, ck, max(lq), max(lk), causal=causal, window_size=window, softcap=cap, return_attn_probs=True
+    )
     assert probs is None and out.shape == q.shape and lse.shape == (Hq, sum(lq)) and lse.dtype == torch.float32
     dout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(dtype).to(device)
     grads = torch.autograd.grad(out, (q, k, v), dout)
@@ -70,13 +77,17 @@ def test_varlen_forward_backward(device, dtype, lengths, options):
         def ref(ref_dtype):
             xs = [t.to(ref_dtype).requires_grad_(True) for t in (qb, kb, vb)]
             o, l = reference_attention(*xs, window=w, softcap=cap, dtype=ref_dtype)
-            gs = torch.autograd.grad(o, xs, dob.to(ref_dtype), allow_unused=True) if o.numel() else [torch.zeros_like(x) for x in xs]
+            gs = (
+                torch.autograd.grad(o, xs, dob.to(ref_dtype), allow_unused=True)
+                if o.numel()
+                else [torch.zeros_like(x) for x in xs]
+            )
             return o, l, [torch.zeros_like(x) if gr is None else gr for x, gr in zip(xs, gs)]
 
         r64 = ref(torch.float64)
         low = ref(dtype) if dtype in LOW_PRECISION else r64
         assert_matches(per_sequence(out, cq, b), r64[0], low[0], dtype, "out " + what)
-        lse_b = lse[:, int(cq[b]):int(cq[b + 1])].unsqueeze(0)
+        lse_b = lse[:, int(cq[b]) : int(cq[b + 1])].unsqueeze(0)
         assert_lse_matches(lse_b, r64[1], dtype, "lse " + what)
         for name, grad, c, r, lo in zip(("dq", "dk", "dv"), grads, (cq, ck, ck), r64[2], low[2]):
             assert_matches(per_sequence(grad, c, b), r, lo, dtype, f"{name} " + what, grad=True)
@@ -99,11 +110,21 @@ def test_varlen_matches_padded_layouts(device):
     q = torch.randn(B, 7, H, D, generator=g).to(device)
     kv = torch.randn(B, S, 2, 2, D, generator=g).to(device)
     dense = flash_attn_kvpacked_func(q, kv, causal=True, window_size=(10, 0))
-    ragged = flash_attn_varlen_kvpacked_func(q.reshape(-1, H, D), kv.reshape(-1, 2, 2, D), cu([7] * B, device), cs,
-                                             7, S, causal=True, window_size=(10, 0))
+    ragged = flash_attn_varlen_kvpacked_func(
+        q.reshape(-1, H, D), kv.reshape(-1, 2, 2, D), cu([7] * B, device), cs, 7, S, causal=True, window_size=(10, 0)
+    )
     torch.testing.assert_close(ragged.reshape(B, 7, H, D), dense, rtol=0, atol=1e-6)
-    ragged2 = flash_attn_varlen_func(q.reshape(-1, H, D), kv[:, :, 0].reshape(-1, 2, D), kv[:, :, 1].reshape(-1, 2, D),
-                                     cu([7] * B, device), cs, 7, S, causal=True, window_size=(10, 0))
+    ragged2 = flash_attn_varlen_func(
+        q.reshape(-1, H, D),
+        kv[:, :, 0].reshape(-1, 2, D),
+        kv[:, :, 1].reshape(-1, 2, D),
+        cu([7] * B, device),
+        cs,
+        7,
+        S,
+        causal=True,
+        window_size=(10, 0),
+    )
     dense2 = flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], causal=True, window_size=(10, 0))
     torch.testing.assert_close(ragged2.reshape(B, 7, H, D), dense2, rtol=0, atol=1e-6)
 
@@ -163,14 +184,20 @@ def _bad(device):
     return q, k, k.clone()
 
 
-@pytest.mark.parametrize("mutate,match", [
-    (lambda cq, ck: (cq.long(), ck), "cu_seqlens_q must be int32"),
-    (lambda cq, ck: (cq + 1, ck), r"cu_seqlens_q\[0\] must be 0"),
-    (lambda cq, ck: (torch.tensor([0, 7, 3, 10], dtype=torch.int32, device=cq.device), ck), "non-decreasing"),
-    (lambda cq, ck: (torch.tensor([0, 3, 4, 9], dtype=torch.int32, device=cq.device), ck), r"must equal query.size\(0\)"),
-    (lambda cq, ck: (cq, ck[:3]), "same length"),
-    (lambda cq, ck: (cq.view(2, 2), ck.view(2, 2)), "1-D"),
-])
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda cq, ck: (cq.long(), ck), "cu_seqlens_q must be int32"),
+        (lambda cq, ck: (cq + 1, ck), r"cu_seqlens_q\[0\] must be 0"),
+        (lambda cq, ck: (torch.tensor([0, 7, 3, 10], dtype=torch.int32, device=cq.device), ck), "non-decreasing"),
+        (
+            lambda cq, ck: (torch.tensor([0, 3, 4, 9], dtype=torch.int32, device=cq.device), ck),
+            r"must equal query.size\(0\)",
+        ),
+        (lambda cq, ck: (cq, ck[:3]), "same length"),
+        (lambda cq, ck: (cq.view(2, 2), ck.view(2, 2)), "1-D"),
+    ],
+)
 def test_varlen_rejects_bad_cu_seqlens(device, mutate, match):
     q, k, v = _bad(device)
     cq = torch.tensor([0, 3, 4, 10], dtype=torch.int32, device=device)
@@ -193,7 +220,8 @@ def test_varlen_rejects_bad_shapes_and_max_seqlen(device):
     with pytest.raises(ValueError, match="number of rows"):
         OPS.attention_varlen_forward(q, k, v[:11], cq, ck, 6, 12, 0.0, 0.3, -1, -1, True, 0.0)
     with pytest.raises(ValueError, match="multiple of the number of key/value heads"):
-        OPS.attention_varlen_forward(torch.randn(10, 3, 8, device=device), k, v, cq, ck, 6, 12, 0.0, 0.3, -1, -1,
-                                     True, 0.0)
+        OPS.attention_varlen_forward(
+            torch.randn(10, 3, 8, device=device), k, v, cq, ck, 6, 12, 0.0, 0.3, -1, -1, True, 0.0
+        )
     with pytest.raises(NotImplementedError, match="block_table"):
         flash_attn_varlen_func(q, k, v, cq, ck, 6, 12, block_table=torch.zeros(3, 1, dtype=torch.int32))

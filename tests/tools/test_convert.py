@@ -1,4 +1,5 @@
 """MHA -> GQA/MQA checkpoint conversion (flash_attn_ext.convert, SPEC.md section 4)."""
+
 import hashlib
 import json
 import os
@@ -11,8 +12,14 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 from flash_attn_ext import convert  # noqa: E402
 from flash_attn_ext.nn import Attention  # noqa: E402
 
-CONFIG = dict(model_type="llama", num_attention_heads=8, num_key_value_heads=8, hidden_size=64,
-              num_hidden_layers=2, torch_dtype="float32")
+CONFIG = dict(
+    model_type="llama",
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    hidden_size=64,
+    num_hidden_layers=2,
+    torch_dtype="float32",
+)
 
 
 def _state_dict(config=CONFIG, bias=False, seed=0):
@@ -107,7 +114,9 @@ def test_gqa_module_equals_mha_with_pooled_heads_repeated(groups):
     ref.load_state_dict(mha.state_dict())
     with torch.no_grad():
         for proj in (ref.k_proj, ref.v_proj):
-            proj.weight.copy_(proj.weight.view(groups, r, 8, 64).mean(1, keepdim=True).expand(groups, r, 8, 64).reshape(64, 64))
+            proj.weight.copy_(
+                proj.weight.view(groups, r, 8, 64).mean(1, keepdim=True).expand(groups, r, 8, 64).reshape(64, 64)
+            )
             proj.bias.copy_(proj.bias.view(groups, r, 8).mean(1, keepdim=True).expand(groups, r, 8).reshape(64))
     x = torch.randn(2, 11, 64, dtype=torch.float64)
     torch.testing.assert_close(gqa(x), ref(x), rtol=1e-10, atol=1e-10)
@@ -149,8 +158,24 @@ def test_checkpoint_directory(tmp_path, shards, capsys):
 def test_dtype_cast_and_cli(tmp_path):
     src, dst = str(tmp_path / "mha"), str(tmp_path / "mqa")
     _write_checkpoint(src, _state_dict())
-    assert convert.main(["--input", src, "--output", dst, "--num-kv-heads", "1", "--method", "first",
-                         "--dtype", "bfloat16", "--no-progress"]) == 0
+    assert (
+        convert.main(
+            [
+                "--input",
+                src,
+                "--output",
+                dst,
+                "--num-kv-heads",
+                "1",
+                "--method",
+                "first",
+                "--dtype",
+                "bfloat16",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = safetensors_torch.load_file(os.path.join(dst, "model.safetensors"))
     assert all(t.dtype == torch.bfloat16 for t in out.values())
     assert out["model.layers.0.self_attn.k_proj.weight"].shape == (8, 64)
@@ -169,13 +194,16 @@ def test_pytorch_model_bin_input(tmp_path):
     assert not os.path.exists(os.path.join(dst, "pytorch_model.bin"))
 
 
-@pytest.mark.parametrize("edit,num_kv,match", [
-    (lambda c: c, 3, "must divide"),
-    (lambda c: dict(c, model_type="gpt2"), 2, "fused QKV"),
-    (lambda c: dict(c, model_type="t5"), 2, "unknown model_type"),
-    (lambda c: dict(c, num_key_value_heads=3), 1, "inconsistent"),
-    (lambda c: dict(c, num_key_value_heads=4), 2, "rows; the config declares 4"),  # config lies about heads
-])
+@pytest.mark.parametrize(
+    "edit,num_kv,match",
+    [
+        (lambda c: c, 3, "must divide"),
+        (lambda c: dict(c, model_type="gpt2"), 2, "fused QKV"),
+        (lambda c: dict(c, model_type="t5"), 2, "unknown model_type"),
+        (lambda c: dict(c, num_key_value_heads=3), 1, "inconsistent"),
+        (lambda c: dict(c, num_key_value_heads=4), 2, "rows; the config declares 4"),  # config lies about heads
+    ],
+)
 def test_bad_input_is_refused_before_writing(tmp_path, edit, num_kv, match, capsys):
     src, dst = str(tmp_path / "mha"), str(tmp_path / "out")
     _write_checkpoint(src, _state_dict(), edit(dict(CONFIG)))
@@ -185,8 +213,7 @@ def test_bad_input_is_refused_before_writing(tmp_path, edit, num_kv, match, caps
     assert [p for p in os.listdir(tmp_path) if p.startswith(".convert-")] == []
 
 
-@pytest.mark.parametrize("drop", ["model.layers.1.self_attn.v_proj.weight",
-                                  "model.layers.1.self_attn.k_proj.weight"])
+@pytest.mark.parametrize("drop", ["model.layers.1.self_attn.v_proj.weight", "model.layers.1.self_attn.k_proj.weight"])
 def test_missing_tensors_are_refused(tmp_path, drop):
     src = str(tmp_path / "mha")
     sd = _state_dict()

@@ -2,6 +2,7 @@
 configs, a config that lies about head counts, a full disk, an interrupt mid-write. Each gives
 a clear error (a ConversionError naming the file, or the interrupt itself), leaves no output
 and no temporary directory, and leaves the input bitwise untouched."""
+
 import errno
 import json
 import os
@@ -39,8 +40,12 @@ def test_truncated_or_corrupt_shard(tmp_path, damage, which):
     _write_checkpoint(src, _state_dict(), shards=2)
     path = _shard_paths(src)[which]
     data = open(path, "rb").read()
-    blob = {"truncate-data": data[:len(data) - 100], "truncate-header": data[:20], "empty": b"",
-            "garbage": bytes(range(256)) * 8}[damage]
+    blob = {
+        "truncate-data": data[: len(data) - 100],
+        "truncate-header": data[:20],
+        "empty": b"",
+        "garbage": bytes(range(256)) * 8,
+    }[damage]
     with open(path, "wb") as f:
         f.write(blob)
     dst = _refused(tmp_path, src, f"cannot read shard {os.path.basename(path)}")
@@ -49,6 +54,7 @@ def test_truncated_or_corrupt_shard(tmp_path, damage, which):
 
 def test_corrupt_pytorch_model_bin(tmp_path):
     import torch
+
     src = tmp_path / "mha"
     os.makedirs(src)
     torch.save(_state_dict(), src / "pytorch_model.bin")
@@ -60,11 +66,14 @@ def test_corrupt_pytorch_model_bin(tmp_path):
     _refused(tmp_path, str(src), "cannot read shard pytorch_model.bin")
 
 
-@pytest.mark.parametrize("content,match", [
-    ('{"model_type": "llama", ', "not valid JSON"),
-    ("[1, 2, 3]", "must hold a JSON object"),
-    ('{"model_type": "llama"}', "num_attention_heads|head"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ('{"model_type": "llama", ', "not valid JSON"),
+        ("[1, 2, 3]", "must hold a JSON object"),
+        ('{"model_type": "llama"}', "num_attention_heads|head"),
+    ],
+)
 def test_corrupt_config(tmp_path, content, match):
     src = str(tmp_path / "mha")
     _write_checkpoint(src, _state_dict())
@@ -112,8 +121,13 @@ def test_full_disk_mid_conversion(tmp_path, monkeypatch, fail_at, force):
         return real_save(tensors, filename, metadata=metadata)
 
     monkeypatch.setattr(safetensors_torch, "save_file", save_file)
-    _refused(tmp_path, src, r"writing model-0000\d-of-00002.safetensors failed \(No space left on device\)",
-             dst=dst, force=force)
+    _refused(
+        tmp_path,
+        src,
+        r"writing model-0000\d-of-00002.safetensors failed \(No space left on device\)",
+        dst=dst,
+        force=force,
+    )
     if force:
         assert sorted(os.listdir(dst)) == ["old.txt"]
     else:

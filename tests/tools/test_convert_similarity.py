@@ -1,5 +1,6 @@
 """`--method similarity` (heads grouped by the closeness of their keys/values on calibration
 text, q/k/v/o permuted together, then mean-pooled) and sharded pytorch_model.bin input."""
+
 import hashlib
 import json
 import os
@@ -19,9 +20,16 @@ ARCHS = {
 
 def _tiny(arch="llama", heads=8, kv_heads=8, seed=0):
     config_cls, model_cls = ARCHS[arch]
-    config = config_cls(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64,
-                        tie_word_embeddings=False)
+    config = config_cls(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     return model_cls(config).eval()
 
@@ -50,11 +58,12 @@ def test_group_heads_recovers_planted_groups():
     v = torch.stack([base_v[g] + 0.05 * torch.randn(tokens, dim) for g in owner], dim=1).reshape(tokens, -1)
     order = head_similarity.group_heads(k, v, groups, heads)
     assert sorted(order) == list(range(heads))
-    found = [sorted(order[i:i + 2]) for i in range(0, heads, 2)]
+    found = [sorted(order[i : i + 2]) for i in range(0, heads, 2)]
     planted = sorted(sorted(h for h in range(heads) if owner[h] == g) for g in range(groups))
     assert sorted(found) == planted
     assert head_similarity.grouping_spread(k, v, heads, order, groups) < 0.01 * head_similarity.grouping_spread(
-        k, v, heads, list(range(heads)), groups)
+        k, v, heads, list(range(heads)), groups
+    )
 
 
 @pytest.mark.parametrize("arch,heads,kv_heads", [("llama", 8, 8), ("llama", 8, 4), ("qwen2", 8, 4)])
@@ -96,8 +105,24 @@ def test_similarity_pools_duplicate_heads_exactly_and_beats_contiguous_mean(tmp_
     before = _dir_hash(src)
     tokens = torch.randint(0, 64, (2, 16))
 
-    assert convert.main(["--input", src, "--output", str(tmp_path / "sim"), "--num-kv-heads", "4",
-                         "--method", "similarity", "--calibration", str(text), "--no-progress"]) == 0
+    assert (
+        convert.main(
+            [
+                "--input",
+                src,
+                "--output",
+                str(tmp_path / "sim"),
+                "--num-kv-heads",
+                "4",
+                "--method",
+                "similarity",
+                "--calibration",
+                str(text),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     sim = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "sim")).eval()
     assert sim.config.num_key_value_heads == 4
     torch.testing.assert_close(_logits(sim, tokens), _logits(model, tokens), rtol=1e-4, atol=1e-4)
@@ -116,8 +141,9 @@ def test_similarity_refusals_write_nothing(tmp_path):
     with pytest.raises(convert.ConversionError, match="calibration"):
         convert.convert_checkpoint(src, str(out), 4, method="similarity", progress=False)
     with pytest.raises(convert.ConversionError, match="does not exist"):
-        convert.convert_checkpoint(src, str(out), 4, method="similarity", calibration=str(tmp_path / "nope.txt"),
-                                   progress=False)
+        convert.convert_checkpoint(
+            src, str(out), 4, method="similarity", calibration=str(tmp_path / "nope.txt"), progress=False
+        )
     acts = {"model.layers.0.self_attn": (torch.randn(10, 64), torch.randn(10, 64))}  # layer 1 missing
     with pytest.raises(convert.ConversionError, match="no calibration activations"):
         convert.convert_checkpoint(src, str(out), 4, method="similarity", kv_activations=acts, progress=False)
@@ -151,8 +177,7 @@ def test_similarity_on_the_package_attention_via_kv_activations():
     acts = head_similarity.collect_kv_activations(block, [ids])
     assert set(acts) == {"attn"}
     config = {"model_type": "flash_attn_ext", "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 8}
-    sd, new_config = convert.convert_state_dict(block.state_dict(), config, 2, method="similarity",
-                                                kv_activations=acts)
+    sd, new_config = convert.convert_state_dict(block.state_dict(), config, 2, method="similarity", kv_activations=acts)
     assert new_config["num_key_value_heads"] == 2
     small = Block().double()
     small.attn = Attention(32, num_heads=4, num_kv_heads=2, bias=False).double()
@@ -168,8 +193,10 @@ def test_sharded_pytorch_model_bin_input(tmp_path):
     model.config.save_pretrained(str(src))
     sd = model.state_dict()
     names = sorted(sd)
-    shards = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
-              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+    shards = {
+        "pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+        "pytorch_model-00002-of-00002.bin": names[len(names) // 2 :],
+    }
     for shard, keys in shards.items():
         torch.save({k: sd[k].clone() for k in keys}, str(src / shard))
     with open(src / "pytorch_model.bin.index.json", "w") as f:
@@ -178,7 +205,9 @@ def test_sharded_pytorch_model_bin_input(tmp_path):
     convert.convert_checkpoint(str(src), str(tmp_path / "out"), 8, progress=False)
     out = tmp_path / "out"
     assert sorted(p for p in os.listdir(out) if p.endswith(".safetensors")) == [
-        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
     reloaded = transformers.LlamaForCausalLM.from_pretrained(str(out)).eval()
     tokens = torch.randint(0, 64, (2, 12))
     torch.testing.assert_close(_logits(reloaded, tokens), _logits(model, tokens), rtol=0, atol=0)

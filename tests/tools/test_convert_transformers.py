@@ -1,7 +1,6 @@
 """The converter on real transformers checkpoints: tiny random Llama, Mistral and Qwen2 models
 built here (no downloads), saved with save_pretrained, converted, and loaded back by
 transformers."""
-import os
 
 import pytest
 import torch
@@ -19,9 +18,16 @@ ARCHS = {
 
 def _tiny(arch, kv_heads=8):
     config_cls, model_cls = ARCHS[arch]
-    config = config_cls(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=8, num_key_value_heads=kv_heads, max_position_embeddings=64,
-                        tie_word_embeddings=False)
+    config = config_cls(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     return model_cls(config).eval()
 

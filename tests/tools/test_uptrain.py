@@ -1,5 +1,6 @@
 """The uptraining example end to end at toy size: train a byte-level MHA model, save it as a
 HuggingFace-style directory, convert it with flash-attn-ext-convert, reload and uptrain."""
+
 import os
 import sys
 
@@ -7,7 +8,9 @@ import pytest
 import torch
 
 pytest.importorskip("safetensors")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples"))
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples")
+)
 
 import uptrain  # noqa: E402
 from flash_attn_ext import convert  # noqa: E402
@@ -19,8 +22,9 @@ def test_train_convert_uptrain(tmp_path):
     assert len(train_data) > 100_000 and len(held_out) > 5_000
     model = uptrain.TinyLM(uptrain.new_config(dim=32, layers=1, heads=4, kv_heads=4, seq=32))
     start = uptrain.evaluate(model, held_out, 32, n_batches=2, batch_size=4)
-    curve = uptrain.train(model, train_data, held_out, 30, batch_size=8, seq=32, out=str(tmp_path / "mha"),
-                          progress=False, eval_every=10)
+    curve = uptrain.train(
+        model, train_data, held_out, 30, batch_size=8, seq=32, out=str(tmp_path / "mha"), progress=False, eval_every=10
+    )
     assert [s for s, _ in curve] == [10, 20, 30]
     assert curve[-1][1] < start, "training did not lower the held-out loss"
     convert.convert_checkpoint(str(tmp_path / "mha"), str(tmp_path / "mqa"), 1, progress=False)

@@ -94,7 +94,7 @@ inline uint16_t from_float(float x, BFloat16) {
   uint32_t w;
   std::memcpy(&w, &x, 4);
   if ((w & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((w >> 16) | 0x40);  // NaN
-  w += 0x7fffu + ((w >> 16) & 1u);  // round to nearest even
+  w += 0x7fffu + ((w >> 16) & 1u);                                                      // round to nearest even
   return static_cast<uint16_t>(w >> 16);
 }
 
@@ -123,8 +123,10 @@ inline uint32_t smem_u32(const void* ptr) {
 
 inline void cp_async_16(uint32_t dst, const void* src, bool valid) {
   unsigned char* d = emu::block().smem.data() + dst;
-  if (valid) std::memcpy(d, src, 16);
-  else std::memset(d, 0, 16);
+  if (valid)
+    std::memcpy(d, src, 16);
+  else
+    std::memset(d, 0, 16);
 }
 inline void cp_async_commit() {}
 inline void cp_async_wait_all() {}
@@ -164,9 +166,7 @@ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) 
   mine[4] = b0;
   mine[5] = b1;
   emu::warp_sync();
-  const auto half_of = [](uint64_t reg, int i) {
-    return emu::to_float(static_cast<uint16_t>(reg >> (16 * i)), T{});
-  };
+  const auto half_of = [](uint64_t reg, int i) { return emu::to_float(static_cast<uint16_t>(reg >> (16 * i)), T{}); };
   float A[16][16], B[16][8];
   for (int t = 0; t < 32; ++t) {
     const uint64_t* s = emu::slots(t);

@@ -103,9 +103,9 @@ static MaskData make_mask(const Case& c, std::mt19937& rng) {
         break;
       }
       case MaskKind::kFloat16: {  // normal halves in [2^-3, 2^1), either sign
-        const uint16_t h = static_cast<uint16_t>((u(rng) < 0.5 ? 0x8000 : 0) |
-                                                 ((12 + static_cast<int>(u(rng) * 4)) << 10) |
-                                                 static_cast<int>(u(rng) * 1024));
+        const uint16_t h =
+            static_cast<uint16_t>((u(rng) < 0.5 ? 0x8000 : 0) | ((12 + static_cast<int>(u(rng) * 4)) << 10) |
+                                  static_cast<int>(u(rng) * 1024));
         std::memcpy(&m.bytes[e * 2], &h, 2);
         m.value[e] = decode_half(h);
         break;
@@ -122,8 +122,7 @@ static MaskData make_mask(const Case& c, std::mt19937& rng) {
         m.value[e] = g;
         break;
       }
-      case MaskKind::kNone:
-        break;
+      case MaskKind::kNone: break;
     }
   }
   m.view.data = m.bytes.data();
@@ -141,8 +140,8 @@ struct Reference {
 };
 
 template <typename T>
-Reference reference(const Case& c, const AttentionParams& p, const MaskData& mask, Tensor4<T>& q,
-                    Tensor4<T>& k, Tensor4<T>& v, Tensor4<T>& go) {
+Reference reference(const Case& c, const AttentionParams& p, const MaskData& mask, Tensor4<T>& q, Tensor4<T>& k,
+                    Tensor4<T>& v, Tensor4<T>& go) {
   Reference r;
   r.out.assign(c.B * c.Hq * c.L * c.Dv, 0.0);
   r.lse.assign(c.B * c.Hq * c.L, 0.0);
@@ -168,7 +167,8 @@ Reference reference(const Case& c, const AttentionParams& p, const MaskData& mas
           s[j] = (c.softcap > 0 ? c.softcap * std::tanh(raw / c.softcap) : raw) + mask.bias(b, h, i, j);
           if (c.alibi) s[j] -= double(p.alibi_slopes[b * p.alibi_batch_stride + h]) * std::fabs(double(center - j));
           mx = std::max(mx, s[j]);
-          if (c.dropout > 0) keep[j] = dropout_keep(p.dropout_seed, p.dropout_offset, bh, i, j, threshold) ? keep_scale : 0.0;
+          if (c.dropout > 0)
+            keep[j] = dropout_keep(p.dropout_seed, p.dropout_offset, bh, i, j, threshold) ? keep_scale : 0.0;
         }
         double sum = 0;
         if (mx != -INFINITY)
@@ -251,7 +251,8 @@ void run_case(const Case& c, uint32_t seed, double tol) {
   std::vector<int32_t> table(c.B * per_seq);
   for (size_t e = 0; e < table.size(); ++e) table[e] = static_cast<int32_t>(e);
   std::shuffle(table.begin(), table.end(), rng);
-  std::vector<T> kp(table.size() * bs * c.Hkv * c.Dk, static_cast<T>(NAN)), vp(table.size() * bs * c.Hkv * c.Dv, static_cast<T>(NAN));
+  std::vector<T> kp(table.size() * bs * c.Hkv * c.Dk, static_cast<T>(NAN)),
+      vp(table.size() * bs * c.Hkv * c.Dv, static_cast<T>(NAN));
   for (int64_t b = 0; b < c.B; ++b)
     for (int64_t j = 0; j < c.S; ++j)
       for (int64_t h = 0; h < c.Hkv; ++h) {
@@ -276,21 +277,21 @@ void run_case(const Case& c, uint32_t seed, double tol) {
   for (int64_t b = 0; b < c.B; ++b)
     for (int64_t h = 0; h < c.Hq; ++h)
       for (int64_t i = 0; i < c.L; ++i)
-        forward_row<T, Acc, 1, kPerLane, SingleLane>(pf, mask.view, q.cview(), kf, vf, out.view(), lse.data(), b,
-                                                     h, i, 0);
+        forward_row<T, Acc, 1, kPerLane, SingleLane>(pf, mask.view, q.cview(), kf, vf, out.view(), lse.data(), b, h, i,
+                                                     0);
   for (int64_t b = 0; b < c.B; ++b)
     for (int64_t h = 0; h < c.Hq; ++h)
       for (int64_t i = 0; i < c.L; ++i) {
         delta_row<T, Acc, 1, kPerLane, SingleLane>(p, go.cview(), out.cview(), delta.data(), b, h, i, 0);
-        grad_query_row<T, Acc, 1, kPerLane, SingleLane>(p, mask.view, go.cview(), q.cview(), k.cview(),
-                                                        v.cview(), lse.data(), delta.data(), dq.view(), b, h, i, 0);
+        grad_query_row<T, Acc, 1, kPerLane, SingleLane>(p, mask.view, go.cview(), q.cview(), k.cview(), v.cview(),
+                                                        lse.data(), delta.data(), dq.view(), b, h, i, 0);
       }
   for (int64_t b = 0; b < c.B; ++b)
     for (int64_t hk = 0; hk < c.Hkv; ++hk)
       for (int64_t j = 0; j < c.S; ++j)
-        grad_key_value_column<T, Acc, 1, kPerLane, SingleLane>(p, mask.view, go.cview(), q.cview(),
-                                                               k.cview(), v.cview(), lse.data(), delta.data(),
-                                                               dk.view(), dv.view(), b, hk, j, 0);
+        grad_key_value_column<T, Acc, 1, kPerLane, SingleLane>(p, mask.view, go.cview(), q.cview(), k.cview(),
+                                                               v.cview(), lse.data(), delta.data(), dk.view(),
+                                                               dv.view(), b, hk, j, 0);
 
   const auto compare = [&](const char* name, Tensor4<T>& got, const std::vector<double>& want) {
     const double bound = tol * std::max(1.0, max_abs(want));
@@ -304,7 +305,8 @@ void run_case(const Case& c, uint32_t seed, double tol) {
             if (!(e <= worst)) worst = e;  // NaN sticks
           }
     EXPECT(worst <= bound,
-           "%s: err %.3g > %.3g (B=%ld Hq=%ld Hkv=%ld L=%ld S=%ld Dk=%ld Dv=%ld w=(%ld,%ld) br=%d mask=%d seqlens=%d p=%.2f)",
+           "%s: err %.3g > %.3g (B=%ld Hq=%ld Hkv=%ld L=%ld S=%ld Dk=%ld Dv=%ld w=(%ld,%ld) br=%d mask=%d seqlens=%d "
+           "p=%.2f)",
            name, worst, bound, (long)c.B, (long)c.Hq, (long)c.Hkv, (long)c.L, (long)c.S, (long)c.Dk, (long)c.Dv,
            (long)c.left, (long)c.right, c.bottom_right, int(c.mask), c.seqlens, c.dropout);
   };
@@ -314,8 +316,8 @@ void run_case(const Case& c, uint32_t seed, double tol) {
   compare("dv", dv, ref.dv);
   for (size_t e = 0; e < lse.size(); ++e) {
     const double g = lse[e], w = ref.lse[e];
-    EXPECT((std::isinf(w) && g == w) || std::fabs(g - w) <= tol * std::max(1.0, std::fabs(w)),
-           "lse[%zu]: %g vs %g", e, g, w);
+    EXPECT((std::isinf(w) && g == w) || std::fabs(g - w) <= tol * std::max(1.0, std::fabs(w)), "lse[%zu]: %g vs %g", e,
+           g, w);
   }
 }
 
@@ -343,8 +345,8 @@ static void finite_difference_check(uint32_t seed, double softcap) {
     double total = 0;
     for (int64_t h = 0; h < c.Hq; ++h)
       for (int64_t i = 0; i < c.L; ++i) {
-        forward_row<double, double, 1, kPerLane, SingleLane>(p, mask.view, q.cview(), k.cview(), v.cview(),
-                                                             out.view(), lse.data(), 0, h, i, 0);
+        forward_row<double, double, 1, kPerLane, SingleLane>(p, mask.view, q.cview(), k.cview(), v.cview(), out.view(),
+                                                             lse.data(), 0, h, i, 0);
         for (int64_t d = 0; d < c.Dv; ++d) total += out.at(0, h, i, d) * go.at(0, h, i, d);
       }
     return total;
@@ -354,13 +356,13 @@ static void finite_difference_check(uint32_t seed, double softcap) {
   std::vector<double> lse(c.B * c.Hq * c.L), delta(lse.size());
   for (int64_t h = 0; h < c.Hq; ++h)
     for (int64_t i = 0; i < c.L; ++i)
-      forward_row<double, double, 1, kPerLane, SingleLane>(p, mask.view, q.cview(), k.cview(), v.cview(),
-                                                           out.view(), lse.data(), 0, h, i, 0);
+      forward_row<double, double, 1, kPerLane, SingleLane>(p, mask.view, q.cview(), k.cview(), v.cview(), out.view(),
+                                                           lse.data(), 0, h, i, 0);
   for (int64_t h = 0; h < c.Hq; ++h)
     for (int64_t i = 0; i < c.L; ++i) {
       delta_row<double, double, 1, kPerLane, SingleLane>(p, go.cview(), out.cview(), delta.data(), 0, h, i, 0);
-      grad_query_row<double, double, 1, kPerLane, SingleLane>(p, mask.view, go.cview(), q.cview(), k.cview(),
-                                                              v.cview(), lse.data(), delta.data(), dq.view(), 0, h, i, 0);
+      grad_query_row<double, double, 1, kPerLane, SingleLane>(p, mask.view, go.cview(), q.cview(), k.cview(), v.cview(),
+                                                              lse.data(), delta.data(), dq.view(), 0, h, i, 0);
     }
   for (int64_t hk = 0; hk < c.Hkv; ++hk)
     for (int64_t j = 0; j < c.S; ++j)
@@ -442,9 +444,9 @@ static void varlen_case(const std::vector<int64_t>& lq, const std::vector<int64_
   for (int64_t b = B - 1; b >= 0; --b)  // last first: a row that strays into the next sequence stays wrong
     for (int64_t hk = 0; hk < Hkv; ++hk)
       for (int64_t j = 0; j < maxk; ++j)
-        grad_key_value_column<double, double, 1, kPerLane, SingleLane>(
-            p, MaskView{}, gov, qv, kv, vv, lse.data(), delta.data(), kv_view(dk.view(), p), kv_view(dv.view(), p),
-            b, hk, j, 0);
+        grad_key_value_column<double, double, 1, kPerLane, SingleLane>(p, MaskView{}, gov, qv, kv, vv, lse.data(),
+                                                                       delta.data(), kv_view(dk.view(), p),
+                                                                       kv_view(dv.view(), p), b, hk, j, 0);
 
   for (int64_t b = 0; b < B; ++b) {  // sequence b alone, through the dense reference
     Case c{1, Hq, Hkv, lq[b], lk[b], D, D, left, right, true, MaskKind::kNone, false, dropout};
@@ -456,7 +458,8 @@ static void varlen_case(const std::vector<int64_t>& lq, const std::vector<int64_
           qb.at(0, h, i, d) = q.at(0, h, cq[b] + i, d), gb.at(0, h, i, d) = go.at(0, h, cq[b] + i, d);
     for (int64_t h = 0; h < Hkv; ++h)
       for (int64_t j = 0; j < lk[b]; ++j)
-        for (int64_t d = 0; d < D; ++d) kb.at(0, h, j, d) = k.at(0, h, ck[b] + j, d), vb.at(0, h, j, d) = v.at(0, h, ck[b] + j, d);
+        for (int64_t d = 0; d < D; ++d)
+          kb.at(0, h, j, d) = k.at(0, h, ck[b] + j, d), vb.at(0, h, j, d) = v.at(0, h, ck[b] + j, d);
     AttentionParams pb = p.for_batch(b);
     pb.batch = 1, pb.cu_seqlens_q = pb.cu_seqlens_k = nullptr;
     // The dropout mask is keyed by (b * Hq + h, i, j) and the one-sequence reference draws
@@ -465,7 +468,8 @@ static void varlen_case(const std::vector<int64_t>& lq, const std::vector<int64_
     if (dropout > 0) continue;
     const Reference r = reference(c, pb, MaskData{{}, {}, MaskView{}, 1, 1, lq[b], lk[b]}, qb, kb, vb, gb);
     const auto near = [&](double got, double want, const char* what, int64_t at) {
-      const bool ok = (std::isinf(want) && got == want) || std::fabs(got - want) <= 1e-12 * std::max(1.0, std::fabs(want));
+      const bool ok =
+          (std::isinf(want) && got == want) || std::fabs(got - want) <= 1e-12 * std::max(1.0, std::fabs(want));
       EXPECT(ok, "varlen %s[%ld] of seq %ld: %.17g vs %.17g", what, (long)at, (long)b, got, want);
     };
     for (int64_t h = 0; h < Hq; ++h)
@@ -526,13 +530,13 @@ int main() {
         c.left = -1;
         run_case<double, double>(c, seed++, 1e-12);
       }
-  const MaskKind masks[] = {MaskKind::kNone, MaskKind::kBool, MaskKind::kFloat32,
+  const MaskKind masks[] = {MaskKind::kNone,    MaskKind::kBool,    MaskKind::kFloat32,
                             MaskKind::kFloat64, MaskKind::kFloat16, MaskKind::kBFloat16};
   // Windows: full, causal, sliding causal, symmetric, and windows at and past the edges.
   const int64_t windows[][2] = {{-1, -1}, {-1, 0}, {3, 0}, {2, 2}, {0, 0}, {0, -1}, {40, 1}};
-  const int64_t shapes[][7] = {  // B, Hq, Hkv, L, S, Dk, Dv
-      {1, 1, 1, 1, 1, 1, 1},  {2, 4, 2, 7, 13, 8, 8},   {1, 3, 1, 17, 5, 16, 5},
-      {2, 6, 3, 9, 9, 33, 33}, {1, 8, 8, 13, 29, 64, 64}, {1, 2, 1, 1, 37, 96, 96}};
+  const int64_t shapes[][7] = {// B, Hq, Hkv, L, S, Dk, Dv
+                               {1, 1, 1, 1, 1, 1, 1},   {2, 4, 2, 7, 13, 8, 8},    {1, 3, 1, 17, 5, 16, 5},
+                               {2, 6, 3, 9, 9, 33, 33}, {1, 8, 8, 13, 29, 64, 64}, {1, 2, 1, 1, 37, 96, 96}};
   for (const auto& sh : shapes)
     for (const auto& w : windows)
       for (bool br : {false, true}) {

@@ -19,9 +19,8 @@
 using namespace flash_attn_ext;
 using namespace flash_attn_ext::cuda;
 
-
 struct Case {
-  int64_t B, Hq, Hkv, L, S;  // S: cache capacity per sequence
+  int64_t B, Hq, Hkv, L, S;   // S: cache capacity per sequence
   std::vector<int64_t> lens;  // keys per sequence (incl. the L new ones)
   int64_t left;               // window (right is 0: causal)
   int64_t block_size;         // 0: contiguous cache
@@ -67,9 +66,9 @@ void run(const Case& c, uint32_t seed) {
   if (c.n_splits > 1) emu::launch(static_cast<unsigned>(rows_all), kThreads, 0, decode_combine_kernel<T, D>, dp);
 
   const auto cache_at = [&](const std::vector<uint16_t>& t, int64_t b, int64_t j, int64_t hk, int64_t d) {
-    const int64_t off = c.block_size
-                            ? (table[b * blocks_per_seq + j / c.block_size] * c.block_size + j % c.block_size) * c.Hkv * D
-                            : (b * c.S + j) * c.Hkv * D;
+    const int64_t off =
+        c.block_size ? (table[b * blocks_per_seq + j / c.block_size] * c.block_size + j % c.block_size) * c.Hkv * D
+                     : (b * c.S + j) * c.Hkv * D;
     return double(emu::to_float(t[off + hk * D + d], T{}));
   };
   for (int64_t b = 0; b < c.B; ++b)
@@ -100,17 +99,15 @@ void run(const Case& c, uint32_t seed) {
           for (size_t t = 0; t < s.size(); ++t) ref += std::exp(s[t] - m) / l * cache_at(v, b, keys[t], hk, d);
           const double got = emu::to_float(out[((b * c.L + i) * c.Hq + h) * D + d], T{});
           if (!(std::fabs(got - ref) <= 2e-2 * (1 + std::fabs(ref))) && ++failures <= 10)
-            std::printf("FAIL out B=%ld Hq=%ld Hkv=%ld L=%ld splits=%d b=%ld h=%ld i=%ld d=%ld: %g vs %g\n",
-                        (long)c.B, (long)c.Hq, (long)c.Hkv, (long)c.L, c.n_splits, (long)b, (long)h, (long)i,
-                        (long)d, got, ref);
+            std::printf("FAIL out B=%ld Hq=%ld Hkv=%ld L=%ld splits=%d b=%ld h=%ld i=%ld d=%ld: %g vs %g\n", (long)c.B,
+                        (long)c.Hq, (long)c.Hkv, (long)c.L, c.n_splits, (long)b, (long)h, (long)i, (long)d, got, ref);
         }
       }
 }
 
 int main() {
   // GQA decode, lengths across chunk edges and 0, one split and several.
-  for (int splits : {1, 3})
-    run<emu::BFloat16, 64>({2, 8, 2, 1, 384, {300, 0}, -1, 0, splits}, 1 + splits);
+  for (int splits : {1, 3}) run<emu::BFloat16, 64>({2, 8, 2, 1, 384, {300, 0}, -1, 0, splits}, 1 + splits);
   run<emu::Half, 64>({2, 4, 4, 1, 256, {129, 256}, -1, 0, 2}, 5);
   // chunked prefill rows (L = 3, bottom-right causal), sliding window, MQA with 16 rows
   run<emu::Half, 64>({1, 4, 1, 3, 320, {260}, -1, 0, 2}, 6);

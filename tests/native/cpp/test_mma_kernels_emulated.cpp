@@ -21,7 +21,6 @@
 using namespace flash_attn_ext;
 using namespace flash_attn_ext::cuda;
 
-
 struct Case {
   int64_t B, Hq, Hkv, L, S, left, right;
   bool bottom_right;
@@ -126,7 +125,10 @@ void run_backward(const Case& c, uint32_t seed, double tol) {
         std::vector<double> pr(c.S, 0.0);
         double mx = -INFINITY;
         for (int64_t j = 0; j < c.S; ++j) {
-          if ((c.left >= 0 && j < i + o - c.left) || (c.right >= 0 && j > i + o + c.right)) { pr[j] = -INFINITY; continue; }
+          if ((c.left >= 0 && j < i + o - c.left) || (c.right >= 0 && j > i + o + c.right)) {
+            pr[j] = -INFINITY;
+            continue;
+          }
           double dot = 0;
           for (int d = 0; d < D; ++d) dot += at(q, c.Hq, c.L, b, h, i, d) * at(k, c.Hkv, c.S, b, hk, j, d);
           pr[j] = dot * scale;
@@ -233,8 +235,8 @@ static void check_row_programs_on_32_lanes(int64_t D) {
     constexpr int kLanes = decltype(lanes_tag)::value;
     constexpr int kPer = kLanes == 1 ? 256 : 8;
     using Reduce = std::conditional_t<kLanes == 1, rows::SingleLane, ShuffleSum>;
-    Result r{std::vector<float>(B * Hq * L * D, NAN), std::vector<float>(B * Hq * L, NAN),
-             std::vector<float>(B * Hq * L, NAN), std::vector<float>(B * Hq * L * D, NAN),
+    Result r{std::vector<float>(B * Hq * L * D, NAN),  std::vector<float>(B * Hq * L, NAN),
+             std::vector<float>(B * Hq * L, NAN),      std::vector<float>(B * Hq * L * D, NAN),
              std::vector<float>(B * Hkv * S * D, NAN), std::vector<float>(B * Hkv * S * D, NAN)};
     const auto body = [&] {
       const int lane = kLanes == 1 ? 0 : static_cast<int>(threadIdx.x % 32);
@@ -242,8 +244,8 @@ static void check_row_programs_on_32_lanes(int64_t D) {
       if (item < Hq * L) {
         const int64_t h = item / L, i = item % L;
         rows::forward_row<float, float, kLanes, kPer, Reduce>(p, MaskView{}, cview(q, Hq, L), cview(k, Hkv, S),
-                                                              cview(v, Hkv, S), view(r.out, Hq, L), r.lse.data(), 0,
-                                                              h, i, lane);
+                                                              cview(v, Hkv, S), view(r.out, Hq, L), r.lse.data(), 0, h,
+                                                              i, lane);
       }
     };
     const auto body2 = [&] {
@@ -251,8 +253,8 @@ static void check_row_programs_on_32_lanes(int64_t D) {
       const int64_t item = blockIdx.x;
       if (item < Hq * L) {
         const int64_t h = item / L, i = item % L;
-        rows::delta_row<float, float, kLanes, kPer, Reduce>(p, cview(go, Hq, L), cview(r.out, Hq, L),
-                                                            r.delta.data(), 0, h, i, lane);
+        rows::delta_row<float, float, kLanes, kPer, Reduce>(p, cview(go, Hq, L), cview(r.out, Hq, L), r.delta.data(), 0,
+                                                            h, i, lane);
       }
     };
     const auto body3 = [&] {
@@ -290,7 +292,8 @@ static void check_row_programs_on_32_lanes(int64_t D) {
     }
     const bool ok = worst <= 1e-4;
     if (!ok) ++failures;
-    std::printf("row programs, 32 lanes vs 1, D=%ld: %s max diff %.2e %s\n", (long)D, names[t], worst, ok ? "" : "FAIL");
+    std::printf("row programs, 32 lanes vs 1, D=%ld: %s max diff %.2e %s\n", (long)D, names[t], worst,
+                ok ? "" : "FAIL");
   }
 }
 
@@ -307,7 +310,8 @@ int main() {
   run<emu::BFloat16, 64>(window, seed++, 1.2e-2);
   run<emu::Half, 96>(gqa, seed++, 1.5e-3);
   run<emu::Half, 192>(causal_tl, seed++, 1.5e-3);  // 32-key tiles
-  for (const Case& c : {full, causal_tl, causal_br_empty_rows, window, gqa}) run_backward<emu::Half, 32>(c, seed++, 3e-3);
+  for (const Case& c : {full, causal_tl, causal_br_empty_rows, window, gqa})
+    run_backward<emu::Half, 32>(c, seed++, 3e-3);
   run_backward<emu::BFloat16, 64>(gqa, seed++, 2.5e-2);
   run_backward<emu::Half, 96>(window, seed++, 3e-3);
   return expect_summary("tensor-core kernels, emulated");

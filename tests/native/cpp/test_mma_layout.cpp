@@ -76,7 +76,8 @@ int main() {
     ldmatrix_x4(q, addr, false, a);
     for (int np = 0; np < kKeys / 16; ++np) {
       Regs4 bf[32];
-      for (int l = 0; l < 32; ++l) addr[l] = (np * 16 + ldsm_b_from_nk(l).row) * kStride + ks * 16 + ldsm_b_from_nk(l).col;
+      for (int l = 0; l < 32; ++l)
+        addr[l] = (np * 16 + ldsm_b_from_nk(l).row) * kStride + ks * 16 + ldsm_b_from_nk(l).col;
       ldmatrix_x4(k, addr, false, bf);
       Pair af[32][4], b0[32][2], b1[32][2];
       for (int l = 0; l < 32; ++l) {

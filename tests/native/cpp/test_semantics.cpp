@@ -16,7 +16,6 @@
 
 using namespace flash_attn_ext;
 
-
 static void check_bands(int64_t L, int64_t S, int64_t left, int64_t right, bool bottom_right) {
   const int64_t o = alignment_offset(L, S, bottom_right);
   // Per row: the visible keys form exactly [first_visible_key, end_visible_key).
@@ -24,8 +23,8 @@ static void check_bands(int64_t L, int64_t S, int64_t left, int64_t right, bool 
     const int64_t f = first_visible_key(i, o, left, S), e = end_visible_key(i, o, right, S);
     for (int64_t j = 0; j < S; ++j) {
       const bool in = j >= f && j < e;
-      EXPECT(in == key_visible(i, j, o, left, right), "row interval L=%ld S=%ld w=(%ld,%ld) br=%d i=%ld j=%ld",
-             (long)L, (long)S, (long)left, (long)right, bottom_right, (long)i, (long)j);
+      EXPECT(in == key_visible(i, j, o, left, right), "row interval L=%ld S=%ld w=(%ld,%ld) br=%d i=%ld j=%ld", (long)L,
+             (long)S, (long)left, (long)right, bottom_right, (long)i, (long)j);
     }
   }
   for (int64_t r0 = 0; r0 < L; r0 += 3) {
@@ -64,25 +63,29 @@ static void check_bands(int64_t L, int64_t S, int64_t left, int64_t right, bool 
 
 static void check_philox() {
   // Random123 known-answer vectors for Philox4x32-10: counter, key -> output.
-  struct Kat { uint32_t c[4], k[2], out[4]; };
+  struct Kat {
+    uint32_t c[4], k[2], out[4];
+  };
   const Kat kats[] = {
       {{0, 0, 0, 0}, {0, 0}, {0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8}},
-      {{0xffffffff, 0xffffffff, 0xffffffff, 0xffffffff}, {0xffffffff, 0xffffffff},
+      {{0xffffffff, 0xffffffff, 0xffffffff, 0xffffffff},
+       {0xffffffff, 0xffffffff},
        {0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd}},
-      {{0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344}, {0xa4093822, 0x299f31d0},
+      {{0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344},
+       {0xa4093822, 0x299f31d0},
        {0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1}},
   };
   for (const Kat& t : kats) {
     const Philox4 r = philox4x32_10(t.c[0], t.c[1], t.c[2], t.c[3], t.k[0], t.k[1]);
-    for (int w = 0; w < 4; ++w)
-      EXPECT(r.x[w] == t.out[w], "philox KAT word %d: %08x != %08x", w, r.x[w], t.out[w]);
+    for (int w = 0; w < 4; ++w) EXPECT(r.x[w] == t.out[w], "philox KAT word %d: %08x != %08x", w, r.x[w], t.out[w]);
   }
   // dropout_keep is the per-element view of dropout_keep_bits4; thresholds 0 and 2^24.
   const uint32_t half = dropout_threshold(0.5);
   int kept = 0;
   for (int64_t j = 0; j < 4000; ++j) {
     const bool k = dropout_keep(12345, 7, 3, 11, j, half);
-    EXPECT(k == (((dropout_keep_bits4(12345, 7, 3, 11, j >> 2, half) >> (j & 3)) & 1u) != 0), "keep bits j=%ld", (long)j);
+    EXPECT(k == (((dropout_keep_bits4(12345, 7, 3, 11, j >> 2, half) >> (j & 3)) & 1u) != 0), "keep bits j=%ld",
+           (long)j);
     EXPECT(dropout_keep(1, 2, 3, 4, j, dropout_threshold(0.0)), "p=0 must keep everything");
     kept += k;
   }

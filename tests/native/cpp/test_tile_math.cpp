@@ -18,7 +18,6 @@
 
 using namespace flash_attn_ext::cpu;
 
-
 static void check_gemm(bool trans_a, int64_t M, int64_t N, int64_t K, bool accumulate, std::mt19937& rng) {
   std::normal_distribution<float> nd;
   const int64_t lda = (trans_a ? M : K) + 3, ldb = N + 5, ldc = N + 2;
@@ -37,12 +36,11 @@ static void check_gemm(bool trans_a, int64_t M, int64_t N, int64_t K, bool accum
         continue;
       }
       double ref = 0;
-      for (int64_t k = 0; k < K; ++k)
-        ref += double(trans_a ? A[k * lda + m] : A[m * lda + k]) * B[k * ldb + n];
+      for (int64_t k = 0; k < K; ++k) ref += double(trans_a ? A[k * lda + m] : A[m * lda + k]) * B[k * ldb + n];
       ref = alpha * ref + (accumulate ? C0[m * ldc + n] : 0.0);
       if (std::fabs(C[m * ldc + n] - ref) > 1e-4 * (1 + std::sqrt(double(K))) && ++failures <= 10)
-        std::printf("FAIL gemm trans=%d M=%ld N=%ld K=%ld m=%ld n=%ld: %g vs %g\n", trans_a, (long)M,
-                    (long)N, (long)K, (long)m, (long)n, C[m * ldc + n], ref);
+        std::printf("FAIL gemm trans=%d M=%ld N=%ld K=%ld m=%ld n=%ld: %g vs %g\n", trans_a, (long)M, (long)N, (long)K,
+                    (long)m, (long)n, C[m * ldc + n], ref);
     }
   }
 }
@@ -110,7 +108,8 @@ static void check_decode_math_for(std::mt19937& rng, T (*store)(float), float (*
             for (int64_t r = 0; r < rows; ++r)
               for (int64_t c = 0; c < ld; ++c) {
                 double ref = 0;
-                for (int64_t d = 0; d < dim; ++d) ref += double(from_bf16(qb[r * dim + d])) * from_bf16(rows_ptr[c < cols ? c : 0][d]);
+                for (int64_t d = 0; d < dim; ++d)
+                  ref += double(from_bf16(qb[r * dim + d])) * from_bf16(rows_ptr[c < cols ? c : 0][d]);
                 const bool ok = c < cols ? std::fabs(sb[r * ld + c] - 0.5 * ref) <= 1e-4 * (1 + std::sqrt(double(dim)))
                                          : sb[r * ld + c] == -7.f;
                 if (!ok && ++failures <= 10)
