@@ -13,63 +13,36 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> call_forward(const at::Tensor& q, const at::Tensor& k,
-                                                            const at::Tensor& v,
-                                                            const std::optional<at::Tensor>& attn_mask,
-                                                            double dropout_p, double scale, int64_t window_left,
-                                                            int64_t window_right, bool bottom_right, double softcap,
-                                                            const std::optional<at::Tensor>& alibi_slopes) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("flash_attn_ext::attention_forward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                           double, double, int64_t, int64_t, bool, double, const std::optional<at::Tensor>&)>();
-  return op.call(q, k, v, attn_mask, dropout_p, scale, window_left, window_right, bottom_right, softcap, alibi_slopes);
-}
+using Tensors3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using OptTensor = std::optional<at::Tensor>;
+using T = const at::Tensor&;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& rng_state, const std::optional<at::Tensor>& attn_mask, double dropout_p,
-    double scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("flash_attn_ext::attention_backward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                           double, double, int64_t, int64_t, bool, double, const std::optional<at::Tensor>&)>();
-  return op.call(grad_out, q, k, v, out, lse, rng_state, attn_mask, dropout_p, scale, window_left, window_right,
-                 bottom_right, softcap, alibi_slopes);
-}
-
-using Varlen3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-
-Varlen3 call_varlen_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
-                            const at::Tensor& cu_k, int64_t max_q, int64_t max_k, double dropout_p, double scale,
+// The ops' C++ signatures (their schemas are in csrc/ops.cpp), written once here for the
+// dispatcher calls and the autograd kernels below.
+using ForwardSig = Tensors3(T q, T k, T v, const OptTensor& attn_mask, double dropout_p, double scale,
                             int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-                            const std::optional<at::Tensor>& alibi_slopes) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("flash_attn_ext::attention_varlen_forward", "")
-                       .typed<Varlen3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                      const at::Tensor&, int64_t, int64_t, double, double, int64_t, int64_t, bool,
-                                      double, const std::optional<at::Tensor>&)>();
-  return op.call(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, window_left, window_right, bottom_right, softcap,
-                 alibi_slopes);
-}
-
-Varlen3 call_varlen_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                             const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state,
-                             const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k,
+                            const OptTensor& alibi_slopes);
+using BackwardSig = Tensors3(T grad_out, T q, T k, T v, T out, T lse, T rng_state, const OptTensor& attn_mask,
                              double dropout_p, double scale, int64_t window_left, int64_t window_right,
-                             bool bottom_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("flash_attn_ext::attention_varlen_backward", "")
-          .typed<Varlen3(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
-                         double, double, int64_t, int64_t, bool, double, const std::optional<at::Tensor>&)>();
-  return op.call(grad_out, q, k, v, out, lse, rng_state, cu_q, cu_k, max_q, max_k, dropout_p, scale, window_left,
-                 window_right, bottom_right, softcap, alibi_slopes);
+                             bool bottom_right, double softcap, const OptTensor& alibi_slopes);
+using VarlenForwardSig = Tensors3(T q, T k, T v, T cu_q, T cu_k, int64_t max_q, int64_t max_k, double dropout_p,
+                                  double scale, int64_t window_left, int64_t window_right, bool bottom_right,
+                                  double softcap, const OptTensor& alibi_slopes);
+using VarlenBackwardSig = Tensors3(T grad_out, T q, T k, T v, T out, T lse, T rng_state, T cu_q, T cu_k, int64_t max_q,
+                                   int64_t max_k, double dropout_p, double scale, int64_t window_left,
+                                   int64_t window_right, bool bottom_right, double softcap,
+                                   const OptTensor& alibi_slopes);
+
+constexpr char kForwardOp[] = "flash_attn_ext::attention_forward";
+constexpr char kBackwardOp[] = "flash_attn_ext::attention_backward";
+constexpr char kVarlenForwardOp[] = "flash_attn_ext::attention_varlen_forward";
+constexpr char kVarlenBackwardOp[] = "flash_attn_ext::attention_varlen_backward";
+
+// Calls the op Op of signature Sig below autograd (its CPU / CUDA kernels); looked up once.
+template <typename Sig, const char* Op, typename... Args>
+Tensors3 call_op(Args&&... args) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(Op, "").template typed<Sig>();
+  return op.call(std::forward<Args>(args)...);
 }
 
 // The gradient as the backward kernels read it: a last dim of stride 1 (e.g. the expanded
@@ -112,8 +85,8 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                                int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
                                const std::optional<at::Tensor>& alibi_slopes) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, lse, rng_state] = call_forward(q, k, v, attn_mask, dropout_p, scale, window_left, window_right,
-                                              bottom_right, softcap, alibi_slopes);
+    auto [out, lse, rng_state] = call_op<ForwardSig, kForwardOp>(q, k, v, attn_mask, dropout_p, scale, window_left,
+                                                                 window_right, bottom_right, softcap, alibi_slopes);
     ctx->save_for_backward(
         {q, k, v, out, lse, rng_state, attn_mask.value_or(at::Tensor()), alibi_slopes.value_or(at::Tensor())});
     Options{dropout_p, scale, window_left, window_right, bottom_right, softcap}.save(ctx);
@@ -126,9 +99,9 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     const at::Tensor grad_out = contiguous_last_dim(grads[0]);
     if (!grad_out.defined()) return variable_list(11);
     const Options o = Options::load(ctx);
-    auto [dq, dk, dv] = call_backward(grad_out, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
-                                      optional_of(saved[6]), o.dropout_p, o.scale, o.window_left, o.window_right,
-                                      o.bottom_right, o.softcap, optional_of(saved[7]));
+    auto [dq, dk, dv] = call_op<BackwardSig, kBackwardOp>(
+        grad_out, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], optional_of(saved[6]), o.dropout_p,
+        o.scale, o.window_left, o.window_right, o.bottom_right, o.softcap, optional_of(saved[7]));
     // No gradient for attn_mask (documented; the Python layer falls back to PyTorch when a
     // mask requires grad), alibi_slopes or the non-tensor arguments.
     variable_list result(11);
@@ -145,8 +118,9 @@ class VarlenAttentionFunction : public torch::autograd::Function<VarlenAttention
                                double dropout_p, double scale, int64_t window_left, int64_t window_right,
                                bool bottom_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, lse, rng_state] = call_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, window_left,
-                                                     window_right, bottom_right, softcap, alibi_slopes);
+    auto [out, lse, rng_state] =
+        call_op<VarlenForwardSig, kVarlenForwardOp>(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, window_left,
+                                                    window_right, bottom_right, softcap, alibi_slopes);
     ctx->save_for_backward({q, k, v, out, lse, rng_state, cu_q, cu_k, alibi_slopes.value_or(at::Tensor())});
     ctx->saved_data["max_q"] = max_q;
     ctx->saved_data["max_k"] = max_k;
@@ -161,64 +135,48 @@ class VarlenAttentionFunction : public torch::autograd::Function<VarlenAttention
     variable_list result(14);
     if (!grad_out.defined()) return result;
     const Options o = Options::load(ctx);
-    auto [dq, dk, dv] =
-        call_varlen_backward(grad_out, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], ctx->saved_data["max_q"].toInt(),
-                             ctx->saved_data["max_k"].toInt(), o.dropout_p, o.scale, o.window_left, o.window_right,
-                             o.bottom_right, o.softcap, optional_of(s[8]));
+    auto [dq, dk, dv] = call_op<VarlenBackwardSig, kVarlenBackwardOp>(
+        grad_out, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], ctx->saved_data["max_q"].toInt(),
+        ctx->saved_data["max_k"].toInt(), o.dropout_p, o.scale, o.window_left, o.window_right, o.bottom_right,
+        o.softcap, optional_of(s[8]));
     result[0] = dq, result[1] = dk, result[2] = dv;
     return result;
   }
 };
 
-// The backward op is itself differentiable only to first order.
-class AttentionBackwardFunction : public torch::autograd::Function<AttentionBackwardFunction> {
+// The backward ops are themselves differentiable only to first order.
+template <typename Sig, const char* Op>
+class BackwardFunction : public torch::autograd::Function<BackwardFunction<Sig, Op>> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_out, const at::Tensor& q,
-                               const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                               const at::Tensor& rng_state, const std::optional<at::Tensor>& attn_mask,
-                               double dropout_p, double scale, int64_t window_left, int64_t window_right,
-                               bool bottom_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+  template <typename... Args>
+  static variable_list forward(AutogradContext*, Args&&... args) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [dq, dk, dv] = call_backward(grad_out, q, k, v, out, lse, rng_state, attn_mask, dropout_p, scale, window_left,
-                                      window_right, bottom_right, softcap, alibi_slopes);
+    auto [dq, dk, dv] = call_op<Sig, Op>(std::forward<Args>(args)...);
     return {dq, dk, dv};
   }
 
   static variable_list backward(AutogradContext*, variable_list) {
-    TORCH_CHECK(false,
-                "flash_attn_ext.attention_backward: double backward (gradients of gradients) is "
-                "not supported");
+    constexpr size_t kNamespace = sizeof("flash_attn_ext::") - 1;  // named as Python spells it
+    TORCH_CHECK(false, "flash_attn_ext.", Op + kNamespace,
+                ": double backward (gradients of gradients) is not supported");
     return {};
   }
 };
 
-class VarlenBackwardFunction : public torch::autograd::Function<VarlenBackwardFunction> {
- public:
-  static variable_list forward(AutogradContext*, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                               const at::Tensor& rng_state, const at::Tensor& cu_q, const at::Tensor& cu_k,
-                               int64_t max_q, int64_t max_k, double dropout_p, double scale, int64_t window_left,
-                               int64_t window_right, bool bottom_right, double softcap,
-                               const std::optional<at::Tensor>& alibi_slopes) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [dq, dk, dv] =
-        call_varlen_backward(grad_out, q, k, v, out, lse, rng_state, cu_q, cu_k, max_q, max_k, dropout_p, scale,
-                             window_left, window_right, bottom_right, softcap, alibi_slopes);
-    return {dq, dk, dv};
-  }
-
-  static variable_list backward(AutogradContext*, variable_list) {
-    TORCH_CHECK(false,
-                "flash_attn_ext.attention_varlen_backward: double backward (gradients of gradients) is "
-                "not supported");
-    return {};
+// A Function's apply as the autograd kernel of an op of signature Sig (its three outputs).
+template <typename Function, typename Sig>
+struct AutogradKernel;
+template <typename Function, typename... Args>
+struct AutogradKernel<Function, Tensors3(Args...)> {
+  static Tensors3 call(Args... args) {
+    auto r = Function::apply(args...);
+    return {r[0], r[1], r[2]};
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_autograd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
-    double dropout_p, double scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes) {
+Tensors3 attention_forward_autograd(T q, T k, T v, const OptTensor& attn_mask, double dropout_p, double scale,
+                                    int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+                                    const OptTensor& alibi_slopes) {
   // A silently missing gradient would be a wrong answer: refuse instead (the SDPA drop-in
   // serves such calls through PyTorch). Checked here, not in forward(), where grad mode is
   // already off; under no_grad a mask that requires grad is just data.
@@ -232,44 +190,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_autograd(
   return {r[0], r[1], r[2]};
 }
 
-Varlen3 attention_varlen_forward_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                          const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k,
-                                          double dropout_p, double scale, int64_t window_left, int64_t window_right,
-                                          bool bottom_right, double softcap,
-                                          const std::optional<at::Tensor>& alibi_slopes) {
-  auto r = VarlenAttentionFunction::apply(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, window_left,
-                                          window_right, bottom_right, softcap, alibi_slopes);
-  return {r[0], r[1], r[2]};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_autograd(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& rng_state, const std::optional<at::Tensor>& attn_mask, double dropout_p,
-    double scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes) {
-  auto r = AttentionBackwardFunction::apply(grad_out, q, k, v, out, lse, rng_state, attn_mask, dropout_p, scale,
-                                            window_left, window_right, bottom_right, softcap, alibi_slopes);
-  return {r[0], r[1], r[2]};
-}
-
-Varlen3 attention_varlen_backward_autograd(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                                           const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                                           const at::Tensor& rng_state, const at::Tensor& cu_q, const at::Tensor& cu_k,
-                                           int64_t max_q, int64_t max_k, double dropout_p, double scale,
-                                           int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-                                           const std::optional<at::Tensor>& alibi_slopes) {
-  auto r = VarlenBackwardFunction::apply(grad_out, q, k, v, out, lse, rng_state, cu_q, cu_k, max_q, max_k, dropout_p,
-                                         scale, window_left, window_right, bottom_right, softcap, alibi_slopes);
-  return {r[0], r[1], r[2]};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flash_attn_ext, Autograd, m) {
   m.impl("attention_forward", &attention_forward_autograd);
-  m.impl("attention_backward", &attention_backward_autograd);
-  m.impl("attention_varlen_forward", &attention_varlen_forward_autograd);
-  m.impl("attention_varlen_backward", &attention_varlen_backward_autograd);
+  m.impl("attention_backward", &AutogradKernel<BackwardFunction<BackwardSig, kBackwardOp>, BackwardSig>::call);
+  m.impl("attention_varlen_forward", &AutogradKernel<VarlenAttentionFunction, VarlenForwardSig>::call);
+  m.impl("attention_varlen_backward",
+         &AutogradKernel<BackwardFunction<VarlenBackwardSig, kVarlenBackwardOp>, VarlenBackwardSig>::call);
 }
 
 }  // namespace flash_attn_ext

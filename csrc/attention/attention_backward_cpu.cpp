@@ -71,13 +71,13 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
       const int64_t b = bh / p.heads_q, h = bh % p.heads_q;
       const int64_t len_q = p.for_batch(b).len_q;
       if constexpr (std::is_same_v<scalar_t, float>) {  // vectorised for this CPU
-        row_dots(do_rows.at(b, h, 0), do_rows.stride_l, o_rows.at(b, h, 0), o_rows.stride_l, len_q, Dv,
+        row_dots(do_rows.row(b, h, 0), do_rows.stride_l, o_rows.row(b, h, 0), o_rows.stride_l, len_q, Dv,
                  delta_data + p.row_index(b, h, 0));
         continue;
       }
       for (int64_t i = 0; i < len_q; ++i) {
-        const scalar_t* g = do_rows.at(b, h, i);
-        const scalar_t* o = o_rows.at(b, h, i);
+        const scalar_t* g = do_rows.row(b, h, i);
+        const scalar_t* o = o_rows.row(b, h, i);
         acc_t sum = 0;
         for (int64_t d = 0; d < Dv; ++d) sum += static_cast<acc_t>(g[d]) * static_cast<acc_t>(o[d]);
         delta_data[p.row_index(b, h, i)] = sum;
@@ -189,19 +189,19 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
           uint32_t* k_pairs = k_pairss.data() + slot * (kBlockK / 2 * Dk);
           if (pack && band.begin < band.end && use_bf16) {
             if constexpr (kBf16) {
-              for (int64_t c = 0; c < cols; ++c) row_ptrs[c] = bf16_bits(k_rows.at(b, hk, j0 + c));
+              for (int64_t c = 0; c < cols; ++c) row_ptrs[c] = bf16_bits(k_rows.row(b, hk, j0 + c));
               pack_bf16_transposed(row_ptrs.data(), cols, Dk, kt_bf, kBlockK);  // S = Q K^T
               pack_bf16_row_pairs(row_ptrs.data(), cols, Dk, k_pairs, Dk);      // dQ = dS K
-              for (int64_t c = 0; c < cols; ++c) row_ptrs[c] = bf16_bits(v_rows.at(b, hk, j0 + c));
+              for (int64_t c = 0; c < cols; ++c) row_ptrs[c] = bf16_bits(v_rows.row(b, hk, j0 + c));
               pack_bf16_transposed(row_ptrs.data(), cols, Dv, vt_bf, kBlockK);  // dP = dO V^T
             }
           } else if (pack && band.begin < band.end) {
-            load_rows(k_rows.at(b, hk, j0), k_rows.stride_l, cols, Dk, acc_t(1), k_tile, Dk);
+            load_rows(k_rows.row(b, hk, j0), k_rows.stride_l, cols, Dk, acc_t(1), k_tile, Dk);
             if (few_rows) {  // V rows as stored (in vt_tile's slot): S and dP as row dot products
-              load_rows(v_rows.at(b, hk, j0), v_rows.stride_l, cols, Dv, acc_t(1), vt_tile, Dv);
+              load_rows(v_rows.row(b, hk, j0), v_rows.stride_l, cols, Dv, acc_t(1), vt_tile, Dv);
             } else {
-              load_rows_transposed(k_rows.at(b, hk, j0), k_rows.stride_l, cols, Dk, kt_tile, kBlockK);
-              load_rows_transposed(v_rows.at(b, hk, j0), v_rows.stride_l, cols, Dv, vt_tile, kBlockK);
+              load_rows_transposed(k_rows.row(b, hk, j0), k_rows.stride_l, cols, Dk, kt_tile, kBlockK);
+              load_rows_transposed(v_rows.row(b, hk, j0), v_rows.stride_l, cols, Dv, vt_tile, kBlockK);
             }
           }
           for (int64_t h = h0; h < h0 + heads_per_pass && band.begin < band.end; ++h) {
@@ -220,8 +220,8 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
                                   pt, kBlockK, /*accumulate=*/false);
                 }
               } else {
-                load_rows(q_rows.at(b, h, i0), q_rows.stride_l, rows, Dk, scale, q_tile.data(), Dk);
-                load_rows(do_rows.at(b, h, i0), do_rows.stride_l, rows, Dv, acc_t(1), do_tile.data(), Dv);
+                load_rows(q_rows.row(b, h, i0), q_rows.stride_l, rows, Dk, scale, q_tile.data(), Dk);
+                load_rows(do_rows.row(b, h, i0), do_rows.stride_l, rows, Dv, acc_t(1), do_tile.data(), Dv);
                 // P = exp(softcap(scale * Q K^T) + mask - lse), exactly the forward's probabilities.
                 if (few_rows)
                   tile_gemm_nt(rows, cols, Dk, q_tile.data(), Dk, k_tile, Dk, pt, kBlockK);
@@ -316,22 +316,22 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
             }
           }
           if (!head_passes) {
-            store_rows(dk_acc.data(), Dk, cols, Dk, dk_rows.at(b, hk, j0), dk_rows.stride_l, dk_factor);
-            store_rows(dv_acc.data(), Dv, cols, Dv, dv_rows.at(b, hk, j0), dv_rows.stride_l, dv_factor);
+            store_rows(dk_acc.data(), Dk, cols, Dk, dk_rows.row(b, hk, j0), dk_rows.stride_l, dk_factor);
+            store_rows(dv_acc.data(), Dv, cols, Dv, dv_rows.row(b, hk, j0), dv_rows.stride_l, dv_factor);
           }
         }
       }
       if (head_passes) {  // this split's key tiles have all G heads' terms: narrow them once
         for (int64_t j0 = split * kBlockK; j0 < pb.len_k; j0 += n_splits * kBlockK) {
           const int64_t cols = std::min(kBlockK, pb.len_k - j0);
-          store_rows(dk_unit.data() + j0 * Dk, Dk, cols, Dk, dk_rows.at(b, hk, j0), dk_rows.stride_l, dk_factor);
-          store_rows(dv_unit.data() + j0 * Dv, Dv, cols, Dv, dv_rows.at(b, hk, j0), dv_rows.stride_l, dv_factor);
+          store_rows(dk_unit.data() + j0 * Dk, Dk, cols, Dk, dk_rows.row(b, hk, j0), dk_rows.stride_l, dk_factor);
+          store_rows(dv_unit.data() + j0 * Dv, Dv, cols, Dv, dv_rows.row(b, hk, j0), dv_rows.stride_l, dv_factor);
         }
       }
       if (n_splits == 1) {  // this task's query heads are complete: narrow their dQ now
         for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
           const int64_t bh = b * p.heads_q + h;
-          store_rows(dq_acc_data + bh * L * Dk, Dk, pb.len_q, Dk, dq_rows.at(b, h, 0), dq_rows.stride_l, dq_factor);
+          store_rows(dq_acc_data + bh * L * Dk, Dk, pb.len_q, Dk, dq_rows.row(b, h, 0), dq_rows.stride_l, dq_factor);
         }
       }
     }
@@ -348,7 +348,7 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
           for (int64_t e = 0; e < L * Dk; ++e) rows[e] += part[e];
         }
         store_rows(rows.data(), Dk, p.for_batch(bh / p.heads_q).len_q, Dk,
-                   dq_rows.at(bh / p.heads_q, bh % p.heads_q, 0), dq_rows.stride_l, dq_factor);
+                   dq_rows.row(bh / p.heads_q, bh % p.heads_q, 0), dq_rows.stride_l, dq_factor);
       }
     });
   }

@@ -15,12 +15,12 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
-
-#include "../cpu/tile_math.h"
 #include <vector>
 
 #include "../common/attention_semantics.h"
 #include "../common/dropout_philox.h"
+#include "../cpu/tile_math.h"
+#include "attention_rows.h"
 
 namespace flash_attn_ext::cpu {
 
@@ -29,50 +29,26 @@ namespace flash_attn_ext::cpu {
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 64;
 
-// A (batch, head, position, feature) tensor read through its strides; for a paged KV cache,
-// position i of sequence b lives in block table[b * blocks_per_seq + i / block_size] (the
-// tensor's first dim), row i % block_size; for packed sequences (varlen), position i of
-// sequence b is row seq_start[b] + i.
+// A (batch, head, position, feature) tensor as the kernels address it (paged, packed or plain):
+// the CPU and CUDA kernels share one view, rows::Strided (attention_rows.h).
 template <typename T>
-struct Rows {
-  T* data;
-  int64_t stride_b, stride_h, stride_l;
-  const int32_t* table = nullptr;
-  int64_t block_size = 0, blocks_per_seq = 0;
-  const int32_t* seq_start = nullptr;
-  T* at(int64_t b, int64_t h, int64_t i) const {
-    if (seq_start != nullptr) return data + h * stride_h + (seq_start[b] + i) * stride_l;
-    if (table != nullptr)
-      return data + table[b * blocks_per_seq + i / block_size] * stride_b + h * stride_h + (i % block_size) * stride_l;
-    return data + b * stride_b + h * stride_h + i * stride_l;
-  }
-  // How many rows from position i on are evenly strided by stride_l (to the end of a block).
-  int64_t run(int64_t i) const { return table != nullptr ? block_size - i % block_size : INT64_MAX; }
-};
+using Rows = rows::Strided<T>;
 
 template <typename T>
 Rows<T> rows_of(const at::Tensor& t) {
   return {static_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
 }
 
-// K or V rows (and their gradients) as the kernels address them: paged when p carries a
-// block table, packed when p is varlen.
+// K or V rows (and their gradients): paged when p carries a block table, packed when p is varlen.
 template <typename T>
 Rows<T> kv_rows_of(const at::Tensor& t, const AttentionParams& p) {
-  Rows<T> r = rows_of<T>(t);
-  r.table = p.block_table;
-  r.block_size = p.block_size;
-  r.blocks_per_seq = p.blocks_per_seq;
-  r.seq_start = p.cu_seqlens_k;
-  return r;
+  return rows::kv_view(rows_of<T>(t), p);
 }
 
 // Query-side rows (query, out, their gradients): packed when p is varlen.
 template <typename T>
 Rows<T> q_rows_of(const at::Tensor& t, const AttentionParams& p) {
-  Rows<T> r = rows_of<T>(t);
-  r.seq_start = p.cu_seqlens_q;
-  return r;
+  return rows::q_view(rows_of<T>(t), p);
 }
 
 // Soft-capping of a score tile in place, s = cap * tanh(s / cap) (p.softcap > 0; before the
@@ -138,7 +114,7 @@ inline void load_tile(const Rows<const src_t>& rows, int64_t b, int64_t h, int64
                       acc_t scale, acc_t* dst, int64_t ld) {
   for (int64_t c = 0; c < cols;) {
     const int64_t n = std::min(cols - c, rows.run(j0 + c));
-    load_rows(rows.at(b, h, j0 + c), rows.stride_l, n, dim, scale, dst + c * ld, ld);
+    load_rows(rows.row(b, h, j0 + c), rows.stride_l, n, dim, scale, dst + c * ld, ld);
     c += n;
   }
 }
@@ -148,7 +124,7 @@ inline void load_tile_transposed(const Rows<const src_t>& rows, int64_t b, int64
                                  int64_t dim, acc_t* dst, int64_t ld) {
   for (int64_t c = 0; c < cols;) {
     const int64_t n = std::min(cols - c, rows.run(j0 + c));
-    load_rows_transposed(rows.at(b, h, j0 + c), rows.stride_l, n, dim, dst + c, ld);
+    load_rows_transposed(rows.row(b, h, j0 + c), rows.stride_l, n, dim, dst + c, ld);
     c += n;
   }
 }
@@ -157,7 +133,7 @@ template <typename T>
 inline void prefetch_tile(const Rows<const T>& rows, int64_t b, int64_t h, int64_t j0, int64_t cols, int64_t dim) {
   for (int64_t c = 0; c < cols;) {
     const int64_t n = std::min(cols - c, rows.run(j0 + c));
-    prefetch_rows(rows.at(b, h, j0 + c), rows.stride_l, n, dim);
+    prefetch_rows(rows.row(b, h, j0 + c), rows.stride_l, n, dim);
     c += n;
   }
 }
@@ -275,7 +251,7 @@ void copy_bf16_rows(const Rows<const T>& src, int64_t b, int64_t h, int64_t i0, 
                     uint16_t* dst, int64_t ld, const uint16_t** ptrs = nullptr) {
   for (int64_t r = 0; r < rows; ++r) {
     uint16_t* d = dst + r * ld;
-    std::memcpy(d, src.at(b, h, i0 + r), dim * sizeof(uint16_t));
+    std::memcpy(d, src.row(b, h, i0 + r), dim * sizeof(uint16_t));
     if (ld > dim) d[dim] = 0;
     if (ptrs != nullptr) ptrs[r] = d;
   }
@@ -345,7 +321,7 @@ void merge_split_states(const SplitStates<acc_t>& parts, int64_t heads, int64_t 
       if (nan) l = std::numeric_limits<acc_t>::quiet_NaN();
       const int64_t b = row / L / heads, h = row / L % heads, i = row % L;
       const acc_t factor = l > acc_t(0) ? keep_scale / l : acc_t(0);
-      scalar_t* o = o_rows.at(b, h, i);
+      scalar_t* o = o_rows.row(b, h, i);
       for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<scalar_t>(nan ? l : acc[d] * factor);
       lse_data[row] = nan ? l : (l > acc_t(0) ? m + std::log(l) : kNegInf);
     }

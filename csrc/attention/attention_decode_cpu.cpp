@@ -108,7 +108,7 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
     const auto row = [&](const Rows<const scalar_t>& src, const std::vector<acc_t>& widened, int64_t dim, int64_t b,
                          int64_t hk, int64_t j0, int64_t c) -> const read_t* {
       if constexpr (kDirect)
-        return reinterpret_cast<const read_t*>(src.at(b, hk, j0 + c));
+        return reinterpret_cast<const read_t*>(src.row(b, hk, j0 + c));
       else
         return widened.data() + (hk * kDecodeTile + c) * dim;
     };
@@ -121,7 +121,7 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
       if (!bf16_dot) {
         for (int64_t hk = 0; hk < Hkv; ++hk)
           for (int64_t g = 0; g < G; ++g)  // Q pre-multiplied by the softmax scale
-            load_rows(q_rows.at(b, hk * G + g, 0), q_rows.stride_l, L, Dk, scale, q_all.data() + (hk * R + g * L) * Dk,
+            load_rows(q_rows.row(b, hk * G + g, 0), q_rows.stride_l, L, Dk, scale, q_all.data() + (hk * R + g * L) * Dk,
                       Dk);
         if constexpr (kPairSplit)
           for (int64_t r = 0; r < Hkv * R; ++r) to_pair_split(q_all.data() + r * Dk, Dk);
@@ -129,7 +129,7 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
         for (int64_t hk = 0; hk < Hkv; ++hk)
           for (int64_t g = 0; g < G; ++g)
             for (int64_t i = 0; i < L; ++i)
-              std::memcpy(q_bf16.data() + (hk * R + g * L + i) * Dk, q_rows.at(b, hk * G + g, i),
+              std::memcpy(q_bf16.data() + (hk * R + g * L + i) * Dk, q_rows.row(b, hk * G + g, i),
                           Dk * sizeof(uint16_t));
       }
       std::fill(m_run.begin(), m_run.end(), kNegInf);
@@ -144,7 +144,7 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
           if (heads_inner) {
             for (int64_t c = 0; c < cols; ++c)
               for (int64_t hk = 0; hk < Hkv; ++hk)
-                load_rows(src.at(b, hk, j0 + c), src.stride_l, 1, dim, acc_t(1), dst + (hk * kDecodeTile + c) * dim,
+                load_rows(src.row(b, hk, j0 + c), src.stride_l, 1, dim, acc_t(1), dst + (hk * kDecodeTile + c) * dim,
                           dim);
           } else {
             for (int64_t hk = 0; hk < Hkv; ++hk)
@@ -169,7 +169,7 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
         int64_t n_pf = 0;
         if constexpr (kDirect)
           for_memory_order(v_heads_inner, Hkv, cols,
-                           [&](int64_t hk, int64_t c) { prefetch_rows[n_pf++] = v_rows.at(b, hk, j0 + c); });
+                           [&](int64_t hk, int64_t c) { prefetch_rows[n_pf++] = v_rows.row(b, hk, j0 + c); });
         for_memory_order(k_heads_inner, Hkv, cols, add_key);
         const PrefetchList prefetch{prefetch_rows.data(), n_pf, Dv * static_cast<int64_t>(sizeof(scalar_t))};
         if constexpr (kPairSplit) {
@@ -223,7 +223,7 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
           const acc_t l = l_run[at];
           scale_row(acc.data() + at * Dv, Dv, l > acc_t(0) ? acc_t(1) / l : acc_t(0));
           lse_data[row] = l != l ? l : (l > acc_t(0) ? m_run[at] + std::log(l) : kNegInf);
-          store_rows(acc.data() + at * Dv, Dv, 1, Dv, o_rows.at(b, h, i), o_rows.stride_l);
+          store_rows(acc.data() + at * Dv, Dv, 1, Dv, o_rows.row(b, h, i), o_rows.stride_l);
         }
       }
     }

@@ -150,7 +150,7 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
       } else {
         // Q is pre-multiplied by the softmax scale: one multiply per element of Q instead of S.
         for (int64_t g = 0; g < pack; ++g)
-          load_rows(q_rows.at(b, h0 + g, i0), q_rows.stride_l, n_pos, Dk, scale, q_tile.data() + g * n_pos * Dk, Dk);
+          load_rows(q_rows.row(b, h0 + g, i0), q_rows.stride_l, n_pos, Dk, scale, q_tile.data() + g * n_pos * Dk, Dk);
       }
       std::fill(m_run.begin(), m_run.end(), kNegInf);
       std::fill(l_run.begin(), l_run.end(), acc_t(0));
@@ -184,9 +184,9 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
               kt_cols[t] = std::max(kt_cols[t], cols);
             }
             if (!packed) {
-              for (int64_t c = 0; c < cols; ++c) row_ptrs[c] = bf16_bits(k_rows.at(b, hk, j0 + c));
+              for (int64_t c = 0; c < cols; ++c) row_ptrs[c] = bf16_bits(k_rows.row(b, hk, j0 + c));
               pack_bf16_transposed(row_ptrs.data(), cols, Dk, kt_dst, kBlockK);
-              for (int64_t c = 0; c < cols; ++c) row_ptrs[c] = bf16_bits(v_rows.at(b, hk, j0 + c));
+              for (int64_t c = 0; c < cols; ++c) row_ptrs[c] = bf16_bits(v_rows.row(b, hk, j0 + c));
               pack_bf16_row_pairs(row_ptrs.data(), cols, Dv, v_dst, Dv);
             }
             v_p = v_dst;
@@ -222,7 +222,7 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
         const acc_t* v_in = v_tile.data();
         int64_t ld_v = Dv;
         if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          if (!use_bf16 && v_rows.run(j0) >= cols) v_in = v_rows.at(b, hk, j0), ld_v = v_rows.stride_l;
+          if (!use_bf16 && v_rows.run(j0) >= cols) v_in = v_rows.row(b, hk, j0), ld_v = v_rows.stride_l;
         }
         if (v_cached != nullptr) v_in = v_cached;
         if (!use_bf16 && v_in == v_tile.data()) load_tile(v_rows, b, hk, j0, cols, Dv, acc_t(1), v_tile.data(), Dv);
@@ -278,7 +278,7 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
         const acc_t l = l_run[r];
         const int64_t h = h0 + r / n_pos, i = i0 + r % n_pos;
         const int64_t at = p.row_index(b, h, i);
-        store_rows(o_acc.data() + r * Dv, Dv, 1, Dv, o_rows.at(b, h, i), o_rows.stride_l,
+        store_rows(o_acc.data() + r * Dv, Dv, 1, Dv, o_rows.row(b, h, i), o_rows.stride_l,
                    l > acc_t(0) ? keep_scale / l : acc_t(0));
         lse_data[at] = l > acc_t(0) ? m_run[r] + std::log(l) : kNegInf;
         if (l != l) lse_data[at] = l;  // NaN inputs: keep the NaN, not a zero row

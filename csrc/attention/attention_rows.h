@@ -43,6 +43,8 @@ struct Strided {
       return data + table[b * blocks_per_seq + i / block_size] * stride_b + h * stride_h + (i % block_size) * stride_l;
     return data + b * stride_b + h * stride_h + i * stride_l;
   }
+  // How many rows from position i on are evenly strided by stride_l (to the end of a block).
+  FAE_HOST_DEVICE int64_t run(int64_t i) const { return table != nullptr ? block_size - i % block_size : INT64_MAX; }
 };
 
 // The K/V view of p: paged when p carries a block table, packed when p is varlen.
