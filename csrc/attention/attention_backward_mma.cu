@@ -50,18 +50,10 @@ bool try_attention_backward_mma(const AttentionParams& p, bool has_mask, const a
   if (why != nullptr) return false;
 
   MmaBackwardParams bp;
-  bp.q = q.data_ptr(), bp.k = k.data_ptr(), bp.v = v.data_ptr(), bp.grad_out = grad_out.data_ptr();
+  set_common(bp, p, q, k, v);
+  bp.grad_out = rows_of<InRows>(grad_out);
   bp.lse = lse.data_ptr<float>(), bp.delta = delta.data_ptr<float>();
-  bp.grad_q = dq.data_ptr(), bp.grad_k = dk.data_ptr(), bp.grad_v = dv.data_ptr();
-  bp.q_sb = q.stride(0), bp.q_sh = q.stride(1), bp.q_sl = q.stride(2);
-  bp.k_sb = k.stride(0), bp.k_sh = k.stride(1), bp.k_sl = k.stride(2);
-  bp.v_sb = v.stride(0), bp.v_sh = v.stride(1), bp.v_sl = v.stride(2);
-  bp.do_sb = grad_out.stride(0), bp.do_sh = grad_out.stride(1), bp.do_sl = grad_out.stride(2);
-  bp.dq_sb = dq.stride(0), bp.dq_sh = dq.stride(1), bp.dq_sl = dq.stride(2);
-  bp.dk_sb = dk.stride(0), bp.dk_sh = dk.stride(1), bp.dk_sl = dk.stride(2);
-  bp.dv_sb = dv.stride(0), bp.dv_sh = dv.stride(1), bp.dv_sl = dv.stride(2);
-  bp.p = p;
-  bp.scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
+  bp.grad_q = rows_of<OutRows>(dq), bp.grad_k = rows_of<OutRows>(dk), bp.grad_v = rows_of<OutRows>(dv);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t smem = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
   const bool launched = q.scalar_type() == at::kHalf ? dispatch_head_dim<__half>(bp, p.dim_qk, smem, stream)

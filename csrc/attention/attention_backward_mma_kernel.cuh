@@ -88,10 +88,10 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kThreads)
   const mma_layout::RowCol la = mma_layout::ldsm_a(lane), lnk = mma_layout::ldsm_b_from_nk(lane);
   const mma_layout::RowCol lkn = mma_layout::ldsm_b_from_kn_trans(lane);
 
-  const uint16_t* k = static_cast<const uint16_t*>(bp.k) + b * bp.k_sb + hk * bp.k_sh;
-  const uint16_t* v = static_cast<const uint16_t*>(bp.v) + b * bp.v_sb + hk * bp.v_sh;
-  load_tile<kBlockN, kHeadDim, kStride, TL::kThreads>(sK, k, bp.k_sl, n0, n_keys, tid);
-  load_tile<kBlockN, kHeadDim, kStride, TL::kThreads>(sV, v, bp.v_sl, n0, n_keys, tid);
+  const uint16_t* k = bp.k.head(b, hk);
+  const uint16_t* v = bp.v.head(b, hk);
+  load_tile<kBlockN, kHeadDim, kStride, TL::kThreads>(sK, k, bp.k.stride_l, n0, n_keys, tid);
+  load_tile<kBlockN, kHeadDim, kStride, TL::kThreads>(sV, v, bp.v.stride_l, n0, n_keys, tid);
 
   // The (query head, query tile) steps: every head of the group over the key tile's row band.
   const RowRange band = visible_row_range(n0, n0 + n_keys, p.align_offset, p.window_left, p.window_right, p.len_q);
@@ -104,11 +104,10 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kThreads)
   const auto load_step = [&](int64_t s, int buf) {
     const int64_t h = hk * G + s / tiles_per_head, m0 = m_begin + (s % tiles_per_head) * kBlockM;
     const int64_t rows = p.len_q - m0;
-    load_tile<kBlockM, kHeadDim, kStride, TL::kThreads>(
-        sQ0 + buf * TL::kTile, static_cast<const uint16_t*>(bp.q) + b * bp.q_sb + h * bp.q_sh, bp.q_sl, m0, rows, tid);
-    load_tile<kBlockM, kHeadDim, kStride, TL::kThreads>(
-        sdO0 + buf * TL::kTile, static_cast<const uint16_t*>(bp.grad_out) + b * bp.do_sb + h * bp.do_sh, bp.do_sl, m0,
-        rows, tid);
+    load_tile<kBlockM, kHeadDim, kStride, TL::kThreads>(sQ0 + buf * TL::kTile, bp.q.head(b, h), bp.q.stride_l, m0, rows,
+                                                        tid);
+    load_tile<kBlockM, kHeadDim, kStride, TL::kThreads>(sdO0 + buf * TL::kTile, bp.grad_out.head(b, h),
+                                                        bp.grad_out.stride_l, m0, rows, tid);
     float* row_data = sRow0 + buf * 2 * kBlockM;
     for (int r = tid; r < kBlockM; r += TL::kThreads) {  // plain loads: the next barrier orders them
       const int64_t i = m0 + r, at = (b * p.heads_q + h) * p.len_q + i;
@@ -200,10 +199,8 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kThreads)
   cp_async_wait_all();
 
   const float scale = bp.scale_log2 * 0.69314718055994531f;  // back to the softmax scale
-  store_acc<T, kDimTiles>(static_cast<uint16_t*>(bp.grad_k) + b * bp.dk_sb + hk * bp.dk_sh, bp.dk_sl, n0 + warp * 16,
-                          p.len_k, dk, scale, lane);
-  store_acc<T, kDimTiles>(static_cast<uint16_t*>(bp.grad_v) + b * bp.dv_sb + hk * bp.dv_sh, bp.dv_sl, n0 + warp * 16,
-                          p.len_k, dv, 1.f, lane);
+  store_acc<T, kDimTiles>(bp.grad_k.head(b, hk), bp.grad_k.stride_l, n0 + warp * 16, p.len_k, dk, scale, lane);
+  store_acc<T, kDimTiles>(bp.grad_v.head(b, hk), bp.grad_v.stride_l, n0 + warp * 16, p.len_k, dv, 1.f, lane);
 }
 
 template <typename T, int kHeadDim>
@@ -229,18 +226,17 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kThreads)
   const mma_layout::RowCol la = mma_layout::ldsm_a(lane), lnk = mma_layout::ldsm_b_from_nk(lane);
   const mma_layout::RowCol lkn = mma_layout::ldsm_b_from_kn_trans(lane);
 
-  load_tile<kBlockM, kHeadDim, kStride, TL::kThreads>(
-      sQ, static_cast<const uint16_t*>(bp.q) + b * bp.q_sb + h * bp.q_sh, bp.q_sl, m0, q_rows, tid);
-  load_tile<kBlockM, kHeadDim, kStride, TL::kThreads>(
-      sdO, static_cast<const uint16_t*>(bp.grad_out) + b * bp.do_sb + h * bp.do_sh, bp.do_sl, m0, q_rows, tid);
-  const uint16_t* k = static_cast<const uint16_t*>(bp.k) + b * bp.k_sb + hk * bp.k_sh;
-  const uint16_t* v = static_cast<const uint16_t*>(bp.v) + b * bp.v_sb + hk * bp.v_sh;
+  load_tile<kBlockM, kHeadDim, kStride, TL::kThreads>(sQ, bp.q.head(b, h), bp.q.stride_l, m0, q_rows, tid);
+  load_tile<kBlockM, kHeadDim, kStride, TL::kThreads>(sdO, bp.grad_out.head(b, h), bp.grad_out.stride_l, m0, q_rows,
+                                                      tid);
+  const uint16_t* k = bp.k.head(b, hk);
+  const uint16_t* v = bp.v.head(b, hk);
   const KeyRange band = visible_key_range(m0, m0 + q_rows, p.align_offset, p.window_left, p.window_right, p.len_k);
   const int64_t n_begin = band.begin / kBlockN * kBlockN;
   const int64_t n_tiles = band.end > band.begin ? (band.end - n_begin + kBlockN - 1) / kBlockN : 0;
   if (n_tiles > 0) {
-    load_tile<kBlockN, kHeadDim, kStride, TL::kThreads>(sK0, k, bp.k_sl, n_begin, p.len_k - n_begin, tid);
-    load_tile<kBlockN, kHeadDim, kStride, TL::kThreads>(sV0, v, bp.v_sl, n_begin, p.len_k - n_begin, tid);
+    load_tile<kBlockN, kHeadDim, kStride, TL::kThreads>(sK0, k, bp.k.stride_l, n_begin, p.len_k - n_begin, tid);
+    load_tile<kBlockN, kHeadDim, kStride, TL::kThreads>(sV0, v, bp.v.stride_l, n_begin, p.len_k - n_begin, tid);
   }
   cp_async_commit();
 
@@ -265,10 +261,10 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kThreads)
     __syncthreads();
     if (it + 1 < n_tiles) {
       const int64_t n1 = n0 + kBlockN;
-      load_tile<kBlockN, kHeadDim, kStride, TL::kThreads>(sK0 + (cur ^ 1) * TL::kTile, k, bp.k_sl, n1, p.len_k - n1,
-                                                          tid);
-      load_tile<kBlockN, kHeadDim, kStride, TL::kThreads>(sV0 + (cur ^ 1) * TL::kTile, v, bp.v_sl, n1, p.len_k - n1,
-                                                          tid);
+      load_tile<kBlockN, kHeadDim, kStride, TL::kThreads>(sK0 + (cur ^ 1) * TL::kTile, k, bp.k.stride_l, n1,
+                                                          p.len_k - n1, tid);
+      load_tile<kBlockN, kHeadDim, kStride, TL::kThreads>(sV0 + (cur ^ 1) * TL::kTile, v, bp.v.stride_l, n1,
+                                                          p.len_k - n1, tid);
     }
     cp_async_commit();
     const uint16_t* sK = sK0 + cur * TL::kTile;
@@ -324,8 +320,8 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kThreads)
     }
   }
   cp_async_wait_all();
-  store_acc<T, kDimTiles>(static_cast<uint16_t*>(bp.grad_q) + b * bp.dq_sb + h * bp.dq_sh, bp.dq_sl, m0 + warp * 16,
-                          p.len_q, dq, bp.scale_log2 * 0.69314718055994531f, lane);
+  store_acc<T, kDimTiles>(bp.grad_q.head(b, h), bp.grad_q.stride_l, m0 + warp * 16, p.len_q, dq,
+                          bp.scale_log2 * 0.69314718055994531f, lane);
 }
 
 }  // namespace mma_detail

@@ -74,10 +74,9 @@ bool try_attention_forward_mma(const AttentionParams& p, bool has_mask, const at
   const int64_t dim = p.dim_qk;
 
   MmaParams mp;
-  set_qkvo(mp, q, k, v, out);
+  set_common(mp, p, q, k, v);
+  mp.out = rows_of<OutRows>(out);
   mp.lse = lse.data_ptr<float>();
-  mp.p = p;
-  mp.scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t smem = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
   const bool launched = dtype == at::kHalf ? dispatch_head_dim<__half>(mp, dim, smem, stream)

@@ -8,6 +8,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <type_traits>
+
 #include "attention_forward_mma_params.h"
 
 namespace flash_attn_ext::cuda {
@@ -32,15 +34,19 @@ const char* mma_ineligible(const AttentionParams& p, bool has_mask, const at::Te
 // cp.async moves 16 bytes: every row of t starts on a 16-byte boundary.
 bool mma_rows_aligned(const at::Tensor& t);
 
-// The data pointers and (batch, head, position) element strides of q, k, v and out in a
-// kernel argument struct with the q/k/v/out, *_sb/_sh/_sl fields (MmaParams, DecodeParams).
-template <typename Params>
-void set_qkvo(Params& kp, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out) {
-  kp.q = q.data_ptr(), kp.k = k.data_ptr(), kp.v = v.data_ptr(), kp.out = out.data_ptr();
-  kp.q_sb = q.stride(0), kp.q_sh = q.stride(1), kp.q_sl = q.stride(2);
-  kp.k_sb = k.stride(0), kp.k_sh = k.stride(1), kp.k_sl = k.stride(2);
-  kp.v_sb = v.stride(0), kp.v_sh = v.stride(1), kp.v_sl = v.stride(2);
-  kp.o_sb = out.stride(0), kp.o_sh = out.stride(1), kp.o_sl = out.stride(2);
+// A float16 / bfloat16 tensor's (batch, head, position) view as the kernels take it.
+template <typename Rows>
+Rows rows_of(const at::Tensor& t) {
+  using Word = std::remove_pointer_t<decltype(Rows::data)>;
+  return {static_cast<Word*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// The common part of every tensor-core / decode kernel's arguments.
+inline void set_common(MmaCommonParams& kp, const AttentionParams& p, const at::Tensor& q, const at::Tensor& k,
+                       const at::Tensor& v) {
+  kp.q = rows_of<InRows>(q), kp.k = rows_of<InRows>(k), kp.v = rows_of<InRows>(v);
+  kp.p = p;
+  kp.scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
 }
 
 }  // namespace flash_attn_ext::cuda

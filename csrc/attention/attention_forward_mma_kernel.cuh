@@ -59,18 +59,18 @@ __global__ void __launch_bounds__(Tiles<kHeadDim>::kThreads) attention_forward_m
   const int64_t m0 = mt * kBlockM;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
-  const uint16_t* q = static_cast<const uint16_t*>(mp.q) + b * mp.q_sb + h * mp.q_sh;
-  const uint16_t* k = static_cast<const uint16_t*>(mp.k) + b * mp.k_sb + hk * mp.k_sh;
-  const uint16_t* v = static_cast<const uint16_t*>(mp.v) + b * mp.v_sb + hk * mp.v_sh;
+  const uint16_t* q = mp.q.head(b, h);
+  const uint16_t* k = mp.k.head(b, hk);
+  const uint16_t* v = mp.v.head(b, hk);
   const int64_t q_rows = p.len_q - m0 < kBlockM ? p.len_q - m0 : kBlockM;
 
-  load_tile<kBlockM, kHeadDim, kStride, TL::kThreads>(sQ, q, mp.q_sl, m0, q_rows, tid);
+  load_tile<kBlockM, kHeadDim, kStride, TL::kThreads>(sQ, q, mp.q.stride_l, m0, q_rows, tid);
   const KeyRange band = visible_key_range(m0, m0 + q_rows, p.align_offset, p.window_left, p.window_right, p.len_k);
   const int64_t n_begin = band.begin / kBlockN * kBlockN;
   const int64_t n_tiles = band.end > band.begin ? (band.end - n_begin + kBlockN - 1) / kBlockN : 0;
   if (n_tiles > 0) {
-    load_tile<kBlockN, kHeadDim, kStride, TL::kThreads>(sK0, k, mp.k_sl, n_begin, p.len_k - n_begin, tid);
-    load_tile<kBlockN, kHeadDim, kStride, TL::kThreads>(sV0, v, mp.v_sl, n_begin, p.len_k - n_begin, tid);
+    load_tile<kBlockN, kHeadDim, kStride, TL::kThreads>(sK0, k, mp.k.stride_l, n_begin, p.len_k - n_begin, tid);
+    load_tile<kBlockN, kHeadDim, kStride, TL::kThreads>(sV0, v, mp.v.stride_l, n_begin, p.len_k - n_begin, tid);
   }
   cp_async_commit();
 
@@ -91,10 +91,10 @@ __global__ void __launch_bounds__(Tiles<kHeadDim>::kThreads) attention_forward_m
     __syncthreads();  // tile `it` landed, and every warp is done with the other buffer
     if (it + 1 < n_tiles) {
       const int64_t n1 = n0 + kBlockN;
-      load_tile<kBlockN, kHeadDim, kStride, TL::kThreads>(sK0 + (cur ^ 1) * TL::kSmemKV, k, mp.k_sl, n1, p.len_k - n1,
-                                                          tid);
-      load_tile<kBlockN, kHeadDim, kStride, TL::kThreads>(sV0 + (cur ^ 1) * TL::kSmemKV, v, mp.v_sl, n1, p.len_k - n1,
-                                                          tid);
+      load_tile<kBlockN, kHeadDim, kStride, TL::kThreads>(sK0 + (cur ^ 1) * TL::kSmemKV, k, mp.k.stride_l, n1,
+                                                          p.len_k - n1, tid);
+      load_tile<kBlockN, kHeadDim, kStride, TL::kThreads>(sV0 + (cur ^ 1) * TL::kSmemKV, v, mp.v.stride_l, n1,
+                                                          p.len_k - n1, tid);
     }
     cp_async_commit();
     const uint16_t* sK = sK0 + cur * TL::kSmemKV;
@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(Tiles<kHeadDim>::kThreads) attention_forward_m
 
   // Epilogue: O / l in the input dtype, lse = ln(2) (m + log2 l); rows with nothing visible
   // get zeros and -inf.
-  uint16_t* out = static_cast<uint16_t*>(mp.out) + b * mp.o_sb + h * mp.o_sh;
+  uint16_t* out = mp.out.head(b, h);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float l = l_run[r];
@@ -197,7 +197,7 @@ __global__ void __launch_bounds__(Tiles<kHeadDim>::kThreads) attention_forward_m
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     if (row[r] >= p.len_q) continue;
     const float inv = l > 0.f ? 1.f / l : 0.f;
-    uint16_t* orow = out + row[r] * mp.o_sl;
+    uint16_t* orow = out + row[r] * mp.out.stride_l;
 #pragma unroll
     for (int dt = 0; dt < kDimTiles; ++dt) {
       *reinterpret_cast<uint32_t*>(orow + dt * 8 + mma_layout::acc_element(lane, 2 * r).col) =

@@ -5,37 +5,35 @@
 #include <cstdint>
 
 #include "../common/attention_semantics.h"
+#include "attention_rows.h"
 
 namespace flash_attn_ext::cuda {
 
-struct MmaParams {
-  const void* q;
-  const void* k;
-  const void* v;
-  void* out;
-  float* lse;
-  // Element strides of (batch, head, position); features are contiguous.
-  int64_t q_sb, q_sh, q_sl, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, o_sb, o_sh, o_sl;
+// A float16 / bfloat16 (batch, head, position) tensor as its 16-bit words, features contiguous:
+// the row view the CPU kernels and the safety-net kernels use too (attention_rows.h). These
+// kernels serve plain layouts (the decode kernel also paged ones, through rows::kv_view).
+using InRows = rows::Strided<const uint16_t>;
+using OutRows = rows::Strided<uint16_t>;
+
+// What every tensor-core and decode kernel takes: the inputs, the attention's semantics and the
+// scale. The forward, backward and decode arguments extend it (as flash-attn's flash.h does).
+struct MmaCommonParams {
+  InRows q, k, v;
   AttentionParams p;
-  float scale_log2;  // softmax scale * log2(e): the kernel works in base 2 (exp2)
+  float scale_log2;  // softmax scale * log2(e): the kernels work in base 2 (exp2)
+};
+
+struct MmaParams : MmaCommonParams {
+  OutRows out;
+  float* lse;  // (B, Hq, L), natural log
 };
 
 // Arguments of the tensor-core backward kernels (attention_backward_mma_kernel.cuh).
-struct MmaBackwardParams {
-  const void* q;
-  const void* k;
-  const void* v;
-  const void* grad_out;
+struct MmaBackwardParams : MmaCommonParams {
+  InRows grad_out;
   const float* lse;    // (B, Hq, L), natural log
   const float* delta;  // (B, Hq, L): rowsum(dO * O)
-  void* grad_q;
-  void* grad_k;
-  void* grad_v;
-  // Element strides of (batch, head, position); features are contiguous.
-  int64_t q_sb, q_sh, q_sl, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, do_sb, do_sh, do_sl;
-  int64_t dq_sb, dq_sh, dq_sl, dk_sb, dk_sh, dk_sl, dv_sb, dv_sh, dv_sl;
-  AttentionParams p;
-  float scale_log2;  // softmax scale * log2(e)
+  OutRows grad_q, grad_k, grad_v;
 };
 
 }  // namespace flash_attn_ext::cuda

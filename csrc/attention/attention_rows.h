@@ -43,6 +43,9 @@ struct Strided {
       return data + table[b * blocks_per_seq + i / block_size] * stride_b + h * stride_h + (i % block_size) * stride_l;
     return data + b * stride_b + h * stride_h + i * stride_l;
   }
+  // Row 0 of (b, h) in a plain layout (no block table, not packed): kernels that serve only
+  // those step from it by stride_l.
+  FAE_HOST_DEVICE T* head(int64_t b, int64_t h) const { return data + b * stride_b + h * stride_h; }
   // How many rows from position i on are evenly strided by stride_l (to the end of a block).
   FAE_HOST_DEVICE int64_t run(int64_t i) const { return table != nullptr ? block_size - i % block_size : INT64_MAX; }
 };

@@ -80,10 +80,9 @@ bool try_attention_decode_cuda(const AttentionParams& p, const at::Tensor& q, co
   TORCH_CHECK(blocks * n_splits <= 0x7fffffff && rows_all <= 0x7fffffff,
               "flash_attn_ext.attention_kvcache: decode grid too large");
   DecodeParams dp;
-  set_qkvo(dp, q, k, v, out);
+  set_common(dp, p, q, k, v);
+  dp.out = rows_of<OutRows>(out);
   dp.lse = lse.data_ptr<float>();
-  dp.p = p;
-  dp.scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
   dp.n_splits = static_cast<int>(n_splits);
   at::Tensor part_acc, part_ml;
   if (n_splits > 1) {  // partial states, merged by the combine kernel (stream-ordered, then freed)

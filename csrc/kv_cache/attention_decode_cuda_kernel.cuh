@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "../attention/attention_forward_mma_params.h"
 #include "../attention/attention_rows.h"
 #include "../common/attention_semantics.h"
 
@@ -37,15 +38,10 @@
 namespace flash_attn_ext::cuda {
 
 // Arguments of the decode kernels; torch-free so the emulated test builds them too.
-struct DecodeParams {
-  const void* q;  // (B, Hq, L, D) through its strides, features contiguous
-  const void* k;  // cache, addressed as attention_rows.h's Strided (paged when p has a table)
-  const void* v;
-  void* out;   // (B, Hq, L, Dv), written when n_splits == 1 (else by the combine kernel)
-  float* lse;  // (B, Hq, L), natural log
-  int64_t q_sb, q_sh, q_sl, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, o_sb, o_sh, o_sl;
-  AttentionParams p;  // per-sequence lengths (seqlens_k) and block table are device pointers
-  float scale_log2;   // softmax scale * log2(e)
+// k, v: the cache (paged when p has a table, through rows::kv_view); p's per-sequence lengths
+// (seqlens_k) and block table are device pointers; out is written when n_splits == 1 (else by
+// the combine kernel).
+struct DecodeParams : MmaParams {
   int n_splits;
   float* part_acc;  // [split][B * Hq * L][Dv], unnormalised
   float* part_ml;   // [split][B * Hq * L][2]: running max (base 2), row sum
@@ -143,20 +139,17 @@ __global__ void __launch_bounds__(kThreads) attention_decode_split_kernel(const 
   const int64_t G = P.group_size(), L = P.len_q;
   const int R = static_cast<int>(G * L);  // row r: query head hk * G + r / L, position r % L
 
-  const uint16_t* q = static_cast<const uint16_t*>(dp.q);
   for (int idx = tid; idx < R * kDim; idx += kThreads) {
     const int r = idx / kDim, d = idx % kDim;
     const int64_t h = hk * G + r / L, i = r % L;
-    sQ[idx] = widen16<T>(q[b * dp.q_sb + h * dp.q_sh + i * dp.q_sl + d]) * dp.scale_log2;
+    sQ[idx] = widen16<T>(dp.q.head(b, h)[i * dp.q.stride_l + d]) * dp.scale_log2;
   }
   if (tid < kMaxRows) {
     sM[tid] = -INFINITY;
     sL[tid] = 0.f;
   }
-  const rows::Strided<const uint16_t> K =
-      rows::kv_view(rows::Strided<const uint16_t>{static_cast<const uint16_t*>(dp.k), dp.k_sb, dp.k_sh, dp.k_sl}, P);
-  const rows::Strided<const uint16_t> V =
-      rows::kv_view(rows::Strided<const uint16_t>{static_cast<const uint16_t*>(dp.v), dp.v_sb, dp.v_sh, dp.v_sl}, P);
+  const InRows K = rows::kv_view(dp.k, P);
+  const InRows V = rows::kv_view(dp.v, P);
   const KeyRange band = visible_key_range(0, L, pb.align_offset, pb.window_left, pb.window_right, pb.len_k);
   const KeyRange range = split_range(band, split, dp.n_splits);
 
@@ -269,7 +262,7 @@ __global__ void __launch_bounds__(kThreads) attention_decode_split_kernel(const 
     const float l = sL[r];
     if (dp.n_splits == 1) {
       const float inv = l > 0.f ? 1.f / l : 0.f;
-      uint16_t* orow = static_cast<uint16_t*>(dp.out) + b * dp.o_sb + h * dp.o_sh + i * dp.o_sl;
+      uint16_t* orow = dp.out.head(b, h) + i * dp.out.stride_l;
 #pragma unroll
       for (int u = 0; u < kPer; ++u) {
         const int d = tid + u * kThreads;
@@ -306,7 +299,7 @@ __global__ void __launch_bounds__(kThreads) decode_combine_kernel(const DecodePa
   for (int s = 0; s < dp.n_splits; ++s)
     l += exp2f(dp.part_ml[(s * rows_all + row) * 2] - base) * dp.part_ml[(s * rows_all + row) * 2 + 1];
   const float inv = l > 0.f ? 1.f / l : 0.f;
-  uint16_t* orow = static_cast<uint16_t*>(dp.out) + b * dp.o_sb + h * dp.o_sh + i * dp.o_sl;
+  uint16_t* orow = dp.out.head(b, h) + i * dp.out.stride_l;
   for (int d = threadIdx.x; d < kDim; d += kThreads) {
     float o = 0.f;
     for (int s = 0; s < dp.n_splits; ++s)

@@ -47,11 +47,11 @@ void run(const Case& c, uint32_t seed) {
   std::vector<float> part_acc(c.n_splits * rows_all * D, NAN), part_ml(c.n_splits * rows_all * 2, NAN);
 
   DecodeParams dp;
-  dp.q = q.data(), dp.k = k.data(), dp.v = v.data(), dp.out = out.data(), dp.lse = lse.data();
-  dp.q_sb = c.L * c.Hq * D, dp.q_sh = D, dp.q_sl = c.Hq * D;
-  dp.k_sb = (c.block_size ? c.block_size : c.S) * c.Hkv * D, dp.k_sh = D, dp.k_sl = c.Hkv * D;
-  dp.v_sb = dp.k_sb, dp.v_sh = D, dp.v_sl = dp.k_sl;
-  dp.o_sb = dp.q_sb, dp.o_sh = D, dp.o_sl = dp.q_sl;
+  const int64_t q_sb = c.L * c.Hq * D, q_sl = c.Hq * D;
+  const int64_t k_sb = (c.block_size ? c.block_size : c.S) * c.Hkv * D, k_sl = c.Hkv * D;
+  dp.q = {q.data(), q_sb, D, q_sl}, dp.out = {out.data(), q_sb, D, q_sl};
+  dp.k = {k.data(), k_sb, D, k_sl}, dp.v = {v.data(), k_sb, D, k_sl};
+  dp.lse = lse.data();
   AttentionParams& p = dp.p;
   p.batch = c.B, p.heads_q = c.Hq, p.heads_kv = c.Hkv, p.len_q = c.L, p.len_k = c.S;
   p.dim_qk = p.dim_v = D, p.window_left = c.left, p.window_right = 0, p.bottom_right = true;

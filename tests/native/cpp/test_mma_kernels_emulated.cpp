@@ -41,11 +41,11 @@ void run(const Case& c, uint32_t seed, double tol) {
   std::vector<uint16_t> out(c.B * c.L * c.Hq * D, 0xFFFF);  // NaN: every element must be written
   std::vector<float> lse(c.B * c.Hq * c.L, NAN);
   MmaParams mp;
-  mp.q = q.data(), mp.k = k.data(), mp.v = v.data(), mp.out = out.data(), mp.lse = lse.data();
-  mp.q_sb = c.L * c.Hq * D, mp.q_sh = D, mp.q_sl = c.Hq * D;
-  mp.k_sb = c.S * c.Hkv * D, mp.k_sh = D, mp.k_sl = c.Hkv * D;
-  mp.v_sb = mp.k_sb, mp.v_sh = D, mp.v_sl = mp.k_sl;
-  mp.o_sb = mp.q_sb, mp.o_sh = D, mp.o_sl = mp.q_sl;
+  // (B, L, H, D) layouts, as flash-attn passes them
+  const int64_t q_sb = c.L * c.Hq * D, q_sl = c.Hq * D, k_sb = c.S * c.Hkv * D, k_sl = c.Hkv * D;
+  mp.q = {q.data(), q_sb, D, q_sl}, mp.k = {k.data(), k_sb, D, k_sl}, mp.v = {v.data(), k_sb, D, k_sl};
+  mp.out = {out.data(), q_sb, D, q_sl};
+  mp.lse = lse.data();
   AttentionParams& p = mp.p;
   p.batch = c.B, p.heads_q = c.Hq, p.heads_kv = c.Hkv, p.len_q = c.L, p.len_k = c.S;
   p.dim_qk = p.dim_v = D, p.window_left = c.left, p.window_right = c.right;
@@ -158,13 +158,11 @@ void run_backward(const Case& c, uint32_t seed, double tol) {
         }
       }
   MmaBackwardParams bp;
-  bp.q = q.data(), bp.k = k.data(), bp.v = v.data(), bp.grad_out = go.data();
+  const int64_t q_sb = c.L * c.Hq * D, q_sl = c.Hq * D, k_sb = c.S * c.Hkv * D, k_sl = c.Hkv * D;
+  bp.q = {q.data(), q_sb, D, q_sl}, bp.grad_out = {go.data(), q_sb, D, q_sl}, bp.grad_q = {dq.data(), q_sb, D, q_sl};
+  bp.k = {k.data(), k_sb, D, k_sl}, bp.v = {v.data(), k_sb, D, k_sl};
+  bp.grad_k = {dk.data(), k_sb, D, k_sl}, bp.grad_v = {dv.data(), k_sb, D, k_sl};
   bp.lse = lse.data(), bp.delta = delta.data();
-  bp.grad_q = dq.data(), bp.grad_k = dk.data(), bp.grad_v = dv.data();
-  bp.q_sb = bp.do_sb = bp.dq_sb = c.L * c.Hq * D, bp.q_sh = bp.do_sh = bp.dq_sh = D;
-  bp.q_sl = bp.do_sl = bp.dq_sl = c.Hq * D;
-  bp.k_sb = bp.v_sb = bp.dk_sb = bp.dv_sb = c.S * c.Hkv * D, bp.k_sh = bp.v_sh = bp.dk_sh = bp.dv_sh = D;
-  bp.k_sl = bp.v_sl = bp.dk_sl = bp.dv_sl = c.Hkv * D;
   AttentionParams& p = bp.p;
   p.batch = c.B, p.heads_q = c.Hq, p.heads_kv = c.Hkv, p.len_q = c.L, p.len_k = c.S;
   p.dim_qk = p.dim_v = D, p.window_left = c.left, p.window_right = c.right;
