@@ -59,6 +59,7 @@ struct DeviceLimits {
   int64_t max_head_dim = 0;
 };
 void check_head_dims(const char* op, int64_t dim_qk, int64_t dim_v, const DeviceLimits& limits);
+inline DeviceLimits cpu_limits() { return DeviceLimits{}; }
 
 // The prologue of attention_forward shared by its CPU and CUDA entries: every check, the params
 // (the kernel configuration included), the mask view and the outputs, out (B, Hq, L, Dv) and lse

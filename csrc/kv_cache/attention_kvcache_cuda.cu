@@ -17,16 +17,7 @@
 namespace flash_attn_ext::cuda {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> attention_kvcache_cuda(const at::Tensor& q, const at::Tensor& k_cache,
-                                                          const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
-                                                          const std::optional<at::Tensor>& k_new,
-                                                          const std::optional<at::Tensor>& v_new, double scale,
-                                                          int64_t window_left, int64_t window_right,
-                                                          const std::optional<at::Tensor>& block_table, double softcap,
-                                                          const std::optional<at::Tensor>& alibi_slopes) {
-  KvcacheCall call =
-      prepare_attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_left, window_right,
-                                block_table, softcap, alibi_slopes, cuda_limits(), &append_validated);
+void run_kvcache_cuda(KvcacheCall& call, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache) {
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor lens_dev = at::tensor(call.lens, at::kLong).to(q.device());
   AttentionParams& p = call.params;
@@ -34,11 +25,12 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_cuda(const at::Tensor& q, c
   const int64_t max_len = call.lens.empty() ? 0 : *std::max_element(call.lens.begin(), call.lens.end());
   if (!try_attention_decode_cuda(p, q, k_cache, v_cache, call.out, call.lse, max_len))
     run_attention_forward_cuda(p, MaskView{}, q, k_cache, v_cache, call.out, call.lse, nullptr);
-  return {call.out, call.lse};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(flash_attn_ext, CUDA, m) { m.impl("attention_kvcache", &attention_kvcache_cuda); }
+TORCH_LIBRARY_IMPL(flash_attn_ext, CUDA, m) {
+  m.impl("attention_kvcache", &attention_kvcache_op<&append_validated, &cuda_limits, &run_kvcache_cuda>);
+}
 
 }  // namespace flash_attn_ext::cuda

@@ -89,6 +89,26 @@ KvcacheCall prepare_attention_kvcache(const at::Tensor& q, const at::Tensor& k_c
                                       double softcap, const std::optional<at::Tensor>& alibi_slopes,
                                       const DeviceLimits& limits, AppendValidatedFn append);
 
+// The op attention_kvcache on one device: the shared prologue with the device's append and
+// limits, then Run, the device's kernels on the prepared call (the entry points
+// call.params.seqlens_k at call.lens or a device copy of it). Registered by
+// attention_kvcache_{cpu,cuda}.
+using KvcacheRunFn = void (*)(KvcacheCall& call, const at::Tensor& q, const at::Tensor& k_cache,
+                              const at::Tensor& v_cache);
+template <AppendValidatedFn Append, DeviceLimits (*Limits)(), KvcacheRunFn Run>
+std::tuple<at::Tensor, at::Tensor> attention_kvcache_op(const at::Tensor& q, const at::Tensor& k_cache,
+                                                        const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                                                        const std::optional<at::Tensor>& k_new,
+                                                        const std::optional<at::Tensor>& v_new, double scale,
+                                                        int64_t window_left, int64_t window_right,
+                                                        const std::optional<at::Tensor>& block_table, double softcap,
+                                                        const std::optional<at::Tensor>& alibi_slopes) {
+  KvcacheCall call = prepare_attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_left,
+                                               window_right, block_table, softcap, alibi_slopes, Limits(), Append);
+  Run(call, q, k_cache, v_cache);
+  return {call.out, call.lse};
+}
+
 // The first new position that survives a rolling append of L_new positions into S_max slots
 // (only the last S_max are written, which keeps the slots written by one call disjoint).
 inline int64_t rolling_first_written(bool rolling, int64_t L_new, int64_t S_max) {
