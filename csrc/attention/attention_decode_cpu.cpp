@@ -237,6 +237,7 @@ bool run_attention_decode_cpu(const AttentionParams& p, const MaskView& mask, co
                               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse) {
   if (p.config.cpu_decode == PathMode::kOff) return false;
   const char* why = nullptr;
+  static_assert(kMaxDecodeRows == 8, "the 'too many query rows' reason names it");
   if (mask.kind != MaskKind::kNone)
     why = "attn_mask";
   else if (p.dropout_p > 0.0)
@@ -244,7 +245,7 @@ bool run_attention_decode_cpu(const AttentionParams& p, const MaskView& mask, co
   else if (p.varlen())
     why = "varlen";
   else if (p.len_q * p.group_size() > kDecodeRows)
-    why = "too many query rows per KV head (len_q * group size above kMaxDecodeRows)";
+    why = "too many query rows per KV head (len_q * group size above 8, kMaxDecodeRows)";
   else if (p.heads_kv == 0 || p.batch == 0)
     why = "empty";
   TORCH_CHECK_VALUE(why == nullptr || p.config.cpu_decode != PathMode::kRequire,

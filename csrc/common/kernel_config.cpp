@@ -20,23 +20,27 @@ KernelConfig from_environment() {
     const char* v = std::getenv(name);
     return v != nullptr && v[0] != '\0' ? v : nullptr;
   };
-  const auto mode = [&](const char* name, PathMode& field, const char* on_value) {
+  // "0" / "off": off; "auto" (and "1", the older "on", where "1" does not mean require): auto;
+  // require_value (nullptr for the auto | off fields): require.
+  const auto mode = [&](const char* name, PathMode& field, const char* require_value) {
     const char* v = env(name);
     if (v == nullptr) return;
-    if (std::strcmp(v, "0") == 0)
-      field = PathMode::kOff;
-    else if (std::strcmp(v, on_value) == 0)
+    const auto is = [v](const char* s) { return s != nullptr && std::strcmp(v, s) == 0; };
+    if (is(require_value))
       field = PathMode::kRequire;
-    else if (std::strcmp(v, "auto") == 0)
+    else if (is("0") || is("off"))
+      field = PathMode::kOff;
+    else if (is("auto") || is("1"))
       field = PathMode::kAuto;
     else
-      TORCH_CHECK_VALUE(false, "flash_attn_ext: environment variable ", name, " must be '0', 'auto' or '", on_value,
-                        "', got '", v, "'");
+      TORCH_CHECK_VALUE(false, "flash_attn_ext: environment variable ", name, " must be '0', 'off', 'auto'",
+                        require_value ? " or '" : "", require_value ? require_value : "", require_value ? "'" : "",
+                        ", got '", v, "'");
   };
   mode("FLASH_ATTN_EXT_CUDA_FAST", c.cuda_fast, "require");
   mode("FLASH_ATTN_EXT_CPU_DECODE", c.cpu_decode, "require");
-  mode("FLASH_ATTN_EXT_CPU_BF16_DOT", c.cpu_bf16_dot, "auto");
-  mode("FLASH_ATTN_EXT_CPU_KT_CACHE", c.cpu_kt_cache, "auto");
+  mode("FLASH_ATTN_EXT_CPU_BF16_DOT", c.cpu_bf16_dot, nullptr);
+  mode("FLASH_ATTN_EXT_CPU_KT_CACHE", c.cpu_kt_cache, nullptr);
   mode("FLASH_ATTN_EXT_CPU_BWD_HEAD_PASSES", c.cpu_bwd_head_passes, "1");
   if (const char* v = env("FLASH_ATTN_EXT_CPU_TILES")) set_config_field(c, "cpu_tiles", v);
   // Older spelling of cpu_tiles=float (kept: documented before the typed setting existed).

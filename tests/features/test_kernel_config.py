@@ -63,11 +63,22 @@ def test_defaults_and_environment_defaults():
     ), out
     rc, out, err = _config_in_fresh_process(FLASH_ATTN_EXT_CPU_BF16_GEMM="0")  # the older spelling
     assert rc == 0 and "'cpu_tiles': 'float'" in out, (out, err)
+    # "auto", and "1" (the older "on") where it does not mean require, are auto; "off" is "0"
+    rc, out, err = _config_in_fresh_process(
+        FLASH_ATTN_EXT_CPU_BF16_DOT="auto",
+        FLASH_ATTN_EXT_CPU_KT_CACHE="1",
+        FLASH_ATTN_EXT_CPU_DECODE="1",
+        FLASH_ATTN_EXT_CUDA_FAST="off",
+    )
+    assert rc == 0, err
+    assert out == str(dataclasses.asdict(KernelConfig(cuda_fast="off"))), out
 
 
 def test_malformed_environment_raises_naming_the_variable():
     rc, out, err = _config_in_fresh_process(FLASH_ATTN_EXT_CUDA_FAST="yes")
     assert rc != 0 and "FLASH_ATTN_EXT_CUDA_FAST must be" in err, (out, err)
+    rc, out, err = _config_in_fresh_process(FLASH_ATTN_EXT_CPU_KT_CACHE="require")  # auto | off only
+    assert rc != 0 and "FLASH_ATTN_EXT_CPU_KT_CACHE must be '0', 'off', 'auto', got" in err, (out, err)
     rc, out, err = _config_in_fresh_process(FLASH_ATTN_EXT_NUM_SPLITS="three")
     assert rc != 0 and "num_splits must be an integer" in err, (out, err)
 
