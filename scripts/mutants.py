@@ -38,10 +38,10 @@ MUTANTS = [
     (
         "trunc_ds_only",
         "csrc/attention/attention_backward_cpu.cpp",
-        "floats_to_bf16(dpt, kBlockK, rows, cols, cols2, ds_bf.data(), kBlockK);",
+        "floats_to_bf16(ds, kBlockK, rows, t.cols, cols2, ds_bf_.data(), kBlockK);",
         "for (int64_t r_ = 0; r_ < rows; ++r_) for (int64_t c_ = 0; c_ < cols2; ++c_) { uint32_t b_; "
-        "std::memcpy(&b_, dpt + r_ * kBlockK + c_, 4); "
-        "ds_bf[r_ * kBlockK + c_] = c_ < cols ? uint16_t(b_ >> 16) : 0; }",
+        "std::memcpy(&b_, ds + r_ * kBlockK + c_, 4); "
+        "ds_bf_[r_ * kBlockK + c_] = c_ < t.cols ? uint16_t(b_ >> 16) : 0; }",
         ["tests/ops/test_attention_backward.py", "-k", "cpu and bfloat16"],
         "dS truncated to bf16 in the backward (the P rounding left right)",
     ),
@@ -56,8 +56,8 @@ MUTANTS = [
     (
         "lse_scale",
         "csrc/attention/attention_forward_cpu.cpp",
-        "lse_data[at] = l > acc_t(0) ? m_run[r] + std::log(l) : kNegInf;",
-        "lse_data[at] = l > acc_t(0) ? m_run[r] + std::log(l * acc_t(1.0002)) : kNegInf;",
+        "a_.lse[at] = l > acc_t(0) ? m_run_[r] + std::log(l) : kNegInf;",
+        "a_.lse[at] = l > acc_t(0) ? m_run_[r] + std::log(l * acc_t(1.0002)) : kNegInf;",
         ["tests/ops/test_attention_forward.py", "-k", "cpu and bfloat16"],
         "lse off by 2e-4 (a 0.02% error in the row sum): bf16 tests must check the float32 lse tightly",
     ),
@@ -110,6 +110,15 @@ def _sync_tree():
     files = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True, capture_output=True, text=True
     ).stdout.split()
+    # Sources the project no longer has (moved or deleted files) go, so the copy builds and
+    # collects what the project does; build outputs stay.
+    keep = set(files)
+    for dirpath, dirnames, names in os.walk(TREE):
+        dirnames[:] = [d for d in dirnames if d != "build" and not d.startswith(".")]
+        for n in names:
+            rel = os.path.relpath(os.path.join(dirpath, n), TREE)
+            if rel not in keep and n.endswith((".py", ".cpp", ".cu", ".cuh", ".h", ".c")):
+                os.remove(os.path.join(dirpath, n))
     for rel in files:
         src, dst = os.path.join(ROOT, rel), os.path.join(TREE, rel)
         if not os.path.isfile(src):

@@ -51,6 +51,33 @@ Rows<T> q_rows_of(const at::Tensor& t, const AttentionParams& p) {
   return rows::q_view(rows_of<T>(t), p);
 }
 
+// The score and dropout constants of a call, as the forward and backward tasks read them.
+template <typename acc_t>
+struct ScoreConstants {
+  acc_t scale, cap;    // softmax scale; softcap (0: none)
+  bool dropout;        // dropout_p > 0
+  uint32_t threshold;  // dropout's keep threshold (dropout_philox.h)
+  // 1 / (1 - dropout_p) (1 without dropout): dropout zeroes probabilities after the row sum, and
+  // the kept ones are scaled once, where the sums are narrowed.
+  acc_t keep_scale;
+  explicit ScoreConstants(const AttentionParams& p)
+      : scale(static_cast<acc_t>(p.scale)),
+        cap(static_cast<acc_t>(p.softcap)),
+        dropout(p.dropout_p > 0.0),
+        threshold(dropout_threshold(p.dropout_p)),
+        keep_scale(dropout ? acc_t(1) / (acc_t(1) - static_cast<acc_t>(p.dropout_p)) : acc_t(1)) {}
+};
+
+// What every task of a kernel call reads: the call, its user mask, the kernel's plan (what the
+// call decided once) and the score constants. The forward's and backward's arguments extend it.
+template <typename acc_t, typename Plan>
+struct CallArgs {
+  const AttentionParams& p;
+  const MaskView& mask;
+  const Plan& plan;
+  ScoreConstants<acc_t> c;
+};
+
 // Soft-capping of a score tile in place, s = cap * tanh(s / cap) (p.softcap > 0; before the
 // mask, as flash-attn and Gemma-2 apply it). slope, when given, receives 1 - tanh^2, the
 // backward's factor from the capped to the raw score.
