@@ -78,6 +78,15 @@ std::optional<at::Tensor> optional_of(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
+// The end of both forwards: the options saved for backward, lse and rng_state returned as
+// non-differentiable outputs.
+variable_list outputs_of_forward(AutogradContext* ctx, const Options& options, const at::Tensor& out,
+                                 const at::Tensor& lse, const at::Tensor& rng_state) {
+  options.save(ctx);
+  ctx->mark_non_differentiable({lse, rng_state});
+  return {out, lse, rng_state};
+}
+
 class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -89,9 +98,8 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                                                                  window_right, bottom_right, softcap, alibi_slopes);
     ctx->save_for_backward(
         {q, k, v, out, lse, rng_state, attn_mask.value_or(at::Tensor()), alibi_slopes.value_or(at::Tensor())});
-    Options{dropout_p, scale, window_left, window_right, bottom_right, softcap}.save(ctx);
-    ctx->mark_non_differentiable({lse, rng_state});
-    return {out, lse, rng_state};
+    return outputs_of_forward(ctx, {dropout_p, scale, window_left, window_right, bottom_right, softcap}, out, lse,
+                              rng_state);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -124,9 +132,8 @@ class VarlenAttentionFunction : public torch::autograd::Function<VarlenAttention
     ctx->save_for_backward({q, k, v, out, lse, rng_state, cu_q, cu_k, alibi_slopes.value_or(at::Tensor())});
     ctx->saved_data["max_q"] = max_q;
     ctx->saved_data["max_k"] = max_k;
-    Options{dropout_p, scale, window_left, window_right, bottom_right, softcap}.save(ctx);
-    ctx->mark_non_differentiable({lse, rng_state});
-    return {out, lse, rng_state};
+    return outputs_of_forward(ctx, {dropout_p, scale, window_left, window_right, bottom_right, softcap}, out, lse,
+                              rng_state);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
