@@ -1,5 +1,5 @@
 """Every CUDA kernel once on small inputs, forward and backward: the workload that
-scripts/gpu_check.sh runs under compute-sanitizer (memcheck, racecheck). Small on purpose:
+scripts/gpu_check.sh runs under compute-sanitizer (memcheck, racecheck, initcheck, synccheck). Small on purpose:
 the sanitizer slows kernels down by orders of magnitude. Prints 'ok' at the end."""
 
 import os
@@ -24,6 +24,15 @@ for dtype in (torch.float16, torch.bfloat16, torch.float32):
             dict(attn_mask=mask, dropout_p=0.2),
             dict(causal=True, softcap=2.0, alibi_slopes=slopes),
         ):
+            out = flash_attn_ext.attention(q, k, v, **kw)
+            out.float().square().sum().backward()
+
+# the tensor-core kernels past one key tile with no mask: the double-buffered K/V prefetch and
+# the unmasked (interior tile) path, which the 45-key cases above never reach at D=64/128
+for dtype in (torch.float16, torch.bfloat16):
+    for D in (64, 128):
+        q, k, v = (torch.randn(1, 2, 200, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+        for kw in (dict(), dict(causal=True)):
             out = flash_attn_ext.attention(q, k, v, **kw)
             out.float().square().sum().backward()
 
