@@ -39,7 +39,7 @@ TORCH_LIBRARY(flash_attn_ext, m) {
   // (B, Hq)): score (b, h, i, j) gains -slope * |i + o - j| (o the alignment offset), as
   // flash-attn's alibi_slopes. Returns out (B, Hq, L, Dv), lse
   // (B, Hq, L; float32, float64 for float64 inputs) and rng_state (int64 [seed, offset]
-  // of the dropout mask, for the backward).
+  // of the dropout mask, for the backward; empty, shape (0,), when dropout_p == 0).
   m.def(
       "attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
       "float dropout_p, float scale, int window_left, int window_right, bool bottom_right, "

@@ -9,6 +9,11 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _rng_state_like(query: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """The forward's rng_state: int64 [seed, offset] with dropout, empty without (no draw)."""
+    return query.new_empty((2,) if dropout_p > 0 else (0,), dtype=torch.int64)
+
+
 def _same_device(op: str, **tensors) -> None:
     """The kernels' device check, here too: a tensor on the meta device among real ones routes
     the call to these fake kernels, which must then raise as the kernel would."""
@@ -47,7 +52,7 @@ def _attention_forward_fake(
     # (B, L, H, Dv) memory viewed as (B, H, L, Dv), as the CPU/CUDA kernels allocate it.
     out = query.new_empty((batch, len_q, heads, value.shape[-1])).transpose(1, 2)
     lse = query.new_empty((batch, heads, len_q), dtype=_lse_dtype(query.dtype))
-    rng_state = query.new_empty((2,), dtype=torch.int64)
+    rng_state = _rng_state_like(query, dropout_p)
     return out, lse, rng_state
 
 
@@ -114,7 +119,7 @@ def _attention_varlen_forward_fake(
     total_q, heads, _ = query.shape
     out = query.new_empty((total_q, heads, value.shape[-1]))
     lse = query.new_empty((heads, total_q), dtype=_lse_dtype(query.dtype))
-    rng_state = query.new_empty((2,), dtype=torch.int64)
+    rng_state = _rng_state_like(query, dropout_p)
     return out, lse, rng_state
 
 

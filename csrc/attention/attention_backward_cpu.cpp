@@ -509,9 +509,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
       prepare_attention_backward(grad_out, q, k, v, out, lse, rng_state, attn_mask, dropout_p, scale, window_left,
                                  window_right, bottom_right, softcap, alibi_slopes, DeviceLimits{});
   if (call.nothing_to_run) return {call.dq, call.dk, call.dv};
-  const at::Tensor rng = rng_state.cpu();
-  call.params.dropout_seed = static_cast<uint64_t>(rng.data_ptr<int64_t>()[0]);
-  call.params.dropout_offset = static_cast<uint64_t>(rng.data_ptr<int64_t>()[1]);
+  set_dropout_seed(call.params, rng_state);
   run_attention_backward_cpu(call.params, call.mask, grad_out, q, k, v, out, lse, call.dq, call.dk, call.dv);
   return {call.dq, call.dk, call.dv};
 }

@@ -411,8 +411,9 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
 // Draws the dropout seed from PyTorch's default CPU generator (so torch.manual_seed
 // reproduces it) and returns it as the op's rng_state (seed, offset) for the backward.
 at::Tensor draw_rng_state(double dropout_p, const at::TensorOptions& options) {
+  if (dropout_p <= 0.0) return at::empty({0}, options.dtype(at::kLong));
   uint64_t seed = 0;
-  if (dropout_p > 0.0) {
+  {
     auto gen = at::get_generator_or_default<at::CPUGeneratorImpl>(std::nullopt, at::detail::getDefaultCPUGenerator());
     std::lock_guard<std::mutex> lock(gen->mutex_);
     seed = gen->random64();
@@ -421,6 +422,13 @@ at::Tensor draw_rng_state(double dropout_p, const at::TensorOptions& options) {
   state.data_ptr<int64_t>()[0] = static_cast<int64_t>(seed);
   state.data_ptr<int64_t>()[1] = 0;
   return state;
+}
+
+void set_dropout_seed(AttentionParams& p, const at::Tensor& rng_state) {
+  if (p.dropout_p <= 0.0) return;
+  const at::Tensor rng = rng_state.cpu();
+  p.dropout_seed = static_cast<uint64_t>(rng.data_ptr<int64_t>()[0]);
+  p.dropout_offset = static_cast<uint64_t>(rng.data_ptr<int64_t>()[1]);
 }
 
 void run_attention_forward_cpu(const AttentionParams& p, const MaskView& mask, const at::Tensor& q, const at::Tensor& k,
@@ -440,8 +448,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
   ForwardCall call = prepare_attention_forward(q, k, v, attn_mask, dropout_p, scale, window_left, window_right,
                                                bottom_right, softcap, alibi_slopes, DeviceLimits{});
   at::Tensor rng_state = draw_rng_state(dropout_p, q.options());
-  call.params.dropout_seed = static_cast<uint64_t>(rng_state.data_ptr<int64_t>()[0]);
-  call.params.dropout_offset = static_cast<uint64_t>(rng_state.data_ptr<int64_t>()[1]);
+  set_dropout_seed(call.params, rng_state);
   run_attention_forward_cpu(call.params, call.mask, q, k, v, call.out, call.lse);
   return {call.out, call.lse, rng_state};
 }

@@ -20,8 +20,11 @@ void run_attention_backward_cpu(const AttentionParams& p, const MaskView& mask, 
                                 const at::Tensor& dv);
 
 // Draws the dropout seed from PyTorch's default CPU generator and returns the op's rng_state
-// (int64 [seed, offset]) for the backward; zeros without dropout.
+// (int64 [seed, offset]) for the backward; without dropout an empty tensor (nothing drawn).
 at::Tensor draw_rng_state(double dropout_p, const at::TensorOptions& options);
+
+// p's dropout seed and offset from an rng_state (read only when p has dropout).
+void set_dropout_seed(AttentionParams& p, const at::Tensor& rng_state);
 
 // The decode path (attention_decode_cpu.cpp): serves calls with few query rows per KV head,
 // no mask and no dropout, and returns true; returns false (nothing done) otherwise.

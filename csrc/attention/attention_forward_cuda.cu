@@ -67,8 +67,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cuda(
 
 // int64 [seed, offset] on the device; zeros without dropout.
 at::Tensor draw_rng_state_cuda(double dropout_p, const at::Tensor& q) {
-  at::Tensor state = at::zeros({2}, q.options().dtype(at::kLong));
-  if (dropout_p <= 0.0) return state;
+  // Without dropout: an empty state, so a forward does no generator draw and no device work
+  // for it (no allocation, no fill).
+  if (dropout_p <= 0.0) return at::empty({0}, q.options().dtype(at::kLong));
+  at::Tensor state = at::empty({2}, q.options().dtype(at::kLong));
   auto* gen =
       at::get_generator_or_default<at::CUDAGeneratorImpl>(std::nullopt, at::cuda::detail::getDefaultCUDAGenerator());
   at::PhiloxCudaState philox;

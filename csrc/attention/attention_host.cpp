@@ -73,7 +73,7 @@ void check_attention_inputs(const char* op, const at::Tensor& q, const at::Tenso
 
 void check_attention_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                      const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                                     const at::Tensor& rng_state) {
+                                     const at::Tensor& rng_state, double dropout_p) {
   const char* op = "flash_attn_ext.attention_backward";
   const std::vector<int64_t> out_shape = {q.size(0), q.size(1), q.size(2), v.size(3)};
   TORCH_CHECK_VALUE(out.sizes() == out_shape, op, ": out must have shape ", out_shape, ", got ", out.sizes());
@@ -89,8 +89,15 @@ void check_attention_backward_inputs(const at::Tensor& grad_out, const at::Tenso
                     lse_shape, ", got ", lse.sizes());
   TORCH_CHECK_TYPE(lse.scalar_type() == lse_dtype(q.scalar_type()), op, ": lse must be ", lse_dtype(q.scalar_type()),
                    ", got ", lse.scalar_type());
-  TORCH_CHECK_VALUE(rng_state.numel() == 2 && rng_state.scalar_type() == at::kLong, op,
-                    ": rng_state must be the int64 tensor of 2 elements returned by the forward");
+  check_rng_state(op, rng_state, dropout_p);
+}
+
+void check_rng_state(const char* op, const at::Tensor& rng_state, double dropout_p) {
+  const bool ok = dropout_p > 0.0 ? rng_state.numel() == 2 : rng_state.numel() == 0 || rng_state.numel() == 2;
+  TORCH_CHECK_VALUE(ok && rng_state.scalar_type() == at::kLong, op,
+                    ": rng_state must be the int64 tensor returned by the forward ([seed, offset] with dropout_p > 0), "
+                    "got ",
+                    rng_state.numel(), " elements of ", rng_state.scalar_type(), " with dropout_p ", dropout_p);
 }
 
 void check_softcap(const char* op, double softcap) {
@@ -209,7 +216,7 @@ BackwardCall prepare_attention_backward(const at::Tensor& grad_out, const at::Te
   constexpr const char* kOp = "flash_attn_ext.attention_backward";
   check_attention_inputs(kOp, q, k, v, attn_mask, dropout_p, scale, window_left, window_right);
   check_softcap(kOp, softcap);
-  check_attention_backward_inputs(grad_out, q, k, v, out, lse, rng_state);
+  check_attention_backward_inputs(grad_out, q, k, v, out, lse, rng_state, dropout_p);
   check_head_dims(kOp, q.size(3), v.size(3), limits);
   for (const auto* t : {&grad_out, &out, &lse}) {
     TORCH_CHECK_VALUE(t->device() == q.device(), kOp, ": grad_out, out and lse must be on ", q.device());

@@ -23,7 +23,12 @@ void check_attention_inputs(const char* op, const at::Tensor& q, const at::Tenso
 // Backward also checks that grad_out, out and lse match the forward's shapes.
 void check_attention_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                      const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                                     const at::Tensor& rng_state);
+                                     const at::Tensor& rng_state, double dropout_p);
+
+// The forward's rng_state as the backward takes it: int64 [seed, offset] with dropout; without
+// dropout the forward returns an empty one (no generator draw, no device work), and any int64
+// state of 0 or 2 elements is accepted (it is not read).
+void check_rng_state(const char* op, const at::Tensor& rng_state, double dropout_p);
 
 // softcap must be finite and >= 0 (0 = off).
 void check_softcap(const char* op, double softcap);

@@ -16,8 +16,7 @@ namespace {
 at::Tensor run_varlen_forward_cpu(AttentionParams& p, double dropout_p, const at::Tensor& q, const at::Tensor& k,
                                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse) {
   at::Tensor rng_state = draw_rng_state(dropout_p, q.options());
-  p.dropout_seed = static_cast<uint64_t>(rng_state.data_ptr<int64_t>()[0]);
-  p.dropout_offset = static_cast<uint64_t>(rng_state.data_ptr<int64_t>()[1]);
+  set_dropout_seed(p, rng_state);
   run_attention_forward_cpu(p, MaskView{}, q, k, v, out, lse);
   return rng_state;
 }
@@ -25,9 +24,7 @@ at::Tensor run_varlen_forward_cpu(AttentionParams& p, double dropout_p, const at
 void run_varlen_backward_cpu(AttentionParams& p, const at::Tensor& rng_state, const at::Tensor& grad_out,
                              const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                              const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
-  const at::Tensor rng = rng_state.cpu();
-  p.dropout_seed = static_cast<uint64_t>(rng.data_ptr<int64_t>()[0]);
-  p.dropout_offset = static_cast<uint64_t>(rng.data_ptr<int64_t>()[1]);
+  set_dropout_seed(p, rng_state);
   run_attention_backward_cpu(p, MaskView{}, grad_out, q, k, v, out, lse, dq, dk, dv);
 }
 

@@ -102,7 +102,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_gradients(const VarlenCall
 }
 
 void check_varlen_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& v,
-                                  const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state) {
+                                  const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state,
+                                  double dropout_p) {
   const char* op = "flash_attn_ext.attention_varlen_backward";
   const std::vector<int64_t> out_shape = {q.size(0), q.size(1), v.size(2)};
   TORCH_CHECK_VALUE(out.sizes() == out_shape, op, ": out must have shape ", out_shape, ", got ", out.sizes());
@@ -123,8 +124,7 @@ void check_varlen_backward_inputs(const at::Tensor& grad_out, const at::Tensor& 
                     lse_shape, ", got ", lse.sizes());
   TORCH_CHECK_TYPE(lse.scalar_type() == lse_dtype(q.scalar_type()), op, ": lse must be ", lse_dtype(q.scalar_type()),
                    ", got ", lse.scalar_type());
-  TORCH_CHECK_VALUE(rng_state.numel() == 2 && rng_state.scalar_type() == at::kLong, op,
-                    ": rng_state must be the int64 tensor of 2 elements returned by the forward");
+  check_rng_state(op, rng_state, dropout_p);
 }
 
 }  // namespace flash_attn_ext

@@ -30,9 +30,10 @@ VarlenCall make_varlen_call(const char* op, const at::Tensor& q, const at::Tenso
                             const std::optional<at::Tensor>& alibi_slopes);
 
 // The backward's extra checks: grad_out and out (total_q, Hq, Dv) in the query's dtype, lse
-// (Hq, total_q) contiguous.
+// (Hq, total_q) contiguous, rng_state as check_rng_state says.
 void check_varlen_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& v,
-                                  const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state);
+                                  const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rng_state,
+                                  double dropout_p);
 
 // The forward's outputs, uninitialised: out (total_q, Hq, Dv) and lse (Hq, total_q).
 std::tuple<at::Tensor, at::Tensor> empty_varlen_outputs(const at::Tensor& q, const at::Tensor& v);
@@ -86,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_op(
   constexpr const char* kOp = "flash_attn_ext.attention_varlen_backward";
   VarlenCall call = make_varlen_call(kOp, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                                      scale, window_left, window_right, bottom_right, softcap, alibi_slopes);
-  check_varlen_backward_inputs(grad_out, q, v, out, lse, rng_state);
+  check_varlen_backward_inputs(grad_out, q, v, out, lse, rng_state, dropout_p);
   check_head_dims(kOp, q.size(2), v.size(2), Limits());
   bool nothing_to_run = false;
   auto [dq, dk, dv] = varlen_gradients(call, q, k, v, &nothing_to_run);

@@ -144,7 +144,7 @@ CASES = [
     (
         "op-backward/rng-state",
         r"rng_state",
-        "OPS.attention_backward(o, q, k, v, o, lse, rng[:1], None, 0.0, 0.25, -1, -1, True)",
+        "OPS.attention_backward(o, q, k, v, o, lse, rng[:1], None, 0.1, 0.25, -1, -1, True)",
     ),
     (
         "op-backward/out-dtype",

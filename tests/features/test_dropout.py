@@ -37,6 +37,43 @@ def test_no_dropout_does_not_consume_generator(device):
     assert torch.equal(after, torch.rand(3, device=device))
 
 
+@pytest.mark.parametrize("varlen", [False, True])
+def test_rng_state_empty_without_dropout(device, varlen):
+    """Without dropout the forward returns an empty rng_state (no generator draw, no device work
+    for it) and the backward takes it; with dropout, [seed, offset] on the inputs' device. A
+    dropout backward refuses a state of any other size, naming rng_state."""
+    ops = torch.ops.flash_attn_ext
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 8, torch.float32, device)
+    if varlen:
+        q, k, v = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))
+        cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=device)
+
+        def fwd(p):
+            return ops.attention_varlen_forward(q, k, v, cu, cu, 5, 5, p, 0.25, -1, -1, True)
+
+        def bwd(out, lse, rng, p):
+            return ops.attention_varlen_backward(
+                torch.ones_like(out), q, k, v, out, lse, rng, cu, cu, 5, 5, p, 0.25, -1, -1, True
+            )
+    else:
+
+        def fwd(p):
+            return ops.attention_forward(q, k, v, None, p, 0.25, -1, -1, True)
+
+        def bwd(out, lse, rng, p):
+            return ops.attention_backward(torch.ones_like(out), q, k, v, out, lse, rng, None, p, 0.25, -1, -1, True)
+
+    out, lse, rng = fwd(0.0)
+    assert rng.shape == (0,) and rng.dtype == torch.int64 and rng.device == q.device
+    dq, dk, dv = bwd(out, lse, rng, 0.0)
+    assert dq.abs().sum() > 0 and dv.abs().sum() > 0
+    with pytest.raises(ValueError, match="rng_state"):
+        bwd(out, lse, rng, 0.2)
+    out, lse, rng = fwd(0.2)
+    assert rng.shape == (2,) and rng.dtype == torch.int64 and rng.device == q.device
+    bwd(out, lse, rng, 0.2)
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_keep_rate_and_scaling(device, p):
     keep, out, ref = _keep_mask(device, 2, 2, 2, 96, 128, p, seed=1)
