@@ -224,13 +224,12 @@ class BackwardWorker {
         for (int64_t h = h0; h < h0 + f_.heads_per_pass && band.begin < band.end; ++h)
           for (int64_t i0 = band.begin; i0 < band.end; i0 += kBlockQ)
             query_tile(kt, h, i0, std::min(kBlockQ, band.end - i0));
-        if (!f_.head_passes) store_dkdv(kt, dk_acc_.data(), dv_acc_.data());
+        if (!f_.head_passes) store_dkdv(b, hk, j0, cols, dk_acc_.data(), dv_acc_.data());
       }
     }
     if (f_.head_passes) {  // this split's key tiles have all G heads' terms: narrow them once
       for (int64_t j0 = split * kBlockK; j0 < pb.len_k; j0 += n_splits * kBlockK) {
-        const KeyTile kt{b, hk, j0, std::min(kBlockK, pb.len_k - j0), &pb, false, {}, nullptr, nullptr, nullptr};
-        store_dkdv(kt, dk_unit_.data() + j0 * Dk, dv_unit_.data() + j0 * Dv);
+        store_dkdv(b, hk, j0, std::min(kBlockK, pb.len_k - j0), dk_unit_.data() + j0 * Dk, dv_unit_.data() + j0 * Dv);
       }
     }
     if (n_splits == 1) {  // this task's query heads are complete: narrow their dQ now
@@ -411,11 +410,11 @@ class BackwardWorker {
     tiles_gemm(f_.tiles, false, rows, Dk, t.cols, acc_t(1), ds, kBlockK, t.kv.k, Dk, dq, Dk, /*accumulate=*/true);
   }
 
-  // The key tile's dK / dV sums, scaled and narrowed into the gradients.
-  void store_dkdv(const KeyTile& t, const acc_t* dk, const acc_t* dv) {
+  // The dK / dV sums of keys j0 .. j0 + cols of (b, hk), scaled and narrowed into the gradients.
+  void store_dkdv(int64_t b, int64_t hk, int64_t j0, int64_t cols, const acc_t* dk, const acc_t* dv) {
     const int64_t Dk = a_.p.dim_qk, Dv = a_.p.dim_v;
-    store_rows(dk, Dk, t.cols, Dk, a_.dk.row(t.b, t.hk, t.j0), a_.dk.stride_l, a_.dk_factor);
-    store_rows(dv, Dv, t.cols, Dv, a_.dv.row(t.b, t.hk, t.j0), a_.dv.stride_l, a_.dv_factor);
+    store_rows(dk, Dk, cols, Dk, a_.dk.row(b, hk, j0), a_.dk.stride_l, a_.dk_factor);
+    store_rows(dv, Dv, cols, Dv, a_.dv.row(b, hk, j0), a_.dv.stride_l, a_.dv_factor);
   }
 
   const BackwardArgs<scalar_t>& a_;
