@@ -46,6 +46,8 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool 
 }
 __device__ __forceinline__ void cp_async_commit() { FAE_SM80_ASM("cp.async.commit_group;\n" :: : "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { FAE_SM80_ASM("cp.async.wait_group 0;\n" :: : "memory"); }
+// Waits until at most one committed group is still in flight (a double buffer's next stage).
+__device__ __forceinline__ void cp_async_wait_one() { FAE_SM80_ASM("cp.async.wait_group 1;\n" :: : "memory"); }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   FAE_SM80_ASM("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n" : "=r"(r[0]), "=r"(r[1]),

@@ -15,25 +15,52 @@
 namespace flash_attn_ext::cuda {
 namespace {
 
-int64_t choose_splits(int64_t blocks, int64_t max_len_k) {
-  // Two blocks per SM, and at least two chunks per split so the merge stays a small cost.
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  if (blocks >= 2 * sms) return 1;
-  const int64_t by_sms = (2 * sms + blocks - 1) / blocks;
+// Resident blocks per SM of the split kernel for (T, kDim), as the occupancy calculator
+// gives it for this kernel's registers and shared memory (asked once per process).
+template <typename T, int kDim>
+int blocks_per_sm() {
+  static const int n = [] {
+    const auto kernel = decode_detail::attention_decode_split_kernel<T, kDim>;
+    const int smem = static_cast<int>(decode_detail::smem_bytes<kDim>());
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, decode_detail::kThreads, smem));
+    return std::max(blocks, 1);
+  }();
+  return n;
+}
+
+// Splits per (sequence, KV head): enough blocks to fill every SM to its occupancy (a memory-
+// bound kernel needs all the loads in flight it can get), but at least two chunks per split so
+// the merge stays a small cost.
+int64_t choose_splits(int64_t blocks, int64_t max_len_k, int per_sm) {
+  const int64_t target = per_sm * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  if (blocks >= target) return 1;
+  const int64_t by_sms = (target + blocks - 1) / blocks;
   const int64_t by_len = std::max<int64_t>(1, max_len_k / (2 * decode_detail::kChunk));
-  return std::min<int64_t>({by_sms, by_len, 128});
+  return std::min<int64_t>({by_sms, by_len, 256});
 }
 
 template <typename T, int kDim>
 void launch(DecodeParams dp, int64_t blocks, int64_t rows_all, cudaStream_t stream) {
-  decode_detail::attention_decode_split_kernel<T, kDim>
-      <<<static_cast<unsigned>(blocks * dp.n_splits), decode_detail::kThreads, decode_detail::smem_bytes<kDim>(),
-         stream>>>(dp);
+  const auto kernel = decode_detail::attention_decode_split_kernel<T, kDim>;
+  const int smem = static_cast<int>(decode_detail::smem_bytes<kDim>());
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  kernel<<<static_cast<unsigned>(blocks * dp.n_splits), decode_detail::kThreads, smem, stream>>>(dp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (dp.n_splits > 1) {
     decode_detail::decode_combine_kernel<T, kDim>
         <<<static_cast<unsigned>(rows_all), decode_detail::kThreads, 0, stream>>>(dp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <typename T>
+int dispatch_blocks_per_sm(int64_t dim) {
+  switch (dim) {
+    case 64: return blocks_per_sm<T, 64>();
+    case 128: return blocks_per_sm<T, 128>();
+    default: return blocks_per_sm<T, 256>();
   }
 }
 
@@ -60,6 +87,13 @@ const char* decode_ineligible(const AttentionParams& p, const at::Tensor& q, con
   if (p.softcap > 0.0) return "softcap";
   if (p.alibi_slopes != nullptr) return "alibi_slopes";
   if (p.len_q == 0 || p.batch * p.heads_kv == 0) return "empty";
+  if (p.len_k > (int64_t{1} << 31) - 2 * decode_detail::kChunk) return "cache of 2^31 positions or more";
+  if (at::cuda::getCurrentDeviceProperties()->major < 8) return "GPU older than sm_80 (cp.async)";
+  if (static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin) <
+      static_cast<int64_t>(dim == 64    ? decode_detail::smem_bytes<64>()
+                           : dim == 128 ? decode_detail::smem_bytes<128>()
+                                        : decode_detail::smem_bytes<256>()))
+    return "not enough shared memory per block on this GPU";
   if (!mma_rows_aligned(q) || !mma_rows_aligned(k) || !mma_rows_aligned(v) || !mma_rows_aligned(out))
     return "rows not 16-byte aligned";
   return nullptr;
@@ -76,7 +110,9 @@ bool try_attention_decode_cuda(const AttentionParams& p, const at::Tensor& q, co
   if (why != nullptr) return false;
 
   const int64_t blocks = p.batch * p.heads_kv, rows_all = p.batch * p.heads_q * p.len_q;
-  const int64_t n_splits = std::min<int64_t>(p.config.splits(choose_splits(blocks, max_len_k)), 1024);
+  const bool half = q.scalar_type() == at::kHalf;
+  const int per_sm = half ? dispatch_blocks_per_sm<__half>(p.dim_qk) : dispatch_blocks_per_sm<__nv_bfloat16>(p.dim_qk);
+  const int64_t n_splits = std::min<int64_t>(p.config.splits(choose_splits(blocks, max_len_k, per_sm)), 1024);
   TORCH_CHECK(blocks * n_splits <= 0x7fffffff && rows_all <= 0x7fffffff,
               "flash_attn_ext.attention_kvcache: decode grid too large");
   DecodeParams dp;
@@ -94,7 +130,7 @@ bool try_attention_decode_cuda(const AttentionParams& p, const at::Tensor& q, co
     dp.part_acc = dp.part_ml = nullptr;
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (q.scalar_type() == at::kHalf)
+  if (half)
     dispatch_dim<__half>(dp, p.dim_qk, blocks, rows_all, stream);
   else
     dispatch_dim<__nv_bfloat16>(dp, p.dim_qk, blocks, rows_all, stream);

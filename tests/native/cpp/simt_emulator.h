@@ -130,6 +130,7 @@ inline void cp_async_16(uint32_t dst, const void* src, bool valid) {
 }
 inline void cp_async_commit() {}
 inline void cp_async_wait_all() {}
+inline void cp_async_wait_one() {}
 
 inline uint16_t smem_u16(uint32_t byte_addr) {
   uint16_t v;

@@ -41,6 +41,24 @@ void run(const Case& c, uint32_t seed) {
   std::vector<int32_t> table(n_blocks);
   std::iota(table.begin(), table.end(), 0);
   std::shuffle(table.begin(), table.end(), rng);
+  // Positions past a sequence's length hold NaN, and the table entries of blocks a sequence
+  // does not use name an extra block of NaN: a kernel that reads either (instead of
+  // zero-filling those rows) turns the output NaN.
+  if (c.block_size) {
+    k.resize(k.size() + c.block_size * c.Hkv * D, 0xFFFF), v.resize(k.size(), 0xFFFF);
+    for (int64_t b = 0; b < c.B; ++b)
+      for (int64_t blk = (c.lens[b] + c.block_size - 1) / c.block_size; blk < blocks_per_seq; ++blk)
+        table[b * blocks_per_seq + blk] = static_cast<int32_t>(n_blocks);
+  }
+  const auto poison_past_end = [&](std::vector<uint16_t>& t) {
+    for (int64_t b = 0; b < c.B; ++b)
+      for (int64_t j = c.lens[b]; j < c.S; ++j) {
+        const int64_t row =
+            c.block_size ? table[b * blocks_per_seq + j / c.block_size] * c.block_size + j % c.block_size : b * c.S + j;
+        std::fill_n(t.begin() + row * c.Hkv * D, c.Hkv * D, uint16_t{0xFFFF});
+      }
+  };
+  poison_past_end(k), poison_past_end(v);
   std::vector<uint16_t> out(c.B * c.L * c.Hq * D, 0xFFFF);  // NaN: every element must be written
   std::vector<float> lse(c.B * c.Hq * c.L, NAN);
   const int64_t rows_all = c.B * c.Hq * c.L;
@@ -115,6 +133,10 @@ int main() {
   run<emu::BFloat16, 64>({1, 16, 1, 1, 256, {200}, -1, 0, 1}, 8);
   // paged cache (block size 32, shuffled table), more splits than chunks
   run<emu::BFloat16, 64>({2, 4, 2, 1, 256, {250, 33}, -1, 32, 5}, 9);
+  // block sizes that are not a multiple of the 32-key chunk (rows resolved one by one), a window
+  // whose band starts inside a chunk, a chunk straddling two blocks
+  run<emu::Half, 64>({2, 4, 2, 1, 240, {233, 48}, -1, 24, 3}, 12);
+  run<emu::BFloat16, 128>({1, 4, 1, 2, 256, {250}, 70, 16, 2}, 13);
   // head dims 128 and 256 (two output features per thread)
   run<emu::Half, 128>({1, 4, 2, 1, 200, {200}, -1, 0, 2}, 10);
   run<emu::BFloat16, 256>({1, 2, 1, 1, 160, {150}, 40, 0, 1}, 11);
