@@ -9,6 +9,8 @@
 #include "../cuda/cuda_rows.cuh"
 #include "kv_cache_host.h"
 
+#include <algorithm>
+
 namespace flash_attn_ext::cuda {
 namespace {
 
@@ -26,19 +28,22 @@ __device__ void copy_row(const CacheRows& dst, const CacheRows& src, int64_t ent
   for (int64_t e = lane; e < dst.dim; e += kWarp) d[e] = s[e];
 }
 
+// Indices are 32-bit (the launcher checks they fit), so the per-row divisions are the inline
+// 32-bit ones: 64-bit divisions are called subroutines (a call and a stack frame each).
 template <typename Word>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     append_kernel(CacheRows k_cache, CacheRows v_cache, CacheRows k_new, CacheRows v_new, const int64_t* lens,
-                  int64_t batch, int64_t heads, int64_t t_begin, int64_t t_end, int64_t max_len, bool rolling,
+                  uint32_t batch, uint32_t heads, uint32_t t_begin, uint32_t t_end, uint32_t max_len, bool rolling,
                   const int32_t* blocks, int64_t blocks_per_seq) {
-  const int64_t span = t_end - t_begin, n = batch * heads * span;
-  for (int64_t r = global_warp(); r < n; r += warp_count()) {
-    const int64_t t = t_begin + r % span, h = r / span % heads, b = r / span / heads;
-    const int64_t pos = lens[b] + t;
+  const uint32_t span = t_end - t_begin, n = batch * heads * span;
+  for (uint32_t r = static_cast<uint32_t>(global_warp()); r < n; r += static_cast<uint32_t>(warp_count())) {
+    const uint32_t t = t_begin + r % span, bh = r / span, h = bh % heads, b = bh / heads;
+    const uint32_t pos = static_cast<uint32_t>(lens[b]) + t;
     // The slot's (cache entry, row): the sequence's own, or a block of a paged cache (max_len
     // is then the block size).
-    const int64_t entry = blocks != nullptr ? blocks[b * blocks_per_seq + pos / max_len] : b;
-    const int64_t slot = blocks != nullptr || rolling ? pos % max_len : pos;
+    const uint32_t q = pos / max_len, in_block = pos - q * max_len;
+    const int64_t entry = blocks != nullptr ? blocks[b * blocks_per_seq + q] : b;
+    const int64_t slot = blocks != nullptr || rolling ? in_block : pos;
     copy_row<Word>(k_cache, k_new, entry, b, h, slot, t, lane_id());
     copy_row<Word>(v_cache, v_new, entry, b, h, slot, t, lane_id());
   }
@@ -56,16 +61,27 @@ void append_validated(const at::Tensor& k_cache, const at::Tensor& v_cache, cons
   const int64_t B = k_new.size(0), H = k_cache.size(1), S_max = k_cache.size(2), L_new = k_new.size(2);
   if (B == 0 || H == 0 || L_new == 0) return;
   const c10::cuda::CUDAGuard guard(k_cache.device());
-  const at::Tensor lens_dev = at::tensor(lens, at::kLong).to(k_cache.device());
+  // A rolling cache's lengths count every position ever appended; only their remainder mod
+  // S_max names a slot, so that is what the kernel gets (its positions stay below 2 S_max).
+  std::vector<int64_t> starts = lens;
+  if (rolling)
+    for (auto& x : starts) x %= S_max;
+  const at::Tensor lens_dev = at::tensor(starts, at::kLong).to(k_cache.device());
   const int64_t t_begin = rolling_first_written(rolling, L_new, S_max);
   const int64_t n = B * H * (L_new - t_begin);
+  const int64_t max_pos = *std::max_element(starts.begin(), starts.end()) + L_new;
+  const int64_t last_warp = n + int64_t{warp_grid(n)} * kWarpsPerBlock;  // the warp loop's counter stays below
+  TORCH_CHECK_VALUE(std::max({last_warp, max_pos, S_max}) < (int64_t{1} << 32),
+                    "flash_attn_ext.kv_cache_append: the CUDA kernel indexes with 32 bits, and this call needs more (",
+                    n, " rows to write, positions up to ", max_pos, "); nothing was written. Append in smaller pieces");
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto launch = [&](auto word) {
     using Word = decltype(word);
     append_kernel<Word><<<warp_grid(n), kThreadsPerBlock, 0, stream>>>(
-        cache_rows(k_cache), cache_rows(v_cache), cache_rows(k_new), cache_rows(v_new), lens_dev.data_ptr<int64_t>(), B,
-        H, t_begin, L_new, S_max, rolling, table.defined() ? table.table.data_ptr<int32_t>() : nullptr,
-        table.blocks_per_seq);
+        cache_rows(k_cache), cache_rows(v_cache), cache_rows(k_new), cache_rows(v_new), lens_dev.data_ptr<int64_t>(),
+        static_cast<uint32_t>(B), static_cast<uint32_t>(H), static_cast<uint32_t>(t_begin),
+        static_cast<uint32_t>(L_new), static_cast<uint32_t>(S_max), rolling,
+        table.defined() ? table.table.data_ptr<int32_t>() : nullptr, table.blocks_per_seq);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   switch (k_cache.element_size()) {

@@ -62,12 +62,15 @@ def test_append_strided_new_and_int64_lengths(device):
     assert torch.equal(vc.nan_to_num(3.0), v_ref.nan_to_num(3.0))
 
 
+# A rolling cache's lengths count every position ever appended: past W they wrap, and a long
+# stream takes them past 2^32 (the CUDA kernel indexes with 32 bits after reducing them mod W).
+@pytest.mark.parametrize("starts", [(5, 20), (2**33 + 3, 2**32 - 2)], ids=["wrapped", "past_2^32"])
 @pytest.mark.parametrize("L_new", [1, 3, 7, 11])
-def test_rolling_buffer(device, L_new):
+def test_rolling_buffer(device, L_new, starts):
     B, W, H, D = 2, 7, 1, 4
     kc, vc = _poisoned_cache(B, W, H, D, torch.float32, device, "bshd")
     kn, vn = torch.randn(B, L_new, H, D, device=device), torch.randn(B, L_new, H, D, device=device)
-    lens = torch.tensor([5, 20], device=device)  # beyond W: wraps around
+    lens = torch.tensor(starts, device=device)
     k_ref = _reference(kc, kn, lens, "bshd", True)  # later tokens overwrite earlier ones
     v_ref = _reference(vc, vn, lens, "bshd", True)
     flash_attn_ext.kv_cache_append(kc, vc, kn, vn, lens, rolling=True)
