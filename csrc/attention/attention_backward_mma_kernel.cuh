@@ -172,7 +172,7 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kThreads)
         const float l2 = lse2[c];
         const bool visible =
             j < p.len_k && l2 != -INFINITY && key_visible(i, j, p.align_offset, p.window_left, p.window_right);
-        const float prob = visible ? exp2f(st[qt][e] * bp.scale_log2 - l2) : 0.f;
+        const float prob = visible ? exp2_fast(fmaf(st[qt][e], bp.scale_log2, -l2)) : 0.f;
         st[qt][e] = prob;
         dpt[qt][e] = visible ? prob * (dpt[qt][e] - delta[c]) : 0.f;  // 0 even for a NaN dP or delta
       }
@@ -301,7 +301,7 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kThreads)
         const int64_t j = n0 + t * 8 + mma_layout::acc_element(lane, e).col;
         const bool visible = j < p.len_k && lse2[r] != -INFINITY &&
                              key_visible(row[r], j, p.align_offset, p.window_left, p.window_right);
-        const float prob = visible ? exp2f(s[t][e] * bp.scale_log2 - lse2[r]) : 0.f;
+        const float prob = visible ? exp2_fast(fmaf(s[t][e], bp.scale_log2, -lse2[r])) : 0.f;
         s[t][e] = visible ? prob * (dp[t][e] - delta[r]) : 0.f;  // 0 even for a NaN dP or delta
       }
     }

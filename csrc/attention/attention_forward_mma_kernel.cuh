@@ -147,15 +147,15 @@ __global__ void __launch_bounds__(Tiles<kHeadDim>::kThreads) attention_forward_m
       m_new[r] = fmaxf(m_new[r], __shfl_xor_sync(0xffffffffu, m_new[r], 1));
       m_new[r] = fmaxf(m_new[r], __shfl_xor_sync(0xffffffffu, m_new[r], 2));
       base[r] = m_new[r] == -INFINITY ? 0.f : m_new[r];  // a row with nothing visible yet
-      alpha[r] = exp2f(m_run[r] - base[r]);              // 0 when m_run is -inf
+      alpha[r] = exp2_fast(m_run[r] - base[r]);          // 0 when m_run is -inf
       m_run[r] = m_new[r];
     }
 #pragma unroll
     for (int nt = 0; nt < kKeyTiles; ++nt) {
-      s[nt][0] = exp2f(s[nt][0] - base[0]);
-      s[nt][1] = exp2f(s[nt][1] - base[0]);
-      s[nt][2] = exp2f(s[nt][2] - base[1]);
-      s[nt][3] = exp2f(s[nt][3] - base[1]);
+      s[nt][0] = exp2_fast(s[nt][0] - base[0]);
+      s[nt][1] = exp2_fast(s[nt][1] - base[0]);
+      s[nt][2] = exp2_fast(s[nt][2] - base[1]);
+      s[nt][3] = exp2_fast(s[nt][3] - base[1]);
       sum[0] += s[nt][0] + s[nt][1];
       sum[1] += s[nt][2] + s[nt][3];
     }

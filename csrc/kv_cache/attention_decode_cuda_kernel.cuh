@@ -54,6 +54,7 @@ using mma_detail::cp_async_16;
 using mma_detail::cp_async_commit;
 using mma_detail::cp_async_wait_all;
 using mma_detail::cp_async_wait_one;
+using mma_detail::exp2_fast;
 using mma_detail::smem_u32;
 
 constexpr int kThreads = 128;
@@ -326,12 +327,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<kDim>) attention_decode_s
       if (j < sLo[r] || j >= sHi[r]) x = -INFINITY;
       const float m_old = sM[r], m_new = fmaxf(m_old, warp_max(x));
       const float base = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: p = 0
-      const float e = exp2f(x - base);
+      const float e = exp2_fast(x - base);
       sP[r * kChunk + lane] = e;
       const float sum = warp_sum(e);
       __syncwarp();  // every lane has read sM[r] before lane 0 replaces it
       if (lane == 0) {
-        const float alpha = exp2f(m_old - base);  // 0 while m_old is -inf
+        const float alpha = exp2_fast(m_old - base);  // 0 while m_old is -inf
         sAlpha[r] = alpha;
         sL[r] = sL[r] * alpha + sum;
         sM[r] = m_new;
