@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -15,29 +16,37 @@
 namespace flash_attn_ext::cuda {
 namespace {
 
-// Resident blocks per SM of the split kernel for (T, kDim), as the occupancy calculator
-// gives it for this kernel's registers and shared memory (asked once per process).
+// Resident blocks per SM of the split kernel for (T, kDim) on the current device, as the
+// occupancy calculator gives it for the kernel's registers and shared memory. Asked once per
+// device, together with the opt-in to more than 48 KB of dynamic shared memory (a per-device
+// function attribute), so a decode step's launch makes no extra driver calls.
 template <typename T, int kDim>
 int blocks_per_sm() {
-  static const int n = [] {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices] = {};
+  const int device = c10::cuda::current_device();
+  TORCH_CHECK(device < kMaxDevices, "flash_attn_ext.attention_kvcache: device index ", device, " >= ", kMaxDevices);
+  int n = cached[device].load(std::memory_order_acquire);
+  if (n == 0) {  // a race here only repeats the same two idempotent calls
     const auto kernel = decode_detail::attention_decode_split_kernel<T, kDim>;
     const int smem = static_cast<int>(decode_detail::smem_bytes<kDim>());
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    int blocks = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, decode_detail::kThreads, smem));
-    return std::max(blocks, 1);
-  }();
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, decode_detail::kThreads, smem));
+    n = std::max(n, 1);
+    cached[device].store(n, std::memory_order_release);
+  }
   return n;
 }
 
 // Splits per (sequence, KV head): enough blocks to fill every SM to its occupancy (a memory-
-// bound kernel needs all the loads in flight it can get), but at least two chunks per split so
-// the merge stays a small cost.
-int64_t choose_splits(int64_t blocks, int64_t max_len_k, int per_sm) {
+// bound kernel needs all the loads in flight it can get), but at least two chunks per split of
+// the longest band so the merge stays a small cost. `band` bounds the keys one (sequence, KV
+// head) visits: the cache length, or less under a two-sided window.
+int64_t choose_splits(int64_t blocks, int64_t band, int per_sm) {
   const int64_t target = per_sm * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
   if (blocks >= target) return 1;
   const int64_t by_sms = (target + blocks - 1) / blocks;
-  const int64_t by_len = std::max<int64_t>(1, max_len_k / (2 * decode_detail::kChunk));
+  const int64_t by_len = std::max<int64_t>(1, band / (2 * decode_detail::kChunk));
   return std::min<int64_t>({by_sms, by_len, 256});
 }
 
@@ -45,7 +54,7 @@ template <typename T, int kDim>
 void launch(DecodeParams dp, int64_t blocks, int64_t rows_all, cudaStream_t stream) {
   const auto kernel = decode_detail::attention_decode_split_kernel<T, kDim>;
   const int smem = static_cast<int>(decode_detail::smem_bytes<kDim>());
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  blocks_per_sm<T, kDim>();  // the shared-memory opt-in, once per device
   kernel<<<static_cast<unsigned>(blocks * dp.n_splits), decode_detail::kThreads, smem, stream>>>(dp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (dp.n_splits > 1) {
@@ -112,7 +121,12 @@ bool try_attention_decode_cuda(const AttentionParams& p, const at::Tensor& q, co
   const int64_t blocks = p.batch * p.heads_kv, rows_all = p.batch * p.heads_q * p.len_q;
   const bool half = q.scalar_type() == at::kHalf;
   const int per_sm = half ? dispatch_blocks_per_sm<__half>(p.dim_qk) : dispatch_blocks_per_sm<__nv_bfloat16>(p.dim_qk);
-  const int64_t n_splits = std::min<int64_t>(p.config.splits(choose_splits(blocks, max_len_k, per_sm)), 1024);
+  // The keys the G * L rows of one (sequence, KV head) can see: with both window sides bounded,
+  // at most left + right + L (sliding-window decode), else up to the cache length.
+  const int64_t band = p.window_left >= 0 && p.window_right >= 0
+                           ? std::min(max_len_k, p.window_left + p.window_right + p.len_q + decode_detail::kChunk)
+                           : max_len_k;
+  const int64_t n_splits = std::min<int64_t>(p.config.splits(choose_splits(blocks, band, per_sm)), 1024);
   TORCH_CHECK(blocks * n_splits <= 0x7fffffff && rows_all <= 0x7fffffff,
               "flash_attn_ext.attention_kvcache: decode grid too large");
   DecodeParams dp;

@@ -158,6 +158,13 @@ __device__ __forceinline__ KeyRange split_range(KeyRange band, int split, int n_
   return {begin, begin < end ? end : begin};
 }
 
+// The natural-log lse of a row from its base-2 max and sum: -inf for a row that saw nothing,
+// NaN for a row a NaN score reached (as the other kernels and the reference give).
+__device__ __forceinline__ float lse_of(float m2, float l) {
+  if (l != l) return l;
+  return l > 0.f ? (m2 + log2f(l)) * 0.69314718055994531f : -INFINITY;
+}
+
 __device__ __forceinline__ float warp_max(float x) {
 #pragma unroll
   for (int m = 16; m > 0; m >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, m));
@@ -378,7 +385,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<kDim>) attention_decode_s
     if (dp.n_splits == 1) {
       const float inv = l > 0.f ? 1.f / l : 0.f;
       store2_16(dp.out.head(b, h) + i * dp.out.stride_l + 2 * f, narrow16<T>(o0 * inv), narrow16<T>(o1 * inv));
-      if (f == 0) dp.lse[row] = l > 0.f ? (sM[r] + log2f(l)) * 0.69314718055994531f : -INFINITY;
+      if (f == 0) dp.lse[row] = lse_of(sM[r], l);
     } else {
       float* prow = dp.part_acc + (split * rows_all + row) * kDim;
       prow[2 * f] = o0;
@@ -437,7 +444,7 @@ __global__ void __launch_bounds__(kThreads) decode_combine_kernel(const DecodePa
       o += exp2f(dp.part_ml[(s * rows_all + row) * 2] - base) * dp.part_acc[(s * rows_all + row) * kDim + d];
     orow[d] = narrow16<T>(o * inv);
   }
-  if (threadIdx.x == 0) dp.lse[row] = l > 0.f ? (m + log2f(l)) * 0.69314718055994531f : -INFINITY;
+  if (threadIdx.x == 0) dp.lse[row] = lse_of(m, l);
 }
 
 }  // namespace decode_detail

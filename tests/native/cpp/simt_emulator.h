@@ -3,13 +3,16 @@
 // std::thread per CUDA thread, one block at a time, __syncthreads as a block barrier, and the
 // warp-collective instructions (shuffles, ldmatrix, mma.sync m16n8k16) as exchanges between
 // the 32 lane threads of a warp, computed from the PTX ISA's fragment definitions. cp.async
-// copies synchronously (so it cannot find a missing wait: compute-sanitizer racecheck on the
-// GPU does that). Included by the kernel header when FAE_SIMT_EMULATION names this file.
+// lands as late as the PTX rules allow (at the wait that retires its group), so a missing wait
+// shows; a missing barrier does not (compute-sanitizer racecheck on the GPU finds those). Included by the kernel header
+// when FAE_SIMT_EMULATION names this file.
 #pragma once
 
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -121,14 +124,49 @@ inline uint32_t smem_u32(const void* ptr) {
   return static_cast<uint32_t>(static_cast<const unsigned char*>(ptr) - emu::block().smem.data());
 }
 
+// cp.async, latest landing: a copy reaches shared memory only when a wait retires its group
+// (wait_group N retires all but the N newest), so a read before the matching wait sees the
+// 0xFF poison (NaN) instead of the data, as a GPU may; a thread that exits with copies never
+// waited for aborts the test. (Copies still land all at once: ordering between threads is the
+// barriers' job, which the emulator cannot check; racecheck on the GPU does.)
+struct PendingCopy {
+  uint32_t dst;
+  const void* src;  // read when the copy lands; nullptr: zero-fill
+};
+struct CopyQueue {
+  std::vector<PendingCopy> open;                 // issued, not yet committed
+  std::vector<std::vector<PendingCopy>> groups;  // committed, oldest first
+  void retire_all_but(size_t newest) {
+    while (groups.size() > newest) {
+      for (const PendingCopy& c : groups.front()) {
+        unsigned char* d = emu::block().smem.data() + c.dst;
+        if (c.src != nullptr)
+          std::memcpy(d, c.src, 16);
+        else
+          std::memset(d, 0, 16);
+      }
+      groups.erase(groups.begin());
+    }
+  }
+  ~CopyQueue() {
+    if (!open.empty() || !groups.empty()) {
+      std::fprintf(stderr, "simt_emulator: a thread exited with cp.async copies it never waited for\n");
+      std::abort();
+    }
+  }
+};
+inline thread_local CopyQueue copy_queue;  // one per emulated CUDA thread (each is a std::thread)
+
 inline void cp_async_16(uint32_t dst, const void* src, bool valid) {
-  unsigned char* d = emu::block().smem.data() + dst;
-  if (valid)
-    std::memcpy(d, src, 16);
-  else
-    std::memset(d, 0, 16);
+  copy_queue.open.push_back({dst, valid ? src : nullptr});
 }
-inline void cp_async_commit() {}
+inline void cp_async_commit() {
+  copy_queue.groups.push_back(std::move(copy_queue.open));
+  copy_queue.open.clear();
+}
+inline void cp_async_wait_all() { copy_queue.retire_all_but(0); }
+inline void cp_async_wait_one() { copy_queue.retire_all_but(1); }
+
 // ex2.approx.ftz as exact exp2 with subnormal inputs and results flushed to 0 (the emulator
 // checks the flush, not the GPU's 2-ulp approximation).
 inline float exp2_fast(float x) {
@@ -136,8 +174,6 @@ inline float exp2_fast(float x) {
   const float y = std::exp2(x);
   return std::fpclassify(y) == FP_SUBNORMAL ? 0.f : y;
 }
-inline void cp_async_wait_all() {}
-inline void cp_async_wait_one() {}
 
 inline uint16_t smem_u16(uint32_t byte_addr) {
   uint16_t v;

@@ -25,6 +25,7 @@ struct Case {
   int64_t left;               // window (right is 0: causal)
   int64_t block_size;         // 0: contiguous cache
   int n_splits;
+  int64_t nan_key = -1;  // >= 0: feature 0 of this key of sequence 0, KV head 0, is NaN
 };
 
 template <typename T, int D>
@@ -32,6 +33,11 @@ void run(const Case& c, uint32_t seed) {
   using namespace decode_detail;
   std::mt19937 rng(seed);
   std::normal_distribution<float> n(0.f, 1.f);
+  if (c.block_size && c.S % c.block_size != 0) {  // a paged cache holds whole blocks
+    std::printf("bad case: S=%ld is not a multiple of block_size=%ld\n", (long)c.S, (long)c.block_size);
+    ++failures;
+    return;
+  }
   const int64_t blocks_per_seq = c.block_size ? c.S / c.block_size : 0;
   const int64_t n_blocks = c.B * blocks_per_seq;
   // q (B, L, Hq, D); cache (B, S, Hkv, D) or blocks (n_blocks, block_size, Hkv, D)
@@ -59,6 +65,11 @@ void run(const Case& c, uint32_t seed) {
       }
   };
   poison_past_end(k), poison_past_end(v);
+  if (c.nan_key >= 0) {
+    const int64_t row =
+        c.block_size ? table[c.nan_key / c.block_size] * c.block_size + c.nan_key % c.block_size : c.nan_key;
+    k[row * c.Hkv * D] = 0xFFFF;
+  }
   std::vector<uint16_t> out(c.B * c.L * c.Hq * D, 0xFFFF);  // NaN: every element must be written
   std::vector<float> lse(c.B * c.Hq * c.L, NAN);
   const int64_t rows_all = c.B * c.Hq * c.L;
@@ -108,7 +119,12 @@ void run(const Case& c, uint32_t seed) {
         for (double x : s) m = std::max(m, x);
         for (double x : s) l += std::exp(x - m);
         const double ref_lse = s.empty() ? -INFINITY : m + std::log(l);
-        if (s.empty() ? !std::isinf(lse[row]) : std::fabs(lse[row] - ref_lse) > 2e-3 * (1 + std::fabs(ref_lse))) {
+        // A NaN score makes its row's output and lse NaN (and only that row's).
+        const bool lse_bad = s.empty() ? !std::isinf(lse[row])
+                             : std::isnan(ref_lse)
+                                 ? !std::isnan(lse[row])
+                                 : !(std::fabs(lse[row] - ref_lse) <= 2e-3 * (1 + std::fabs(ref_lse)));
+        if (lse_bad) {
           if (++failures <= 10)
             std::printf("FAIL lse b=%ld h=%ld i=%ld: %g vs %g\n", (long)b, (long)h, (long)i, lse[row], ref_lse);
         }
@@ -116,7 +132,8 @@ void run(const Case& c, uint32_t seed) {
           double ref = 0;
           for (size_t t = 0; t < s.size(); ++t) ref += std::exp(s[t] - m) / l * cache_at(v, b, keys[t], hk, d);
           const double got = emu::to_float(out[((b * c.L + i) * c.Hq + h) * D + d], T{});
-          if (!(std::fabs(got - ref) <= 2e-2 * (1 + std::fabs(ref))) && ++failures <= 10)
+          const bool bad = std::isnan(ref) ? !std::isnan(got) : !(std::fabs(got - ref) <= 2e-2 * (1 + std::fabs(ref)));
+          if (bad && ++failures <= 10)
             std::printf("FAIL out B=%ld Hq=%ld Hkv=%ld L=%ld splits=%d b=%ld h=%ld i=%ld d=%ld: %g vs %g\n", (long)c.B,
                         (long)c.Hq, (long)c.Hkv, (long)c.L, c.n_splits, (long)b, (long)h, (long)i, (long)d, got, ref);
         }
@@ -137,6 +154,10 @@ int main() {
   // whose band starts inside a chunk, a chunk straddling two blocks
   run<emu::Half, 64>({2, 4, 2, 1, 240, {233, 48}, -1, 24, 3}, 12);
   run<emu::BFloat16, 128>({1, 4, 1, 2, 256, {250}, 70, 16, 2}, 13);
+  // a NaN key: the rows of KV head 0 that see it (all; in the window, only the first position) get NaN
+  // output and lse, with one split and through the combine kernel; the other head stays finite
+  run<emu::BFloat16, 64>({1, 4, 2, 1, 200, {200}, -1, 0, 1, 37}, 14);
+  run<emu::Half, 128>({1, 4, 2, 2, 320, {290}, 60, 32, 3, 228}, 15);
   // head dims 128 and 256 (two output features per thread)
   run<emu::Half, 128>({1, 4, 2, 1, 200, {200}, -1, 0, 2}, 10);
   run<emu::BFloat16, 256>({1, 2, 1, 1, 160, {150}, 40, 0, 1}, 11);
