@@ -85,6 +85,10 @@ TORCH_LIBRARY(flash_attn_ext, m) {
       "attention_kvcache(Tensor query, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
       "Tensor? k_new, Tensor? v_new, float scale, int window_left, int window_right, "
       "Tensor? block_table=None, float softcap=0.0, Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse)");
+  // Raises (RuntimeError) and clears what device-checked KV-cache calls on on_device's device
+  // skipped (csrc/kv_cache/kv_cache_device_checks.h); nothing on CPU, whose calls always raise
+  // at once. Python: flash_attn_ext.check_kvcache_errors.
+  m.def("_raise_kvcache_device_errors(Tensor on_device) -> ()");
   // Exact merge of two attention results over disjoint key sets (split-KV decoding, ring /
   // context-parallel attention): out_a, out_b (..., D) with their log-sum-exps (...).
   // Returns the attention over the union and its lse. Differentiable.

@@ -30,7 +30,7 @@ from .config import (
 )
 from .attention import attention, merge_attention_states
 from . import flash_attn_interface  # noqa: F401  (flash-attn's API)
-from .kv_cache import KVCache, attention_with_kvcache, kv_cache_append
+from .kv_cache import KVCache, attention_with_kvcache, check_kvcache_errors, kv_cache_append
 from .sdpa import patch_sdpa, scaled_dot_product_attention, sdpa_patched, unpatch_sdpa
 
 __version__ = "0.1.0"
@@ -39,6 +39,7 @@ __all__ = [
     "KVCache",
     "attention",
     "attention_with_kvcache",
+    "check_kvcache_errors",
     "kv_cache_append",
     "merge_attention_states",
     "patch_sdpa",

@@ -29,6 +29,9 @@ class KernelConfig:
     kernel); "require": raise, with the reason, where the path cannot serve a call."""
 
     cuda_fast: str = "auto"  # CUDA tensor-core forward/backward and decode kernel (FLASH_ATTN_EXT_CUDA_FAST)
+    # where CUDA KV-cache calls check cache_seqlens / block_table: auto = host, device while capturing a
+    # CUDA graph; require = device always (no sync); off = host always (FLASH_ATTN_EXT_CUDA_DEVICE_CHECKS)
+    cuda_device_checks: str = "auto"
     cpu_decode: str = "auto"  # CPU decode kernel, few query rows per KV head (FLASH_ATTN_EXT_CPU_DECODE)
     cpu_bf16_dot: str = "auto"  # vdpbf16ps scores in the CPU decode; auto | off (FLASH_ATTN_EXT_CPU_BF16_DOT)
     cpu_kt_cache: str = "auto"  # the CPU forward's per-thread K^T cache; auto | off (FLASH_ATTN_EXT_CPU_KT_CACHE)

@@ -39,6 +39,10 @@ def kv_cache_append(
     block_table (int32, (B, blocks_per_seq)): a paged cache (vLLM / flash-attn): the caches are
     (num_blocks, block_size, Hkv, D) ("bshd") or (num_blocks, Hkv, block_size, D) ("bhsd"), and
     position p of sequence b lives in row p % block_size of block block_table[b, p // block_size].
+
+    On CUDA under CUDA-graph capture (or with kernel_config(cuda_device_checks="require")) the
+    values of cache_seqlens and block_table are checked on the device: a bad sequence is skipped
+    and reported later (check_kvcache_errors), not raised at once.
     """
     _ops.check_tensors(
         "flash_attn_ext.kv_cache_append",
@@ -94,7 +98,8 @@ def attention_with_kvcache(
     (num_blocks, block_size, Hkv, D) for "bshd"); each sequence then holds up to
     blocks_per_seq * block_size positions. softcap > 0 soft-caps the scores (Gemma-2);
     alibi_slopes (float32, (Hq,) or (B, Hq)) adds ALiBi biases, as flash-attn.
-    Inference only: not differentiable.
+    Inference only: not differentiable. Capturable in a CUDA graph: the lengths are then checked
+    on the device, a bad sequence's output is NaN and check_kvcache_errors reports it.
     """
     _ops.check_tensors(
         "flash_attn_ext.attention_with_kvcache",
@@ -152,6 +157,34 @@ def attention_with_kvcache(
     )
     out = out.transpose(1, 2) if layout == "bshd" else out
     return (out, lse) if return_softmax_lse else out
+
+
+def check_kvcache_errors(device: Union[torch.device, str, int, None] = None) -> None:
+    """Raise what device-checked KV-cache calls on a CUDA device skipped, and clear it.
+
+    On CUDA, kv_cache_append and attention_with_kvcache check cache_seqlens and block_table on
+    the host by default (a bad value raises before anything is written), which costs a
+    device -> host copy per call and cannot happen inside a CUDA graph. While a stream captures
+    a graph (or always, with kernel_config(cuda_device_checks="require")) they check them on the
+    device instead: a sequence with a negative length, a length past the cache or a block_table
+    entry outside the cache is skipped (nothing written, its outputs NaN) and recorded. This
+    raises RuntimeError for what was recorded since the last check (a sync); the next
+    host-checked KV-cache call on the device raises it too. It reads on the current stream: let
+    the calls to check finish first (torch.cuda.synchronize() after replays on other streams).
+    device: a CUDA device (default: the current one); a CPU device, or a machine without CUDA,
+    has nothing to check.
+    """
+    if device is None:
+        if not torch.cuda.is_available():
+            return
+        device = torch.device("cuda", torch.cuda.current_device())
+    device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"flash_attn_ext.check_kvcache_errors: device must be a CUDA or CPU device, got {device}")
+    if device.type == "cuda" and _ops.has_kernel("cuda"):  # (without the CUDA kernels nothing ran there)
+        torch.ops.flash_attn_ext._raise_kvcache_device_errors(torch.empty(0, device=device))
 
 
 class KVCache:

@@ -84,5 +84,16 @@ with torch.no_grad():
             causal=True,
             window_size=(200, 0),
         )
+    # device-checked calls (what a CUDA graph capture runs): the check kernel with a good, a
+    # negative and a past-the-cache length, the skipping append, the poison kernel
+    with flash_attn_ext.kernel_config(cuda_device_checks="require"):
+        bad = torch.tensor([17, -3, 62], device=dev, dtype=torch.int64)
+        flash_attn_ext.attention_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=bad, causal=True)
+        flash_attn_ext.kv_cache_append(kc, vc, kn, vn, bad, rolling=True)
+    try:
+        flash_attn_ext.check_kvcache_errors()
+        raise AssertionError("the device-checked calls above must report their skipped sequences")
+    except RuntimeError as e:
+        assert "negative" in str(e), e
 torch.cuda.synchronize()
 print("ok")

@@ -101,6 +101,14 @@ MUTANTS = [
         ["tests/tools/test_convert.py", "-k", "pool_heads"],
         "--method random always picking the group's first head",
     ),
+    (
+        "paged_last_block_unchecked",
+        "csrc/kv_cache/kv_cache_device_checks_kernel.cuh",
+        "(used + p.block_size - 1) / p.block_size",
+        "used / p.block_size",
+        ["tests/native/test_host_programs.py", "-k", "kv_cache_device_checks"],
+        "the device-side check skips a sequence's last, partly used block (a bad entry there is read)",
+    ),
 ]
 
 

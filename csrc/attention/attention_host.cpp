@@ -164,14 +164,18 @@ MaskView make_mask_view(const std::optional<at::Tensor>& attn_mask) {
   return m;
 }
 
-std::vector<int64_t> read_cache_seqlens(const char* op, const at::Tensor& cache_seqlens, int64_t batch,
-                                        const at::Device& device) {
+void check_cache_seqlens(const char* op, const at::Tensor& cache_seqlens, int64_t batch, const at::Device& device) {
   TORCH_CHECK_TYPE(cache_seqlens.scalar_type() == at::kInt || cache_seqlens.scalar_type() == at::kLong, op,
                    ": cache_seqlens must be int32 or int64, got ", cache_seqlens.scalar_type());
   TORCH_CHECK_VALUE(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == batch, op, ": cache_seqlens must have shape (",
                     batch, "), got ", cache_seqlens.sizes());
   TORCH_CHECK_VALUE(cache_seqlens.device() == device, op, ": cache_seqlens is on ", cache_seqlens.device(),
                     ", expected ", device);
+}
+
+std::vector<int64_t> read_cache_seqlens(const char* op, const at::Tensor& cache_seqlens, int64_t batch,
+                                        const at::Device& device) {
+  check_cache_seqlens(op, cache_seqlens, batch, device);
   const at::Tensor s = cache_seqlens.to(at::kCPU, at::kLong).contiguous();
   return std::vector<int64_t>(s.data_ptr<int64_t>(), s.data_ptr<int64_t>() + batch);
 }

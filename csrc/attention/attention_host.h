@@ -49,8 +49,9 @@ MaskView make_mask_view(const std::optional<at::Tensor>& attn_mask);
 // contiguous tensor back by transposing.
 at::Tensor empty_attention_output(const at::Tensor& q, int64_t dim_v);
 
-// Validates cache_seqlens (int32/int64, shape (batch,), on `device`) and returns its values
-// on the host. KV-cache ops read it before writing anything.
+// Validates cache_seqlens' dtype (int32/int64), shape (batch,) and device.
+void check_cache_seqlens(const char* op, const at::Tensor& cache_seqlens, int64_t batch, const at::Device& device);
+// check_cache_seqlens, then its values on the host. KV-cache ops read it before writing anything.
 std::vector<int64_t> read_cache_seqlens(const char* op, const at::Tensor& cache_seqlens, int64_t batch,
                                         const at::Device& device);
 

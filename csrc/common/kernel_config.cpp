@@ -38,6 +38,7 @@ KernelConfig from_environment() {
                         ", got '", v, "'");
   };
   mode("FLASH_ATTN_EXT_CUDA_FAST", c.cuda_fast, "require");
+  mode("FLASH_ATTN_EXT_CUDA_DEVICE_CHECKS", c.cuda_device_checks, "require");
   mode("FLASH_ATTN_EXT_CPU_DECODE", c.cpu_decode, "require");
   mode("FLASH_ATTN_EXT_CPU_BF16_DOT", c.cpu_bf16_dot, nullptr);
   mode("FLASH_ATTN_EXT_CPU_KT_CACHE", c.cpu_kt_cache, nullptr);
@@ -76,6 +77,7 @@ struct ModeField {
 
 constexpr ModeField kModeFields[] = {
     {"cuda_fast", &KernelConfig::cuda_fast, true},
+    {"cuda_device_checks", &KernelConfig::cuda_device_checks, true},
     {"cpu_decode", &KernelConfig::cpu_decode, true},
     {"cpu_bf16_dot", &KernelConfig::cpu_bf16_dot, false},
     {"cpu_kt_cache", &KernelConfig::cpu_kt_cache, false},

@@ -27,6 +27,11 @@ struct KernelConfig {
   // CPU backward with GQA: auto by working set; require = one pass per query head; off = one
   // sweep of the whole group per key tile.
   PathMode cpu_bwd_head_passes = PathMode::kAuto;
+  // Where the KV-cache ops check the values of cache_seqlens and block_table on CUDA: auto = on
+  // the host (one device -> host copy per call), on the device while the stream is capturing a
+  // CUDA graph (where a host read cannot happen); require = always on the device (no sync);
+  // off = always on the host (a capture then raises). csrc/kv_cache/kv_cache_device_checks.h.
+  PathMode cuda_device_checks = PathMode::kAuto;
   CpuTiles cpu_tiles = CpuTiles::kAuto;
   int32_t num_splits = 0;  // split-KV key ranges per task: 0 = the kernel's own choice
 

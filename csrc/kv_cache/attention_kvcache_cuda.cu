@@ -2,7 +2,9 @@
 // CUDA kernel), then the split-KV decode kernels (attention_decode_cuda.h) when they serve
 // the call, else the forward row kernel, both with per-sequence key lengths on the device, so
 // each query row visits only its own sequence's visible keys. Validation, which reads
-// cache_seqlens on the host, comes first: a bad call writes nothing.
+// cache_seqlens on the host, comes first: a bad call writes nothing. A device-checked call
+// (kv_cache_device_checks.h: a CUDA graph capture, or cuda_device_checks='require') reads
+// nothing back: its check kernel gives the lengths, and the splits are sized for the capacity.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -10,6 +12,8 @@
 #include "../attention/attention_forward_cuda.h"
 #include "../attention/attention_host.h"
 #include "attention_decode_cuda.h"
+#include "kv_cache_append_cuda.h"
+#include "kv_cache_device_checks.h"
 #include "kv_cache_host.h"
 
 #include <algorithm>
@@ -17,20 +21,52 @@
 namespace flash_attn_ext::cuda {
 namespace {
 
+// The attention of a prepared call, key lengths on the device; max_len_k bounds them.
+void run_with_lengths(KvcacheCall& call, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      const int64_t* lens_k, int64_t max_len_k) {
+  AttentionParams& p = call.params;
+  p.seqlens_k = lens_k;
+  if (!try_attention_decode_cuda(p, q, k_cache, v_cache, call.out, call.lse, max_len_k))
+    run_attention_forward_cuda(p, MaskView{}, q, k_cache, v_cache, call.out, call.lse, nullptr);
+}
+
 void run_kvcache_cuda(KvcacheCall& call, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache) {
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor lens_dev = at::tensor(call.lens, at::kLong).to(q.device());
-  AttentionParams& p = call.params;
-  p.seqlens_k = lens_dev.data_ptr<int64_t>();
   const int64_t max_len = call.lens.empty() ? 0 : *std::max_element(call.lens.begin(), call.lens.end());
-  if (!try_attention_decode_cuda(p, q, k_cache, v_cache, call.out, call.lse, max_len))
-    run_attention_forward_cuda(p, MaskView{}, q, k_cache, v_cache, call.out, call.lse, nullptr);
+  run_with_lengths(call, q, k_cache, v_cache, lens_dev.data_ptr<int64_t>(), max_len);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_kvcache_cuda(const at::Tensor& q, const at::Tensor& k_cache,
+                                                          const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                                                          const std::optional<at::Tensor>& k_new,
+                                                          const std::optional<at::Tensor>& v_new, double scale,
+                                                          int64_t window_left, int64_t window_right,
+                                                          const std::optional<at::Tensor>& block_table, double softcap,
+                                                          const std::optional<at::Tensor>& alibi_slopes) {
+  if (!use_device_checks("flash_attn_ext.attention_kvcache", current_kernel_config(), q.device()))
+    return attention_kvcache_op<&append_validated, &cuda_limits, &run_kvcache_cuda>(
+        q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_left, window_right, block_table, softcap,
+        alibi_slopes);
+  KvcacheCall call = prepare_attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_left,
+                                               window_right, block_table, softcap, alibi_slopes, cuda_limits(),
+                                               &append_validated, /*host_values=*/false);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t capacity = call.params.len_k;  // S_max, or the block table's positions per sequence
+  const int64_t L_new = k_new.has_value() ? k_new->size(2) : 0;
+  const DeviceLengths d = check_lengths_on_device(cache_seqlens, L_new, capacity, /*rolling=*/false, call.table,
+                                                  k_cache.size(0), /*want_lens_k=*/true);
+  if (k_new.has_value())
+    append_rows(k_cache, v_cache, *k_new, *v_new, d.starts, capacity, /*rolling=*/false, call.table);
+  if (q.size(0) > 0) {
+    run_with_lengths(call, q, k_cache, v_cache, d.lens_k.data_ptr<int64_t>(), capacity);
+    poison_skipped(call.out, call.lse, d.starts);
+  }
+  return {call.out, call.lse};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(flash_attn_ext, CUDA, m) {
-  m.impl("attention_kvcache", &attention_kvcache_op<&append_validated, &cuda_limits, &run_kvcache_cuda>);
-}
+TORCH_LIBRARY_IMPL(flash_attn_ext, CUDA, m) { m.impl("attention_kvcache", &attention_kvcache_cuda); }
 
 }  // namespace flash_attn_ext::cuda

@@ -48,6 +48,12 @@ void append_validated(const at::Tensor& k_cache, const at::Tensor& v_cache, cons
   });
 }
 
-TORCH_LIBRARY_IMPL(flash_attn_ext, CPU, m) { m.impl("kv_cache_append", &kv_cache_append_op<&append_validated>); }
+// CPU calls check every value on the host and raise at once: nothing is ever pending.
+void raise_kvcache_device_errors_cpu(const at::Tensor&) {}
+
+TORCH_LIBRARY_IMPL(flash_attn_ext, CPU, m) {
+  m.impl("kv_cache_append", &kv_cache_append_op<&append_validated>);
+  m.impl("_raise_kvcache_device_errors", &raise_kvcache_device_errors_cpu);
+}
 
 }  // namespace flash_attn_ext::cpu

@@ -1,12 +1,15 @@
 // CUDA kernel of flash_attn_ext::kv_cache_append: one launch writes K and V of every new
 // position into its slot, in place, no allocation. One warp per (sequence, head, position)
 // copies the K row then the V row, lanes striding the features (coalesced). Validation, which
-// reads cache_seqlens on the host, runs before the launch, so a bad call writes nothing.
+// reads cache_seqlens on the host, runs before the launch, so a bad call writes nothing; a
+// device-checked call (kv_cache_device_checks.h) skips the sequences its check kernel rejects.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "../cuda/cuda_rows.cuh"
+#include "kv_cache_append_cuda.h"
+#include "kv_cache_device_checks.h"
 #include "kv_cache_host.h"
 
 #include <algorithm>
@@ -38,6 +41,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   const uint32_t span = t_end - t_begin, n = batch * heads * span;
   for (uint32_t r = static_cast<uint32_t>(global_warp()); r < n; r += static_cast<uint32_t>(warp_count())) {
     const uint32_t t = t_begin + r % span, bh = r / span, h = bh % heads, b = bh / heads;
+    if (lens[b] < 0) continue;  // skipped by the device-side check
     const uint32_t pos = static_cast<uint32_t>(lens[b]) + t;
     // The slot's (cache entry, row): the sequence's own, or a block of a paged cache (max_len
     // is then the block size).
@@ -55,21 +59,13 @@ CacheRows cache_rows(const at::Tensor& t) {
 
 }  // namespace
 
-void append_validated(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
-                      const at::Tensor& v_new, const std::vector<int64_t>& lens, bool rolling,
-                      const BlockTable& table) {
+void append_rows(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new, const at::Tensor& v_new,
+                 const at::Tensor& starts, int64_t max_pos, bool rolling, const BlockTable& table) {
   const int64_t B = k_new.size(0), H = k_cache.size(1), S_max = k_cache.size(2), L_new = k_new.size(2);
   if (B == 0 || H == 0 || L_new == 0) return;
   const c10::cuda::CUDAGuard guard(k_cache.device());
-  // A rolling cache's lengths count every position ever appended; only their remainder mod
-  // S_max names a slot, so that is what the kernel gets (its positions stay below 2 S_max).
-  std::vector<int64_t> starts = lens;
-  if (rolling)
-    for (auto& x : starts) x %= S_max;
-  const at::Tensor lens_dev = at::tensor(starts, at::kLong).to(k_cache.device());
   const int64_t t_begin = rolling_first_written(rolling, L_new, S_max);
   const int64_t n = B * H * (L_new - t_begin);
-  const int64_t max_pos = *std::max_element(starts.begin(), starts.end()) + L_new;
   const int64_t last_warp = n + int64_t{warp_grid(n)} * kWarpsPerBlock;  // the warp loop's counter stays below
   TORCH_CHECK_VALUE(std::max({last_warp, max_pos, S_max}) < (int64_t{1} << 32),
                     "flash_attn_ext.kv_cache_append: the CUDA kernel indexes with 32 bits, and this call needs more (",
@@ -78,7 +74,7 @@ void append_validated(const at::Tensor& k_cache, const at::Tensor& v_cache, cons
   const auto launch = [&](auto word) {
     using Word = decltype(word);
     append_kernel<Word><<<warp_grid(n), kThreadsPerBlock, 0, stream>>>(
-        cache_rows(k_cache), cache_rows(v_cache), cache_rows(k_new), cache_rows(v_new), lens_dev.data_ptr<int64_t>(),
+        cache_rows(k_cache), cache_rows(v_cache), cache_rows(k_new), cache_rows(v_new), starts.data_ptr<int64_t>(),
         static_cast<uint32_t>(B), static_cast<uint32_t>(H), static_cast<uint32_t>(t_begin),
         static_cast<uint32_t>(L_new), static_cast<uint32_t>(S_max), rolling,
         table.defined() ? table.table.data_ptr<int32_t>() : nullptr, table.blocks_per_seq);
@@ -94,6 +90,46 @@ void append_validated(const at::Tensor& k_cache, const at::Tensor& v_cache, cons
   }
 }
 
-TORCH_LIBRARY_IMPL(flash_attn_ext, CUDA, m) { m.impl("kv_cache_append", &kv_cache_append_op<&append_validated>); }
+void append_validated(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
+                      const at::Tensor& v_new, const std::vector<int64_t>& lens, bool rolling,
+                      const BlockTable& table) {
+  const int64_t B = k_new.size(0), H = k_cache.size(1), S_max = k_cache.size(2), L_new = k_new.size(2);
+  if (B == 0 || H == 0 || L_new == 0) return;
+  // A rolling cache's lengths count every position ever appended; only their remainder mod
+  // S_max names a slot, so that is what the kernel gets (its positions stay below 2 S_max).
+  std::vector<int64_t> starts = lens;
+  if (rolling)
+    for (auto& x : starts) x %= S_max;
+  const int64_t max_pos = *std::max_element(starts.begin(), starts.end()) + L_new;
+  append_rows(k_cache, v_cache, k_new, v_new, at::tensor(starts, at::kLong).to(k_cache.device()), max_pos, rolling,
+              table);
+}
+
+namespace {
+
+// The op: host-checked (kv_cache_append_op) unless this call checks on the device, where the
+// check kernel gives each sequence its start (or skips it) and the append follows on the stream.
+void kv_cache_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k_new,
+                          const at::Tensor& v_new, const at::Tensor& cache_seqlens, bool rolling,
+                          const std::optional<at::Tensor>& block_table) {
+  constexpr const char* kOp = "flash_attn_ext.kv_cache_append";
+  if (!use_device_checks(kOp, current_kernel_config(), k_cache.device()))
+    return kv_cache_append_op<&append_validated>(k_cache, v_cache, k_new, v_new, cache_seqlens, rolling, block_table);
+  BlockTable table;
+  check_kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, rolling, block_table, &table,
+                        /*host_values=*/false);
+  if (k_new.size(0) == 0) return;
+  const c10::cuda::CUDAGuard guard(k_cache.device());
+  const int64_t S_max = k_cache.size(2), L_new = k_new.size(2);
+  const int64_t capacity = table.defined() ? table.capacity() : S_max;
+  const DeviceLengths d = check_lengths_on_device(cache_seqlens, L_new, capacity, rolling, table, k_cache.size(0),
+                                                  /*want_lens_k=*/false);
+  // The positions the kernel can meet: below capacity, or (rolling) a start below S_max plus L_new.
+  append_rows(k_cache, v_cache, k_new, v_new, d.starts, rolling ? S_max + L_new : capacity, rolling, table);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(flash_attn_ext, CUDA, m) { m.impl("kv_cache_append", &kv_cache_append_cuda); }
 
 }  // namespace flash_attn_ext::cuda

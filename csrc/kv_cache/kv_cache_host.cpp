@@ -32,7 +32,7 @@ void check_cache_pair(const char* op, const char* cache_name, const at::Tensor& 
 }  // namespace
 
 BlockTable check_block_table(const char* op, const std::optional<at::Tensor>& block_table, int64_t batch,
-                             const at::Tensor& k_cache, const std::vector<int64_t>& used) {
+                             const at::Tensor& k_cache, const std::vector<int64_t>* used) {
   BlockTable r;
   if (!block_table.has_value() || !block_table->defined()) return r;
   const at::Tensor& t = *block_table;
@@ -45,14 +45,15 @@ BlockTable check_block_table(const char* op, const std::optional<at::Tensor>& bl
   r.table = t.contiguous();
   r.block_size = k_cache.size(2);
   r.blocks_per_seq = t.size(1);
+  if (used == nullptr) return r;
   const at::Tensor host = r.table.to(at::kCPU);
   const int32_t* entries = host.data_ptr<int32_t>();
   const int64_t num_blocks = k_cache.size(0);
   for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK_VALUE(used[b] <= r.capacity(), op, ": sequence ", b, " needs ", used[b],
+    TORCH_CHECK_VALUE((*used)[b] <= r.capacity(), op, ": sequence ", b, " needs ", (*used)[b],
                       " positions but block_table gives ", r.blocks_per_seq, " blocks of ", r.block_size,
                       "; nothing was written");
-    for (int64_t blk = 0; blk * r.block_size < used[b]; ++blk) {
+    for (int64_t blk = 0; blk * r.block_size < (*used)[b]; ++blk) {
       const int32_t e = entries[b * r.blocks_per_seq + blk];
       TORCH_CHECK_VALUE(e >= 0 && e < num_blocks, op, ": block_table[", b, ", ", blk, "] = ", e,
                         " is not a block of the cache (", num_blocks, " blocks); nothing was written");
@@ -72,7 +73,8 @@ void apply_block_table(AttentionParams& p, const BlockTable& table) {
 std::vector<int64_t> check_kv_cache_append(const at::Tensor& k_cache, const at::Tensor& v_cache,
                                            const at::Tensor& k_new, const at::Tensor& v_new,
                                            const at::Tensor& cache_seqlens, bool rolling,
-                                           const std::optional<at::Tensor>& block_table, BlockTable* table_out) {
+                                           const std::optional<at::Tensor>& block_table, BlockTable* table_out,
+                                           bool host_values) {
   constexpr const char* kOp = "flash_attn_ext.kv_cache_append";
   const bool paged = block_table.has_value() && block_table->defined();
   TORCH_CHECK_VALUE(!(paged && rolling), kOp, ": a paged cache (block_table) cannot also be rolling");
@@ -90,6 +92,13 @@ std::vector<int64_t> check_kv_cache_append(const at::Tensor& k_cache, const at::
   const int64_t B = paged ? k_new.size(0) : k_cache.size(0), L_new = k_new.size(2);
   const int64_t S_max = paged ? k_cache.size(2) * block_table->size(-1) : k_cache.size(2);
   TORCH_CHECK_VALUE(k_new.size(0) == v_new.size(0), kOp, ": k_new and v_new differ in batch");
+  TORCH_CHECK_VALUE(!rolling || S_max > 0 || L_new == 0, kOp, ": a rolling cache needs max_len > 0");
+  if (!host_values) {
+    check_cache_seqlens(kOp, cache_seqlens, B, k_cache.device());
+    BlockTable table = check_block_table(kOp, block_table, B, k_cache, nullptr);
+    if (table_out != nullptr) *table_out = table;
+    return {};
+  }
   const std::vector<int64_t> lens = read_cache_seqlens(kOp, cache_seqlens, B, k_cache.device());
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK_VALUE(lens[b] >= 0, kOp, ": cache_seqlens[", b, "] = ", lens[b], " is negative");
@@ -99,10 +108,9 @@ std::vector<int64_t> check_kv_cache_append(const at::Tensor& k_cache, const at::
                         "); nothing was written. Use a larger cache or rolling=True");
     }
   }
-  TORCH_CHECK_VALUE(!rolling || S_max > 0 || L_new == 0, kOp, ": a rolling cache needs max_len > 0");
   std::vector<int64_t> used(lens);
   for (auto& u : used) u += L_new;
-  BlockTable table = check_block_table(kOp, block_table, B, k_cache, used);
+  BlockTable table = check_block_table(kOp, block_table, B, k_cache, &used);
   if (table_out != nullptr) *table_out = table;
   return lens;
 }
@@ -111,7 +119,8 @@ std::vector<int64_t> check_attention_kvcache(const at::Tensor& q, const at::Tens
                                              const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
                                              const std::optional<at::Tensor>& v_new, double scale, int64_t window_left,
                                              int64_t window_right, const std::optional<at::Tensor>& block_table,
-                                             BlockTable* table_out, std::vector<int64_t>* lens_before_out) {
+                                             BlockTable* table_out, std::vector<int64_t>* lens_before_out,
+                                             bool host_values) {
   constexpr const char* kOp = "flash_attn_ext.attention_kvcache";
   const bool paged = block_table.has_value() && block_table->defined();
   check_attention_inputs(kOp, q, k_cache, v_cache, std::nullopt, 0.0, scale, window_left, window_right, paged);
@@ -129,6 +138,12 @@ std::vector<int64_t> check_attention_kvcache(const at::Tensor& q, const at::Tens
                       " (q's), got ", k_new->size(0), " and ", v_new->size(0));
     TORCH_CHECK_VALUE(v_new->size(2) == L_new, kOp, ": k_new has ", L_new, " new positions, v_new ", v_new->size(2));
   }
+  if (!host_values) {
+    check_cache_seqlens(kOp, cache_seqlens, B, q.device());
+    BlockTable table = check_block_table(kOp, block_table, B, k_cache, nullptr);
+    if (table_out != nullptr) *table_out = table;
+    return {};
+  }
   std::vector<int64_t> lens = read_cache_seqlens(kOp, cache_seqlens, B, q.device());
   if (lens_before_out != nullptr) *lens_before_out = lens;
   for (int64_t b = 0; b < B; ++b) {
@@ -136,7 +151,7 @@ std::vector<int64_t> check_attention_kvcache(const at::Tensor& q, const at::Tens
                       L_new, " new positions does not fit the cache (max_len ", S_max, "); nothing was written");
     lens[b] += L_new;
   }
-  BlockTable table = check_block_table(kOp, block_table, B, k_cache, lens);
+  BlockTable table = check_block_table(kOp, block_table, B, k_cache, &lens);
   if (table_out != nullptr) *table_out = table;
   return lens;
 }
@@ -146,19 +161,19 @@ KvcacheCall prepare_attention_kvcache(const at::Tensor& q, const at::Tensor& k_c
                                       const std::optional<at::Tensor>& v_new, double scale, int64_t window_left,
                                       int64_t window_right, const std::optional<at::Tensor>& block_table,
                                       double softcap, const std::optional<at::Tensor>& alibi_slopes,
-                                      const DeviceLimits& limits, AppendValidatedFn append) {
+                                      const DeviceLimits& limits, AppendValidatedFn append, bool host_values) {
   constexpr const char* kOp = "flash_attn_ext.attention_kvcache";
   check_softcap(kOp, softcap);
-  BlockTable table;
   std::vector<int64_t> lens_before;
   KvcacheCall call;
+  BlockTable& table = call.table;
   call.lens = check_attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_left,
-                                      window_right, block_table, &table, &lens_before);
+                                      window_right, block_table, &table, &lens_before, host_values);
   check_head_dims(kOp, q.size(3), v_cache.size(3), limits);
   AttentionParams& p = call.params;
   p = make_attention_params(q, k_cache, v_cache, 0.0, scale, window_left, window_right, /*bottom_right=*/true, softcap);
   set_alibi_slopes(kOp, p, alibi_slopes, q.device());  // checked before the append writes
-  if (k_new.has_value()) append(k_cache, v_cache, *k_new, *v_new, lens_before, /*rolling=*/false, table);
+  if (k_new.has_value() && host_values) append(k_cache, v_cache, *k_new, *v_new, lens_before, /*rolling=*/false, table);
   apply_block_table(p, table);  // on CUDA a device pointer: the table lives on the cache's device
   call.out = empty_attention_output(q, p.dim_v);
   call.lse = at::empty({p.batch, p.heads_q, p.len_q}, q.options().dtype(lse_dtype(q.scalar_type())));

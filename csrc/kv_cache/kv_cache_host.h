@@ -1,6 +1,8 @@
 // Validation shared by the CPU and CUDA kernels of the KV-cache ops. Both return the
 // sequence lengths on the host, after checking every argument and every value of
-// cache_seqlens, so a bad call raises before anything is written.
+// cache_seqlens, so a bad call raises before anything is written. With host_values false (the
+// CUDA device-checked calls, kv_cache_device_checks.h) they check everything but the values of
+// cache_seqlens and block_table, read nothing back from the device, and return no lengths.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -23,9 +25,10 @@ struct BlockTable {
   int64_t capacity() const { return block_size * blocks_per_seq; }  // positions per sequence
 };
 
-// Validates block_table (if given) for `batch` sequences that use positions [0, used[b]).
+// Validates block_table (if given) for `batch` sequences that use positions [0, used[b]);
+// used nullptr: its dtype, shape and device only (the entries are checked on the device).
 BlockTable check_block_table(const char* op, const std::optional<at::Tensor>& block_table, int64_t batch,
-                             const at::Tensor& k_cache, const std::vector<int64_t>& used);
+                             const at::Tensor& k_cache, const std::vector<int64_t>* used);
 
 // Points p at the table (a device pointer for CUDA kernels) and sets len_k to its capacity.
 void apply_block_table(AttentionParams& p, const BlockTable& table);
@@ -34,7 +37,8 @@ void apply_block_table(AttentionParams& p, const BlockTable& table);
 std::vector<int64_t> check_kv_cache_append(const at::Tensor& k_cache, const at::Tensor& v_cache,
                                            const at::Tensor& k_new, const at::Tensor& v_new,
                                            const at::Tensor& cache_seqlens, bool rolling,
-                                           const std::optional<at::Tensor>& block_table, BlockTable* table_out);
+                                           const std::optional<at::Tensor>& block_table, BlockTable* table_out,
+                                           bool host_values = true);
 
 // attention_kvcache, k_new / v_new included: the key length each sequence attends to
 // (cache_seqlens + L_new); *lens_before_out gets cache_seqlens itself (the write positions).
@@ -42,7 +46,8 @@ std::vector<int64_t> check_attention_kvcache(const at::Tensor& q, const at::Tens
                                              const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
                                              const std::optional<at::Tensor>& v_new, double scale, int64_t window_left,
                                              int64_t window_right, const std::optional<at::Tensor>& block_table,
-                                             BlockTable* table_out, std::vector<int64_t>* lens_before_out = nullptr);
+                                             BlockTable* table_out, std::vector<int64_t>* lens_before_out = nullptr,
+                                             bool host_values = true);
 
 // The copy of kv_cache_append, for arguments already validated (check_kv_cache_append or
 // check_attention_kvcache): lens are the write positions, read once on the host by the check.
@@ -76,10 +81,12 @@ void kv_cache_append_op(const at::Tensor& k_cache, const at::Tensor& v_cache, co
 // device's limits included), the params (kernel configuration included; seqlens_k left for the
 // entry to point at lens, on the host or a device copy), the optional append through the
 // device's append_validated, the block table applied, and the outputs out (B, Hq, L, Dv) and
-// lse (B, Hq, L), uninitialised.
+// lse (B, Hq, L), uninitialised. With host_values false, lens stays empty and nothing is
+// appended: the CUDA device-checked entry appends at starts it checks on the device.
 struct KvcacheCall {
   AttentionParams params;
   std::vector<int64_t> lens;  // the key length each sequence attends to (cache_seqlens + L_new)
+  BlockTable table;
   at::Tensor out, lse;
 };
 KvcacheCall prepare_attention_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -87,7 +94,7 @@ KvcacheCall prepare_attention_kvcache(const at::Tensor& q, const at::Tensor& k_c
                                       const std::optional<at::Tensor>& v_new, double scale, int64_t window_left,
                                       int64_t window_right, const std::optional<at::Tensor>& block_table,
                                       double softcap, const std::optional<at::Tensor>& alibi_slopes,
-                                      const DeviceLimits& limits, AppendValidatedFn append);
+                                      const DeviceLimits& limits, AppendValidatedFn append, bool host_values = true);
 
 // The op attention_kvcache on one device: the shared prologue with the device's append and
 // limits, then Run, the device's kernels on the prepared call (the entry points

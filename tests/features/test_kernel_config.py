@@ -14,6 +14,7 @@ from flash_attn_ext import KernelConfig
 
 _ENV_NAMES = (
     "FLASH_ATTN_EXT_CUDA_FAST",
+    "FLASH_ATTN_EXT_CUDA_DEVICE_CHECKS",
     "FLASH_ATTN_EXT_CPU_DECODE",
     "FLASH_ATTN_EXT_CPU_BF16_DOT",
     "FLASH_ATTN_EXT_CPU_KT_CACHE",
@@ -40,6 +41,7 @@ def test_defaults_and_environment_defaults():
     assert out == str(dataclasses.asdict(KernelConfig())), out
     rc, out, err = _config_in_fresh_process(
         FLASH_ATTN_EXT_CUDA_FAST="require",
+        FLASH_ATTN_EXT_CUDA_DEVICE_CHECKS="require",
         FLASH_ATTN_EXT_CPU_DECODE="0",
         FLASH_ATTN_EXT_CPU_BF16_DOT="0",
         FLASH_ATTN_EXT_CPU_KT_CACHE="0",
@@ -52,6 +54,7 @@ def test_defaults_and_environment_defaults():
         dataclasses.asdict(
             KernelConfig(
                 cuda_fast="require",
+                cuda_device_checks="require",
                 cpu_decode="off",
                 cpu_bf16_dot="off",
                 cpu_kt_cache="off",
@@ -69,9 +72,10 @@ def test_defaults_and_environment_defaults():
         FLASH_ATTN_EXT_CPU_KT_CACHE="1",
         FLASH_ATTN_EXT_CPU_DECODE="1",
         FLASH_ATTN_EXT_CUDA_FAST="off",
+        FLASH_ATTN_EXT_CUDA_DEVICE_CHECKS="0",
     )
     assert rc == 0, err
-    assert out == str(dataclasses.asdict(KernelConfig(cuda_fast="off"))), out
+    assert out == str(dataclasses.asdict(KernelConfig(cuda_fast="off", cuda_device_checks="off"))), out
 
 
 def test_malformed_environment_raises_naming_the_variable():

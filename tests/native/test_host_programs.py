@@ -11,6 +11,8 @@ GPU) and run on every CI run; each checks with tests/native/cpp/expect.h and pri
 - test_mma_kernels_emulated, test_decode_kernel_emulated: the tensor-core forward/backward and the
   split-KV decode kernels, unchanged, one std::thread per CUDA thread (cpp/simt_emulator.h),
   against a float64 reference.
+- test_kv_cache_device_checks_emulated: the KV-cache ops' device-side check and poison kernels under
+  the same emulator, against the rules stated on the host.
 - test_tile_math: the CPU tile and decode kernels against naive loops, in the portable baseline
   build and in the run-time-dispatched build (whichever clone this CPU selects).
 """
@@ -38,6 +40,7 @@ PROGRAMS = {
     "mma_layout": ("test_mma_layout", _STRICT, []),
     "mma_kernels_emulated": ("test_mma_kernels_emulated", _EMULATED, []),
     "decode_kernel_emulated": ("test_decode_kernel_emulated", _EMULATED, []),
+    "kv_cache_device_checks_emulated": ("test_kv_cache_device_checks_emulated", _EMULATED, []),
     "tile_math_baseline": ("test_tile_math", _TILES + ["-march=x86-64", "-DFAE_NO_MULTIVERSION"], _TILE_SOURCES),
     "tile_math_dispatched": ("test_tile_math", _TILES, _TILE_SOURCES),
 }

@@ -339,3 +339,144 @@ def test_split_kv_decode_kernel_declines_what_it_does_not_serve(kernel_settings)
         flash_attn_ext.attention_with_kvcache(
             q[..., :64], kc, kc.clone(), softcap=30.0, cache_seqlens=torch.tensor([32], device="cuda")
         )
+
+
+def _decode_step_case(B=3, Hq=16, Hkv=4, S_max=640, D=128, dtype=torch.bfloat16, block_size=0):
+    """Caches (contiguous, or paged with a shuffled table), a step's q / k_new / v_new."""
+    from test_attention_kvcache import _case
+    from test_paged_kv_cache import _paged_copy
+
+    q, kc, vc = _case(B, Hq, Hkv, 1, S_max, D, dtype, "cuda", seed=11)
+    k_new, v_new = (torch.randn(B, 1, Hkv, D, device="cuda", dtype=dtype) for _ in range(2))
+    table = None
+    if block_size:
+        kc, vc, table = _paged_copy(kc, vc, block_size)
+    return q, kc, vc, k_new, v_new, table
+
+
+@pytest.mark.parametrize("block_size", [0, 64], ids=["contiguous", "paged"])
+def test_decode_step_under_cuda_graph(kernel_settings, block_size):
+    """A decode step (append k_new / v_new, attend) captured once and replayed while the lengths
+    advance on the device: in auto mode the capture checks on the device (no host read, which a
+    capture cannot make), each replay matches the float64 reference at that step's lengths and
+    writes the new rows where the lengths say, and nothing is reported."""
+    from test_attention_kvcache import _check
+
+    flash_attn_ext.check_kvcache_errors()  # start clear, whatever ran before
+    kernel_settings(cuda_device_checks="auto")
+    q, kc, vc, k_new, v_new, table = _decode_step_case(block_size=block_size)
+    seqlens = torch.tensor([100, 7, 500], dtype=torch.int32, device="cuda")
+    kw = dict(cache_seqlens=seqlens, causal=True, block_table=table, return_softmax_lse=True)
+
+    def step():
+        return flash_attn_ext.attention_with_kvcache(q, kc, vc, k=k_new, v=v_new, **kw)
+
+    with torch.no_grad():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):  # warm-up (host-checked) outside the graph
+            step()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out, lse = step()
+        for _ in range(3):
+            seqlens += 1  # outside the graph, on the device: the next step's lengths
+            for t in (q, k_new, v_new):
+                t.copy_(torch.randn_like(t))
+            g.replay()
+            torch.cuda.synchronize()
+            lens = [n + 1 for n in seqlens.tolist()]
+            dense_k, dense_v = _dense(kc, table, 640), _dense(vc, table, 640)
+            for b, n in enumerate(seqlens.tolist()):
+                assert torch.equal(dense_k[b, n], k_new[b, 0]) and torch.equal(dense_v[b, n], v_new[b, 0])
+            _check(out, lse, q, dense_k, dense_v, lens, (-1, 0), torch.bfloat16)
+    flash_attn_ext.check_kvcache_errors()  # nothing skipped: does not raise
+
+
+def _dense(cache, table, S_max):
+    """(B, S_max, H, D) positions of a contiguous or paged (num_blocks, block, H, D) cache."""
+    if table is None:
+        return cache
+    return cache[table.long()].flatten(1, 2)[:, :S_max]
+
+
+def test_device_checks_skip_bad_sequences_and_report(kernel_settings):
+    """cuda_device_checks='require' outside a graph: a negative length, a length past the cache
+    and a bad block table entry each skip their sequence (no row written, outputs NaN) while
+    the good sequence matches the float64 reference and the host-checked result bit for bit;
+    check_kvcache_errors raises naming each reason, once, and the next host-checked call raises
+    what a later device-checked call recorded."""
+    from test_attention_kvcache import _check
+
+    flash_attn_ext.check_kvcache_errors()  # start clear, whatever ran before
+    kernel_settings(num_splits=3)  # the same splits on both paths: bitwise comparable
+    q, kc, vc, k_new, v_new, table = _decode_step_case(B=4, block_size=64)
+    table[3, 0] = kc.shape[0] + 5  # sequence 3's first block is not a block of the cache
+    seqlens = torch.tensor([300, -4, 640, 10], dtype=torch.int64, device="cuda")
+    before_k, before_v = kc.clone(), vc.clone()
+    kw = dict(cache_seqlens=seqlens, causal=True, block_table=table, return_softmax_lse=True)
+    with torch.no_grad():
+        kernel_settings(cuda_device_checks="require")
+        out, lse = flash_attn_ext.attention_with_kvcache(q, kc, vc, k=k_new, v=v_new, **kw)
+        torch.cuda.synchronize()
+        assert out[1:].isnan().all() and lse[1:].isnan().all()
+        dense_k = _dense(kc, table[:1], 640)
+        assert torch.equal(dense_k[0, 300], k_new[0, 0])
+        same = lambda a, b: torch.isclose(a, b, rtol=0, atol=0, equal_nan=True)  # the spare blocks hold NaN
+        changed = ~same(kc, before_k).flatten(1).all(1) | ~same(vc, before_v).flatten(1).all(1)
+        assert set(changed.nonzero().flatten().tolist()) == {table[0, 300 // 64].item()}, "only sequence 0 wrote"
+        _check(out[:1], lse[:1], q[:1], dense_k[:1], _dense(vc, table[:1], 640)[:1], [301], (-1, 0), torch.bfloat16)
+        with pytest.raises(RuntimeError, match="3 sequence.*negative.*past the cache.*not a block"):
+            flash_attn_ext.check_kvcache_errors()
+        flash_attn_ext.check_kvcache_errors()  # cleared
+        # The good sequence, host-checked on a fresh copy, is the same bits.
+        kernel_settings(cuda_device_checks="off")
+        kc.copy_(before_k), vc.copy_(before_v)
+        host_out, host_lse = flash_attn_ext.attention_with_kvcache(
+            q[:1], kc, vc, k=k_new[:1], v=v_new[:1], **dict(kw, cache_seqlens=seqlens[:1], block_table=table[:1])
+        )
+        assert torch.equal(host_out, out[:1]) and torch.equal(host_lse, lse[:1])
+        # A device-checked append with a bad length, then a host-checked call: it raises that.
+        kernel_settings(cuda_device_checks="require")
+        flash_attn_ext.kv_cache_append(kc, vc, k_new[:1], v_new[:1], seqlens[1:2], block_table=table[:1])
+        kernel_settings(cuda_device_checks="auto")
+        with pytest.raises(RuntimeError, match="1 sequence.*negative"):
+            flash_attn_ext.attention_with_kvcache(
+                q[:1], kc, vc, **dict(kw, cache_seqlens=seqlens[:1], block_table=table[:1])
+            )
+        flash_attn_ext.attention_with_kvcache(
+            q[:1], kc, vc, **dict(kw, cache_seqlens=seqlens[:1], block_table=table[:1])
+        )
+
+
+@pytest.mark.parametrize("rolling", [False, True])
+def test_device_checked_append_matches_host_checked(kernel_settings, rolling):
+    """kv_cache_append checked on the device writes the same caches as the host-checked op,
+    rolling lengths past 2^32 included."""
+    flash_attn_ext.check_kvcache_errors()  # start clear, whatever ran before
+    B, S_max, H, D = 3, 96, 4, 64
+    kc = torch.randn(B, S_max, H, D, device="cuda", dtype=torch.float16)
+    vc = torch.randn_like(kc)
+    k_new, v_new = (torch.randn(B, 5, H, D, device="cuda", dtype=torch.float16) for _ in range(2))
+    lens = [2**32 + 93, 7, 2**33] if rolling else [91, 0, 40]
+    seqlens = torch.tensor(lens, dtype=torch.int64, device="cuda")
+    results = []
+    for mode in ("off", "require"):
+        kernel_settings(cuda_device_checks=mode)
+        k, v = kc.clone(), vc.clone()
+        flash_attn_ext.kv_cache_append(k, v, k_new, v_new, seqlens, rolling=rolling)
+        results.append((k, v))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    flash_attn_ext.check_kvcache_errors()
+
+
+def test_host_checks_refuse_a_capture(kernel_settings):
+    """cuda_device_checks='off' under capture raises a clear error before any host read."""
+    kernel_settings(cuda_device_checks="off")
+    q, kc, vc, k_new, v_new, _ = _decode_step_case(B=1)
+    seqlens = torch.tensor([5], dtype=torch.int32, device="cuda")
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cuda_device_checks"), torch.no_grad():
+        with torch.cuda.graph(g):
+            flash_attn_ext.attention_with_kvcache(q, kc, vc, cache_seqlens=seqlens)

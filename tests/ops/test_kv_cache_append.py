@@ -137,3 +137,19 @@ def test_compile_fullgraph(device):
     total = torch.compile(step, fullgraph=True, backend="aot_eager")(kc, vc, kn, vn, lens)
     torch.testing.assert_close(total, kn.sum() + vn.sum())
     assert torch.equal(kc[1, 9:12], kn[1])
+
+
+def test_cpu_ignores_device_checks_and_has_nothing_pending(kernel_settings):
+    """cuda_device_checks concerns CUDA calls only: on CPU a bad length still raises at once,
+    and check_kvcache_errors has nothing to report (and rejects a device it cannot check)."""
+    kernel_settings(cuda_device_checks="require")
+    kc, vc = torch.randn(1, 8, 2, 4), torch.randn(1, 8, 2, 4)
+    before = kc.clone(), vc.clone()
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        flash_attn_ext.kv_cache_append(kc, vc, torch.ones(1, 1, 2, 4), torch.ones(1, 1, 2, 4), torch.tensor([8]))
+    assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])
+    flash_attn_ext.check_kvcache_errors("cpu")
+    if not torch.cuda.is_available():
+        flash_attn_ext.check_kvcache_errors()
+    with pytest.raises(ValueError, match="CUDA or CPU device"):
+        flash_attn_ext.check_kvcache_errors("meta")

@@ -8,6 +8,7 @@
 // when FAE_SIMT_EMULATION names this file.
 #pragma once
 
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -104,6 +105,25 @@ inline uint16_t from_float(float x, BFloat16) {
 }  // namespace emu
 
 inline void __syncthreads() { emu::block().all->arrive_and_wait(); }
+// __syncthreads_or: a barrier that also ors a predicate over the block (the accumulator is
+// reset behind a third barrier, so back-to-back calls cannot mix).
+inline int __syncthreads_or(int predicate) {
+  static std::atomic<int> any{0};
+  __syncthreads();
+  if (predicate) any.store(1);
+  __syncthreads();
+  const int r = any.load();
+  __syncthreads();
+  if (threadIdx.x == 0) any.store(0);
+  __syncthreads();
+  return r;
+}
+inline unsigned atomicOr(unsigned* address, unsigned value) {
+  return std::atomic_ref<unsigned>(*address).fetch_or(value);
+}
+inline unsigned atomicAdd(unsigned* address, unsigned value) {
+  return std::atomic_ref<unsigned>(*address).fetch_add(value);
+}
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_sync(); }
 
 template <typename T>
