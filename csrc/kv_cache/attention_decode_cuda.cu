@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "../attention/attention_forward_mma.h"
 #include "attention_decode_cuda.h"
@@ -50,35 +51,29 @@ int64_t choose_splits(int64_t blocks, int64_t band, int per_sm) {
   return std::min<int64_t>({by_sms, by_len, 256});
 }
 
+// The decode kernels' head dim as a compile-time constant: f(std::integral_constant<int, D>{})
+// for D = dim (64, 128 or 256; decode_ineligible has checked it). The one switch over it.
+template <typename F>
+decltype(auto) with_head_dim(int64_t dim, F&& f) {
+  switch (dim) {
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    default: return f(std::integral_constant<int, 256>{});
+  }
+}
+
+// The split kernel, then (with several splits) the combine kernel, on `stream`. The shared-
+// memory opt-in was made by blocks_per_sm<T, kDim>, which try_attention_decode_cuda asks first.
 template <typename T, int kDim>
 void launch(DecodeParams dp, int64_t blocks, int64_t rows_all, cudaStream_t stream) {
   const auto kernel = decode_detail::attention_decode_split_kernel<T, kDim>;
   const int smem = static_cast<int>(decode_detail::smem_bytes<kDim>());
-  blocks_per_sm<T, kDim>();  // the shared-memory opt-in, once per device
   kernel<<<static_cast<unsigned>(blocks * dp.n_splits), decode_detail::kThreads, smem, stream>>>(dp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (dp.n_splits > 1) {
     decode_detail::decode_combine_kernel<T, kDim>
         <<<static_cast<unsigned>(rows_all), decode_detail::kThreads, 0, stream>>>(dp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-}
-
-template <typename T>
-int dispatch_blocks_per_sm(int64_t dim) {
-  switch (dim) {
-    case 64: return blocks_per_sm<T, 64>();
-    case 128: return blocks_per_sm<T, 128>();
-    default: return blocks_per_sm<T, 256>();
-  }
-}
-
-template <typename T>
-void dispatch_dim(const DecodeParams& dp, int64_t dim, int64_t blocks, int64_t rows_all, cudaStream_t stream) {
-  switch (dim) {
-    case 64: return launch<T, 64>(dp, blocks, rows_all, stream);
-    case 128: return launch<T, 128>(dp, blocks, rows_all, stream);
-    default: return launch<T, 256>(dp, blocks, rows_all, stream);
   }
 }
 
@@ -98,10 +93,8 @@ const char* decode_ineligible(const AttentionParams& p, const at::Tensor& q, con
   if (p.len_q == 0 || p.batch * p.heads_kv == 0) return "empty";
   if (p.len_k > (int64_t{1} << 31) - 2 * decode_detail::kChunk) return "cache of 2^31 positions or more";
   if (at::cuda::getCurrentDeviceProperties()->major < 8) return "GPU older than sm_80 (cp.async)";
-  if (static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin) <
-      static_cast<int64_t>(dim == 64    ? decode_detail::smem_bytes<64>()
-                           : dim == 128 ? decode_detail::smem_bytes<128>()
-                                        : decode_detail::smem_bytes<256>()))
+  const size_t smem = with_head_dim(dim, [](auto d) { return decode_detail::smem_bytes<decltype(d)::value>(); });
+  if (at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin < smem)
     return "not enough shared memory per block on this GPU";
   if (!mma_rows_aligned(q) || !mma_rows_aligned(k) || !mma_rows_aligned(v) || !mma_rows_aligned(out))
     return "rows not 16-byte aligned";
@@ -120,7 +113,10 @@ bool try_attention_decode_cuda(const AttentionParams& p, const at::Tensor& q, co
 
   const int64_t blocks = p.batch * p.heads_kv, rows_all = p.batch * p.heads_q * p.len_q;
   const bool half = q.scalar_type() == at::kHalf;
-  const int per_sm = half ? dispatch_blocks_per_sm<__half>(p.dim_qk) : dispatch_blocks_per_sm<__nv_bfloat16>(p.dim_qk);
+  const int per_sm = with_head_dim(p.dim_qk, [half](auto d) {
+    constexpr int kDim = decltype(d)::value;
+    return half ? blocks_per_sm<__half, kDim>() : blocks_per_sm<__nv_bfloat16, kDim>();
+  });
   // The keys the G * L rows of one (sequence, KV head) can see: with both window sides bounded,
   // at most left + right + L (sliding-window decode), else up to the cache length.
   const int64_t band = p.window_left >= 0 && p.window_right >= 0
@@ -144,10 +140,13 @@ bool try_attention_decode_cuda(const AttentionParams& p, const at::Tensor& q, co
     dp.part_acc = dp.part_ml = nullptr;
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (half)
-    dispatch_dim<__half>(dp, p.dim_qk, blocks, rows_all, stream);
-  else
-    dispatch_dim<__nv_bfloat16>(dp, p.dim_qk, blocks, rows_all, stream);
+  with_head_dim(p.dim_qk, [&](auto d) {
+    constexpr int kDim = decltype(d)::value;
+    if (half)
+      launch<__half, kDim>(dp, blocks, rows_all, stream);
+    else
+      launch<__nv_bfloat16, kDim>(dp, blocks, rows_all, stream);
+  });
   return true;
 }
 

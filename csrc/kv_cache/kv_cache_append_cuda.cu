@@ -17,14 +17,15 @@
 namespace flash_attn_ext::cuda {
 namespace {
 
-struct CacheRows {
+// A cache or a new-rows tensor as rows of opaque words, for the copy.
+struct WordRows {
   char* data;
   int64_t stride_b, stride_h, stride_l;  // in elements
   int64_t dim;
 };
 
 template <typename Word>  // the element as an opaque word of its size: a copy needs no dtype
-__device__ void copy_row(const CacheRows& dst, const CacheRows& src, int64_t entry, int64_t b, int64_t h, int64_t slot,
+__device__ void copy_row(const WordRows& dst, const WordRows& src, int64_t entry, int64_t b, int64_t h, int64_t slot,
                          int64_t t, int lane) {
   Word* d = reinterpret_cast<Word*>(dst.data) + entry * dst.stride_b + h * dst.stride_h + slot * dst.stride_l;
   const Word* s = reinterpret_cast<const Word*>(src.data) + b * src.stride_b + h * src.stride_h + t * src.stride_l;
@@ -35,7 +36,7 @@ __device__ void copy_row(const CacheRows& dst, const CacheRows& src, int64_t ent
 // 32-bit ones: 64-bit divisions are called subroutines (a call and a stack frame each).
 template <typename Word>
 __global__ void __launch_bounds__(kThreadsPerBlock)
-    append_kernel(CacheRows k_cache, CacheRows v_cache, CacheRows k_new, CacheRows v_new, const int64_t* lens,
+    append_kernel(WordRows k_cache, WordRows v_cache, WordRows k_new, WordRows v_new, const int64_t* lens,
                   uint32_t batch, uint32_t heads, uint32_t t_begin, uint32_t t_end, uint32_t max_len, bool rolling,
                   const int32_t* blocks, int64_t blocks_per_seq) {
   const uint32_t span = t_end - t_begin, n = batch * heads * span;
@@ -53,7 +54,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
 }
 
-CacheRows cache_rows(const at::Tensor& t) {
+WordRows cache_rows(const at::Tensor& t) {
   return {static_cast<char*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2), t.size(3)};
 }
 
