@@ -109,6 +109,14 @@ MUTANTS = [
         ["tests/native/test_host_programs.py", "-k", "kv_cache_device_checks"],
         "the device-side check skips a sequence's last, partly used block (a bad entry there is read)",
     ),
+    (
+        "bwd_mask_one_key_late",
+        "csrc/attention/attention_backward_mma_kernel.cuh",
+        "end_visible_key(row[r], p.align_offset, p.window_right, p.len_k)}",
+        "end_visible_key(row[r], p.align_offset, p.window_right, p.len_k) + 1}",
+        ["tests/native/test_host_programs.py", "-k", "mma_kernels_emulated"],
+        "grad_q's 32-bit mask lets each row see one key past its window's right edge",
+    ),
 ]
 
 

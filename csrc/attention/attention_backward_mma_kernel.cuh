@@ -48,6 +48,10 @@ struct BackwardTiles {
 
 __device__ __forceinline__ float lse_log2(float lse) { return lse * 1.4426950408889634f; }
 
+// A position relative to a tile's first, clamped to [0, n]: 32-bit bounds of a [begin, end)
+// range (of rows or keys) inside the tile, so per-element masks compare ints.
+__device__ __forceinline__ int tile_offset(int64_t x, int n) { return x < 0 ? 0 : (x > n ? n : static_cast<int>(x)); }
+
 // Stores an m16 x D accumulator (rows row0 + 0..15 of this warp) into a (position, feature)
 // slice in the 16-bit type T, times `factor`, rows at or past `n_rows` skipped.
 template <typename T, int kDimTiles>
@@ -125,6 +129,15 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kThreads)
     for (int e = 0; e < 4; ++e) dk[dt][e] = dv[dt][e] = 0.f;
   const int64_t key[2] = {n0 + warp * 16 + mma_layout::acc_element(lane, 0).row,
                           n0 + warp * 16 + mma_layout::acc_element(lane, 2).row};
+  // The rows that see each of this lane's two keys (none for a key past len_k), so that per
+  // step a pair's mask is two 32-bit compares against the tile's first row, not the 64-bit
+  // window test per element.
+  RowRange sees[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+    sees[r] = key[r] < p.len_k
+                  ? visible_row_range(key[r], key[r] + 1, p.align_offset, p.window_left, p.window_right, p.len_q)
+                  : RowRange{0, 0};
 
   for (int64_t s = 0; s < n_steps; ++s) {
     const int cur = static_cast<int>(s & 1);
@@ -163,15 +176,19 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kThreads)
 
     // P^T and dS^T in place of S^T and dP^T; invisible pairs (window, sequence ends, rows
     // that saw nothing) get 0.
+    int lo[2], hi[2];  // rows [lo, hi) of this tile see key[r]
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      lo[r] = tile_offset(sees[r].begin - m0, kBlockM);
+      hi[r] = tile_offset(sees[r].end - m0, kBlockM);
+    }
 #pragma unroll
     for (int qt = 0; qt < kQueryTiles; ++qt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int c = qt * 8 + mma_layout::acc_element(lane, e).col;  // query within the tile
-        const int64_t i = m0 + c, j = key[e >> 1];
         const float l2 = lse2[c];
-        const bool visible =
-            j < p.len_k && l2 != -INFINITY && key_visible(i, j, p.align_offset, p.window_left, p.window_right);
+        const bool visible = c >= lo[e >> 1] && c < hi[e >> 1] && l2 != -INFINITY;
         const float prob = visible ? exp2_fast(fmaf(st[qt][e], bp.scale_log2, -l2)) : 0.f;
         st[qt][e] = prob;
         dpt[qt][e] = visible ? prob * (dpt[qt][e] - delta[c]) : 0.f;  // 0 even for a NaN dP or delta
@@ -250,6 +267,12 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kThreads)
     lse2[r] = row[r] < p.len_q ? lse_log2(bp.lse[at]) : -INFINITY;
     delta[r] = row[r] < p.len_q ? bp.delta[at] : 0.f;
   }
+  // The keys each of this lane's two rows sees, for 32-bit masks per tile (as in grad_kv).
+  KeyRange seen[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+    seen[r] = {first_visible_key(row[r], p.align_offset, p.window_left, p.len_k),
+               end_visible_key(row[r], p.align_offset, p.window_right, p.len_k)};
   float dq[kDimTiles][4];
 #pragma unroll
   for (int dt = 0; dt < kDimTiles; ++dt) dq[dt][0] = dq[dt][1] = dq[dt][2] = dq[dt][3] = 0.f;
@@ -293,14 +316,19 @@ __global__ void __launch_bounds__(BackwardTiles<kHeadDim>::kThreads)
       }
     }
     // dS = P o (dP - delta), P rebuilt from lse; invisible pairs give 0.
+    int lo[2], hi[2];  // keys [lo, hi) of this tile are seen by row[r]
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      lo[r] = tile_offset(seen[r].begin - n0, kBlockN);
+      hi[r] = tile_offset(seen[r].end - n0, kBlockN);
+    }
 #pragma unroll
     for (int t = 0; t < kKeyTiles; ++t) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1;
-        const int64_t j = n0 + t * 8 + mma_layout::acc_element(lane, e).col;
-        const bool visible = j < p.len_k && lse2[r] != -INFINITY &&
-                             key_visible(row[r], j, p.align_offset, p.window_left, p.window_right);
+        const int c = t * 8 + mma_layout::acc_element(lane, e).col;  // key within the tile
+        const bool visible = c >= lo[r] && c < hi[r] && lse2[r] != -INFINITY;
         const float prob = visible ? exp2_fast(fmaf(s[t][e], bp.scale_log2, -lse2[r])) : 0.f;
         s[t][e] = visible ? prob * (dp[t][e] - delta[r]) : 0.f;  // 0 even for a NaN dP or delta
       }

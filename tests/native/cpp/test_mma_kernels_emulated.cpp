@@ -302,6 +302,9 @@ int main() {
   const Case causal_br_empty_rows{1, 1, 1, 80, 40, -1, 0, true};  // rows 0..39 see nothing
   const Case window{1, 1, 1, 130, 130, 37, 5, true};
   const Case gqa{2, 4, 2, 20, 70, -1, 0, true};
+  // A window wider than a tile: interior tiles (every pair visible) between the band's edges,
+  // and (rows 200..255 of the last query tile past L) interior tiles with phantom rows.
+  const Case wide_window{1, 2, 1, 200, 260, 130, 70, true};
   uint32_t seed = 1;
   for (const Case& c : {full, causal_tl, causal_br_empty_rows, window, gqa}) run<emu::Half, 32>(c, seed++, 1.5e-3);
   run<emu::BFloat16, 32>(full, seed++, 1.2e-2);
@@ -312,5 +315,8 @@ int main() {
     run_backward<emu::Half, 32>(c, seed++, 3e-3);
   run_backward<emu::BFloat16, 64>(gqa, seed++, 2.5e-2);
   run_backward<emu::Half, 96>(window, seed++, 3e-3);
+  run<emu::Half, 32>(wide_window, seed++, 1.5e-3);
+  run_backward<emu::Half, 32>(wide_window, seed++, 3e-3);
+  run_backward<emu::BFloat16, 64>(wide_window, seed++, 2.5e-2);
   return expect_summary("tensor-core kernels, emulated");
 }
