@@ -1,8 +1,8 @@
 """Static metrics of every CUDA kernel in the built extension, read from its sm_90 machine code
 (no GPU needed): registers, stack (spills), static shared memory, the launch bound, blocks per SM
 as registers, threads and static shared memory allow, and the SASS instruction mix of the whole
-kernel and of its main loop (the loop with the most HMMA, or without HMMA the most global loads;
-the shortest such loop when they nest):
+kernel and of its main loop (the innermost loop with the most HMMA, or without HMMA the loop with
+the most global loads, the shortest when they nest):
 instructions, HMMA, non-MMA instructions per HMMA, MUFU, shared-memory loads/stores. Exits 1 when
 any kernel uses stack or local memory (a spill or a local array), so a change that spills fails.
 
@@ -112,16 +112,25 @@ def counts(instrs):
 
 def analyse(body):
     whole = counts(body)
-    # Loops: a branch to an earlier address closes one; the main loop is the one with the most
-    # HMMA (among those, the shortest: an inner loop rather than the loop around it).
+    # Loops: a branch to an earlier address closes one. The main loop is the innermost loop with
+    # the most HMMA: one that holds no other HMMA loop (the forward's interior phase is a loop
+    # inside the loop that also runs the masked edge tiles; the inner one is the hot path).
     loops = []
     for addr, text in body:
         m = re.search(r"\bBRA\s+(?:`?\(?)0x([0-9a-f]+)", text)
         if m and int(m.group(1), 16) < addr:
             lo = int(m.group(1), 16)
-            loops.append(counts([(a, t) for a, t in body if lo <= a <= addr]))
+            loops.append((lo, addr, counts([(a, t) for a, t in body if lo <= a <= addr])))
+    innermost = [
+        c
+        for lo, hi, c in loops
+        if c["hmma"]
+        and not any(m["hmma"] and lo <= mlo and mhi <= hi and (mlo, mhi) != (lo, hi) for mlo, mhi, m in loops)
+    ]
+    if innermost:
+        return whole, max(innermost, key=lambda c: (c["hmma"], -c["instr"]))
     # A kernel without HMMA (decode, row programs): the loop with the most global loads.
-    main = max(loops, key=lambda c: (c["hmma"], c["ldg"] if not c["hmma"] else 0, -c["instr"]), default=None)
+    main = max((c for _, _, c in loops), key=lambda c: (c["ldg"], -c["instr"]), default=None)
     return whole, main
 
 

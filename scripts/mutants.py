@@ -117,6 +117,22 @@ MUTANTS = [
         ["tests/native/test_host_programs.py", "-k", "mma_kernels_emulated"],
         "grad_q's 32-bit mask lets each row see one key past its window's right edge",
     ),
+    (
+        "fwd_interior_one_tile_late",
+        "csrc/attention/attention_forward_mma_kernel.cuh",
+        "full_end = (common.end - n_begin) / kBlockN;",
+        "full_end = (common.end - n_begin) / kBlockN + 1;",
+        ["tests/native/test_host_programs.py", "-k", "mma_kernels_emulated"],
+        "the forward's unmasked interior phase runs one key tile past the keys every row sees",
+    ),
+    (
+        "fwd_edge_mask_one_key_late",
+        "csrc/attention/attention_forward_mma_kernel.cuh",
+        "hi[r] = static_cast<int>(e < 0 ? 0 : (e > kBlockN ? kBlockN : e));",
+        "hi[r] = static_cast<int>(e < 0 ? 0 : (e >= kBlockN ? kBlockN : e + 1));",
+        ["tests/native/test_host_programs.py", "-k", "mma_kernels_emulated"],
+        "the forward's edge tiles let each row see one key past its band's right end",
+    ),
 ]
 
 

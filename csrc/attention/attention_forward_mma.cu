@@ -44,6 +44,9 @@ const char* mma_ineligible(const AttentionParams& p, bool has_mask, const at::Te
         std::string("head dim not in {") + mma_forward_head_dims_text() + "} or differs between key and value";
     return why.c_str();
   }
+  // The kernel takes the running max of the unscaled scores (one FFMA per exponent), which
+  // is the max of the scaled ones only for a positive scale.
+  if (!(p.scale > 0.0)) return "scale <= 0";
   if (has_mask) return "attn_mask";
   if (p.dropout_p > 0.0) return "dropout";
   if (p.seqlens_k != nullptr) return "per-sequence key lengths";

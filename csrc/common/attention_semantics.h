@@ -166,6 +166,18 @@ FAE_HOST_DEVICE KeyRange visible_key_range(int64_t row_begin, int64_t row_end, i
   return r;
 }
 
+// Keys every query in [row_begin, row_end) sees: [begin, end), empty when begin >= end (the
+// intersection of the first and last row's ranges, by the same monotonicity). Key tiles inside
+// it need no per-element mask; a kernel runs them as a loop phase of their own.
+FAE_HOST_DEVICE KeyRange common_visible_key_range(int64_t row_begin, int64_t row_end, int64_t offset, int64_t left,
+                                                  int64_t right, int64_t len_k) {
+  KeyRange r;
+  r.begin = first_visible_key(row_end - 1, offset, left, len_k);
+  r.end = end_visible_key(row_begin, offset, right, len_k);
+  if (r.end < r.begin) r.end = r.begin;
+  return r;
+}
+
 // Queries that can see some key in [key_begin, key_end): [begin, end) within [0, len_q).
 // Used by the backward pass, which walks query tiles for a fixed key tile.
 struct RowRange {

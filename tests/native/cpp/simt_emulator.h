@@ -187,6 +187,8 @@ inline void cp_async_commit() {
 inline void cp_async_wait_all() { copy_queue.retire_all_but(0); }
 inline void cp_async_wait_one() { copy_queue.retire_all_but(1); }
 
+inline void copy_16(void* dst, const void* src) { std::memcpy(dst, src, 16); }
+
 // ex2.approx.ftz as exact exp2 with subnormal inputs and results flushed to 0 (the emulator
 // checks the flush, not the GPU's 2-ulp approximation).
 inline float exp2_fast(float x) {

@@ -316,6 +316,13 @@ int main() {
   run_backward<emu::BFloat16, 64>(gqa, seed++, 2.5e-2);
   run_backward<emu::Half, 96>(window, seed++, 3e-3);
   run<emu::Half, 32>(wide_window, seed++, 1.5e-3);
+  // The forward's two loop phases with Q in registers (D = 128) and from shared memory
+  // (D = 64): causal with S - L = 70, so the second and third query tiles run interior tiles
+  // before the diagonal and the sequence end's partial tile; the wide window adds masked tiles
+  // before the interior ones.
+  const Case causal_long{1, 1, 1, 130, 200, -1, 0, true};
+  run<emu::BFloat16, 128>(causal_long, seed++, 1.2e-2);
+  run<emu::Half, 64>(wide_window, seed++, 1.5e-3);
   run_backward<emu::Half, 32>(wide_window, seed++, 3e-3);
   run_backward<emu::BFloat16, 64>(wide_window, seed++, 2.5e-2);
   return expect_summary("tensor-core kernels, emulated");

@@ -36,6 +36,11 @@ static void check_bands(int64_t L, int64_t S, int64_t left, int64_t right, bool 
         const bool in = j >= kr.begin && j < kr.end;
         EXPECT(!any || in, "key range misses a visible key: rows [%ld,%ld) j=%ld", (long)r0, (long)r1, (long)j);
         EXPECT(!in || any, "key range not tight: rows [%ld,%ld) j=%ld", (long)r0, (long)r1, (long)j);
+        bool all = true;
+        for (int64_t i = r0; i < r1; ++i) all &= key_visible(i, j, o, left, right);
+        const KeyRange cr = common_visible_key_range(r0, r1, o, left, right, S);
+        EXPECT(all == (j >= cr.begin && j < cr.end), "common key range rows [%ld,%ld) j=%ld: [%ld,%ld)", (long)r0,
+               (long)r1, (long)j, (long)cr.begin, (long)cr.end);
       }
     }
   }
