@@ -212,3 +212,13 @@ def _merge_attention_states_fake(out_a, lse_a, out_b, lse_b):
     _same_device("merge_attention_states", out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
     torch._check(out_a.shape == out_b.shape, lambda: "out_a and out_b must have the same shape")
     return out_a.new_empty(out_a.shape), lse_a.new_empty(lse_a.shape)
+
+
+@torch.library.register_fake("flash_attn_ext::_raise_kvcache_device_errors")
+def _raise_kvcache_device_errors_fake(on_device):
+    return None
+
+
+# The error check returns nothing and writes nothing, so graph dead-code elimination (Dynamo's,
+# AOT's, Inductor's) would drop it from a compiled step: it is marked as having a side effect.
+torch.fx.node.has_side_effect(torch.ops.flash_attn_ext._raise_kvcache_device_errors.default)

@@ -50,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_cuda(const at::Tensor& q, c
         alibi_slopes);
   KvcacheCall call = prepare_attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_left,
                                                window_right, block_table, softcap, alibi_slopes, cuda_limits(),
-                                               &append_validated, /*host_values=*/false);
+                                               /*append=*/nullptr, /*host_values=*/false);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t capacity = call.params.len_k;  // S_max, or the block table's positions per sequence
   const int64_t L_new = k_new.has_value() ? k_new->size(2) : 0;

@@ -70,6 +70,20 @@ void apply_block_table(AttentionParams& p, const BlockTable& table) {
   p.len_k = table.capacity();
 }
 
+namespace {
+
+// What the host still checks of cache_seqlens and block_table when their values are checked on
+// the device (host_values false): dtype, shape and device, and the table's layout, not its
+// entries (nothing is copied to the host).
+void check_lengths_layout(const char* op, const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
+                          int64_t batch, const at::Tensor& k_cache, BlockTable* table_out) {
+  check_cache_seqlens(op, cache_seqlens, batch, k_cache.device());
+  const BlockTable table = check_block_table(op, block_table, batch, k_cache, nullptr);
+  if (table_out != nullptr) *table_out = table;
+}
+
+}  // namespace
+
 std::vector<int64_t> check_kv_cache_append(const at::Tensor& k_cache, const at::Tensor& v_cache,
                                            const at::Tensor& k_new, const at::Tensor& v_new,
                                            const at::Tensor& cache_seqlens, bool rolling,
@@ -94,9 +108,7 @@ std::vector<int64_t> check_kv_cache_append(const at::Tensor& k_cache, const at::
   TORCH_CHECK_VALUE(k_new.size(0) == v_new.size(0), kOp, ": k_new and v_new differ in batch");
   TORCH_CHECK_VALUE(!rolling || S_max > 0 || L_new == 0, kOp, ": a rolling cache needs max_len > 0");
   if (!host_values) {
-    check_cache_seqlens(kOp, cache_seqlens, B, k_cache.device());
-    BlockTable table = check_block_table(kOp, block_table, B, k_cache, nullptr);
-    if (table_out != nullptr) *table_out = table;
+    check_lengths_layout(kOp, cache_seqlens, block_table, B, k_cache, table_out);
     return {};
   }
   const std::vector<int64_t> lens = read_cache_seqlens(kOp, cache_seqlens, B, k_cache.device());
@@ -139,9 +151,7 @@ std::vector<int64_t> check_attention_kvcache(const at::Tensor& q, const at::Tens
     TORCH_CHECK_VALUE(v_new->size(2) == L_new, kOp, ": k_new has ", L_new, " new positions, v_new ", v_new->size(2));
   }
   if (!host_values) {
-    check_cache_seqlens(kOp, cache_seqlens, B, q.device());
-    BlockTable table = check_block_table(kOp, block_table, B, k_cache, nullptr);
-    if (table_out != nullptr) *table_out = table;
+    check_lengths_layout(kOp, cache_seqlens, block_table, B, k_cache, table_out);
     return {};
   }
   std::vector<int64_t> lens = read_cache_seqlens(kOp, cache_seqlens, B, q.device());

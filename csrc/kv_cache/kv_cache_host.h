@@ -82,7 +82,8 @@ void kv_cache_append_op(const at::Tensor& k_cache, const at::Tensor& v_cache, co
 // entry to point at lens, on the host or a device copy), the optional append through the
 // device's append_validated, the block table applied, and the outputs out (B, Hq, L, Dv) and
 // lse (B, Hq, L), uninitialised. With host_values false, lens stays empty and nothing is
-// appended: the CUDA device-checked entry appends at starts it checks on the device.
+// appended (append may be null): the CUDA device-checked entry appends at starts it checks on
+// the device.
 struct KvcacheCall {
   AttentionParams params;
   std::vector<int64_t> lens;  // the key length each sequence attends to (cache_seqlens + L_new)

@@ -3,6 +3,7 @@ AOT dispatch) on every op, and torch.compile without graph breaks."""
 
 import pytest
 import torch
+from torch._dynamo.backends.common import aot_autograd
 
 import flash_attn_ext
 from reference import make_qkv
@@ -159,3 +160,27 @@ def test_compile_decode_step_with_every_inference_op(device, dynamic):
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     torch.testing.assert_close(lse, ref_lse, rtol=0, atol=0)
     assert torch.equal(compiled_in[1], eager_in[1]) and compiled_in[1].abs().sum() > 0  # the append happened
+
+
+def test_kvcache_error_check_survives_compile(device):
+    """_raise_kvcache_device_errors (behind check_kvcache_errors) has a fake kernel and a
+    side effect: opcheck passes, and a fullgraph-compiled step keeps the call in its graph
+    instead of dropping an op that returns nothing."""
+    op = torch.ops.flash_attn_ext._raise_kvcache_device_errors.default
+    torch.library.opcheck(op, (torch.empty(0, device=device),))
+    torch._dynamo.reset()
+    seen = []
+
+    def forward_graph(gm, example_inputs):  # the graph after AOT tracing and its dead-code pass
+        seen.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    backend = aot_autograd(fw_compiler=forward_graph)
+
+    def step(x):
+        torch.ops.flash_attn_ext._raise_kvcache_device_errors(x)
+        return x + 1
+
+    x = torch.zeros(2, device=device)
+    torch.testing.assert_close(torch.compile(step, fullgraph=True, backend=backend)(x), x + 1)
+    assert op in seen or op.overloadpacket in seen, seen
