@@ -134,6 +134,10 @@ MMA_CASES = {  # name: (L, S, Hq, Hkv, window, bottom_right)
     "window": (300, 300, 2, 2, (37, 5), True),
     "gqa_8_2": (64, 129, 8, 2, (-1, 0), True),
     "mqa_long": (1031, 1031, 4, 1, (-1, -1), True),
+    # The forward's interior phase (tiles every row sees whole) between masked edge tiles: after
+    # the causal band's start, and on both sides of a window wider than several tiles.
+    "causal_long_bottom_right": (1000, 1300, 2, 2, (-1, 0), True),
+    "wide_window_gqa": (700, 700, 4, 2, (300, 130), True),
 }
 
 
@@ -171,6 +175,15 @@ def test_tensor_core_path_declines_what_it_does_not_serve(kernel_settings):
     q, k, v = make_qkv(1, 2, 2, 16, 16, 64, torch.float16, "cuda")
     with pytest.raises(RuntimeError, match="softcap"):
         flash_attn_ext.attention(q, k, v, softcap=5.0)
+    # The kernel's running max is over unscaled scores: a negative (or zero) scale goes to the
+    # safety net, which serves it correctly.
+    with pytest.raises(RuntimeError, match="scale <= 0"):
+        flash_attn_ext.attention(q, k, v, scale=-0.3)
+    kernel_settings(cuda_fast="auto")
+    ref, _ = reference_attention(q, k, v, scale=-0.3)
+    low, _ = reference_attention(q, k, v, scale=-0.3, dtype=torch.float16)
+    assert_matches(flash_attn_ext.attention(q, k, v, scale=-0.3), ref, low, torch.float16, "negative scale")
+    kernel_settings(cuda_fast="require")
     cu = torch.tensor([0, 7, 16], dtype=torch.int32, device="cuda")
     packed = q[0].transpose(0, 1).contiguous()
     with pytest.raises(RuntimeError, match="variable-length"):
