@@ -45,8 +45,10 @@ const char* mma_ineligible(const AttentionParams& p, bool has_mask, const at::Te
     return why.c_str();
   }
   // The kernel takes the running max of the unscaled scores (one FFMA per exponent), which
-  // is the max of the scaled ones only for a positive scale.
-  if (!(p.scale > 0.0)) return "scale <= 0";
+  // is the max of the scaled ones only for a positive scale; and it multiplies -inf by the
+  // float32 scale * log2(e), which must not round to 0 (NaN) or overflow.
+  const float scale_log2 = static_cast<float>(p.scale * 1.4426950408889634);
+  if (!(scale_log2 > 0.f) || !std::isfinite(scale_log2)) return "scale <= 0 or outside float32's normal range";
   if (has_mask) return "attn_mask";
   if (p.dropout_p > 0.0) return "dropout";
   if (p.seqlens_k != nullptr) return "per-sequence key lengths";

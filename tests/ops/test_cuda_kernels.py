@@ -184,6 +184,8 @@ def test_tensor_core_path_declines_what_it_does_not_serve(kernel_settings):
     low, _ = reference_attention(q, k, v, scale=-0.3, dtype=torch.float16)
     assert_matches(flash_attn_ext.attention(q, k, v, scale=-0.3), ref, low, torch.float16, "negative scale")
     kernel_settings(cuda_fast="require")
+    with pytest.raises(RuntimeError, match="scale <= 0"):  # positive, but 0 as a float32
+        flash_attn_ext.attention(q, k, v, scale=1e-47)
     cu = torch.tensor([0, 7, 16], dtype=torch.int32, device="cuda")
     packed = q[0].transpose(0, 1).contiguous()
     with pytest.raises(RuntimeError, match="variable-length"):

@@ -323,6 +323,7 @@ int main() {
   const Case causal_long{1, 1, 1, 130, 200, -1, 0, true};
   run<emu::BFloat16, 128>(causal_long, seed++, 1.2e-2);
   run<emu::Half, 64>(wide_window, seed++, 1.5e-3);
+  run<emu::Half, 96>(causal_long, seed++, 1.5e-3);  // interior tiles through load_tile's generic copy
   run_backward<emu::Half, 32>(wide_window, seed++, 3e-3);
   run_backward<emu::BFloat16, 64>(wide_window, seed++, 2.5e-2);
   return expect_summary("tensor-core kernels, emulated");
