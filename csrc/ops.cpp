@@ -44,12 +44,15 @@ TORCH_LIBRARY(flash_attn_ext, m) {
       "attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
       "float dropout_p, float scale, int window_left, int window_right, bool bottom_right, "
       "float softcap=0.0, Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse, Tensor rng_state)");
-  // Its gradient with respect to query, key and value (not attn_mask).
+  // Its gradient with respect to query, key and value (not attn_mask). grad_lse (lse's shape
+  // and dtype): a gradient flowing into lse as well, which adds P * grad_lse to dS (lse is
+  // differentiable, so that partial attentions merged by their lse compose under autograd).
   m.def(
       "attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, "
       "Tensor lse, Tensor rng_state, Tensor? attn_mask, float dropout_p, float scale, "
       "int window_left, int window_right, bool bottom_right, float softcap=0.0, "
-      "Tensor? alibi_slopes=None) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+      "Tensor? alibi_slopes=None, Tensor? grad_lse=None) "
+      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
   // Packed variable-length sequences (flash-attn's varlen layout): query (total_q, Hq, D), key
   // (total_k, Hkv, D), value (total_k, Hkv, Dv); sequence b is rows [cu_seqlens_q[b],
   // cu_seqlens_q[b + 1]) of query and [cu_seqlens_k[b], cu_seqlens_k[b + 1]) of key/value
@@ -65,8 +68,8 @@ TORCH_LIBRARY(flash_attn_ext, m) {
       "attention_varlen_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
       "Tensor out, Tensor lse, Tensor rng_state, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, float dropout_p, float scale, int window_left, "
-      "int window_right, bool bottom_right, float softcap=0.0, Tensor? alibi_slopes=None) "
-      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+      "int window_right, bool bottom_right, float softcap=0.0, Tensor? alibi_slopes=None, "
+      "Tensor? grad_lse=None) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
   // KV cache: writes k_new/v_new (B, Hkv, L_new, D) into k_cache/v_cache (B, Hkv, S_max, D)
   // in place at positions cache_seqlens[b] + t, read through strides (a flash-attn
   // (B, S_max, Hkv, D) cache is passed as its transpose(1, 2) view). rolling: the cache holds

@@ -73,6 +73,7 @@ def _attention_backward_fake(
     bottom_right,
     softcap=0.0,
     alibi_slopes=None,
+    grad_lse=None,
 ):
     _same_device(
         "attention_backward",
@@ -84,6 +85,7 @@ def _attention_backward_fake(
         lse=lse,
         attn_mask=attn_mask,
         alibi_slopes=alibi_slopes,
+        grad_lse=grad_lse,
     )
     return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
 
@@ -143,6 +145,7 @@ def _attention_varlen_backward_fake(
     bottom_right,
     softcap=0.0,
     alibi_slopes=None,
+    grad_lse=None,
 ):
     _same_device(
         "attention_varlen_backward",
@@ -155,6 +158,7 @@ def _attention_varlen_backward_fake(
         cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k,
         alibi_slopes=alibi_slopes,
+        grad_lse=grad_lse,
     )
     return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
 

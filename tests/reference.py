@@ -65,7 +65,8 @@ class _KernelRounding(torch.autograd.Function):
     baseline of SPEC.md section 6: scores, softmax and every sum in float32 (as the kernels keep
     them), the unnormalised probabilities P rounded to `dtype` before P V, and in the backward
     (flash-attn's algorithm) delta = rowsum(dO * O) from the output as stored (rounded), P
-    rounded before P^T dO and dS rounded before dS K and dS^T Q. The caller rounds the output
+    rounded before P^T dO and dS rounded before dS K and dS^T Q; a gradient into the lse enters
+    dS as P * dlse (delta - dlse in place of delta, as the kernels fold it). The caller rounds the output
     and the gradients to `dtype` once (the .to() around this function)."""
 
     @staticmethod
@@ -80,7 +81,7 @@ class _KernelRounding(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    def backward(ctx, dout, _dlse):
+    def backward(ctx, dout, dlse):
         q, k, v, lse, out_stored, keep, _slope, attn_mask, alibi_slopes = ctx.saved_tensors
         scale, window, bottom_right, softcap, dropout_p, dtype = ctx.args
         s, slope = _scores(q, k, scale, window, bottom_right, attn_mask, softcap, alibi_slopes)
@@ -97,6 +98,8 @@ class _KernelRounding(torch.autograd.Function):
         if keep is not None:
             dp = dp * keep.to(dp.dtype) * keep_scale
         delta = (dout * out_stored).sum(-1, keepdim=True)
+        if dlse is not None:
+            delta = delta - dlse.unsqueeze(-1)
         ds = p * (dp - delta)
         if slope is not None:
             ds = ds * slope

@@ -1,7 +1,8 @@
 // Autograd for attention_forward and attention_varlen_forward, registered in C++ so that loss.backward() works from
 // Python and from LibTorch programs alike; torch.compile traces through it with the fake
 // kernels. The backward recomputes probabilities from (out, lse, rng_state): nothing of size
-// L x S is saved.
+// L x S is saved. out and lse are differentiable (a gradient into lse adds P * grad_lse to dS),
+// so partial attentions merged by their lse (ring attention, split KV) compose under autograd.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
 #include <torch/autograd.h>
@@ -24,14 +25,15 @@ using ForwardSig = Tensors3(T q, T k, T v, const OptTensor& attn_mask, double dr
                             const OptTensor& alibi_slopes);
 using BackwardSig = Tensors3(T grad_out, T q, T k, T v, T out, T lse, T rng_state, const OptTensor& attn_mask,
                              double dropout_p, double scale, int64_t window_left, int64_t window_right,
-                             bool bottom_right, double softcap, const OptTensor& alibi_slopes);
+                             bool bottom_right, double softcap, const OptTensor& alibi_slopes,
+                             const OptTensor& grad_lse);
 using VarlenForwardSig = Tensors3(T q, T k, T v, T cu_q, T cu_k, int64_t max_q, int64_t max_k, double dropout_p,
                                   double scale, int64_t window_left, int64_t window_right, bool bottom_right,
                                   double softcap, const OptTensor& alibi_slopes);
 using VarlenBackwardSig = Tensors3(T grad_out, T q, T k, T v, T out, T lse, T rng_state, T cu_q, T cu_k, int64_t max_q,
                                    int64_t max_k, double dropout_p, double scale, int64_t window_left,
                                    int64_t window_right, bool bottom_right, double softcap,
-                                   const OptTensor& alibi_slopes);
+                                   const OptTensor& alibi_slopes, const OptTensor& grad_lse);
 
 constexpr char kForwardOp[] = "flash_attn_ext::attention_forward";
 constexpr char kBackwardOp[] = "flash_attn_ext::attention_backward";
@@ -78,13 +80,22 @@ std::optional<at::Tensor> optional_of(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
-// The end of both forwards: the options saved for backward, lse and rng_state returned as
-// non-differentiable outputs.
+// The end of both forwards: the options saved for backward, rng_state returned as a
+// non-differentiable output.
 variable_list outputs_of_forward(AutogradContext* ctx, const Options& options, const at::Tensor& out,
                                  const at::Tensor& lse, const at::Tensor& rng_state) {
   options.save(ctx);
-  ctx->mark_non_differentiable({lse, rng_state});
+  ctx->mark_non_differentiable({rng_state});
   return {out, lse, rng_state};
+}
+
+// The incoming gradients of (out, lse) as the backward ops take them; false when neither is
+// defined (nothing to compute). A gradient into lse alone backpropagates with grad_out = 0.
+bool incoming_gradients(const variable_list& grads, const at::Tensor& out, at::Tensor* grad_out, OptTensor* grad_lse) {
+  if (!grads[0].defined() && !grads[1].defined()) return false;
+  *grad_out = grads[0].defined() ? contiguous_last_dim(grads[0]) : at::zeros_like(out);
+  *grad_lse = grads[1].defined() ? OptTensor(grads[1].contiguous()) : std::nullopt;
+  return true;
 }
 
 class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
@@ -104,12 +115,13 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor grad_out = contiguous_last_dim(grads[0]);
-    if (!grad_out.defined()) return variable_list(11);
+    at::Tensor grad_out;
+    OptTensor grad_lse;
+    if (!incoming_gradients(grads, saved[3], &grad_out, &grad_lse)) return variable_list(11);
     const Options o = Options::load(ctx);
     auto [dq, dk, dv] = call_op<BackwardSig, kBackwardOp>(
         grad_out, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], optional_of(saved[6]), o.dropout_p,
-        o.scale, o.window_left, o.window_right, o.bottom_right, o.softcap, optional_of(saved[7]));
+        o.scale, o.window_left, o.window_right, o.bottom_right, o.softcap, optional_of(saved[7]), grad_lse);
     // No gradient for attn_mask (documented; the Python layer falls back to PyTorch when a
     // mask requires grad), alibi_slopes or the non-tensor arguments.
     variable_list result(11);
@@ -138,14 +150,15 @@ class VarlenAttentionFunction : public torch::autograd::Function<VarlenAttention
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
-    const at::Tensor grad_out = contiguous_last_dim(grads[0]);
     variable_list result(14);
-    if (!grad_out.defined()) return result;
+    at::Tensor grad_out;
+    OptTensor grad_lse;
+    if (!incoming_gradients(grads, s[3], &grad_out, &grad_lse)) return result;
     const Options o = Options::load(ctx);
     auto [dq, dk, dv] = call_op<VarlenBackwardSig, kVarlenBackwardOp>(
         grad_out, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], ctx->saved_data["max_q"].toInt(),
         ctx->saved_data["max_k"].toInt(), o.dropout_p, o.scale, o.window_left, o.window_right, o.bottom_right,
-        o.softcap, optional_of(s[8]));
+        o.softcap, optional_of(s[8]), grad_lse);
     result[0] = dq, result[1] = dk, result[2] = dv;
     return result;
   }

@@ -435,7 +435,7 @@ class BackwardWorker {
 template <typename scalar_t>
 void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::Tensor& dout, const at::Tensor& q,
                      const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                     const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
+                     const at::Tensor& grad_lse, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t L = p.len_q, Dk = p.dim_qk;
   // Packed sequences (varlen): rows at their offsets, loops bounded by each sequence's lengths
@@ -445,6 +445,8 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
   const auto acc_options = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   at::Tensor delta = at::empty(lse.sizes(), acc_options);
   compute_delta<scalar_t, acc_t>(p, do_rows, q_rows_of<const scalar_t>(out, p), delta.data_ptr<acc_t>());
+  // d lse_i / d s_ij = P_ij: a gradient g into lse adds P * g to dS = P * (dP - delta).
+  if (grad_lse.defined()) delta.sub_(grad_lse);
 
   const BackwardPlan plan = plan_backward(p, q.scalar_type(), sizeof(acc_t));
   // dQ accumulates over key tiles in the accumulation type, then is narrowed once.
@@ -491,10 +493,11 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
 
 void run_attention_backward_cpu(const AttentionParams& p, const MaskView& mask, const at::Tensor& grad_out,
                                 const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                                const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
-                                const at::Tensor& dv) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_backward_cpu",
-                                  [&] { backward_kernel<scalar_t>(p, mask, grad_out, q, k, v, out, lse, dq, dk, dv); });
+                                const at::Tensor& lse, const at::Tensor& grad_lse, const at::Tensor& dq,
+                                const at::Tensor& dk, const at::Tensor& dv) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_backward_cpu", [&] {
+    backward_kernel<scalar_t>(p, mask, grad_out, q, k, v, out, lse, grad_lse, dq, dk, dv);
+  });
 }
 
 namespace {
@@ -503,13 +506,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& rng_state, const std::optional<at::Tensor>& attn_mask, double dropout_p,
     double scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes) {
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& grad_lse) {
   BackwardCall call =
       prepare_attention_backward(grad_out, q, k, v, out, lse, rng_state, attn_mask, dropout_p, scale, window_left,
-                                 window_right, bottom_right, softcap, alibi_slopes, DeviceLimits{});
+                                 window_right, bottom_right, softcap, alibi_slopes, grad_lse, DeviceLimits{});
   if (call.nothing_to_run) return {call.dq, call.dk, call.dv};
   set_dropout_seed(call.params, rng_state);
-  run_attention_backward_cpu(call.params, call.mask, grad_out, q, k, v, out, lse, call.dq, call.dk, call.dv);
+  run_attention_backward_cpu(call.params, call.mask, grad_out, q, k, v, out, lse, call.grad_lse, call.dq, call.dk,
+                             call.dv);
   return {call.dq, call.dk, call.dv};
 }
 

@@ -65,14 +65,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& rng_state, const std::optional<at::Tensor>& attn_mask, double dropout_p,
     double scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes) {
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& grad_lse) {
   const BackwardCall call =
       prepare_attention_backward(grad_out, q, k, v, out, lse, rng_state, attn_mask, dropout_p, scale, window_left,
-                                 window_right, bottom_right, softcap, alibi_slopes, cuda_limits());
+                                 window_right, bottom_right, softcap, alibi_slopes, grad_lse, cuda_limits());
   const c10::cuda::CUDAGuard guard(q.device());
   if (call.nothing_to_run) return {call.dq, call.dk, call.dv};
   const at::Tensor rng = rng_state.to(q.device(), at::kLong).contiguous();
-  run_attention_backward_cuda(call.params, call.mask, grad_out, q, k, v, out, lse,
+  run_attention_backward_cuda(call.params, call.mask, grad_out, q, k, v, out, lse, call.grad_lse,
                               dropout_p > 0.0 ? rng.data_ptr<int64_t>() : nullptr, call.dq, call.dk, call.dv);
   return {call.dq, call.dk, call.dv};
 }
@@ -81,8 +81,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
 
 void run_attention_backward_cuda(const AttentionParams& p, const MaskView& mask, const at::Tensor& grad_out,
                                  const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                                 const at::Tensor& lse, const int64_t* rng_ptr, const at::Tensor& dq,
-                                 const at::Tensor& dk, const at::Tensor& dv) {
+                                 const at::Tensor& lse, const at::Tensor& grad_lse, const int64_t* rng_ptr,
+                                 const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
   at::Tensor delta = at::empty_like(lse);  // indexed as the lse (AttentionParams::row_index)
   const int64_t n_rows = p.batch * p.heads_q * p.len_q, n_cols = p.batch * p.heads_kv * p.len_k;
   if (n_rows == 0) return;
@@ -95,6 +95,8 @@ void run_attention_backward_cuda(const AttentionParams& p, const MaskView& mask,
     delta_rows_kernel<scalar_t, acc_t><<<warp_grid(n_rows), kThreadsPerBlock, 0, stream>>>(
         p, go, rows::q_view(strided<const scalar_t>(out), p), delta.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // d lse_i / d s_ij = P_ij: a gradient g into lse adds P * g to dS = P * (dP - delta).
+    if (grad_lse.defined()) delta.sub_(grad_lse);
     if (try_attention_backward_mma(p, mask.kind != MaskKind::kNone, grad_out, q, k, v, lse, delta, dq, dk, dv)) return;
     grad_query_rows_kernel<scalar_t, acc_t><<<warp_grid(n_rows), kThreadsPerBlock, 0, stream>>>(
         p, mask, go, qs, ks, vs, lse.data_ptr<acc_t>(), delta.data_ptr<acc_t>(), rows::q_view(strided<scalar_t>(dq), p),

@@ -14,10 +14,11 @@ void run_attention_forward_cpu(const AttentionParams& p, const MaskView& mask, c
                                const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse);
 
 // dq, dk, dv (preallocated like q, k, v) of the call p describes (attention_backward_cpu.cpp).
+// grad_lse: the gradient flowing into lse (checked), or an undefined tensor.
 void run_attention_backward_cpu(const AttentionParams& p, const MaskView& mask, const at::Tensor& grad_out,
                                 const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                                const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
-                                const at::Tensor& dv);
+                                const at::Tensor& lse, const at::Tensor& grad_lse, const at::Tensor& dq,
+                                const at::Tensor& dk, const at::Tensor& dv);
 
 // Draws the dropout seed from PyTorch's default CPU generator and returns the op's rng_state
 // (int64 [seed, offset]) for the backward; without dropout an empty tensor (nothing drawn).

@@ -16,10 +16,11 @@ void run_attention_forward_cuda(const AttentionParams& p, const MaskView& mask, 
 
 // dq, dk, dv for p on the current stream (the tensor-core backward where it serves the call,
 // the row programs otherwise). rng_ptr: the device rng_state, or nullptr without dropout.
+// grad_lse: the gradient flowing into lse (checked), or an undefined tensor.
 void run_attention_backward_cuda(const AttentionParams& p, const MaskView& mask, const at::Tensor& grad_out,
                                  const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                                 const at::Tensor& lse, const int64_t* rng_ptr, const at::Tensor& dq,
-                                 const at::Tensor& dk, const at::Tensor& dv);
+                                 const at::Tensor& lse, const at::Tensor& grad_lse, const int64_t* rng_ptr,
+                                 const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv);
 
 // int64 [seed, offset] of the call's dropout mask on q's device, drawn from PyTorch's CUDA
 // generator; zeros without dropout.

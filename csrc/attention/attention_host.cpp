@@ -92,6 +92,17 @@ void check_attention_backward_inputs(const at::Tensor& grad_out, const at::Tenso
   check_rng_state(op, rng_state, dropout_p);
 }
 
+at::Tensor checked_grad_lse(const char* op, const std::optional<at::Tensor>& grad_lse, const at::Tensor& lse) {
+  if (!grad_lse.has_value() || !grad_lse->defined()) return at::Tensor();
+  const at::Tensor& g = *grad_lse;
+  TORCH_CHECK_VALUE(g.sizes() == lse.sizes(), op, ": grad_lse must have lse's shape ", lse.sizes(), ", got ",
+                    g.sizes());
+  TORCH_CHECK_TYPE(g.scalar_type() == lse.scalar_type(), op, ": grad_lse must have lse's dtype ", lse.scalar_type(),
+                   ", got ", g.scalar_type());
+  TORCH_CHECK_VALUE(g.device() == lse.device(), op, ": grad_lse must be on ", lse.device(), ", got ", g.device());
+  return g;
+}
+
 void check_rng_state(const char* op, const at::Tensor& rng_state, double dropout_p) {
   const bool ok = dropout_p > 0.0 ? rng_state.numel() == 2 : rng_state.numel() == 0 || rng_state.numel() == 2;
   TORCH_CHECK_VALUE(ok && rng_state.scalar_type() == at::kLong, op,
@@ -216,7 +227,8 @@ BackwardCall prepare_attention_backward(const at::Tensor& grad_out, const at::Te
                                         const at::Tensor& rng_state, const std::optional<at::Tensor>& attn_mask,
                                         double dropout_p, double scale, int64_t window_left, int64_t window_right,
                                         bool bottom_right, double softcap,
-                                        const std::optional<at::Tensor>& alibi_slopes, const DeviceLimits& limits) {
+                                        const std::optional<at::Tensor>& alibi_slopes,
+                                        const std::optional<at::Tensor>& grad_lse, const DeviceLimits& limits) {
   constexpr const char* kOp = "flash_attn_ext.attention_backward";
   check_attention_inputs(kOp, q, k, v, attn_mask, dropout_p, scale, window_left, window_right);
   check_softcap(kOp, softcap);
@@ -229,6 +241,7 @@ BackwardCall prepare_attention_backward(const at::Tensor& grad_out, const at::Te
   call.params = make_attention_params(q, k, v, dropout_p, scale, window_left, window_right, bottom_right, softcap);
   set_alibi_slopes(kOp, call.params, alibi_slopes, q.device());
   call.mask = make_mask_view(attn_mask);
+  call.grad_lse = checked_grad_lse(kOp, grad_lse, lse);
   call.dq = at::empty_like(q);
   call.dk = at::empty_like(k);
   call.dv = at::empty_like(v);

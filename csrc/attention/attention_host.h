@@ -25,6 +25,10 @@ void check_attention_backward_inputs(const at::Tensor& grad_out, const at::Tenso
                                      const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                      const at::Tensor& rng_state, double dropout_p);
 
+// The backward's optional grad_lse: lse's shape, dtype and device (ValueError / TypeError
+// naming grad_lse otherwise). Returns it, or an undefined tensor when absent.
+at::Tensor checked_grad_lse(const char* op, const std::optional<at::Tensor>& grad_lse, const at::Tensor& lse);
+
 // The forward's rng_state as the backward takes it: int64 [seed, offset] with dropout; without
 // dropout the forward returns an empty one (no generator draw, no device work), and any int64
 // state of 0 or 2 elements is accepted (it is not read).
@@ -83,11 +87,11 @@ ForwardCall prepare_attention_forward(const at::Tensor& q, const at::Tensor& k, 
 // The same for attention_backward: the forward's checks and the backward's (grad_out, out, lse
 // and rng_state shapes, dtypes and device), the params and the gradients dq, dk, dv,
 // uninitialised, or zeroed with nothing_to_run set when no query reads any key (the kernels are
-// then skipped).
+// then skipped); grad_lse checked (undefined when absent).
 struct BackwardCall {
   AttentionParams params;
   MaskView mask;
-  at::Tensor dq, dk, dv;
+  at::Tensor dq, dk, dv, grad_lse;
   bool nothing_to_run = false;
 };
 BackwardCall prepare_attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
@@ -95,6 +99,7 @@ BackwardCall prepare_attention_backward(const at::Tensor& grad_out, const at::Te
                                         const at::Tensor& rng_state, const std::optional<at::Tensor>& attn_mask,
                                         double dropout_p, double scale, int64_t window_left, int64_t window_right,
                                         bool bottom_right, double softcap,
-                                        const std::optional<at::Tensor>& alibi_slopes, const DeviceLimits& limits);
+                                        const std::optional<at::Tensor>& alibi_slopes,
+                                        const std::optional<at::Tensor>& grad_lse, const DeviceLimits& limits);
 
 }  // namespace flash_attn_ext

@@ -23,9 +23,10 @@ at::Tensor run_varlen_forward_cpu(AttentionParams& p, double dropout_p, const at
 
 void run_varlen_backward_cpu(AttentionParams& p, const at::Tensor& rng_state, const at::Tensor& grad_out,
                              const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                             const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
+                             const at::Tensor& lse, const at::Tensor& grad_lse, const at::Tensor& dq,
+                             const at::Tensor& dk, const at::Tensor& dv) {
   set_dropout_seed(p, rng_state);
-  run_attention_backward_cpu(p, MaskView{}, grad_out, q, k, v, out, lse, dq, dk, dv);
+  run_attention_backward_cpu(p, MaskView{}, grad_out, q, k, v, out, lse, grad_lse, dq, dk, dv);
 }
 
 }  // namespace

@@ -28,12 +28,13 @@ at::Tensor run_varlen_forward_cuda(AttentionParams& p, double dropout_p, const a
 
 void run_varlen_backward_cuda(AttentionParams& p, const at::Tensor& rng_state, const at::Tensor& grad_out,
                               const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                              const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
+                              const at::Tensor& lse, const at::Tensor& grad_lse, const at::Tensor& dq,
+                              const at::Tensor& dk, const at::Tensor& dv) {
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor rng = rng_state.to(q.device(), at::kLong).contiguous();
   // Keys no sequence covers do not exist (cu_seqlens_k ends at total_k), so every dK/dV row
   // has exactly one writer, as in the dense backward.
-  run_attention_backward_cuda(p, MaskView{}, grad_out, q, k, v, out, lse,
+  run_attention_backward_cuda(p, MaskView{}, grad_out, q, k, v, out, lse, grad_lse,
                               p.dropout_p > 0.0 ? rng.data_ptr<int64_t>() : nullptr, dq, dk, dv);
 }
 

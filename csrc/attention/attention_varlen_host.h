@@ -56,8 +56,8 @@ using VarlenForwardRunFn = at::Tensor (*)(AttentionParams& p, double dropout_p, 
 // The same for the backward: fills dq, dk, dv (views too) from the forward's rng_state.
 using VarlenBackwardRunFn = void (*)(AttentionParams& p, const at::Tensor& rng_state, const at::Tensor& grad_out,
                                      const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dq,
-                                     const at::Tensor& dk, const at::Tensor& dv);
+                                     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& grad_lse,
+                                     const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv);
 
 // The ops attention_varlen_forward/backward on one device: the shared prologue (every check,
 // the device's head-dim limits included, the params, the outputs) and Run, the device's
@@ -83,17 +83,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward_op(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& rng_state, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p, double scale, int64_t window_left,
-    int64_t window_right, bool bottom_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+    int64_t window_right, bool bottom_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& grad_lse) {
   constexpr const char* kOp = "flash_attn_ext.attention_varlen_backward";
   VarlenCall call = make_varlen_call(kOp, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                                      scale, window_left, window_right, bottom_right, softcap, alibi_slopes);
   check_varlen_backward_inputs(grad_out, q, v, out, lse, rng_state, dropout_p);
   check_head_dims(kOp, q.size(2), v.size(2), Limits());
+  const at::Tensor checked_lse_grad = checked_grad_lse(kOp, grad_lse, lse);
   bool nothing_to_run = false;
   auto [dq, dk, dv] = varlen_gradients(call, q, k, v, &nothing_to_run);
   if (nothing_to_run) return {dq, dk, dv};
   Run(call.params, rng_state, as_heads_view(grad_out), as_heads_view(q), as_heads_view(k), as_heads_view(v),
-      as_heads_view(out), lse, as_heads_view(dq), as_heads_view(dk), as_heads_view(dv));
+      as_heads_view(out), lse, checked_lse_grad, as_heads_view(dq), as_heads_view(dk), as_heads_view(dv));
   return {dq, dk, dv};
 }
 

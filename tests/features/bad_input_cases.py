@@ -151,6 +151,16 @@ CASES = [
         r"grad_out|out",
         "OPS.attention_backward(o.double(), q, k, v, o, lse, rng, None, 0.0, 0.25, -1, -1, True)",
     ),
+    (
+        "op-backward/grad-lse-shape",
+        r"grad_lse",
+        "OPS.attention_backward(o, q, k, v, o, lse, rng, None, 0.0, 0.25, -1, -1, True, 0.0, None, lse[:, :1])",
+    ),
+    (
+        "op-backward/grad-lse-dtype",
+        r"grad_lse",
+        "OPS.attention_backward(o, q, k, v, o, lse, rng, None, 0.0, 0.25, -1, -1, True, 0.0, None, lse.double())",
+    ),
     # --- scaled_dot_product_attention (PyTorch's signature) ---
     # The drop-in raises PyTorch's own errors (what it cannot serve goes to PyTorch's SDPA).
     ("sdpa/query-rank", r"query", "fae.scaled_dot_product_attention(q[0, 0, 0], k, v)", TORCH),

@@ -26,11 +26,15 @@ def check_backward(
     scale=None,
     layout="bhld",
     seed=0,
+    lse_grad=False,
 ):
     q, k, v = make_qkv(B, Hq, Hkv, L, S, D, dtype, device, Dv=Dv, layout=layout, seed=seed, requires_grad=True)
     g = torch.Generator().manual_seed(seed + 1)
     dout = torch.randn(B, Hq, L, v.shape[-1], generator=g, dtype=torch.float64).to(dtype).to(device)
-    out = flash_attn_ext.attention(
+    # lse_grad: a gradient flows into the lse too (scaled up so that its share of dS is not lost
+    # in the output's).
+    dlse = 4 * torch.randn(B, Hq, L, generator=g, dtype=torch.float64).to(device) if lse_grad else None
+    out, lse = flash_attn_ext.attention(
         q,
         k,
         v,
@@ -39,15 +43,21 @@ def check_backward(
         scale=scale,
         attn_mask=attn_mask,
         alignment="bottom_right" if bottom_right else "top_left",
+        return_lse=True,
     )
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    if lse_grad:
+        dq, dk, dv = torch.autograd.grad((out, lse), (q, k, v), (dout, dlse.to(lse.dtype)))
+    else:
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
     w = (window[0], (0 if window[1] < 0 else min(window[1], 0)) if causal else window[1])
 
     def ref_grads(ref_dtype):
         qr, kr, vr = (t.detach().to(ref_dtype).requires_grad_(True) for t in (q, k, v))
-        o, _ = reference_attention(
+        o, lse_r = reference_attention(
             qr, kr, vr, scale=scale, window=w, bottom_right=bottom_right, attn_mask=attn_mask, dtype=ref_dtype
         )
+        if lse_grad:
+            return torch.autograd.grad((o, lse_r), (qr, kr, vr), (dout.to(ref_dtype), dlse.to(lse_r.dtype)))
         return torch.autograd.grad(o, (qr, kr, vr), dout.to(ref_dtype))
 
     ref = ref_grads(torch.float64)
@@ -212,3 +222,23 @@ def test_gqa_backward_loop_orders(device, kernel_settings, head_passes, dtype, H
     by working set, cpu_bwd_head_passes='require' / 'off' forces one), both against the reference."""
     kernel_settings(cpu_bwd_head_passes=head_passes)
     check_backward(device, dtype, 2, Hq, Hkv, 150, 197, 48, causal=causal, window=window)
+
+
+# A gradient into the lse (ring attention merges partial results by it) adds P * dlse to dS.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "Hq,Hkv,L,S,causal,window",
+    [(2, 2, 113, 203, False, (-1, -1)), (4, 2, 203, 113, True, (-1, -1)), (2, 1, 130, 130, False, (16, 5))],
+    ids=["plain", "causal_gqa", "window_mqa"],
+)
+def test_grad_through_lse(device, dtype, Hq, Hkv, L, S, causal, window):
+    check_backward(device, dtype, 1, Hq, Hkv, L, S, 64, causal=causal, window=window, lse_grad=True)
+
+
+def test_grad_through_lse_alone_gradcheck(device):
+    """lse alone (no gradient into out): the backward runs with grad_out = 0."""
+    q, k, v = make_qkv(1, 4, 2, 9, 13, 8, torch.float64, device, seed=5, requires_grad=True)
+    fn = lambda q, k, v: flash_attn_ext.attention(q, k, v, window_size=(6, 2), softcap=3.0, return_lse=True)[1]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+    both = lambda q, k, v: flash_attn_ext.attention(q, k, v, causal=True, return_lse=True)  # noqa: E731
+    assert torch.autograd.gradcheck(both, (q, k, v))

@@ -225,3 +225,19 @@ def test_varlen_rejects_bad_shapes_and_max_seqlen(device):
         )
     with pytest.raises(NotImplementedError, match="block_table"):
         flash_attn_varlen_func(q, k, v, cq, ck, 6, 12, block_table=torch.zeros(3, 1, dtype=torch.int32))
+
+
+def test_varlen_grad_through_lse_gradcheck(device):
+    """A gradient into the packed lse (Hq, total_q) reaches q, k, v (P * dlse in dS)."""
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(9, 4, 8, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    k = torch.randn(12, 2, 8, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    v = torch.randn(12, 2, 8, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    cu_q = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 7, 12], dtype=torch.int32, device=device)
+
+    def fn(q, k, v):
+        out, lse, _ = OPS.attention_varlen_forward(q, k, v, cu_q, cu_k, 5, 7, 0.0, 0.3, 3, 0, True)
+        return out, lse
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
