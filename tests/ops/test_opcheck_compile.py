@@ -39,6 +39,29 @@ def test_opcheck_attention_backward(device, case):
     torch.library.opcheck(OPS.attention_backward, (dout, q, k, v, out, lse, rng, mask, p, scale, wl, wr, br))
 
 
+@pytest.mark.parametrize("case", [0, 3, 5])
+def test_opcheck_attention_backward_grad_lse(device, case):
+    q, k, v, mask, p, scale, wl, wr, br = _forward_cases(device)[case]
+    q, k, v = (t.detach() for t in (q, k, v))
+    out, lse, rng = OPS.attention_forward(q, k, v, mask, p, scale, wl, wr, br)
+    args = (torch.randn_like(out), q, k, v, out, lse, rng, mask, p, scale, wl, wr, br, 0.0, None, torch.randn_like(lse))
+    torch.library.opcheck(OPS.attention_backward, args)
+
+
+def test_compile_through_lse(device):
+    """A loss on the lse compiles without graph breaks and matches eager."""
+    q, k, v = make_qkv(1, 4, 2, 33, 41, 16, torch.float32, device, requires_grad=True)
+
+    def loss(q, k, v):
+        out, lse = flash_attn_ext.attention(q, k, v, causal=True, return_lse=True)
+        return out.sum() + lse.square().sum()
+
+    eager = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True)(q, k, v), (q, k, v))
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_opcheck_softcap(device, dtype):
     q, k, v = make_qkv(2, 4, 2, 19, 23, 16, dtype, device, requires_grad=True)
