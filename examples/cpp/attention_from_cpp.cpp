@@ -41,7 +41,7 @@ int main(int argc, char** argv) {
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double, double, int64_t, int64_t,
-              bool, double, const std::optional<at::Tensor>&)>();
+              bool, double, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
 
   torch::manual_seed(0);
   const int64_t B = 2, Hq = 8, Hkv = 2, L = 37, D = 32;
@@ -52,8 +52,9 @@ int main(int argc, char** argv) {
 
   // Causal: window (-1, 0), bottom-right (L == S, so the same as top-left); no softcap (0), no ALiBi.
   auto [out, lse, rng_state] = forward.call(q, k, v, std::nullopt, 0.0, scale, -1, 0, true, 0.0, std::nullopt);
-  auto [dq, dk, dv] =
-      backward.call(grad_out, q, k, v, out, lse, rng_state, std::nullopt, 0.0, scale, -1, 0, true, 0.0, std::nullopt);
+  // The last argument, grad_lse, is a gradient flowing into lse as well; none here.
+  auto [dq, dk, dv] = backward.call(grad_out, q, k, v, out, lse, rng_state, std::nullopt, 0.0, scale, -1, 0, true, 0.0,
+                                    std::nullopt, std::nullopt);
 
   // The reference: K/V heads repeated to the query heads, masked softmax, autograd.
   at::Tensor qr = q.clone().requires_grad_(), kr = k.clone().requires_grad_(), vr = v.clone().requires_grad_();
