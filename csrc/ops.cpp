@@ -37,13 +37,18 @@ TORCH_LIBRARY(flash_attn_ext, m) {
   // otherwise query 0 with key 0 (SDPA's is_causal). softcap > 0: scores become
   // softcap * tanh(score / softcap) before the mask (Gemma-2). alibi_slopes (float32, (Hq,) or
   // (B, Hq)): score (b, h, i, j) gains -slope * |i + o - j| (o the alignment offset), as
-  // flash-attn's alibi_slopes. Returns out (B, Hq, L, Dv), lse
+  // flash-attn's alibi_slopes. sinks (float32 or float64, (Hq,)): learned attention sinks
+  // (gpt-oss), a logit per query head that joins every row's softmax denominator and adds
+  // nothing to the output; lse includes it (the backward needs nothing more: its gradient,
+  // -sum_i exp(sink - lse_i) * (delta_i - grad_lse_i), is formed by the autograd kernel).
+  // Returns out (B, Hq, L, Dv), lse
   // (B, Hq, L; float32, float64 for float64 inputs) and rng_state (int64 [seed, offset]
   // of the dropout mask, for the backward; empty, shape (0,), when dropout_p == 0).
   m.def(
       "attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
       "float dropout_p, float scale, int window_left, int window_right, bool bottom_right, "
-      "float softcap=0.0, Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse, Tensor rng_state)");
+      "float softcap=0.0, Tensor? alibi_slopes=None, Tensor? sinks=None) "
+      "-> (Tensor out, Tensor lse, Tensor rng_state)");
   // Its gradient with respect to query, key and value (not attn_mask). grad_lse (lse's shape
   // and dtype): a gradient flowing into lse as well, which adds P * grad_lse to dS (lse is
   // differentiable, so that partial attentions merged by their lse compose under autograd).
@@ -63,7 +68,7 @@ TORCH_LIBRARY(flash_attn_ext, m) {
       "attention_varlen_forward(Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, "
       "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float dropout_p, float scale, "
       "int window_left, int window_right, bool bottom_right, float softcap=0.0, "
-      "Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse, Tensor rng_state)");
+      "Tensor? alibi_slopes=None, Tensor? sinks=None) -> (Tensor out, Tensor lse, Tensor rng_state)");
   m.def(
       "attention_varlen_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
       "Tensor out, Tensor lse, Tensor rng_state, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
@@ -87,7 +92,8 @@ TORCH_LIBRARY(flash_attn_ext, m) {
   m.def(
       "attention_kvcache(Tensor query, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
       "Tensor? k_new, Tensor? v_new, float scale, int window_left, int window_right, "
-      "Tensor? block_table=None, float softcap=0.0, Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse)");
+      "Tensor? block_table=None, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? sinks=None) "
+      "-> (Tensor out, Tensor lse)");
   // Raises (RuntimeError) and clears what device-checked KV-cache calls on on_device's device
   // skipped (csrc/kv_cache/kv_cache_device_checks.h); nothing on CPU, whose calls always raise
   // at once. Python: flash_attn_ext.check_kvcache_errors.

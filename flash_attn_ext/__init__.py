@@ -4,7 +4,7 @@
     out = flash_attn_ext.scaled_dot_product_attention(q, k, v, is_causal=True)   # drop-in
     out, lse = flash_attn_ext.attention(q, k, v, causal=True, window_size=(255, 0), return_lse=True)
     layer = flash_attn_ext.nn.Attention(embed_dim=1024, num_heads=16, num_kv_heads=4)   # module
-    from flash_attn_ext.flash_attn_interface import flash_attn_func             # flash-attn's API
+    from flash_attn_ext import flash_attn_func, flash_attn_with_kvcache        # flash-attn's API
     with flash_attn_ext.sdpa_patched(): model(x)     # F.scaled_dot_product_attention -> ours
     with flash_attn_ext.kernel_config(cuda_fast="off"): ...   # which kernel paths calls take
     with flash_attn_ext.cpu_tiles("brgemm"): ...      # CPU tile products on oneDNN brgemm
@@ -30,6 +30,16 @@ from .config import (
 )
 from .attention import attention, merge_attention_states
 from . import flash_attn_interface  # noqa: F401  (flash-attn's API)
+from . import rotary  # noqa: F401  (apply_rotary_emb, as flash-attn's layers.rotary)
+from .flash_attn_interface import (  # flash-attn exports these at its top level too
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+    flash_attn_with_kvcache,
+)
 from .kv_cache import KVCache, attention_with_kvcache, check_kvcache_errors, kv_cache_append
 from .sdpa import patch_sdpa, scaled_dot_product_attention, sdpa_patched, unpatch_sdpa
 
@@ -46,6 +56,14 @@ __all__ = [
     "unpatch_sdpa",
     "sdpa_patched",
     "flash_attn_interface",
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
+    "rotary",
     "nn",
     "scaled_dot_product_attention",
     "fallback_counts",

@@ -40,8 +40,17 @@ def _attention_forward_fake(
     bottom_right,
     softcap=0.0,
     alibi_slopes=None,
+    sinks=None,
 ):
-    _same_device("attention_forward", query=query, key=key, value=value, attn_mask=attn_mask, alibi_slopes=alibi_slopes)
+    _same_device(
+        "attention_forward",
+        query=query,
+        key=key,
+        value=value,
+        attn_mask=attn_mask,
+        alibi_slopes=alibi_slopes,
+        sinks=sinks,
+    )
     torch._check(query.dim() == 4, lambda: f"query must be 4-D, got {query.dim()}-D")
     torch._check(key.dim() == 4 and value.dim() == 4, lambda: "key and value must be 4-D")
     torch._check(
@@ -106,6 +115,7 @@ def _attention_varlen_forward_fake(
     bottom_right,
     softcap=0.0,
     alibi_slopes=None,
+    sinks=None,
 ):
     _same_device(
         "attention_varlen_forward",
@@ -115,6 +125,7 @@ def _attention_varlen_forward_fake(
         cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k,
         alibi_slopes=alibi_slopes,
+        sinks=sinks,
     )
     torch._check(query.dim() == 3, lambda: f"query must be 3-D (total_q, heads, head_dim), got {query.dim()}-D")
     torch._check(key.dim() == 3 and value.dim() == 3, lambda: "key and value must be 3-D")
@@ -192,6 +203,7 @@ def _attention_kvcache_fake(
     block_table=None,
     softcap=0.0,
     alibi_slopes=None,
+    sinks=None,
 ):
     _same_device(
         "attention_kvcache",
@@ -203,6 +215,7 @@ def _attention_kvcache_fake(
         v_new=v_new,
         block_table=block_table,
         alibi_slopes=alibi_slopes,
+        sinks=sinks,
     )
     torch._check(query.dim() == 4 and k_cache.dim() == 4, lambda: "query and caches must be 4-D")
     batch, heads, len_q, _ = query.shape

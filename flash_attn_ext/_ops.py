@@ -80,10 +80,22 @@ def attention_forward(
     bottom_right: bool,
     softcap: float = 0.0,
     alibi_slopes: Optional[torch.Tensor] = None,
+    sinks: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     require_kernel(query.device.type)
     return _lib.attention_forward(
-        query, key, value, attn_mask, dropout_p, scale, window_left, window_right, bottom_right, softcap, alibi_slopes
+        query,
+        key,
+        value,
+        attn_mask,
+        dropout_p,
+        scale,
+        window_left,
+        window_right,
+        bottom_right,
+        softcap,
+        alibi_slopes,
+        sinks,
     )
 
 
@@ -102,6 +114,7 @@ def attention_varlen_forward(
     bottom_right: bool,
     softcap: float = 0.0,
     alibi_slopes: Optional[torch.Tensor] = None,
+    sinks: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     require_kernel(query.device.type)
     return _lib.attention_varlen_forward(
@@ -119,4 +132,5 @@ def attention_varlen_forward(
         bottom_right,
         softcap,
         alibi_slopes,
+        sinks,
     )

@@ -49,6 +49,7 @@ def attention(
     alignment: str = "bottom_right",
     softcap: float = 0.0,
     alibi_slopes: Optional[torch.Tensor] = None,
+    sinks: Optional[torch.Tensor] = None,
     return_lse: bool = False,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Fused exact attention, layout (batch, heads, len, head_dim) like SDPA.
@@ -62,8 +63,12 @@ def attention(
     Dropout (dropout_p > 0) uses PyTorch's generator. softcap > 0 soft-caps the scaled scores,
     s -> softcap * tanh(s / softcap), before the mask (Gemma-2, flash-attn's softcap).
     alibi_slopes (float32, (Hq,) or (B, Hq)) adds -slope * |i + o - j| to score (i, j) (ALiBi,
-    as flash-attn's alibi_slopes; no gradient flows to the slopes). Returns out (B, Hq, L, Dv) and, with
-    return_lse, the float32 log-sum-exp (B, Hq, L). Differentiable in query, key and value.
+    as flash-attn's alibi_slopes; no gradient flows to the slopes). sinks (float32, (Hq,)):
+    learned attention sinks (gpt-oss): one logit per query head joins every row's softmax
+    denominator and adds nothing to the output, out_i = sum_j e^(s_ij) v_j / (e^(sink) +
+    sum_j e^(s_ij)); the lse includes it, and sinks gets a gradient. Returns out (B, Hq, L, Dv)
+    and, with return_lse, the float32 log-sum-exp (B, Hq, L). Differentiable in query, key,
+    value (and sinks).
     """
     _ops.check_tensors(
         "flash_attn_ext.attention",
@@ -72,7 +77,8 @@ def attention(
         value=value,
         attn_mask=attn_mask,
         alibi_slopes=alibi_slopes,
-        optional=("attn_mask", "alibi_slopes"),
+        sinks=sinks,
+        optional=("attn_mask", "alibi_slopes", "sinks"),
     )
     if alignment not in ("bottom_right", "top_left"):
         raise ValueError(f"alignment must be 'bottom_right' or 'top_left', got {alignment!r}")
@@ -96,6 +102,7 @@ def attention(
         alignment == "bottom_right",
         float(softcap),
         alibi_slopes,
+        sinks,
     )
     return (out, lse) if return_lse else out
 

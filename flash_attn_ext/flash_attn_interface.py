@@ -17,13 +17,20 @@ import flash_attn_func` can replace `from flash_attn import flash_attn_func`:
   seqlen) in float32; the attention probabilities themselves are never materialised here, so
   the third element is None (flash-attn returns them only for testing, with dropout).
 
-Not yet (an argument that would change the result raises NotImplementedError naming it):
-rotary embedding in `flash_attn_with_kvcache`, `cache_batch_idx`,
-`cache_leftpad`, and `block_table` in `flash_attn_varlen_func`. `deterministic` is accepted:
-every kernel here is deterministic. `num_splits` is accepted and ignored: the split count is
-chosen per call (FLASH_ATTN_EXT_NUM_SPLITS forces it).
+- `flash_attn_with_kvcache` takes `rotary_cos` / `rotary_sin` / `rotary_interleaved`,
+  `cache_batch_idx` and `cache_leftpad` as flash-attn does (see
+  flash_attn_ext.attention_with_kvcache); `flash_attn_varlen_func(..., block_table=)` attends
+  packed queries to a paged cache (k/v (num_blocks, block_size, Hkv, D), cu_seqlens_k the key
+  lengths), forward-only as in flash-attn.
+- errors: a bad argument raises an exception that is both what the rest of the package raises
+  (ValueError / TypeError, naming the argument) and a RuntimeError, which is what flash-attn's
+  users catch (`FlashAttnValueError`, `FlashAttnTypeError`).
+
+`deterministic` is accepted: every kernel here is deterministic. `num_splits` is accepted and
+ignored: the split count is chosen per call (FLASH_ATTN_EXT_NUM_SPLITS forces it).
 """
 
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -34,6 +41,8 @@ from .attention import _contiguous_last_dim, attention, normalize_window
 from .kv_cache import attention_with_kvcache
 
 __all__ = [
+    "FlashAttnTypeError",
+    "FlashAttnValueError",
     "flash_attn_func",
     "flash_attn_qkvpacked_func",
     "flash_attn_kvpacked_func",
@@ -44,12 +53,33 @@ __all__ = [
 ]
 
 
-def _not_yet(**args) -> None:
-    for name, value in args.items():
-        if value is not None and value is not False and not (isinstance(value, float) and value == 0.0):
-            raise NotImplementedError(f"flash_attn_ext: {name} is not supported yet (got {value!r})")
+class FlashAttnValueError(ValueError, RuntimeError):
+    """A bad argument value: a ValueError, as everywhere in the package, and a RuntimeError,
+    as flash-attn raises it (its users write `except RuntimeError`)."""
 
 
+class FlashAttnTypeError(TypeError, RuntimeError):
+    """A bad argument type (a tensor of the wrong dtype, a non-tensor): TypeError and RuntimeError."""
+
+
+def _flash_attn_errors(fn):
+    """Re-raise ValueError / TypeError from fn as the classes above (same message, same traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (FlashAttnValueError, FlashAttnTypeError):
+            raise
+        except ValueError as e:
+            raise FlashAttnValueError(*e.args).with_traceback(e.__traceback__) from None
+        except TypeError as e:
+            raise FlashAttnTypeError(*e.args).with_traceback(e.__traceback__) from None
+
+    return wrapper
+
+
+@_flash_attn_errors
 def flash_attn_func(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -62,8 +92,13 @@ def flash_attn_func(
     alibi_slopes: Optional[torch.Tensor] = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
+    sinks: Optional[torch.Tensor] = None,
+    *,
+    s_aux: Optional[torch.Tensor] = None,
 ):
-    """q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, Hq, D) [, softmax_lse (B, Hq, Sq), None]."""
+    """q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D) -> out (B, Sq, Hq, D) [, softmax_lse (B, Hq, Sq), None].
+    sinks ((Hq,); s_aux is an alias): learned attention sinks (gpt-oss), differentiable."""
+    sinks = _sinks_of(sinks, s_aux)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(
@@ -80,12 +115,14 @@ def flash_attn_func(
         alignment="bottom_right",
         softcap=float(softcap),
         alibi_slopes=alibi_slopes,
+        sinks=sinks,
         return_lse=True,
     )
     out = out.transpose(1, 2)
     return (out, lse, None) if return_attn_probs else out
 
 
+@_flash_attn_errors
 def flash_attn_varlen_func(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -103,12 +140,33 @@ def flash_attn_varlen_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
     block_table: Optional[torch.Tensor] = None,
+    sinks: Optional[torch.Tensor] = None,
+    *,
+    s_aux: Optional[torch.Tensor] = None,
 ):
     """Packed sequences: q (total_q, Hq, D), k/v (total_k, Hkv, D); sequence b is rows
     [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of q and [cu_seqlens_k[b], cu_seqlens_k[b + 1]) of k/v
     (int32, (batch + 1,)). causal aligns each sequence's mask to its bottom right.
     -> out (total_q, Hq, D) [, softmax_lse (Hq, total_q), None]."""
-    _not_yet(block_table=block_table)
+    sinks = _sinks_of(sinks, s_aux)
+    if block_table is not None:
+        return _varlen_paged(
+            q,
+            k,
+            v,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            max_seqlen_q,
+            block_table,
+            dropout_p,
+            softmax_scale,
+            causal,
+            window_size,
+            softcap,
+            alibi_slopes,
+            return_attn_probs,
+            sinks,
+        )
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 3:
             raise ValueError(
@@ -133,10 +191,113 @@ def flash_attn_varlen_func(
         True,
         float(softcap),
         alibi_slopes,
+        sinks,
     )
     return (out, lse, None) if return_attn_probs else out
 
 
+def _sinks_of(sinks: Optional[torch.Tensor], s_aux: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """sinks, or its alias s_aux (vLLM's flash-attn and transformers' name, which transformers
+    passes in the model's dtype): as the kernels take it, float32 (or float64)."""
+    if sinks is not None and s_aux is not None:
+        raise ValueError("pass sinks or s_aux (its alias), not both")
+    sinks = s_aux if sinks is None else sinks
+    if isinstance(sinks, torch.Tensor) and sinks.dtype in (torch.float16, torch.bfloat16):
+        sinks = sinks.float()  # differentiable: the gradient reaches the half-precision parameter
+    return sinks
+
+
+def _host_lengths(name: str, cu: torch.Tensor, total: Optional[int]) -> torch.Tensor:
+    """The lengths a cu_seqlens tensor gives (int64, on the host), after checking it."""
+    fn = "flash_attn_varlen_func"
+    if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
+        raise TypeError(f"{fn}: {name} must be a 1-D int32 tensor (batch + 1 offsets), got {cu!r:.80}")
+    c = cu.to(torch.int64).cpu()
+    lens = c[1:] - c[:-1]
+    if int(c[0]) != 0 or (lens.numel() and int(lens.min()) < 0):
+        raise ValueError(f"{fn}: {name} must start at 0 and never decrease, got {c.tolist()}")
+    if total is not None and int(c[-1]) != total:
+        raise ValueError(f"{fn}: {name} ends at {int(c[-1])} but q has {total} rows")
+    return lens
+
+
+def _varlen_paged(
+    q,
+    k_cache,
+    v_cache,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    block_table,
+    dropout_p,
+    softmax_scale,
+    causal,
+    window_size,
+    softcap,
+    alibi_slopes,
+    return_attn_probs,
+    sinks=None,
+):
+    """flash_attn_varlen_func against a paged cache: sequence b's keys are positions
+    [0, cu_seqlens_k[b + 1] - cu_seqlens_k[b]) of the blocks block_table[b] names. Served by the
+    KV-cache op: the packed queries are scattered into a (batch, max_seqlen_q) buffer, each
+    sequence's rows at the end so that bottom-right alignment holds per sequence, and gathered
+    back; the padding rows are computed and dropped (work grows by batch * max_seqlen_q /
+    total_q)."""
+    fn = "flash_attn_varlen_func"
+    _ops.check_tensors(fn, q=q, k=k_cache, v=v_cache, block_table=block_table)
+    if q.dim() != 3:
+        raise ValueError(f"{fn}: q must be (total_tokens, heads, head_dim), got shape {tuple(q.shape)}")
+    for name, t in (("k", k_cache), ("v", v_cache)):
+        if t.dim() != 4:
+            raise ValueError(
+                f"{fn}: with block_table, {name} must be a paged cache (num_blocks, block_size, kv_heads, head_dim), "
+                f"got shape {tuple(t.shape)}"
+            )
+    if dropout_p != 0.0:
+        raise ValueError(
+            f"{fn}: dropout_p must be 0 with block_table (the paged path is forward-only), got {dropout_p!r}"
+        )
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+        raise RuntimeError(
+            f"{fn}: with block_table it is forward-only, as in flash-attn; call it under torch.no_grad() "
+            "or torch.inference_mode()"
+        )
+    lens_q = _host_lengths("cu_seqlens_q", cu_seqlens_q, q.shape[0])
+    lens_k = _host_lengths("cu_seqlens_k", cu_seqlens_k, None)
+    if lens_k.numel() != lens_q.numel():
+        raise ValueError(f"{fn}: cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1)")
+    B, L = lens_q.numel(), int(max_seqlen_q)
+    if B and int(lens_q.max()) > L:
+        raise ValueError(f"{fn}: max_seqlen_q = {L} is shorter than the longest query sequence ({int(lens_q.max())})")
+    dev = q.device
+    lens_q_d = lens_q.to(dev)
+    starts = cu_seqlens_q.to(torch.int64)
+    rows = torch.arange(q.shape[0], device=dev)
+    seq = torch.searchsorted(starts[1:], rows, right=True)  # the sequence of each packed row
+    dest = seq * L + (L - lens_q_d[seq]) + (rows - starts[seq])  # right-aligned in its sequence's slot
+    padded = q.new_zeros(B * L, *q.shape[1:])
+    padded[dest] = q
+    out, lse = attention_with_kvcache(
+        padded.view(B, L, *q.shape[1:]),
+        k_cache,
+        v_cache,
+        cache_seqlens=lens_k.to(device=dev, dtype=torch.int32),
+        softmax_scale=softmax_scale,
+        causal=causal,
+        window_size=tuple(window_size),
+        return_softmax_lse=True,
+        block_table=block_table,
+        softcap=float(softcap),
+        alibi_slopes=alibi_slopes,
+        sinks=sinks,
+    )
+    out = out.reshape(B * L, *out.shape[2:])[dest]
+    lse = lse.permute(1, 0, 2).reshape(lse.shape[1], B * L)[:, dest]  # (Hq, total_q), as flash-attn
+    return (out, lse, None) if return_attn_probs else out
+
+
+@_flash_attn_errors
 def flash_attn_varlen_qkvpacked_func(
     qkv: torch.Tensor,
     cu_seqlens: torch.Tensor,
@@ -149,6 +310,7 @@ def flash_attn_varlen_qkvpacked_func(
     alibi_slopes: Optional[torch.Tensor] = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
+    sinks: Optional[torch.Tensor] = None,
 ):
     """qkv (total, 3, H, D): packed self-attention with Q, K and V packed (views, no copy)."""
     if qkv.dim() != 4 or qkv.shape[1] != 3:
@@ -173,9 +335,11 @@ def flash_attn_varlen_qkvpacked_func(
         alibi_slopes,
         deterministic,
         return_attn_probs,
+        sinks=sinks,
     )
 
 
+@_flash_attn_errors
 def flash_attn_varlen_kvpacked_func(
     q: torch.Tensor,
     kv: torch.Tensor,
@@ -191,6 +355,7 @@ def flash_attn_varlen_kvpacked_func(
     alibi_slopes: Optional[torch.Tensor] = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
+    sinks: Optional[torch.Tensor] = None,
 ):
     """q (total_q, Hq, D), kv (total_k, 2, Hkv, D): K and V packed (views, no copy)."""
     if kv.dim() != 4 or kv.shape[1] != 2:
@@ -215,9 +380,11 @@ def flash_attn_varlen_kvpacked_func(
         alibi_slopes,
         deterministic,
         return_attn_probs,
+        sinks=sinks,
     )
 
 
+@_flash_attn_errors
 def flash_attn_qkvpacked_func(
     qkv: torch.Tensor,
     dropout_p: float = 0.0,
@@ -228,6 +395,7 @@ def flash_attn_qkvpacked_func(
     alibi_slopes: Optional[torch.Tensor] = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
+    sinks: Optional[torch.Tensor] = None,
 ):
     """qkv (B, S, 3, H, D): self-attention with Q, K and V packed (views, no copy)."""
     if qkv.dim() != 5 or qkv.shape[2] != 3:
@@ -236,10 +404,22 @@ def flash_attn_qkvpacked_func(
         )
     q, k, v = qkv.unbind(dim=2)
     return flash_attn_func(
-        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs
+        q,
+        k,
+        v,
+        dropout_p,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        alibi_slopes,
+        deterministic,
+        return_attn_probs,
+        sinks=sinks,
     )
 
 
+@_flash_attn_errors
 def flash_attn_kvpacked_func(
     q: torch.Tensor,
     kv: torch.Tensor,
@@ -251,6 +431,7 @@ def flash_attn_kvpacked_func(
     alibi_slopes: Optional[torch.Tensor] = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
+    sinks: Optional[torch.Tensor] = None,
 ):
     """q (B, Sq, Hq, D), kv (B, Sk, 2, Hkv, D): K and V packed (views, no copy)."""
     if kv.dim() != 5 or kv.shape[2] != 2:
@@ -259,10 +440,22 @@ def flash_attn_kvpacked_func(
         )
     k, v = kv.unbind(dim=2)
     return flash_attn_func(
-        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs
+        q,
+        k,
+        v,
+        dropout_p,
+        softmax_scale,
+        causal,
+        window_size,
+        softcap,
+        alibi_slopes,
+        deterministic,
+        return_attn_probs,
+        sinks=sinks,
     )
 
 
+@_flash_attn_errors
 def flash_attn_with_kvcache(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -283,11 +476,14 @@ def flash_attn_with_kvcache(
     alibi_slopes: Optional[torch.Tensor] = None,
     num_splits: int = 0,
     return_softmax_lse: bool = False,
+    sinks: Optional[torch.Tensor] = None,
+    *,
+    s_aux: Optional[torch.Tensor] = None,
 ):
     """Decode / chunked prefill against a KV cache, appending k/v in place first (flash-attn's
     semantics: cache (B, S_max, Hkv, D) or paged (num_blocks, block_size, Hkv, D) with
     block_table; cache_seqlens the lengths before the append)."""
-    _not_yet(rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad)
+    sinks = _sinks_of(sinks, s_aux)
     with torch.no_grad():  # forward-only, as in flash-attn: the result has no autograd history
         return attention_with_kvcache(
             q,
@@ -303,4 +499,10 @@ def flash_attn_with_kvcache(
             block_table=block_table,
             softcap=float(softcap),
             alibi_slopes=alibi_slopes,
+            cache_batch_idx=cache_batch_idx,
+            cache_leftpad=cache_leftpad,
+            rotary_cos=rotary_cos,
+            rotary_sin=rotary_sin,
+            rotary_interleaved=rotary_interleaved,
+            sinks=sinks,
         )

@@ -5,7 +5,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from . import _ops
+from . import _kvcache_index, _ops, _sink_cache
 from .attention import _contiguous_last_dim, normalize_window
 
 _LAYOUTS = ("bshd", "bhsd")
@@ -84,6 +84,12 @@ def attention_with_kvcache(
     block_table: Optional[torch.Tensor] = None,
     softcap: float = 0.0,
     alibi_slopes: Optional[torch.Tensor] = None,
+    cache_batch_idx: Optional[torch.Tensor] = None,
+    cache_leftpad: Optional[torch.Tensor] = None,
+    rotary_cos: Optional[torch.Tensor] = None,
+    rotary_sin: Optional[torch.Tensor] = None,
+    rotary_interleaved: bool = True,
+    sinks: Optional[torch.Tensor] = None,
 ):
     """Decode / chunked-prefill attention against a KV cache (flash-attn's argument names).
 
@@ -98,6 +104,17 @@ def attention_with_kvcache(
     (num_blocks, block_size, Hkv, D) for "bshd"); each sequence then holds up to
     blocks_per_seq * block_size positions. softcap > 0 soft-caps the scores (Gemma-2);
     alibi_slopes (float32, (Hq,) or (B, Hq)) adds ALiBi biases, as flash-attn.
+    cache_batch_idx (int32, (B,)): sequence b lives in cache row cache_batch_idx[b] (of
+    block_table's rows when paged) instead of row b. cache_leftpad (int32, (B,)): sequence b's
+    cache starts at position cache_leftpad[b]: it attends to positions [cache_leftpad[b],
+    cache_seqlens[b] + L_new), bottom-right aligned on that length. Both address the cache in
+    place through a block table (no copy of K/V; with cache_leftpad one int32 entry per position).
+    rotary_cos / rotary_sin ((seqlen_ro, rotary_dim / 2), seqlen_ro >= the cache's positions per
+    sequence): the new keys are rotated at positions cache_seqlens[b] + t before the append, the
+    queries at cache_seqlens[b] + i when causal or windowed, else all at cache_seqlens[b] (as
+    flash-attn); rotary_interleaved as in flash_attn_ext.rotary.apply_rotary_emb.
+    sinks (float32, (Hq,)): learned attention sinks, as in flash_attn_ext.attention (counted once
+    per row, split-KV decoding included).
     Inference only: not differentiable. Capturable in a CUDA graph: the lengths are then checked
     on the device, a bad sequence's output is NaN and check_kvcache_errors reports it.
     """
@@ -111,7 +128,23 @@ def attention_with_kvcache(
         block_table=block_table,
         alibi_slopes=alibi_slopes,
         cache_seqlens=None if isinstance(cache_seqlens, int) else cache_seqlens,
-        optional=("k", "v", "block_table", "alibi_slopes", "cache_seqlens"),
+        cache_batch_idx=cache_batch_idx,
+        cache_leftpad=cache_leftpad,
+        rotary_cos=rotary_cos,
+        rotary_sin=rotary_sin,
+        sinks=sinks,
+        optional=(
+            "sinks",
+            "k",
+            "v",
+            "block_table",
+            "alibi_slopes",
+            "cache_seqlens",
+            "cache_batch_idx",
+            "cache_leftpad",
+            "rotary_cos",
+            "rotary_sin",
+        ),
     )
     if layout not in _LAYOUTS:
         raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
@@ -128,12 +161,14 @@ def attention_with_kvcache(
             "call it under torch.no_grad() or torch.inference_mode()"
         )
     qb, kc, vc = _as_bhsd(q, layout), _as_bhsd(k_cache, layout), _as_bhsd(v_cache, layout)
+    kb = None if k is None else _as_bhsd(k.detach(), layout)
+    vb = None if v is None else _as_bhsd(v.detach(), layout)
     batch, s_max = qb.shape[0], kc.shape[2]
     if block_table is not None and block_table.dim() == 2:
         s_max = kc.shape[2] * block_table.shape[1]  # positions per sequence of a paged cache
     if cache_seqlens is None:
         cache_seqlens = torch.full(
-            (batch,), s_max - (0 if k is None else _as_bhsd(k, layout).shape[2]), dtype=torch.int32, device=q.device
+            (batch,), s_max - (0 if kb is None else kb.shape[2]), dtype=torch.int32, device=q.device
         )
     elif isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
@@ -141,19 +176,29 @@ def attention_with_kvcache(
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
     _ops.require_kernel(q.device.type)
+    if rotary_cos is not None or rotary_sin is not None:
+        per_position = causal or (left, right) != (-1, -1)  # flash-attn: causal or local
+        qb, kb = _kvcache_index.rotate(
+            qb, kb, rotary_cos, rotary_sin, cache_seqlens, rotary_interleaved, per_position, s_max
+        )
+    if cache_batch_idx is not None or cache_leftpad is not None:
+        kc, vc, block_table, cache_seqlens = _kvcache_index.remap(
+            kc, vc, block_table, cache_seqlens, cache_batch_idx, cache_leftpad, 0 if kb is None else kb.shape[2]
+        )
     out, lse = torch.ops.flash_attn_ext.attention_kvcache(
         _contiguous_last_dim(qb),
         kc,
         vc,
         cache_seqlens,
-        None if k is None else _as_bhsd(k.detach(), layout),
-        None if v is None else _as_bhsd(v.detach(), layout),
+        kb,
+        vb,
         float(softmax_scale),
         left,
         right,
         block_table,
         float(softcap),
         alibi_slopes,
+        sinks,
     )
     out = out.transpose(1, 2) if layout == "bshd" else out
     return (out, lse) if return_softmax_lse else out
@@ -203,6 +248,11 @@ class KVCache:
     the cached keys and to its own new keys before it overwrites the slots. Decoding one token
     with the full window reads the slots in place; other calls gather the W cached rows into
     position order first (an O(W * D) copy).
+
+    sink_tokens=n (with window=W, 0 < n < W) makes it StreamingLLM's cache: the first n
+    positions stay in slots [0, n) for good and the last W - n roll through the rest; each query
+    sees the sink tokens and its W - n most recent positions, itself included, exactly (for
+    prefill chunks longer than W too; see flash_attn_ext._sink_cache).
     """
 
     def __init__(
@@ -216,11 +266,20 @@ class KVCache:
         device="cpu",
         head_dim_v: Optional[int] = None,
         window: Optional[int] = None,
+        sink_tokens: int = 0,
     ):
         if window is not None:
             if window <= 0:
                 raise ValueError(f"window must be positive, got {window}")
             max_seqlen = window
+        if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
+        if sink_tokens and (window is None or sink_tokens >= window):
+            raise ValueError(
+                f"sink_tokens={sink_tokens} needs a rolling cache with more slots (window=W, W > sink_tokens), "
+                f"got window={window}"
+            )
+        self.sink_tokens = sink_tokens
         if max_seqlen is None or min(batch_size, max_seqlen, num_kv_heads, head_dim) <= 0:
             raise ValueError("batch_size, max_seqlen (or window), num_kv_heads and head_dim must be positive")
         dv = head_dim if head_dim_v is None else head_dim_v
@@ -252,7 +311,10 @@ class KVCache:
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v (B, L_new, Hkv, D) after each sequence's current length and advance it."""
-        kv_cache_append(self.k, self.v, k, v, self.seqlens, rolling=self.window is not None)
+        if self.sink_tokens:
+            _sink_cache.write(self, k, v)
+        else:
+            kv_cache_append(self.k, self.v, k, v, self.seqlens, rolling=self.window is not None)
         self.seqlens += k.shape[1]
 
     def attend(
@@ -265,12 +327,16 @@ class KVCache:
         window_size: Tuple[int, int] = (-1, -1),
         softmax_scale: Optional[float] = None,
         return_lse: bool = False,
+        sinks: Optional[torch.Tensor] = None,
     ):
         """Attention of q (B, L, Hq, D) against the cache after appending k, v (if given);
         advances the lengths by k's length. Bottom-right aligned, so a chunk of L queries
-        attends to everything before it and causally within itself."""
+        attends to everything before it and causally within itself. sinks: learned attention
+        sinks (Hq,), as in attention_with_kvcache."""
+        if self.sink_tokens:
+            return _sink_cache.attend(self, q, k, v, causal, window_size, softmax_scale, return_lse, sinks)
         if self.window is not None:
-            return self._attend_rolling(q, k, v, causal, window_size, softmax_scale, return_lse)
+            return self._attend_rolling(q, k, v, causal, window_size, softmax_scale, return_lse, sinks)
         result = attention_with_kvcache(
             q,
             self.k,
@@ -282,12 +348,13 @@ class KVCache:
             causal=causal,
             window_size=window_size,
             return_softmax_lse=return_lse,
+            sinks=sinks,
         )
         if k is not None:
             self.seqlens += k.shape[1]
         return result
 
-    def _attend_rolling(self, q, k, v, causal, window_size, softmax_scale, return_lse):
+    def _attend_rolling(self, q, k, v, causal, window_size, softmax_scale, return_lse, sinks):
         W = self.window
         left, right = normalize_window(window_size, causal)
         if right != 0 or not (0 <= left <= W - 1 or left == -1):
@@ -314,6 +381,7 @@ class KVCache:
                 softmax_scale=softmax_scale,
                 causal=False,
                 return_softmax_lse=return_lse,
+                sinks=sinks,
             )
         B, _, H, D = self.k.shape
         # The cached positions in order: sequence b keeps its last min(seqlens[b], W) positions.
@@ -337,6 +405,7 @@ class KVCache:
             causal=True,
             window_size=(left, 0),
             return_softmax_lse=return_lse,
+            sinks=sinks,
         )
         if k is not None:
             self.append(k, v)

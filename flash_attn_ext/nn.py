@@ -25,6 +25,8 @@ class Attention(nn.Module):
     """Self-attention with num_heads query heads sharing num_kv_heads key/value heads (MHA when
     equal, MQA when 1). window_size=(left, right) as in flash-attn ((W - 1, 0) with causal=True
     is a Mistral window of W tokens); dropout applies to the attention probabilities in training.
+    sinks=True adds gpt-oss's learned attention sinks: a parameter `sinks` (num_heads,), one
+    logit per head in every row's softmax denominator (named as in gpt-oss checkpoints).
     """
 
     def __init__(
@@ -39,6 +41,7 @@ class Attention(nn.Module):
         window_size: Tuple[int, int] = (-1, -1),
         dropout: float = 0.0,
         softmax_scale: Optional[float] = None,
+        sinks: bool = False,
         device=None,
         dtype=None,
     ):
@@ -61,12 +64,21 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, **kw)
         self.v_proj = nn.Linear(embed_dim, num_kv_heads * head_dim, **kw)
         self.o_proj = nn.Linear(num_heads * head_dim, embed_dim, **kw)
+        # float32 whatever the module's dtype: the kernels take the sink logits in float32
+        self.sinks = nn.Parameter(torch.zeros(num_heads, device=device, dtype=torch.float32)) if sinks else None
 
     def make_cache(
-        self, batch_size: int, max_seqlen: Optional[int] = None, *, rolling_window: Optional[int] = None
+        self,
+        batch_size: int,
+        max_seqlen: Optional[int] = None,
+        *,
+        rolling_window: Optional[int] = None,
+        sink_tokens: int = 0,
     ) -> KVCache:
         """A KVCache shaped for this module (its dtype and device); rolling_window=W keeps only
-        the last W positions (requires window_size=(W - 1, 0) or narrower, causal)."""
+        the last W positions (requires window_size=(W - 1, 0) or narrower, causal);
+        sink_tokens=n with it keeps the first n positions too (StreamingLLM: the module then
+        sees the sink tokens and its last W - n positions)."""
         w = self.q_proj.weight
         return KVCache(
             batch_size,
@@ -76,6 +88,7 @@ class Attention(nn.Module):
             dtype=w.dtype,
             device=w.device,
             window=rolling_window,
+            sink_tokens=sink_tokens,
         )
 
     def forward(
@@ -93,7 +106,9 @@ class Attention(nn.Module):
         if kv_cache is not None:
             if attn_mask is not None:
                 raise ValueError("attn_mask is not supported together with kv_cache")
-            out = kv_cache.attend(q, k, v, causal=self.causal, window_size=self.window_size, softmax_scale=scale)
+            out = kv_cache.attend(
+                q, k, v, causal=self.causal, window_size=self.window_size, softmax_scale=scale, sinks=self.sinks
+            )
         else:
             out = attention(
                 q.transpose(1, 2),
@@ -104,6 +119,7 @@ class Attention(nn.Module):
                 scale=scale,
                 attn_mask=attn_mask,
                 dropout_p=self.dropout if self.training else 0.0,
+                sinks=self.sinks,
             ).transpose(1, 2)
         return self.o_proj(out.reshape(B, L, self.num_heads * self.head_dim))
 
@@ -111,5 +127,5 @@ class Attention(nn.Module):
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
             f"head_dim={self.head_dim}, causal={self.causal}, window_size={self.window_size}, "
-            f"dropout={self.dropout}"
+            f"dropout={self.dropout}, sinks={self.sinks is not None}"
         )

@@ -67,6 +67,21 @@ def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
     return None
 
 
+def _reject_unsafe(query, key, value) -> None:
+    """Raise for calls that PyTorch's own SDPA cannot serve safely, so they never reach it: key
+    and value of different lengths (its CPU flash kernel accepts them and reads past the end of
+    value; its math path raises this error, which is the one raised here)."""
+    if not all(isinstance(t, torch.Tensor) and t.dim() >= 2 for t in (query, key, value)):
+        return
+    if key.shape[-2] != value.shape[-2]:
+        n = math.prod(query.shape[:-2])
+        raise RuntimeError(
+            f"Expected size for first two dimensions of batch2 tensor to be: [{n}, {key.shape[-2]}] but got: "
+            f"[{n}, {value.shape[-2]}]. (flash_attn_ext.scaled_dot_product_attention: key has {key.shape[-2]} "
+            f"positions, value {value.shape[-2]})"
+        )
+
+
 def _window_mask(len_q, len_k, left, right, device):
     i = torch.arange(len_q, device=device).unsqueeze(-1)
     j = torch.arange(len_k, device=device)
@@ -109,6 +124,7 @@ def scaled_dot_product_attention(
     kernels. Layout (..., H, L, D). window_size=(left, right), keyword-only: key j visible to
     query i iff i - left <= j <= i + right (-1 = unbounded); is_causal sets right = 0.
     Rows with no visible key give zeros (PyTorch's math path gives NaN there)."""
+    _reject_unsafe(query, key, value)
     reason = _unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
     if reason is not None:
         return _fallback(reason, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size)

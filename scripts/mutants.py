@@ -56,10 +56,26 @@ MUTANTS = [
     (
         "lse_scale",
         "csrc/attention/attention_forward_cpu.cpp",
-        "a_.lse[at] = l > acc_t(0) ? m_run_[r] + std::log(l) : kNegInf;",
-        "a_.lse[at] = l > acc_t(0) ? m_run_[r] + std::log(l * acc_t(1.0002)) : kNegInf;",
+        "a_.lse[a_.p.row_index(t.b, h, i)] = row_lse(m_run_[r], l_run_[r], sink);",
+        "a_.lse[a_.p.row_index(t.b, h, i)] = row_lse(m_run_[r], l_run_[r] * acc_t(1.0002), sink);",
         ["tests/ops/test_attention_forward.py", "-k", "cpu and bfloat16"],
         "lse off by 2e-4 (a 0.02% error in the row sum): bf16 tests must check the float32 lse tightly",
+    ),
+    (
+        "sink_per_split",
+        "csrc/attention/attention_cpu_tiles.h",
+        "const acc_t denominator = softmax_denominator(m, l, sink);",
+        "const acc_t denominator = softmax_denominator(m, l, sink) + (parts.n_splits - 1) * std::exp(sink - m);",
+        ["tests/features/test_sinks.py", "-k", "cpu and cache_paths"],
+        "the split-KV merge counting the sink once per split instead of once per row",
+    ),
+    (
+        "sink_grad_without_grad_lse",
+        "csrc/attention/attention_autograd.cpp",
+        "if (grad_lse.has_value()) delta = delta - *grad_lse;",
+        "",
+        ["tests/features/test_sinks.py", "-k", "cpu and gradcheck"],
+        "the sink gradient ignoring the gradient that flows into lse (which includes the sink)",
     ),
     (
         "rolling_v_late",

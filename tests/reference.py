@@ -49,12 +49,22 @@ def _scores(q, k, scale, window, bottom_right, attn_mask, softcap, alibi_slopes)
     return s.masked_fill(~vis, float("-inf")), slope
 
 
-def _softmax_parts(s):
-    """exp(s - m) with m the row max (0 for rows that see nothing), the row sum l, and the lse."""
-    m = s.amax(dim=-1, keepdim=True)
+def _sink_column(s, sinks):
+    """The sink logits (Hq,) as one more score column of s (B, Hq, L, S), in s's dtype."""
+    B, Hq, L, _ = s.shape
+    return sinks.to(s.dtype).view(1, Hq, 1, 1).expand(B, Hq, L, 1)
+
+
+def _softmax_parts(s, sinks=None):
+    """exp(s - m) with m the row max (0 for rows that see nothing), the row sum l, and the lse.
+    sinks ((Hq,)): a sink logit joins every row (in m, l and the lse) without a column of e."""
+    full = s if sinks is None else torch.cat((s, _sink_column(s, sinks)), dim=-1)
+    m = full.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
     l = e.sum(dim=-1, keepdim=True)
+    if sinks is not None:
+        l = l + torch.exp(_sink_column(s, sinks) - m)
     safe_l = torch.where(l > 0, l, torch.ones_like(l))
     lse = torch.where(l > 0, m + torch.log(safe_l), torch.full_like(l, float("-inf"))).squeeze(-1)
     return e, l, safe_l, lse
@@ -70,9 +80,11 @@ class _KernelRounding(torch.autograd.Function):
     and the gradients to `dtype` once (the .to() around this function)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, window, bottom_right, attn_mask, softcap, alibi_slopes, keep, dropout_p, dtype):
+    def forward(
+        ctx, q, k, v, scale, window, bottom_right, attn_mask, softcap, alibi_slopes, keep, dropout_p, dtype, sinks
+    ):
         s, slope = _scores(q, k, scale, window, bottom_right, attn_mask, softcap, alibi_slopes)
-        e, l, safe_l, lse = _softmax_parts(s)
+        e, l, safe_l, lse = _softmax_parts(s, sinks)
         keep_scale = 1.0 / (1.0 - dropout_p)
         pe = e if keep is None else e * keep.to(e.dtype)
         out = (pe.to(dtype).float() @ v) * torch.where(l > 0, keep_scale / safe_l, torch.zeros_like(l))
@@ -106,7 +118,8 @@ class _KernelRounding(torch.autograd.Function):
         ds = ds.to(dtype).float()
         dq = scale * (ds @ k)
         dk = scale * (ds.transpose(-1, -2) @ q)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+        # (no gradient for sinks here: the sink gradients are checked in float32 / float64)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 def reference_attention(
@@ -122,6 +135,7 @@ def reference_attention(
     dropout_p=0.0,
     softcap=0.0,
     alibi_slopes=None,
+    sinks=None,
     dtype=torch.float64,
 ):
     """Returns (out, lse). dtype float64: the reference, plain softmax(scale * Q K^T + mask) V,
@@ -129,7 +143,8 @@ def reference_attention(
     kernels round (_KernelRounding), the output rounded to dtype and its lse float32.
     keep: the dropout keep-mask (B, Hq, L, S) to apply. softcap > 0: scores become
     softcap * tanh(score / softcap) before the mask. alibi_slopes ((Hq,) or (B, Hq)): score
-    (b, h, i, j) gains -slope * |i + o - j|."""
+    (b, h, i, j) gains -slope * |i + o - j|. sinks ((Hq,)): learned attention sinks, a logit per
+    head in every row's softmax denominator with a zero value (differentiable in float64)."""
     work = torch.float32 if dtype in LOW_PRECISION else dtype
     q, k, v = q.to(work), k.to(work), v.to(work)
     B, Hq, L, D = q.shape
@@ -139,7 +154,7 @@ def reference_attention(
     v = v.repeat_interleave(G, dim=1)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    if S == 0:  # no key at all: zero rows, lse -inf (differentiable, all-zero gradients)
+    if S == 0 and sinks is None:  # no key at all: zero rows, lse -inf (differentiable, all-zero gradients)
         zero = 0 * q.sum() + 0 * k.sum() + 0 * v.sum()
         return (
             (torch.zeros(B, Hq, L, v.shape[-1], dtype=work, device=q.device) + zero).to(dtype),
@@ -147,11 +162,11 @@ def reference_attention(
         )
     if dtype in LOW_PRECISION:
         out, lse = _KernelRounding.apply(
-            q, k, v, scale, window, bottom_right, attn_mask, softcap, alibi_slopes, keep, dropout_p, dtype
+            q, k, v, scale, window, bottom_right, attn_mask, softcap, alibi_slopes, keep, dropout_p, dtype, sinks
         )
         return out.to(dtype), lse
     s, _ = _scores(q, k, scale, window, bottom_right, attn_mask, softcap, alibi_slopes)
-    e, l, safe_l, lse = _softmax_parts(s)
+    e, l, safe_l, lse = _softmax_parts(s, None if sinks is None else sinks.to(work))
     p = torch.where(l > 0, e / safe_l, torch.zeros_like(e))
     if keep is not None:
         p = p * keep.to(dtype) / (1.0 - dropout_p)

@@ -3,10 +3,14 @@
 // kernels. The backward recomputes probabilities from (out, lse, rng_state): nothing of size
 // L x S is saved. out and lse are differentiable (a gradient into lse adds P * grad_lse to dS),
 // so partial attentions merged by their lse (ring attention, split KV) compose under autograd.
+#include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
+
+#include <limits>
+#include <vector>
 
 namespace flash_attn_ext {
 namespace {
@@ -22,14 +26,14 @@ using T = const at::Tensor&;
 // dispatcher calls and the autograd kernels below.
 using ForwardSig = Tensors3(T q, T k, T v, const OptTensor& attn_mask, double dropout_p, double scale,
                             int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-                            const OptTensor& alibi_slopes);
+                            const OptTensor& alibi_slopes, const OptTensor& sinks);
 using BackwardSig = Tensors3(T grad_out, T q, T k, T v, T out, T lse, T rng_state, const OptTensor& attn_mask,
                              double dropout_p, double scale, int64_t window_left, int64_t window_right,
                              bool bottom_right, double softcap, const OptTensor& alibi_slopes,
                              const OptTensor& grad_lse);
 using VarlenForwardSig = Tensors3(T q, T k, T v, T cu_q, T cu_k, int64_t max_q, int64_t max_k, double dropout_p,
                                   double scale, int64_t window_left, int64_t window_right, bool bottom_right,
-                                  double softcap, const OptTensor& alibi_slopes);
+                                  double softcap, const OptTensor& alibi_slopes, const OptTensor& sinks);
 using VarlenBackwardSig = Tensors3(T grad_out, T q, T k, T v, T out, T lse, T rng_state, T cu_q, T cu_k, int64_t max_q,
                                    int64_t max_k, double dropout_p, double scale, int64_t window_left,
                                    int64_t window_right, bool bottom_right, double softcap,
@@ -98,17 +102,39 @@ bool incoming_gradients(const variable_list& grads, const at::Tensor& out, at::T
   return true;
 }
 
+// The gradient of the sink logits (sinks: (Hq,)): the sink is one more softmax entry with
+// probability exp(sink - lse_i) and no value, so d sink_h = -sum over head h's rows of
+// exp(sink_h - lse_i) * (delta_i - grad_lse_i), delta_i = <dO_i, O_i> (the backward kernels'
+// row term, formed here again in lse's precision: O(L * D), nothing of size L x S).
+// head_dim: lse's head dim (1 for (B, Hq, L), 0 for varlen's (Hq, total_q)).
+at::Tensor sink_gradient(const at::Tensor& sinks, const at::Tensor& lse, const at::Tensor& out,
+                         const at::Tensor& grad_out, const OptTensor& grad_lse, int64_t head_dim) {
+  const auto acc = lse.scalar_type();
+  at::Tensor delta = (grad_out.to(acc) * out.to(acc)).sum(-1);  // (B, Hq, L), or (total_q, Hq) packed
+  if (head_dim == 0) delta = delta.transpose(0, 1);
+  if (grad_lse.has_value()) delta = delta - *grad_lse;
+  std::vector<int64_t> shape(lse.dim(), 1);
+  shape[head_dim] = sinks.size(0);
+  const at::Tensor p_sink = at::exp(sinks.to(acc).view(shape) - lse);
+  // exp(-inf - -inf) is NaN: a -inf sink on a row with no visible key has probability 0.
+  const at::Tensor weight = at::where(lse == -std::numeric_limits<double>::infinity(), at::zeros_like(p_sink), p_sink);
+  std::vector<int64_t> rows;
+  for (int64_t d = 0; d < lse.dim(); ++d)
+    if (d != head_dim) rows.push_back(d);
+  return (weight * delta).sum(rows).neg().to(sinks.scalar_type());
+}
+
 class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
                                int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-                               const std::optional<at::Tensor>& alibi_slopes) {
+                               const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, lse, rng_state] = call_op<ForwardSig, kForwardOp>(q, k, v, attn_mask, dropout_p, scale, window_left,
-                                                                 window_right, bottom_right, softcap, alibi_slopes);
-    ctx->save_for_backward(
-        {q, k, v, out, lse, rng_state, attn_mask.value_or(at::Tensor()), alibi_slopes.value_or(at::Tensor())});
+    auto [out, lse, rng_state] = call_op<ForwardSig, kForwardOp>(
+        q, k, v, attn_mask, dropout_p, scale, window_left, window_right, bottom_right, softcap, alibi_slopes, sinks);
+    ctx->save_for_backward({q, k, v, out, lse, rng_state, attn_mask.value_or(at::Tensor()),
+                            alibi_slopes.value_or(at::Tensor()), sinks.value_or(at::Tensor())});
     return outputs_of_forward(ctx, {dropout_p, scale, window_left, window_right, bottom_right, softcap}, out, lse,
                               rng_state);
   }
@@ -117,15 +143,20 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     const auto saved = ctx->get_saved_variables();
     at::Tensor grad_out;
     OptTensor grad_lse;
-    if (!incoming_gradients(grads, saved[3], &grad_out, &grad_lse)) return variable_list(11);
+    if (!incoming_gradients(grads, saved[3], &grad_out, &grad_lse)) return variable_list(12);
     const Options o = Options::load(ctx);
     auto [dq, dk, dv] = call_op<BackwardSig, kBackwardOp>(
         grad_out, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], optional_of(saved[6]), o.dropout_p,
         o.scale, o.window_left, o.window_right, o.bottom_right, o.softcap, optional_of(saved[7]), grad_lse);
     // No gradient for attn_mask (documented; the Python layer falls back to PyTorch when a
     // mask requires grad), alibi_slopes or the non-tensor arguments.
-    variable_list result(11);
+    variable_list result(12);
     result[0] = dq, result[1] = dk, result[2] = dv;
+    // needs_input_grad counts the defined tensor arguments only: q, k, v, then the mask and
+    // the slopes when given, then the sinks.
+    const size_t sinks_edge = 3 + saved[6].defined() + saved[7].defined();
+    if (saved[8].defined() && ctx->needs_input_grad(sinks_edge))
+      result[11] = sink_gradient(saved[8], saved[4], saved[3], grad_out, grad_lse, 1);
     return result;
   }
 };
@@ -136,12 +167,14 @@ class VarlenAttentionFunction : public torch::autograd::Function<VarlenAttention
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k,
                                double dropout_p, double scale, int64_t window_left, int64_t window_right,
-                               bool bottom_right, double softcap, const std::optional<at::Tensor>& alibi_slopes) {
+                               bool bottom_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                               const std::optional<at::Tensor>& sinks) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, lse, rng_state] =
         call_op<VarlenForwardSig, kVarlenForwardOp>(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, window_left,
-                                                    window_right, bottom_right, softcap, alibi_slopes);
-    ctx->save_for_backward({q, k, v, out, lse, rng_state, cu_q, cu_k, alibi_slopes.value_or(at::Tensor())});
+                                                    window_right, bottom_right, softcap, alibi_slopes, sinks);
+    ctx->save_for_backward(
+        {q, k, v, out, lse, rng_state, cu_q, cu_k, alibi_slopes.value_or(at::Tensor()), sinks.value_or(at::Tensor())});
     ctx->saved_data["max_q"] = max_q;
     ctx->saved_data["max_k"] = max_k;
     return outputs_of_forward(ctx, {dropout_p, scale, window_left, window_right, bottom_right, softcap}, out, lse,
@@ -150,7 +183,7 @@ class VarlenAttentionFunction : public torch::autograd::Function<VarlenAttention
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
-    variable_list result(14);
+    variable_list result(15);
     at::Tensor grad_out;
     OptTensor grad_lse;
     if (!incoming_gradients(grads, s[3], &grad_out, &grad_lse)) return result;
@@ -160,6 +193,9 @@ class VarlenAttentionFunction : public torch::autograd::Function<VarlenAttention
         ctx->saved_data["max_k"].toInt(), o.dropout_p, o.scale, o.window_left, o.window_right, o.bottom_right,
         o.softcap, optional_of(s[8]), grad_lse);
     result[0] = dq, result[1] = dk, result[2] = dv;
+    const size_t sinks_edge = 5 + s[8].defined();  // q, k, v, cu_seqlens_q/k, the slopes when given
+    if (s[9].defined() && ctx->needs_input_grad(sinks_edge))
+      result[14] = sink_gradient(s[9], s[4], s[3], grad_out, grad_lse, 0);
     return result;
   }
 };
@@ -196,7 +232,7 @@ struct AutogradKernel<Function, Tensors3(Args...)> {
 
 Tensors3 attention_forward_autograd(T q, T k, T v, const OptTensor& attn_mask, double dropout_p, double scale,
                                     int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-                                    const OptTensor& alibi_slopes) {
+                                    const OptTensor& alibi_slopes, const OptTensor& sinks) {
   // A silently missing gradient would be a wrong answer: refuse instead (the SDPA drop-in
   // serves such calls through PyTorch). Checked here, not in forward(), where grad mode is
   // already off; under no_grad a mask that requires grad is just data.
@@ -206,7 +242,7 @@ Tensors3 attention_forward_autograd(T q, T k, T v, const OptTensor& attn_mask, d
       "supported; pass attn_mask.detach(), or use "
       "flash_attn_ext.scaled_dot_product_attention, which falls back to PyTorch");
   auto r = AttentionFunction::apply(q, k, v, attn_mask, dropout_p, scale, window_left, window_right, bottom_right,
-                                    softcap, alibi_slopes);
+                                    softcap, alibi_slopes, sinks);
   return {r[0], r[1], r[2]};
 }
 

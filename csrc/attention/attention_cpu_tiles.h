@@ -318,12 +318,13 @@ struct SplitStates {
 };
 
 // Split-KV merge, exactly as merge_attention_states: M = max_s m_s, l = sum_s l_s e^(m_s - M),
-// out = keep_scale / l * sum_s acc_s e^(m_s - M); rows of `heads` heads and L positions.
+// out = keep_scale / l * sum_s acc_s e^(m_s - M); rows of p.heads_q heads and L positions. The
+// head's sink (p.sinks) joins the merged denominator once, as in a single pass.
 template <typename scalar_t, typename acc_t>
-void merge_split_states(const SplitStates<acc_t>& parts, int64_t heads, int64_t L, acc_t keep_scale,
+void merge_split_states(const SplitStates<acc_t>& parts, const AttentionParams& p, int64_t L, acc_t keep_scale,
                         const Rows<scalar_t>& o_rows, acc_t* lse_data) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  const int64_t Dv = parts.dim;
+  const int64_t Dv = parts.dim, heads = p.heads_q;
   at::parallel_for(0, parts.n_rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(Dv);
     for (int64_t row = begin; row < end; ++row) {
@@ -347,10 +348,12 @@ void merge_split_states(const SplitStates<acc_t>& parts, int64_t heads, int64_t 
       }
       if (nan) l = std::numeric_limits<acc_t>::quiet_NaN();
       const int64_t b = row / L / heads, h = row / L % heads, i = row % L;
-      const acc_t factor = l > acc_t(0) ? keep_scale / l : acc_t(0);
+      const acc_t sink = p.sink_logit<acc_t>(h);
+      const acc_t denominator = softmax_denominator(m, l, sink);
+      const acc_t factor = denominator > acc_t(0) ? keep_scale / denominator : acc_t(0);
       scalar_t* o = o_rows.row(b, h, i);
       for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<scalar_t>(nan ? l : acc[d] * factor);
-      lse_data[row] = nan ? l : (l > acc_t(0) ? m + std::log(l) : kNegInf);
+      lse_data[row] = row_lse(m, l, sink);
     }
   });
 }

@@ -220,15 +220,16 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
             parts.store(split, row, m_run[at], l_run[at], acc.data() + at * Dv);
             continue;
           }
-          const acc_t l = l_run[at];
+          const acc_t sink = p.sink_logit<acc_t>(h);
+          const acc_t l = softmax_denominator(m_run[at], l_run[at], sink);
           scale_row(acc.data() + at * Dv, Dv, l > acc_t(0) ? acc_t(1) / l : acc_t(0));
-          lse_data[row] = l != l ? l : (l > acc_t(0) ? m_run[at] + std::log(l) : kNegInf);
+          lse_data[row] = row_lse(m_run[at], l_run[at], sink);
           store_rows(acc.data() + at * Dv, Dv, 1, Dv, o_rows.row(b, h, i), o_rows.stride_l);
         }
       }
     }
   });
-  if (n_splits > 1) merge_split_states<scalar_t, acc_t>(parts, p.heads_q, L, acc_t(1), o_rows, lse_data);
+  if (n_splits > 1) merge_split_states<scalar_t, acc_t>(parts, p, L, acc_t(1), o_rows, lse_data);
 }
 
 }  // namespace

@@ -354,17 +354,17 @@ class ForwardWorker {
     }
   }
 
-  // Normalised as stored. Rows that saw no key (l == 0) return zeros and lse = -inf.
+  // Normalised as stored (the head's sink counted in the denominator and lse). Rows that saw no
+  // key return zeros and lse = -inf (the sink logit with sinks); NaN inputs keep the NaN.
   void store_output(const Task& t) {
     const int64_t Dv = a_.p.dim_v;
     for (int64_t r = 0; r < t.rows; ++r) {
-      const acc_t l = l_run_[r];
       const int64_t h = t.h0 + r / t.n_pos, i = t.i0 + r % t.n_pos;
-      const int64_t at = a_.p.row_index(t.b, h, i);
+      const acc_t sink = a_.p.template sink_logit<acc_t>(h);
+      const acc_t l = softmax_denominator(m_run_[r], l_run_[r], sink);
       store_rows(o_acc_.data() + r * Dv, Dv, 1, Dv, a_.out.row(t.b, h, i), a_.out.stride_l,
                  l > acc_t(0) ? a_.c.keep_scale / l : acc_t(0));
-      a_.lse[at] = l > acc_t(0) ? m_run_[r] + std::log(l) : kNegInf;
-      if (l != l) a_.lse[at] = l;  // NaN inputs: keep the NaN, not a zero row
+      a_.lse[a_.p.row_index(t.b, h, i)] = row_lse(m_run_[r], l_run_[r], sink);
     }
   }
 
@@ -402,8 +402,7 @@ void forward_kernel(const AttentionParams& p, const MaskView& mask, const at::Te
     for (int64_t unit = begin; unit < end; ++unit) worker.run(unit);
     tiles_release(plan.tiles);
   });
-  if (plan.n_splits > 1)
-    merge_split_states<scalar_t, acc_t>(parts, p.heads_q, p.len_q, args.c.keep_scale, args.out, args.lse);
+  if (plan.n_splits > 1) merge_split_states<scalar_t, acc_t>(parts, p, p.len_q, args.c.keep_scale, args.out, args.lse);
 }
 
 }  // namespace
@@ -444,9 +443,9 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
     double dropout_p, double scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes) {
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks) {
   ForwardCall call = prepare_attention_forward(q, k, v, attn_mask, dropout_p, scale, window_left, window_right,
-                                               bottom_right, softcap, alibi_slopes, DeviceLimits{});
+                                               bottom_right, softcap, alibi_slopes, sinks, DeviceLimits{});
   at::Tensor rng_state = draw_rng_state(dropout_p, q.options());
   set_dropout_seed(call.params, rng_state);
   run_attention_forward_cpu(call.params, call.mask, q, k, v, call.out, call.lse);

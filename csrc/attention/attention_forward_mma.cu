@@ -55,6 +55,7 @@ const char* mma_ineligible(const AttentionParams& p, bool has_mask, const at::Te
   if (p.varlen()) return "packed variable-length sequences";
   if (p.softcap > 0.0) return "softcap";
   if (p.alibi_slopes != nullptr) return "alibi_slopes";
+  if (p.has_sinks()) return "sinks";  // (the tensor-core forward has no sink term yet)
   if (p.len_q == 0 || p.batch * p.heads_q == 0) return "empty";
   if (!mma_rows_aligned(q) || !mma_rows_aligned(k) || !mma_rows_aligned(v) || !mma_rows_aligned(out))
     return "rows not 16-byte aligned";

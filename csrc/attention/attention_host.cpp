@@ -132,6 +132,19 @@ void set_alibi_slopes(const char* op, AttentionParams& p, const std::optional<at
   p.alibi_batch_stride = per_batch && a.size(0) > 1 ? a.stride(0) : 0;
 }
 
+void set_sinks(const char* op, AttentionParams& p, const std::optional<at::Tensor>& sinks, const at::Device& device) {
+  if (!sinks.has_value() || !sinks->defined()) return;
+  const at::Tensor& s = *sinks;
+  TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble, op,
+                   ": sinks must be float32 (or float64), got ", s.scalar_type());
+  TORCH_CHECK_VALUE(s.device() == device, op, ": sinks must be on ", device, ", got ", s.device());
+  TORCH_CHECK_VALUE(s.dim() == 1 && s.size(0) == p.heads_q, op, ": sinks must have shape (", p.heads_q,
+                    ",) (one logit per query head), got ", s.sizes());
+  TORCH_CHECK_VALUE(s.size(0) <= 1 || s.stride(0) == 1, op, ": sinks must be contiguous, got stride ", s.stride(0));
+  p.sinks = s.data_ptr();
+  p.sinks_f64 = s.scalar_type() == at::kDouble;
+}
+
 AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double dropout_p,
                                       double scale, int64_t window_left, int64_t window_right, bool bottom_right,
                                       double softcap) {
@@ -207,7 +220,8 @@ void check_head_dims(const char* op, int64_t dim_qk, int64_t dim_v, const Device
 ForwardCall prepare_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                       const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
                                       int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-                                      const std::optional<at::Tensor>& alibi_slopes, const DeviceLimits& limits) {
+                                      const std::optional<at::Tensor>& alibi_slopes,
+                                      const std::optional<at::Tensor>& sinks, const DeviceLimits& limits) {
   constexpr const char* kOp = "flash_attn_ext.attention_forward";
   check_attention_inputs(kOp, q, k, v, attn_mask, dropout_p, scale, window_left, window_right);
   check_softcap(kOp, softcap);
@@ -215,6 +229,7 @@ ForwardCall prepare_attention_forward(const at::Tensor& q, const at::Tensor& k, 
   ForwardCall call;
   call.params = make_attention_params(q, k, v, dropout_p, scale, window_left, window_right, bottom_right, softcap);
   set_alibi_slopes(kOp, call.params, alibi_slopes, q.device());
+  set_sinks(kOp, call.params, sinks, q.device());
   call.mask = make_mask_view(attn_mask);
   const AttentionParams& p = call.params;
   call.out = empty_attention_output(q, p.dim_v);

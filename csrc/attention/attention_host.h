@@ -42,6 +42,10 @@ void check_softcap(const char* op, double softcap);
 void set_alibi_slopes(const char* op, AttentionParams& p, const std::optional<at::Tensor>& alibi_slopes,
                       const at::Device& device);
 
+// sinks, when given: (heads_q,) float32 or float64 on `device`, contiguous (ValueError /
+// TypeError naming sinks otherwise). Sets p.sinks (the tensor must outlive the call).
+void set_sinks(const char* op, AttentionParams& p, const std::optional<at::Tensor>& sinks, const at::Device& device);
+
 AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double dropout_p,
                                       double scale, int64_t window_left, int64_t window_right, bool bottom_right,
                                       double softcap);
@@ -82,7 +86,8 @@ struct ForwardCall {
 ForwardCall prepare_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                       const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
                                       int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-                                      const std::optional<at::Tensor>& alibi_slopes, const DeviceLimits& limits);
+                                      const std::optional<at::Tensor>& alibi_slopes,
+                                      const std::optional<at::Tensor>& sinks, const DeviceLimits& limits);
 
 // The same for attention_backward: the forward's checks and the backward's (grad_out, out, lse
 // and rng_state shapes, dtypes and device), the params and the gradients dq, dk, dv,

@@ -204,9 +204,11 @@ FAE_HOST_DEVICE void forward_row(const AttentionParams& p, const MaskView& mask,
       if (d < p.dim_v) acc[t] = acc[t] * alpha + prob * static_cast<Acc>(vj[d]);
     }
   }
-  const Acc factor = l > Acc(0) ? dropout_scale<Acc>(p) / l : Acc(0);
+  const Acc sink = p.sink_logit<Acc>(h);
+  const Acc denominator = softmax_denominator(m, l, sink);
+  const Acc factor = denominator > Acc(0) ? dropout_scale<Acc>(p) / denominator : Acc(0);
   store<T, Acc, kLanes, kPerLane>(out.row(b, h, i), acc, factor, p.dim_v, lane);
-  if (lane == 0) lse[p.row_index(b, h, i)] = l != l ? l : (l > Acc(0) ? m + log_(l) : neg_inf<Acc>());
+  if (lane == 0) lse[p.row_index(b, h, i)] = row_lse(m, l, sink);
 }
 
 // delta[row_index(b, h, i)] = <dO_i, O_i>, the row term of the softmax gradient.

@@ -67,10 +67,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_forward_op(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p, double scale,
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes) {
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks) {
   constexpr const char* kOp = "flash_attn_ext.attention_varlen_forward";
   VarlenCall call = make_varlen_call(kOp, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                                      scale, window_left, window_right, bottom_right, softcap, alibi_slopes);
+  set_sinks(kOp, call.params, sinks, q.device());
   check_head_dims(kOp, q.size(2), v.size(2), Limits());
   auto [out, lse] = empty_varlen_outputs(q, v);
   at::Tensor rng_state =

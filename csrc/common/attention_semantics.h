@@ -61,6 +61,12 @@ struct AttentionParams {
   const float* alibi_slopes = nullptr;
   int64_t alibi_batch_stride = 0;
 
+  // Learned attention sinks (gpt-oss): one logit per query head that joins every row's softmax
+  // denominator and adds nothing to the output (softmax_denominator / row_lse below). (Hq,)
+  // float32, or float64 when sinks_f64; nullptr: none.
+  const void* sinks = nullptr;
+  bool sinks_f64 = false;
+
   // Which interchangeable paths the kernels may take (kernel_config.h): the process-wide
   // setting as the op entry found it.
   KernelConfig config;
@@ -75,6 +81,14 @@ struct AttentionParams {
   // (Hq, total_q) for packed sequences.
   FAE_HOST_DEVICE int64_t row_index(int64_t b, int64_t h, int64_t i) const {
     return varlen() ? h * total_q + cu_seqlens_q[b] + i : (b * heads_q + h) * len_q + i;
+  }
+  FAE_HOST_DEVICE bool has_sinks() const { return sinks != nullptr; }
+  // Query head h's sink logit; -inf (no sink) without sinks.
+  template <typename Acc>
+  FAE_HOST_DEVICE Acc sink_logit(int64_t h) const {
+    if (sinks == nullptr) return -static_cast<Acc>(INFINITY);
+    return sinks_f64 ? static_cast<Acc>(static_cast<const double*>(sinks)[h])
+                     : static_cast<Acc>(static_cast<const float*>(sinks)[h]);
   }
   // The ALiBi bias of score (b, h, i, j) (0 without slopes); call on for_batch(b)'s params,
   // whose align_offset is the sequence's own.
@@ -128,6 +142,37 @@ FAE_HOST_DEVICE Acc softcap_slope(Acc capped, Acc cap) {
   if (!(cap > Acc(0))) return Acc(1);
   const Acc t = capped / cap;
   return Acc(1) - t * t;
+}
+
+FAE_HOST_DEVICE float exp_of(float x) { return expf(x); }
+FAE_HOST_DEVICE double exp_of(double x) { return exp(x); }
+FAE_HOST_DEVICE float log_of(float x) { return logf(x); }
+FAE_HOST_DEVICE double log_of(double x) { return log(x); }
+
+// The end of a row's online softmax: its visible keys gave running max m and running sum
+// l = sum_j e^(s_j - m); `sink` is the head's sink logit (-inf: none). The output is the
+// accumulator divided by softmax_denominator and the row's log-sum-exp is row_lse, both
+// counting the sink once: out = sum_j e^(s_j - m) v_j / (l + e^(sink - m)). A row that saw no
+// key gives zeros (denominator +inf with a sink, 0 without) and lse = sink (-inf without). A
+// NaN (in l or the sink) stays NaN. Every kernel ends its rows through these two, split-KV merges
+// included (the sink is counted at the merge, not per split).
+template <typename Acc>
+FAE_HOST_DEVICE Acc softmax_denominator(Acc m, Acc l, Acc sink) {
+  const Acc inf = static_cast<Acc>(INFINITY);
+  if (sink == -inf || l != l) return l;
+  if (m == -inf) return sink != sink ? sink : inf;
+  return l + exp_of(sink - m);
+}
+
+template <typename Acc>
+FAE_HOST_DEVICE Acc row_lse(Acc m, Acc l, Acc sink) {
+  const Acc inf = static_cast<Acc>(INFINITY);
+  if (l != l) return l;
+  const Acc keys = l > Acc(0) ? m + log_of(l) : -inf;
+  if (sink == -inf) return keys;
+  if (sink != sink || keys == -inf) return sink;
+  const Acc hi = keys > sink ? keys : sink;
+  return hi + log_of(exp_of(keys - hi) + exp_of(sink - hi));
 }
 
 // Key j is visible to query i iff i + o - left <= j <= i + o + right (a bound of -1 is open).

@@ -90,6 +90,7 @@ const char* decode_ineligible(const AttentionParams& p, const at::Tensor& q, con
   if (p.dropout_p > 0.0) return "dropout";
   if (p.softcap > 0.0) return "softcap";
   if (p.alibi_slopes != nullptr) return "alibi_slopes";
+  if (p.has_sinks()) return "sinks";  // (the split-KV combine has no sink term yet)
   if (p.len_q == 0 || p.batch * p.heads_kv == 0) return "empty";
   if (p.len_k > (int64_t{1} << 31) - 2 * decode_detail::kChunk) return "cache of 2^31 positions or more";
   if (at::cuda::getCurrentDeviceProperties()->major < 8) return "GPU older than sm_80 (cp.async)";

@@ -37,19 +37,17 @@ void run_kvcache_cuda(KvcacheCall& call, const at::Tensor& q, const at::Tensor& 
   run_with_lengths(call, q, k_cache, v_cache, lens_dev.data_ptr<int64_t>(), max_len);
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_kvcache_cuda(const at::Tensor& q, const at::Tensor& k_cache,
-                                                          const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
-                                                          const std::optional<at::Tensor>& k_new,
-                                                          const std::optional<at::Tensor>& v_new, double scale,
-                                                          int64_t window_left, int64_t window_right,
-                                                          const std::optional<at::Tensor>& block_table, double softcap,
-                                                          const std::optional<at::Tensor>& alibi_slopes) {
+std::tuple<at::Tensor, at::Tensor> attention_kvcache_cuda(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+    const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new, double scale, int64_t window_left,
+    int64_t window_right, const std::optional<at::Tensor>& block_table, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks) {
   if (!use_device_checks("flash_attn_ext.attention_kvcache", current_kernel_config(), q.device()))
     return attention_kvcache_op<&append_validated, &cuda_limits, &run_kvcache_cuda>(
         q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_left, window_right, block_table, softcap,
-        alibi_slopes);
+        alibi_slopes, sinks);
   KvcacheCall call = prepare_attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_left,
-                                               window_right, block_table, softcap, alibi_slopes, cuda_limits(),
+                                               window_right, block_table, softcap, alibi_slopes, sinks, cuda_limits(),
                                                /*append=*/nullptr, /*host_values=*/false);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t capacity = call.params.len_k;  // S_max, or the block table's positions per sequence

@@ -114,6 +114,9 @@ std::vector<int64_t> check_kv_cache_append(const at::Tensor& k_cache, const at::
   const std::vector<int64_t> lens = read_cache_seqlens(kOp, cache_seqlens, B, k_cache.device());
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK_VALUE(lens[b] >= 0, kOp, ": cache_seqlens[", b, "] = ", lens[b], " is negative");
+    TORCH_CHECK_VALUE(!paged || lens[b] + L_new <= S_max, kOp, ": sequence ", b, " needs ", lens[b] + L_new,
+                      " positions (cache_seqlens[", b, "] = ", lens[b], " + ", L_new, " new) but block_table gives ",
+                      block_table->size(-1), " blocks of ", k_cache.size(2), "; nothing was written");
     if (!rolling) {
       TORCH_CHECK_VALUE(lens[b] + L_new <= S_max, kOp, ": appending ", L_new, " positions at cache_seqlens[", b,
                         "] = ", lens[b], " overflows the cache (max_len ", S_max,
@@ -157,8 +160,14 @@ std::vector<int64_t> check_attention_kvcache(const at::Tensor& q, const at::Tens
   std::vector<int64_t> lens = read_cache_seqlens(kOp, cache_seqlens, B, q.device());
   if (lens_before_out != nullptr) *lens_before_out = lens;
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK_VALUE(lens[b] >= 0 && lens[b] + L_new <= S_max, kOp, ": cache_seqlens[", b, "] = ", lens[b], " with ",
-                      L_new, " new positions does not fit the cache (max_len ", S_max, "); nothing was written");
+    TORCH_CHECK_VALUE(lens[b] >= 0, kOp, ": cache_seqlens[", b, "] = ", lens[b], " is negative");
+    // A paged sequence runs out of its block_table row, not of the cache: say so (flash-attn's
+    // callers match "block_table").
+    TORCH_CHECK_VALUE(!paged || lens[b] + L_new <= S_max, kOp, ": sequence ", b, " needs ", lens[b] + L_new,
+                      " positions (cache_seqlens[", b, "] = ", lens[b], " + ", L_new, " new) but block_table gives ",
+                      block_table->size(-1), " blocks of ", k_cache.size(2), "; nothing was written");
+    TORCH_CHECK_VALUE(lens[b] + L_new <= S_max, kOp, ": cache_seqlens[", b, "] = ", lens[b], " with ", L_new,
+                      " new positions does not fit the cache (max_len ", S_max, "); nothing was written");
     lens[b] += L_new;
   }
   BlockTable table = check_block_table(kOp, block_table, B, k_cache, &lens);
@@ -171,7 +180,8 @@ KvcacheCall prepare_attention_kvcache(const at::Tensor& q, const at::Tensor& k_c
                                       const std::optional<at::Tensor>& v_new, double scale, int64_t window_left,
                                       int64_t window_right, const std::optional<at::Tensor>& block_table,
                                       double softcap, const std::optional<at::Tensor>& alibi_slopes,
-                                      const DeviceLimits& limits, AppendValidatedFn append, bool host_values) {
+                                      const std::optional<at::Tensor>& sinks, const DeviceLimits& limits,
+                                      AppendValidatedFn append, bool host_values) {
   constexpr const char* kOp = "flash_attn_ext.attention_kvcache";
   check_softcap(kOp, softcap);
   std::vector<int64_t> lens_before;
@@ -183,6 +193,7 @@ KvcacheCall prepare_attention_kvcache(const at::Tensor& q, const at::Tensor& k_c
   AttentionParams& p = call.params;
   p = make_attention_params(q, k_cache, v_cache, 0.0, scale, window_left, window_right, /*bottom_right=*/true, softcap);
   set_alibi_slopes(kOp, p, alibi_slopes, q.device());  // checked before the append writes
+  set_sinks(kOp, p, sinks, q.device());
   if (k_new.has_value() && host_values) append(k_cache, v_cache, *k_new, *v_new, lens_before, /*rolling=*/false, table);
   apply_block_table(p, table);  // on CUDA a device pointer: the table lives on the cache's device
   call.out = empty_attention_output(q, p.dim_v);

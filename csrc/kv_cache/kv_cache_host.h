@@ -95,7 +95,8 @@ KvcacheCall prepare_attention_kvcache(const at::Tensor& q, const at::Tensor& k_c
                                       const std::optional<at::Tensor>& v_new, double scale, int64_t window_left,
                                       int64_t window_right, const std::optional<at::Tensor>& block_table,
                                       double softcap, const std::optional<at::Tensor>& alibi_slopes,
-                                      const DeviceLimits& limits, AppendValidatedFn append, bool host_values = true);
+                                      const std::optional<at::Tensor>& sinks, const DeviceLimits& limits,
+                                      AppendValidatedFn append, bool host_values = true);
 
 // The op attention_kvcache on one device: the shared prologue with the device's append and
 // limits, then Run, the device's kernels on the prepared call (the entry points
@@ -104,15 +105,14 @@ KvcacheCall prepare_attention_kvcache(const at::Tensor& q, const at::Tensor& k_c
 using KvcacheRunFn = void (*)(KvcacheCall& call, const at::Tensor& q, const at::Tensor& k_cache,
                               const at::Tensor& v_cache);
 template <AppendValidatedFn Append, DeviceLimits (*Limits)(), KvcacheRunFn Run>
-std::tuple<at::Tensor, at::Tensor> attention_kvcache_op(const at::Tensor& q, const at::Tensor& k_cache,
-                                                        const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
-                                                        const std::optional<at::Tensor>& k_new,
-                                                        const std::optional<at::Tensor>& v_new, double scale,
-                                                        int64_t window_left, int64_t window_right,
-                                                        const std::optional<at::Tensor>& block_table, double softcap,
-                                                        const std::optional<at::Tensor>& alibi_slopes) {
-  KvcacheCall call = prepare_attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_left,
-                                               window_right, block_table, softcap, alibi_slopes, Limits(), Append);
+std::tuple<at::Tensor, at::Tensor> attention_kvcache_op(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+    const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new, double scale, int64_t window_left,
+    int64_t window_right, const std::optional<at::Tensor>& block_table, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks) {
+  KvcacheCall call =
+      prepare_attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_left, window_right,
+                                block_table, softcap, alibi_slopes, sinks, Limits(), Append);
   Run(call, q, k_cache, v_cache);
   return {call.out, call.lse};
 }

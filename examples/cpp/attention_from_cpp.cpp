@@ -35,7 +35,7 @@ int main(int argc, char** argv) {
       dispatcher.findSchemaOrThrow("flash_attn_ext::attention_forward", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double, double,
-              int64_t, int64_t, bool, double, const std::optional<at::Tensor>&)>();
+              int64_t, int64_t, bool, double, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
   const auto backward =
       dispatcher.findSchemaOrThrow("flash_attn_ext::attention_backward", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
@@ -50,8 +50,10 @@ int main(int argc, char** argv) {
   at::Tensor v = torch::randn({B, Hkv, L, D}, opts), grad_out = torch::randn({B, Hq, L, D}, opts);
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
 
-  // Causal: window (-1, 0), bottom-right (L == S, so the same as top-left); no softcap (0), no ALiBi.
-  auto [out, lse, rng_state] = forward.call(q, k, v, std::nullopt, 0.0, scale, -1, 0, true, 0.0, std::nullopt);
+  // Causal: window (-1, 0), bottom-right (L == S, so the same as top-left); no softcap (0), no
+  // ALiBi, no attention sinks.
+  auto [out, lse, rng_state] =
+      forward.call(q, k, v, std::nullopt, 0.0, scale, -1, 0, true, 0.0, std::nullopt, std::nullopt);
   // The last argument, grad_lse, is a gradient flowing into lse as well; none here.
   auto [dq, dk, dv] = backward.call(grad_out, q, k, v, out, lse, rng_state, std::nullopt, 0.0, scale, -1, 0, true, 0.0,
                                     std::nullopt, std::nullopt);

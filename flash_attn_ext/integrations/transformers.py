@@ -26,8 +26,9 @@ transformers versions this was tested with); otherwise only "fa_ext" is.
   passed as `attn_mask` and already holds causality and the window.
 
 Both take K/V heads as the model gives them (GQA/MQA: not repeated), honour `scaling`,
-`dropout` and `softcap` (Gemma-2's logit soft-capping, in the kernels), and return no attention
-weights (`output_attentions` needs the eager implementation).
+`dropout`, `softcap` (Gemma-2's logit soft-capping, in the kernels) and `s_aux` (gpt-oss's
+learned attention sinks, in the kernels, with their gradient), and return no attention weights
+(`output_attentions` needs the eager implementation).
 """
 
 import torch
@@ -52,15 +53,17 @@ def flash_attn_ext_attention_forward(
     is_causal=None,
     sliding_window=None,
     softcap=None,
+    s_aux=None,
     **kwargs,
 ):
     """The "fa_ext" implementation. query (B, Hq, L, D), key/value (B, Hkv, S, D) ->
-    (attn_output (B, L, Hq, D), None)."""
+    (attn_output (B, L, Hq, D), None). s_aux: gpt-oss's learned attention sinks, (Hq,)."""
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     cap = float(softcap) if softcap else 0.0
+    sinks = None if s_aux is None else s_aux.float()  # (differentiable: gpt-oss trains them)
     if attention_mask is not None:
         mask = attention_mask[:, :, :, : key.shape[-2]]
-        out = attention(query, key, value, attn_mask=mask, scale=scaling, dropout_p=dropout, softcap=cap)
+        out = attention(query, key, value, attn_mask=mask, scale=scaling, dropout_p=dropout, softcap=cap, sinks=sinks)
     else:
         left = sliding_window - 1 if sliding_window else -1
         out = attention(
@@ -73,6 +76,7 @@ def flash_attn_ext_attention_forward(
             dropout_p=dropout,
             alignment="bottom_right",
             softcap=cap,
+            sinks=sinks,
         )
     return out.transpose(1, 2).contiguous(), None
 
@@ -132,3 +136,18 @@ if _cache is not None:
     _load_into_transformers(_fa_utils)
     AttentionInterface.register(FLASH_NAME, flash_attn_ext_flash_forward)
     AttentionMaskInterface.register(FLASH_NAME, _flash_attention_mask)
+
+    def _declare_sink_support() -> None:
+        """gpt-oss accepts only the flash implementations that serve its attention sinks (its
+        `_compatible_flash_implementations`; any other "flash" name is replaced by the first of
+        them). "flash_attn_ext" serves them (s_aux reaches the kernels), so it joins that list."""
+        try:
+            from transformers.models.gpt_oss import modeling_gpt_oss
+        except ImportError:
+            return
+        cls = modeling_gpt_oss.GptOssPreTrainedModel
+        impls = getattr(cls, "_compatible_flash_implementations", None)
+        if impls is not None and FLASH_NAME not in impls:
+            cls._compatible_flash_implementations = [*impls, FLASH_NAME]
+
+    _declare_sink_support()

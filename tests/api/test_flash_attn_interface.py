@@ -90,18 +90,6 @@ def test_with_kvcache_appends_and_matches(device):
     assert lse.shape == (B, Hq, 1)
 
 
-@pytest.mark.parametrize(
-    "name,kw",
-    [
-        ("cache_batch_idx", dict(cache_batch_idx=torch.zeros(1, dtype=torch.int32))),
-        ("cache_leftpad", dict(cache_leftpad=torch.zeros(1, dtype=torch.int32))),
-    ],
-)
-def test_unsupported_arguments_raise_by_name(name, kw):
-    q = torch.randn(1, 8, 4, 16)
-    with pytest.raises(NotImplementedError, match=name), torch.no_grad():
-        flash_attn_with_kvcache(q[:, :1], q, q, **kw)
-    with pytest.raises(NotImplementedError, match="rotary_cos"), torch.no_grad():
-        flash_attn_with_kvcache(q[:, :1], q, q, rotary_cos=torch.ones(8, 8), rotary_sin=torch.ones(8, 8))
+def test_packed_shape_errors_name_the_argument():
     with pytest.raises(ValueError, match="qkv must be"):
         flash_attn_qkvpacked_func(torch.randn(1, 8, 2, 4, 16))

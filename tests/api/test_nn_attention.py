@@ -90,3 +90,41 @@ def test_names_match_llama_checkpoints():
     mod = Attention(64, 8, 2)
     assert set(mod.state_dict()) == {f"{n}.weight" for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
     assert mod.k_proj.weight.shape == (2 * 8, 64)
+
+
+def test_learned_sinks_forward_gradients_and_cache(device):
+    """sinks=True: the module's sink parameter joins the softmax (against the float64 reference
+    with a sink column), gets its gradient, and generation through the cache (plain and
+    rolling) equals the full forward."""
+    from reference import reference_attention
+
+    torch.manual_seed(1)
+    mod = Attention(32, 4, 2, causal=True, window_size=(5, 0), sinks=True, dtype=torch.float64)
+    assert mod.sinks.shape == (4,) and mod.sinks.dtype == torch.float32
+    with torch.no_grad():
+        mod.sinks.copy_(torch.tensor([1.5, -0.5, 3.0, float("-inf")]))
+    x = torch.randn(2, 11, 32, dtype=torch.float64)
+    B, L = 2, 11
+    q = mod.q_proj(x).view(B, L, 4, 8).transpose(1, 2)
+    k = mod.k_proj(x).view(B, L, 2, 8).transpose(1, 2)
+    v = mod.v_proj(x).view(B, L, 2, 8).transpose(1, 2)
+    s64 = mod.sinks.detach().double().requires_grad_()
+    ref_attn, _ = reference_attention(q, k, v, window=(5, 0), sinks=s64)
+    ref = mod.o_proj(ref_attn.transpose(1, 2).reshape(B, L, 32))
+    out = mod(x)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)  # (the sinks are float32)
+    g = torch.randn_like(out)
+    (ds,) = torch.autograd.grad(out, mod.sinks, g)
+    (ds_ref,) = torch.autograd.grad(ref, s64, g)
+    torch.testing.assert_close(ds.double(), ds_ref, rtol=1e-5, atol=1e-7)
+    assert ds[3] == 0 and ds[:3].abs().min() > 1e-6  # a -inf sink takes no mass and gets no gradient
+
+    for rolling in (False, True):
+        m = Attention(32, 4, 2, causal=True, window_size=(5, 0), sinks=True, device=device)
+        with torch.no_grad():
+            m.sinks.copy_(torch.randn(4))
+            xs = torch.randn(3, 16, 32, device=device)
+            full = m(xs)
+            cache = m.make_cache(3, None if rolling else 16, rolling_window=6 if rolling else None)
+            steps = [m(xs[:, :7], kv_cache=cache)] + [m(xs[:, t : t + 1], kv_cache=cache) for t in range(7, 16)]
+        torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)

@@ -1,8 +1,8 @@
 """attn_implementation="flash_attn_ext" and "fa_ext" in transformers
-(flash_attn_ext.integrations.transformers): tiny random Llama, Mistral (sliding window), Qwen2 and
-Gemma-2 (softcap, alternating sliding / global layers) models built here, against transformers'
-own sdpa / eager implementations: logits with and without padding, greedy generate(), and the
-gradients of a training step."""
+(flash_attn_ext.integrations.transformers): tiny random Llama, Mistral (sliding window), Qwen2,
+Gemma-2 (softcap, alternating sliding / global layers) and gpt-oss (learned attention sinks)
+models built here, against transformers' own sdpa / eager implementations: logits with and
+without padding, greedy generate(), and the gradients of a training step."""
 
 import copy
 
@@ -26,11 +26,21 @@ GEMMA2 = {
     "final_logit_softcapping": 30.0,
     "num_hidden_layers": 4,
 }
+# gpt-oss: learned attention sinks (s_aux), alternating sliding / full layers, MoE MLPs.
+GPT_OSS = {
+    "head_dim": 8,
+    "sliding_window": 4,
+    "num_hidden_layers": 2,
+    "layer_types": ["sliding_attention", "full_attention"],
+    "num_local_experts": 2,
+    "num_experts_per_tok": 1,
+}
 ARCHS = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}, "sdpa"),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": 5}, "sdpa"),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}, "sdpa"),
     "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM, GEMMA2, "eager"),
+    "gpt_oss": (transformers.GptOssConfig, transformers.GptOssForCausalLM, GPT_OSS, "eager"),
 }
 # The ops each implementation reaches: padded batches go through the varlen kernels (unpadded by
 # transformers' flash path) with "flash_attn_ext", through a bool mask with "fa_ext".
@@ -58,6 +68,10 @@ def _pair(arch, impl=NAME, impl_ref=None):
         with torch.no_grad():
             for layer in ours.model.layers:
                 layer.self_attn.q_proj.weight.mul_(60.0)
+    if arch == "gpt_oss":  # sinks of a few units (a random init gives ~0.02), so they take real mass
+        with torch.no_grad():
+            for layer in ours.model.layers:
+                layer.self_attn.sinks.copy_(torch.randn(layer.self_attn.sinks.shape) * 2)
     ref = model_cls._from_config(copy.deepcopy(config), attn_implementation=impl_ref or default_ref).eval()
     ref.load_state_dict(ours.state_dict())
     return ours, ref
@@ -102,6 +116,21 @@ def test_gemma2_softcap_changes_the_result():
     assert (capped - uncapped).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gpt_oss_sinks_reach_the_kernels(impl):
+    """The sinks change the logits (the matches with gpt-oss's eager attention are then
+    meaningful) and reach the kernels as sinks: -inf sinks give the model without them."""
+    ours, _ = _pair("gpt_oss", impl)
+    ids = torch.randint(0, 96, (1, 14))
+    with torch.no_grad():
+        with_sinks = ours(ids).logits
+        for layer in ours.model.layers:
+            layer.self_attn.sinks.fill_(-float("inf"))
+        without = ours(ids).logits
+    assert (with_sinks - without).abs().max() > 1e-2
+    assert torch.isfinite(without).all()
+
+
 def test_packed_sequences_from_position_ids():
     """Padding-free training batches: several sequences concatenated in one row, position_ids
     restarting at 0; transformers' flash path passes cu_seqlens to flash_attn_varlen_func.
@@ -141,7 +170,7 @@ def test_sliding_window_off_by_one_against_eager():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2", "gpt_oss"])
 def test_generate_same_tokens(arch, impl):
     ours, ref = _pair(arch, impl)
     prompt = torch.randint(0, 96, (2, 6))
@@ -150,7 +179,7 @@ def test_generate_same_tokens(arch, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2", "gpt_oss"])
 def test_training_step_gradients_match(arch, impl):
     ours, ref = _pair(arch, impl)
     ours.train(), ref.train()

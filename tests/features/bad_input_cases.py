@@ -325,6 +325,78 @@ CASES = [
         "fae.nn.Attention(embed_dim=64, num_heads=4)(torch.randn(2, 5, 32))",
         VE_TE + ("RuntimeError",),
     ),
+    # --- issue 20: attention sinks, flash-attn's cache arguments, the drop-in's K/V lengths ---
+    ("sinks/shape", r"sinks must have shape \(4,\)", "fae.attention(q, k, v, sinks=torch.zeros(3))"),
+    ("sinks/dtype", r"sinks must be float32", "fae.attention(q, k, v, sinks=torch.zeros(4, dtype=torch.int32))"),
+    ("sinks/not-tensor", r"sinks must be a torch.Tensor", "fae.attention(q, k, v, sinks=[0.0] * 4)"),
+    ("sinks/fa-func", r"sinks must have shape", "fai.flash_attn_func(qf, kf, vf, sinks=torch.zeros(3))"),
+    (
+        "sinks/fa-both-names",
+        r"sinks or s_aux",
+        "fai.flash_attn_func(qf, kf, vf, sinks=torch.zeros(4), s_aux=torch.zeros(4))",
+    ),
+    (
+        "sinks/kvcache-device",
+        r"sinks (must be|is) on",
+        "fae.attention_with_kvcache(qd, kc, vc, kn, vn, cache_seqlens=seqlens, sinks=torch.zeros(4, device='meta'))",
+    ),
+    (
+        "sinks/varlen-shape",
+        r"sinks must have shape",
+        "fai.flash_attn_varlen_func(qp, kp, vp, cu, cuk, 7, 7, sinks=torch.zeros(2))",
+    ),
+    (
+        "kvcache/leftpad-past-seqlens",
+        r"cache_leftpad\[1\] = 9",
+        "fai.flash_attn_with_kvcache(qd, kc, vc, kn, vn, cache_seqlens=seqlens, "
+        "cache_leftpad=torch.tensor([0, 9], dtype=torch.int32))",
+    ),
+    (
+        "kvcache/batch-idx-range",
+        r"cache_batch_idx entries",
+        "fai.flash_attn_with_kvcache(qd, kc, vc, kn, vn, cache_seqlens=seqlens, "
+        "cache_batch_idx=torch.tensor([0, 5], dtype=torch.int32))",
+    ),
+    (
+        "kvcache/batch-idx-dtype",
+        r"cache_batch_idx must be int32",
+        "fai.flash_attn_with_kvcache(qd, kc, vc, kn, vn, cache_seqlens=seqlens, cache_batch_idx=torch.zeros(2))",
+    ),
+    (
+        "kvcache/rotary-too-short",
+        r"rotary_cos / rotary_sin have 8 rows",
+        "fai.flash_attn_with_kvcache(qd, kc, vc, kn, vn, cache_seqlens=seqlens, rotary_cos=torch.ones(8, 4), "
+        "rotary_sin=torch.ones(8, 4))",
+    ),
+    (
+        "kvcache/rotary-alone",
+        r"both rotary_cos and rotary_sin",
+        "fai.flash_attn_with_kvcache(qd, kc, vc, kn, vn, cache_seqlens=seqlens, rotary_cos=torch.ones(32, 4))",
+    ),
+    (
+        "kvcache/paged-past-block-table",
+        r"block_table gives 1 blocks",
+        "fai.flash_attn_with_kvcache(qd, kc, vc, kn, vn, cache_seqlens=torch.tensor([5, 31], dtype=torch.int32), "
+        "block_table=torch.tensor([[0], [1]], dtype=torch.int32))",
+    ),
+    (
+        "fa/varlen-block-table-dropout",
+        r"dropout_p must be 0 with block_table",
+        "fai.flash_attn_varlen_func(qp, kc, vc, cu, cuk, 7, 7, dropout_p=0.1, "
+        "block_table=torch.tensor([[0], [1]], dtype=torch.int32))",
+    ),
+    ("rotary/past-the-table", r"past cos/sin", "fae.rotary.apply_rotary_emb(qf, torch.ones(4, 8), torch.ones(4, 8))"),
+    (
+        "kvcache-class/sink-tokens-without-window",
+        r"sink_tokens",
+        "fae.KVCache(batch_size=2, max_seqlen=32, num_kv_heads=2, head_dim=16, sink_tokens=2)",
+    ),
+    (
+        "sdpa/key-value-lengths",
+        r"Expected size for first two dimensions of batch2 tensor",
+        "fae.scaled_dot_product_attention(q, k, v[:, :, :5])",
+        ("RuntimeError",),
+    ),
 ]
 
 # Device mixes with a real second device, straight to the ops (the Python layer gates CUDA
@@ -435,7 +507,8 @@ def main(start):
             exec(code, dict(ns))
             result.update(raised=None)
         except BaseException as e:  # noqa: B902  (KeyboardInterrupt, SystemExit too: report, do not die)
-            result.update(raised=type(e).__name__, message=str(e)[:2000])
+            # the class and its bases (FlashAttnValueError is a ValueError and a RuntimeError)
+            result.update(raised=[c.__name__ for c in type(e).__mro__], message=str(e)[:2000])
         result["changed"] = _unchanged(before, ns)
         print(json.dumps(result), flush=True)
 

@@ -153,3 +153,56 @@ def test_cpu_ignores_device_checks_and_has_nothing_pending(kernel_settings):
         flash_attn_ext.check_kvcache_errors()
     with pytest.raises(ValueError, match="CUDA or CPU device"):
         flash_attn_ext.check_kvcache_errors("meta")
+
+
+def _streaming_visibility(total, n, ring):
+    i = torch.arange(total).unsqueeze(1)
+    j = torch.arange(total)
+    return (j <= i) & ((j < n) | (j > i - ring))
+
+
+@pytest.mark.parametrize("n,W", [(2, 6), (4, 7), (1, 3)])
+def test_sink_tokens_cache_equals_streaming_attention(device, n, W):
+    """KVCache(window=W, sink_tokens=n): prefill chunks longer than W, decode steps, a short
+    chunk; every output equals attention over the whole sequence with StreamingLLM's
+    visibility (the first n positions and the last W - n), from the float64 reference."""
+    from reference import reference_attention
+
+    B, Hq, Hkv, D, total = 2, 4, 2, 8, 31
+    g = torch.Generator().manual_seed(n * 10 + W)
+    q, k, v = (torch.randn(B, total, h, D, generator=g, dtype=torch.float64) for h in (Hq, Hkv, Hkv))
+    cache = flash_attn_ext.KVCache(B, None, Hkv, D, dtype=torch.float64, device=device, window=W, sink_tokens=n)
+    sinks = torch.randn(Hq, generator=g).to(device)
+    chunks, t = [11, 1, 1, 5, 1, 9, 1, 2], 0
+    outs = []
+    with torch.no_grad():
+        for c in chunks:
+            sl = slice(t, t + c)
+            outs.append(cache.attend(q[:, sl].to(device), k[:, sl].to(device), v[:, sl].to(device), sinks=sinks))
+            t += c
+    assert t == total and cache.seqlens.tolist() == [total] * B
+    ours = torch.cat(outs, 1).cpu()
+    vis = _streaming_visibility(total, n, W - n)
+    ref, _ = reference_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=vis, sinks=sinks.cpu().double()
+    )
+    torch.testing.assert_close(ours, ref.transpose(1, 2), rtol=1e-6, atol=1e-6)
+    # the plain window (no sink tokens) differs: the sink tokens are really attended to
+    plain, _ = reference_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window=(W - n - 1, 0), sinks=sinks.cpu().double()
+    )
+    assert (ours - plain.transpose(1, 2)).abs().max() > 1e-3
+    # what the slots hold: positions 0..n-1 and the last W - n
+    kept = list(range(n)) + list(range(total - (W - n), total))
+    slots = [p if p < n else n + (p - n) % (W - n) for p in kept]
+    torch.testing.assert_close(cache.k[:, slots].cpu(), k[:, kept], rtol=0, atol=0)
+
+
+def test_sink_tokens_bad_arguments():
+    with pytest.raises(ValueError, match="sink_tokens"):
+        flash_attn_ext.KVCache(1, 8, 1, 4, sink_tokens=2)  # needs a rolling cache
+    with pytest.raises(ValueError, match="sink_tokens"):
+        flash_attn_ext.KVCache(1, None, 1, 4, window=4, sink_tokens=4)
+    cache = flash_attn_ext.KVCache(1, None, 1, 4, window=6, sink_tokens=2)
+    with pytest.raises(ValueError, match=r"window_size=\(3, 0\)"), torch.no_grad():
+        cache.attend(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4), window_size=(5, 0))

@@ -31,6 +31,7 @@ struct Case {
   int64_t paged_block = 0;  // > 0: K/V read through a shuffled block table of this block size
   double softcap = 0.0;
   bool alibi = false;  // per-(batch, head) ALiBi slopes
+  bool sinks = false;  // learned attention sinks, one logit per query head
   double scale_value() const { return 1.0 / std::sqrt(static_cast<double>(Dk)); }
 };
 
@@ -170,9 +171,13 @@ Reference reference(const Case& c, const AttentionParams& p, const MaskData& mas
           if (c.dropout > 0)
             keep[j] = dropout_keep(p.dropout_seed, p.dropout_offset, bh, i, j, threshold) ? keep_scale : 0.0;
         }
+        // A sink is one more softmax entry with no value: in the max, the sum and the lse only.
+        const double sink = p.sink_logit<double>(h);
+        mx = std::max(mx, sink);
         double sum = 0;
         if (mx != -INFINITY)
           for (int64_t j = 0; j < c.S; ++j) sum += (prob[j] = std::exp(s[j] - mx));
+        if (sink != -INFINITY) sum += std::exp(sink - mx);
         r.lse[bh * c.L + i] = sum > 0 ? mx + std::log(sum) : -INFINITY;
         if (sum > 0)
           for (int64_t j = 0; j < c.S; ++j) prob[j] /= sum;
@@ -239,6 +244,10 @@ void run_case(const Case& c, uint32_t seed, double tol) {
   std::vector<float> slopes(c.B * c.Hq);
   for (size_t e = 0; e < slopes.size(); ++e) slopes[e] = 0.05f * float(e + 1);
   if (c.alibi) p.alibi_slopes = slopes.data(), p.alibi_batch_stride = c.Hq;
+  std::vector<float> sink_logits(c.Hq);
+  for (int64_t h = 0; h < c.Hq; ++h) sink_logits[h] = std::normal_distribution<float>(0.0f, 2.0f)(rng);
+  if (c.Hq > 1) sink_logits[1] = -INFINITY;  // a head without a sink
+  if (c.sinks) p.sinks = sink_logits.data();
   p.dropout_seed = 0x9E3779B97F4A7C15ull ^ seed;
   p.dropout_offset = 8;
 
@@ -551,6 +560,14 @@ int main() {
         c.left = -1, c.right = -1, c.bottom_right = seqlens;
         run_case<double, double>(c, seed++, 1e-12);
       }
+  for (bool seqlens : {false, true})  // sinks: rows with no visible key (L > S causal), windows, GQA, paging
+    for (const int64_t* w : {windows[1], windows[2], windows[0]}) {
+      Case c{2, 4, 2, 23, 11, 12, 10, w[0], w[1], true, MaskKind::kNone, seqlens, seqlens ? 0.2 : 0.0, 4};
+      c.sinks = true;
+      run_case<float, float>(c, seed++, 2e-5);
+      c.paged_block = 0, c.mask = MaskKind::kFloat64, c.softcap = 0.9;
+      run_case<double, double>(c, seed++, 1e-12);
+    }
   for (int64_t bs : {1, 4, 16, 64})  // paged K/V: block sizes below, at and above the lengths
     for (bool seqlens : {false, true}) {
       Case c{2, 4, 2, 5, 37, 12, 10, 6, 0, true, MaskKind::kNone, seqlens, 0.0, bs};

@@ -6,9 +6,12 @@
 // (superset: skipping a tile that holds a visible pair would be a wrong answer) and be tight
 // (every key/row they return is visible to some row/key of the tile). Philox must reproduce
 // the Random123 known-answer vectors, so the CUDA kernels can draw the same masks.
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <vector>
 
 #include "common/attention_semantics.h"
 #include "common/dropout_philox.h"
@@ -97,6 +100,37 @@ static void check_philox() {
   EXPECT(kept > 1800 && kept < 2200, "p=0.5 kept %d of 4000", kept);
 }
 
+// The row end with a sink (softmax_denominator, row_lse) against the definition: the sink as
+// one more term of the sum, in double; the edge cases (no key, no sink, NaN) by value.
+static void check_sinks() {
+  const double inf = INFINITY;
+  std::mt19937 rng(7);
+  std::normal_distribution<double> n(0.0, 3.0);
+  for (int t = 0; t < 200; ++t) {
+    const int keys = 1 + t % 5;
+    std::vector<double> s(keys);
+    double m = -inf;
+    for (auto& x : s) m = std::max(m, x = n(rng));
+    double l = 0;
+    for (double x : s) l += std::exp(x - m);
+    const double sink = n(rng);
+    double total = std::exp(sink);
+    for (double x : s) total += std::exp(x);
+    EXPECT(std::fabs(softmax_denominator(m, l, sink) * std::exp(m) - total) <= 1e-12 * total, "denominator t=%d", t);
+    EXPECT(std::fabs(row_lse(m, l, sink) - std::log(total)) <= 1e-12, "lse t=%d: %g vs %g", t, row_lse(m, l, sink),
+           std::log(total));
+    EXPECT(softmax_denominator(m, l, -inf) == l && row_lse(m, l, -inf) == m + std::log(l), "no sink t=%d", t);
+    // a float32 row far from the sink (overflow / underflow of e^(sink - m)) stays finite
+    const float big = row_lse(-80.0f, 1.0f, 80.0f), small = row_lse(80.0f, 1.0f, -80.0f);
+    EXPECT(std::fabs(big - 80.0f) < 1e-5f && std::fabs(small - 80.0f) < 1e-5f, "float extremes %g %g", big, small);
+  }
+  EXPECT(softmax_denominator(-inf, 0.0, 1.5) == inf && row_lse(-inf, 0.0, 1.5) == 1.5, "no key: all mass on the sink");
+  EXPECT(softmax_denominator(-inf, 0.0, -inf) == 0.0 && row_lse(-inf, 0.0, -inf) == -inf, "no key, no sink");
+  const double nan = std::nan("");
+  EXPECT(std::isnan(row_lse(0.5, nan, 1.0)) && std::isnan(softmax_denominator(0.5, nan, 1.0)), "NaN row stays NaN");
+  EXPECT(std::isnan(row_lse(0.5, 2.0, nan)) && std::isnan(softmax_denominator(0.5, 2.0, nan)), "NaN sink is NaN");
+}
+
 int main() {
   std::mt19937 rng(1234);
   const int64_t windows[] = {-1, 0, 1, 2, 3, 7, 16, 40};
@@ -115,6 +149,7 @@ int main() {
     }
   }
   check_philox();
+  check_sinks();
   std::printf("%d band cases\n", cases);
   return expect_summary("semantics headers");
 }
