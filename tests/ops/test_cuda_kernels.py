@@ -175,6 +175,16 @@ def test_tensor_core_path_declines_what_it_does_not_serve(kernel_settings):
     q, k, v = make_qkv(1, 2, 2, 16, 16, 64, torch.float16, "cuda")
     with pytest.raises(RuntimeError, match="softcap"):
         flash_attn_ext.attention(q, k, v, softcap=5.0)
+    with pytest.raises(RuntimeError, match="sinks"):  # (served by the safety net, tests/features/test_sinks.py)
+        flash_attn_ext.attention(q, k, v, sinks=torch.zeros(2, device="cuda"))
+    kc, vc = (
+        torch.zeros(1, 64, 2, 64, dtype=torch.float16, device="cuda"),
+        torch.zeros(1, 64, 2, 64, dtype=torch.float16, device="cuda"),
+    )
+    with pytest.raises(RuntimeError, match="sinks"), torch.no_grad():  # the split-KV decode kernel
+        flash_attn_ext.attention_with_kvcache(
+            q[:, :, :1].transpose(1, 2), kc, vc, cache_seqlens=9, sinks=torch.zeros(2, device="cuda")
+        )
     # The kernel's running max is over unscaled scores: a negative (or zero) scale goes to the
     # safety net, which serves it correctly.
     with pytest.raises(RuntimeError, match="scale <= 0"):

@@ -1,0 +1,192 @@
+"""What issue 20's arguments cost: each call timed with and without the argument, in one
+process, interleaved, as the ratio with / without (1.00 = free).
+
+- sinks: the dense forward and forward+backward (the backward adds the sink gradient, one
+  O(L * D) pass), and decode against a KV cache (the CPU decode kernel, split-KV included);
+  next to them gpt-oss's eager formulation (an extra score column, softmax, matmul: what
+  transformers runs without a fused kernel) as a ratio of ours over it;
+- cache_leftpad (one-position blocks through a block table), cache_batch_idx (whole cache rows
+  as blocks) and rotary embedding (applied to q and the new key before the append) in decode;
+- flash_attn_varlen_func with block_table (the queries padded to max_seqlen_q) against the
+  same packed call on contiguous K/V.
+
+    python benchmarks/bench_attention_args.py [--quick] [--csv out.csv]
+
+The header names the CPU; each figure is the best of interleaved repeats.
+"""
+
+import argparse
+import math
+import time
+
+import torch
+
+import flash_attn_ext
+from bench_attention import write_csv  # the script's directory is on sys.path
+from flash_attn_ext.config import cpu_description
+
+
+def best_pair(a, b, reps):
+    """Best times of a and b, run alternately (so drift hits both alike)."""
+    a(), b()
+    ta, tb = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a()
+        ta.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        b()
+        tb.append(time.perf_counter() - t0)
+    return min(ta), min(tb)
+
+
+def eager_sinks(q, k, v, sinks, causal):
+    """gpt-oss's eager attention (transformers): the sink as one more score column."""
+    B, H, L, D = q.shape
+    g = H // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(D)
+    if causal:
+        S = k.shape[2]
+        s = s.masked_fill(torch.ones(L, S, dtype=torch.bool).triu(S - L + 1), float("-inf"))
+    s = torch.cat([s, sinks.view(1, H, 1, 1).expand(B, H, L, 1).to(s.dtype)], dim=-1)
+    p = torch.softmax(s - s.amax(-1, keepdim=True), dim=-1)[..., :-1]
+    return p.to(v.dtype) @ v
+
+
+def dense_rows(dtype, L, reps):
+    rows = []
+    B, H, Hkv, D = 1, 8, 2, 64
+    q = torch.randn(B, H, L, D, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, Hkv, L, D, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, Hkv, L, D, dtype=dtype, requires_grad=True)
+    sinks = torch.randn(H, requires_grad=True)
+    g = torch.randn(B, H, L, D, dtype=dtype)
+
+    def fwd(s):
+        return lambda: flash_attn_ext.attention(q.detach(), k.detach(), v.detach(), causal=True, sinks=s)
+
+    def step(s):
+        def run():
+            out = flash_attn_ext.attention(q, k, v, causal=True, sinks=s)
+            torch.autograd.grad(out, [q, k, v] + ([s] if s is not None else []), g)
+
+        return run
+
+    for what, make in (("forward", fwd), ("forward+backward", step)):
+        t_with, t_without = best_pair(make(sinks), make(None), reps)
+        row = dict(arg="sinks", case=f"{what} B=1 H=8/2 L=S={L} D=64 causal", dtype=str(dtype)[6:])
+        row.update(with_s=t_with, without_s=t_without, ratio=t_with / t_without)
+        if what == "forward" and L <= 4096:
+            with torch.no_grad():
+                t_eager, _ = best_pair(lambda: eager_sinks(q, k, v, sinks, True), lambda: None, max(2, reps // 3))
+            row["ours_over_eager"] = t_with / t_eager
+        rows.append(row)
+    return rows
+
+
+def decode_rows(dtype, S, reps):
+    rows = []
+    B, H, Hkv, D = 4, 32, 8, 128
+    kc = torch.randn(B, S, Hkv, D, dtype=dtype)
+    vc = torch.randn(B, S, Hkv, D, dtype=dtype)
+    q = torch.randn(B, 1, H, D, dtype=dtype)
+    kn, vn = torch.randn(B, 1, Hkv, D, dtype=dtype), torch.randn(B, 1, Hkv, D, dtype=dtype)
+    lens = torch.full((B,), S - 64, dtype=torch.int32)
+    pad = torch.tensor([0, 17, 300, 5], dtype=torch.int32)
+    idx = torch.tensor([3, 0, 2, 1], dtype=torch.int32)
+    angle = torch.rand(S, D // 2) * 6.3
+    cos, sin = torch.cos(angle).to(dtype), torch.sin(angle).to(dtype)
+    base = dict(cache_seqlens=lens, causal=True)
+    cases = {
+        "sinks": dict(sinks=torch.randn(H)),
+        "cache_leftpad": dict(cache_leftpad=pad),
+        "cache_batch_idx": dict(cache_batch_idx=idx),
+        "rotary (with the append)": dict(rotary_cos=cos, rotary_sin=sin),
+    }
+    for name, extra in cases.items():
+        append = name.startswith("rotary")
+
+        def call(kw, append=append):
+            return lambda: flash_attn_ext.flash_attn_with_kvcache(
+                q, kc, vc, kn if append else None, vn if append else None, **base, **kw
+            )
+
+        t_with, t_without = best_pair(call(extra), call({}), reps)
+        rows.append(
+            dict(
+                arg=name,
+                case=f"decode B=4 H=32/8 S={S} D=128",
+                dtype=str(dtype)[6:],
+                with_s=t_with,
+                without_s=t_without,
+                ratio=t_with / t_without,
+            )
+        )
+    return rows
+
+
+def varlen_paged_rows(dtype, reps):
+    lens = [700, 90, 1500, 333]
+    H, Hkv, D, bs = 8, 2, 64, 64
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    total = int(cu[-1])
+    q = torch.randn(total, H, D, dtype=dtype)
+    k, v = torch.randn(total, Hkv, D, dtype=dtype), torch.randn(total, Hkv, D, dtype=dtype)
+    bps = (max(lens) + bs - 1) // bs
+    kp = torch.zeros(len(lens) * bps, bs, Hkv, D, dtype=dtype)
+    vp = torch.zeros_like(kp)
+    table = torch.randperm(len(lens) * bps).view(len(lens), bps).to(torch.int32)
+    for b, n in enumerate(lens):
+        s = int(cu[b])
+        for blk in range((n + bs - 1) // bs):
+            m = min(bs, n - blk * bs)
+            kp[table[b, blk], :m] = k[s + blk * bs : s + blk * bs + m]
+            vp[table[b, blk], :m] = v[s + blk * bs : s + blk * bs + m]
+    L = max(lens)
+    t_with, t_without = best_pair(
+        lambda: flash_attn_ext.flash_attn_varlen_func(q, kp, vp, cu, cu, L, L, causal=True, block_table=table),
+        lambda: flash_attn_ext.flash_attn_varlen_func(q, k, v, cu, cu, L, L, causal=True),
+        reps,
+    )
+    return [
+        dict(
+            arg="varlen block_table",
+            case=f"lengths {lens} H=8/2 D=64 causal (padded rows x{len(lens) * L / total:.2f})",
+            dtype=str(dtype)[6:],
+            with_s=t_with,
+            without_s=t_without,
+            ratio=t_with / t_without,
+        )
+    ]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    ap.add_argument("--csv", help="write the rows to this CSV file")
+    a = ap.parse_args()
+    reps = 3 if a.quick else 7
+    print(f"# {cpu_description()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    rows = []
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            for S in (4096,) if a.quick else (4096, 32768):
+                rows += decode_rows(dtype, S, reps)
+            rows += varlen_paged_rows(dtype, reps)
+    for dtype in (torch.float32, torch.bfloat16):
+        for L in (2048,) if a.quick else (2048, 8192):
+            rows += dense_rows(dtype, L, max(2, reps // 2))
+    print(f"{'argument':26s} {'case':58s} {'dtype':9s} {'with':>9s} {'without':>9s} {'ratio':>6s}  ours/eager")
+    for r in rows:
+        eager = f"{r['ours_over_eager']:.2f}" if "ours_over_eager" in r else ""
+        print(
+            f"{r['arg']:26s} {r['case']:58s} {r['dtype']:9s} {r['with_s'] * 1e3:8.2f}ms {r['without_s'] * 1e3:8.2f}ms "
+            f"{r['ratio']:6.2f}  {eager}"
+        )
+    if a.csv:
+        write_csv(a.csv, [{**dict.fromkeys(("ours_over_eager",), ""), **r} for r in rows])
+
+
+if __name__ == "__main__":
+    main()
