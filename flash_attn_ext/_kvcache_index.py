@@ -124,8 +124,10 @@ def remap(kc, vc, block_table, seqlens, batch_idx, leftpad, L_new: int):
             f"{_FN}: cache_leftpad needs k_cache and v_cache laid out alike (strides {kc.stride()} and {vc.stride()})"
         )
     pos = pad.unsqueeze(1) + torch.arange(capacity, device=device)  # (B, capacity): cache position of key j
-    inside = pos < capacity
-    pos = pos.clamp(max=max(capacity - 1, 0))
+    # (-1 also where a pad is out of range and the host checks are skipped: the op's device
+    # checks then report the sequence instead of reading another one's rows)
+    inside = (pos >= 0) & (pos < capacity)
+    pos = pos.clamp(0, max(capacity - 1, 0))
     if paged:
         bs = kc.shape[2]
         table = block_table.to(torch.int64).gather(1, pos // bs) * unit + pos % bs

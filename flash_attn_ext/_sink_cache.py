@@ -55,6 +55,9 @@ def attend(cache, q, k, v, causal, window_size, softmax_scale, return_lse, sinks
         # Decode: the query sees exactly what the slots hold (after this token's write), and
         # softmax does not care about their order: the slots are read in place.
         if k is not None:
+            from .kv_cache import check_step
+
+            check_step(cache, q, k, v, sinks)  # (before the write: a refused call changes nothing)
             write(cache, k, v)
             cache.seqlens += 1
         from .kv_cache import attention_with_kvcache
@@ -68,6 +71,13 @@ def attend(cache, q, k, v, causal, window_size, softmax_scale, return_lse, sinks
             causal=False,
             return_softmax_lse=return_lse,
             sinks=sinks,
+        )
+    if q.shape[1] > L_new:
+        # Queries for cached positions: in the keys' index order the sink tokens sit right
+        # before the rolling ones, so an index window would take them for recent positions.
+        raise ValueError(
+            f"a cache with sink tokens serves one query or queries for the new tokens (L <= L_new), got "
+            f"L = {q.shape[1]} queries for {L_new} new tokens"
         )
     seen = cache.seqlens.to(torch.int64)
     kept = torch.clamp(seen, max=W)

@@ -177,7 +177,8 @@ def attention_with_kvcache(
         softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0
     _ops.require_kernel(q.device.type)
     if rotary_cos is not None or rotary_sin is not None:
-        per_position = causal or (left, right) != (-1, -1)  # flash-attn: causal or local
+        # flash-attn: causal or local, a window bound at or past the cache's length being no bound
+        per_position = causal or 0 <= left < s_max or 0 <= right < s_max
         qb, kb = _kvcache_index.rotate(
             qb, kb, rotary_cos, rotary_sin, cache_seqlens, rotary_interleaved, per_position, s_max
         )
@@ -230,6 +231,36 @@ def check_kvcache_errors(device: Union[torch.device, str, int, None] = None) -> 
         raise ValueError(f"flash_attn_ext.check_kvcache_errors: device must be a CUDA or CPU device, got {device}")
     if device.type == "cuda" and _ops.has_kernel("cuda"):  # (without the CUDA kernels nothing ran there)
         torch.ops.flash_attn_ext._raise_kvcache_device_errors(torch.empty(0, device=device))
+
+
+def check_step(cache, q, k, v, sinks) -> None:
+    """What the op would refuse in a KVCache.attend call, checked before a decode step writes its
+    token into the slots (the other paths write only after the op has run): a refused call
+    leaves the cache as it was."""
+    fn = "flash_attn_ext.KVCache.attend"
+    _ops.check_tensors(fn, q=q, k=k, v=v, sinks=sinks, optional=("k", "v", "sinks"))
+    B, _, Hkv, D = cache.k.shape
+    for name, t, d in (("q", q, D), ("k", k, D), ("v", v, cache.v.shape[-1])):
+        if t is None:
+            continue
+        heads_ok = t.shape[2] % Hkv == 0 if name == "q" and t.dim() == 4 else t.dim() == 4 and t.shape[2] == Hkv
+        if t.dim() != 4 or t.shape[0] != B or t.shape[3] != d or not heads_ok:
+            raise ValueError(
+                f"{fn}: {name} must be (batch={B}, length, {'a multiple of ' if name == 'q' else ''}{Hkv} heads, {d}), "
+                f"got {tuple(t.shape)}"
+            )
+        if t.dtype != cache.k.dtype or t.device != cache.k.device:
+            raise TypeError(f"{fn}: {name} is {t.dtype} on {t.device}, the cache {cache.k.dtype} on {cache.k.device}")
+    if sinks is not None and (
+        sinks.shape != (q.shape[2],)
+        or sinks.dtype not in (torch.float32, torch.float64)
+        or sinks.device != q.device
+        or (sinks.numel() > 1 and sinks.stride(0) != 1)
+    ):
+        raise ValueError(
+            f"{fn}: sinks must be a contiguous float32 (or float64) tensor of shape ({q.shape[2]},) on {q.device}, "
+            f"got {sinks.dtype} {tuple(sinks.shape)} on {sinks.device}"
+        )
 
 
 class KVCache:
@@ -371,6 +402,7 @@ class KVCache:
             # hold (after this token's append), and softmax does not care about their order, so
             # the kernel reads the slots in place: no gather, no copy.
             if k is not None:
+                check_step(self, q, k, v, sinks)  # (before the append: a refused call changes nothing)
                 self.append(k, v)
             valid = torch.clamp(self.seqlens, max=W).to(torch.int32)  # slots [0, valid) hold data
             return attention_with_kvcache(

@@ -73,6 +73,8 @@ def _reject_unsafe(query, key, value) -> None:
     value; its math path raises this error, which is the one raised here)."""
     if not all(isinstance(t, torch.Tensor) and t.dim() >= 2 for t in (query, key, value)):
         return
+    if any(t.is_nested or t.layout != torch.strided for t in (query, key, value)):
+        return  # (nested lengths are symbolic: PyTorch's own SDPA judges those)
     if key.shape[-2] != value.shape[-2]:
         n = math.prod(query.shape[:-2])
         raise RuntimeError(

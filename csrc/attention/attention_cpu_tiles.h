@@ -350,7 +350,7 @@ void merge_split_states(const SplitStates<acc_t>& parts, const AttentionParams& 
       const int64_t b = row / L / heads, h = row / L % heads, i = row % L;
       const acc_t sink = p.sink_logit<acc_t>(h);
       const acc_t denominator = softmax_denominator(m, l, sink);
-      const acc_t factor = denominator > acc_t(0) ? keep_scale / denominator : acc_t(0);
+      const acc_t factor = output_factor(denominator, keep_scale);
       scalar_t* o = o_rows.row(b, h, i);
       for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<scalar_t>(nan ? l : acc[d] * factor);
       lse_data[row] = row_lse(m, l, sink);

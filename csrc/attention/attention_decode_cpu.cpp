@@ -222,7 +222,7 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
           }
           const acc_t sink = p.sink_logit<acc_t>(h);
           const acc_t l = softmax_denominator(m_run[at], l_run[at], sink);
-          scale_row(acc.data() + at * Dv, Dv, l > acc_t(0) ? acc_t(1) / l : acc_t(0));
+          scale_row(acc.data() + at * Dv, Dv, output_factor(l, acc_t(1)));
           lse_data[row] = row_lse(m_run[at], l_run[at], sink);
           store_rows(acc.data() + at * Dv, Dv, 1, Dv, o_rows.row(b, h, i), o_rows.stride_l);
         }

@@ -363,7 +363,7 @@ class ForwardWorker {
       const acc_t sink = a_.p.template sink_logit<acc_t>(h);
       const acc_t l = softmax_denominator(m_run_[r], l_run_[r], sink);
       store_rows(o_acc_.data() + r * Dv, Dv, 1, Dv, a_.out.row(t.b, h, i), a_.out.stride_l,
-                 l > acc_t(0) ? a_.c.keep_scale / l : acc_t(0));
+                 output_factor(l, a_.c.keep_scale));
       a_.lse[a_.p.row_index(t.b, h, i)] = row_lse(m_run_[r], l_run_[r], sink);
     }
   }

@@ -206,7 +206,7 @@ FAE_HOST_DEVICE void forward_row(const AttentionParams& p, const MaskView& mask,
   }
   const Acc sink = p.sink_logit<Acc>(h);
   const Acc denominator = softmax_denominator(m, l, sink);
-  const Acc factor = denominator > Acc(0) ? dropout_scale<Acc>(p) / denominator : Acc(0);
+  const Acc factor = output_factor(denominator, dropout_scale<Acc>(p));
   store<T, Acc, kLanes, kPerLane>(out.row(b, h, i), acc, factor, p.dim_v, lane);
   if (lane == 0) lse[p.row_index(b, h, i)] = row_lse(m, l, sink);
 }

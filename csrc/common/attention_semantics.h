@@ -164,6 +164,15 @@ FAE_HOST_DEVICE Acc softmax_denominator(Acc m, Acc l, Acc sink) {
   return l + exp_of(sink - m);
 }
 
+// The factor the accumulator of such a row is multiplied by: keep_scale / denominator, 0 for a
+// row that saw nothing (denominator 0 or +inf), NaN for a NaN denominator (a NaN sink must not
+// turn into a zero row).
+template <typename Acc>
+FAE_HOST_DEVICE Acc output_factor(Acc denominator, Acc keep_scale) {
+  if (denominator != denominator) return denominator;
+  return denominator > Acc(0) ? keep_scale / denominator : Acc(0);
+}
+
 template <typename Acc>
 FAE_HOST_DEVICE Acc row_lse(Acc m, Acc l, Acc sink) {
   const Acc inf = static_cast<Acc>(INFINITY);

@@ -164,11 +164,15 @@ def test_with_kvcache_rotary(device, dtype, L, causal, window, interleaved, rota
     assert_matches(out.cpu(), ref, low, dtype, "flash_attn_with_kvcache(rotary)")
 
 
+@pytest.mark.parametrize("rotary", [False, True])
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("leftpad", [False, True])
 @pytest.mark.parametrize("batch_idx", [False, True])
 @pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (-1, -1)), (True, (6, 0))])
-def test_with_kvcache_batch_idx_and_leftpad(device, paged, leftpad, batch_idx, causal, window):
+def test_with_kvcache_batch_idx_and_leftpad(device, rotary, paged, leftpad, batch_idx, causal, window):
+    """cache_batch_idx / cache_leftpad, paged or not, with rotary too (rotated at the absolute
+    cache positions, cache_leftpad or not, as flash-attn): the cache holds what the arguments
+    say afterwards (read back from the device) and the output is attention over those keys."""
     if not (leftpad or batch_idx):
         pytest.skip("neither argument: covered by the KV-cache op tests")
     B, B_cache, S_max, Hq, Hkv, D, L, L_new = 3, 5, 32, 4, 2, 16, 2, 2
@@ -187,40 +191,50 @@ def test_with_kvcache_batch_idx_and_leftpad(device, paged, leftpad, batch_idx, c
         table = order.view(B_cache, 4).to(torch.int32)
         if not batch_idx:
             table = table[:B].contiguous()
-    before_k = kc.clone()
+    cos, sin = _rotary_tables(S_max, 8, seed=17) if rotary else (None, None)
     on = lambda t: None if t is None else t.to(device)
+    kc_dev, vc_dev = kc.to(device), vc.to(device)  # (on the CPU the same tensors)
     out, lse = fai.flash_attn_with_kvcache(
         q.to(device),
-        kc.to(device) if device != "cpu" else kc,
-        vc.to(device) if device != "cpu" else vc,
+        kc_dev,
+        vc_dev,
         k.to(device),
         v.to(device),
+        rotary_cos=on(cos),
+        rotary_sin=on(sin),
         cache_seqlens=seqlens.to(device),
         cache_batch_idx=on(idx),
         cache_leftpad=on(pad),
         block_table=on(table),
         causal=causal,
         window_size=window,
+        rotary_interleaved=False,
         return_softmax_lse=True,
     )
+    base = seqlens.long()[:, None]
+    k_new, q_rot = k.double(), q.double()
+    if rotary:
+        k_new = rotate64(k, cos, sin, base + torch.arange(L_new), False)
+        q_rot = rotate64(q, cos, sin, base + torch.arange(L), False)  # causal or windowed: own positions
+        if not causal and window == (-1, -1):
+            q_rot = rotate64(q, cos, sin, base.expand(B, L), False)
     # what the cache must hold afterwards: the new tokens at [seqlens, seqlens + L_new) of row rows[b]
-    exp_k, exp_v = k_cache.clone(), v_cache.clone()
+    exp_k, exp_v = k_cache.double(), v_cache.clone()
     for b in range(B):
         n = int(seqlens[b])
-        exp_k[rows[b], n : n + L_new] = k[b]
+        exp_k[rows[b], n : n + L_new] = k_new[b]
         exp_v[rows[b], n : n + L_new] = v[b]
-    if device == "cpu":
-        got_k, got_v = kc, vc
-        if paged:
-            got_k = kc[order].reshape(B_cache, S_max, Hkv, D)
-            got_v = vc[order].reshape(B_cache, S_max, Hkv, D)
-        assert torch.equal(got_k, exp_k) and torch.equal(got_v, exp_v), "the append wrote where the arguments say"
-        assert not torch.equal(before_k, kc)
+    got_k, got_v = kc_dev.cpu(), vc_dev.cpu()
+    if paged:
+        got_k = got_k[order].reshape(B_cache, S_max, Hkv, D)
+        got_v = got_v[order].reshape(B_cache, S_max, Hkv, D)
+    torch.testing.assert_close(got_k.double(), exp_k, rtol=0, atol=2e-6 if rotary else 0)
+    assert torch.equal(got_v, exp_v), "the append wrote where the arguments say"
     start = pad.long() if leftpad else torch.zeros(B, dtype=torch.long)
-    keys = [exp_k[rows[b], start[b] :].double() for b in range(B)]
+    keys = [exp_k[rows[b], start[b] :] for b in range(B)]
     values = [exp_v[rows[b], start[b] :].double() for b in range(B)]
     lens = [int(seqlens[b]) + L_new - int(start[b]) for b in range(B)]
-    ref, low = _expected_attention(q, keys, values, lens, causal=causal, window=window, dtype=torch.float32)
+    ref, low = _expected_attention(q_rot, keys, values, lens, causal=causal, window=window, dtype=torch.float32)
     assert_matches(out.cpu(), ref, low, torch.float32, "flash_attn_with_kvcache(cache_batch_idx / cache_leftpad)")
     assert lse.shape == (B, Hq, L)
 

@@ -109,16 +109,40 @@ def test_sinks_on_the_cache_paths_count_once(device, kernel_settings, splits, de
             assert_lse_matches(lse[b : b + 1].cpu(), ref_lse, torch.float32, f"kvcache lse L={L} b={b}")
 
 
-@pytest.mark.parametrize("causal,Hkv", [(False, 3), (True, 1)])
-def test_sink_gradients_gradcheck(device, causal, Hkv):
+@pytest.mark.parametrize("causal,Hkv,extras", [(False, 3, False), (True, 1, False), (True, 3, True)])
+def test_sink_gradients_gradcheck(device, causal, Hkv, extras):
+    """extras: a float mask and ALiBi slopes too (other tensor arguments before the sinks)."""
     q, k, v = make_qkv(1, 3, Hkv, 6, 9, 8, torch.float64, device, seed=5, requires_grad=True)
     sinks = _sinks(3, 6, device, torch.float64).requires_grad_()
+    kw = {}
+    if extras:
+        kw = dict(attn_mask=torch.randn(6, 9, dtype=torch.float64, device=device), alibi_slopes=_sinks(3, 7, device))
+        kw["alibi_slopes"] = kw["alibi_slopes"].abs()
 
     def f(q, k, v, sinks):
-        out, lse = flash_attn_ext.attention(q, k, v, causal=causal, sinks=sinks, return_lse=True)
+        out, lse = flash_attn_ext.attention(q, k, v, causal=causal, sinks=sinks, return_lse=True, **kw)
         return out, lse  # the gradient through lse too (it includes the sink)
 
     torch.autograd.gradcheck(f, (q, k, v, sinks))
+    (ds,) = torch.autograd.grad(f(q, k, v, sinks)[0].sum(), sinks)
+    assert ds.abs().min() > 1e-6  # (a sink gradient dropped for these arguments would be zero)
+
+
+def test_nan_sink_makes_its_head_nan(device, kernel_settings):
+    """A diverged (NaN) sink must not turn into zero rows: its head is NaN, the others exact."""
+    q, k, v = make_qkv(1, 2, 1, 5, 40, 8, torch.float32, device, seed=14)
+    sinks = torch.tensor([float("nan"), 0.5], device=device)
+    plain = flash_attn_ext.attention(q, k, v)
+    for splits in (0, 3):
+        kernel_settings(num_splits=splits)
+        out = flash_attn_ext.attention(q, k, v, sinks=sinks)
+        assert torch.isnan(out[:, 0]).all() and not torch.isnan(out[:, 1]).any()
+        assert not torch.equal(out[:, 1], plain[:, 1])  # head 1's sink was counted
+        with torch.no_grad():
+            dec = flash_attn_ext.attention_with_kvcache(
+                q[:, :, -1:].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cache_seqlens=40, sinks=sinks
+            )
+        assert torch.isnan(dec[:, :, 0]).all() and not torch.isnan(dec[:, :, 1]).any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -126,7 +150,7 @@ def test_sink_gradients_against_reference(device, dtype):
     q, k, v = make_qkv(2, 4, 2, 50, 70, 32, dtype, device, seed=7, requires_grad=True)
     sinks = _sinks(4, 8, device).requires_grad_()
     out = flash_attn_ext.attention(q, k, v, causal=True, window_size=(30, 0), sinks=sinks)
-    g = torch.randn_like(out)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(99)).to(dtype).to(device)
     dq, dk, dv, ds = torch.autograd.grad(out, (q, k, v, sinks), g)
     q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
     s64 = sinks.detach().cpu().double().requires_grad_()
@@ -141,10 +165,9 @@ def test_sink_gradients_against_reference(device, dtype):
     for name, ours, ref_g, low_g in zip(("dq", "dk", "dv"), (dq, dk, dv), r[:3], low):
         assert_matches(ours.cpu(), ref_g, low_g, dtype, name, grad=True)
     # d sinks: a sum over every row of the head, formed in float32 from rounded O and dO
-    scale = r[3].abs().max().item()
-    tol = (1e-4 if dtype == torch.float32 else 2e-2) * max(scale, 1.0)
+    # (measured: bf16 errs up to ~1.2e-3 of the largest sink gradient, float32 ~1e-6)
+    tol = (1e-4 if dtype == torch.float32 else 5e-3) * r[3].abs().max().item()
     assert (ds.cpu().double() - r[3]).abs().max() <= tol, (ds, r[3])
-    assert (r[3].abs() > 10 * tol).any(), "a sink gradient this small would not test anything"
 
 
 def test_varlen_with_sinks_and_gradcheck(device):
@@ -157,6 +180,23 @@ def test_varlen_with_sinks_and_gradcheck(device):
     def f(q, k, v, sinks):
         return flash_attn_ext.flash_attn_varlen_func(q, k, v, cu, cu, 9, 9, causal=True, sinks=sinks)
 
+    def with_alibi_and_lse(q, k, v, sinks):  # ALiBi before the sinks; the gradient through lse too
+        out, lse, _ = flash_attn_ext.flash_attn_varlen_func(
+            q,
+            k,
+            v,
+            cu,
+            cu,
+            9,
+            9,
+            causal=True,
+            sinks=sinks,
+            alibi_slopes=_sinks(H, 15, device).abs(),
+            return_attn_probs=True,
+        )
+        return out, lse
+
+    torch.autograd.gradcheck(with_alibi_and_lse, (q, k, v, sinks))
     out = f(q, k, v, sinks)
     for b in range(4):
         a, e = int(cu[b]), int(cu[b + 1])
@@ -185,10 +225,18 @@ def test_bad_sinks_raise_naming_them(sinks, exc, match):
     q, k, v = make_qkv(1, 4, 2, 5, 5, 8, torch.float32, "cpu", seed=11)
     with pytest.raises(exc, match=match):
         flash_attn_ext.attention(q, k, v, sinks=sinks)
-    kc = torch.zeros(1, 8, 2, 8)
-    with pytest.raises(exc, match=match), torch.no_grad():
-        flash_attn_ext.attention_with_kvcache(q[:, :, :1].transpose(1, 2), kc, kc.clone(), cache_seqlens=3, sinks=sinks)
-    assert kc.abs().sum() == 0
+    kc, vc = torch.zeros(1, 8, 2, 8), torch.zeros(1, 8, 2, 8)
+    kn = torch.ones(1, 1, 2, 8)
+    with pytest.raises(exc, match=match), torch.no_grad():  # checked before the append writes
+        flash_attn_ext.attention_with_kvcache(q[:, :, :1].transpose(1, 2), kc, vc, kn, kn, cache_seqlens=3, sinks=sinks)
+    assert kc.abs().sum() == 0 and vc.abs().sum() == 0
+    for cache in (
+        flash_attn_ext.KVCache(1, None, 2, 8, window=6),
+        flash_attn_ext.KVCache(1, None, 2, 8, window=6, sink_tokens=2),
+    ):  # the decode steps that read the slots in place write first: they check first
+        with pytest.raises((ValueError, TypeError), match="sinks"), torch.no_grad():
+            cache.attend(q[:, :, :1].transpose(1, 2), kn, kn, sinks=sinks)
+        assert cache.seqlens.tolist() == [0] and cache.k.abs().sum() == 0
 
 
 def test_opcheck_with_sinks(device):

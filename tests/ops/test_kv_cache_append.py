@@ -173,10 +173,16 @@ def test_sink_tokens_cache_equals_streaming_attention(device, n, W):
     q, k, v = (torch.randn(B, total, h, D, generator=g, dtype=torch.float64) for h in (Hq, Hkv, Hkv))
     cache = flash_attn_ext.KVCache(B, None, Hkv, D, dtype=torch.float64, device=device, window=W, sink_tokens=n)
     sinks = torch.randn(Hq, generator=g).to(device)
-    chunks, t = [11, 1, 1, 5, 1, 9, 1, 2], 0
+    # prefills that start at 0 < seen <= W and straddle it, chunks longer than W, decode steps,
+    # a query without a new token (the last position again)
+    chunks, t = [3, 2, 11, 1, 1, 5, 1, 0, 6, 1], 0
     outs = []
     with torch.no_grad():
         for c in chunks:
+            if c == 0:
+                again = cache.attend(q[:, t - 1 : t].to(device), sinks=sinks)
+                torch.testing.assert_close(again, outs[-1][:, -1:], rtol=1e-12, atol=1e-12)
+                continue
             sl = slice(t, t + c)
             outs.append(cache.attend(q[:, sl].to(device), k[:, sl].to(device), v[:, sl].to(device), sinks=sinks))
             t += c
@@ -206,3 +212,7 @@ def test_sink_tokens_bad_arguments():
     cache = flash_attn_ext.KVCache(1, None, 1, 4, window=6, sink_tokens=2)
     with pytest.raises(ValueError, match=r"window_size=\(3, 0\)"), torch.no_grad():
         cache.attend(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4), window_size=(5, 0))
+    with torch.no_grad():
+        cache.attend(torch.randn(1, 9, 1, 4), torch.randn(1, 9, 1, 4), torch.randn(1, 9, 1, 4))
+        with pytest.raises(ValueError, match="L <= L_new"):  # queries for cached positions
+            cache.attend(torch.randn(1, 3, 1, 4), torch.randn(1, 1, 1, 4), torch.randn(1, 1, 1, 4))

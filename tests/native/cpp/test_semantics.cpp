@@ -129,6 +129,9 @@ static void check_sinks() {
   const double nan = std::nan("");
   EXPECT(std::isnan(row_lse(0.5, nan, 1.0)) && std::isnan(softmax_denominator(0.5, nan, 1.0)), "NaN row stays NaN");
   EXPECT(std::isnan(row_lse(0.5, 2.0, nan)) && std::isnan(softmax_denominator(0.5, 2.0, nan)), "NaN sink is NaN");
+  EXPECT(std::isnan(output_factor(softmax_denominator(0.5, 2.0, nan), 1.0)), "NaN sink: NaN output, not zeros");
+  EXPECT(output_factor(inf, 1.0) == 0.0 && output_factor(0.0, 1.0) == 0.0 && output_factor(4.0, 2.0) == 0.5,
+         "output_factor");
 }
 
 int main() {
