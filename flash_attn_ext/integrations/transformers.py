@@ -26,10 +26,19 @@ transformers versions this was tested with); otherwise only "fa_ext" is.
   passed as `attn_mask` and already holds causality and the window.
 
 Both take K/V heads as the model gives them (GQA/MQA: not repeated), honour `scaling`,
-`dropout`, `softcap` (Gemma-2's logit soft-capping, in the kernels) and `s_aux` (gpt-oss's
-learned attention sinks, in the kernels, with their gradient), and return no attention weights
-(`output_attentions` needs the eager implementation).
+`dropout`, `softcap` (Gemma-2's logit soft-capping, in the kernels), `s_aux` (gpt-oss's learned
+attention sinks, in the kernels, with their gradient; `sinks` of shape (Hq,) likewise) and
+`position_bias` (T5's relative-position bias, added to the scores as a float mask: forward
+only, so a bias that requires grad is refused), and return no attention weights.
+
+Every other keyword a model passes is checked against `KEYWORDS` below: served, accepted
+because it cannot change the result, or refused with an error naming it. A keyword on none of
+those lists is refused too, so a model that passes something new fails loudly instead of
+running without it.
 """
+
+import functools
+import importlib
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -40,6 +49,107 @@ from ..flash_attn_interface import flash_attn_func, flash_attn_varlen_func, flas
 
 NAME = "fa_ext"
 FLASH_NAME = "flash_attn_ext"
+
+# What each keyword that transformers' models (5.x) pass to an attention implementation, beyond
+# the ones named in its signature, does here. Collected from every modeling file's calls and
+# from TransformersKwargs / FlashAttentionKwargs.
+# - "neutral": cannot change the attention's result (packing reaches "fa_ext" through the
+#   mask transformers builds from position_ids, and "flash_attn_ext" through transformers'
+#   flash path, which reads position_ids itself; the kernels are deterministic for a fixed
+#   thread count, so `deterministic` asks for nothing more);
+# - "served": read here (see the implementations);
+# - any other keyword, and the ones in REFUSED, raise a TypeError naming them.
+NEUTRAL = frozenset(
+    {
+        "position_ids",
+        "seq_idx",
+        "cache_position",
+        "use_cache",
+        "num_items_in_batch",
+        "output_hidden_states",
+        "output_router_logits",
+        "deterministic",
+        # model inputs the layer has already consumed (cross-attention K/V, the cache)
+        "encoder_hidden_states",
+        "encoder_attention_mask",
+        "past_key_values",
+        "past_key_value",
+        "return_dict",
+    }
+)
+# Served only when falsy / None: attention weights are never returned, and sparse attention
+# (DeepSeek-V3.2's `indices`, MiniMax's `block_indices`) would silently run dense here.
+REFUSED = {
+    "output_attentions": "attention weights are not returned; use attn_implementation='eager'",
+    "indices": "sparse attention (selected key indices) is not implemented; it would run dense",
+    "block_indices": "block-sparse attention (selected key blocks) is not implemented; it would run dense",
+    "head_mask": "a head mask multiplies the attention weights, which are never formed here",
+}
+# Read by transformers' flash path ("flash_attn_ext" hands them on): varlen and paged calls.
+FLASH_PATH = frozenset(
+    {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "block_table", "k_cache", "v_cache"}
+)
+
+
+def _check_keywords(impl: str, kwargs: dict, served: frozenset) -> None:
+    """Raise for a keyword this implementation would otherwise drop (see NEUTRAL / REFUSED)."""
+    for key, value in kwargs.items():
+        if key in NEUTRAL or key in served:
+            continue
+        if key in REFUSED:
+            if value is None or value is False:
+                continue
+            raise TypeError(f"attn_implementation={impl!r}: {key}={_describe(value)}: {REFUSED[key]}")
+        raise TypeError(
+            f"attn_implementation={impl!r} does not know the keyword {key!r} this model passes to its attention, "
+            f"so it cannot serve the call without changing its meaning; use attn_implementation='sdpa' or 'eager'"
+        )
+
+
+def _describe(value) -> str:
+    return f"tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+
+
+def _sinks(impl: str, s_aux, sinks):
+    """gpt-oss's s_aux (or `sinks`, the same thing under another name) as the kernels' float32
+    (Hq,) sinks; per-token sinks (a tensor of another shape) are refused."""
+    if sinks is not None:
+        if s_aux is not None:
+            raise TypeError(f"attn_implementation={impl!r}: pass s_aux or sinks, not both")
+        if sinks.dim() != 1:
+            raise TypeError(
+                f"attn_implementation={impl!r}: sinks={_describe(sinks)}: only one learned sink logit per query "
+                f"head, shape (Hq,), is served (per-token sinks are not)"
+            )
+        s_aux = sinks
+    return None if s_aux is None else s_aux.float()  # (differentiable: gpt-oss trains them)
+
+
+def _bias_mask(impl: str, position_bias, attention_mask, query, key, sliding_window=None):
+    """T5's position_bias (broadcasting to (B, Hq, L, S)) and the model's mask as one additive
+    float mask: the bias where the mask lets a key through, -inf where it does not. The bias is
+    data here: one that requires grad is refused (its gradient is not computed by the kernels)."""
+    if not isinstance(position_bias, torch.Tensor):
+        raise TypeError(f"attn_implementation={impl!r}: position_bias must be a tensor, got {_describe(position_bias)}")
+    if sliding_window:
+        raise TypeError(f"attn_implementation={impl!r}: position_bias with a sliding_window is not served")
+    if position_bias.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError(
+            f"attn_implementation={impl!r}: position_bias requires grad (a trainable relative-position bias, "
+            f"as in T5), and its gradient is not served by these kernels yet; train with "
+            f"attn_implementation='sdpa' or 'eager', or run under torch.no_grad()"
+        )
+    S = key.shape[-2]
+    bias = position_bias[..., :S].to(query.dtype)
+    if attention_mask is None:
+        return bias
+    if attention_mask.dim() == 2:  # the flash path's (B, S) padding mask: True / 1 = a real key
+        attention_mask = attention_mask[:, -S:].bool()[:, None, None, :]
+    else:
+        attention_mask = attention_mask[..., :S]
+    if attention_mask.dtype == torch.bool:
+        return bias.masked_fill(~attention_mask, float("-inf"))
+    return bias + attention_mask.to(query.dtype)
 
 
 def flash_attn_ext_attention_forward(
@@ -54,16 +164,58 @@ def flash_attn_ext_attention_forward(
     sliding_window=None,
     softcap=None,
     s_aux=None,
+    sinks=None,
+    position_bias=None,
+    cu_seq_lens_q=None,
+    cu_seq_lens_k=None,
+    max_length_q=None,
+    max_length_k=None,
     **kwargs,
 ):
     """The "fa_ext" implementation. query (B, Hq, L, D), key/value (B, Hkv, S, D) ->
-    (attn_output (B, L, Hq, D), None). s_aux: gpt-oss's learned attention sinks, (Hq,)."""
+    (attn_output (B, L, Hq, D), None). s_aux: gpt-oss's learned attention sinks, (Hq,).
+    position_bias: T5's additive bias, forward only. cu_seq_lens_* (packed sequences) without a
+    mask: served by the varlen kernel; with a mask, the mask already holds the packing."""
+    _check_keywords(NAME, kwargs, frozenset())
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     cap = float(softcap) if softcap else 0.0
-    sinks = None if s_aux is None else s_aux.float()  # (differentiable: gpt-oss trains them)
-    if attention_mask is not None:
+    sink_logits = _sinks(NAME, s_aux, sinks)
+    if attention_mask is None and position_bias is None and cu_seq_lens_q is not None:
+        return _packed(
+            query,
+            key,
+            value,
+            is_causal,
+            sliding_window,
+            scaling,
+            dropout,
+            cap,
+            sink_logits,
+            cu_seq_lens_q,
+            cu_seq_lens_k,
+            max_length_q,
+            max_length_k,
+        ), None
+    if position_bias is not None:
+        # (with a mask, the mask holds causality and the window, as below; without one, the kernel)
+        mask = _bias_mask(NAME, position_bias, attention_mask, query, key, sliding_window)
+        causal = bool(is_causal) and attention_mask is None
+        out = attention(
+            query,
+            key,
+            value,
+            attn_mask=mask,
+            causal=causal,
+            scale=scaling,
+            dropout_p=dropout,
+            softcap=cap,
+            sinks=sink_logits,
+        )
+    elif attention_mask is not None:
         mask = attention_mask[:, :, :, : key.shape[-2]]
-        out = attention(query, key, value, attn_mask=mask, scale=scaling, dropout_p=dropout, softcap=cap, sinks=sinks)
+        out = attention(
+            query, key, value, attn_mask=mask, scale=scaling, dropout_p=dropout, softcap=cap, sinks=sink_logits
+        )
     else:
         left = sliding_window - 1 if sliding_window else -1
         out = attention(
@@ -76,13 +228,70 @@ def flash_attn_ext_attention_forward(
             dropout_p=dropout,
             alignment="bottom_right",
             softcap=cap,
-            sinks=sinks,
+            sinks=sink_logits,
         )
     return out.transpose(1, 2).contiguous(), None
 
 
+def _packed(query, key, value, is_causal, sliding_window, scaling, dropout, cap, sinks, cu_q, cu_k, max_q, max_k):
+    """Sequences packed along the length (B rows flattened, cu_seq_lens over them) by the
+    varlen kernel: no attention across sequence boundaries."""
+    B, Hq, L, D = query.shape
+    flat = lambda t: t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[-1])
+    left = sliding_window - 1 if sliding_window else -1
+    out = flash_attn_varlen_func(
+        flat(query),
+        flat(key),
+        flat(value),
+        cu_q.to(torch.int32),
+        cu_k.to(torch.int32),
+        int(max_q),
+        int(max_k),
+        dropout_p=dropout,
+        softmax_scale=scaling,
+        causal=bool(is_causal),
+        window_size=(left, 0 if is_causal else -1),
+        softcap=cap,
+        sinks=sinks,
+    )
+    return out.reshape(B, L, Hq, value.shape[-1])
+
+
 AttentionInterface.register(NAME, flash_attn_ext_attention_forward)
-AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def _dispatching_mask(impl: str, make_mask):
+    """The mask function registered for impl: make_mask, once the model is known to compute its
+    attention through transformers' attention interface. A model that computes attention in its
+    own code (BLOOM, for one: transformers keeps it on "eager") would add this mask, meant for
+    the kernels, to its scores itself: a wrong answer without a word, so it is refused here."""
+
+    def mask(*args, config=None, **kwargs):
+        if config is not None:
+            _check_model_dispatches(impl, type(config))
+        return make_mask(*args, config=config, **kwargs)
+
+    return mask
+
+
+@functools.lru_cache(maxsize=None)
+def _check_model_dispatches(impl: str, config_cls: type) -> None:
+    module = config_cls.__module__
+    if ".configuration_" not in module:
+        return  # (a config defined outside transformers' model folders: its code is unknown here)
+    try:
+        modeling = importlib.import_module(module.replace(".configuration_", ".modeling_"))
+    except ImportError:
+        return
+    if not hasattr(modeling, "ALL_ATTENTION_FUNCTIONS"):
+        raise ValueError(
+            f"attn_implementation={impl!r}: {modeling.__name__} computes attention in its own code instead of "
+            f"calling transformers' attention interface, so these kernels would never run and the mask made for "
+            f"them would be added to its scores; use attn_implementation='eager'"
+        )
+
+
+AttentionMaskInterface.register(NAME, _dispatching_mask(NAME, sdpa_mask))
 
 
 def _flash_cache():
@@ -128,14 +337,40 @@ _cache = _flash_cache()
 if _cache is not None:
     _fa_utils, _flash_attention_forward, _flash_attention_mask = _cache
 
-    def flash_attn_ext_flash_forward(module, query, key, value, attention_mask, **kwargs):
-        """The "flash_attn_ext" implementation: transformers' flash-attention path on this package."""
+    _FLASH_SERVED = FLASH_PATH | {"dropout", "scaling", "sliding_window", "softcap", "is_causal", "s_aux"}
+
+    def flash_attn_ext_flash_forward(
+        module, query, key, value, attention_mask, *, sinks=None, position_bias=None, s_aux=None, **kwargs
+    ):
+        """The "flash_attn_ext" implementation: transformers' flash-attention path on this package.
+        position_bias (T5), which that path has no place for, goes to the "fa_ext" implementation
+        with the (B, S) padding mask as a key mask."""
+        _check_keywords(FLASH_NAME, kwargs, _FLASH_SERVED)
+        s_aux = _sinks(FLASH_NAME, s_aux, sinks)
+        if position_bias is not None:
+            if any(kwargs.get(k) is not None for k in FLASH_PATH):
+                raise TypeError(f"attn_implementation={FLASH_NAME!r}: position_bias with packed or paged inputs")
+            mask = _bias_mask(FLASH_NAME, position_bias, attention_mask, query, key, kwargs.get("sliding_window"))
+            is_causal = kwargs.get("is_causal")
+            causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+            out = attention(
+                query,
+                key,
+                value,
+                attn_mask=mask,
+                causal=causal,
+                scale=kwargs.get("scaling"),
+                dropout_p=kwargs.get("dropout", 0.0),
+                softcap=float(kwargs.get("softcap") or 0.0),
+                sinks=s_aux,
+            )
+            return out.transpose(1, 2).contiguous(), None
         _load_into_transformers(_fa_utils)
-        return _flash_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return _flash_attention_forward(module, query, key, value, attention_mask, s_aux=s_aux, **kwargs)
 
     _load_into_transformers(_fa_utils)
     AttentionInterface.register(FLASH_NAME, flash_attn_ext_flash_forward)
-    AttentionMaskInterface.register(FLASH_NAME, _flash_attention_mask)
+    AttentionMaskInterface.register(FLASH_NAME, _dispatching_mask(FLASH_NAME, _flash_attention_mask))
 
     def _declare_sink_support() -> None:
         """gpt-oss accepts only the flash implementations that serve its attention sinks (its

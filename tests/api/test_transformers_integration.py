@@ -189,3 +189,153 @@ def test_training_step_gradients_match(arch, impl):
         model(ids, labels=ids).loss.backward()
     for (name, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+# T5: a learned relative-position bias reaches the attention as `position_bias` (issue 36: it was
+# swallowed by **kwargs and the logits came out wrong without a word).
+T5_CONFIG = dict(
+    vocab_size=96,
+    d_model=32,
+    d_kv=8,
+    d_ff=64,
+    num_layers=2,
+    num_decoder_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=16,
+    decoder_start_token_id=0,
+    pad_token_id=0,
+)
+
+
+def _t5_pair(impl):
+    config = transformers.T5Config(**T5_CONFIG)
+    torch.manual_seed(0)
+    ours = transformers.T5ForConditionalGeneration._from_config(copy.deepcopy(config), attn_implementation=impl)
+    ref = transformers.T5ForConditionalGeneration._from_config(copy.deepcopy(config), attn_implementation="eager")
+    with torch.no_grad():  # relative-position biases of a few units (a random init gives ~0.05)
+        for m in ours.modules():
+            if getattr(m, "has_relative_attention_bias", False):
+                m.relative_attention_bias.weight.mul_(40.0)
+    ref.load_state_dict(ours.state_dict())
+    return ours.eval(), ref.eval()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_t5_position_bias_served(impl):
+    """Encoder (bidirectional, with padding), decoder (causal) and cross-attention of a T5 match
+    eager attention, and the bias matters (without it the logits move)."""
+    ours, ref = _t5_pair(impl)
+    ids = torch.randint(1, 96, (2, 11))
+    dec = torch.randint(1, 96, (2, 7))
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, 7:] = 0
+    for am in (None, mask):
+        logits, ran = _ops_run(lambda: ours(input_ids=ids, attention_mask=am, decoder_input_ids=dec).logits)
+        assert "flash_attn_ext::attention_forward" in ran, ran
+        with torch.no_grad():
+            expected = ref(input_ids=ids, attention_mask=am, decoder_input_ids=dec).logits
+        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        for m in ours.modules():
+            if getattr(m, "has_relative_attention_bias", False):
+                m.relative_attention_bias.weight.zero_()
+        unbiased = ours(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    assert (unbiased - expected).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_t5_generate_same_tokens(impl):
+    ours, ref = _t5_pair(impl)
+    ids = torch.randint(1, 96, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, 6:] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_t5_training_refuses_the_bias_gradient(impl):
+    """The bias tables would get no gradient: training raises, naming position_bias."""
+    ours, _ = _t5_pair(impl)
+    ours.train()
+    ids = torch.randint(1, 96, (2, 8))
+    with pytest.raises(NotImplementedError, match="position_bias requires grad"):
+        ours(input_ids=ids, decoder_input_ids=ids, labels=ids).loss.backward()
+
+
+def _call(impl, *args, **kwargs):
+    from flash_attn_ext.integrations import transformers as integ
+
+    fn = integ.flash_attn_ext_attention_forward if impl == NAME else integ.flash_attn_ext_flash_forward
+    module = torch.nn.Module()
+    module.is_causal = True
+    module.config = transformers.LlamaConfig()
+    module.config._attn_implementation = impl
+    module.layer_idx = 0
+    module.add_module("proj", torch.nn.Linear(2, 2))  # (transformers' flash path reads a Linear's dtype)
+    return fn(module, *args, **kwargs)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_keywords_served_neutral_or_refused(impl):
+    """Every keyword transformers' models pass: the neutral ones change nothing, the refused ones
+    (when set) and any unknown keyword raise a TypeError naming them."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    base, _ = _call(impl, q, k, v, None)
+    neutral = dict(
+        position_ids=torch.arange(6).expand(2, 6),
+        cache_position=torch.arange(6),
+        deterministic=True,
+        output_attentions=False,
+        use_cache=True,
+        num_items_in_batch=3,
+        indices=None,
+        block_indices=None,
+        encoder_hidden_states=None,
+    )
+    out, weights = _call(impl, q, k, v, None, **neutral)
+    assert weights is None
+    torch.testing.assert_close(out, base, rtol=0, atol=0)
+    refused = dict(
+        output_attentions=True,
+        indices=torch.zeros(2, 6, 2, dtype=torch.long),
+        block_indices=torch.zeros(2, 2, dtype=torch.long),
+        head_mask=torch.ones(4),
+        some_new_keyword=1.0,
+    )
+    for key, value in refused.items():
+        with pytest.raises(TypeError, match=key):
+            _call(impl, q, k, v, None, **{key: value})
+    with pytest.raises(TypeError, match="sinks"):  # per-token sinks (B, H, L, 1)
+        _call(impl, q, k, v, None, sinks=torch.zeros(2, 4, 6, 1))
+    sinks = torch.randn(4)
+    a, _ = _call(impl, q, k, v, None, sinks=sinks)
+    b, _ = _call(impl, q, k, v, None, s_aux=sinks)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (a - base).abs().max() > 1e-3
+
+
+def test_fa_ext_cu_seq_lens_without_a_mask_stays_per_sequence():
+    """Packed sequences given as cu_seq_lens (no mask): no attention across the boundaries."""
+    from reference import reference_attention
+
+    torch.manual_seed(0)
+    lengths = [5, 3, 6]
+    q, k, v = (torch.randn(1, h, sum(lengths), 8, dtype=torch.float64) for h in (4, 2, 2))
+    cu = torch.tensor([0, 5, 8, 14], dtype=torch.int32)
+    out, _ = _call(NAME, q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=6, max_length_k=6)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        expected, _ = reference_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], window=(-1, 0))
+        torch.testing.assert_close(out[:, s:e].transpose(1, 2), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_model_with_its_own_attention_code_is_refused(impl):
+    """BLOOM never calls the attention interface: it would add the kernels' mask to its own
+    scores (a wrong answer without a word) — refused when the mask is made."""
+    config = transformers.BloomConfig(vocab_size=96, hidden_size=32, n_layer=1, n_head=4)
+    model = transformers.BloomForCausalLM._from_config(config, attn_implementation=impl).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match="computes attention in its own code"):
+        model(torch.randint(0, 96, (2, 6)), attention_mask=torch.ones(2, 6, dtype=torch.long))
