@@ -74,6 +74,7 @@ def new_config(dim=128, layers=4, heads=8, kv_heads=8, seq=128):
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         max_position_embeddings=seq,
+        dtype="float32",  # (transformers 5 reads `dtype`, 4.x `torch_dtype`)
         torch_dtype="float32",
     )
 

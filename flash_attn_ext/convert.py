@@ -45,6 +45,31 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "flash_attn_ext")
 FUSED_QKV_MODEL_TYPES = ("gpt2", "gpt_neox", "gptj", "bloom", "falcon", "phi", "mpt", "codegen")
 _KV_KEY = re.compile(r"(^|\.)(k_proj|v_proj)\.(weight|bias)$")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+
+def _dtype_name(dtype) -> Optional[str]:
+    """'bfloat16' for torch.bfloat16 or 'bfloat16' (None stays None); anything else raises."""
+    if dtype is None:
+        return None
+    name = str(dtype).replace("torch.", "") if isinstance(dtype, torch.dtype) else dtype
+    if name not in _DTYPES:
+        raise ConversionError(f"dtype must be one of {sorted(_DTYPES)} (or the torch dtype), got {dtype!r}")
+    return name
+
+
+def _config_dtype(config: dict) -> Optional[str]:
+    """The checkpoint's dtype as its config states it: `dtype` (transformers 5) or
+    `torch_dtype` (earlier versions)."""
+    return config.get("dtype") or config.get("torch_dtype")
+
+
+def _with_dtype(config: dict, dtype: Optional[str]) -> dict:
+    """config with its dtype set to dtype, under both keys transformers has read: `dtype` (5.x)
+    and `torch_dtype` (4.x), so that every version loads the weights as they were written."""
+    if dtype is None:
+        return config
+    return dict(config, dtype=dtype, torch_dtype=dtype)
 
 
 class ConversionError(ValueError):
@@ -164,9 +189,12 @@ def convert_state_dict(
     kv_activations: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None,
 ) -> Tuple[Dict[str, torch.Tensor], dict]:
     """Returns (new state dict, new config) with num_kv_heads key/value heads. Every tensor
-    whose name ends in k_proj/v_proj .weight/.bias is pooled; the rest is copied (cast to dtype
-    if given). method "similarity" needs kv_activations (head_similarity.collect_kv_activations
-    on calibration tokens) and also reorders q_proj / o_proj. The inputs are not modified."""
+    whose name ends in k_proj/v_proj .weight/.bias is pooled; the rest is copied (floating
+    tensors cast to dtype if given: torch.float32 / float16 / bfloat16 or its name, as in
+    convert_checkpoint). method "similarity" needs kv_activations
+    (head_similarity.collect_kv_activations on calibration tokens) and also reorders q_proj /
+    o_proj. The inputs are not modified."""
+    dtype_name = _dtype_name(dtype)
     check_conversion(config, num_kv_heads, method)
     _, old_kv_heads, _ = head_counts(config)
     if not any(_KV_KEY.search(k) for k in state_dict):
@@ -180,13 +208,11 @@ def convert_state_dict(
         if missing:
             raise ConversionError(f"no calibration activations for attention modules {missing}")
     generator = torch.Generator().manual_seed(seed)
+    target = _DTYPES[dtype_name] if dtype_name else None
     new_sd = _convert_tensors(
-        sorted(state_dict.items()), old_kv_heads, num_kv_heads, method, generator, dtype, perms, config
+        sorted(state_dict.items()), old_kv_heads, num_kv_heads, method, generator, target, perms, config
     )
-    new_config = dict(config, num_key_value_heads=num_kv_heads)
-    if dtype is not None:
-        new_config["torch_dtype"] = str(dtype).replace("torch.", "")
-    return new_sd, new_config
+    return new_sd, _with_dtype(dict(config, num_key_value_heads=num_kv_heads), dtype_name)
 
 
 def _weight_files(input_dir: str) -> Tuple[str, list]:
@@ -279,7 +305,7 @@ def _calibration_activations(input_dir: str, config: dict, text_path: str, max_t
     ids = ids[:max_tokens]
     seq = min(512, int(config.get("max_position_embeddings", 512)))
     batches = [ids[i : i + seq].unsqueeze(0) for i in range(0, len(ids), seq)]
-    model = transformers.AutoModelForCausalLM.from_pretrained(input_dir, torch_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(input_dir, dtype=torch.float32)
     acts = head_similarity.collect_kv_activations(model, batches, max_tokens=max_tokens)
     del model
     return acts
@@ -292,7 +318,7 @@ def convert_checkpoint(
     *,
     method: str = "mean",
     seed: int = 0,
-    dtype: Optional[str] = None,
+    dtype=None,
     progress: bool = True,
     force: bool = False,
     calibration: Optional[str] = None,
@@ -302,7 +328,9 @@ def convert_checkpoint(
     """Converts a HuggingFace-format checkpoint directory; returns the new config. See the
     module docstring for what is validated and how the output is written. method "similarity"
     needs calibration (a text file; the model is run with transformers, so the whole model is
-    in memory once) or precomputed kv_activations."""
+    in memory once) or precomputed kv_activations. dtype: "float32" / "float16" / "bfloat16" or
+    the torch dtype; the config then states it as `dtype` and `torch_dtype`. progress draws a
+    bar when tqdm is installed."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -321,8 +349,7 @@ def convert_checkpoint(
         raise ConversionError(f"{config_path} is not valid JSON: {e}") from None
     if not isinstance(config, dict):
         raise ConversionError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
-    if dtype is not None and dtype not in _DTYPES:
-        raise ConversionError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    dtype = _dtype_name(dtype)
     check_conversion(config, num_kv_heads, method)
     heads, old_kv_heads, head_dim = head_counts(config)
     kind, shards = _weight_files(input_dir)
@@ -390,14 +417,20 @@ def convert_checkpoint(
     parent = os.path.dirname(os.path.abspath(output_dir))
     tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)
     try:
+        # mkdtemp makes it 0700; the output gets the mode any new directory gets (readable by a
+        # serving account under the usual umask).
+        os.chmod(tmp, 0o777 & ~_umask())
         generator = torch.Generator().manual_seed(seed)
         target = _DTYPES.get(dtype) if dtype else None
         weight_map = {}
         iterator = shards
         if progress:
-            from tqdm import tqdm
-
-            iterator = tqdm(shards, desc="converting shards", unit="shard")
+            try:
+                from tqdm import tqdm
+            except ImportError:  # the bar is all it draws
+                pass
+            else:
+                iterator = tqdm(shards, desc="converting shards", unit="shard")
         for shard in iterator:  # one shard in memory at a time
             path = os.path.join(input_dir, shard)
             with _reading(shard):
@@ -427,9 +460,7 @@ def convert_checkpoint(
                 open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f,
             ):
                 json.dump(index, f, indent=2)
-        new_config = dict(config, num_key_value_heads=num_kv_heads)
-        if dtype is not None:
-            new_config["torch_dtype"] = dtype
+        new_config = _with_dtype(dict(config, num_key_value_heads=num_kv_heads), dtype)
         with _writing("config.json", output_dir), open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(new_config, f, indent=2)
         # Everything else (tokenizer, generation config, ...) is copied as is.
@@ -446,17 +477,13 @@ def convert_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # no partial output, even on Ctrl-C
         raise
 
-    nbytes = (
-        _DTYPES[dtype].itemsize
-        if dtype
-        else {"float32": 4, "float16": 2, "bfloat16": 2}.get(str(config.get("torch_dtype", "float32")), 4)
-    )
-    before = kv_cache_bytes_per_token(config, old_kv_heads, nbytes)
-    after = kv_cache_bytes_per_token(config, num_kv_heads, nbytes)
+    # The cache holds K/V in the dtype the model runs in: the one written (float32 when unstated).
+    before = kv_cache_bytes_per_token(config, old_kv_heads, _DTYPE_BYTES.get(str(_config_dtype(config)), 4))
+    after = kv_cache_bytes_per_token(new_config, num_kv_heads, _DTYPE_BYTES.get(str(_config_dtype(new_config)), 4))
+    change = "unchanged" if before == after else f"{before / after:.1f}x {'smaller' if after < before else 'larger'}"
     print(
         f"converted {input_dir} -> {output_dir}: {heads} query heads, key/value heads {old_kv_heads} -> "
-        f"{num_kv_heads} ({method}); KV cache per token {_human(before)} -> {_human(after)} "
-        f"({before / after:.1f}x smaller)"
+        f"{num_kv_heads} ({method}); KV cache per token {_human(before)} -> {_human(after)} ({change})"
     )
     if spread:
         print(
@@ -464,6 +491,20 @@ def convert_checkpoint(
             f"grouping's (mean over {len(spread)} layers; lower loses less when pooled)"
         )
     return new_config
+
+
+def _umask() -> int:
+    """The process's umask (read without changing it where /proc says it; else set and restored)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def main(argv=None) -> int:

@@ -246,3 +246,60 @@ def test_force_replaces_existing_output_only_when_done(tmp_path):
     convert.convert_checkpoint(src, dst, 2, progress=False, force=True)
     assert not os.path.exists(os.path.join(dst, "stale.txt"))
     assert os.path.exists(os.path.join(dst, "model.safetensors"))
+
+
+def test_dtype_is_written_as_transformers_5_reads_it(tmp_path, capsys):
+    """--dtype bfloat16 states bfloat16 under `dtype` (what transformers 5 reads) and
+    `torch_dtype` (4.x), replacing the input's float32 under both; the KV-cache line reads the
+    input's dtype from either key; convert_state_dict takes the same names or torch dtypes."""
+    src, dst = str(tmp_path / "mha"), str(tmp_path / "gqa")
+    _write_checkpoint(src, _state_dict(), dict(CONFIG, dtype="float32"))
+    assert convert.main(["--input", src, "--output", dst, "--num-kv-heads", "2", "--dtype", "bfloat16"]) == 0
+    with open(os.path.join(dst, "config.json")) as f:
+        config = json.load(f)
+    assert config["dtype"] == "bfloat16" and config["torch_dtype"] == "bfloat16"
+    # float32 with 8 heads: 1 KiB per token before; bfloat16 with 2 heads: 128 B after
+    assert "KV cache per token 1.0 KiB -> 128 B (8.0x smaller)" in capsys.readouterr().out
+
+    bf16 = {k: v for k, v in CONFIG.items() if k != "torch_dtype"}
+    bf16["dtype"] = "bfloat16"  # a transformers 5 checkpoint: no torch_dtype at all
+    src2 = str(tmp_path / "bf16")
+    _write_checkpoint(src2, {k: v.bfloat16() for k, v in _state_dict().items()}, bf16)
+    convert.convert_checkpoint(src2, str(tmp_path / "bf16-gqa"), 4, progress=False)
+    assert "KV cache per token 512 B -> 256 B (2.0x smaller)" in capsys.readouterr().out
+    convert.convert_checkpoint(src2, str(tmp_path / "bf16-same"), 8, progress=False)
+    assert "KV cache per token 512 B -> 512 B (unchanged)" in capsys.readouterr().out
+
+    for dtype in (torch.float16, "float16"):
+        sd, cfg = convert.convert_state_dict(_state_dict(), CONFIG, 2, dtype=dtype)
+        assert all(t.dtype == torch.float16 for t in sd.values())
+        assert cfg["dtype"] == cfg["torch_dtype"] == "float16"
+    with pytest.raises(convert.ConversionError, match="dtype must be one of"):
+        convert.convert_state_dict(_state_dict(), CONFIG, 2, dtype=torch.int8)
+    with pytest.raises(convert.ConversionError, match="dtype must be one of"):
+        convert.convert_checkpoint(src, str(tmp_path / "x"), 2, dtype="int8", progress=False)
+
+
+def test_output_directory_mode_follows_the_umask(tmp_path):
+    src = str(tmp_path / "mha")
+    _write_checkpoint(src, _state_dict())
+    old = os.umask(0o022)
+    try:
+        convert.convert_checkpoint(src, str(tmp_path / "out"), 2, progress=False)
+        os.umask(0o077)
+        convert.convert_checkpoint(src, str(tmp_path / "private"), 2, progress=False)
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o755
+    assert os.stat(tmp_path / "private").st_mode & 0o777 == 0o700
+
+
+def test_runs_without_tqdm(tmp_path, monkeypatch):
+    """tqdm only draws the progress bar: without it the conversion runs, with progress on."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm` now raises ImportError
+    src, dst = str(tmp_path / "mha"), str(tmp_path / "gqa")
+    _write_checkpoint(src, _state_dict(), shards=2)
+    convert.convert_checkpoint(src, dst, 2, progress=True)
+    assert os.path.exists(os.path.join(dst, "model.safetensors.index.json"))

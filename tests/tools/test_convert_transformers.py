@@ -77,3 +77,15 @@ def test_gqa_expanded_to_mha_converts_back_exactly(tmp_path):
     torch.testing.assert_close(_logits(back, tokens), _logits(gqa, tokens), rtol=1e-6, atol=1e-6)
     for (name, a), b in zip(back.state_dict().items(), gqa.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7, msg=name)
+
+
+def test_dtype_sticks_when_transformers_loads_it(tmp_path):
+    """--dtype bfloat16: transformers 5 loads the converted model in bfloat16 (it reads the
+    config's `dtype`, which the input, saved in float32, states as float32)."""
+    model = _tiny("llama")
+    src, dst = str(tmp_path / "mha"), str(tmp_path / "gqa-bf16")
+    model.save_pretrained(src)
+    assert convert.main(["--input", src, "--output", dst, "--num-kv-heads", "2", "--dtype", "bfloat16"]) == 0
+    loaded = transformers.LlamaForCausalLM.from_pretrained(dst)
+    assert loaded.dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
