@@ -9,6 +9,7 @@ from . import _kvcache_index, _ops, _sink_cache
 from .attention import _contiguous_last_dim, normalize_window
 
 _LAYOUTS = ("bshd", "bhsd")
+_LAYOUT_SHAPES = {"bshd": "(batch, length, heads, head_dim), as flash-attn", "bhsd": "(batch, heads, length, head_dim)"}
 
 
 def _as_bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -155,6 +156,13 @@ def attention_with_kvcache(
             )
     if (k is None) != (v is None):
         raise ValueError("pass both k and v, or neither")
+    q_heads, cache_heads = q.shape[2 if layout == "bshd" else 1], k_cache.shape[2 if layout == "bshd" else 1]
+    if cache_heads == 0 or q_heads % cache_heads:
+        raise ValueError(
+            f"flash_attn_ext.attention_with_kvcache: with layout={layout!r} q and the caches are "
+            f"{_LAYOUT_SHAPES[layout]}: q {tuple(q.shape)} has {q_heads} heads, k_cache {tuple(k_cache.shape)} "
+            f"{cache_heads}, and the query heads must be a multiple of the cache's (is q in this layout?)"
+        )
     if torch.is_grad_enabled() and q.requires_grad:
         raise RuntimeError(
             "attention_with_kvcache is inference-only (not differentiable); "
@@ -239,17 +247,9 @@ def check_step(cache, q, k, v, sinks) -> None:
     leaves the cache as it was."""
     fn = "flash_attn_ext.KVCache.attend"
     _ops.check_tensors(fn, q=q, k=k, v=v, sinks=sinks, optional=("k", "v", "sinks"))
-    B, _, Hkv, D = cache.k.shape
-    for name, t, d in (("q", q, D), ("k", k, D), ("v", v, cache.v.shape[-1])):
-        if t is None:
-            continue
-        heads_ok = t.shape[2] % Hkv == 0 if name == "q" and t.dim() == 4 else t.dim() == 4 and t.shape[2] == Hkv
-        if t.dim() != 4 or t.shape[0] != B or t.shape[3] != d or not heads_ok:
-            raise ValueError(
-                f"{fn}: {name} must be (batch={B}, length, {'a multiple of ' if name == 'q' else ''}{Hkv} heads, {d}), "
-                f"got {tuple(t.shape)}"
-            )
-        if t.dtype != cache.k.dtype or t.device != cache.k.device:
+    check_layout(cache, fn, q=q, k=k, v=v)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t is not None and (t.dtype != cache.k.dtype or t.device != cache.k.device):
             raise TypeError(f"{fn}: {name} is {t.dtype} on {t.device}, the cache {cache.k.dtype} on {cache.k.device}")
     if sinks is not None and (
         sinks.shape != (q.shape[2],)
@@ -261,6 +261,23 @@ def check_step(cache, q, k, v, sinks) -> None:
             f"{fn}: sinks must be a contiguous float32 (or float64) tensor of shape ({q.shape[2]},) on {q.device}, "
             f"got {sinks.dtype} {tuple(sinks.shape)} on {sinks.device}"
         )
+
+
+def check_layout(cache, fn, **tensors) -> None:
+    """q / k / v of a KVCache call in its layout, (B, L, H, D) (attention() takes (B, H, L, D):
+    the error says so, since a tensor in that layout is the likely mistake)."""
+    B, _, Hkv, D = cache.k.shape
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        d = cache.v.shape[-1] if name == "v" else D
+        heads_ok = t.shape[2] % Hkv == 0 if name == "q" and t.dim() == 4 else t.dim() == 4 and t.shape[2] == Hkv
+        if t.dim() != 4 or t.shape[0] != B or t.shape[3] != d or not heads_ok:
+            raise ValueError(
+                f"{fn}: {name} must be (batch={B}, length, {'a multiple of ' if name == 'q' else ''}{Hkv} heads, {d}): "
+                f"a KVCache takes (batch, length, heads, head_dim), as flash-attn (flash_attn_ext.attention takes "
+                f"(batch, heads, length, head_dim)); got {tuple(t.shape)}"
+            )
 
 
 class KVCache:
@@ -342,6 +359,8 @@ class KVCache:
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k, v (B, L_new, Hkv, D) after each sequence's current length and advance it."""
+        _ops.check_tensors("flash_attn_ext.KVCache.append", k=k, v=v)
+        check_layout(self, "flash_attn_ext.KVCache.append", k=k, v=v)
         if self.sink_tokens:
             _sink_cache.write(self, k, v)
         else:
@@ -364,6 +383,8 @@ class KVCache:
         advances the lengths by k's length. Bottom-right aligned, so a chunk of L queries
         attends to everything before it and causally within itself. sinks: learned attention
         sinks (Hq,), as in attention_with_kvcache."""
+        _ops.check_tensors("flash_attn_ext.KVCache.attend", q=q, k=k, v=v, optional=("k", "v"))
+        check_layout(self, "flash_attn_ext.KVCache.attend", q=q, k=k, v=v)
         if self.sink_tokens:
             return _sink_cache.attend(self, q, k, v, causal, window_size, softmax_scale, return_lse, sinks)
         if self.window is not None:

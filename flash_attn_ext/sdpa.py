@@ -95,8 +95,73 @@ def _window_mask(len_q, len_k, left, right, device):
     return visible
 
 
+def _diagnose(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> Optional[str]:
+    """Which argument makes PyTorch refuse the call, in words (None when nothing here explains
+    it): PyTorch's own messages for these are matmul or broadcast errors that name no argument."""
+    if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
+        return None
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p <= 1.0):
+        return f"dropout_p must be in [0, 1], got {dropout_p!r}"
+    if not (query.dtype == key.dtype == value.dtype):
+        return f"query, key and value must have one dtype, got {query.dtype}, {key.dtype}, {value.dtype}"
+    if not (query.device == key.device == value.device):
+        return f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
+    if query.dim() < 2 or key.dim() != query.dim() or value.dim() != query.dim():
+        return f"query, key and value must have the same rank (>= 2), got {query.dim()}, {key.dim()}, {value.dim()}"
+    if query.shape[-1] != key.shape[-1]:
+        return f"query's head dim ({query.shape[-1]}) must equal key's ({key.shape[-1]})"
+    if query.dim() >= 3:
+        hq, hk, hv = query.shape[-3], key.shape[-3], value.shape[-3]
+        if hk != hv:
+            return f"key and value must have the same number of heads, got {hk} and {hv}"
+        if hq != hk and not enable_gqa:
+            return f"query has {hq} heads and key/value {hk}: pass enable_gqa=True for grouped-query attention"
+        if hq != hk and (hk == 0 or hq % hk):
+            return f"with enable_gqa, query's heads ({hq}) must be a multiple of key/value's heads ({hk})"
+        if query.shape[:-3] != key.shape[:-3] or key.shape[:-3] != value.shape[:-3]:
+            return (
+                f"query, key and value must have the same batch dims, got {tuple(query.shape[:-3])}, "
+                f"{tuple(key.shape[:-3])}, {tuple(value.shape[:-3])}"
+            )
+    if attn_mask is not None and isinstance(attn_mask, torch.Tensor):
+        if is_causal:
+            return "pass attn_mask or is_causal=True, not both"
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            return f"attn_mask must be bool or the query's dtype ({query.dtype}), got {attn_mask.dtype}"
+        scores = (*query.shape[:-1], key.shape[-2])
+        try:
+            fits = torch.broadcast_shapes(attn_mask.shape, scores) == torch.Size(scores)
+        except RuntimeError:
+            fits = False
+        if not fits:
+            return (
+                f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the attention scores' shape "
+                f"{scores} (query's (..., heads, L) and key's length S)"
+            )
+    return None
+
+
+def _explained(error: Exception, hint: str) -> Exception:
+    """error's class (so callers' except clauses still match) with the hint in front."""
+    try:
+        return type(error)(f"flash_attn_ext.scaled_dot_product_attention: {hint} (PyTorch: {error})")
+    except Exception:  # a class that does not take one message
+        return error
+
+
 def _fallback(reason, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window):
+    try:
+        out = _run_torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window)
+    except Exception as e:  # (PyTorch refused the call: not a fallback, and not counted as one)
+        hint = _diagnose(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
+        if hint is None:
+            raise
+        raise _explained(e, hint) from e
     record_fallback(reason)
+    return out
+
+
+def _run_torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window):
     kwargs = {"enable_gqa": True} if enable_gqa else {}
     if (
         window is not None

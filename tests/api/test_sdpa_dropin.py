@@ -96,6 +96,28 @@ def test_errors_as_pytorch(device):
         _same_error(lambda: fae_sdpa(*args, **kw), lambda: F.scaled_dot_product_attention(*args, **kw))
 
 
+def test_errors_name_the_argument(device):
+    """PyTorch's exception class, with a message that says which argument is wrong (PyTorch's
+    own, for these, is a matmul or broadcast error or a misleading one); a call that raises is
+    not counted as a fallback."""
+    q, k, v = make_qkv(2, 4, 2, 8, 8, 16, torch.float32, device)
+    flash_attn_ext.reset_fallback_counts()
+    for args, kw, words in [
+        ((q, k, v), {"enable_gqa": True, "dropout_p": -0.1}, "dropout_p must be in [0, 1], got -0.1"),
+        ((q, k, v), {"enable_gqa": True, "attn_mask": torch.ones(3, 5, dtype=torch.bool)}, "attn_mask of shape (3, 5)"),
+        ((q, k, v), {}, "query has 4 heads and key/value 2: pass enable_gqa=True"),
+        ((q, k[..., :8], v), {"enable_gqa": True}, "query's head dim (16) must equal key's (8)"),
+        ((q[:, :3], k, v), {"enable_gqa": True}, "query's heads (3) must be a multiple of key/value's heads (2)"),
+        ((q, k.double(), v), {}, "must have one dtype"),
+    ]:
+        with pytest.raises(Exception) as theirs:
+            F.scaled_dot_product_attention(*args, **kw)
+        with pytest.raises(type(theirs.value)) as ours:
+            fae_sdpa(*args, **kw)
+        assert words in str(ours.value), str(ours.value)
+    assert flash_attn_ext.fallback_counts() == {}
+
+
 def test_fallback_is_counted_and_logged(device, caplog):
     q, k, v = make_qkv(1, 2, 2, 8, 8, 16, torch.float32, device)
     mask = torch.randn(1, 2, 8, 8, device=device, requires_grad=True)  # mask gradient: not fused

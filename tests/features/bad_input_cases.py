@@ -279,12 +279,27 @@ CASES = [
     ),
     (
         "kvcache-class/attend-heads",
-        r"multiple of the number of key/value heads",
+        r"q must be \(batch=2, length, a multiple of 2 heads, 16\)",
         "cache_obj.attend(torch.randn(2, 1, 3, 16), torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16))",
+    ),
+    (  # q in attention()'s (B, H, L, D) layout: the error names the layout a KVCache takes
+        "kvcache-class/attend-in-bhsd-layout",
+        r"a KVCache takes \(batch, length, heads, head_dim\)",
+        "cache_obj.attend(torch.randn(2, 4, 5, 16), torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16))",
+    ),
+    (
+        "kvcache-class/append-in-bhsd-layout",
+        r"k must be \(batch=2, length, 2 heads, 16\): a KVCache takes",
+        "cache_obj.append(torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16))",
+    ),
+    (
+        "kvcache/q-in-the-other-layout",
+        r"layout='bshd'.*is q in this layout",
+        "fae.attention_with_kvcache(qd.transpose(1, 2), kc, vc, cache_seqlens=seqlens)",
     ),
     (
         "kvcache-class/attend-new-head-dim",
-        r"k_new|head dim|key",
+        r"k must be \(batch=2, length, 2 heads, 16\)",
         "cache_obj.attend(torch.randn(2, 1, 4, 16), torch.randn(2, 1, 2, 8), torch.randn(2, 1, 2, 8))",
     ),
     ("kvcache-class/reset-index-range", r"batch_index", "cache_obj.reset(torch.tensor([0, 5]))"),
