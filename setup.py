@@ -74,6 +74,12 @@ def extensions():
     # already loaded, so the process keeps a single OpenMP runtime and thread pool.
     if torch._C.has_openmp and sys.platform.startswith("linux"):
         cxx.append("-fopenmp")
+    else:  # (macOS, Windows, a torch without OpenMP): it builds and works, on one thread
+        print(
+            "\n" + "!" * 78 + "\nflash_attn_ext: WARNING: building WITHOUT OpenMP (torch has OpenMP: "
+            f"{torch._C.has_openmp}, platform {sys.platform}): every CPU kernel will run on ONE thread.\n" + "!" * 78,
+            file=sys.stderr,
+        )
     kwargs = dict(
         name="flash_attn_ext._C",
         sources=_sources("*.cpp"),

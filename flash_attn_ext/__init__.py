@@ -16,6 +16,7 @@ attention_kvcache / merge_attention_states (schemas in csrc/ops.cpp).
 import torch  # noqa: F401  (loads libtorch first: _C links against it)
 
 from . import _C  # noqa: F401  (loads the native library: registers the ops)
+
 from . import _meta  # noqa: F401  (fake kernels for torch.compile)
 from . import nn  # noqa: F401  (attention modules)
 from ._fallback import fallback_counts, reset_fallback_counts
@@ -27,6 +28,7 @@ from .config import (
     kernel_config,
     set_cpu_tiles,
     set_kernel_config,
+    warn_if_serial,
 )
 from .attention import attention, merge_attention_states
 from . import flash_attn_interface  # noqa: F401  (flash-attn's API)
@@ -42,6 +44,8 @@ from .flash_attn_interface import (  # flash-attn exports these at its top level
 )
 from .kv_cache import KVCache, attention_with_kvcache, check_kvcache_errors, kv_cache_append
 from .sdpa import patch_sdpa, scaled_dot_product_attention, sdpa_patched, unpatch_sdpa
+
+warn_if_serial(bool(_C.built_with_openmp))
 
 __version__ = "0.1.0"
 

@@ -124,6 +124,20 @@ def cpu_tiles_in_use(dtype: torch.dtype):
     return tuple(torch.ops.flash_attn_ext._cpu_tiles(dtype))
 
 
+def warn_if_serial(built_with_openmp: bool) -> None:
+    """A build without OpenMP (macOS, Windows, a torch without it) works, on one thread: the
+    package says so loudly on import (flash_attn_ext._C.built_with_openmp is the flag)."""
+    if not built_with_openmp:
+        import warnings
+
+        warnings.warn(
+            "flash_attn_ext was built without OpenMP: every CPU kernel runs on one thread. Rebuild on Linux "
+            "with a PyTorch that has OpenMP (torch._C.has_openmp) and a compiler that takes -fopenmp.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
 def cpu_description() -> str:
     """'model (ISA flags)' of this machine's CPU from /proc/cpuinfo, the flags being those that
     decide the tile back ends (avx2, avx512f, avx512_bf16, avx512_fp16, amx_bf16, amx_fp16):

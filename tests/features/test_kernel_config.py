@@ -158,3 +158,19 @@ def test_forced_split_count_reaches_the_kernel():
     assert not torch.equal(one, seven)
     for out in (one, seven):
         assert (out.double() - ref).abs().max().item() < 1e-5
+
+
+def test_built_with_openmp_and_a_serial_build_warns():
+    """This build (Linux, a torch with OpenMP) runs the CPU kernels on OpenMP threads; a build
+    without it would be serial, which the package says on import."""
+    import warnings
+
+    from flash_attn_ext import _C
+    from flash_attn_ext.config import warn_if_serial
+
+    assert _C.built_with_openmp == int(torch._C.has_openmp)
+    with pytest.warns(RuntimeWarning, match="built without OpenMP: every CPU kernel runs on one thread"):
+        warn_if_serial(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_serial(True)
