@@ -43,6 +43,23 @@ def test_transformer_encoder_layer_and_multihead_attention_use_the_patch():
     torch.testing.assert_close(attn, mha(x, x, x, need_weights=False)[0], rtol=1e-10, atol=1e-10)
 
 
+def test_inference_fast_path_bypasses_the_patch():
+    """What the README says of inference: in eval() under no_grad(), nn.MultiheadAttention and
+    nn.TransformerEncoderLayer take PyTorch's fused fast path, which never calls SDPA, so the
+    patch changes nothing there (float32: the fast path's dtypes)."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, batch_first=True).eval()
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    x = torch.randn(2, 10, 32)
+    with flash_attn_ext.sdpa_patched(), torch.no_grad():
+        _, used_layer = _ran_our_op(lambda: layer(x))
+        _, used_mha = _ran_our_op(lambda: mha(x, x, x, need_weights=False)[0])
+    assert not used_layer and not used_mha
+    with flash_attn_ext.sdpa_patched():  # grad mode on: the same modules do call it
+        _, used_mha = _ran_our_op(lambda: mha(x.requires_grad_(), x, x, need_weights=False)[0])
+    assert used_mha
+
+
 def test_patch_unpatch_and_nesting():
     flash_attn_ext.patch_sdpa()
     try:
