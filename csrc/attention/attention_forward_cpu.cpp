@@ -144,6 +144,7 @@ class ForwardWorker {
     kt_bf_.resize(bf ? f_.dim_qk2 / 2 * kBlockK : 0), v_bf_.resize(bf ? kBlockK / 2 * Dv : 0);
     row_ptrs_.resize(bf ? kBlockK : 0);
     s_tile_.resize(R * kBlockK), o_acc_.resize(R * Dv), m_run_.resize(R), l_run_.resize(R);
+    m_new_.resize(R), alpha_.resize(R);
     keep_.resize(a_.c.dropout ? R * kBlockK : 0);
   }
 
@@ -305,24 +306,31 @@ class ForwardWorker {
   }
 
   // The online softmax: per row, the new running max, the accumulator rescaled by
-  // exp(m_old - m_new), the tile's probabilities (in place of its scores, dropped ones zeroed
-  // after the row sum) and the running sum.
+  // exp(m_old - m_new) (all rows' factors in one vector pass), the tile's probabilities (in
+  // place of its scores, dropped ones zeroed after the row sum) and the running sum.
   void online_softmax(int64_t rows, int64_t cols) {
+    acc_t* m_new = m_new_.data();
+    acc_t* alpha = alpha_.data();
+    for (int64_t r = 0; r < rows; ++r) {
+      const acc_t m_tile = row_max(s_tile_.data() + r * kBlockK, cols);
+      const acc_t m_old = m_run_[r];
+      m_new[r] = (m_tile > m_old || m_tile != m_tile) ? m_tile : m_old;
+      // 0 on the first visible tile; rows with nothing visible yet (m_new = -inf) skip it
+      alpha[r] = m_new[r] == kNegInf ? acc_t(0) : m_old - m_new[r];
+    }
+    exp_nonpositive(alpha, rows);
     for (int64_t r = 0; r < rows; ++r) {
       acc_t* sr = s_tile_.data() + r * kBlockK;
-      const acc_t m_tile = row_max(sr, cols);
       const acc_t m_old = m_run_[r];
-      const acc_t m_new = (m_tile > m_old || m_tile != m_tile) ? m_tile : m_old;
-      if (m_new == kNegInf) {  // nothing visible in this row yet
+      if (m_new[r] == kNegInf) {  // nothing visible in this row yet
         std::fill(sr, sr + cols, acc_t(0));
         continue;
       }
-      const acc_t alpha = std::exp(m_old - m_new);  // 0 on the first visible tile
-      const acc_t sum = exp_shift_sum(sr, cols, m_new);
-      l_run_[r] = l_run_[r] * alpha + sum;
-      m_run_[r] = m_new;
+      const acc_t sum = exp_shift_sum(sr, cols, m_new[r]);
+      l_run_[r] = l_run_[r] * alpha[r] + sum;
+      m_run_[r] = m_new[r];
       // The first visible tile (m_old = -inf) has nothing to rescale: o_acc is still 0.
-      if (alpha != acc_t(1) && m_old != kNegInf) scale_row(o_acc_.data() + r * a_.p.dim_v, a_.p.dim_v, alpha);
+      if (alpha[r] != acc_t(1) && m_old != kNegInf) scale_row(o_acc_.data() + r * a_.p.dim_v, a_.p.dim_v, alpha[r]);
       if (a_.c.dropout) {
         const uint8_t* kr = keep_.data() + r * kBlockK;
         for (int64_t c = 0; c < cols; ++c) sr[c] = kr[c] ? sr[c] : acc_t(0);
@@ -371,7 +379,7 @@ class ForwardWorker {
   const ForwardArgs<scalar_t>& a_;
   const ForwardPlan& f_;
   // Tiles of the current task (float and, for bf16 operands, bf16 bits / packed pairs).
-  std::vector<acc_t> q_tile_, kt_tile_, v_tile_, s_tile_, o_acc_, m_run_, l_run_;
+  std::vector<acc_t> q_tile_, kt_tile_, v_tile_, s_tile_, o_acc_, m_run_, l_run_, m_new_, alpha_;
   std::vector<uint16_t> q_bf_, p_bf_;
   std::vector<uint32_t> kt_bf_, v_bf_;
   std::vector<const uint16_t*> row_ptrs_;

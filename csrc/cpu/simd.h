@@ -29,6 +29,10 @@ typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef uint16_t v8u16 __attribute__((vector_size(16)));
+// 16 floats: one zmm in the AVX-512 clone, two ymm / four xmm in the others. For the loops whose
+// arithmetic is the cost (the softmax's exp): the 8-float types keep AVX-512 at half width.
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
 
 FAE_INLINE v8f load8(const float* p) {
   v8f v;
@@ -36,6 +40,12 @@ FAE_INLINE v8f load8(const float* p) {
   return v;
 }
 FAE_INLINE void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+FAE_INLINE v16f load16(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+FAE_INLINE void store16(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
 
 // 8 bfloat16 (raw bits) widened to float exactly: the bits go to the top half of each lane.
 FAE_INLINE v8f load8(const uint16_t* p) {

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "../common/kernel_config_names.h"
+#include "simd.h"
 #include "tile_math.h"
 #include "tile_math_bf16.h"
 
@@ -32,7 +33,9 @@ std::vector<float>& scratch(int which, int64_t n) {
   return b;
 }
 
-// C = alpha * T (+ C): T the M x N product brgemm wrote with leading dim ldt.
+// C = alpha * T (+ C): T the M x N product brgemm wrote with leading dim ldt. Multiversioned:
+// this file's baseline build ran it as 4-float moves, 5% of the bf16 forward on the Xeon (AMX).
+FAE_MULTIVERSION
 void apply_alpha(int64_t M, int64_t N, float alpha, const float* T, int64_t ldt, float* C, int64_t ldc,
                  bool accumulate) {
   for (int64_t m = 0; m < M; ++m) {
