@@ -45,7 +45,7 @@ from .flash_attn_interface import (  # flash-attn exports these at its top level
 from .kv_cache import KVCache, attention_with_kvcache, check_kvcache_errors, kv_cache_append
 from .sdpa import patch_sdpa, scaled_dot_product_attention, sdpa_patched, unpatch_sdpa
 
-warn_if_serial(bool(_C.built_with_openmp))
+warn_if_serial(bool(getattr(_C, "built_with_openmp", True)))  # (an older build lacks the flag)
 
 __version__ = "0.1.0"
 

@@ -417,9 +417,10 @@ def convert_checkpoint(
     parent = os.path.dirname(os.path.abspath(output_dir))
     tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)
     try:
-        # mkdtemp makes it 0700; the output gets the mode any new directory gets (readable by a
-        # serving account under the usual umask).
-        os.chmod(tmp, 0o777 & ~_umask())
+        # mkdtemp makes it 0700 and safetensors writes its files 0600; the output gets the modes
+        # any new directory and file get (readable by a serving account under the usual umask).
+        umask = _umask()
+        os.chmod(tmp, 0o777 & ~umask)
         generator = torch.Generator().manual_seed(seed)
         target = _DTYPES.get(dtype) if dtype else None
         weight_map = {}
@@ -446,6 +447,7 @@ def convert_checkpoint(
             out_name = shard if kind == "safetensors" else _safetensors_name(shard, len(shards))
             with _writing(out_name, output_dir):
                 save_file(converted, os.path.join(tmp, out_name), metadata={**metadata, "format": "pt"})
+                os.chmod(os.path.join(tmp, out_name), 0o666 & ~umask)
             weight_map.update({k: out_name for k in converted})
             del tensors, converted
         if len(shards) > 1:
@@ -480,7 +482,10 @@ def convert_checkpoint(
     # The cache holds K/V in the dtype the model runs in: the one written (float32 when unstated).
     before = kv_cache_bytes_per_token(config, old_kv_heads, _DTYPE_BYTES.get(str(_config_dtype(config)), 4))
     after = kv_cache_bytes_per_token(new_config, num_kv_heads, _DTYPE_BYTES.get(str(_config_dtype(new_config)), 4))
-    change = "unchanged" if before == after else f"{before / after:.1f}x {'smaller' if after < before else 'larger'}"
+    if before == after:
+        change = "unchanged"
+    else:
+        change = f"{before / after:.1f}x smaller" if after < before else f"{after / before:.1f}x larger"
     print(
         f"converted {input_dir} -> {output_dir}: {heads} query heads, key/value heads {old_kv_heads} -> "
         f"{num_kv_heads} ({method}); KV cache per token {_human(before)} -> {_human(after)} ({change})"

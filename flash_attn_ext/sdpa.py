@@ -97,7 +97,10 @@ def _window_mask(len_q, len_k, left, right, device):
 
 def _diagnose(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> Optional[str]:
     """Which argument makes PyTorch refuse the call, in words (None when nothing here explains
-    it): PyTorch's own messages for these are matmul or broadcast errors that name no argument."""
+    it): PyTorch's own messages for these are matmul or broadcast errors that name no argument.
+    Only what PyTorch itself refuses is named (it broadcasts one K/V head, batch dims and float
+    masks of another float dtype), the mask first, so the hint never blames an argument PyTorch
+    accepted."""
     if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
         return None
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p <= 1.0):
@@ -108,35 +111,33 @@ def _diagnose(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) ->
         return f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
     if query.dim() < 2 or key.dim() != query.dim() or value.dim() != query.dim():
         return f"query, key and value must have the same rank (>= 2), got {query.dim()}, {key.dim()}, {value.dim()}"
-    if query.shape[-1] != key.shape[-1]:
-        return f"query's head dim ({query.shape[-1]}) must equal key's ({key.shape[-1]})"
-    if query.dim() >= 3:
-        hq, hk, hv = query.shape[-3], key.shape[-3], value.shape[-3]
-        if hk != hv:
-            return f"key and value must have the same number of heads, got {hk} and {hv}"
-        if hq != hk and not enable_gqa:
-            return f"query has {hq} heads and key/value {hk}: pass enable_gqa=True for grouped-query attention"
-        if hq != hk and (hk == 0 or hq % hk):
-            return f"with enable_gqa, query's heads ({hq}) must be a multiple of key/value's heads ({hk})"
-        if query.shape[:-3] != key.shape[:-3] or key.shape[:-3] != value.shape[:-3]:
-            return (
-                f"query, key and value must have the same batch dims, got {tuple(query.shape[:-3])}, "
-                f"{tuple(key.shape[:-3])}, {tuple(value.shape[:-3])}"
-            )
     if attn_mask is not None and isinstance(attn_mask, torch.Tensor):
         if is_causal:
             return "pass attn_mask or is_causal=True, not both"
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
-            return f"attn_mask must be bool or the query's dtype ({query.dtype}), got {attn_mask.dtype}"
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            return f"attn_mask must be bool or floating point, got {attn_mask.dtype}"
         scores = (*query.shape[:-1], key.shape[-2])
         try:
-            fits = torch.broadcast_shapes(attn_mask.shape, scores) == torch.Size(scores)
+            torch.broadcast_shapes(attn_mask.shape, scores)
         except RuntimeError:
-            fits = False
-        if not fits:
             return (
                 f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the attention scores' shape "
                 f"{scores} (query's (..., heads, L) and key's length S)"
+            )
+    if query.shape[-1] != key.shape[-1]:
+        return f"query's head dim ({query.shape[-1]}) must equal key's ({key.shape[-1]})"
+    if query.dim() >= 3:
+        hq, hk = query.shape[-3], key.shape[-3]
+        if hq != hk and hk != 1 and not enable_gqa:
+            return f"query has {hq} heads and key/value {hk}: pass enable_gqa=True for grouped-query attention"
+        if hq != hk and enable_gqa and (hk == 0 or hq % hk):
+            return f"with enable_gqa, query's heads ({hq}) must be a multiple of key/value's heads ({hk})"
+        try:
+            torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
+        except RuntimeError:
+            return (
+                f"query, key and value's batch dims {tuple(query.shape[:-3])}, {tuple(key.shape[:-3])}, "
+                f"{tuple(value.shape[:-3])} do not broadcast"
             )
     return None
 

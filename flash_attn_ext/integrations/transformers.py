@@ -27,11 +27,12 @@ transformers versions this was tested with); otherwise only "fa_ext" is.
 
 Both take K/V heads as the model gives them (GQA/MQA: not repeated), honour `scaling`,
 `dropout`, `softcap` (Gemma-2's logit soft-capping, in the kernels), `s_aux` (gpt-oss's learned
-attention sinks, in the kernels, with their gradient; `sinks` of shape (Hq,) likewise) and
-`position_bias` (T5's relative-position bias, added to the scores as a float mask: forward
-only, so a bias that requires grad is refused), and return no attention weights.
+attention sinks, in the kernels, with their gradient; `sinks` of shape (Hq,) likewise), and
+return no attention weights. "fa_ext" also serves `position_bias` (T5's relative-position
+bias, added to the scores as a float mask: forward only, so a bias that requires grad is
+refused); "flash_attn_ext" refuses it (transformers' flash path has no place for it).
 
-Every other keyword a model passes is checked against `KEYWORDS` below: served, accepted
+Every other keyword a model passes is checked against NEUTRAL / REFUSED below: served, accepted
 because it cannot change the result, or refused with an error naming it. A keyword on none of
 those lists is refused too, so a model that passes something new fails loudly instead of
 running without it.
@@ -53,10 +54,11 @@ FLASH_NAME = "flash_attn_ext"
 # What each keyword that transformers' models (5.x) pass to an attention implementation, beyond
 # the ones named in its signature, does here. Collected from every modeling file's calls and
 # from TransformersKwargs / FlashAttentionKwargs.
-# - "neutral": cannot change the attention's result (packing reaches "fa_ext" through the
-#   mask transformers builds from position_ids, and "flash_attn_ext" through transformers'
-#   flash path, which reads position_ids itself; the kernels are deterministic for a fixed
-#   thread count, so `deterministic` asks for nothing more);
+# - "neutral": cannot change the attention's result beyond what the model's masks say
+#   (position_ids: transformers turns packing in them into the mask it builds, without a cache,
+#   for "fa_ext" as for its own sdpa / eager, and its flash path reads them itself for
+#   "flash_attn_ext"; the kernels are deterministic for a fixed thread count, so
+#   `deterministic` asks for nothing more);
 # - "served": read here (see the implementations);
 # - any other keyword, and the ones in REFUSED, raise a TypeError naming them.
 NEUTRAL = frozenset(
@@ -125,10 +127,11 @@ def _sinks(impl: str, s_aux, sinks):
     return None if s_aux is None else s_aux.float()  # (differentiable: gpt-oss trains them)
 
 
-def _bias_mask(impl: str, position_bias, attention_mask, query, key, sliding_window=None):
-    """T5's position_bias (broadcasting to (B, Hq, L, S)) and the model's mask as one additive
-    float mask: the bias where the mask lets a key through, -inf where it does not. The bias is
-    data here: one that requires grad is refused (its gradient is not computed by the kernels)."""
+def _bias_mask(impl: str, position_bias, mask, query, key, sliding_window=None):
+    """T5's position_bias (broadcasting to (B, Hq, L, S)) and the model's 4-D mask (or None) as
+    one additive float mask: the bias where the mask lets a key through, -inf where it does not.
+    Kept in float32 for 16-bit queries (the kernels add a float32 mask as it is). The bias is
+    data here: one that requires grad is refused (the kernels do not compute its gradient)."""
     if not isinstance(position_bias, torch.Tensor):
         raise TypeError(f"attn_implementation={impl!r}: position_bias must be a tensor, got {_describe(position_bias)}")
     if sliding_window:
@@ -139,17 +142,34 @@ def _bias_mask(impl: str, position_bias, attention_mask, query, key, sliding_win
             f"as in T5), and its gradient is not served by these kernels yet; train with "
             f"attn_implementation='sdpa' or 'eager', or run under torch.no_grad()"
         )
-    S = key.shape[-2]
-    bias = position_bias[..., :S].to(query.dtype)
-    if attention_mask is None:
+    dtype = query.dtype if query.dtype in (torch.float32, torch.float64) else torch.float32
+    bias = position_bias[..., : key.shape[-2]].to(dtype)
+    if mask is None:
         return bias
-    if attention_mask.dim() == 2:  # the flash path's (B, S) padding mask: True / 1 = a real key
-        attention_mask = attention_mask[:, -S:].bool()[:, None, None, :]
-    else:
-        attention_mask = attention_mask[..., :S]
-    if attention_mask.dtype == torch.bool:
-        return bias.masked_fill(~attention_mask, float("-inf"))
-    return bias + attention_mask.to(query.dtype)
+    if mask.dtype == torch.bool:
+        return bias.masked_fill(~mask, float("-inf"))
+    return bias + mask.to(dtype)
+
+
+def _within_sequences(mask, cu_q, cu_k, query, key):
+    """mask (or None) restricted to the packed sequences cu_seq_lens_q / _k delimit in the
+    flattened (B * L) queries and (B * S) keys: no attention across their boundaries."""
+    B, _, L, _ = query.shape
+    S = key.shape[-2]
+    cu_q, cu_k = (torch.as_tensor(c, device=query.device).long() for c in (cu_q, cu_k))
+    if int(cu_q[-1]) != B * L or int(cu_k[-1]) != B * S:
+        raise ValueError(
+            f"attn_implementation={NAME!r}: cu_seq_lens_q / cu_seq_lens_k must end at the batch's {B * L} queries "
+            f"and {B * S} keys, got {int(cu_q[-1])} and {int(cu_k[-1])}"
+        )
+    seq_q = torch.bucketize(torch.arange(B * L, device=query.device), cu_q[1:], right=True).view(B, 1, L, 1)
+    seq_k = torch.bucketize(torch.arange(B * S, device=query.device), cu_k[1:], right=True).view(B, 1, 1, S)
+    same = seq_q == seq_k
+    if mask is None:
+        return same
+    if mask.dtype == torch.bool:
+        return mask & same
+    return mask.masked_fill(~same, float("-inf"))
 
 
 def flash_attn_ext_attention_forward(
@@ -174,14 +194,18 @@ def flash_attn_ext_attention_forward(
 ):
     """The "fa_ext" implementation. query (B, Hq, L, D), key/value (B, Hkv, S, D) ->
     (attn_output (B, L, Hq, D), None). s_aux: gpt-oss's learned attention sinks, (Hq,).
-    position_bias: T5's additive bias, forward only. cu_seq_lens_* (packed sequences) without a
-    mask: served by the varlen kernel; with a mask, the mask already holds the packing."""
+    position_bias: T5's additive bias, forward only. cu_seq_lens_q / _k (packed sequences):
+    without a mask or bias, the varlen kernel; with one, the mask is restricted to each
+    sequence (transformers' masks do not always hold the packing: not with a cache)."""
     _check_keywords(NAME, kwargs, frozenset())
+    if (cu_seq_lens_q is None) != (cu_seq_lens_k is None):
+        raise TypeError(f"attn_implementation={NAME!r}: pass cu_seq_lens_q and cu_seq_lens_k together, or neither")
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     cap = float(softcap) if softcap else 0.0
     sink_logits = _sinks(NAME, s_aux, sinks)
+    L, S = query.shape[-2], key.shape[-2]
     if attention_mask is None and position_bias is None and cu_seq_lens_q is not None:
-        return _packed(
+        out = _packed(
             query,
             key,
             value,
@@ -195,28 +219,21 @@ def flash_attn_ext_attention_forward(
             cu_seq_lens_k,
             max_length_q,
             max_length_k,
-        ), None
-    if position_bias is not None:
-        # (with a mask, the mask holds causality and the window, as below; without one, the kernel)
-        mask = _bias_mask(NAME, position_bias, attention_mask, query, key, sliding_window)
-        causal = bool(is_causal) and attention_mask is None
-        out = attention(
-            query,
-            key,
-            value,
-            attn_mask=mask,
-            causal=causal,
-            scale=scaling,
-            dropout_p=dropout,
-            softcap=cap,
-            sinks=sink_logits,
         )
-    elif attention_mask is not None:
-        mask = attention_mask[:, :, :, : key.shape[-2]]
+        return out, None
+    mask = None if attention_mask is None else attention_mask[:, :, :, :S]
+    if position_bias is not None:
+        mask = _bias_mask(NAME, position_bias, mask, query, key, sliding_window)
+    if cu_seq_lens_q is not None:
+        mask = _within_sequences(mask, cu_seq_lens_q, cu_seq_lens_k, query, key)
+    if attention_mask is not None:  # transformers' mask holds causality and the window
         out = attention(
             query, key, value, attn_mask=mask, scale=scaling, dropout_p=dropout, softcap=cap, sinks=sink_logits
         )
     else:
+        # transformers leaves the mask out only where SDPA's own flags serve the call: one query
+        # (it sees every key), L == S (either alignment), or an empty static cache's prefill
+        # (1 < L < S: SDPA's top-left is_causal, so the queries never see the free slots after them).
         left = sliding_window - 1 if sliding_window else -1
         out = attention(
             query,
@@ -225,8 +242,9 @@ def flash_attn_ext_attention_forward(
             causal=bool(is_causal),
             window_size=(left, 0 if is_causal else -1),
             scale=scaling,
+            attn_mask=mask,
             dropout_p=dropout,
-            alignment="bottom_right",
+            alignment="bottom_right" if L == 1 or L == S else "top_left",
             softcap=cap,
             sinks=sink_logits,
         )
@@ -239,14 +257,16 @@ def _packed(query, key, value, is_causal, sliding_window, scaling, dropout, cap,
     B, Hq, L, D = query.shape
     flat = lambda t: t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[-1])
     left = sliding_window - 1 if sliding_window else -1
+    cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
+    lengths_q, lengths_k = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
     out = flash_attn_varlen_func(
         flat(query),
         flat(key),
         flat(value),
-        cu_q.to(torch.int32),
-        cu_k.to(torch.int32),
-        int(max_q),
-        int(max_k),
+        cu_q,
+        cu_k,
+        int(max_q) if max_q is not None else int(lengths_q.max()),
+        int(max_k) if max_k is not None else int(lengths_k.max()),
         dropout_p=dropout,
         softmax_scale=scaling,
         causal=bool(is_causal),
@@ -283,12 +303,23 @@ def _check_model_dispatches(impl: str, config_cls: type) -> None:
         modeling = importlib.import_module(module.replace(".configuration_", ".modeling_"))
     except ImportError:
         return
-    if not hasattr(modeling, "ALL_ATTENTION_FUNCTIONS"):
+    if not hasattr(modeling, "ALL_ATTENTION_FUNCTIONS") and not _reuses_dispatching_model(modeling):
         raise ValueError(
             f"attn_implementation={impl!r}: {modeling.__name__} computes attention in its own code instead of "
             f"calling transformers' attention interface, so these kernels would never run and the mask made for "
             f"them would be added to its scores; use attn_implementation='eager'"
         )
+
+
+def _reuses_dispatching_model(modeling) -> bool:
+    """Whether a modeling module builds on another model's modules that call the attention
+    interface (DPR runs BertModel, a remote-code model may reuse Llama's layers)."""
+    for obj in vars(modeling).values():
+        if isinstance(obj, type) and issubclass(obj, torch.nn.Module) and obj.__module__ != modeling.__name__:
+            source = importlib.import_module(obj.__module__)
+            if ".models." in obj.__module__ and hasattr(source, "ALL_ATTENTION_FUNCTIONS"):
+                return True
+    return False
 
 
 AttentionMaskInterface.register(NAME, _dispatching_mask(NAME, sdpa_mask))
@@ -343,28 +374,15 @@ if _cache is not None:
         module, query, key, value, attention_mask, *, sinks=None, position_bias=None, s_aux=None, **kwargs
     ):
         """The "flash_attn_ext" implementation: transformers' flash-attention path on this package.
-        position_bias (T5), which that path has no place for, goes to the "fa_ext" implementation
-        with the (B, S) padding mask as a key mask."""
+        That path has no place for an additive bias (transformers keeps T5 off flash attention),
+        so position_bias is refused here: "fa_ext" serves it."""
         _check_keywords(FLASH_NAME, kwargs, _FLASH_SERVED)
-        s_aux = _sinks(FLASH_NAME, s_aux, sinks)
         if position_bias is not None:
-            if any(kwargs.get(k) is not None for k in FLASH_PATH):
-                raise TypeError(f"attn_implementation={FLASH_NAME!r}: position_bias with packed or paged inputs")
-            mask = _bias_mask(FLASH_NAME, position_bias, attention_mask, query, key, kwargs.get("sliding_window"))
-            is_causal = kwargs.get("is_causal")
-            causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
-            out = attention(
-                query,
-                key,
-                value,
-                attn_mask=mask,
-                causal=causal,
-                scale=kwargs.get("scaling"),
-                dropout_p=kwargs.get("dropout", 0.0),
-                softcap=float(kwargs.get("softcap") or 0.0),
-                sinks=s_aux,
+            raise TypeError(
+                f"attn_implementation={FLASH_NAME!r}: position_bias={_describe(position_bias)} (a relative-position "
+                f"bias, as in T5) has no place in transformers' flash-attention path; use attn_implementation='fa_ext'"
             )
-            return out.transpose(1, 2).contiguous(), None
+        s_aux = _sinks(FLASH_NAME, s_aux, sinks)
         _load_into_transformers(_fa_utils)
         return _flash_attention_forward(module, query, key, value, attention_mask, s_aux=s_aux, **kwargs)
 

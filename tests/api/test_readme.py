@@ -83,6 +83,8 @@ SIGNATURES = [
     (flash_attn_ext.scaled_dot_product_attention, "flash_attn_ext.scaled_dot_product_attention"),
     (flash_attn_ext.attention, "flash_attn_ext.attention"),
     (flash_attn_ext.KVCache.__init__, "flash_attn_ext.KVCache"),
+    (flash_attn_ext.kv_cache_append, "flash_attn_ext.kv_cache_append"),
+    (flash_attn_ext.attention_with_kvcache, "flash_attn_ext.attention_with_kvcache"),
     (nn.Attention.__init__, "flash_attn_ext.nn.Attention"),
     (nn.Attention.forward, "forward"),
     (nn.Attention.make_cache, "make_cache"),

@@ -116,6 +116,10 @@ def test_errors_name_the_argument(device):
             fae_sdpa(*args, **kw)
         assert words in str(ours.value), str(ours.value)
     assert flash_attn_ext.fallback_counts() == {}
+    # what PyTorch accepts is never blamed: one K/V head without enable_gqa (it broadcasts) with
+    # a mask of the wrong size is the mask's fault
+    with pytest.raises(RuntimeError, match=r"attn_mask of shape \(5, 5\)"):
+        fae_sdpa(q, k[:, :1], v[:, :1], attn_mask=torch.ones(5, 5, dtype=torch.bool, device=device))
 
 
 def test_fallback_is_counted_and_logged(device, caplog):

@@ -221,11 +221,10 @@ def _t5_pair(impl):
     return ours.eval(), ref.eval()
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_t5_position_bias_served(impl):
+def test_t5_position_bias_served():
     """Encoder (bidirectional, with padding), decoder (causal) and cross-attention of a T5 match
-    eager attention, and the bias matters (without it the logits move)."""
-    ours, ref = _t5_pair(impl)
+    eager attention on "fa_ext", and the bias matters (without it the logits move)."""
+    ours, ref = _t5_pair(NAME)
     ids = torch.randint(1, 96, (2, 11))
     dec = torch.randint(1, 96, (2, 7))
     mask = torch.ones(2, 11, dtype=torch.long)
@@ -244,24 +243,52 @@ def test_t5_position_bias_served(impl):
     assert (unbiased - expected).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_t5_generate_same_tokens(impl):
-    ours, ref = _t5_pair(impl)
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_t5_generate_same_tokens_and_scores(cache):
+    """Greedy generation with a dynamic or a static cache (whose free slots must stay unseen):
+    the same tokens and per-step scores as eager; no token repeats, so the tokens depend on the
+    scores' order at every step."""
+    ours, ref = _t5_pair(NAME)
     ids = torch.randint(1, 96, (2, 9))
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[0, 6:] = 0
-    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False)
-    assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
+    kw = dict(attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, no_repeat_ngram_size=1)
+    kw.update(return_dict_in_generate=True, output_scores=True, cache_implementation=cache)
+    a, b = ours.generate(ids, **kw), ref.generate(ids, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    assert len(set(a.sequences[0, 1:].tolist())) == 8
+    for x, y in zip(a.scores, b.scores):
+        finite = torch.isfinite(y)
+        assert torch.equal(torch.isfinite(x), finite)
+        torch.testing.assert_close(x[finite], y[finite], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_t5_training_refuses_the_bias_gradient(impl):
+def test_t5_training_refuses_the_bias_gradient():
     """The bias tables would get no gradient: training raises, naming position_bias."""
-    ours, _ = _t5_pair(impl)
+    ours, _ = _t5_pair(NAME)
     ours.train()
     ids = torch.randint(1, 96, (2, 8))
     with pytest.raises(NotImplementedError, match="position_bias requires grad"):
         ours(input_ids=ids, decoder_input_ids=ids, labels=ids).loss.backward()
+
+
+def test_t5_on_the_flash_path_is_refused():
+    """transformers' flash path has no place for an additive bias: "flash_attn_ext" refuses
+    position_bias, naming it and "fa_ext", instead of running without it."""
+    ours, _ = _t5_pair(FLASH_NAME)
+    ids = torch.randint(1, 96, (2, 8))
+    with torch.no_grad(), pytest.raises(TypeError, match="position_bias.*fa_ext"):
+        ours(input_ids=ids, decoder_input_ids=ids)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_static_cache_generate_same_tokens(impl):
+    """An empty static cache's prefill has free slots after the queries: transformers leaves the
+    mask out and relies on SDPA's top-left causal; the free slots must stay unseen."""
+    ours, ref = _pair("llama", impl)
+    prompt = torch.randint(0, 96, (2, 6))
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, cache_implementation="static")
+    assert torch.equal(ours.generate(prompt, **kw), ref.generate(prompt, **kw))
 
 
 def _call(impl, *args, **kwargs):
@@ -317,6 +344,28 @@ def test_keywords_served_neutral_or_refused(impl):
     assert (a - base).abs().max() > 1e-3
 
 
+def test_fa_ext_cu_seq_lens_with_a_mask_or_bias_stays_per_sequence():
+    """cu_seq_lens with a mask transformers built without the packing (it does not, with a
+    cache), or with a bias: still no attention across the boundaries."""
+    from reference import reference_attention
+
+    torch.manual_seed(0)
+    lengths = [5, 3, 6]
+    q, k, v = (torch.randn(1, h, sum(lengths), 8, dtype=torch.float64) for h in (4, 2, 2))
+    cu = torch.tensor([0, 5, 8, 14], dtype=torch.int32)
+    causal = torch.ones(14, 14, dtype=torch.bool).tril()[None, None]
+    bias = torch.randn(1, 4, 14, 14, dtype=torch.float64)
+    for kw in (dict(attention_mask=causal), dict(attention_mask=None, position_bias=bias)):
+        mask = kw.pop("attention_mask")
+        out, _ = _call(NAME, q, k, v, mask, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=6, max_length_k=6, **kw)
+        for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            b = kw["position_bias"][..., s:e, s:e] if kw else None
+            expected, _ = reference_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], window=(-1, 0), attn_mask=b)
+            torch.testing.assert_close(out[:, s:e].transpose(1, 2), expected, rtol=1e-10, atol=1e-10)
+    with pytest.raises(TypeError, match="cu_seq_lens_q and cu_seq_lens_k together"):
+        _call(NAME, q, k, v, None, cu_seq_lens_q=cu)
+
+
 def test_fa_ext_cu_seq_lens_without_a_mask_stays_per_sequence():
     """Packed sequences given as cu_seq_lens (no mask): no attention across the boundaries."""
     from reference import reference_attention
@@ -329,6 +378,25 @@ def test_fa_ext_cu_seq_lens_without_a_mask_stays_per_sequence():
     for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
         expected, _ = reference_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], window=(-1, 0))
         torch.testing.assert_close(out[:, s:e].transpose(1, 2), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_model_reusing_another_models_attention_is_served(impl):
+    """DPR runs BertModel under its own config: accepted (BERT calls the attention interface)."""
+    config = transformers.DPRConfig(
+        vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+    )
+    torch.manual_seed(0)
+    ours = transformers.DPRQuestionEncoder._from_config(copy.deepcopy(config), attn_implementation=impl).eval()
+    ref = transformers.DPRQuestionEncoder._from_config(copy.deepcopy(config), attn_implementation="eager").eval()
+    ref.load_state_dict(ours.state_dict())
+    ids = torch.randint(1, 96, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    out, ran = _ops_run(lambda: ours(ids, attention_mask=mask).pooler_output)
+    assert ran
+    with torch.no_grad():
+        torch.testing.assert_close(out, ref(ids, attention_mask=mask).pooler_output, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -269,6 +269,8 @@ def test_dtype_is_written_as_transformers_5_reads_it(tmp_path, capsys):
     assert "KV cache per token 512 B -> 256 B (2.0x smaller)" in capsys.readouterr().out
     convert.convert_checkpoint(src2, str(tmp_path / "bf16-same"), 8, progress=False)
     assert "KV cache per token 512 B -> 512 B (unchanged)" in capsys.readouterr().out
+    convert.convert_checkpoint(src2, str(tmp_path / "bf16-f32"), 8, dtype="float32", progress=False)
+    assert "KV cache per token 512 B -> 1.0 KiB (2.0x larger)" in capsys.readouterr().out
 
     for dtype in (torch.float16, "float16"):
         sd, cfg = convert.convert_state_dict(_state_dict(), CONFIG, 2, dtype=dtype)
@@ -290,8 +292,11 @@ def test_output_directory_mode_follows_the_umask(tmp_path):
         convert.convert_checkpoint(src, str(tmp_path / "private"), 2, progress=False)
     finally:
         os.umask(old)
-    assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o755
-    assert os.stat(tmp_path / "private").st_mode & 0o777 == 0o700
+    for name, dir_mode, file_mode in (("out", 0o755, 0o644), ("private", 0o700, 0o600)):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == dir_mode
+        for f in ("config.json", "model.safetensors"):  # (safetensors writes 0600 whatever the umask;
+            # copied files such as the tokenizer keep the input's modes)
+            assert os.stat(tmp_path / name / f).st_mode & 0o777 == file_mode, f
 
 
 def test_runs_without_tqdm(tmp_path, monkeypatch):
