@@ -149,6 +149,22 @@ MUTANTS = [
         ["tests/native/test_host_programs.py", "-k", "mma_kernels_emulated"],
         "the forward's edge tiles let each row see one key past its band's right end",
     ),
+    (
+        "t5_bias_dropped",
+        "flash_attn_ext/integrations/transformers.py",
+        "    if position_bias is not None:\n        mask = _bias_mask(NAME,",
+        "    if False:\n        mask = _bias_mask(NAME,",
+        ["tests/api/test_transformers_integration.py", "-k", "t5"],
+        "the transformers integration swallows T5's position_bias again (issue 36's silent wrong answer)",
+    ),
+    (
+        "maskless_bottom_right",
+        "flash_attn_ext/integrations/transformers.py",
+        'alignment="bottom_right" if L == 1 or L == S else "top_left",',
+        'alignment="bottom_right",',
+        ["tests/api/test_transformers_integration.py", "-k", "static"],
+        "fa_ext without a mask aligns bottom-right, so an empty static cache's free slots are seen",
+    ),
 ]
 
 
