@@ -16,7 +16,6 @@ attention_kvcache / merge_attention_states (schemas in csrc/ops.cpp).
 import torch  # noqa: F401  (loads libtorch first: _C links against it)
 
 from . import _C  # noqa: F401  (loads the native library: registers the ops)
-
 from . import _meta  # noqa: F401  (fake kernels for torch.compile)
 from . import nn  # noqa: F401  (attention modules)
 from ._fallback import fallback_counts, reset_fallback_counts

@@ -247,7 +247,7 @@ def check_step(cache, q, k, v, sinks) -> None:
     leaves the cache as it was."""
     fn = "flash_attn_ext.KVCache.attend"
     _ops.check_tensors(fn, q=q, k=k, v=v, sinks=sinks, optional=("k", "v", "sinks"))
-    check_layout(cache, fn, q=q, k=k, v=v)
+    # (shapes: KVCache.attend, the only way here, checked them with check_layout first)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t is not None and (t.dtype != cache.k.dtype or t.device != cache.k.device):
             raise TypeError(f"{fn}: {name} is {t.dtype} on {t.device}, the cache {cache.k.dtype} on {cache.k.device}")

@@ -254,19 +254,19 @@ def flash_attn_ext_attention_forward(
 def _packed(query, key, value, is_causal, sliding_window, scaling, dropout, cap, sinks, cu_q, cu_k, max_q, max_k):
     """Sequences packed along the length (B rows flattened, cu_seq_lens over them) by the
     varlen kernel: no attention across sequence boundaries."""
-    B, Hq, L, D = query.shape
+    B, Hq, L, _ = query.shape
     flat = lambda t: t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[-1])
+    longest = lambda cu, given: int(given) if given is not None else int((cu[1:] - cu[:-1]).max())
     left = sliding_window - 1 if sliding_window else -1
     cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
-    lengths_q, lengths_k = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
     out = flash_attn_varlen_func(
         flat(query),
         flat(key),
         flat(value),
         cu_q,
         cu_k,
-        int(max_q) if max_q is not None else int(lengths_q.max()),
-        int(max_k) if max_k is not None else int(lengths_k.max()),
+        longest(cu_q, max_q),
+        longest(cu_k, max_k),
         dropout_p=dropout,
         softmax_scale=scaling,
         causal=bool(is_causal),
