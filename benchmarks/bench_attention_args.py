@@ -8,9 +8,13 @@ process, interleaved, as the ratio with / without (1.00 = free).
 - cache_leftpad (one-position blocks through a block table), cache_batch_idx (whole cache rows
   as blocks) and rotary embedding (applied to q and the new key before the append) in decode;
 - flash_attn_varlen_func with block_table (the queries padded to max_seqlen_q) against the
-  same packed call on contiguous K/V.
+  same packed call on contiguous K/V;
+- trainable biases (issue 37): forward+backward with a (1, H, L, S) float attn_mask that
+  requires grad against the same call with the mask detached, and ALiBi slopes that require
+  grad against fixed ones; the last column is then ours over PyTorch's SDPA on the same call
+  (which computes a mask gradient on its math path only, through the full L x S matrices).
 
-    python benchmarks/bench_attention_args.py [--quick] [--csv out.csv]
+    python benchmarks/bench_attention_args.py [--quick] [--only bias] [--csv out.csv]
 
 The header names the CPU; each figure is the best of interleaved repeats.
 """
@@ -82,6 +86,43 @@ def dense_rows(dtype, L, reps):
                 t_eager, _ = best_pair(lambda: eager_sinks(q, k, v, sinks, True), lambda: None, max(2, reps // 3))
             row["ours_over_eager"] = t_with / t_eager
         rows.append(row)
+    return rows
+
+
+def bias_rows(dtype, L, reps):
+    """Trainable biases: a (1, H, L, L) float mask and learned ALiBi slopes, forward+backward."""
+    rows = []
+    B, H, Hkv, D = 1, 8, 2, 64
+    q = torch.randn(B, H, L, D, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, Hkv, L, D, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, Hkv, L, D, dtype=dtype, requires_grad=True)
+    bias = torch.randn(1, H, L, L, dtype=dtype, requires_grad=True)
+    slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], requires_grad=True)
+    g = torch.randn(B, H, L, D, dtype=dtype)
+
+    def ours(**kw):
+        def run():
+            out = flash_attn_ext.attention(q, k, v, **kw)
+            leaves = [q, k, v] + [t for t in kw.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+            torch.autograd.grad(out, leaves, g)
+
+        return run
+
+    def sdpa():
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+        torch.autograd.grad(out, [q, k, v, bias], g)
+
+    t_with, t_without = best_pair(ours(attn_mask=bias), ours(attn_mask=bias.detach()), reps)
+    t_torch, _ = best_pair(sdpa, lambda: None, reps)
+    row = dict(arg="attn_mask grad (1,H,L,S)", case=f"forward+backward B=1 H=8/2 L=S={L} D=64", dtype=str(dtype)[6:])
+    row.update(with_s=t_with, without_s=t_without, ratio=t_with / t_without, ours_over_eager=t_with / t_torch)
+    rows.append(row)
+    t_with, t_without = best_pair(
+        ours(alibi_slopes=slopes, causal=True), ours(alibi_slopes=slopes.detach(), causal=True), reps
+    )
+    row = dict(arg="alibi_slopes grad", case=f"forward+backward B=1 H=8/2 L=S={L} D=64 causal", dtype=str(dtype)[6:])
+    row.update(with_s=t_with, without_s=t_without, ratio=t_with / t_without)
+    rows.append(row)
     return rows
 
 
@@ -165,19 +206,24 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     ap.add_argument("--csv", help="write the rows to this CSV file")
+    ap.add_argument("--only", choices=("bias",), help="only the trainable-bias rows")
     a = ap.parse_args()
     reps = 3 if a.quick else 7
     print(f"# {cpu_description()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     rows = []
-    with torch.no_grad():
+    if a.only is None:
+        with torch.no_grad():
+            for dtype in (torch.float32, torch.bfloat16):
+                for S in (4096,) if a.quick else (4096, 32768):
+                    rows += decode_rows(dtype, S, reps)
+                rows += varlen_paged_rows(dtype, reps)
         for dtype in (torch.float32, torch.bfloat16):
-            for S in (4096,) if a.quick else (4096, 32768):
-                rows += decode_rows(dtype, S, reps)
-            rows += varlen_paged_rows(dtype, reps)
+            for L in (2048,) if a.quick else (2048, 8192):
+                rows += dense_rows(dtype, L, max(2, reps // 2))
     for dtype in (torch.float32, torch.bfloat16):
-        for L in (2048,) if a.quick else (2048, 8192):
-            rows += dense_rows(dtype, L, max(2, reps // 2))
-    print(f"{'argument':26s} {'case':58s} {'dtype':9s} {'with':>9s} {'without':>9s} {'ratio':>6s}  ours/eager")
+        for L in (1024,) if a.quick else (1024, 2048):
+            rows += bias_rows(dtype, L, max(2, reps // 2))
+    print(f"{'argument':26s} {'case':58s} {'dtype':9s} {'with':>9s} {'without':>9s} {'ratio':>6s}  ours/other")
     for r in rows:
         eager = f"{r['ours_over_eager']:.2f}" if "ours_over_eager" in r else ""
         print(

@@ -49,15 +49,23 @@ TORCH_LIBRARY(flash_attn_ext, m) {
       "float dropout_p, float scale, int window_left, int window_right, bool bottom_right, "
       "float softcap=0.0, Tensor? alibi_slopes=None, Tensor? sinks=None) "
       "-> (Tensor out, Tensor lse, Tensor rng_state)");
-  // Its gradient with respect to query, key and value (not attn_mask). grad_lse (lse's shape
-  // and dtype): a gradient flowing into lse as well, which adds P * grad_lse to dS (lse is
-  // differentiable, so that partial attentions merged by their lse compose under autograd).
+  // Its gradient with respect to query, key and value. grad_lse (lse's shape and dtype): a
+  // gradient flowing into lse as well, which adds P * grad_lse to dS (lse is differentiable, so
+  // that partial attentions merged by their lse compose under autograd). grad_attn_mask: also
+  // the gradient of a float attn_mask, dS (the score gradient before the softcap slope: the
+  // mask is added after the cap) summed over the dims the mask broadcasts along (its size-1
+  // dims), in the mask's shape and dtype. grad_alibi_slopes: also that of the slopes,
+  // -sum_ij dS_ij |i + o - j| per (b, h), summed over the batch for (Hq,) slopes, float32.
+  // Each gradient element has one writer (no atomics): bitwise repeatable for a fixed thread
+  // count. Not asked for, they are returned empty, shape (0,).
   m.def(
       "attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, "
       "Tensor lse, Tensor rng_state, Tensor? attn_mask, float dropout_p, float scale, "
       "int window_left, int window_right, bool bottom_right, float softcap=0.0, "
-      "Tensor? alibi_slopes=None, Tensor? grad_lse=None) "
-      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+      "Tensor? alibi_slopes=None, Tensor? grad_lse=None, bool grad_attn_mask=False, "
+      "bool grad_alibi_slopes=False) "
+      "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_attn_mask, "
+      "Tensor grad_alibi_slopes)");
   // Packed variable-length sequences (flash-attn's varlen layout): query (total_q, Hq, D), key
   // (total_k, Hkv, D), value (total_k, Hkv, Dv); sequence b is rows [cu_seqlens_q[b],
   // cu_seqlens_q[b + 1]) of query and [cu_seqlens_k[b], cu_seqlens_k[b + 1]) of key/value

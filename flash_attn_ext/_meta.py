@@ -83,6 +83,8 @@ def _attention_backward_fake(
     softcap=0.0,
     alibi_slopes=None,
     grad_lse=None,
+    grad_attn_mask=False,
+    grad_alibi_slopes=False,
 ):
     _same_device(
         "attention_backward",
@@ -96,7 +98,16 @@ def _attention_backward_fake(
         alibi_slopes=alibi_slopes,
         grad_lse=grad_lse,
     )
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+    torch._check(
+        not grad_attn_mask or (attn_mask is not None and attn_mask.is_floating_point()),
+        lambda: "grad_attn_mask=True needs a floating-point attn_mask",
+    )
+    torch._check(not grad_alibi_slopes or alibi_slopes is not None, lambda: "grad_alibi_slopes=True needs alibi_slopes")
+    # The bias gradients: contiguous, in the shapes and dtypes of the mask and the slopes; empty
+    # (0,) when not asked for.
+    grad_mask = attn_mask.new_empty(attn_mask.shape) if grad_attn_mask else query.new_empty((0,))
+    grad_slopes = alibi_slopes.new_empty(alibi_slopes.shape) if grad_alibi_slopes else query.new_empty((0,))
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), grad_mask, grad_slopes
 
 
 @torch.library.register_fake("flash_attn_ext::attention_varlen_forward")

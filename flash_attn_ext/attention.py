@@ -63,12 +63,14 @@ def attention(
     Dropout (dropout_p > 0) uses PyTorch's generator. softcap > 0 soft-caps the scaled scores,
     s -> softcap * tanh(s / softcap), before the mask (Gemma-2, flash-attn's softcap).
     alibi_slopes (float32, (Hq,) or (B, Hq)) adds -slope * |i + o - j| to score (i, j) (ALiBi,
-    as flash-attn's alibi_slopes; no gradient flows to the slopes). sinks (float32, (Hq,)):
+    as flash-attn's alibi_slopes). sinks (float32, (Hq,)):
     learned attention sinks (gpt-oss): one logit per query head joins every row's softmax
     denominator and adds nothing to the output, out_i = sum_j e^(s_ij) v_j / (e^(sink) +
     sum_j e^(s_ij)); the lse includes it, and sinks gets a gradient. Returns out (B, Hq, L, Dv)
     and, with return_lse, the float32 log-sum-exp (B, Hq, L). Differentiable in query, key,
-    value (and sinks).
+    value and sinks, and on CPU in a float attn_mask (its gradient summed over the dims it
+    broadcasts along) and alibi_slopes (trainable biases: T5-style tables, pair biases, learned
+    ALiBi); on other devices a mask or slopes that require grad raise NotImplementedError.
     """
     _ops.check_tensors(
         "flash_attn_ext.attention",

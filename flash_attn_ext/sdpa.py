@@ -54,8 +54,8 @@ def _unsupported(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
             return "attn_mask is not a strided tensor"
         if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
             return "attn_mask dtype"
-        if attn_mask.requires_grad and torch.is_grad_enabled():
-            return "attn_mask requires grad"
+        if attn_mask.requires_grad and torch.is_grad_enabled() and query.device.type != "cpu":
+            return "attn_mask requires grad (its gradient: CPU kernels only)"
         if attn_mask.device != query.device or not 2 <= attn_mask.dim() <= query.dim():
             return "attn_mask device or rank"
         scores_shape = query.shape[:-1] + key.shape[-2:-1]

@@ -150,6 +150,48 @@ MUTANTS = [
         "the forward's edge tiles let each row see one key past its band's right end",
     ),
     (
+        "bias_grad_after_slope",
+        "csrc/attention/attention_backward_cpu.cpp",
+        "      if (a_.dmask != nullptr) add_mask_gradient(t, h, i0 + r, dr);\n"
+        "      if (a_.dslopes != nullptr) add_slope_gradient(t, h, i0 + r, dr);\n"
+        "      if (a_.c.cap > acc_t(0)) {\n"
+        "        const acc_t* sl = slope_tile_.data() + r * kBlockK;\n"
+        "        for (int64_t c = 0; c < cols; ++c) dr[c] *= sl[c];\n"
+        "      }\n",
+        "      if (a_.c.cap > acc_t(0)) {\n"
+        "        const acc_t* sl = slope_tile_.data() + r * kBlockK;\n"
+        "        for (int64_t c = 0; c < cols; ++c) dr[c] *= sl[c];\n"
+        "      }\n"
+        "      if (a_.dmask != nullptr) add_mask_gradient(t, h, i0 + r, dr);\n"
+        "      if (a_.dslopes != nullptr) add_slope_gradient(t, h, i0 + r, dr);\n",
+        ["tests/features/test_bias_gradients.py", "-k", "float32 and (matches_reference or alibi)"],
+        "the mask / ALiBi gradient taken after the softcap slope (the biases are added after the cap)",
+    ),
+    (
+        "mask_key_sum_overwritten",
+        "csrc/attention/attention_backward_cpu.cpp",
+        "      g[0] += sum;",
+        "      g[0] = sum;",
+        ["tests/features/test_bias_gradients.py", "-k", "float32 and matches_reference"],
+        "a mask broadcast over the keys keeps only its last key tile's sum (a broadcast dim not summed)",
+    ),
+    (
+        "mask_split_parts_not_summed",
+        "csrc/attention/attention_backward_cpu.cpp",
+        "for (int64_t s = 1; s < dmask.size(0); ++s) dmask[0].add_(dmask[s]);",
+        "for (int64_t s = 1; s < 1; ++s) dmask[0].add_(dmask[s]);",
+        ["tests/features/test_bias_gradients.py", "-k", "float32 and matches_reference"],
+        "the per-split copies of a key-broadcast mask's gradient not summed (only split 0's keys count)",
+    ),
+    (
+        "slope_grad_no_offset",
+        "csrc/attention/attention_backward_cpu.cpp",
+        "const int64_t d0 = i + t.pb->align_offset - t.j0;",
+        "const int64_t d0 = i - t.j0;",
+        ["tests/features/test_bias_gradients.py", "-k", "float32 and alibi"],
+        "the ALiBi slopes' gradient weighs dS by |i - j|, without the alignment offset the forward uses",
+    ),
+    (
         "t5_bias_dropped",
         "flash_attn_ext/integrations/transformers.py",
         "    if position_bias is not None:\n        mask = _bias_mask(NAME,",

@@ -113,13 +113,23 @@ class _KernelRounding(torch.autograd.Function):
         if dlse is not None:
             delta = delta - dlse.unsqueeze(-1)
         ds = p * (dp - delta)
+        # The mask and ALiBi are added after the cap: their gradients are dS before its slope,
+        # in float32 (autograd sums the mask's over its broadcast dims and rounds it to its dtype).
+        dmask = ds if attn_mask is not None and ctx.needs_input_grad[6] else None
+        dslopes = None
+        if alibi_slopes is not None and ctx.needs_input_grad[8]:
+            B, Hq, L, S = ds.shape
+            o = S - L if bottom_right else 0
+            dist = (torch.arange(L, device=ds.device).unsqueeze(-1) + o - torch.arange(S, device=ds.device)).abs()
+            dslopes = -(ds * dist.to(ds.dtype)).sum((-1, -2))  # (B, Hq)
+            dslopes = dslopes.sum(0) if alibi_slopes.dim() == 1 else dslopes
         if slope is not None:
             ds = ds * slope
         ds = ds.to(dtype).float()
         dq = scale * (ds @ k)
         dk = scale * (ds.transpose(-1, -2) @ q)
         # (no gradient for sinks here: the sink gradients are checked in float32 / float64)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, dmask, None, dslopes, None, None, None, None
 
 
 def reference_attention(

@@ -9,7 +9,9 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace flash_attn_ext {
@@ -19,6 +21,7 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 using Tensors3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Tensors5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using OptTensor = std::optional<at::Tensor>;
 using T = const at::Tensor&;
 
@@ -27,10 +30,10 @@ using T = const at::Tensor&;
 using ForwardSig = Tensors3(T q, T k, T v, const OptTensor& attn_mask, double dropout_p, double scale,
                             int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
                             const OptTensor& alibi_slopes, const OptTensor& sinks);
-using BackwardSig = Tensors3(T grad_out, T q, T k, T v, T out, T lse, T rng_state, const OptTensor& attn_mask,
+using BackwardSig = Tensors5(T grad_out, T q, T k, T v, T out, T lse, T rng_state, const OptTensor& attn_mask,
                              double dropout_p, double scale, int64_t window_left, int64_t window_right,
                              bool bottom_right, double softcap, const OptTensor& alibi_slopes,
-                             const OptTensor& grad_lse);
+                             const OptTensor& grad_lse, bool grad_attn_mask, bool grad_alibi_slopes);
 using VarlenForwardSig = Tensors3(T q, T k, T v, T cu_q, T cu_k, int64_t max_q, int64_t max_k, double dropout_p,
                                   double scale, int64_t window_left, int64_t window_right, bool bottom_right,
                                   double softcap, const OptTensor& alibi_slopes, const OptTensor& sinks);
@@ -46,7 +49,7 @@ constexpr char kVarlenBackwardOp[] = "flash_attn_ext::attention_varlen_backward"
 
 // Calls the op Op of signature Sig below autograd (its CPU / CUDA kernels); looked up once.
 template <typename Sig, const char* Op, typename... Args>
-Tensors3 call_op(Args&&... args) {
+auto call_op(Args&&... args) {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(Op, "").template typed<Sig>();
   return op.call(std::forward<Args>(args)...);
 }
@@ -145,16 +148,19 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     OptTensor grad_lse;
     if (!incoming_gradients(grads, saved[3], &grad_out, &grad_lse)) return variable_list(12);
     const Options o = Options::load(ctx);
-    auto [dq, dk, dv] = call_op<BackwardSig, kBackwardOp>(
-        grad_out, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], optional_of(saved[6]), o.dropout_p,
-        o.scale, o.window_left, o.window_right, o.bottom_right, o.softcap, optional_of(saved[7]), grad_lse);
-    // No gradient for attn_mask (documented; the Python layer falls back to PyTorch when a
-    // mask requires grad), alibi_slopes or the non-tensor arguments.
-    variable_list result(12);
-    result[0] = dq, result[1] = dk, result[2] = dv;
     // needs_input_grad counts the defined tensor arguments only: q, k, v, then the mask and
     // the slopes when given, then the sinks.
-    const size_t sinks_edge = 3 + saved[6].defined() + saved[7].defined();
+    const size_t slopes_edge = 3 + saved[6].defined(), sinks_edge = slopes_edge + saved[7].defined();
+    const bool grad_mask = saved[6].defined() && ctx->needs_input_grad(3);
+    const bool grad_slopes = saved[7].defined() && ctx->needs_input_grad(slopes_edge);
+    auto [dq, dk, dv, dmask, dslopes] = call_op<BackwardSig, kBackwardOp>(
+        grad_out, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], optional_of(saved[6]), o.dropout_p,
+        o.scale, o.window_left, o.window_right, o.bottom_right, o.softcap, optional_of(saved[7]), grad_lse, grad_mask,
+        grad_slopes);
+    variable_list result(12);  // nothing for the non-tensor arguments
+    result[0] = dq, result[1] = dk, result[2] = dv;
+    if (grad_mask) result[3] = dmask;
+    if (grad_slopes) result[10] = dslopes;
     if (saved[8].defined() && ctx->needs_input_grad(sinks_edge))
       result[11] = sink_gradient(saved[8], saved[4], saved[3], grad_out, grad_lse, 1);
     return result;
@@ -207,8 +213,7 @@ class BackwardFunction : public torch::autograd::Function<BackwardFunction<Sig, 
   template <typename... Args>
   static variable_list forward(AutogradContext*, Args&&... args) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [dq, dk, dv] = call_op<Sig, Op>(std::forward<Args>(args)...);
-    return {dq, dk, dv};
+    return std::apply([](auto&&... t) { return variable_list{t...}; }, call_op<Sig, Op>(std::forward<Args>(args)...));
   }
 
   static variable_list backward(AutogradContext*, variable_list) {
@@ -219,7 +224,7 @@ class BackwardFunction : public torch::autograd::Function<BackwardFunction<Sig, 
   }
 };
 
-// A Function's apply as the autograd kernel of an op of signature Sig (its three outputs).
+// A Function's apply as the autograd kernel of an op of signature Sig (its three or five outputs).
 template <typename Function, typename Sig>
 struct AutogradKernel;
 template <typename Function, typename... Args>
@@ -229,20 +234,52 @@ struct AutogradKernel<Function, Tensors3(Args...)> {
     return {r[0], r[1], r[2]};
   }
 };
+template <typename Function, typename... Args>
+struct AutogradKernel<Function, Tensors5(Args...)> {
+  static Tensors5 call(Args... args) {
+    auto r = Function::apply(args...);
+    return {r[0], r[1], r[2], r[3], r[4]};
+  }
+};
+
+// Bias gradients (attn_mask, alibi_slopes) are computed by the CPU kernels only: elsewhere a
+// bias that requires grad is refused at the forward, before anything runs, rather than left
+// without its gradient. Checked in the autograd kernels, not in forward(), where grad mode is
+// already off; under no_grad a bias that requires grad is just data.
+void check_bias_gradients(const char* op, const at::Tensor& q, const OptTensor& attn_mask,
+                          const OptTensor& alibi_slopes) {
+  if (!at::GradMode::is_enabled()) return;
+  const auto wants = [](const OptTensor& t) { return t.has_value() && t->defined() && t->requires_grad(); };
+  for (const auto& [name, t] : {std::pair<const char*, const OptTensor*>{"attn_mask", &attn_mask},
+                                std::pair<const char*, const OptTensor*>{"alibi_slopes", &alibi_slopes}}) {
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        !wants(*t) || (q.device().is_cpu() && std::strcmp(op, kForwardOp) == 0), "flash_attn_ext.",
+        op + sizeof("flash_attn_ext::") - 1, ": ", name, " requires grad, and ",
+        std::strcmp(op, kForwardOp) == 0 ? "only the CPU kernels compute its gradient"
+                                         : "this op does not compute its gradient",
+        "; pass ", name, ".detach() or run under torch.no_grad()",
+        std::strcmp(name, "attn_mask") == 0 ? ", or use flash_attn_ext.scaled_dot_product_attention, which falls "
+                                              "back to PyTorch"
+                                            : "");
+  }
+}
 
 Tensors3 attention_forward_autograd(T q, T k, T v, const OptTensor& attn_mask, double dropout_p, double scale,
                                     int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
                                     const OptTensor& alibi_slopes, const OptTensor& sinks) {
-  // A silently missing gradient would be a wrong answer: refuse instead (the SDPA drop-in
-  // serves such calls through PyTorch). Checked here, not in forward(), where grad mode is
-  // already off; under no_grad a mask that requires grad is just data.
-  TORCH_CHECK_VALUE(
-      !(at::GradMode::is_enabled() && attn_mask.has_value() && attn_mask->defined() && attn_mask->requires_grad()),
-      "flash_attn_ext.attention_forward: gradients with respect to attn_mask are not "
-      "supported; pass attn_mask.detach(), or use "
-      "flash_attn_ext.scaled_dot_product_attention, which falls back to PyTorch");
+  check_bias_gradients(kForwardOp, q, attn_mask, alibi_slopes);
   auto r = AttentionFunction::apply(q, k, v, attn_mask, dropout_p, scale, window_left, window_right, bottom_right,
                                     softcap, alibi_slopes, sinks);
+  return {r[0], r[1], r[2]};
+}
+
+Tensors3 attention_varlen_forward_autograd(T q, T k, T v, T cu_q, T cu_k, int64_t max_q, int64_t max_k,
+                                           double dropout_p, double scale, int64_t window_left, int64_t window_right,
+                                           bool bottom_right, double softcap, const OptTensor& alibi_slopes,
+                                           const OptTensor& sinks) {
+  check_bias_gradients(kVarlenForwardOp, q, std::nullopt, alibi_slopes);
+  auto r = VarlenAttentionFunction::apply(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, window_left,
+                                          window_right, bottom_right, softcap, alibi_slopes, sinks);
   return {r[0], r[1], r[2]};
 }
 
@@ -251,7 +288,7 @@ Tensors3 attention_forward_autograd(T q, T k, T v, const OptTensor& attn_mask, d
 TORCH_LIBRARY_IMPL(flash_attn_ext, Autograd, m) {
   m.impl("attention_forward", &attention_forward_autograd);
   m.impl("attention_backward", &AutogradKernel<BackwardFunction<BackwardSig, kBackwardOp>, BackwardSig>::call);
-  m.impl("attention_varlen_forward", &AutogradKernel<VarlenAttentionFunction, VarlenForwardSig>::call);
+  m.impl("attention_varlen_forward", &attention_varlen_forward_autograd);
   m.impl("attention_varlen_backward",
          &AutogradKernel<BackwardFunction<VarlenBackwardSig, kVarlenBackwardOp>, VarlenBackwardSig>::call);
 }

@@ -9,6 +9,12 @@
 // once; dQ goes to an accumulator owned by the task's split. No two threads write the same
 // memory: no atomics, and the result is bitwise repeatable for a fixed thread count.
 //
+// Bias gradients (grad_attn_mask / grad_alibi_slopes) are dS itself, taken before the softcap
+// slope, summed into the mask's shape as dS is formed. They keep the one-writer rule: units whose
+// dS sum into the same mask gradient (a mask broadcast over the batch or the heads) are one
+// task's, run in a fixed order; a mask broadcast over the keys, whose rows sum over key tiles of
+// several splits, and the slopes get a copy per split, summed in split order at the end.
+//
 // Reading order: compute_delta, plan_backward (what a call decides once), BackwardWorker::run
 // (one task's loops) and query_tile (one query tile against one key tile, one method per
 // step), backward_kernel (the parallel loop and the sum of the split dQ copies).
@@ -71,7 +77,11 @@ void compute_delta(const AttentionParams& p, const Rows<const scalar_t>& do_rows
 // What a backward call decides once: how the (batch, kv head) units are split over threads,
 // the GQA loop order, and the tile back end.
 struct BackwardPlan {
-  int64_t n_splits;  // tasks per unit (key tiles dealt round-robin), each with its own dQ copy
+  // Units whose mask gradients meet (a mask broadcast over B or H) are grouped, one group per
+  // task: the task loops over every batch (loop_batch) / kv head (loop_kv_heads) of its group.
+  bool loop_batch, loop_kv_heads;
+  int64_t n_groups;
+  int64_t n_splits;  // tasks per group (key tiles dealt round-robin), each with its own dQ copy
   TileBackend tiles;
   bool bf16;         // the five products on bf16 operands
   bool head_passes;  // GQA: one pass over the key tiles per query head
@@ -81,14 +91,20 @@ struct BackwardPlan {
   int64_t dim_qk2, dim_v2;  // pairs: odd dims get a zero
 };
 
-BackwardPlan plan_backward(const AttentionParams& p, c10::ScalarType dtype, int64_t acc_bytes) {
+// mask_sizes: the mask's (B, H, L, S) sizes when its gradient is asked for, else empty.
+BackwardPlan plan_backward(const AttentionParams& p, c10::ScalarType dtype, int64_t acc_bytes,
+                           at::IntArrayRef mask_sizes) {
   BackwardPlan f{};
   const int64_t L = p.len_q, Dk = p.dim_qk, Dv = p.dim_v, G = p.group_size();
-  // Work units are (batch, kv head). With fewer units than 2x the threads (small batch, MQA),
-  // each unit's key tiles are dealt round-robin to n_splits tasks (round-robin balances the
-  // causal band), each with its own dQ accumulator, summed in a fixed order afterwards: still
-  // no atomics, and bitwise repeatable for a given thread count.
-  const int64_t units = p.batch * p.heads_kv;
+  f.loop_batch = !mask_sizes.empty() && mask_sizes[0] == 1 && p.batch > 1;
+  f.loop_kv_heads = !mask_sizes.empty() && mask_sizes[1] == 1 && p.heads_kv > 1;
+  f.n_groups = (f.loop_batch ? 1 : p.batch) * (f.loop_kv_heads ? 1 : p.heads_kv);
+  // Work units are (batch, kv head) groups. With fewer of them than 2x the threads (small
+  // batch, MQA, a broadcast mask gradient), each one's key tiles are dealt round-robin to
+  // n_splits tasks (round-robin balances the causal band), each with its own dQ accumulator,
+  // summed in a fixed order afterwards: still no atomics, and bitwise repeatable for a given
+  // thread count.
+  const int64_t units = f.n_groups;
   const int64_t n_kblocks = (p.len_k + kBlockK - 1) / kBlockK;
   const int64_t want_tasks = 2 * static_cast<int64_t>(at::get_num_threads());
   // Each extra split costs a float dQ copy: at most ~512 MiB of them in all.
@@ -136,6 +152,12 @@ struct BackwardArgs : CallArgs<at::opmath_type<scalar_t>, BackwardPlan> {
   // brgemm has no alpha, and an alpha on an accumulating product costs it a pass through
   // scratch (measured: the brgemm backward 13-19% slower than vdpbf16ps before, NOTES.md #27).
   acc_t dk_factor, dv_factor, dq_factor;
+  // The mask's gradient (nullptr: not asked): (parts, Bm, Hm, Lm, Sm), strides 0 along the
+  // dims it sums over; a mask broadcast over the keys has one part per split (dmask_part_stride).
+  acc_t* dmask = nullptr;
+  int64_t dmask_sb = 0, dmask_sh = 0, dmask_si = 0, dmask_sj = 0, dmask_part_stride = 0;
+  // The slopes' gradient (nullptr: not asked): (n_splits, B, Hq), one part per split.
+  acc_t* dslopes = nullptr;
 };
 
 // One thread's share of the backward: its tile buffers and the steps of one task, which walks
@@ -154,7 +176,7 @@ class BackwardWorker {
   };
   // The key tile a query tile meets: keys j0.. of (b, hk), its operands, its dK/dV sums.
   struct KeyTile {
-    int64_t b, hk, j0, cols;
+    int64_t b, hk, split, j0, cols;
     const AttentionParams* pb;
     bool few_rows;
     KvTile kv;
@@ -185,11 +207,22 @@ class BackwardWorker {
     keep_.resize(a_.c.dropout ? kBlockQ * kBlockK : 0);
   }
 
+  // Task (group, split): the group's (batch, kv head) units, in order, each over this split's
+  // key tiles.
   void run(int64_t task) {
     const AttentionParams& p = a_.p;
+    const int64_t group = task / f_.n_splits, split = task % f_.n_splits;
+    const int64_t groups_hk = f_.loop_kv_heads ? 1 : p.heads_kv;
+    const int64_t gb = group / groups_hk, ghk = group % groups_hk;
+    for (int64_t b = f_.loop_batch ? 0 : gb; b < (f_.loop_batch ? p.batch : gb + 1); ++b)
+      for (int64_t hk = f_.loop_kv_heads ? 0 : ghk; hk < (f_.loop_kv_heads ? p.heads_kv : ghk + 1); ++hk)
+        run_unit(b, hk, split);
+  }
+
+ private:
+  void run_unit(int64_t b, int64_t hk, int64_t split) {
+    const AttentionParams& p = a_.p;
     const int64_t Dk = p.dim_qk, Dv = p.dim_v, G = p.group_size(), n_splits = f_.n_splits;
-    const int64_t unit = task / n_splits, split = task % n_splits;
-    const int64_t b = unit / p.heads_kv, hk = unit % p.heads_kv;
     const AttentionParams pb = p.for_batch(b);
     acc_t* dq_acc = a_.dq_acc + split * a_.split_stride;
     if (f_.head_passes) {
@@ -211,6 +244,7 @@ class BackwardWorker {
         // backward's own samples at L = 1, S = 239).
         const KeyTile kt{b,
                          hk,
+                         split,
                          j0,
                          cols,
                          &pb,
@@ -241,7 +275,6 @@ class BackwardWorker {
     }
   }
 
- private:
   KvTile kv_tile(int64_t slot) {
     const int64_t Dk = a_.p.dim_qk, Dv = a_.p.dim_v;
     return {k_tiles_.data() + slot * kBlockK * Dk,
@@ -382,11 +415,38 @@ class BackwardWorker {
       } else {
         for (int64_t c = 0; c < cols; ++c) dr[c] = pr[c] * (dr[c] - d);
       }
+      // The mask and ALiBi are added after the cap: their gradient is dS before its slope.
+      if (a_.dmask != nullptr) add_mask_gradient(t, h, i0 + r, dr);
+      if (a_.dslopes != nullptr) add_slope_gradient(t, h, i0 + r, dr);
       if (a_.c.cap > acc_t(0)) {
         const acc_t* sl = slope_tile_.data() + r * kBlockK;
         for (int64_t c = 0; c < cols; ++c) dr[c] *= sl[c];
       }
     }
+  }
+
+  // Row i's dS over the key tile into the mask's gradient: one element per key, or their sum
+  // (a mask broadcast over the keys), summed over the rows / heads / batches it broadcasts along
+  // by the one task that owns them.
+  void add_mask_gradient(const KeyTile& t, int64_t h, int64_t i, const acc_t* ds) {
+    acc_t* g = a_.dmask + t.split * a_.dmask_part_stride + t.b * a_.dmask_sb + h * a_.dmask_sh + i * a_.dmask_si;
+    if (a_.dmask_sj == 0) {
+      acc_t sum = 0;
+      for (int64_t c = 0; c < t.cols; ++c) sum += ds[c];
+      g[0] += sum;
+    } else {
+      g += t.j0 * a_.dmask_sj;
+      for (int64_t c = 0; c < t.cols; ++c) g[c * a_.dmask_sj] += ds[c];
+    }
+  }
+
+  // d slope_(b, h) = -sum_ij dS_ij |i + o - j| (the bias is -slope |i + o - j|), into this
+  // split's copy.
+  void add_slope_gradient(const KeyTile& t, int64_t h, int64_t i, const acc_t* ds) {
+    const int64_t d0 = i + t.pb->align_offset - t.j0;  // i + o - j at the tile's first key
+    acc_t sum = 0;
+    for (int64_t c = 0; c < t.cols; ++c) sum += ds[c] * static_cast<acc_t>(std::abs(d0 - c));
+    a_.dslopes[(t.split * a_.p.batch + t.b) * a_.p.heads_q + h] -= sum;
   }
 
   // dK += dS^T Q and dQ += dS K (the scale applied when narrowed, or carried by the float Q).
@@ -435,7 +495,8 @@ class BackwardWorker {
 template <typename scalar_t>
 void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::Tensor& dout, const at::Tensor& q,
                      const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                     const at::Tensor& grad_lse, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
+                     const at::Tensor& grad_lse, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                     BiasGradients* bias) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t L = p.len_q, Dk = p.dim_qk;
   // Packed sequences (varlen): rows at their offsets, loops bounded by each sequence's lengths
@@ -448,26 +509,48 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
   // d lse_i / d s_ij = P_ij: a gradient g into lse adds P * g to dS = P * (dP - delta).
   if (grad_lse.defined()) delta.sub_(grad_lse);
 
-  const BackwardPlan plan = plan_backward(p, q.scalar_type(), sizeof(acc_t));
+  const bool want_mask = bias != nullptr && bias->mask.defined();
+  const bool want_slopes = bias != nullptr && bias->slopes.defined();
+  const BackwardPlan plan =
+      plan_backward(p, q.scalar_type(), sizeof(acc_t), want_mask ? bias->mask.sizes() : at::IntArrayRef());
   // dQ accumulates over key tiles in the accumulation type, then is narrowed once.
   at::Tensor dq_acc = at::zeros({plan.n_splits, p.batch * p.heads_q, L, Dk}, acc_options);
   const ScoreConstants<acc_t> c(p);
-  const BackwardArgs<scalar_t> args{{p, mask, plan, c},
-                                    do_rows,
-                                    q_rows_of<const scalar_t>(q, p),
-                                    kv_rows_of<const scalar_t>(k, p),
-                                    kv_rows_of<const scalar_t>(v, p),
-                                    dq_rows,
-                                    kv_rows_of<scalar_t>(dk, p),
-                                    kv_rows_of<scalar_t>(dv, p),
-                                    lse.data_ptr<acc_t>(),
-                                    delta.data_ptr<acc_t>(),
-                                    dq_acc.data_ptr<acc_t>(),
-                                    p.batch * p.heads_q * L * Dk,
-                                    plan.bf16 ? c.scale : acc_t(1),
-                                    c.keep_scale,
-                                    c.scale};
-  at::parallel_for(0, p.batch * p.heads_kv * plan.n_splits, 1, [&](int64_t begin, int64_t end) {
+  BackwardArgs<scalar_t> args{{p, mask, plan, c},
+                              do_rows,
+                              q_rows_of<const scalar_t>(q, p),
+                              kv_rows_of<const scalar_t>(k, p),
+                              kv_rows_of<const scalar_t>(v, p),
+                              dq_rows,
+                              kv_rows_of<scalar_t>(dk, p),
+                              kv_rows_of<scalar_t>(dv, p),
+                              lse.data_ptr<acc_t>(),
+                              delta.data_ptr<acc_t>(),
+                              dq_acc.data_ptr<acc_t>(),
+                              p.batch * p.heads_q * L * Dk,
+                              plan.bf16 ? c.scale : acc_t(1),
+                              c.keep_scale,
+                              c.scale};
+  // The bias gradients' accumulators, zeroed (dS is added where it is formed): the mask's in its
+  // own (B, H, L, S) shape, one part per split when the sum over its keys crosses splits; the
+  // slopes' as (n_splits, B, Hq).
+  at::Tensor dmask, dslopes;
+  if (want_mask) {
+    const auto m = bias->mask.sizes();
+    const int64_t parts = m[3] == 1 ? plan.n_splits : 1;
+    dmask = at::zeros({parts, m[0], m[1], m[2], m[3]}, acc_options);
+    args.dmask = dmask.data_ptr<acc_t>();
+    args.dmask_sb = m[0] == 1 ? 0 : dmask.stride(1);
+    args.dmask_sh = m[1] == 1 ? 0 : dmask.stride(2);
+    args.dmask_si = m[2] == 1 ? 0 : dmask.stride(3);
+    args.dmask_sj = m[3] == 1 ? 0 : 1;
+    args.dmask_part_stride = parts > 1 ? dmask.stride(0) : 0;
+  }
+  if (want_slopes) {
+    dslopes = at::zeros({plan.n_splits, p.batch, p.heads_q}, acc_options);
+    args.dslopes = dslopes.data_ptr<acc_t>();
+  }
+  at::parallel_for(0, plan.n_groups * plan.n_splits, 1, [&](int64_t begin, int64_t end) {
     BackwardWorker<scalar_t> worker(args);
     for (int64_t task = begin; task < end; ++task) worker.run(task);
     tiles_release(plan.tiles);
@@ -487,6 +570,21 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
       }
     });
   }
+  // The bias gradients' parts summed in split order (elementwise adds: deterministic), then in
+  // the shapes and dtypes of what they are the gradients of.
+  if (want_mask) {
+    for (int64_t s = 1; s < dmask.size(0); ++s) dmask[0].add_(dmask[s]);
+    bias->grad_mask = dmask[0].to(bias->mask.scalar_type());
+  }
+  if (want_slopes) {
+    for (int64_t s = 1; s < plan.n_splits; ++s) dslopes[0].add_(dslopes[s]);
+    at::Tensor g = dslopes[0];  // (B, Hq)
+    if (bias->slopes.dim() == 1) {
+      for (int64_t b = 1; b < p.batch; ++b) g[0].add_(g[b]);
+      g = g[0];
+    }
+    bias->grad_slopes = g.to(bias->slopes.scalar_type()).contiguous();
+  }
 }
 
 }  // namespace
@@ -494,27 +592,32 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
 void run_attention_backward_cpu(const AttentionParams& p, const MaskView& mask, const at::Tensor& grad_out,
                                 const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                                 const at::Tensor& lse, const at::Tensor& grad_lse, const at::Tensor& dq,
-                                const at::Tensor& dk, const at::Tensor& dv) {
+                                const at::Tensor& dk, const at::Tensor& dv, BiasGradients* bias) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_backward_cpu", [&] {
-    backward_kernel<scalar_t>(p, mask, grad_out, q, k, v, out, lse, grad_lse, dq, dk, dv);
+    backward_kernel<scalar_t>(p, mask, grad_out, q, k, v, out, lse, grad_lse, dq, dk, dv, bias);
   });
 }
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& rng_state, const std::optional<at::Tensor>& attn_mask, double dropout_p,
     double scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& grad_lse) {
-  BackwardCall call =
-      prepare_attention_backward(grad_out, q, k, v, out, lse, rng_state, attn_mask, dropout_p, scale, window_left,
-                                 window_right, bottom_right, softcap, alibi_slopes, grad_lse, DeviceLimits{});
-  if (call.nothing_to_run) return {call.dq, call.dk, call.dv};
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& grad_lse, bool grad_attn_mask,
+    bool grad_alibi_slopes) {
+  BackwardCall call = prepare_attention_backward(grad_out, q, k, v, out, lse, rng_state, attn_mask, dropout_p, scale,
+                                                 window_left, window_right, bottom_right, softcap, alibi_slopes,
+                                                 grad_lse, DeviceLimits{}, grad_attn_mask, grad_alibi_slopes);
+  const auto or_empty = [&](const at::Tensor& g) { return g.defined() ? g : no_bias_gradient(q); };
+  if (call.nothing_to_run) return {call.dq, call.dk, call.dv, or_empty(call.grad_mask), or_empty(call.grad_slopes)};
   set_dropout_seed(call.params, rng_state);
+  BiasGradients bias;
+  if (grad_attn_mask) bias.mask = *attn_mask;
+  if (grad_alibi_slopes) bias.slopes = *alibi_slopes;
   run_attention_backward_cpu(call.params, call.mask, grad_out, q, k, v, out, lse, call.grad_lse, call.dq, call.dk,
-                             call.dv);
-  return {call.dq, call.dk, call.dv};
+                             call.dv, &bias);
+  return {call.dq, call.dk, call.dv, or_empty(bias.grad_mask), or_empty(bias.grad_slopes)};
 }
 
 }  // namespace

@@ -13,12 +13,22 @@ namespace flash_attn_ext::cpu {
 void run_attention_forward_cpu(const AttentionParams& p, const MaskView& mask, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse);
 
+// The gradients of the additive biases a backward call asks for (attention_backward's
+// grad_attn_mask / grad_alibi_slopes): in, the float mask and the slopes they are taken of (or
+// undefined); out, grad_mask in the mask's shape and dtype, its size-1 dims summed over, and
+// grad_slopes in the slopes' shape (float32).
+struct BiasGradients {
+  at::Tensor mask, slopes;
+  at::Tensor grad_mask, grad_slopes;
+};
+
 // dq, dk, dv (preallocated like q, k, v) of the call p describes (attention_backward_cpu.cpp).
-// grad_lse: the gradient flowing into lse (checked), or an undefined tensor.
+// grad_lse: the gradient flowing into lse (checked), or an undefined tensor. bias: the bias
+// gradients asked for, or nullptr.
 void run_attention_backward_cpu(const AttentionParams& p, const MaskView& mask, const at::Tensor& grad_out,
                                 const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                                 const at::Tensor& lse, const at::Tensor& grad_lse, const at::Tensor& dq,
-                                const at::Tensor& dk, const at::Tensor& dv);
+                                const at::Tensor& dk, const at::Tensor& dv, BiasGradients* bias = nullptr);
 
 // Draws the dropout seed from PyTorch's default CPU generator and returns the op's rng_state
 // (int64 [seed, offset]) for the backward; without dropout an empty tensor (nothing drawn).

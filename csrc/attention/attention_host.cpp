@@ -243,8 +243,15 @@ BackwardCall prepare_attention_backward(const at::Tensor& grad_out, const at::Te
                                         double dropout_p, double scale, int64_t window_left, int64_t window_right,
                                         bool bottom_right, double softcap,
                                         const std::optional<at::Tensor>& alibi_slopes,
-                                        const std::optional<at::Tensor>& grad_lse, const DeviceLimits& limits) {
+                                        const std::optional<at::Tensor>& grad_lse, const DeviceLimits& limits,
+                                        bool grad_attn_mask, bool grad_alibi_slopes) {
   constexpr const char* kOp = "flash_attn_ext.attention_backward";
+  const bool has_mask = attn_mask.has_value() && attn_mask->defined();
+  TORCH_CHECK_VALUE(!grad_attn_mask || (has_mask && attn_mask->is_floating_point()), kOp,
+                    ": grad_attn_mask=True needs a floating-point attn_mask (a boolean mask has no gradient), got ",
+                    has_mask ? c10::toString(attn_mask->scalar_type()) : "none");
+  TORCH_CHECK_VALUE(!grad_alibi_slopes || (alibi_slopes.has_value() && alibi_slopes->defined()), kOp,
+                    ": grad_alibi_slopes=True needs alibi_slopes");
   check_attention_inputs(kOp, q, k, v, attn_mask, dropout_p, scale, window_left, window_right);
   check_softcap(kOp, softcap);
   check_attention_backward_inputs(grad_out, q, k, v, out, lse, rng_state, dropout_p);
@@ -269,7 +276,11 @@ BackwardCall prepare_attention_backward(const at::Tensor& grad_out, const at::Te
     call.dv.zero_();
     call.nothing_to_run = true;
   }
+  if (call.nothing_to_run && grad_attn_mask) call.grad_mask = at::zeros_like(*attn_mask, at::MemoryFormat::Contiguous);
+  if (call.nothing_to_run && grad_alibi_slopes) call.grad_slopes = at::zeros_like(*alibi_slopes);
   return call;
 }
+
+at::Tensor no_bias_gradient(const at::Tensor& q) { return at::empty({0}, q.options()); }
 
 }  // namespace flash_attn_ext

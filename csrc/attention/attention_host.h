@@ -92,11 +92,14 @@ ForwardCall prepare_attention_forward(const at::Tensor& q, const at::Tensor& k, 
 // The same for attention_backward: the forward's checks and the backward's (grad_out, out, lse
 // and rng_state shapes, dtypes and device), the params and the gradients dq, dk, dv,
 // uninitialised, or zeroed with nothing_to_run set when no query reads any key (the kernels are
-// then skipped); grad_lse checked (undefined when absent).
+// then skipped); grad_lse checked (undefined when absent). grad_attn_mask / grad_alibi_slopes
+// (the bias gradients asked for) need a floating-point mask / the slopes (ValueError naming
+// them otherwise); with nothing_to_run, grad_mask / grad_slopes are their zero gradients.
 struct BackwardCall {
   AttentionParams params;
   MaskView mask;
   at::Tensor dq, dk, dv, grad_lse;
+  at::Tensor grad_mask, grad_slopes;
   bool nothing_to_run = false;
 };
 BackwardCall prepare_attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
@@ -105,6 +108,10 @@ BackwardCall prepare_attention_backward(const at::Tensor& grad_out, const at::Te
                                         double dropout_p, double scale, int64_t window_left, int64_t window_right,
                                         bool bottom_right, double softcap,
                                         const std::optional<at::Tensor>& alibi_slopes,
-                                        const std::optional<at::Tensor>& grad_lse, const DeviceLimits& limits);
+                                        const std::optional<at::Tensor>& grad_lse, const DeviceLimits& limits,
+                                        bool grad_attn_mask = false, bool grad_alibi_slopes = false);
+
+// What attention_backward returns for a bias gradient not asked for: an empty (0,) tensor.
+at::Tensor no_bias_gradient(const at::Tensor& q);
 
 }  // namespace flash_attn_ext

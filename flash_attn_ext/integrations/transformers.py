@@ -131,15 +131,16 @@ def _bias_mask(impl: str, position_bias, mask, query, key, sliding_window=None):
     """T5's position_bias (broadcasting to (B, Hq, L, S)) and the model's 4-D mask (or None) as
     one additive float mask: the bias where the mask lets a key through, -inf where it does not.
     Kept in float32 for 16-bit queries (the kernels add a float32 mask as it is). The bias is
-    data here: one that requires grad is refused (the kernels do not compute its gradient)."""
+    differentiable: on CPU the kernels compute its gradient (T5's trainable relative-position
+    table trains through it); elsewhere one that requires grad is refused."""
     if not isinstance(position_bias, torch.Tensor):
         raise TypeError(f"attn_implementation={impl!r}: position_bias must be a tensor, got {_describe(position_bias)}")
     if sliding_window:
         raise TypeError(f"attn_implementation={impl!r}: position_bias with a sliding_window is not served")
-    if position_bias.requires_grad and torch.is_grad_enabled():
+    if position_bias.requires_grad and torch.is_grad_enabled() and query.device.type != "cpu":
         raise NotImplementedError(
             f"attn_implementation={impl!r}: position_bias requires grad (a trainable relative-position bias, "
-            f"as in T5), and its gradient is not served by these kernels yet; train with "
+            f"as in T5), and only the CPU kernels compute its gradient; train with "
             f"attn_implementation='sdpa' or 'eager', or run under torch.no_grad()"
         )
     dtype = query.dtype if query.dtype in (torch.float32, torch.float64) else torch.float32

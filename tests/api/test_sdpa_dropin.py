@@ -123,24 +123,37 @@ def test_errors_name_the_argument(device):
 
 
 def test_fallback_is_counted_and_logged(device, caplog):
-    q, k, v = make_qkv(1, 2, 2, 8, 8, 16, torch.float32, device)
-    mask = torch.randn(1, 2, 8, 8, device=device, requires_grad=True)  # mask gradient: not fused
+    q, _, _ = make_qkv(2, 2, 2, 8, 8, 16, torch.float32, device)
+    _, k, v = make_qkv(1, 2, 2, 8, 8, 16, torch.float32, device, requires_grad=True)
+    mask = torch.randn(1, 2, 8, 8, device=device)
     with caplog.at_level(logging.DEBUG, logger="flash_attn_ext"):
-        out = fae_sdpa(q, k, v, attn_mask=mask)
+        out = fae_sdpa(q, k, v, attn_mask=mask)  # K/V broadcast over the batch: not fused
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
-    assert flash_attn_ext.fallback_counts() == {"attn_mask requires grad": 1}
+    assert flash_attn_ext.fallback_counts() == {"batch dims differ (broadcasting)": 1}
     assert any("falling back" in r.message for r in caplog.records)
     out.sum().backward()
-    assert mask.grad is not None
+    assert k.grad is not None
 
 
 def test_fallback_honours_window(device):
-    q, k, v = make_qkv(1, 2, 2, 30, 30, 16, torch.float32, device)
-    mask = torch.randn(1, 2, 30, 30, device=device, requires_grad=True)
-    ours = fae_sdpa(q, k, v, attn_mask=mask, window_size=(4, 0))
-    expected = fae_sdpa(q, k, v, attn_mask=mask.detach(), window_size=(4, 0))
+    q, k, v = make_qkv(2, 2, 2, 30, 30, 16, torch.float32, device)
+    mask = torch.randn(1, 2, 30, 30, device=device)
+    ours = fae_sdpa(q, k[:1], v[:1], attn_mask=mask, window_size=(4, 0))
+    expected = fae_sdpa(q, k[:1].expand_as(k), v[:1].expand_as(v), attn_mask=mask, window_size=(4, 0))
     torch.testing.assert_close(ours, expected, atol=2e-5, rtol=2e-5)
-    assert flash_attn_ext.fallback_counts() == {"attn_mask requires grad": 1}
+    assert flash_attn_ext.fallback_counts() == {"batch dims differ (broadcasting)": 1}
+
+
+def test_mask_that_requires_grad(device):
+    """Served by the fused kernels on CPU (they compute its gradient), a fallback elsewhere."""
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 16, torch.float32, device)
+    mask = torch.randn(1, 2, 8, 8, device=device, requires_grad=True)
+    out = fae_sdpa(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=2e-5, rtol=2e-5)
+    expected = {} if device == "cpu" else {"attn_mask requires grad (its gradient: CPU kernels only)": 1}
+    assert flash_attn_ext.fallback_counts() == expected
+    out.sum().backward()
+    assert mask.grad is not None and mask.grad.abs().sum() > 0
 
 
 def test_layout_like_pytorch_flash(device):

@@ -263,13 +263,28 @@ def test_t5_generate_same_tokens_and_scores(cache):
         torch.testing.assert_close(x[finite], y[finite], rtol=1e-4, atol=1e-4)
 
 
-def test_t5_training_refuses_the_bias_gradient():
-    """The bias tables would get no gradient: training raises, naming position_bias."""
-    ours, _ = _t5_pair(NAME)
-    ours.train()
-    ids = torch.randint(1, 96, (2, 8))
-    with pytest.raises(NotImplementedError, match="position_bias requires grad"):
-        ours(input_ids=ids, decoder_input_ids=ids, labels=ids).loss.backward()
+def test_t5_training_gradients_match_eager():
+    """Training T5 on "fa_ext": the loss and every parameter's gradient, the relative-position
+    bias tables included (their gradient is the fused backward's mask gradient), match eager
+    attention, with padding in the encoder (dropout off: eval-mode dropout, train-mode loss)."""
+    ours, ref = _t5_pair(NAME)
+    ids = torch.randint(1, 96, (2, 11))
+    labels = torch.randint(1, 96, (2, 7))
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, 8:] = 0
+    losses = []
+    for model in (ours, ref):
+        losses.append(model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+        losses[-1].backward()
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+    tables = 0
+    for (name, p), (_, r) in zip(ours.named_parameters(), ref.named_parameters()):
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-3, atol=1e-5, msg=name)
+        if "relative_attention_bias" in name:
+            tables += 1
+            assert p.grad.abs().max() > 1e-4, name  # the tables do train
+    assert tables == 2  # the encoder's and the decoder's
 
 
 def test_t5_on_the_flash_path_is_refused():

@@ -33,10 +33,11 @@ def test_backward_checks_saved_tensors():
         OPS.attention_backward(out, q, k, v, out, lse[:, :2], rng, None, 0.0, 0.25, -1, -1, True)
 
 
-def test_mask_requiring_grad_is_refused_not_silently_ignored():
+def test_mask_requiring_grad_gets_its_gradient():
     mask = torch.zeros(1, 1, 8, 10, requires_grad=True)
-    with pytest.raises(ValueError, match="gradients with respect to attn_mask"):
-        flash_attn_ext.attention(q.requires_grad_(False), k, v, attn_mask=mask)
+    out = flash_attn_ext.attention(q.requires_grad_(False), k, v, attn_mask=mask)
+    out.square().sum().backward()
+    assert mask.grad is not None and mask.grad.abs().sum() > 0
 
 
 def test_mask_requiring_grad_is_fine_without_grad_mode():
