@@ -11,8 +11,10 @@ process, interleaved, as the ratio with / without (1.00 = free).
   same packed call on contiguous K/V;
 - trainable biases (issue 37): forward+backward with a (1, H, L, S) float attn_mask that
   requires grad against the same call with the mask detached, and ALiBi slopes that require
-  grad against fixed ones; the last column is then ours over PyTorch's SDPA on the same call
-  (which computes a mask gradient on its math path only, through the full L x S matrices).
+  grad against fixed ones, and T5's bucketed relative bias (its table trained, in the kernels)
+  against no bias; the last column is ours over PyTorch's SDPA on the same call for the mask
+  (which computes a mask gradient on its math path only, through the full L x S matrices), and
+  for T5's bias ours over the same bias passed as a (1, H, L, S) mask that requires grad.
 
     python benchmarks/bench_attention_args.py [--quick] [--only bias] [--csv out.csv]
 
@@ -103,7 +105,8 @@ def bias_rows(dtype, L, reps):
     def ours(**kw):
         def run():
             out = flash_attn_ext.attention(q, k, v, **kw)
-            leaves = [q, k, v] + [t for t in kw.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+            biases = [t.table if isinstance(t, flash_attn_ext.RelativeBias) else t for t in kw.values()]
+            leaves = [q, k, v] + [t for t in biases if isinstance(t, torch.Tensor) and t.requires_grad]
             torch.autograd.grad(out, leaves, g)
 
         return run
@@ -122,6 +125,13 @@ def bias_rows(dtype, L, reps):
     )
     row = dict(arg="alibi_slopes grad", case=f"forward+backward B=1 H=8/2 L=S={L} D=64 causal", dtype=str(dtype)[6:])
     row.update(with_s=t_with, without_s=t_without, ratio=t_with / t_without)
+    rows.append(row)
+    table = torch.randn(32, H, requires_grad=True)
+    t5 = flash_attn_ext.RelativeBias(table, 32, 128, True)
+    t_with, t_without = best_pair(ours(relative_bias=t5), ours(), reps)
+    t_mask, _ = best_pair(ours(attn_mask=bias), lambda: None, reps)  # the same shape of bias as a mask
+    row = dict(arg="T5 relative_bias grad", case=f"forward+backward B=1 H=8/2 L=S={L} D=64", dtype=str(dtype)[6:])
+    row.update(with_s=t_with, without_s=t_without, ratio=t_with / t_without, ours_over_eager=t_with / t_mask)
     rows.append(row)
     return rows
 

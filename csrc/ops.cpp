@@ -41,13 +41,16 @@ TORCH_LIBRARY(flash_attn_ext, m) {
   // (gpt-oss), a logit per query head that joins every row's softmax denominator and adds
   // nothing to the output; lse includes it (the backward needs nothing more: its gradient,
   // -sum_i exp(sink - lse_i) * (delta_i - grad_lse_i), is formed by the autograd kernel).
-  // Returns out (B, Hq, L, Dv), lse
+  // relative_bias ((Hq, L + S - 1), float32 or float64): a bias that depends on j - i only (T5's
+  // bucketed relative-position table gathered per distance): score (b, h, i, j) gains
+  // relative_bias[h, j - i + L - 1]; nothing of size L x S is formed (CPU kernels; the CUDA
+  // kernels refuse it). Returns out (B, Hq, L, Dv), lse
   // (B, Hq, L; float32, float64 for float64 inputs) and rng_state (int64 [seed, offset]
   // of the dropout mask, for the backward; empty, shape (0,), when dropout_p == 0).
   m.def(
       "attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
       "float dropout_p, float scale, int window_left, int window_right, bool bottom_right, "
-      "float softcap=0.0, Tensor? alibi_slopes=None, Tensor? sinks=None) "
+      "float softcap=0.0, Tensor? alibi_slopes=None, Tensor? sinks=None, Tensor? relative_bias=None) "
       "-> (Tensor out, Tensor lse, Tensor rng_state)");
   // Its gradient with respect to query, key and value. grad_lse (lse's shape and dtype): a
   // gradient flowing into lse as well, which adds P * grad_lse to dS (lse is differentiable, so
@@ -56,6 +59,8 @@ TORCH_LIBRARY(flash_attn_ext, m) {
   // mask is added after the cap) summed over the dims the mask broadcasts along (its size-1
   // dims), in the mask's shape and dtype. grad_alibi_slopes: also that of the slopes,
   // -sum_ij dS_ij |i + o - j| per (b, h), summed over the batch for (Hq,) slopes, float32.
+  // grad_relative_bias: also that of relative_bias, dS summed over the batch and over the (i, j)
+  // of each distance, in relative_bias's shape and dtype.
   // Each gradient element has one writer (no atomics): bitwise repeatable for a fixed thread
   // count. Not asked for, they are returned empty, shape (0,).
   m.def(
@@ -63,9 +68,9 @@ TORCH_LIBRARY(flash_attn_ext, m) {
       "Tensor lse, Tensor rng_state, Tensor? attn_mask, float dropout_p, float scale, "
       "int window_left, int window_right, bool bottom_right, float softcap=0.0, "
       "Tensor? alibi_slopes=None, Tensor? grad_lse=None, bool grad_attn_mask=False, "
-      "bool grad_alibi_slopes=False) "
+      "bool grad_alibi_slopes=False, Tensor? relative_bias=None, bool grad_relative_bias=False) "
       "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_attn_mask, "
-      "Tensor grad_alibi_slopes)");
+      "Tensor grad_alibi_slopes, Tensor grad_relative_bias)");
   // Packed variable-length sequences (flash-attn's varlen layout): query (total_q, Hq, D), key
   // (total_k, Hkv, D), value (total_k, Hkv, Dv); sequence b is rows [cu_seqlens_q[b],
   // cu_seqlens_q[b + 1]) of query and [cu_seqlens_k[b], cu_seqlens_k[b + 1]) of key/value

@@ -30,6 +30,7 @@ from .config import (
     warn_if_serial,
 )
 from .attention import attention, merge_attention_states
+from .relative_bias import RelativeBias, t5_relative_position_bucket
 from . import flash_attn_interface  # noqa: F401  (flash-attn's API)
 from . import rotary  # noqa: F401  (apply_rotary_emb, as flash-attn's layers.rotary)
 from .flash_attn_interface import (  # flash-attn exports these at its top level too
@@ -50,6 +51,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "KVCache",
+    "RelativeBias",
+    "t5_relative_position_bucket",
     "attention",
     "attention_with_kvcache",
     "check_kvcache_errors",

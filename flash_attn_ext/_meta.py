@@ -41,6 +41,7 @@ def _attention_forward_fake(
     softcap=0.0,
     alibi_slopes=None,
     sinks=None,
+    relative_bias=None,
 ):
     _same_device(
         "attention_forward",
@@ -50,6 +51,7 @@ def _attention_forward_fake(
         attn_mask=attn_mask,
         alibi_slopes=alibi_slopes,
         sinks=sinks,
+        relative_bias=relative_bias,
     )
     torch._check(query.dim() == 4, lambda: f"query must be 4-D, got {query.dim()}-D")
     torch._check(key.dim() == 4 and value.dim() == 4, lambda: "key and value must be 4-D")
@@ -85,6 +87,8 @@ def _attention_backward_fake(
     grad_lse=None,
     grad_attn_mask=False,
     grad_alibi_slopes=False,
+    relative_bias=None,
+    grad_relative_bias=False,
 ):
     _same_device(
         "attention_backward",
@@ -97,17 +101,29 @@ def _attention_backward_fake(
         attn_mask=attn_mask,
         alibi_slopes=alibi_slopes,
         grad_lse=grad_lse,
+        relative_bias=relative_bias,
     )
     torch._check(
         not grad_attn_mask or (attn_mask is not None and attn_mask.is_floating_point()),
         lambda: "grad_attn_mask=True needs a floating-point attn_mask",
     )
     torch._check(not grad_alibi_slopes or alibi_slopes is not None, lambda: "grad_alibi_slopes=True needs alibi_slopes")
+    torch._check(
+        not grad_relative_bias or relative_bias is not None, lambda: "grad_relative_bias=True needs relative_bias"
+    )
     # The bias gradients: contiguous, in the shapes and dtypes of the mask and the slopes; empty
     # (0,) when not asked for.
     grad_mask = attn_mask.new_empty(attn_mask.shape) if grad_attn_mask else query.new_empty((0,))
     grad_slopes = alibi_slopes.new_empty(alibi_slopes.shape) if grad_alibi_slopes else query.new_empty((0,))
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), grad_mask, grad_slopes
+    grad_relative = relative_bias.new_empty(relative_bias.shape) if grad_relative_bias else query.new_empty((0,))
+    return (
+        torch.empty_like(query),
+        torch.empty_like(key),
+        torch.empty_like(value),
+        grad_mask,
+        grad_slopes,
+        grad_relative,
+    )
 
 
 @torch.library.register_fake("flash_attn_ext::attention_varlen_forward")

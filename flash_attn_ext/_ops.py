@@ -81,6 +81,7 @@ def attention_forward(
     softcap: float = 0.0,
     alibi_slopes: Optional[torch.Tensor] = None,
     sinks: Optional[torch.Tensor] = None,
+    relative_bias: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     require_kernel(query.device.type)
     return _lib.attention_forward(
@@ -96,6 +97,7 @@ def attention_forward(
         softcap,
         alibi_slopes,
         sinks,
+        relative_bias,
     )
 
 

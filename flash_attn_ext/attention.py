@@ -7,6 +7,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from . import _ops
+from .relative_bias import RelativeBias
 
 Window = Tuple[int, int]
 _MAX_WINDOW = 2**63 - 1
@@ -50,6 +51,7 @@ def attention(
     softcap: float = 0.0,
     alibi_slopes: Optional[torch.Tensor] = None,
     sinks: Optional[torch.Tensor] = None,
+    relative_bias: Union[RelativeBias, torch.Tensor, None] = None,
     return_lse: bool = False,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Fused exact attention, layout (batch, heads, len, head_dim) like SDPA.
@@ -66,7 +68,11 @@ def attention(
     as flash-attn's alibi_slopes). sinks (float32, (Hq,)):
     learned attention sinks (gpt-oss): one logit per query head joins every row's softmax
     denominator and adds nothing to the output, out_i = sum_j e^(s_ij) v_j / (e^(sink) +
-    sum_j e^(s_ij)); the lse includes it, and sinks gets a gradient. Returns out (B, Hq, L, Dv)
+    sum_j e^(s_ij)); the lse includes it, and sinks gets a gradient. relative_bias: a bias that
+    depends on the distance j - i only, computed in the kernels (nothing of size L x S, forward
+    or backward; CPU kernels): a RelativeBias (T5's bucketed table, score (h, i, j) gains
+    table[bucket(j - (i + o)), h], the table trainable), or a (Hq, L + S - 1) float tensor whose
+    column j - i + L - 1 holds each head's bias. Returns out (B, Hq, L, Dv)
     and, with return_lse, the float32 log-sum-exp (B, Hq, L). Differentiable in query, key,
     value and sinks, and on CPU in a float attn_mask (its gradient summed over the dims it
     broadcasts along) and alibi_slopes (trainable biases: T5-style tables, pair biases, learned
@@ -84,6 +90,18 @@ def attention(
     )
     if alignment not in ("bottom_right", "top_left"):
         raise ValueError(f"alignment must be 'bottom_right' or 'top_left', got {alignment!r}")
+    if isinstance(relative_bias, RelativeBias):
+        L, S = query.shape[-2], key.shape[-2]
+        offset = S - L if alignment == "bottom_right" else 0
+        dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+        relative_bias = relative_bias.per_distance(L, S, offset, dtype)
+    elif relative_bias is not None and not isinstance(relative_bias, torch.Tensor):
+        raise TypeError(
+            f"flash_attn_ext.attention: relative_bias must be a RelativeBias or a torch.Tensor, got "
+            f"{type(relative_bias).__name__}"
+        )
+    if relative_bias is not None:
+        relative_bias = _contiguous_last_dim(relative_bias)
     left, right = normalize_window(window_size, causal)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] > 0 else 1.0
@@ -105,6 +123,7 @@ def attention(
         float(softcap),
         alibi_slopes,
         sinks,
+        relative_bias,
     )
     return (out, lse) if return_lse else out
 

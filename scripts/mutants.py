@@ -154,6 +154,7 @@ MUTANTS = [
         "csrc/attention/attention_backward_cpu.cpp",
         "      if (a_.dmask != nullptr) add_mask_gradient(t, h, i0 + r, dr);\n"
         "      if (a_.dslopes != nullptr) add_slope_gradient(t, h, i0 + r, dr);\n"
+        "      if (a_.drelative != nullptr) add_relative_gradient(t, h, i0 + r, dr);\n"
         "      if (a_.c.cap > acc_t(0)) {\n"
         "        const acc_t* sl = slope_tile_.data() + r * kBlockK;\n"
         "        for (int64_t c = 0; c < cols; ++c) dr[c] *= sl[c];\n"
@@ -163,9 +164,26 @@ MUTANTS = [
         "        for (int64_t c = 0; c < cols; ++c) dr[c] *= sl[c];\n"
         "      }\n"
         "      if (a_.dmask != nullptr) add_mask_gradient(t, h, i0 + r, dr);\n"
-        "      if (a_.dslopes != nullptr) add_slope_gradient(t, h, i0 + r, dr);\n",
+        "      if (a_.dslopes != nullptr) add_slope_gradient(t, h, i0 + r, dr);\n"
+        "      if (a_.drelative != nullptr) add_relative_gradient(t, h, i0 + r, dr);\n",
         ["tests/features/test_bias_gradients.py", "-k", "float32 and (matches_reference or alibi)"],
-        "the mask / ALiBi gradient taken after the softcap slope (the biases are added after the cap)",
+        "the bias gradients (mask, ALiBi, relative) taken after the softcap slope (the biases are added after the cap)",
+    ),
+    (
+        "relative_bucket_of_i_minus_j",
+        "flash_attn_ext/relative_bias.py",
+        "distance = torch.arange(len_q + len_k - 1, device=self.table.device) - (len_q - 1) - offset",
+        "distance = (len_q - 1) + offset - torch.arange(len_q + len_k - 1, device=self.table.device)",
+        ["tests/features/test_bias_gradients.py", "-k", "float32 and relative_bias_matches"],
+        "T5's bucket taken of i - j instead of j - i (encoder and decoder directions swapped)",
+    ),
+    (
+        "relative_grad_one_distance_late",
+        "csrc/attention/attention_backward_cpu.cpp",
+        "for (int64_t c = 0; c < t.cols; ++c) g[c] += ds[c];\n  }\n\n  // dK += dS^T Q",
+        "for (int64_t c = 0; c < t.cols; ++c) g[c + (c + 1 < t.cols)] += ds[c];\n  }\n\n  // dK += dS^T Q",
+        ["tests/features/test_bias_gradients.py", "-k", "float32 and relative_bias_matches"],
+        "the relative bias's gradient accumulated one distance off (an off-by-one in j - i + L - 1)",
     ),
     (
         "mask_key_sum_overwritten",
@@ -194,10 +212,18 @@ MUTANTS = [
     (
         "t5_bias_dropped",
         "flash_attn_ext/integrations/transformers.py",
-        "    if position_bias is not None:\n        mask = _bias_mask(NAME,",
-        "    if False:\n        mask = _bias_mask(NAME,",
+        "    relative = _t5_bias.lookup(position_bias)\n",
+        "    relative, position_bias = None, None\n",
         ["tests/api/test_transformers_integration.py", "-k", "t5"],
         "the transformers integration swallows T5's position_bias again (issue 36's silent wrong answer)",
+    ),
+    (
+        "t5_decode_offset_dropped",
+        "flash_attn_ext/integrations/_t5_bias.py",
+        "_REGISTERED[placeholder] = (bias, int(past_seen_tokens))",
+        "_REGISTERED[placeholder] = (bias, 0)",
+        ["tests/api/test_transformers_integration.py", "-k", "t5"],
+        "T5's in-kernel bias puts a decoding step's query at position 0 instead of after the cached tokens",
     ),
     (
         "maskless_bottom_right",

@@ -21,7 +21,7 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 using Tensors3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-using Tensors5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Tensors6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using OptTensor = std::optional<at::Tensor>;
 using T = const at::Tensor&;
 
@@ -29,11 +29,12 @@ using T = const at::Tensor&;
 // dispatcher calls and the autograd kernels below.
 using ForwardSig = Tensors3(T q, T k, T v, const OptTensor& attn_mask, double dropout_p, double scale,
                             int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-                            const OptTensor& alibi_slopes, const OptTensor& sinks);
-using BackwardSig = Tensors5(T grad_out, T q, T k, T v, T out, T lse, T rng_state, const OptTensor& attn_mask,
+                            const OptTensor& alibi_slopes, const OptTensor& sinks, const OptTensor& relative_bias);
+using BackwardSig = Tensors6(T grad_out, T q, T k, T v, T out, T lse, T rng_state, const OptTensor& attn_mask,
                              double dropout_p, double scale, int64_t window_left, int64_t window_right,
                              bool bottom_right, double softcap, const OptTensor& alibi_slopes,
-                             const OptTensor& grad_lse, bool grad_attn_mask, bool grad_alibi_slopes);
+                             const OptTensor& grad_lse, bool grad_attn_mask, bool grad_alibi_slopes,
+                             const OptTensor& relative_bias, bool grad_relative_bias);
 using VarlenForwardSig = Tensors3(T q, T k, T v, T cu_q, T cu_k, int64_t max_q, int64_t max_k, double dropout_p,
                                   double scale, int64_t window_left, int64_t window_right, bool bottom_right,
                                   double softcap, const OptTensor& alibi_slopes, const OptTensor& sinks);
@@ -132,12 +133,15 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
                                int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-                               const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks) {
+                               const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks,
+                               const std::optional<at::Tensor>& relative_bias) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, lse, rng_state] = call_op<ForwardSig, kForwardOp>(
-        q, k, v, attn_mask, dropout_p, scale, window_left, window_right, bottom_right, softcap, alibi_slopes, sinks);
+    auto [out, lse, rng_state] =
+        call_op<ForwardSig, kForwardOp>(q, k, v, attn_mask, dropout_p, scale, window_left, window_right, bottom_right,
+                                        softcap, alibi_slopes, sinks, relative_bias);
     ctx->save_for_backward({q, k, v, out, lse, rng_state, attn_mask.value_or(at::Tensor()),
-                            alibi_slopes.value_or(at::Tensor()), sinks.value_or(at::Tensor())});
+                            alibi_slopes.value_or(at::Tensor()), sinks.value_or(at::Tensor()),
+                            relative_bias.value_or(at::Tensor())});
     return outputs_of_forward(ctx, {dropout_p, scale, window_left, window_right, bottom_right, softcap}, out, lse,
                               rng_state);
   }
@@ -146,21 +150,24 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     const auto saved = ctx->get_saved_variables();
     at::Tensor grad_out;
     OptTensor grad_lse;
-    if (!incoming_gradients(grads, saved[3], &grad_out, &grad_lse)) return variable_list(12);
+    if (!incoming_gradients(grads, saved[3], &grad_out, &grad_lse)) return variable_list(13);
     const Options o = Options::load(ctx);
-    // needs_input_grad counts the defined tensor arguments only: q, k, v, then the mask and
-    // the slopes when given, then the sinks.
+    // needs_input_grad counts the defined tensor arguments only: q, k, v, then the mask, the
+    // slopes, the sinks and the relative bias, each when given.
     const size_t slopes_edge = 3 + saved[6].defined(), sinks_edge = slopes_edge + saved[7].defined();
+    const size_t relative_edge = sinks_edge + saved[8].defined();
     const bool grad_mask = saved[6].defined() && ctx->needs_input_grad(3);
     const bool grad_slopes = saved[7].defined() && ctx->needs_input_grad(slopes_edge);
-    auto [dq, dk, dv, dmask, dslopes] = call_op<BackwardSig, kBackwardOp>(
+    const bool grad_relative = saved[9].defined() && ctx->needs_input_grad(relative_edge);
+    auto [dq, dk, dv, dmask, dslopes, drelative] = call_op<BackwardSig, kBackwardOp>(
         grad_out, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], optional_of(saved[6]), o.dropout_p,
         o.scale, o.window_left, o.window_right, o.bottom_right, o.softcap, optional_of(saved[7]), grad_lse, grad_mask,
-        grad_slopes);
-    variable_list result(12);  // nothing for the non-tensor arguments
+        grad_slopes, optional_of(saved[9]), grad_relative);
+    variable_list result(13);  // nothing for the non-tensor arguments
     result[0] = dq, result[1] = dk, result[2] = dv;
     if (grad_mask) result[3] = dmask;
     if (grad_slopes) result[10] = dslopes;
+    if (grad_relative) result[12] = drelative;
     if (saved[8].defined() && ctx->needs_input_grad(sinks_edge))
       result[11] = sink_gradient(saved[8], saved[4], saved[3], grad_out, grad_lse, 1);
     return result;
@@ -224,7 +231,7 @@ class BackwardFunction : public torch::autograd::Function<BackwardFunction<Sig, 
   }
 };
 
-// A Function's apply as the autograd kernel of an op of signature Sig (its three or five outputs).
+// A Function's apply as the autograd kernel of an op of signature Sig (its three or six outputs).
 template <typename Function, typename Sig>
 struct AutogradKernel;
 template <typename Function, typename... Args>
@@ -235,10 +242,10 @@ struct AutogradKernel<Function, Tensors3(Args...)> {
   }
 };
 template <typename Function, typename... Args>
-struct AutogradKernel<Function, Tensors5(Args...)> {
-  static Tensors5 call(Args... args) {
+struct AutogradKernel<Function, Tensors6(Args...)> {
+  static Tensors6 call(Args... args) {
     auto r = Function::apply(args...);
-    return {r[0], r[1], r[2], r[3], r[4]};
+    return {r[0], r[1], r[2], r[3], r[4], r[5]};
   }
 };
 
@@ -266,10 +273,11 @@ void check_bias_gradients(const char* op, const at::Tensor& q, const OptTensor& 
 
 Tensors3 attention_forward_autograd(T q, T k, T v, const OptTensor& attn_mask, double dropout_p, double scale,
                                     int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-                                    const OptTensor& alibi_slopes, const OptTensor& sinks) {
+                                    const OptTensor& alibi_slopes, const OptTensor& sinks,
+                                    const OptTensor& relative_bias) {
   check_bias_gradients(kForwardOp, q, attn_mask, alibi_slopes);
   auto r = AttentionFunction::apply(q, k, v, attn_mask, dropout_p, scale, window_left, window_right, bottom_right,
-                                    softcap, alibi_slopes, sinks);
+                                    softcap, alibi_slopes, sinks, relative_bias);
   return {r[0], r[1], r[2]};
 }
 

@@ -9,11 +9,12 @@
 // once; dQ goes to an accumulator owned by the task's split. No two threads write the same
 // memory: no atomics, and the result is bitwise repeatable for a fixed thread count.
 //
-// Bias gradients (grad_attn_mask / grad_alibi_slopes) are dS itself, taken before the softcap
-// slope, summed into the mask's shape as dS is formed. They keep the one-writer rule: units whose
-// dS sum into the same mask gradient (a mask broadcast over the batch or the heads) are one
-// task's, run in a fixed order; a mask broadcast over the keys, whose rows sum over key tiles of
-// several splits, and the slopes get a copy per split, summed in split order at the end.
+// Bias gradients (grad_attn_mask / grad_alibi_slopes / grad_relative_bias) are dS itself, taken
+// before the softcap slope, summed into the bias's shape as dS is formed. They keep the
+// one-writer rule: units whose dS sum into the same mask gradient (a mask broadcast over the
+// batch or the heads) are one task's, run in a fixed order; a mask broadcast over the keys, whose
+// rows sum over key tiles of several splits, the slopes and the relative bias (per batch entry and
+// head: O(B Hq (L + S))) get a copy per split, summed in split order at the end.
 //
 // Reading order: compute_delta, plan_backward (what a call decides once), BackwardWorker::run
 // (one task's loops) and query_tile (one query tile against one key tile, one method per
@@ -158,6 +159,8 @@ struct BackwardArgs : CallArgs<at::opmath_type<scalar_t>, BackwardPlan> {
   int64_t dmask_sb = 0, dmask_sh = 0, dmask_si = 0, dmask_sj = 0, dmask_part_stride = 0;
   // The slopes' gradient (nullptr: not asked): (n_splits, B, Hq), one part per split.
   acc_t* dslopes = nullptr;
+  // The relative bias's gradient (nullptr: not asked): (n_splits, B, Hq, L + S - 1).
+  acc_t* drelative = nullptr;
 };
 
 // One thread's share of the backward: its tile buffers and the steps of one task, which walks
@@ -418,6 +421,7 @@ class BackwardWorker {
       // The mask and ALiBi are added after the cap: their gradient is dS before its slope.
       if (a_.dmask != nullptr) add_mask_gradient(t, h, i0 + r, dr);
       if (a_.dslopes != nullptr) add_slope_gradient(t, h, i0 + r, dr);
+      if (a_.drelative != nullptr) add_relative_gradient(t, h, i0 + r, dr);
       if (a_.c.cap > acc_t(0)) {
         const acc_t* sl = slope_tile_.data() + r * kBlockK;
         for (int64_t c = 0; c < cols; ++c) dr[c] *= sl[c];
@@ -447,6 +451,15 @@ class BackwardWorker {
     acc_t sum = 0;
     for (int64_t c = 0; c < t.cols; ++c) sum += ds[c] * static_cast<acc_t>(std::abs(d0 - c));
     a_.dslopes[(t.split * a_.p.batch + t.b) * a_.p.heads_q + h] -= sum;
+  }
+
+  // Row i's dS at distances j - i of the key tile into this split's copy of (b, h)'s relative
+  // bias gradient (contiguous: one distance per key).
+  void add_relative_gradient(const KeyTile& t, int64_t h, int64_t i, const acc_t* ds) {
+    const AttentionParams& p = a_.p;
+    const int64_t distances = p.len_q + p.len_k - 1;
+    acc_t* g = a_.drelative + ((t.split * p.batch + t.b) * p.heads_q + h) * distances + t.j0 - i + p.len_q - 1;
+    for (int64_t c = 0; c < t.cols; ++c) g[c] += ds[c];
   }
 
   // dK += dS^T Q and dQ += dS K (the scale applied when narrowed, or carried by the float Q).
@@ -511,6 +524,7 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
 
   const bool want_mask = bias != nullptr && bias->mask.defined();
   const bool want_slopes = bias != nullptr && bias->slopes.defined();
+  const bool want_relative = bias != nullptr && bias->relative.defined();
   const BackwardPlan plan =
       plan_backward(p, q.scalar_type(), sizeof(acc_t), want_mask ? bias->mask.sizes() : at::IntArrayRef());
   // dQ accumulates over key tiles in the accumulation type, then is narrowed once.
@@ -550,6 +564,11 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
     dslopes = at::zeros({plan.n_splits, p.batch, p.heads_q}, acc_options);
     args.dslopes = dslopes.data_ptr<acc_t>();
   }
+  at::Tensor drelative;
+  if (want_relative) {
+    drelative = at::zeros({plan.n_splits * p.batch, p.heads_q, p.len_q + p.len_k - 1}, acc_options);
+    args.drelative = drelative.data_ptr<acc_t>();
+  }
   at::parallel_for(0, plan.n_groups * plan.n_splits, 1, [&](int64_t begin, int64_t end) {
     BackwardWorker<scalar_t> worker(args);
     for (int64_t task = begin; task < end; ++task) worker.run(task);
@@ -585,6 +604,10 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
     }
     bias->grad_slopes = g.to(bias->slopes.scalar_type()).contiguous();
   }
+  if (want_relative) {  // the (split, batch) copies, in order
+    for (int64_t s = 1; s < drelative.size(0); ++s) drelative[0].add_(drelative[s]);
+    bias->grad_relative = drelative[0].to(bias->relative.scalar_type());
+  }
 }
 
 }  // namespace
@@ -600,24 +623,33 @@ void run_attention_backward_cpu(const AttentionParams& p, const MaskView& mask, 
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& rng_state, const std::optional<at::Tensor>& attn_mask, double dropout_p,
     double scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& grad_lse, bool grad_attn_mask,
-    bool grad_alibi_slopes) {
-  BackwardCall call = prepare_attention_backward(grad_out, q, k, v, out, lse, rng_state, attn_mask, dropout_p, scale,
-                                                 window_left, window_right, bottom_right, softcap, alibi_slopes,
-                                                 grad_lse, DeviceLimits{}, grad_attn_mask, grad_alibi_slopes);
+    bool grad_alibi_slopes, const std::optional<at::Tensor>& relative_bias, bool grad_relative_bias) {
+  BackwardCall call =
+      prepare_attention_backward(grad_out, q, k, v, out, lse, rng_state, attn_mask, dropout_p, scale, window_left,
+                                 window_right, bottom_right, softcap, alibi_slopes, grad_lse, DeviceLimits{},
+                                 grad_attn_mask, grad_alibi_slopes, relative_bias, grad_relative_bias);
   const auto or_empty = [&](const at::Tensor& g) { return g.defined() ? g : no_bias_gradient(q); };
-  if (call.nothing_to_run) return {call.dq, call.dk, call.dv, or_empty(call.grad_mask), or_empty(call.grad_slopes)};
+  if (call.nothing_to_run)
+    return {call.dq,
+            call.dk,
+            call.dv,
+            or_empty(call.grad_mask),
+            or_empty(call.grad_slopes),
+            or_empty(call.grad_relative_bias)};
   set_dropout_seed(call.params, rng_state);
   BiasGradients bias;
   if (grad_attn_mask) bias.mask = *attn_mask;
   if (grad_alibi_slopes) bias.slopes = *alibi_slopes;
+  if (grad_relative_bias) bias.relative = *relative_bias;
   run_attention_backward_cpu(call.params, call.mask, grad_out, q, k, v, out, lse, call.grad_lse, call.dq, call.dk,
                              call.dv, &bias);
-  return {call.dq, call.dk, call.dv, or_empty(bias.grad_mask), or_empty(bias.grad_slopes)};
+  return {
+      call.dq, call.dk, call.dv, or_empty(bias.grad_mask), or_empty(bias.grad_slopes), or_empty(bias.grad_relative)};
 }
 
 }  // namespace

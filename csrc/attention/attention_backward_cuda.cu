@@ -61,27 +61,29 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& rng_state, const std::optional<at::Tensor>& attn_mask, double dropout_p,
     double scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& grad_lse, bool grad_attn_mask,
-    bool grad_alibi_slopes) {
-  const BackwardCall call = prepare_attention_backward(
-      grad_out, q, k, v, out, lse, rng_state, attn_mask, dropout_p, scale, window_left, window_right, bottom_right,
-      softcap, alibi_slopes, grad_lse, cuda_limits(), grad_attn_mask, grad_alibi_slopes);
-  // The bias gradients are CPU-only so far: refused before anything runs (the Python layer
-  // refuses a mask or slopes that require grad on CUDA at the forward already).
-  TORCH_CHECK_NOT_IMPLEMENTED(!grad_attn_mask && !grad_alibi_slopes,
+    bool grad_alibi_slopes, const std::optional<at::Tensor>& relative_bias, bool grad_relative_bias) {
+  const BackwardCall call =
+      prepare_attention_backward(grad_out, q, k, v, out, lse, rng_state, attn_mask, dropout_p, scale, window_left,
+                                 window_right, bottom_right, softcap, alibi_slopes, grad_lse, cuda_limits(),
+                                 grad_attn_mask, grad_alibi_slopes, relative_bias, grad_relative_bias);
+  // The bias gradients and the relative bias are CPU-only so far: refused before anything runs
+  // (the CUDA forward refuses the relative bias, and the Python layer a mask or slopes that
+  // require grad on CUDA, already).
+  TORCH_CHECK_NOT_IMPLEMENTED(!grad_attn_mask && !grad_alibi_slopes && call.params.relative_bias == nullptr,
                               "flash_attn_ext.attention_backward: grad_attn_mask / grad_alibi_slopes are served by the "
                               "CPU kernels only; the CUDA kernels do not compute bias gradients yet");
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor none = no_bias_gradient(q);
-  if (call.nothing_to_run) return {call.dq, call.dk, call.dv, none, none};
+  if (call.nothing_to_run) return {call.dq, call.dk, call.dv, none, none, none};
   const at::Tensor rng = rng_state.to(q.device(), at::kLong).contiguous();
   run_attention_backward_cuda(call.params, call.mask, grad_out, q, k, v, out, lse, call.grad_lse,
                               dropout_p > 0.0 ? rng.data_ptr<int64_t>() : nullptr, call.dq, call.dk, call.dv);
-  return {call.dq, call.dk, call.dv, none, none};
+  return {call.dq, call.dk, call.dv, none, none, none};
 }
 
 }  // namespace

@@ -227,6 +227,19 @@ inline void mask_tile(acc_t* s, int64_t ld, int64_t rows, int64_t cols, int64_t 
       for (int64_t c = 0; c < cols; ++c) sr[c] -= slope * static_cast<acc_t>(center > c ? center - c : c - center);
     }
   }
+  if (p.relative_bias != nullptr) {  // bias[h, j - i + L - 1]: contiguous along a row's keys
+    const int64_t origin = h * p.relative_bias_stride + j0 - i0 + p.len_q - 1;
+    for (int64_t r = 0; r < rows; ++r) {
+      acc_t* sr = s + r * ld;
+      if (p.relative_bias_f64) {
+        const double* br = static_cast<const double*>(p.relative_bias) + origin - r;
+        for (int64_t c = 0; c < cols; ++c) sr[c] += static_cast<acc_t>(br[c]);
+      } else {
+        const float* br = static_cast<const float*>(p.relative_bias) + origin - r;
+        for (int64_t c = 0; c < cols; ++c) sr[c] += static_cast<acc_t>(br[c]);
+      }
+    }
+  }
   if (mask.kind == MaskKind::kNone) return;
   const int64_t base = b * mask.stride_b + h * mask.stride_h + i0 * mask.stride_i + j0 * mask.stride_j;
   switch (mask.kind) {

@@ -241,6 +241,8 @@ bool run_attention_decode_cpu(const AttentionParams& p, const MaskView& mask, co
   static_assert(kMaxDecodeRows == 8, "the 'too many query rows' reason names it");
   if (mask.kind != MaskKind::kNone)
     why = "attn_mask";
+  else if (p.relative_bias != nullptr)
+    why = "relative_bias";
   else if (p.dropout_p > 0.0)
     why = "dropout";
   else if (p.varlen())

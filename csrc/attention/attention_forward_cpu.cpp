@@ -451,9 +451,11 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
     double dropout_p, double scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks) {
-  ForwardCall call = prepare_attention_forward(q, k, v, attn_mask, dropout_p, scale, window_left, window_right,
-                                               bottom_right, softcap, alibi_slopes, sinks, DeviceLimits{});
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks,
+    const std::optional<at::Tensor>& relative_bias) {
+  ForwardCall call =
+      prepare_attention_forward(q, k, v, attn_mask, dropout_p, scale, window_left, window_right, bottom_right, softcap,
+                                alibi_slopes, sinks, DeviceLimits{}, relative_bias);
   at::Tensor rng_state = draw_rng_state(dropout_p, q.options());
   set_dropout_seed(call.params, rng_state);
   run_attention_forward_cpu(call.params, call.mask, q, k, v, call.out, call.lse);

@@ -14,12 +14,13 @@ void run_attention_forward_cpu(const AttentionParams& p, const MaskView& mask, c
                                const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse);
 
 // The gradients of the additive biases a backward call asks for (attention_backward's
-// grad_attn_mask / grad_alibi_slopes): in, the float mask and the slopes they are taken of (or
-// undefined); out, grad_mask in the mask's shape and dtype, its size-1 dims summed over, and
-// grad_slopes in the slopes' shape (float32).
+// grad_attn_mask / grad_alibi_slopes / grad_relative_bias): in, the float mask, the slopes and
+// the relative bias they are taken of (or undefined); out, grad_mask in the mask's shape and
+// dtype, its size-1 dims summed over, grad_slopes in the slopes' shape (float32) and
+// grad_relative in the relative bias's shape and dtype.
 struct BiasGradients {
-  at::Tensor mask, slopes;
-  at::Tensor grad_mask, grad_slopes;
+  at::Tensor mask, slopes, relative;
+  at::Tensor grad_mask, grad_slopes, grad_relative;
 };
 
 // dq, dk, dv (preallocated like q, k, v) of the call p describes (attention_backward_cpu.cpp).

@@ -51,9 +51,14 @@ __global__ void unpack_rng_state_kernel(at::PhiloxCudaState philox, int64_t* rng
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& attn_mask,
     double dropout_p, double scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks) {
-  const ForwardCall call = prepare_attention_forward(q, k, v, attn_mask, dropout_p, scale, window_left, window_right,
-                                                     bottom_right, softcap, alibi_slopes, sinks, cuda_limits());
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks,
+    const std::optional<at::Tensor>& relative_bias) {
+  const ForwardCall call =
+      prepare_attention_forward(q, k, v, attn_mask, dropout_p, scale, window_left, window_right, bottom_right, softcap,
+                                alibi_slopes, sinks, cuda_limits(), relative_bias);
+  TORCH_CHECK_NOT_IMPLEMENTED(call.params.relative_bias == nullptr,
+                              "flash_attn_ext.attention_forward: relative_bias is served by the CPU kernels only; "
+                              "on CUDA add it to attn_mask instead");
   const c10::cuda::CUDAGuard guard(q.device());
   const AttentionParams& p = call.params;
   at::Tensor rng_state = draw_rng_state_cuda(dropout_p, q);

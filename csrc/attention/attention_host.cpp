@@ -132,6 +132,24 @@ void set_alibi_slopes(const char* op, AttentionParams& p, const std::optional<at
   p.alibi_batch_stride = per_batch && a.size(0) > 1 ? a.stride(0) : 0;
 }
 
+void set_relative_bias(const char* op, AttentionParams& p, const std::optional<at::Tensor>& relative_bias,
+                       const at::Device& device) {
+  if (!relative_bias.has_value() || !relative_bias->defined()) return;
+  const at::Tensor& t = *relative_bias;
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op,
+                   ": relative_bias must be float32 (or float64), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == device, op, ": relative_bias must be on ", device, ", got ", t.device());
+  const int64_t distances = p.len_q + p.len_k - 1;
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == p.heads_q && t.size(1) == std::max<int64_t>(distances, 0), op,
+                    ": relative_bias must have shape (", p.heads_q, ", ", std::max<int64_t>(distances, 0),
+                    ") (query heads, len_q + len_k - 1 distances j - i), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.size(1) <= 1 || t.stride(1) == 1, op,
+                    ": relative_bias must have a contiguous last dimension, got stride ", t.stride(1));
+  p.relative_bias = t.data_ptr();
+  p.relative_bias_f64 = t.scalar_type() == at::kDouble;
+  p.relative_bias_stride = t.stride(0);
+}
+
 void set_sinks(const char* op, AttentionParams& p, const std::optional<at::Tensor>& sinks, const at::Device& device) {
   if (!sinks.has_value() || !sinks->defined()) return;
   const at::Tensor& s = *sinks;
@@ -221,7 +239,8 @@ ForwardCall prepare_attention_forward(const at::Tensor& q, const at::Tensor& k, 
                                       const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
                                       int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
                                       const std::optional<at::Tensor>& alibi_slopes,
-                                      const std::optional<at::Tensor>& sinks, const DeviceLimits& limits) {
+                                      const std::optional<at::Tensor>& sinks, const DeviceLimits& limits,
+                                      const std::optional<at::Tensor>& relative_bias) {
   constexpr const char* kOp = "flash_attn_ext.attention_forward";
   check_attention_inputs(kOp, q, k, v, attn_mask, dropout_p, scale, window_left, window_right);
   check_softcap(kOp, softcap);
@@ -230,6 +249,7 @@ ForwardCall prepare_attention_forward(const at::Tensor& q, const at::Tensor& k, 
   call.params = make_attention_params(q, k, v, dropout_p, scale, window_left, window_right, bottom_right, softcap);
   set_alibi_slopes(kOp, call.params, alibi_slopes, q.device());
   set_sinks(kOp, call.params, sinks, q.device());
+  set_relative_bias(kOp, call.params, relative_bias, q.device());
   call.mask = make_mask_view(attn_mask);
   const AttentionParams& p = call.params;
   call.out = empty_attention_output(q, p.dim_v);
@@ -244,7 +264,8 @@ BackwardCall prepare_attention_backward(const at::Tensor& grad_out, const at::Te
                                         bool bottom_right, double softcap,
                                         const std::optional<at::Tensor>& alibi_slopes,
                                         const std::optional<at::Tensor>& grad_lse, const DeviceLimits& limits,
-                                        bool grad_attn_mask, bool grad_alibi_slopes) {
+                                        bool grad_attn_mask, bool grad_alibi_slopes,
+                                        const std::optional<at::Tensor>& relative_bias, bool grad_relative_bias) {
   constexpr const char* kOp = "flash_attn_ext.attention_backward";
   const bool has_mask = attn_mask.has_value() && attn_mask->defined();
   TORCH_CHECK_VALUE(!grad_attn_mask || (has_mask && attn_mask->is_floating_point()), kOp,
@@ -252,6 +273,8 @@ BackwardCall prepare_attention_backward(const at::Tensor& grad_out, const at::Te
                     has_mask ? c10::toString(attn_mask->scalar_type()) : "none");
   TORCH_CHECK_VALUE(!grad_alibi_slopes || (alibi_slopes.has_value() && alibi_slopes->defined()), kOp,
                     ": grad_alibi_slopes=True needs alibi_slopes");
+  TORCH_CHECK_VALUE(!grad_relative_bias || (relative_bias.has_value() && relative_bias->defined()), kOp,
+                    ": grad_relative_bias=True needs relative_bias");
   check_attention_inputs(kOp, q, k, v, attn_mask, dropout_p, scale, window_left, window_right);
   check_softcap(kOp, softcap);
   check_attention_backward_inputs(grad_out, q, k, v, out, lse, rng_state, dropout_p);
@@ -262,6 +285,7 @@ BackwardCall prepare_attention_backward(const at::Tensor& grad_out, const at::Te
   BackwardCall call;
   call.params = make_attention_params(q, k, v, dropout_p, scale, window_left, window_right, bottom_right, softcap);
   set_alibi_slopes(kOp, call.params, alibi_slopes, q.device());
+  set_relative_bias(kOp, call.params, relative_bias, q.device());
   call.mask = make_mask_view(attn_mask);
   call.grad_lse = checked_grad_lse(kOp, grad_lse, lse);
   call.dq = at::empty_like(q);
@@ -278,6 +302,8 @@ BackwardCall prepare_attention_backward(const at::Tensor& grad_out, const at::Te
   }
   if (call.nothing_to_run && grad_attn_mask) call.grad_mask = at::zeros_like(*attn_mask, at::MemoryFormat::Contiguous);
   if (call.nothing_to_run && grad_alibi_slopes) call.grad_slopes = at::zeros_like(*alibi_slopes);
+  if (call.nothing_to_run && grad_relative_bias)
+    call.grad_relative_bias = at::zeros_like(*relative_bias, at::MemoryFormat::Contiguous);
   return call;
 }
 

@@ -42,6 +42,11 @@ void check_softcap(const char* op, double softcap);
 void set_alibi_slopes(const char* op, AttentionParams& p, const std::optional<at::Tensor>& alibi_slopes,
                       const at::Device& device);
 
+// relative_bias, when given: (heads_q, len_q + len_k - 1) float32 or float64 on `device`, last
+// dim contiguous (ValueError / TypeError naming relative_bias otherwise). Sets p.relative_bias.
+void set_relative_bias(const char* op, AttentionParams& p, const std::optional<at::Tensor>& relative_bias,
+                       const at::Device& device);
+
 // sinks, when given: (heads_q,) float32 or float64 on `device`, contiguous (ValueError /
 // TypeError naming sinks otherwise). Sets p.sinks (the tensor must outlive the call).
 void set_sinks(const char* op, AttentionParams& p, const std::optional<at::Tensor>& sinks, const at::Device& device);
@@ -87,29 +92,30 @@ ForwardCall prepare_attention_forward(const at::Tensor& q, const at::Tensor& k, 
                                       const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
                                       int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
                                       const std::optional<at::Tensor>& alibi_slopes,
-                                      const std::optional<at::Tensor>& sinks, const DeviceLimits& limits);
+                                      const std::optional<at::Tensor>& sinks, const DeviceLimits& limits,
+                                      const std::optional<at::Tensor>& relative_bias = std::nullopt);
 
 // The same for attention_backward: the forward's checks and the backward's (grad_out, out, lse
 // and rng_state shapes, dtypes and device), the params and the gradients dq, dk, dv,
 // uninitialised, or zeroed with nothing_to_run set when no query reads any key (the kernels are
 // then skipped); grad_lse checked (undefined when absent). grad_attn_mask / grad_alibi_slopes
-// (the bias gradients asked for) need a floating-point mask / the slopes (ValueError naming
-// them otherwise); with nothing_to_run, grad_mask / grad_slopes are their zero gradients.
+// / grad_relative_bias (the bias gradients asked for) need a floating-point mask / the slopes /
+// the relative bias (ValueError naming them otherwise); with nothing_to_run, grad_mask /
+// grad_slopes / grad_relative_bias are their zero gradients.
 struct BackwardCall {
   AttentionParams params;
   MaskView mask;
   at::Tensor dq, dk, dv, grad_lse;
-  at::Tensor grad_mask, grad_slopes;
+  at::Tensor grad_mask, grad_slopes, grad_relative_bias;
   bool nothing_to_run = false;
 };
-BackwardCall prepare_attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                                        const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                                        const at::Tensor& rng_state, const std::optional<at::Tensor>& attn_mask,
-                                        double dropout_p, double scale, int64_t window_left, int64_t window_right,
-                                        bool bottom_right, double softcap,
-                                        const std::optional<at::Tensor>& alibi_slopes,
-                                        const std::optional<at::Tensor>& grad_lse, const DeviceLimits& limits,
-                                        bool grad_attn_mask = false, bool grad_alibi_slopes = false);
+BackwardCall prepare_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& rng_state, const std::optional<at::Tensor>& attn_mask, double dropout_p,
+    double scale, int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& grad_lse,
+    const DeviceLimits& limits, bool grad_attn_mask = false, bool grad_alibi_slopes = false,
+    const std::optional<at::Tensor>& relative_bias = std::nullopt, bool grad_relative_bias = false);
 
 // What attention_backward returns for a bias gradient not asked for: an empty (0,) tensor.
 at::Tensor no_bias_gradient(const at::Tensor& q);

@@ -61,6 +61,15 @@ struct AttentionParams {
   const float* alibi_slopes = nullptr;
   int64_t alibi_batch_stride = 0;
 
+  // A relative-position bias (T5's bucketed table, or any bias that depends on j - i only):
+  // score (b, h, i, j) gains relative_bias[h * relative_bias_stride + j - i + len_q - 1], a
+  // (Hq, L + S - 1) float32 tensor (float64 when relative_bias_f64) holding each head's bias
+  // for every distance the call meets. Added with the user mask, after the softcap. Dense
+  // attention only (the varlen and KV-cache ops have no such argument).
+  const void* relative_bias = nullptr;
+  bool relative_bias_f64 = false;
+  int64_t relative_bias_stride = 0;
+
   // Learned attention sinks (gpt-oss): one logit per query head that joins every row's softmax
   // denominator and adds nothing to the output (softmax_denominator / row_lse below). (Hq,)
   // float32, or float64 when sinks_f64; nullptr: none.

@@ -35,13 +35,15 @@ int main(int argc, char** argv) {
       dispatcher.findSchemaOrThrow("flash_attn_ext::attention_forward", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double, double,
-              int64_t, int64_t, bool, double, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
+              int64_t, int64_t, bool, double, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+              const std::optional<at::Tensor>&)>();
   const auto backward =
       dispatcher.findSchemaOrThrow("flash_attn_ext::attention_backward", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double, double, int64_t, int64_t,
-              bool, double, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, bool)>();
+              bool, double, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, bool,
+              const std::optional<at::Tensor>&, bool)>();
 
   torch::manual_seed(0);
   const int64_t B = 2, Hq = 8, Hkv = 2, L = 37, D = 32;
@@ -51,14 +53,14 @@ int main(int argc, char** argv) {
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
 
   // Causal: window (-1, 0), bottom-right (L == S, so the same as top-left); no softcap (0), no
-  // ALiBi, no attention sinks.
+  // ALiBi, no attention sinks, no relative bias.
   auto [out, lse, rng_state] =
-      forward.call(q, k, v, std::nullopt, 0.0, scale, -1, 0, true, 0.0, std::nullopt, std::nullopt);
-  // grad_lse, a gradient flowing into lse as well: none here; no mask or slope gradients asked
-  // for (the last two are then empty).
-  auto [dq, dk, dv, grad_mask, grad_slopes] =
+      forward.call(q, k, v, std::nullopt, 0.0, scale, -1, 0, true, 0.0, std::nullopt, std::nullopt, std::nullopt);
+  // grad_lse, a gradient flowing into lse as well: none here; no bias gradients asked for (the
+  // last three outputs are then empty).
+  auto [dq, dk, dv, grad_mask, grad_slopes, grad_relative] =
       backward.call(grad_out, q, k, v, out, lse, rng_state, std::nullopt, 0.0, scale, -1, 0, true, 0.0, std::nullopt,
-                    std::nullopt, false, false);
+                    std::nullopt, false, false, std::nullopt, false);
 
   // The reference: K/V heads repeated to the query heads, masked softmax, autograd.
   at::Tensor qr = q.clone().requires_grad_(), kr = k.clone().requires_grad_(), vr = v.clone().requires_grad_();

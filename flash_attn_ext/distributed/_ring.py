@@ -171,7 +171,7 @@ class RingAttention(torch.autograd.Function):
             for b in blocks(rank, (rank - step) % world, world, cq, ck, left, right):
                 rows, keys = slice(b.q0, b.q1), slice(b.k0, b.k1)
                 g_lse = None if dlse is None else dlse[:, :, rows].contiguous()
-                dq_b, dk_b, dv_b, _, _ = _OPS.attention_backward(
+                dq_b, dk_b, dv_b, *_ = _OPS.attention_backward(
                     dout[:, :, rows], q[:, :, rows], kv[0][:, :, keys], kv[1][:, :, keys], out[:, :, rows],
                     lse[:, :, rows].contiguous(), no_rng, None, 0.0, ctx.scale, b.wl, b.wr, False, ctx.softcap,
                     None, g_lse,

@@ -29,8 +29,9 @@ Both take K/V heads as the model gives them (GQA/MQA: not repeated), honour `sca
 `dropout`, `softcap` (Gemma-2's logit soft-capping, in the kernels), `s_aux` (gpt-oss's learned
 attention sinks, in the kernels, with their gradient; `sinks` of shape (Hq,) likewise), and
 return no attention weights. "fa_ext" also serves `position_bias` (T5's relative-position
-bias, added to the scores as a float mask: forward only, so a bias that requires grad is
-refused); "flash_attn_ext" refuses it (transformers' flash path has no place for it).
+bias: for T5 / mT5 computed in the kernels from its table (_t5_bias.py), otherwise added to the
+scores as a float mask; trainable on CPU); "flash_attn_ext" refuses it (transformers' flash
+path has no place for it).
 
 Every other keyword a model passes is checked against NEUTRAL / REFUSED below: served, accepted
 because it cannot change the result, or refused with an error naming it. A keyword on none of
@@ -46,6 +47,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
 from ..attention import attention
+from . import _t5_bias
 from ..flash_attn_interface import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 
 NAME = "fa_ext"
@@ -195,7 +197,8 @@ def flash_attn_ext_attention_forward(
 ):
     """The "fa_ext" implementation. query (B, Hq, L, D), key/value (B, Hkv, S, D) ->
     (attn_output (B, L, Hq, D), None). s_aux: gpt-oss's learned attention sinks, (Hq,).
-    position_bias: T5's additive bias, forward only. cu_seq_lens_q / _k (packed sequences):
+    position_bias: T5's additive bias (its table in the kernels where _t5_bias registered it,
+    else a float mask; trainable on CPU). cu_seq_lens_q / _k (packed sequences):
     without a mask or bias, the varlen kernel; with one, the mask is restricted to each
     sequence (transformers' masks do not always hold the packing: not with a cache)."""
     _check_keywords(NAME, kwargs, frozenset())
@@ -223,13 +226,28 @@ def flash_attn_ext_attention_forward(
         )
         return out, None
     mask = None if attention_mask is None else attention_mask[:, :, :, :S]
-    if position_bias is not None:
+    relative = _t5_bias.lookup(position_bias)
+    if relative is not None:  # T5's table: the bias of distance j - (i + offset)
+        table_bias, offset = relative
+        dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+        relative = table_bias.per_distance(L, S, offset, dtype)
+        if query.device.type != "cpu":  # the CUDA kernels take it as a mask (forward only)
+            position_bias, relative = _t5_bias.dense(relative, L, S), None
+    if relative is None and position_bias is not None:
         mask = _bias_mask(NAME, position_bias, mask, query, key, sliding_window)
     if cu_seq_lens_q is not None:
         mask = _within_sequences(mask, cu_seq_lens_q, cu_seq_lens_k, query, key)
     if attention_mask is not None:  # transformers' mask holds causality and the window
         out = attention(
-            query, key, value, attn_mask=mask, scale=scaling, dropout_p=dropout, softcap=cap, sinks=sink_logits
+            query,
+            key,
+            value,
+            attn_mask=mask,
+            scale=scaling,
+            dropout_p=dropout,
+            softcap=cap,
+            sinks=sink_logits,
+            relative_bias=relative,
         )
     else:
         # transformers leaves the mask out only where SDPA's own flags serve the call: one query
@@ -248,6 +266,7 @@ def flash_attn_ext_attention_forward(
             alignment="bottom_right" if L == 1 or L == S else "top_left",
             softcap=cap,
             sinks=sink_logits,
+            relative_bias=relative,
         )
     return out.transpose(1, 2).contiguous(), None
 
@@ -279,6 +298,7 @@ def _packed(query, key, value, is_causal, sliding_window, scaling, dropout, cap,
 
 
 AttentionInterface.register(NAME, flash_attn_ext_attention_forward)
+_t5_bias.install(NAME)
 
 
 def _dispatching_mask(impl: str, make_mask):

@@ -287,6 +287,33 @@ def test_t5_training_gradients_match_eager():
     assert tables == 2  # the encoder's and the decoder's
 
 
+def test_t5_bias_computed_in_the_kernels(monkeypatch):
+    """On "fa_ext" T5's bias never exists as a (1, H, L, S) tensor: compute_bias hands back a
+    zero-stride placeholder (transformers' own bucket function, which builds the L x S bucket
+    matrix, is never called) and the kernels read the table per distance; a model on "eager"
+    keeps transformers' compute_bias."""
+    ours, ref = _t5_pair(NAME)
+    T5Attention = transformers.models.t5.modeling_t5.T5Attention
+    ids = torch.randint(1, 96, (2, 9))
+    with torch.no_grad():
+        expected = ref(input_ids=ids, decoder_input_ids=ids).logits
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("T5's (L, S) bucket matrix was built")
+
+    monkeypatch.setattr(T5Attention, "_relative_position_bucket", staticmethod(refuse))
+    with torch.no_grad():
+        enc = ours.encoder(input_ids=ids)
+        logits = ours(input_ids=ids, decoder_input_ids=ids).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    attn = ours.encoder.block[0].layer[0].SelfAttention
+    bias = attn.compute_bias(9, 9)
+    assert bias.shape == (1, 4, 9, 9) and bias.stride() == (0, 0, 0, 0)
+    assert enc.last_hidden_state.shape == (2, 9, 32)
+    with pytest.raises(AssertionError, match="bucket matrix"):
+        ref.encoder.block[0].layer[0].SelfAttention.compute_bias(9, 9)
+
+
 def test_t5_on_the_flash_path_is_refused():
     """transformers' flash path has no place for an additive bias: "flash_attn_ext" refuses
     position_bias, naming it and "fa_ext", instead of running without it."""

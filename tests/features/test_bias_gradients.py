@@ -232,3 +232,181 @@ def test_opcheck_backward_with_bias_gradients(mask_shape):
     torch.library.opcheck(OPS.attention_backward, (*args, mask is not None, True))
     if mask is not None:
         torch.library.opcheck(OPS.attention_forward, (q, k, v, mask.requires_grad_(), 0.0, 0.25, -1, 0, True))
+
+
+# --- T5's relative-position bias, computed in the kernels from a per-distance table ---
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("num_buckets,max_distance", [(32, 128), (8, 16), (4, 9), (64, 50)])
+def test_bucket_function_matches_transformers(bidirectional, num_buckets, max_distance):
+    transformers = pytest.importorskip("transformers")
+    T5Attention = transformers.models.t5.modeling_t5.T5Attention
+    if bidirectional and num_buckets < 4:
+        pytest.skip("fewer than 4 buckets")
+    distance = torch.arange(-3000, 3001)
+    ours = flash_attn_ext.t5_relative_position_bucket(
+        distance, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
+    )
+    theirs = T5Attention._relative_position_bucket(
+        distance, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
+    )
+    assert torch.equal(ours, theirs)
+    # The distances reach both ends of the bucket range (past max_distance: the last bucket).
+    assert ours.min() == 0 and ours.max() == num_buckets - 1
+
+
+def dense_relative_bias(per_distance, L, S):
+    """The (1, Hq, L, S) matrix the per-distance bias stands for: entry (h, i, j) =
+    per_distance[h, j - i + L - 1] (tests only: the kernels never form it)."""
+    idx = torch.arange(S).view(1, S) - torch.arange(L).view(L, 1) + L - 1
+    return per_distance[:, idx].unsqueeze(0)
+
+
+def dense_t5_bias(table, L, S, offset, bidirectional, num_buckets=32, max_distance=64):
+    """T5's bias as transformers' compute_bias forms it, (1, Hq, L, S): entry (h, i, j) =
+    table[bucket(j - (i + offset)), h], from the positions themselves (independent of
+    RelativeBias.per_distance's layout)."""
+    distance = torch.arange(S).view(1, S) - (torch.arange(L).view(L, 1) + offset)
+    buckets = flash_attn_ext.t5_relative_position_bucket(
+        distance, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
+    )
+    return table[buckets].permute(2, 0, 1).unsqueeze(0)
+
+
+# (Hkv, L, S, causal, window, softcap, alignment, bidirectional)
+REL_CASES = [
+    (4, 37, 37, False, (-1, -1), 0.0, "bottom_right", True),
+    (2, 113, 203, True, (-1, -1), 0.0, "bottom_right", False),
+    (1, 150, 70, False, (16, 8), 0.0, "top_left", True),
+    (2, 64, 130, True, (-1, -1), 2.0, "bottom_right", False),
+    (2, 1, 97, True, (-1, -1), 0.0, "bottom_right", False),  # a decoding step at its absolute position
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", REL_CASES, ids=str)
+def test_relative_bias_matches_reference(dtype, case):
+    Hkv, L, S, causal, window, cap, alignment, bidi = case
+    q, k, v = make_qkv(B, HQ, Hkv, L, S, 32, dtype, requires_grad=True)
+    g = torch.Generator().manual_seed(11)
+    table = (2 * torch.randn(32, HQ, generator=g)).requires_grad_()
+    rb = flash_attn_ext.RelativeBias(table, 32, 64, bidi)
+    dout = torch.randn(B, HQ, L, 32, generator=g, dtype=torch.float64).to(dtype)
+    out = flash_attn_ext.attention(
+        q, k, v, causal=causal, window_size=window, softcap=cap, relative_bias=rb, alignment=alignment
+    )
+    ours = torch.autograd.grad(out, (q, k, v, table), dout)
+    offset = S - L if alignment == "bottom_right" else 0
+    w = (window[0], 0 if causal else window[1])
+
+    def ref(ref_dtype):
+        xs = [t.detach().to(ref_dtype).requires_grad_() for t in (q, k, v)]
+        tab = table.detach().to(torch.float64 if ref_dtype == torch.float64 else torch.float32).requires_grad_()
+        bias = dense_t5_bias(tab, L, S, offset, bidi)
+        o, _ = reference_attention(
+            *xs, window=w, softcap=cap, attn_mask=bias, bottom_right=alignment == "bottom_right", dtype=ref_dtype
+        )
+        return torch.autograd.grad(o, (*xs, tab), dout.to(ref_dtype))
+
+    r64 = ref(torch.float64)
+    low = ref(dtype) if dtype in LOW_PRECISION else r64
+    assert r64[3].abs().max() > 1e-2
+    for name, a, r, lo in zip(("dq", "dk", "dv", "dtable"), ours, r64, low):
+        d = torch.float32 if name == "dtable" and dtype == torch.float32 else dtype
+        assert_matches(a, r, lo, d, f"{name} relative bias {case}", grad=True)
+
+
+@pytest.mark.parametrize("causal,window,dropout,cap,Hkv", [(False, (-1, -1), 0.0, 0.0, 2), (True, (2, 0), 0.3, 1.5, 1)])
+def test_relative_bias_gradcheck(causal, window, dropout, cap, Hkv):
+    q, k, v = make_qkv(2, 2, Hkv, 5, 9, 8, torch.float64, requires_grad=True)
+    table = torch.randn(8, 2, dtype=torch.float64, requires_grad=True)
+    per_distance = torch.randn(2, 13, dtype=torch.float64, requires_grad=True)
+
+    def f(q, k, v, table, per_distance):
+        torch.manual_seed(3)
+        a = flash_attn_ext.attention(
+            q, k, v, causal=causal, window_size=window, dropout_p=dropout, softcap=cap,
+            relative_bias=flash_attn_ext.RelativeBias(table, 8, 12, not causal),
+        )  # fmt: skip
+        torch.manual_seed(3)
+        b = flash_attn_ext.attention(
+            q, k, v, causal=causal, window_size=window, dropout_p=dropout, softcap=cap, relative_bias=per_distance
+        )
+        return a, b
+
+    assert torch.autograd.gradcheck(f, (q, k, v, table, per_distance), eps=1e-6, atol=1e-8)
+
+
+def test_relative_bias_bitwise_repeatable_and_equals_the_mask_form():
+    q, k, v = make_qkv(1, 8, 2, 200, 200, 32, torch.float32, requires_grad=True)
+    table = torch.randn(32, 8, requires_grad=True)
+    rb = flash_attn_ext.RelativeBias(table, 32, 128, True)
+    runs = []
+    for _ in range(2):
+        out = flash_attn_ext.attention(q, k, v, relative_bias=rb)
+        runs.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v, table))))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    # The same bias as a materialized (1, H, L, S) mask: the same attention.
+    mask = dense_relative_bias(rb.per_distance(200, 200, 0, torch.float32), 200, 200)
+    torch.testing.assert_close(runs[0][0], flash_attn_ext.attention(q, k, v, attn_mask=mask), rtol=1e-5, atol=1e-5)
+
+
+def test_relative_bias_bad_input():
+    q, k, v = make_qkv(1, 2, 2, 8, 10, 8, torch.float32)
+    with pytest.raises(ValueError, match="table must have shape"):
+        flash_attn_ext.RelativeBias(torch.zeros(8, 2), 16, 32, True)
+    with pytest.raises(ValueError, match="num_buckets must be >= 4"):
+        flash_attn_ext.RelativeBias(torch.zeros(2, 2), 2, 32, True)
+    with pytest.raises(ValueError, match="num_buckets must be >= 2"):
+        flash_attn_ext.RelativeBias(torch.zeros(0, 2), 0, 32, False)
+    with pytest.raises(ValueError, match="max_distance must exceed"):
+        flash_attn_ext.RelativeBias(torch.zeros(8, 2), 8, 2, False)
+    with pytest.raises(ValueError, match=r"relative_bias must have shape \(2, 17\)"):
+        flash_attn_ext.attention(q, k, v, relative_bias=torch.zeros(2, 18))
+    with pytest.raises(TypeError, match="relative_bias must be float32"):
+        flash_attn_ext.attention(q, k, v, relative_bias=torch.zeros(2, 17, dtype=torch.float16))
+    with pytest.raises(TypeError, match="relative_bias must be a RelativeBias or a torch.Tensor"):
+        flash_attn_ext.attention(q, k, v, relative_bias=[0.0])
+    # Heads of the table must be the query's (the kernel checks the per-distance shape).
+    with pytest.raises(ValueError, match="relative_bias must have shape"):
+        flash_attn_ext.attention(q, k, v, relative_bias=flash_attn_ext.RelativeBias(torch.zeros(8, 3), 8, 16, True))
+
+
+def test_opcheck_with_relative_bias():
+    q, k, v = make_qkv(2, 2, 1, 8, 10, 8, torch.float32)
+    rel = torch.randn(2, 17, requires_grad=True)
+    torch.library.opcheck(OPS.attention_forward, (q, k, v, None, 0.0, 0.25, -1, 0, True, 0.0, None, None, rel))
+    out, lse, rng = OPS.attention_forward(q, k, v, None, 0.0, 0.25, -1, 0, True, 0.0, None, None, rel.detach())
+    args = (torch.randn_like(out), q, k, v, out, lse, rng, None, 0.0, 0.25, -1, 0, True, 0.0, None, None, False, False)
+    torch.library.opcheck(OPS.attention_backward, (*args, rel.detach(), True))
+
+
+_RSS_SCRIPT = """
+import resource, sys, torch, flash_attn_ext
+torch.manual_seed(0)
+L, H = 8192, 8
+q, k, v = (torch.randn(1, H, L, 64, requires_grad=True) for _ in range(3))
+rb = None
+if sys.argv[1] == "bias":
+    rb = flash_attn_ext.RelativeBias(torch.randn(32, H, requires_grad=True), 32, 128, True)
+out = flash_attn_ext.attention(q, k, v, relative_bias=rb)
+out.sum().backward()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB
+"""
+
+
+def test_relative_bias_memory_at_8k():
+    """T5's bias at L = S = 8192 (8 heads, float32), forward and backward, adds less than
+    64 MiB of peak RSS over the same call without it (an (H, L, S) float32 bias would be 2 GiB)."""
+    import subprocess
+    import sys
+
+    peaks = {}
+    for what in ("none", "bias"):
+        r = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, what], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        peaks[what] = int(r.stdout.split()[-1])
+    grown = (peaks["bias"] - peaks["none"]) / 1024
+    assert grown < 64, f"peak RSS grew by {grown:.1f} MiB"
