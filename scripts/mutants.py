@@ -186,6 +186,14 @@ MUTANTS = [
         "the relative bias's gradient accumulated one distance off (an off-by-one in j - i + L - 1)",
     ),
     (
+        "mask_rows_outside_band_unwritten",
+        "csrc/attention/attention_backward_cpu.cpp",
+        "for (int64_t h = h0; h < h0 + f_.heads_per_pass; ++h) zero_mask_gradient_outside(b, h, j0, cols, band);",
+        "{}",
+        ["tests/features/test_bias_gradients.py", "-k", "every_element"],
+        "a full-shape mask's gradient left unwritten (uninitialised) where a key tile's band leaves rows out",
+    ),
+    (
         "mask_key_sum_overwritten",
         "csrc/attention/attention_backward_cpu.cpp",
         "      g[0] += sum;",

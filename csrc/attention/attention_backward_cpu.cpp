@@ -157,6 +157,12 @@ struct BackwardArgs : CallArgs<at::opmath_type<scalar_t>, BackwardPlan> {
   // dims it sums over; a mask broadcast over the keys has one part per split (dmask_part_stride).
   acc_t* dmask = nullptr;
   int64_t dmask_sb = 0, dmask_sh = 0, dmask_si = 0, dmask_sj = 0, dmask_part_stride = 0;
+  // A mask of the scores' own shape (nothing to sum: each element is one dS) gets its gradient
+  // written once, in its dtype, straight into the result (no accumulator, no zeroing pass: the
+  // rows a key tile's band leaves out are zeroed when the tile is visited).
+  void* dmask_out = nullptr;
+  MaskKind dmask_out_kind = MaskKind::kNone;
+  int64_t dmask_out_sb = 0, dmask_out_sh = 0, dmask_out_si = 0;
   // The slopes' gradient (nullptr: not asked): (n_splits, B, Hq), one part per split.
   acc_t* dslopes = nullptr;
   // The relative bias's gradient (nullptr: not asked): (n_splits, B, Hq, L + S - 1).
@@ -256,6 +262,8 @@ class BackwardWorker {
                          f_.head_passes ? dk_unit_.data() + j0 * Dk : dk_acc_.data(),
                          f_.head_passes ? dv_unit_.data() + j0 * Dv : dv_acc_.data(),
                          dq_acc};
+        if (a_.dmask_out != nullptr)
+          for (int64_t h = h0; h < h0 + f_.heads_per_pass; ++h) zero_mask_gradient_outside(b, h, j0, cols, band);
         if (band.begin < band.end && (!f_.keep_kv_tiles || h0 == hk * G))  // else the group's first pass packed it
           pack_kv(kt);
         for (int64_t h = h0; h < h0 + f_.heads_per_pass && band.begin < band.end; ++h)
@@ -420,6 +428,7 @@ class BackwardWorker {
       }
       // The mask and ALiBi are added after the cap: their gradient is dS before its slope.
       if (a_.dmask != nullptr) add_mask_gradient(t, h, i0 + r, dr);
+      if (a_.dmask_out != nullptr) store_mask_gradient(t.b, h, i0 + r, t.j0, t.cols, dr);
       if (a_.dslopes != nullptr) add_slope_gradient(t, h, i0 + r, dr);
       if (a_.drelative != nullptr) add_relative_gradient(t, h, i0 + r, dr);
       if (a_.c.cap > acc_t(0)) {
@@ -439,9 +448,34 @@ class BackwardWorker {
       for (int64_t c = 0; c < t.cols; ++c) sum += ds[c];
       g[0] += sum;
     } else {
-      g += t.j0 * a_.dmask_sj;
-      for (int64_t c = 0; c < t.cols; ++c) g[c * a_.dmask_sj] += ds[c];
+      g += t.j0;  // (the accumulator is contiguous: dmask_sj is 1)
+      for (int64_t c = 0; c < t.cols; ++c) g[c] += ds[c];
     }
+  }
+
+  // Row i's dS over keys j0 .. j0 + cols, as the gradient of a mask of the scores' shape
+  // (ds nullptr: zeros).
+  void store_mask_gradient(int64_t b, int64_t h, int64_t i, int64_t j0, int64_t cols, const acc_t* ds) {
+    const int64_t offset = b * a_.dmask_out_sb + h * a_.dmask_out_sh + i * a_.dmask_out_si + j0;
+    const auto store = [&](auto* g) {
+      using T = std::remove_pointer_t<decltype(g)>;
+      if (ds == nullptr) return std::fill(g + offset, g + offset + cols, T(0));
+      for (int64_t c = 0; c < cols; ++c) g[offset + c] = static_cast<T>(ds[c]);
+    };
+    switch (a_.dmask_out_kind) {
+      case MaskKind::kFloat32: store(static_cast<float*>(a_.dmask_out)); break;
+      case MaskKind::kFloat64: store(static_cast<double*>(a_.dmask_out)); break;
+      case MaskKind::kFloat16: store(static_cast<c10::Half*>(a_.dmask_out)); break;
+      case MaskKind::kBFloat16: store(static_cast<c10::BFloat16*>(a_.dmask_out)); break;
+      default: break;
+    }
+  }
+
+  // The rows of keys j0 .. j0 + cols outside the tile's band see none of them: zero gradient.
+  void zero_mask_gradient_outside(int64_t b, int64_t h, int64_t j0, int64_t cols, const RowRange& band) {
+    const int64_t L = a_.p.len_q;
+    for (int64_t i = 0; i < L; ++i)
+      if (i < band.begin || i >= band.end || band.begin >= band.end) store_mask_gradient(b, h, i, j0, cols, nullptr);
   }
 
   // d slope_(b, h) = -sum_ij dS_ij |i + o - j| (the bias is -slope |i + o - j|), into this
@@ -549,7 +583,18 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
   // own (B, H, L, S) shape, one part per split when the sum over its keys crosses splits; the
   // slopes' as (n_splits, B, Hq).
   at::Tensor dmask, dslopes;
-  if (want_mask) {
+  const auto full_shape = [&](at::IntArrayRef m) {
+    return (m[0] == p.batch || p.batch == 1) && (m[1] == p.heads_q || p.heads_q == 1) && m[2] == L && m[3] == p.len_k;
+  };
+  if (want_mask && full_shape(bias->mask.sizes())) {
+    bias->grad_mask = at::empty(bias->mask.sizes(), bias->mask.options().memory_format(at::MemoryFormat::Contiguous));
+    const auto m = bias->mask.sizes();
+    args.dmask_out = bias->grad_mask.data_ptr();
+    args.dmask_out_kind = make_mask_view(bias->grad_mask).kind;
+    args.dmask_out_sb = m[0] == 1 ? 0 : bias->grad_mask.stride(0);
+    args.dmask_out_sh = m[1] == 1 ? 0 : bias->grad_mask.stride(1);
+    args.dmask_out_si = bias->grad_mask.stride(2);
+  } else if (want_mask) {
     const auto m = bias->mask.sizes();
     const int64_t parts = m[3] == 1 ? plan.n_splits : 1;
     dmask = at::zeros({parts, m[0], m[1], m[2], m[3]}, acc_options);
@@ -591,7 +636,7 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
   }
   // The bias gradients' parts summed in split order (elementwise adds: deterministic), then in
   // the shapes and dtypes of what they are the gradients of.
-  if (want_mask) {
+  if (want_mask && args.dmask_out == nullptr) {
     for (int64_t s = 1; s < dmask.size(0); ++s) dmask[0].add_(dmask[s]);
     bias->grad_mask = dmask[0].to(bias->mask.scalar_type());
   }
