@@ -60,14 +60,20 @@ def eager_sinks(q, k, v, sinks, causal):
     return p.to(v.dtype) @ v
 
 
-def dense_rows(dtype, L, reps):
-    rows = []
+def dense_inputs(dtype, L):
+    """The dense rows' shape, B=1 H=8/2 L=S D=64: q, k, v (requiring grad) and an output gradient."""
     B, H, Hkv, D = 1, 8, 2, 64
     q = torch.randn(B, H, L, D, dtype=dtype, requires_grad=True)
     k = torch.randn(B, Hkv, L, D, dtype=dtype, requires_grad=True)
     v = torch.randn(B, Hkv, L, D, dtype=dtype, requires_grad=True)
+    return q, k, v, torch.randn(B, H, L, D, dtype=dtype)
+
+
+def dense_rows(dtype, L, reps):
+    rows = []
+    H = 8
+    q, k, v, g = dense_inputs(dtype, L)
     sinks = torch.randn(H, requires_grad=True)
-    g = torch.randn(B, H, L, D, dtype=dtype)
 
     def fwd(s):
         return lambda: flash_attn_ext.attention(q.detach(), k.detach(), v.detach(), causal=True, sinks=s)
@@ -92,15 +98,13 @@ def dense_rows(dtype, L, reps):
 
 
 def bias_rows(dtype, L, reps):
-    """Trainable biases: a (1, H, L, L) float mask and learned ALiBi slopes, forward+backward."""
+    """Trainable biases, forward+backward: a (1, H, L, L) float mask, learned ALiBi slopes, T5's
+    relative bias."""
     rows = []
-    B, H, Hkv, D = 1, 8, 2, 64
-    q = torch.randn(B, H, L, D, dtype=dtype, requires_grad=True)
-    k = torch.randn(B, Hkv, L, D, dtype=dtype, requires_grad=True)
-    v = torch.randn(B, Hkv, L, D, dtype=dtype, requires_grad=True)
+    H = 8
+    q, k, v, g = dense_inputs(dtype, L)
     bias = torch.randn(1, H, L, L, dtype=dtype, requires_grad=True)
     slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], requires_grad=True)
-    g = torch.randn(B, H, L, D, dtype=dtype)
 
     def ours(**kw):
         def run():
