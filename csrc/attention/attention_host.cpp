@@ -293,6 +293,12 @@ BackwardCall prepare_attention_backward(const at::Tensor& grad_out, const at::Te
   call.dv = at::empty_like(v);
   const AttentionParams& p = call.params;
   if (q.numel() == 0 && k.numel() == 0 && v.numel() == 0) {
+    // Head dims of 0 (or nothing at all): dS = P * (dP - delta) is 0, but a gradient into the lse
+    // adds P * grad_lse, which the bias gradients would then need from the kernels.
+    TORCH_CHECK_NOT_IMPLEMENTED(!(call.grad_lse.defined() && p.len_q > 0 && p.len_k > 0 &&
+                                  (grad_attn_mask || grad_alibi_slopes || grad_relative_bias)),
+                                kOp,
+                                ": bias gradients with head dims of 0 and a gradient into the lse are not supported");
     call.nothing_to_run = true;
   } else if (p.len_q == 0 || p.batch * p.heads_q == 0) {  // no query reads any key
     call.dq.zero_();

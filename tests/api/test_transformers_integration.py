@@ -263,11 +263,23 @@ def test_t5_generate_same_tokens_and_scores(cache):
         torch.testing.assert_close(x[finite], y[finite], rtol=1e-4, atol=1e-4)
 
 
-def test_t5_training_gradients_match_eager():
+@pytest.mark.parametrize("checkpointing", [None, "reentrant"])
+def test_t5_training_gradients_match_eager(checkpointing):
     """Training T5 on "fa_ext": the loss and every parameter's gradient, the relative-position
-    bias tables included (their gradient is the fused backward's mask gradient), match eager
-    attention, with padding in the encoder (dropout off: eval-mode dropout, train-mode loss)."""
+    bias tables included (computed in the kernels from the tables), match eager attention, with
+    padding in the encoder (dropout off: eval-mode dropout, train-mode loss); also under
+    reentrant gradient checkpointing, which re-runs the layers on detached copies of the bias
+    placeholder."""
     ours, ref = _t5_pair(NAME)
+    if checkpointing:
+        for model in (ours, ref):
+            model.train()  # (checkpointing runs only in training mode) with every dropout off
+            for m in model.modules():
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = 0.0
+                elif isinstance(getattr(m, "dropout", None), float):  # the attention's own rate
+                    m.dropout = 0.0
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     ids = torch.randint(1, 96, (2, 11))
     labels = torch.randint(1, 96, (2, 7))
     mask = torch.ones(2, 11, dtype=torch.long)
@@ -310,8 +322,44 @@ def test_t5_bias_computed_in_the_kernels(monkeypatch):
     bias = attn.compute_bias(9, 9)
     assert bias.shape == (1, 4, 9, 9) and bias.stride() == (0, 0, 0, 0)
     assert enc.last_hidden_state.shape == (2, 9, 32)
+    # A detached view of the placeholder is recognised; a zero-stride bias that is none raises
+    # instead of being read as zeros.
+    from flash_attn_ext.integrations import _t5_bias
+
+    assert _t5_bias.lookup(bias.detach()) == _t5_bias.lookup(bias) is not None
+    with pytest.raises(RuntimeError, match="zero-stride tensor that is not T5's registered"):
+        _t5_bias.lookup(torch.zeros(()).expand(1, 4, 9, 9))
     with pytest.raises(AssertionError, match="bucket matrix"):
         ref.encoder.block[0].layer[0].SelfAttention.compute_bias(9, 9)
+
+
+def test_umt5_per_layer_tables_in_the_kernels():
+    """UMT5 (a relative-position table per layer, unscaled scores): logits and every gradient,
+    the tables' included, match eager, with its bias computed in the kernels."""
+    cfg = dict(T5_CONFIG)
+    config = transformers.UMT5Config(**cfg)
+    torch.manual_seed(0)
+    models = {}
+    for impl in (NAME, "eager"):
+        models[impl] = transformers.UMT5ForConditionalGeneration._from_config(
+            copy.deepcopy(config), attn_implementation=impl
+        )
+    ours, ref = models[NAME], models["eager"]
+    with torch.no_grad():
+        for m in ours.modules():
+            if getattr(m, "has_relative_attention_bias", False):
+                m.relative_attention_bias.weight.mul_(40.0)
+    ref.load_state_dict(ours.state_dict())
+    ids = torch.randint(1, 96, (2, 11))
+    labels = torch.randint(1, 96, (2, 7))
+    losses = [m.eval()(input_ids=ids, labels=labels).loss for m in (ours, ref)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+    for (name, p), (_, r) in zip(ours.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-3, atol=1e-5, msg=name)
+    attn = ours.encoder.block[1].layer[0].SelfAttention
+    assert attn.compute_bias(5, 5).stride() == (0, 0, 0, 0)
 
 
 def test_t5_on_the_flash_path_is_refused():

@@ -84,28 +84,31 @@ def test_mask_gradient_is_not_trivial():
 
 
 @pytest.mark.parametrize(
-    "shape,causal,window,Hkv,dropout,cap",
+    "shape,causal,window,Hkv,dropout,cap,with_sinks",
     [
-        ((5, 9), False, (-1, -1), 2, 0.0, 0.0),
-        ((1, 2, 5, 9), True, (-1, -1), 1, 0.0, 0.0),
-        ((2, 1, 5, 9), False, (2, 1), 2, 0.0, 1.5),
-        ((2, 2, 5, 9), True, (-1, -1), 2, 0.3, 0.0),
-        ((1, 1, 1, 9), False, (3, 3), 1, 0.0, 0.0),
-        ((2, 2, 5, 1), True, (-1, -1), 2, 0.0, 0.0),
-        ((1, 1, 5, 9), True, (-1, -1), 2, 0.2, 2.0),
+        ((5, 9), False, (-1, -1), 2, 0.0, 0.0, False),
+        ((1, 2, 5, 9), True, (-1, -1), 1, 0.0, 0.0, False),
+        ((2, 1, 5, 9), False, (2, 1), 2, 0.0, 1.5, False),
+        ((2, 2, 5, 9), True, (-1, -1), 2, 0.3, 0.0, False),
+        ((1, 1, 1, 9), False, (3, 3), 1, 0.0, 0.0, False),
+        ((2, 2, 5, 1), True, (-1, -1), 2, 0.0, 0.0, False),
+        ((1, 1, 5, 9), True, (-1, -1), 2, 0.2, 2.0, False),
+        ((2, 2, 5, 9), True, (-1, -1), 1, 0.0, 0.0, True),  # with learned sinks
+        ((1, 2, 1, 9), False, (-1, -1), 2, 0.0, 1.0, True),
     ],
 )
-def test_mask_gradcheck(shape, causal, window, Hkv, dropout, cap):
+def test_mask_gradcheck(shape, causal, window, Hkv, dropout, cap, with_sinks):
     q, k, v = make_qkv(2, 2, Hkv, 5, 9, 8, torch.float64, requires_grad=True)
     mask = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    sinks = torch.randn(2, dtype=torch.float64, requires_grad=True) if with_sinks else None
 
-    def f(q, k, v, mask):
+    def f(q, k, v, mask, sinks):
         torch.manual_seed(3)  # the same dropout mask at every evaluation
         return flash_attn_ext.attention(
-            q, k, v, causal=causal, window_size=window, attn_mask=mask, dropout_p=dropout, softcap=cap
+            q, k, v, causal=causal, window_size=window, attn_mask=mask, dropout_p=dropout, softcap=cap, sinks=sinks
         )
 
-    assert torch.autograd.gradcheck(f, (q, k, v, mask), eps=1e-6, atol=1e-8)
+    assert torch.autograd.gradcheck(f, (q, k, v, mask, sinks), eps=1e-6, atol=1e-8)
 
 
 def test_mask_gradient_bitwise_repeatable():
@@ -211,7 +214,16 @@ def test_bias_gradient_op_checks():
         OPS.attention_backward(*args, None, 0.0, 0.25, -1, -1, True, 0.0, None, None, False, True)
     # Not asked for: empty.
     grads = OPS.attention_backward(*args, torch.zeros(1, 1, 8, 10), 0.0, 0.25, -1, -1, True)
-    assert grads[3].shape == (0,) and grads[4].shape == (0,)
+    assert grads[3].shape == (0,) and grads[4].shape == (0,) and grads[5].shape == (0,)
+    # Head dims of 0: without a gradient into the lse the bias gradients are 0 (dS = 0); with
+    # one they would be P * grad_lse, which the kernels do not form there: refused.
+    q0, k0, v0 = (torch.zeros(1, 2, n, 0) for n in (8, 10, 10))
+    out0, lse0, rng0 = OPS.attention_forward(q0, k0, v0, None, 0.0, 0.25, -1, -1, True)
+    mask = torch.zeros(1, 1, 8, 10)
+    args0 = (torch.zeros_like(out0), q0, k0, v0, out0, lse0, rng0, mask, 0.0, 0.25, -1, -1, True, 0.0, None)
+    assert OPS.attention_backward(*args0, None, True, False)[3].abs().sum() == 0
+    with pytest.raises(NotImplementedError, match="head dims of 0 and a gradient into the lse"):
+        OPS.attention_backward(*args0, torch.ones_like(lse0), True, False)
 
 
 def test_varlen_refuses_slopes_that_require_grad():
