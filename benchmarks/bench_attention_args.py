@@ -14,7 +14,9 @@ process, interleaved, as the ratio with / without (1.00 = free).
   grad against fixed ones, and T5's bucketed relative bias (its table trained, in the kernels)
   against no bias; the last column is ours over PyTorch's SDPA on the same call for the mask
   (which computes a mask gradient on its math path only, through the full L x S matrices), and
-  for T5's bias ours over the same bias passed as a (1, H, L, S) mask that requires grad.
+  for T5's bias ours over the same bias passed as a (1, H, L, S) mask that requires grad. The
+  floor of a mask gradient, writing its bytes into a fresh tensor, and the copy bandwidth are
+  measured in the same run.
 
     python benchmarks/bench_attention_args.py [--quick] [--only bias] [--csv out.csv]
 
@@ -29,6 +31,7 @@ import torch
 
 import flash_attn_ext
 from bench_attention import write_csv  # the script's directory is on sys.path
+from bench_decode import copy_bandwidth_gbs
 from flash_attn_ext.config import cpu_description
 
 
@@ -121,8 +124,12 @@ def bias_rows(dtype, L, reps):
 
     t_with, t_without = best_pair(ours(attn_mask=bias), ours(attn_mask=bias.detach()), reps)
     t_torch, _ = best_pair(sdpa, lambda: None, reps)
+    # The floor of the gradient's cost: writing its bytes once into a fresh allocation (what
+    # any mask gradient costs: a new tensor of the mask's size, first touch of its pages).
+    t_fresh, _ = best_pair(lambda: torch.empty_like(bias).fill_(0), lambda: None, reps)
     row = dict(arg="attn_mask grad (1,H,L,S)", case=f"forward+backward B=1 H=8/2 L=S={L} D=64", dtype=str(dtype)[6:])
     row.update(with_s=t_with, without_s=t_without, ratio=t_with / t_without, ours_over_eager=t_with / t_torch)
+    row.update(grad_mib=bias.numel() * bias.element_size() / 2**20, fresh_write_s=t_fresh)
     rows.append(row)
     t_with, t_without = best_pair(
         ours(alibi_slopes=slopes, causal=True), ours(alibi_slopes=slopes.detach(), causal=True), reps
@@ -237,6 +244,8 @@ def main():
     for dtype in (torch.float32, torch.bfloat16):
         for L in (1024,) if a.quick else (1024, 2048):
             rows += bias_rows(dtype, L, max(2, reps // 2))
+    if any("fresh_write_s" in r for r in rows):
+        print(f"copy bandwidth (1 GiB, read + write): {copy_bandwidth_gbs():.1f} GB/s")
     print(f"{'argument':26s} {'case':58s} {'dtype':9s} {'with':>9s} {'without':>9s} {'ratio':>6s}  ours/other")
     for r in rows:
         eager = f"{r['ours_over_eager']:.2f}" if "ours_over_eager" in r else ""
@@ -244,8 +253,16 @@ def main():
             f"{r['arg']:26s} {r['case']:58s} {r['dtype']:9s} {r['with_s'] * 1e3:8.2f}ms {r['without_s'] * 1e3:8.2f}ms "
             f"{r['ratio']:6.2f}  {eager}"
         )
+    for r in rows:
+        if "fresh_write_s" in r:
+            print(
+                f"{r['case']} {r['dtype']}: the mask gradient's {r['grad_mib']:.0f} MiB written once into a fresh "
+                f"tensor take {r['fresh_write_s'] * 1e3:.1f} ms; the gradient adds "
+                f"{(r['with_s'] - r['without_s']) * 1e3:.1f} ms"
+            )
     if a.csv:
-        write_csv(a.csv, [{**dict.fromkeys(("ours_over_eager",), ""), **r} for r in rows])
+        blank = dict.fromkeys(("ours_over_eager", "grad_mib", "fresh_write_s"), "")
+        write_csv(a.csv, [{**blank, **r} for r in rows])
 
 
 if __name__ == "__main__":
