@@ -9,9 +9,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include <cstring>
 #include <limits>
-#include <utility>
 #include <vector>
 
 namespace flash_attn_ext {
@@ -252,30 +250,28 @@ struct AutogradKernel<Function, Tensors6(Args...)> {
 // Bias gradients (attn_mask, alibi_slopes) are computed by the CPU kernels only: elsewhere a
 // bias that requires grad is refused at the forward, before anything runs, rather than left
 // without its gradient. Checked in the autograd kernels, not in forward(), where grad mode is
-// already off; under no_grad a bias that requires grad is just data.
-void check_bias_gradients(const char* op, const at::Tensor& q, const OptTensor& attn_mask,
+// already off; under no_grad a bias that requires grad is just data. cpu_gradients: whether
+// op's CPU kernels compute them (attention_forward: yes; the varlen op: no).
+void check_bias_gradients(const char* op, bool cpu_gradients, const at::Tensor& q, const OptTensor& attn_mask,
                           const OptTensor& alibi_slopes) {
-  if (!at::GradMode::is_enabled()) return;
-  const auto wants = [](const OptTensor& t) { return t.has_value() && t->defined() && t->requires_grad(); };
-  for (const auto& [name, t] : {std::pair<const char*, const OptTensor*>{"attn_mask", &attn_mask},
-                                std::pair<const char*, const OptTensor*>{"alibi_slopes", &alibi_slopes}}) {
-    TORCH_CHECK_NOT_IMPLEMENTED(
-        !wants(*t) || (q.device().is_cpu() && std::strcmp(op, kForwardOp) == 0), "flash_attn_ext.",
-        op + sizeof("flash_attn_ext::") - 1, ": ", name, " requires grad, and ",
-        std::strcmp(op, kForwardOp) == 0 ? "only the CPU kernels compute its gradient"
-                                         : "this op does not compute its gradient",
-        "; pass ", name, ".detach() or run under torch.no_grad()",
-        std::strcmp(name, "attn_mask") == 0 ? ", or use flash_attn_ext.scaled_dot_product_attention, which falls "
-                                              "back to PyTorch"
-                                            : "");
-  }
+  if (!at::GradMode::is_enabled() || (cpu_gradients && q.device().is_cpu())) return;
+  const char* why =
+      cpu_gradients ? "only the CPU kernels compute its gradient" : "this op does not compute its gradient";
+  const auto refuse_if_wanted = [&](const OptTensor& t, const char* name, const char* alternative) {
+    TORCH_CHECK_NOT_IMPLEMENTED(!(t.has_value() && t->defined() && t->requires_grad()), "flash_attn_ext.",
+                                op + sizeof("flash_attn_ext::") - 1, ": ", name, " requires grad, and ", why, "; pass ",
+                                name, ".detach() or run under torch.no_grad()", alternative);
+  };
+  refuse_if_wanted(attn_mask, "attn_mask",
+                   ", or use flash_attn_ext.scaled_dot_product_attention, which falls back to PyTorch");
+  refuse_if_wanted(alibi_slopes, "alibi_slopes", "");
 }
 
 Tensors3 attention_forward_autograd(T q, T k, T v, const OptTensor& attn_mask, double dropout_p, double scale,
                                     int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
                                     const OptTensor& alibi_slopes, const OptTensor& sinks,
                                     const OptTensor& relative_bias) {
-  check_bias_gradients(kForwardOp, q, attn_mask, alibi_slopes);
+  check_bias_gradients(kForwardOp, /*cpu_gradients=*/true, q, attn_mask, alibi_slopes);
   auto r = AttentionFunction::apply(q, k, v, attn_mask, dropout_p, scale, window_left, window_right, bottom_right,
                                     softcap, alibi_slopes, sinks, relative_bias);
   return {r[0], r[1], r[2]};
@@ -285,7 +281,7 @@ Tensors3 attention_varlen_forward_autograd(T q, T k, T v, T cu_q, T cu_k, int64_
                                            double dropout_p, double scale, int64_t window_left, int64_t window_right,
                                            bool bottom_right, double softcap, const OptTensor& alibi_slopes,
                                            const OptTensor& sinks) {
-  check_bias_gradients(kVarlenForwardOp, q, std::nullopt, alibi_slopes);
+  check_bias_gradients(kVarlenForwardOp, /*cpu_gradients=*/false, q, std::nullopt, alibi_slopes);
   auto r = VarlenAttentionFunction::apply(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, window_left,
                                           window_right, bottom_right, softcap, alibi_slopes, sinks);
   return {r[0], r[1], r[2]};

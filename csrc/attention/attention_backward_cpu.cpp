@@ -153,10 +153,12 @@ struct BackwardArgs : CallArgs<at::opmath_type<scalar_t>, BackwardPlan> {
   // brgemm has no alpha, and an alpha on an accumulating product costs it a pass through
   // scratch (measured: the brgemm backward 13-19% slower than vdpbf16ps before, NOTES.md #27).
   acc_t dk_factor, dv_factor, dq_factor;
-  // The mask's gradient (nullptr: not asked): (parts, Bm, Hm, Lm, Sm), strides 0 along the
-  // dims it sums over; a mask broadcast over the keys has one part per split (dmask_part_stride).
+  // The gradient of a mask that broadcasts (nullptr: none): (parts, Bm, Hm, Lm, Sm), strides 0
+  // along the dims it sums over; a mask broadcast over the keys (dmask_sum_keys) has one part
+  // per split (dmask_part_stride).
   acc_t* dmask = nullptr;
-  int64_t dmask_sb = 0, dmask_sh = 0, dmask_si = 0, dmask_sj = 0, dmask_part_stride = 0;
+  int64_t dmask_sb = 0, dmask_sh = 0, dmask_si = 0, dmask_part_stride = 0;
+  bool dmask_sum_keys = false;
   // A mask of the scores' own shape (nothing to sum: each element is one dS) gets its gradient
   // written once, in its dtype, straight into the result (no accumulator, no zeroing pass: the
   // rows a key tile's band leaves out are zeroed when the tile is visited).
@@ -443,12 +445,12 @@ class BackwardWorker {
   // by the one task that owns them.
   void add_mask_gradient(const KeyTile& t, int64_t h, int64_t i, const acc_t* ds) {
     acc_t* g = a_.dmask + t.split * a_.dmask_part_stride + t.b * a_.dmask_sb + h * a_.dmask_sh + i * a_.dmask_si;
-    if (a_.dmask_sj == 0) {
+    if (a_.dmask_sum_keys) {
       acc_t sum = 0;
       for (int64_t c = 0; c < t.cols; ++c) sum += ds[c];
       g[0] += sum;
     } else {
-      g += t.j0;  // (the accumulator is contiguous: dmask_sj is 1)
+      g += t.j0;  // the accumulator's rows are contiguous
       for (int64_t c = 0; c < t.cols; ++c) g[c] += ds[c];
     }
   }
@@ -473,9 +475,8 @@ class BackwardWorker {
 
   // The rows of keys j0 .. j0 + cols outside the tile's band see none of them: zero gradient.
   void zero_mask_gradient_outside(int64_t b, int64_t h, int64_t j0, int64_t cols, const RowRange& band) {
-    const int64_t L = a_.p.len_q;
-    for (int64_t i = 0; i < L; ++i)
-      if (i < band.begin || i >= band.end || band.begin >= band.end) store_mask_gradient(b, h, i, j0, cols, nullptr);
+    for (int64_t i = 0; i < band.begin; ++i) store_mask_gradient(b, h, i, j0, cols, nullptr);
+    for (int64_t i = band.end; i < a_.p.len_q; ++i) store_mask_gradient(b, h, i, j0, cols, nullptr);
   }
 
   // d slope_(b, h) = -sum_ij dS_ij |i + o - j| (the bias is -slope |i + o - j|), into this
@@ -579,9 +580,10 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
                               plan.bf16 ? c.scale : acc_t(1),
                               c.keep_scale,
                               c.scale};
-  // The bias gradients' accumulators, zeroed (dS is added where it is formed): the mask's in its
-  // own (B, H, L, S) shape, one part per split when the sum over its keys crosses splits; the
-  // slopes' as (n_splits, B, Hq).
+  // The bias gradients: a full-shape mask's written straight into the result; the others'
+  // accumulators zeroed (dS is added where it is formed): a broadcast mask's in its own shape,
+  // one part per split when the sum over its keys crosses splits; the slopes' as
+  // (n_splits, B, Hq); the relative bias's as (n_splits * B, Hq, L + S - 1).
   at::Tensor dmask, dslopes;
   const auto full_shape = [&](at::IntArrayRef m) {
     return (m[0] == p.batch || p.batch == 1) && (m[1] == p.heads_q || p.heads_q == 1) && m[2] == L && m[3] == p.len_k;
@@ -602,7 +604,7 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
     args.dmask_sb = m[0] == 1 ? 0 : dmask.stride(1);
     args.dmask_sh = m[1] == 1 ? 0 : dmask.stride(2);
     args.dmask_si = m[2] == 1 ? 0 : dmask.stride(3);
-    args.dmask_sj = m[3] == 1 ? 0 : 1;
+    args.dmask_sum_keys = m[3] == 1;
     args.dmask_part_stride = parts > 1 ? dmask.stride(0) : 0;
   }
   if (want_slopes) {
@@ -634,25 +636,19 @@ void backward_kernel(const AttentionParams& p, const MaskView& mask, const at::T
       }
     });
   }
-  // The bias gradients' parts summed in split order (elementwise adds: deterministic), then in
-  // the shapes and dtypes of what they are the gradients of.
-  if (want_mask && args.dmask_out == nullptr) {
-    for (int64_t s = 1; s < dmask.size(0); ++s) dmask[0].add_(dmask[s]);
-    bias->grad_mask = dmask[0].to(bias->mask.scalar_type());
-  }
+  // The bias gradients' parts summed in order (elementwise adds: deterministic), then in the
+  // shapes and dtypes of what they are the gradients of.
+  const auto sum_parts = [](const at::Tensor& parts) {  // over dim 0, part 0 first
+    for (int64_t s = 1; s < parts.size(0); ++s) parts[0].add_(parts[s]);
+    return parts[0];
+  };
+  if (want_mask && args.dmask_out == nullptr) bias->grad_mask = sum_parts(dmask).to(bias->mask.scalar_type());
   if (want_slopes) {
-    for (int64_t s = 1; s < plan.n_splits; ++s) dslopes[0].add_(dslopes[s]);
-    at::Tensor g = dslopes[0];  // (B, Hq)
-    if (bias->slopes.dim() == 1) {
-      for (int64_t b = 1; b < p.batch; ++b) g[0].add_(g[b]);
-      g = g[0];
-    }
+    at::Tensor g = sum_parts(dslopes);  // (B, Hq)
+    if (bias->slopes.dim() == 1) g = sum_parts(g);
     bias->grad_slopes = g.to(bias->slopes.scalar_type()).contiguous();
   }
-  if (want_relative) {  // the (split, batch) copies, in order
-    for (int64_t s = 1; s < drelative.size(0); ++s) drelative[0].add_(drelative[s]);
-    bias->grad_relative = drelative[0].to(bias->relative.scalar_type());
-  }
+  if (want_relative) bias->grad_relative = sum_parts(drelative).to(bias->relative.scalar_type());
 }
 
 }  // namespace

@@ -208,11 +208,13 @@ T5_CONFIG = dict(
 )
 
 
-def _t5_pair(impl):
-    config = transformers.T5Config(**T5_CONFIG)
+def _t5_pair(impl, family="T5"):
+    """A tiny T5-family model (family: "T5", "UMT5") on `impl` and the same weights on eager."""
+    config = getattr(transformers, f"{family}Config")(**T5_CONFIG)
+    model_cls = getattr(transformers, f"{family}ForConditionalGeneration")
     torch.manual_seed(0)
-    ours = transformers.T5ForConditionalGeneration._from_config(copy.deepcopy(config), attn_implementation=impl)
-    ref = transformers.T5ForConditionalGeneration._from_config(copy.deepcopy(config), attn_implementation="eager")
+    ours = model_cls._from_config(copy.deepcopy(config), attn_implementation=impl)
+    ref = model_cls._from_config(copy.deepcopy(config), attn_implementation="eager")
     with torch.no_grad():  # relative-position biases of a few units (a random init gives ~0.05)
         for m in ours.modules():
             if getattr(m, "has_relative_attention_bias", False):
@@ -336,23 +338,10 @@ def test_t5_bias_computed_in_the_kernels(monkeypatch):
 def test_umt5_per_layer_tables_in_the_kernels():
     """UMT5 (a relative-position table per layer, unscaled scores): logits and every gradient,
     the tables' included, match eager, with its bias computed in the kernels."""
-    cfg = dict(T5_CONFIG)
-    config = transformers.UMT5Config(**cfg)
-    torch.manual_seed(0)
-    models = {}
-    for impl in (NAME, "eager"):
-        models[impl] = transformers.UMT5ForConditionalGeneration._from_config(
-            copy.deepcopy(config), attn_implementation=impl
-        )
-    ours, ref = models[NAME], models["eager"]
-    with torch.no_grad():
-        for m in ours.modules():
-            if getattr(m, "has_relative_attention_bias", False):
-                m.relative_attention_bias.weight.mul_(40.0)
-    ref.load_state_dict(ours.state_dict())
+    ours, ref = _t5_pair(NAME, "UMT5")
     ids = torch.randint(1, 96, (2, 11))
     labels = torch.randint(1, 96, (2, 7))
-    losses = [m.eval()(input_ids=ids, labels=labels).loss for m in (ours, ref)]
+    losses = [m(input_ids=ids, labels=labels).loss for m in (ours, ref)]
     for loss in losses:
         loss.backward()
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
