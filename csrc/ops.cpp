@@ -95,9 +95,15 @@ TORCH_LIBRARY(flash_attn_ext, m) {
   // block_table (B, blocks_per_seq) int32: a paged cache (vLLM / flash-attn), the caches being
   // (num_blocks, Hkv, block_size, D) and position p of sequence b row p % block_size of block
   // block_table[b, p / block_size]. The same for attention_kvcache below.
+  // Quantized caches (int8, float8_e4m3fn) come with k_cache_scale / v_cache_scale: float32,
+  // the cache's shape without head_dim ((B, Hkv, S_max), or (num_blocks, Hkv, block_size)), one
+  // scale per (position, head); element d of a row reads cache[..., d] * scale[...]. The append
+  // quantizes each new row with scale = amax / 127 (int8) or amax / 448 (fp8), round to nearest
+  // even, writing the row's scale; new K/V are then float32 / bf16 / fp16 and must be finite.
   m.def(
       "kv_cache_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k_new, Tensor v_new, "
-      "Tensor cache_seqlens, bool rolling=False, Tensor? block_table=None) -> ()");
+      "Tensor cache_seqlens, bool rolling=False, Tensor? block_table=None, Tensor(c!)? k_cache_scale=None, "
+      "Tensor(d!)? v_cache_scale=None) -> ()");
   // Attention of query (B, Hq, L, D) against a KV cache (B, Hkv, S_max, D): sequence b sees
   // keys [0, cache_seqlens[b] + L_new), bottom-right aligned (the last query with the last
   // key). With k_new/v_new (B, Hkv, L_new, D) they are first appended in place
@@ -105,8 +111,8 @@ TORCH_LIBRARY(flash_attn_ext, m) {
   m.def(
       "attention_kvcache(Tensor query, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
       "Tensor? k_new, Tensor? v_new, float scale, int window_left, int window_right, "
-      "Tensor? block_table=None, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? sinks=None) "
-      "-> (Tensor out, Tensor lse)");
+      "Tensor? block_table=None, float softcap=0.0, Tensor? alibi_slopes=None, Tensor? sinks=None, "
+      "Tensor(c!)? k_cache_scale=None, Tensor(d!)? v_cache_scale=None) -> (Tensor out, Tensor lse)");
   // Raises (RuntimeError) and clears what device-checked KV-cache calls on on_device's device
   // skipped (csrc/kv_cache/kv_cache_device_checks.h); nothing on CPU, whose calls always raise
   // at once. Python: flash_attn_ext.check_kvcache_errors.

@@ -202,7 +202,17 @@ def _attention_varlen_backward_fake(
 
 
 @torch.library.register_fake("flash_attn_ext::kv_cache_append")
-def _kv_cache_append_fake(k_cache, v_cache, k_new, v_new, cache_seqlens, rolling=False, block_table=None):
+def _kv_cache_append_fake(
+    k_cache,
+    v_cache,
+    k_new,
+    v_new,
+    cache_seqlens,
+    rolling=False,
+    block_table=None,
+    k_cache_scale=None,
+    v_cache_scale=None,
+):
     _same_device(
         "kv_cache_append",
         k_cache=k_cache,
@@ -211,6 +221,8 @@ def _kv_cache_append_fake(k_cache, v_cache, k_new, v_new, cache_seqlens, rolling
         v_new=v_new,
         cache_seqlens=cache_seqlens,
         block_table=block_table,
+        k_cache_scale=k_cache_scale,
+        v_cache_scale=v_cache_scale,
     )
     torch._check(k_cache.dim() == 4 and k_new.dim() == 4, lambda: "caches and new K/V must be 4-D")
     return None
@@ -231,6 +243,8 @@ def _attention_kvcache_fake(
     softcap=0.0,
     alibi_slopes=None,
     sinks=None,
+    k_cache_scale=None,
+    v_cache_scale=None,
 ):
     _same_device(
         "attention_kvcache",
@@ -243,6 +257,8 @@ def _attention_kvcache_fake(
         block_table=block_table,
         alibi_slopes=alibi_slopes,
         sinks=sinks,
+        k_cache_scale=k_cache_scale,
+        v_cache_scale=v_cache_scale,
     )
     torch._check(query.dim() == 4 and k_cache.dim() == 4, lambda: "query and caches must be 4-D")
     batch, heads, len_q, _ = query.shape

@@ -221,6 +221,25 @@ def _host_lengths(name: str, cu: torch.Tensor, total: Optional[int]) -> torch.Te
     return lens
 
 
+class _PagedVarlenNoBackward(torch.autograd.Function):
+    """Connects _varlen_paged's out and lse (computed without autograd) to the inputs that
+    require grad, so that a backward through them raises instead of leaving those inputs
+    without a gradient. forward(out, lse, *inputs) returns out and lse (the same storage; detached
+    so that they are outputs of their own, which in-place operations may modify, not views)."""
+
+    @staticmethod
+    def forward(ctx, out, lse, *inputs):
+        return out.detach(), lse.detach()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            "flash_attn_varlen_func: no backward with block_table: the paged path is forward-only, as in "
+            "flash-attn; for gradients pass packed k/v (total_k, Hkv, D) without block_table, or call it "
+            "under torch.no_grad() / torch.inference_mode()"
+        )
+
+
 def _varlen_paged(
     q,
     k_cache,
@@ -243,7 +262,13 @@ def _varlen_paged(
     KV-cache op: the packed queries are scattered into a (batch, max_seqlen_q) buffer, each
     sequence's rows at the end so that bottom-right alignment holds per sequence, and gathered
     back; the padding rows are computed and dropped (work grows by batch * max_seqlen_q /
-    total_q)."""
+    total_q).
+
+    Forward-only, as in flash-attn: the forward is always computed (under torch.no_grad(), on
+    detached inputs). When grad mode is on and q, k_cache, v_cache, sinks or alibi_slopes
+    require grad, out (and lse) are connected to them through a node whose backward raises
+    NotImplementedError, so a backward fails loudly instead of leaving them without a gradient;
+    otherwise out and lse carry no autograd history. dropout_p must be 0."""
     fn = "flash_attn_varlen_func"
     _ops.check_tensors(fn, q=q, k=k_cache, v=v_cache, block_table=block_table)
     if q.dim() != 3:
@@ -258,42 +283,49 @@ def _varlen_paged(
         raise ValueError(
             f"{fn}: dropout_p must be 0 with block_table (the paged path is forward-only), got {dropout_p!r}"
         )
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
-        raise RuntimeError(
-            f"{fn}: with block_table it is forward-only, as in flash-attn; call it under torch.no_grad() "
-            "or torch.inference_mode()"
+    needs_grad = [
+        t for t in (q, k_cache, v_cache, sinks, alibi_slopes) if isinstance(t, torch.Tensor) and t.requires_grad
+    ]
+    needs_grad = needs_grad if torch.is_grad_enabled() else []
+    q, k_cache, v_cache = q.detach(), k_cache.detach(), v_cache.detach()
+    sinks = sinks.detach() if isinstance(sinks, torch.Tensor) else sinks
+    alibi_slopes = alibi_slopes.detach() if isinstance(alibi_slopes, torch.Tensor) else alibi_slopes
+    with torch.no_grad():
+        lens_q = _host_lengths("cu_seqlens_q", cu_seqlens_q, q.shape[0])
+        lens_k = _host_lengths("cu_seqlens_k", cu_seqlens_k, None)
+        if lens_k.numel() != lens_q.numel():
+            raise ValueError(f"{fn}: cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1)")
+        B, L = lens_q.numel(), int(max_seqlen_q)
+        if B and int(lens_q.max()) > L:
+            raise ValueError(
+                f"{fn}: max_seqlen_q = {L} is shorter than the longest query sequence ({int(lens_q.max())})"
+            )
+        dev = q.device
+        lens_q_d = lens_q.to(dev)
+        starts = cu_seqlens_q.to(torch.int64)
+        rows = torch.arange(q.shape[0], device=dev)
+        seq = torch.searchsorted(starts[1:], rows, right=True)  # the sequence of each packed row
+        dest = seq * L + (L - lens_q_d[seq]) + (rows - starts[seq])  # right-aligned in its sequence's slot
+        padded = q.new_zeros(B * L, *q.shape[1:])
+        padded[dest] = q
+        out, lse = attention_with_kvcache(
+            padded.view(B, L, *q.shape[1:]),
+            k_cache,
+            v_cache,
+            cache_seqlens=lens_k.to(device=dev, dtype=torch.int32),
+            softmax_scale=softmax_scale,
+            causal=causal,
+            window_size=tuple(window_size),
+            return_softmax_lse=True,
+            block_table=block_table,
+            softcap=float(softcap),
+            alibi_slopes=alibi_slopes,
+            sinks=sinks,
         )
-    lens_q = _host_lengths("cu_seqlens_q", cu_seqlens_q, q.shape[0])
-    lens_k = _host_lengths("cu_seqlens_k", cu_seqlens_k, None)
-    if lens_k.numel() != lens_q.numel():
-        raise ValueError(f"{fn}: cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1)")
-    B, L = lens_q.numel(), int(max_seqlen_q)
-    if B and int(lens_q.max()) > L:
-        raise ValueError(f"{fn}: max_seqlen_q = {L} is shorter than the longest query sequence ({int(lens_q.max())})")
-    dev = q.device
-    lens_q_d = lens_q.to(dev)
-    starts = cu_seqlens_q.to(torch.int64)
-    rows = torch.arange(q.shape[0], device=dev)
-    seq = torch.searchsorted(starts[1:], rows, right=True)  # the sequence of each packed row
-    dest = seq * L + (L - lens_q_d[seq]) + (rows - starts[seq])  # right-aligned in its sequence's slot
-    padded = q.new_zeros(B * L, *q.shape[1:])
-    padded[dest] = q
-    out, lse = attention_with_kvcache(
-        padded.view(B, L, *q.shape[1:]),
-        k_cache,
-        v_cache,
-        cache_seqlens=lens_k.to(device=dev, dtype=torch.int32),
-        softmax_scale=softmax_scale,
-        causal=causal,
-        window_size=tuple(window_size),
-        return_softmax_lse=True,
-        block_table=block_table,
-        softcap=float(softcap),
-        alibi_slopes=alibi_slopes,
-        sinks=sinks,
-    )
-    out = out.reshape(B * L, *out.shape[2:])[dest]
-    lse = lse.permute(1, 0, 2).reshape(lse.shape[1], B * L)[:, dest]  # (Hq, total_q), as flash-attn
+        out = out.reshape(B * L, *out.shape[2:])[dest]
+        lse = lse.permute(1, 0, 2).reshape(lse.shape[1], B * L)[:, dest]  # (Hq, total_q), as flash-attn
+    if needs_grad:
+        out, lse = _PagedVarlenNoBackward.apply(out, lse, *needs_grad)
     return (out, lse, None) if return_attn_probs else out
 
 

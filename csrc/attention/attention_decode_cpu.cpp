@@ -8,7 +8,10 @@
 // (running max, running sum, accumulator) at once. Tasks split the key band (Flash-Decoding)
 // when sequences are fewer than threads; partial states merge exactly (merge_split_states).
 // float and bf16 caches are read in place by the inner loops (csrc/cpu/decode_math.h), which
-// widen in registers; fp16 and float64 tiles are widened into a buffer first.
+// widen in registers; fp16 and float64 tiles are widened into a buffer first. int8 and fp8
+// caches are read in place too: a key's scores are its codes' dot products times its K scale,
+// and each probability is multiplied by its V row's scale before P V, so nothing is
+// dequantized into memory.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -64,12 +67,24 @@ template <>
 struct DirectRead<c10::BFloat16> {
   using type = uint16_t;  // decode_math.h takes bf16 as its raw bits
 };
+template <>
+struct DirectRead<int8_t> {
+  using type = int8_t;
+};
+template <>
+struct DirectRead<c10::Float8_e4m3fn> {
+  using type = Fp8E4M3;  // its raw byte
+};
 
-template <typename scalar_t>
+// scalar_t: the query's (and output's) dtype; cache_t: the cache's storage, scalar_t or, with
+// scales, int8_t / c10::Float8_e4m3fn.
+template <typename scalar_t, typename cache_t = scalar_t>
 void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   const at::Tensor& out, const at::Tensor& lse) {
+                   const at::Tensor& out, const at::Tensor& lse, const at::Tensor& k_scale = {},
+                   const at::Tensor& v_scale = {}) {
   using acc_t = at::opmath_type<scalar_t>;
-  using direct_t = typename DirectRead<scalar_t>::type;
+  using direct_t = typename DirectRead<cache_t>::type;
+  constexpr bool kQuantized = !std::is_same_v<scalar_t, cache_t>;
   constexpr bool kDirect = !std::is_void_v<direct_t>;
   // What the inner loops see: the cache itself, or the widened tile buffer.
   using read_t = std::conditional_t<kDirect, direct_t, acc_t>;
@@ -85,8 +100,14 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
   const int64_t n_rows_all = p.batch * p.heads_q * L;
   SplitStates<acc_t> parts(n_splits, n_rows_all, Dv);
   const auto q_rows = rows_of<const scalar_t>(q);
-  const auto k_rows = kv_rows_of<const scalar_t>(k, p);
-  const auto v_rows = kv_rows_of<const scalar_t>(v, p);
+  const auto k_rows = kv_rows_of<const cache_t>(k, p);
+  const auto v_rows = kv_rows_of<const cache_t>(v, p);
+  // The scales as (B, Hkv, S, 1) rows, addressed like the cache (paged included).
+  Rows<const float> k_scales{}, v_scales{};
+  if constexpr (kQuantized) {
+    k_scales = kv_rows_of<const float>(k_scale.unsqueeze(-1), p);
+    v_scales = kv_rows_of<const float>(v_scale.unsqueeze(-1), p);
+  }
   const auto o_rows = rows_of<scalar_t>(out);
   acc_t* lse_data = lse.data_ptr<acc_t>();
   const acc_t scale = static_cast<acc_t>(p.scale);
@@ -105,7 +126,7 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
     std::vector<acc_t*> s_ptrs(Hkv * kDecodeTile);
     std::vector<const void*> prefetch_rows(Hkv * kDecodeTile);
     // Row c of head hk of the current tile, as the inner loops read it.
-    const auto row = [&](const Rows<const scalar_t>& src, const std::vector<acc_t>& widened, int64_t dim, int64_t b,
+    const auto row = [&](const Rows<const cache_t>& src, const std::vector<acc_t>& widened, int64_t dim, int64_t b,
                          int64_t hk, int64_t j0, int64_t c) -> const read_t* {
       if constexpr (kDirect)
         return reinterpret_cast<const read_t*>(src.row(b, hk, j0 + c));
@@ -140,7 +161,7 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
         const int64_t cols = std::min(kDecodeTile, band.end - j0);
         // Every head's tile widened into dst (fp16 / float64 only), read in memory order;
         // row c of head hk at dst[(hk * T + c) * dim].
-        const auto widen_all = [&](const Rows<const scalar_t>& src, bool heads_inner, int64_t dim, acc_t* dst) {
+        const auto widen_all = [&](const Rows<const cache_t>& src, bool heads_inner, int64_t dim, acc_t* dst) {
           if (heads_inner) {
             for (int64_t c = 0; c < cols; ++c)
               for (int64_t hk = 0; hk < Hkv; ++hk)
@@ -171,7 +192,7 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
           for_memory_order(v_heads_inner, Hkv, cols,
                            [&](int64_t hk, int64_t c) { prefetch_rows[n_pf++] = v_rows.row(b, hk, j0 + c); });
         for_memory_order(k_heads_inner, Hkv, cols, add_key);
-        const PrefetchList prefetch{prefetch_rows.data(), n_pf, Dv * static_cast<int64_t>(sizeof(scalar_t))};
+        const PrefetchList prefetch{prefetch_rows.data(), n_pf, Dv * static_cast<int64_t>(sizeof(cache_t))};
         if constexpr (kPairSplit) {
           if (bf16_dot) {
             dot_rows_bf16_dot(n, q_bf16_ptrs.data(), k_ptrs.data(), s_ptrs.data(), R, Dk, kDecodeTile,
@@ -182,6 +203,13 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
         } else {
           dot_rows(n, q_ptrs.data(), k_ptrs.data(), s_ptrs.data(), R, Dk, kDecodeTile, prefetch);
         }
+        if constexpr (kQuantized)  // each key's scores times its scale
+          for (int64_t hk = 0; hk < Hkv; ++hk)
+            for (int64_t c = 0; c < cols; ++c) {
+              const acc_t ks = *k_scales.row(b, hk, j0 + c);
+              acc_t* s = s_all.data() + hk * R * kDecodeTile + c;
+              for (int64_t r = 0; r < R; ++r) s[r * kDecodeTile] *= ks;
+            }
         for (int64_t hk = 0; hk < Hkv; ++hk) {
           acc_t* s = s_all.data() + hk * R * kDecodeTile;
           if (p.softcap > 0.0) softcap_tile(s, kDecodeTile, R, cols, static_cast<acc_t>(p.softcap));
@@ -204,6 +232,13 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
           }
         }
         if constexpr (!kDirect) widen_all(v_rows, v_heads_inner, Dv, v_all.data());
+        if constexpr (kQuantized)  // each probability times its V row's scale (l_run has the unscaled ones)
+          for (int64_t hk = 0; hk < Hkv; ++hk)
+            for (int64_t c = 0; c < cols; ++c) {
+              const acc_t vs = *v_scales.row(b, hk, j0 + c);
+              acc_t* s = s_all.data() + hk * R * kDecodeTile + c;
+              for (int64_t r = 0; r < R; ++r) s[r * kDecodeTile] *= vs;
+            }
         for (int64_t hk = 0; hk < Hkv; ++hk) {
           for (int64_t c = 0; c < cols; ++c) row_ptrs[c] = row(v_rows, v_all, Dv, b, hk, j0, c);
           axpy_rows(s_all.data() + hk * R * kDecodeTile, kDecodeTile, R, cols, row_ptrs.data(), Dv,
@@ -235,7 +270,8 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
 }  // namespace
 
 bool run_attention_decode_cpu(const AttentionParams& p, const MaskView& mask, const at::Tensor& q, const at::Tensor& k,
-                              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse) {
+                              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                              const at::Tensor& k_scale, const at::Tensor& v_scale) {
   if (p.config.cpu_decode == PathMode::kOff) return false;
   const char* why = nullptr;
   static_assert(kMaxDecodeRows == 8, "the 'too many query rows' reason names it");
@@ -251,11 +287,24 @@ bool run_attention_decode_cpu(const AttentionParams& p, const MaskView& mask, co
     why = "too many query rows per KV head (len_q * group size above 8, kMaxDecodeRows)";
   else if (p.heads_kv == 0 || p.batch == 0)
     why = "empty";
+  else if (k_scale.defined() && q.scalar_type() == at::kDouble)
+    why = "a quantized cache with a float64 query";
   TORCH_CHECK_VALUE(why == nullptr || p.config.cpu_decode != PathMode::kRequire,
                     "flash_attn_ext: kernel_config(cpu_decode='require') but the CPU decode kernel cannot serve this "
                     "call: ",
                     why);
   if (why != nullptr) return false;
+  if (k_scale.defined()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_decode_cpu_quantized", [&] {
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        if (k.scalar_type() == at::kChar)
+          decode_kernel<scalar_t, int8_t>(p, q, k, v, out, lse, k_scale, v_scale);
+        else
+          decode_kernel<scalar_t, c10::Float8_e4m3fn>(p, q, k, v, out, lse, k_scale, v_scale);
+      }
+    });
+    return true;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_decode_cpu",
                                   [&] { decode_kernel<scalar_t>(p, q, k, v, out, lse); });
   return true;

@@ -42,7 +42,12 @@ void set_dropout_seed(AttentionParams& p, const at::Tensor& rng_state);
 // no mask and no dropout, and returns true; returns false (nothing done) otherwise.
 // p.config.cpu_decode off turns it off (tests compare both paths), require raises where it
 // cannot serve the call.
+// k_scale / v_scale (float32, k's (B, Hkv, S) view without head_dim): k and v are an int8 or
+// float8_e4m3fn cache read as stored, each key's scores times its K scale and each
+// probability times its V scale (no dequantized copy); undefined for a float cache. A
+// quantized cache with a float64 query is declined.
 bool run_attention_decode_cpu(const AttentionParams& p, const MaskView& mask, const at::Tensor& q, const at::Tensor& k,
-                              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse);
+                              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                              const at::Tensor& k_scale = {}, const at::Tensor& v_scale = {});
 
 }  // namespace flash_attn_ext::cpu

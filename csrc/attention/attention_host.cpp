@@ -24,7 +24,7 @@ void check_last_dim_contiguous(const char* op, const char* name, const at::Tenso
 
 void check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
-                            int64_t window_left, int64_t window_right, bool paged_kv) {
+                            int64_t window_left, int64_t window_right, bool paged_kv, bool quantized_kv) {
   TORCH_CHECK_VALUE(q.dim() == 4, op, ": query must be 4-D (batch, heads, len_q, head_dim), got ", q.dim(),
                     "-D with shape ", q.sizes());
   TORCH_CHECK_VALUE(k.dim() == 4, op, ": key must be 4-D (batch, kv_heads, len_k, head_dim), got ", k.dim(),
@@ -32,7 +32,8 @@ void check_attention_inputs(const char* op, const at::Tensor& q, const at::Tenso
   TORCH_CHECK_VALUE(v.dim() == 4, op, ": value must be 4-D (batch, kv_heads, len_k, head_dim_v), got ", v.dim(),
                     "-D with shape ", v.sizes());
   check_floating(op, "query", q);
-  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+  // quantized_kv: int8 / fp8 KV-cache storage, its dtype checked with its scales (kv_cache_host.h)
+  TORCH_CHECK_TYPE(quantized_kv || (k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type()), op,
                    ": query, key and value must have the same dtype, got query ", q.scalar_type(), ", key ",
                    k.scalar_type(), ", value ", v.scalar_type());
   TORCH_CHECK_VALUE(k.device() == q.device() && v.device() == q.device(), op,

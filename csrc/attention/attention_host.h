@@ -18,7 +18,8 @@ namespace flash_attn_ext {
 // paged_kv: k/v are the blocks of a paged cache (their first dim counts blocks, not sequences).
 void check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const std::optional<at::Tensor>& attn_mask, double dropout_p, double scale,
-                            int64_t window_left, int64_t window_right, bool paged_kv = false);
+                            int64_t window_left, int64_t window_right, bool paged_kv = false,
+                            bool quantized_kv = false);
 
 // Backward also checks that grad_out, out and lse match the forward's shapes.
 void check_attention_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,

@@ -34,6 +34,20 @@ FAE_INLINE float widen(uint16_t bits) {
   return f;
 }
 
+FAE_INLINE float widen(int8_t x) { return static_cast<float>(x); }
+FAE_INLINE float widen(Fp8E4M3 x) {  // the scalar form of simd::load8_e4m3
+  const uint32_t em = x.bits & 0x7fu;
+  float f;
+  if (em < 8) {
+    f = static_cast<float>(em) * (1.0f / 512.0f);
+  } else {
+    const uint32_t u = (em << 20) + (120u << 23);
+    std::memcpy(&f, &u, sizeof(f));
+  }
+  return (x.bits & 0x80u) ? -f : f;
+}
+FAE_INLINE v8f load8(const Fp8E4M3* p) { return simd::load8_e4m3(&p->bits); }
+
 // bf16 rows are read as 32-bit words, 16 elements a vector: a shift gives the even elements
 // and a mask the odd ones as two float vectors, no shuffles. The float rows they meet (scaled
 // q, the accumulators) are kept pair-split to match (see decode_math.h).
@@ -369,6 +383,30 @@ FAE_MULTIVERSION
 void axpy_rows(const float* p, int64_t ld_p, int64_t rows, int64_t cols, const uint16_t* const* v_bf16, int64_t dim,
                float* acc) {
   axpy_rows_any(p, ld_p, rows, cols, v_bf16, dim, acc);
+}
+
+FAE_MULTIVERSION
+void dot_rows(int64_t n, const float* const* q, const int8_t* const* k_int8, float* const* s, int64_t rows,
+              int64_t dim, int64_t ld_s, const PrefetchList& prefetch) {
+  dot_list_any(n, q, k_int8, s, rows, dim, ld_s, prefetch);
+}
+
+FAE_MULTIVERSION
+void dot_rows(int64_t n, const float* const* q, const Fp8E4M3* const* k_fp8, float* const* s, int64_t rows,
+              int64_t dim, int64_t ld_s, const PrefetchList& prefetch) {
+  dot_list_any(n, q, k_fp8, s, rows, dim, ld_s, prefetch);
+}
+
+FAE_MULTIVERSION
+void axpy_rows(const float* p, int64_t ld_p, int64_t rows, int64_t cols, const int8_t* const* v_int8, int64_t dim,
+               float* acc) {
+  axpy_rows_any(p, ld_p, rows, cols, v_int8, dim, acc);
+}
+
+FAE_MULTIVERSION
+void axpy_rows(const float* p, int64_t ld_p, int64_t rows, int64_t cols, const Fp8E4M3* const* v_fp8, int64_t dim,
+               float* acc) {
+  axpy_rows_any(p, ld_p, rows, cols, v_fp8, dim, acc);
 }
 
 void axpy_rows(const double* p, int64_t ld_p, int64_t rows, int64_t cols, const double* const* v, int64_t dim,

@@ -14,6 +14,11 @@ namespace flash_attn_ext::cpu {
 
 constexpr int64_t kMaxDecodeRows = 8;
 
+// A float8_e4m3fn cache element as its raw byte (kept torch-free like bf16's uint16_t).
+struct Fp8E4M3 {
+  uint8_t bits;
+};
+
 // Rows the caller reads next (count rows of bytes each), requested by the score loop while it
 // computes: entry e of n asks for rows [e * count / n, (e + 1) * count / n).
 struct PrefetchList {
@@ -38,6 +43,12 @@ void dot_rows(int64_t n, const float* const* q, const uint16_t* const* k_bf16, f
               int64_t dim, int64_t ld_s, const PrefetchList& prefetch);
 void dot_rows(int64_t n, const double* const* q, const double* const* k, double* const* s, int64_t rows, int64_t dim,
               int64_t ld_s, const PrefetchList& prefetch);
+// Quantized caches: the scores against the stored codes (int8, or e4m3 bytes) widened in
+// registers; the caller multiplies each key's scores by its scale afterwards.
+void dot_rows(int64_t n, const float* const* q, const int8_t* const* k_int8, float* const* s, int64_t rows,
+              int64_t dim, int64_t ld_s, const PrefetchList& prefetch);
+void dot_rows(int64_t n, const float* const* q, const Fp8E4M3* const* k_fp8, float* const* s, int64_t rows,
+              int64_t dim, int64_t ld_s, const PrefetchList& prefetch);
 
 // Scores of bf16 q rows (natural order, unscaled) against bf16 key rows with AVX512-BF16's
 // vdpbf16ps: exact bf16 products, summed in float32, times scale. Only where has_bf16_dot()
@@ -55,5 +66,10 @@ void axpy_rows(const float* p, int64_t ld_p, int64_t rows, int64_t cols, const u
                float* acc);
 void axpy_rows(const double* p, int64_t ld_p, int64_t rows, int64_t cols, const double* const* v, int64_t dim,
                double* acc);
+// Quantized caches: p already carries each V row's scale (the caller folds it in).
+void axpy_rows(const float* p, int64_t ld_p, int64_t rows, int64_t cols, const int8_t* const* v_int8, int64_t dim,
+               float* acc);
+void axpy_rows(const float* p, int64_t ld_p, int64_t rows, int64_t cols, const Fp8E4M3* const* v_fp8, int64_t dim,
+               float* acc);
 
 }  // namespace flash_attn_ext::cpu

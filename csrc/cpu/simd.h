@@ -54,6 +54,31 @@ FAE_INLINE v8f load8(const uint16_t* p) {
   return (v8f)(__builtin_convertvector(h, v8u) << 16);
 }
 
+// 8 int8 widened to float exactly (sign-extended, converted).
+typedef int8_t v8i8 __attribute__((vector_size(8)));
+typedef uint8_t v8u8 __attribute__((vector_size(8)));
+FAE_INLINE v8f load8(const int8_t* p) {
+  v8i8 b;
+  std::memcpy(&b, p, sizeof(b));
+  return __builtin_convertvector(__builtin_convertvector(b, v8i), v8f);
+}
+
+// 8 float8_e4m3fn bytes widened to float exactly, in integer lanes: a normal code's exponent
+// and mantissa (bits 0-6) move to float's positions with the bias difference (127 - 7) added;
+// a subnormal (exponent field 0) is its mantissa times 2^-9. NaN codes (0x7f, 0xff) are never
+// written by the append (it stores at most +-448) and are not decoded as NaN here.
+FAE_INLINE v8f load8_e4m3(const uint8_t* p) {
+  v8u8 b;
+  std::memcpy(&b, p, sizeof(b));
+  const v8u u = __builtin_convertvector(b, v8u);
+  const v8u em = u & 0x7fu;
+  const v8u normal = (em << 20) + (120u << 23);
+  const v8f sub = __builtin_convertvector((v8i)em, v8f) * (1.0f / 512.0f);
+  const v8u is_sub = (v8u)(em < 8u);  // all ones where the exponent field is 0
+  const v8u bits = (is_sub & (v8u)sub) | (~is_sub & normal);
+  return (v8f)(bits | ((u & 0x80u) << 24));
+}
+
 #if defined(__clang__) || __GNUC__ >= 12
 #define FAE_SHUFFLE8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shufflevector(a, b, i0, i1, i2, i3, i4, i5, i6, i7)
 #else

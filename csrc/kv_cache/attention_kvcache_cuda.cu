@@ -5,6 +5,9 @@
 // cache_seqlens on the host, comes first: a bad call writes nothing. A device-checked call
 // (kv_cache_device_checks.h: a CUDA graph capture, or cuda_device_checks='require') reads
 // nothing back: its check kernel gives the lengths, and the splits are sized for the capacity.
+// An int8 / fp8 cache is dequantized (the rows any sequence reads) into the query's dtype and
+// attended by the same kernels: correct, not the in-kernel read the CPU decode kernel does
+// (that is still to be written for the CUDA decode kernel; none of this has run on a GPU).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -34,6 +37,13 @@ void run_kvcache_cuda(KvcacheCall& call, const at::Tensor& q, const at::Tensor& 
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor lens_dev = at::tensor(call.lens, at::kLong).to(q.device());
   const int64_t max_len = call.lens.empty() ? 0 : *std::max_element(call.lens.begin(), call.lens.end());
+  if (call.scales.defined()) {
+    const int64_t used = call.table.defined() ? -1 : max_len;  // a paged cache: every block
+    run_with_lengths(call, q, dequantize_cache(k_cache, call.scales.k, q.scalar_type(), used),
+                     dequantize_cache(v_cache, call.scales.v, q.scalar_type(), used), lens_dev.data_ptr<int64_t>(),
+                     max_len);
+    return;
+  }
   run_with_lengths(call, q, k_cache, v_cache, lens_dev.data_ptr<int64_t>(), max_len);
 }
 
@@ -41,14 +51,20 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_cuda(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
     const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new, double scale, int64_t window_left,
     int64_t window_right, const std::optional<at::Tensor>& block_table, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks) {
-  if (!use_device_checks("flash_attn_ext.attention_kvcache", current_kernel_config(), q.device()))
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks,
+    const std::optional<at::Tensor>& k_cache_scale, const std::optional<at::Tensor>& v_cache_scale) {
+  constexpr const char* kOp = "flash_attn_ext.attention_kvcache";
+  if (!use_device_checks(kOp, current_kernel_config(), q.device()))
     return attention_kvcache_op<&append_validated, &cuda_limits, &run_kvcache_cuda>(
         q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_left, window_right, block_table, softcap,
-        alibi_slopes, sinks);
+        alibi_slopes, sinks, k_cache_scale, v_cache_scale);
+  TORCH_CHECK_NOT_IMPLEMENTED(!check_cache_scales(kOp, k_cache, v_cache, k_cache_scale, v_cache_scale).defined(), kOp,
+                              ": a quantized (int8 / fp8) cache is not served with device-side checks (CUDA-graph "
+                              "capture, cuda_device_checks='require') yet");
   KvcacheCall call = prepare_attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_left,
                                                window_right, block_table, softcap, alibi_slopes, sinks, cuda_limits(),
-                                               /*append=*/nullptr, /*host_values=*/false);
+                                               /*append=*/nullptr, k_cache_scale, v_cache_scale,
+                                               /*host_values=*/false);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t capacity = call.params.len_k;  // S_max, or the block table's positions per sequence
   const int64_t L_new = k_new.has_value() ? k_new->size(2) : 0;

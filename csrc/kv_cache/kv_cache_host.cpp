@@ -15,8 +15,14 @@ void check_cache_pair(const char* op, const char* cache_name, const at::Tensor& 
                     " must be 4-D (batch, kv_heads, max_len, head_dim), got shape ", cache.sizes());
   TORCH_CHECK_VALUE(fresh.dim() == 4, op, ": ", new_name,
                     " must be 4-D (batch, kv_heads, new_len, head_dim), got shape ", fresh.sizes());
-  TORCH_CHECK_TYPE(fresh.scalar_type() == cache.scalar_type(), op, ": ", new_name, " dtype ", fresh.scalar_type(),
-                   " differs from ", cache_name, " dtype ", cache.scalar_type());
+  if (is_quantized_cache_dtype(cache.scalar_type())) {  // quantized on the way in
+    const auto st = fresh.scalar_type();
+    TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, op, ": ", new_name,
+                     " for a ", cache.scalar_type(), " cache must be float32, bfloat16 or float16, got ", st);
+  } else {
+    TORCH_CHECK_TYPE(fresh.scalar_type() == cache.scalar_type(), op, ": ", new_name, " dtype ", fresh.scalar_type(),
+                     " differs from ", cache_name, " dtype ", cache.scalar_type());
+  }
   TORCH_CHECK_VALUE(fresh.device() == cache.device(), op, ": ", new_name, " is on ", fresh.device(), ", ", cache_name,
                     " on ", cache.device());
   TORCH_CHECK_VALUE(
@@ -29,7 +35,55 @@ void check_cache_pair(const char* op, const char* cache_name, const at::Tensor& 
   }
 }
 
+void check_scale(const char* op, const char* name, const at::Tensor& scale, const char* cache_name,
+                 const at::Tensor& cache) {
+  TORCH_CHECK_TYPE(scale.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", scale.scalar_type());
+  TORCH_CHECK_VALUE(scale.device() == cache.device(), op, ": ", name, " is on ", scale.device(), ", ", cache_name,
+                    " on ", cache.device());
+  TORCH_CHECK_VALUE(cache.dim() == 4 && scale.sizes().equals(cache.sizes().slice(0, 3)), op, ": ", name,
+                    " must have ", cache_name, "'s shape without head_dim (", cache.sizes().slice(0, cache.dim() - 1),
+                    " for ", cache_name, " of shape ", cache.sizes(), "), got ", scale.sizes());
+}
+
 }  // namespace
+
+bool is_quantized_cache_dtype(at::ScalarType dtype) {
+  return dtype == at::kChar || dtype == at::ScalarType::Float8_e4m3fn;
+}
+
+CacheScales check_cache_scales(const char* op, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                               const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
+  const bool has_k = k_scale.has_value() && k_scale->defined(), has_v = v_scale.has_value() && v_scale->defined();
+  const at::ScalarType kt = k_cache.scalar_type(), vt = v_cache.scalar_type();
+  const bool k_quant = is_quantized_cache_dtype(kt), v_quant = is_quantized_cache_dtype(vt);
+  if (!k_quant && !v_quant) {
+    TORCH_CHECK_VALUE(!has_k && !has_v, op, ": k_cache_scale / v_cache_scale are for int8 or float8_e4m3fn caches; ",
+                      "this cache is ", kt, " (drop the scales, or quantize the cache)");
+    return {};
+  }
+  TORCH_CHECK_TYPE(kt == vt, op, ": k_cache (", kt, ") and v_cache (", vt, ") must have the same storage dtype");
+  TORCH_CHECK_VALUE(has_k, op, ": k_cache is ", kt, ", so k_cache_scale (float32, one scale per position and head) ",
+                    "is required");
+  TORCH_CHECK_VALUE(has_v, op, ": v_cache is ", vt, ", so v_cache_scale (float32, one scale per position and head) ",
+                    "is required");
+  check_scale(op, "k_cache_scale", *k_scale, "k_cache", k_cache);
+  check_scale(op, "v_cache_scale", *v_scale, "v_cache", v_cache);
+  return {*k_scale, *v_scale, kt};
+}
+
+void check_finite_new_rows(const char* op, const at::Tensor& k_new, const at::Tensor& v_new) {
+  for (const auto& [name, t] : {std::make_pair("k_new", &k_new), std::make_pair("v_new", &v_new)}) {
+    TORCH_CHECK_VALUE(t->numel() == 0 || at::isfinite(*t).all().item<bool>(), op, ": ", name,
+                      " has NaN or Inf values, which a quantized cache cannot store (a row's scale is its largest "
+                      "magnitude); nothing was written");
+  }
+}
+
+at::Tensor dequantize_cache(const at::Tensor& cache, const at::Tensor& scale, at::ScalarType dtype, int64_t used_len) {
+  const at::Tensor c = used_len >= 0 ? cache.narrow(2, 0, used_len) : cache;
+  const at::Tensor s = used_len >= 0 ? scale.narrow(2, 0, used_len) : scale;
+  return (c.to(at::kFloat) * s.unsqueeze(-1)).to(dtype).contiguous();
+}
 
 BlockTable check_block_table(const char* op, const std::optional<at::Tensor>& block_table, int64_t batch,
                              const at::Tensor& k_cache, const std::vector<int64_t>* used) {
@@ -88,7 +142,7 @@ std::vector<int64_t> check_kv_cache_append(const at::Tensor& k_cache, const at::
                                            const at::Tensor& k_new, const at::Tensor& v_new,
                                            const at::Tensor& cache_seqlens, bool rolling,
                                            const std::optional<at::Tensor>& block_table, BlockTable* table_out,
-                                           bool host_values) {
+                                           const CacheScales& scales, bool host_values) {
   constexpr const char* kOp = "flash_attn_ext.kv_cache_append";
   const bool paged = block_table.has_value() && block_table->defined();
   TORCH_CHECK_VALUE(!(paged && rolling), kOp, ": a paged cache (block_table) cannot also be rolling");
@@ -107,6 +161,9 @@ std::vector<int64_t> check_kv_cache_append(const at::Tensor& k_cache, const at::
   const int64_t S_max = paged ? k_cache.size(2) * block_table->size(-1) : k_cache.size(2);
   TORCH_CHECK_VALUE(k_new.size(0) == v_new.size(0), kOp, ": k_new and v_new differ in batch");
   TORCH_CHECK_VALUE(!rolling || S_max > 0 || L_new == 0, kOp, ": a rolling cache needs max_len > 0");
+  TORCH_CHECK_VALUE(!scales.defined() || k_new.scalar_type() == v_new.scalar_type(), kOp, ": k_new (",
+                    k_new.scalar_type(), ") and v_new (", v_new.scalar_type(), ") must have the same dtype");
+  if (scales.defined()) check_finite_new_rows(kOp, k_new, v_new);
   if (!host_values) {
     check_lengths_layout(kOp, cache_seqlens, block_table, B, k_cache, table_out);
     return {};
@@ -134,11 +191,13 @@ std::vector<int64_t> check_attention_kvcache(const at::Tensor& q, const at::Tens
                                              const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
                                              const std::optional<at::Tensor>& v_new, double scale, int64_t window_left,
                                              int64_t window_right, const std::optional<at::Tensor>& block_table,
-                                             BlockTable* table_out, std::vector<int64_t>* lens_before_out,
-                                             bool host_values) {
+                                             BlockTable* table_out, const CacheScales& scales,
+                                             std::vector<int64_t>* lens_before_out, bool host_values) {
   constexpr const char* kOp = "flash_attn_ext.attention_kvcache";
   const bool paged = block_table.has_value() && block_table->defined();
-  check_attention_inputs(kOp, q, k_cache, v_cache, std::nullopt, 0.0, scale, window_left, window_right, paged);
+  // A quantized cache's dtype is checked by check_cache_scales, the rest as a float cache's.
+  check_attention_inputs(kOp, q, k_cache, v_cache, std::nullopt, 0.0, scale, window_left, window_right, paged,
+                         /*quantized_kv=*/scales.defined());
   TORCH_CHECK_VALUE(!paged || block_table->dim() == 2, kOp,
                     ": block_table must be 2-D (batch, blocks_per_sequence), got ",
                     paged ? block_table->sizes() : at::IntArrayRef{});
@@ -152,6 +211,12 @@ std::vector<int64_t> check_attention_kvcache(const at::Tensor& q, const at::Tens
     TORCH_CHECK_VALUE(k_new->size(0) == B && v_new->size(0) == B, kOp, ": k_new and v_new need batch ", B,
                       " (q's), got ", k_new->size(0), " and ", v_new->size(0));
     TORCH_CHECK_VALUE(v_new->size(2) == L_new, kOp, ": k_new has ", L_new, " new positions, v_new ", v_new->size(2));
+    if (scales.defined()) {
+      TORCH_CHECK_TYPE(k_new->scalar_type() == q.scalar_type() && v_new->scalar_type() == q.scalar_type(), kOp,
+                       ": k_new and v_new must have the query's dtype ", q.scalar_type(), ", got ",
+                       k_new->scalar_type(), " and ", v_new->scalar_type());
+      check_finite_new_rows(kOp, *k_new, *v_new);
+    }
   }
   if (!host_values) {
     check_lengths_layout(kOp, cache_seqlens, block_table, B, k_cache, table_out);
@@ -181,20 +246,23 @@ KvcacheCall prepare_attention_kvcache(const at::Tensor& q, const at::Tensor& k_c
                                       int64_t window_right, const std::optional<at::Tensor>& block_table,
                                       double softcap, const std::optional<at::Tensor>& alibi_slopes,
                                       const std::optional<at::Tensor>& sinks, const DeviceLimits& limits,
-                                      AppendValidatedFn append, bool host_values) {
+                                      AppendValidatedFn append, const std::optional<at::Tensor>& k_cache_scale,
+                                      const std::optional<at::Tensor>& v_cache_scale, bool host_values) {
   constexpr const char* kOp = "flash_attn_ext.attention_kvcache";
   check_softcap(kOp, softcap);
   std::vector<int64_t> lens_before;
   KvcacheCall call;
   BlockTable& table = call.table;
+  call.scales = check_cache_scales(kOp, k_cache, v_cache, k_cache_scale, v_cache_scale);
   call.lens = check_attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_left,
-                                      window_right, block_table, &table, &lens_before, host_values);
+                                      window_right, block_table, &table, call.scales, &lens_before, host_values);
   check_head_dims(kOp, q.size(3), v_cache.size(3), limits);
   AttentionParams& p = call.params;
   p = make_attention_params(q, k_cache, v_cache, 0.0, scale, window_left, window_right, /*bottom_right=*/true, softcap);
   set_alibi_slopes(kOp, p, alibi_slopes, q.device());  // checked before the append writes
   set_sinks(kOp, p, sinks, q.device());
-  if (k_new.has_value() && host_values) append(k_cache, v_cache, *k_new, *v_new, lens_before, /*rolling=*/false, table);
+  if (k_new.has_value() && host_values)
+    append(k_cache, v_cache, *k_new, *v_new, lens_before, /*rolling=*/false, table, call.scales);
   apply_block_table(p, table);  // on CUDA a device pointer: the table lives on the cache's device
   call.out = empty_attention_output(q, p.dim_v);
   call.lse = at::empty({p.batch, p.heads_q, p.len_q}, q.options().dtype(lse_dtype(q.scalar_type())));

@@ -343,8 +343,10 @@ def test_varlen_func_with_block_table(device, causal, window):
             bottom_right=True,
         )
         torch.testing.assert_close(lse[:, cu_q[b] : cu_q[b + 1]].cpu().double(), ref_lse[0], rtol=1e-5, atol=1e-5)
-    with pytest.raises(RuntimeError, match="forward-only"):
-        fai.flash_attn_varlen_func(q.requires_grad_(), kp, vp, cu_q, cu_k, 6, 9, block_table=table)
+    # inputs requiring grad: the forward is computed (as flash-attn), the backward raises
+    out_grad = fai.flash_attn_varlen_func(q.clone().requires_grad_(), kp, vp, cu_q, cu_k, 6, 9, block_table=table)
+    with pytest.raises(NotImplementedError, match="forward-only"):
+        out_grad.sum().backward()
     with torch.no_grad(), pytest.raises(ValueError, match="max_seqlen_q = 5"):
         fai.flash_attn_varlen_func(q, kp, vp, cu_q, cu_k, 5, 9, block_table=table)
     with torch.no_grad(), pytest.raises(RuntimeError, match="block_table"):
