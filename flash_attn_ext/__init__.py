@@ -42,7 +42,7 @@ from .flash_attn_interface import (  # flash-attn exports these at its top level
     flash_attn_varlen_qkvpacked_func,
     flash_attn_with_kvcache,
 )
-from .kv_cache import KVCache, attention_with_kvcache, check_kvcache_errors, kv_cache_append
+from .kv_cache import KVCache, attention_with_kvcache, check_kvcache_errors, kv_cache_append, quantize_kv_cache
 from .sdpa import patch_sdpa, scaled_dot_product_attention, sdpa_patched, unpatch_sdpa
 
 warn_if_serial(bool(getattr(_C, "built_with_openmp", True)))  # (an older build lacks the flag)
@@ -57,6 +57,7 @@ __all__ = [
     "attention_with_kvcache",
     "check_kvcache_errors",
     "kv_cache_append",
+    "quantize_kv_cache",
     "merge_attention_states",
     "patch_sdpa",
     "unpatch_sdpa",

@@ -83,9 +83,10 @@ def _position_view(cache: torch.Tensor, name: str) -> Tuple[torch.Tensor, int]:
     return cache.as_strided((rows, H, 1, D), (ss, sh, ss, sd), cache.storage_offset()), unit
 
 
-def remap(kc, vc, block_table, seqlens, batch_idx, leftpad, L_new: int):
-    """(k_cache, v_cache, block_table, cache_seqlens) for the op that address what
-    cache_batch_idx / cache_leftpad say; the caches are views of the caller's."""
+def remap(kc, vc, block_table, seqlens, batch_idx, leftpad, L_new: int, k_scale=None, v_scale=None):
+    """(k_cache, v_cache, block_table, cache_seqlens, k_scale, v_scale) for the op that address
+    what cache_batch_idx / cache_leftpad say; the caches (and a quantized cache's scales, (N, H,
+    S)) are views of the caller's."""
     B, device = seqlens.shape[0], kc.device
     paged = block_table is not None
     rows = block_table.shape[0] if paged else kc.shape[0]
@@ -116,13 +117,24 @@ def remap(kc, vc, block_table, seqlens, batch_idx, leftpad, L_new: int):
     if pad is None:
         if not paged:  # whole cache rows as blocks: block_size = max_len
             block_table = idx.to(torch.int32).unsqueeze(1)
-        return kc, vc, block_table, seqlens
+        return kc, vc, block_table, seqlens, k_scale, v_scale
     kv, unit = _position_view(kc, "k_cache")
     vv, unit_v = _position_view(vc, "v_cache")
     if unit != unit_v:
         raise ValueError(
             f"{_FN}: cache_leftpad needs k_cache and v_cache laid out alike (strides {kc.stride()} and {vc.stride()})"
         )
+    if k_scale is not None:  # the scales viewed by position as their cache is
+        scale_views = []
+        for name, t in (("k_cache_scale", k_scale), ("v_cache_scale", v_scale)):
+            view, unit_s = _position_view(t.unsqueeze(-1), name)
+            if unit_s != unit:
+                raise ValueError(
+                    f"{_FN}: cache_leftpad needs {name} laid out like its cache (batch stride / position stride "
+                    f"{unit_s}, the cache's {unit})"
+                )
+            scale_views.append(view.squeeze(-1))
+        k_scale, v_scale = scale_views
     pos = pad.unsqueeze(1) + torch.arange(capacity, device=device)  # (B, capacity): cache position of key j
     # (-1 also where a pad is out of range and the host checks are skipped: the op's device
     # checks then report the sequence instead of reading another one's rows)
@@ -135,4 +147,4 @@ def remap(kc, vc, block_table, seqlens, batch_idx, leftpad, L_new: int):
         base = torch.arange(B, device=device) if idx is None else idx
         table = base.unsqueeze(1) * unit + pos
     table = torch.where(inside, table, torch.full_like(table, -1)).to(torch.int32)  # -1: no position
-    return kv, vv, table, (seqlens.to(torch.int64) - pad).to(seqlens.dtype)
+    return kv, vv, table, (seqlens.to(torch.int64) - pad).to(seqlens.dtype), k_scale, v_scale

@@ -511,10 +511,25 @@ def flash_attn_with_kvcache(
     sinks: Optional[torch.Tensor] = None,
     *,
     s_aux: Optional[torch.Tensor] = None,
+    k_cache_scale: Optional[torch.Tensor] = None,
+    v_cache_scale: Optional[torch.Tensor] = None,
+    q_descale: Optional[torch.Tensor] = None,
+    k_descale: Optional[torch.Tensor] = None,
+    v_descale: Optional[torch.Tensor] = None,
 ):
     """Decode / chunked prefill against a KV cache, appending k/v in place first (flash-attn's
     semantics: cache (B, S_max, Hkv, D) or paged (num_blocks, block_size, Hkv, D) with
-    block_table; cache_seqlens the lengths before the append)."""
+    block_table; cache_seqlens the lengths before the append). An int8 / float8_e4m3fn cache
+    takes its per-(position, head) scales as k_cache_scale / v_cache_scale (this package's
+    arguments, see attention_with_kvcache). flash-attn 3's q_descale / k_descale / v_descale
+    (one scale per batch and head for fp8 Q, K and V tensors) mean something else and raise."""
+    for name, t in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale)):
+        if t is not None:
+            raise ValueError(
+                f"flash_attn_with_kvcache: {name} (flash-attn 3's descale of fp8 Q/K/V, one scale per batch and "
+                f"head) is not supported; an int8 / fp8 KV cache here has one scale per position and head, passed "
+                f"as k_cache_scale / v_cache_scale (see flash_attn_ext.quantize_kv_cache)"
+            )
     sinks = _sinks_of(sinks, s_aux)
     with torch.no_grad():  # forward-only, as in flash-attn: the result has no autograd history
         return attention_with_kvcache(
@@ -537,4 +552,6 @@ def flash_attn_with_kvcache(
             rotary_sin=rotary_sin,
             rotary_interleaved=rotary_interleaved,
             sinks=sinks,
+            k_cache_scale=k_cache_scale,
+            v_cache_scale=v_cache_scale,
         )

@@ -16,6 +16,53 @@ def _as_bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t.transpose(1, 2) if layout == "bshd" else t
 
 
+QUANTIZED_DTYPES = (torch.int8, torch.float8_e4m3fn)
+
+
+def check_cache_scales(fn: str, k_cache, v_cache, k_cache_scale, v_cache_scale) -> None:
+    """A quantized cache (int8, float8_e4m3fn) needs both scales: float32, the cache's shape
+    without head_dim, on its device; a float cache takes none. ValueError / TypeError naming the
+    argument, before anything is written."""
+    quantized = k_cache.dtype in QUANTIZED_DTYPES or v_cache.dtype in QUANTIZED_DTYPES
+    given = {"k_cache_scale": k_cache_scale, "v_cache_scale": v_cache_scale}
+    if not quantized:
+        for name, t in given.items():
+            if t is not None:
+                raise ValueError(
+                    f"{fn}: {name} is for int8 / float8_e4m3fn caches; k_cache is {k_cache.dtype} (drop the scales, "
+                    f"or make the cache with quantize_kv_cache / KVCache(dtype=torch.int8))"
+                )
+        return
+    if k_cache.dtype != v_cache.dtype:
+        raise TypeError(f"{fn}: k_cache ({k_cache.dtype}) and v_cache ({v_cache.dtype}) must have the same dtype")
+    for (name, t), cache in zip(given.items(), (k_cache, v_cache)):
+        if t is None:
+            raise ValueError(
+                f"{fn}: the cache is {cache.dtype}, so {name} (float32, shape {tuple(cache.shape[:-1])}: one scale "
+                f"per position and head) is required"
+            )
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a tensor, got {type(t).__name__}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"{fn}: {name} must be float32, got {t.dtype}")
+        if t.device != cache.device:
+            raise ValueError(f"{fn}: {name} is on {t.device}, the cache on {cache.device}")
+        if tuple(t.shape) != tuple(cache.shape[:-1]):
+            raise ValueError(
+                f"{fn}: {name} must have the cache's shape without head_dim, {tuple(cache.shape[:-1])}, got "
+                f"{tuple(t.shape)}"
+            )
+
+
+def as_gatherable(t: torch.Tensor) -> torch.Tensor:
+    """An fp8 cache viewed as its bytes (torch.gather has no float8 kernel); others as they are."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def _scale_bhsd(t: Optional[torch.Tensor], layout: str) -> Optional[torch.Tensor]:
+    return None if t is None else _as_bhsd(t, layout)
+
+
 def kv_cache_append(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -26,6 +73,8 @@ def kv_cache_append(
     layout: str = "bshd",
     rolling: bool = False,
     block_table: Optional[torch.Tensor] = None,
+    k_cache_scale: Optional[torch.Tensor] = None,
+    v_cache_scale: Optional[torch.Tensor] = None,
 ) -> None:
     """Write each sequence's new keys/values into the caches, in place, at its current length.
 
@@ -40,6 +89,11 @@ def kv_cache_append(
     block_table (int32, (B, blocks_per_seq)): a paged cache (vLLM / flash-attn): the caches are
     (num_blocks, block_size, Hkv, D) ("bshd") or (num_blocks, Hkv, block_size, D) ("bhsd"), and
     position p of sequence b lives in row p % block_size of block block_table[b, p // block_size].
+
+    int8 / float8_e4m3fn caches: k_cache_scale / v_cache_scale (float32, the cache's shape
+    without head_dim) are required, and each new row (float32 / bf16 / fp16, finite) is quantized
+    in the kernel with its own scale: amax / 127 (int8, round to nearest even) or amax / 448
+    (fp8 e4m3), written into the scales; element d reads back as cache[..., d] * scale[...].
 
     On CUDA under CUDA-graph capture (or with kernel_config(cuda_device_checks="require")) the
     values of cache_seqlens and block_table are checked on the device: a bad sequence is skipped
@@ -57,6 +111,7 @@ def kv_cache_append(
     )
     if layout not in _LAYOUTS:
         raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
+    check_cache_scales("flash_attn_ext.kv_cache_append", k_cache, v_cache, k_cache_scale, v_cache_scale)
     _ops.require_kernel(k_cache.device.type)
     torch.ops.flash_attn_ext.kv_cache_append(
         _as_bhsd(k_cache, layout),
@@ -66,6 +121,8 @@ def kv_cache_append(
         cache_seqlens,
         rolling,
         block_table,
+        _scale_bhsd(k_cache_scale, layout),
+        _scale_bhsd(v_cache_scale, layout),
     )
 
 
@@ -91,6 +148,8 @@ def attention_with_kvcache(
     rotary_sin: Optional[torch.Tensor] = None,
     rotary_interleaved: bool = True,
     sinks: Optional[torch.Tensor] = None,
+    k_cache_scale: Optional[torch.Tensor] = None,
+    v_cache_scale: Optional[torch.Tensor] = None,
 ):
     """Decode / chunked-prefill attention against a KV cache (flash-attn's argument names).
 
@@ -116,6 +175,11 @@ def attention_with_kvcache(
     flash-attn); rotary_interleaved as in flash_attn_ext.rotary.apply_rotary_emb.
     sinks (float32, (Hq,)): learned attention sinks, as in flash_attn_ext.attention (counted once
     per row, split-KV decoding included).
+    k_cache_scale / v_cache_scale (float32, the cache's shape without head_dim): an int8 /
+    float8_e4m3fn cache's per-(position, head) scales (see kv_cache_append; k/v are then in q's
+    dtype and are quantized as they are appended). The CPU decode kernel reads the codes in
+    place (K scales on the scores, V scales on the probabilities); chunked prefill and CUDA
+    attend a copy of the rows read, dequantized into q's dtype.
     Inference only: not differentiable. Capturable in a CUDA graph: the lengths are then checked
     on the device, a bad sequence's output is NaN and check_kvcache_errors reports it.
     """
@@ -147,6 +211,7 @@ def attention_with_kvcache(
             "rotary_sin",
         ),
     )
+    check_cache_scales("flash_attn_ext.attention_with_kvcache", k_cache, v_cache, k_cache_scale, v_cache_scale)
     if layout not in _LAYOUTS:
         raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
@@ -169,6 +234,7 @@ def attention_with_kvcache(
             "call it under torch.no_grad() or torch.inference_mode()"
         )
     qb, kc, vc = _as_bhsd(q, layout), _as_bhsd(k_cache, layout), _as_bhsd(v_cache, layout)
+    ks, vs = _scale_bhsd(k_cache_scale, layout), _scale_bhsd(v_cache_scale, layout)
     kb = None if k is None else _as_bhsd(k.detach(), layout)
     vb = None if v is None else _as_bhsd(v.detach(), layout)
     batch, s_max = qb.shape[0], kc.shape[2]
@@ -191,8 +257,8 @@ def attention_with_kvcache(
             qb, kb, rotary_cos, rotary_sin, cache_seqlens, rotary_interleaved, per_position, s_max
         )
     if cache_batch_idx is not None or cache_leftpad is not None:
-        kc, vc, block_table, cache_seqlens = _kvcache_index.remap(
-            kc, vc, block_table, cache_seqlens, cache_batch_idx, cache_leftpad, 0 if kb is None else kb.shape[2]
+        kc, vc, block_table, cache_seqlens, ks, vs = _kvcache_index.remap(
+            kc, vc, block_table, cache_seqlens, cache_batch_idx, cache_leftpad, 0 if kb is None else kb.shape[2], ks, vs
         )
     out, lse = torch.ops.flash_attn_ext.attention_kvcache(
         _contiguous_last_dim(qb),
@@ -208,9 +274,50 @@ def attention_with_kvcache(
         float(softcap),
         alibi_slopes,
         sinks,
+        ks,
+        vs,
     )
     out = out.transpose(1, 2) if layout == "bshd" else out
     return (out, lse) if return_softmax_lse else out
+
+
+def quantize_kv_cache(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    dtype: torch.dtype = torch.int8,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A float cache quantized into a new one: (k_q, v_q, k_scale, v_scale), the caches in
+    `dtype` (torch.int8 or torch.float8_e4m3fn) and their float32 scales with the cache's shape
+    without head_dim, for attention_with_kvcache / flash_attn_with_kvcache / kv_cache_append's
+    k_cache_scale and v_cache_scale. Any 4-D cache layout ((B, S, H, D), (B, H, S, D), paged
+    blocks): every row is quantized on its own, by kv_cache_append's kernel. The input must be
+    finite (a cache's unused slots included: zero them, or quantize only the used part)."""
+    fn = "flash_attn_ext.quantize_kv_cache"
+    _ops.check_tensors(fn, k_cache=k_cache, v_cache=v_cache)
+    if dtype not in QUANTIZED_DTYPES:
+        raise ValueError(f"{fn}: dtype must be torch.int8 or torch.float8_e4m3fn, got {dtype}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dim() != 4:
+            raise ValueError(f"{fn}: {name} must be 4-D, got shape {tuple(t.shape)}")
+    if k_cache.shape[:3] != v_cache.shape[:3]:
+        raise ValueError(
+            f"{fn}: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ before head_dim"
+        )
+    k_q = torch.empty(k_cache.shape, dtype=dtype, device=k_cache.device)
+    v_q = torch.empty(v_cache.shape, dtype=dtype, device=v_cache.device)
+    k_s = torch.empty(k_cache.shape[:3], dtype=torch.float32, device=k_cache.device)
+    v_s = torch.empty_like(k_s)
+    # The whole cache as the new rows of an empty one: its (B, S) positions are (batch, new_len).
+    kv_cache_append(
+        k_q,
+        v_q,
+        k_cache,
+        v_cache,
+        torch.zeros(k_cache.shape[0], dtype=torch.int32, device=k_cache.device),
+        k_cache_scale=k_s,
+        v_cache_scale=v_s,
+    )
+    return k_q, v_q, k_s, v_s
 
 
 def check_kvcache_errors(device: Union[torch.device, str, int, None] = None) -> None:
@@ -248,7 +355,18 @@ def check_step(cache, q, k, v, sinks) -> None:
     fn = "flash_attn_ext.KVCache.attend"
     _ops.check_tensors(fn, q=q, k=k, v=v, sinks=sinks, optional=("k", "v", "sinks"))
     # (shapes: KVCache.attend, the only way here, checked them with check_layout first)
+    if cache.quantized:  # q in a float dtype, k / v in q's (quantized as they are written)
+        if q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or q.device != cache.k.device:
+            raise TypeError(
+                f"{fn}: q must be float32, bfloat16 or float16 on {cache.k.device} for a {cache.k.dtype} cache, got "
+                f"{q.dtype} on {q.device}"
+            )
+        for name, t in (("k", k), ("v", v)):
+            if t is not None and (t.dtype != q.dtype or t.device != q.device):
+                raise TypeError(f"{fn}: {name} is {t.dtype} on {t.device}, q {q.dtype} on {q.device}")
     for name, t in (("q", q), ("k", k), ("v", v)):
+        if cache.quantized:
+            break
         if t is not None and (t.dtype != cache.k.dtype or t.device != cache.k.device):
             raise TypeError(f"{fn}: {name} is {t.dtype} on {t.device}, the cache {cache.k.dtype} on {cache.k.device}")
     if sinks is not None and (
@@ -261,6 +379,20 @@ def check_step(cache, q, k, v, sinks) -> None:
             f"{fn}: sinks must be a contiguous float32 (or float64) tensor of shape ({q.shape[2]},) on {q.device}, "
             f"got {sinks.dtype} {tuple(sinks.shape)} on {sinks.device}"
         )
+
+
+def gather_scales(cache, order: torch.Tensor, L_new: int) -> dict:
+    """A quantized rolling cache's scales in the slot order `order` (B, W), with L_new more rows
+    for the chunk the op appends (the scales of the keys gathered with them); {} for a float cache."""
+    if not cache.quantized:
+        return {}
+    B, W, H = cache.k_scale.shape
+    out = {}
+    for name, t in (("k_cache_scale", cache.k_scale), ("v_cache_scale", cache.v_scale)):
+        g = t.new_empty(B, W + L_new, H)
+        g[:, :W] = torch.gather(t, 1, order[:, :, None].expand(B, W, H))
+        out[name] = g
+    return out
 
 
 def check_layout(cache, fn, **tensors) -> None:
@@ -301,6 +433,10 @@ class KVCache:
     positions stay in slots [0, n) for good and the last W - n roll through the rest; each query
     sees the sink tokens and its W - n most recent positions, itself included, exactly (for
     prefill chunks longer than W too; see flash_attn_ext._sink_cache).
+
+    dtype=torch.int8 or torch.float8_e4m3fn stores K and V in 8 bits, with one float32 scale per
+    (position, head) in `k_scale` / `v_scale` ((B, S, H)); q, k and v are then float32 / bf16 /
+    fp16, quantized as they are appended (see kv_cache_append). Every mode above takes it.
     """
 
     def __init__(
@@ -335,10 +471,22 @@ class KVCache:
         self.k = torch.zeros(batch_size, max_seqlen, num_kv_heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros(batch_size, max_seqlen, num_kv_heads, dv, dtype=dtype, device=device)
         self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.k_scale = self.v_scale = None
+        if dtype in QUANTIZED_DTYPES:
+            self.k_scale = torch.zeros(batch_size, max_seqlen, num_kv_heads, dtype=torch.float32, device=device)
+            self.v_scale = torch.zeros_like(self.k_scale)
 
     @property
     def max_seqlen(self) -> int:
         return self.k.shape[1]
+
+    @property
+    def quantized(self) -> bool:
+        """Whether K/V are stored in 8 bits (int8 / float8_e4m3fn) with per-(position, head) scales."""
+        return self.k_scale is not None
+
+    def _scales(self) -> dict:
+        return {"k_cache_scale": self.k_scale, "v_cache_scale": self.v_scale}
 
     def reset(self, batch_index: Optional[torch.Tensor] = None) -> None:
         """Forget every sequence (or those in batch_index); the memory is reused."""
@@ -364,7 +512,7 @@ class KVCache:
         if self.sink_tokens:
             _sink_cache.write(self, k, v)
         else:
-            kv_cache_append(self.k, self.v, k, v, self.seqlens, rolling=self.window is not None)
+            kv_cache_append(self.k, self.v, k, v, self.seqlens, rolling=self.window is not None, **self._scales())
         self.seqlens += k.shape[1]
 
     def attend(
@@ -401,6 +549,7 @@ class KVCache:
             window_size=window_size,
             return_softmax_lse=return_lse,
             sinks=sinks,
+            **self._scales(),
         )
         if k is not None:
             self.seqlens += k.shape[1]
@@ -435,6 +584,7 @@ class KVCache:
                 causal=False,
                 return_softmax_lse=return_lse,
                 sinks=sinks,
+                **self._scales(),
             )
         B, _, H, D = self.k.shape
         # The cached positions in order: sequence b keeps its last min(seqlens[b], W) positions.
@@ -444,8 +594,11 @@ class KVCache:
         L_new = 0 if k is None else k.shape[1]
         keys = self.k.new_empty(B, W + L_new, H, D)
         values = self.v.new_empty(B, W + L_new, H, self.v.shape[-1])
-        keys[:, :W] = torch.gather(self.k, 1, order[:, :, None, None].expand(B, W, H, D))
-        values[:, :W] = torch.gather(self.v, 1, order[:, :, None, None].expand(B, W, H, self.v.shape[-1]))
+        as_gatherable(keys)[:, :W] = torch.gather(as_gatherable(self.k), 1, order[:, :, None, None].expand(B, W, H, D))
+        as_gatherable(values)[:, :W] = torch.gather(
+            as_gatherable(self.v), 1, order[:, :, None, None].expand(B, W, H, self.v.shape[-1])
+        )
+        scales = gather_scales(self, order, L_new)
         # Old keys then the chunk's own keys, bottom-right aligned: exact for any chunk length.
         result = attention_with_kvcache(
             q,
@@ -459,6 +612,7 @@ class KVCache:
             window_size=(left, 0),
             return_softmax_lse=return_lse,
             sinks=sinks,
+            **scales,
         )
         if k is not None:
             self.append(k, v)

@@ -74,18 +74,21 @@ class Attention(nn.Module):
         *,
         rolling_window: Optional[int] = None,
         sink_tokens: int = 0,
+        dtype: Optional[torch.dtype] = None,
     ) -> KVCache:
         """A KVCache shaped for this module (its dtype and device); rolling_window=W keeps only
         the last W positions (requires window_size=(W - 1, 0) or narrower, causal);
         sink_tokens=n with it keeps the first n positions too (StreamingLLM: the module then
-        sees the sink tokens and its last W - n positions)."""
+        sees the sink tokens and its last W - n positions). dtype: the cache's storage, the
+        module's dtype by default; torch.int8 / torch.float8_e4m3fn store K/V in 8 bits with
+        per-(position, head) scales (see KVCache)."""
         w = self.q_proj.weight
         return KVCache(
             batch_size,
             max_seqlen,
             self.num_kv_heads,
             self.head_dim,
-            dtype=w.dtype,
+            dtype=w.dtype if dtype is None else dtype,
             device=w.device,
             window=rolling_window,
             sink_tokens=sink_tokens,

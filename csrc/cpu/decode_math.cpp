@@ -386,14 +386,14 @@ void axpy_rows(const float* p, int64_t ld_p, int64_t rows, int64_t cols, const u
 }
 
 FAE_MULTIVERSION
-void dot_rows(int64_t n, const float* const* q, const int8_t* const* k_int8, float* const* s, int64_t rows,
-              int64_t dim, int64_t ld_s, const PrefetchList& prefetch) {
+void dot_rows(int64_t n, const float* const* q, const int8_t* const* k_int8, float* const* s, int64_t rows, int64_t dim,
+              int64_t ld_s, const PrefetchList& prefetch) {
   dot_list_any(n, q, k_int8, s, rows, dim, ld_s, prefetch);
 }
 
 FAE_MULTIVERSION
-void dot_rows(int64_t n, const float* const* q, const Fp8E4M3* const* k_fp8, float* const* s, int64_t rows,
-              int64_t dim, int64_t ld_s, const PrefetchList& prefetch) {
+void dot_rows(int64_t n, const float* const* q, const Fp8E4M3* const* k_fp8, float* const* s, int64_t rows, int64_t dim,
+              int64_t ld_s, const PrefetchList& prefetch) {
   dot_list_any(n, q, k_fp8, s, rows, dim, ld_s, prefetch);
 }
 

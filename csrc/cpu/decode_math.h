@@ -45,10 +45,10 @@ void dot_rows(int64_t n, const double* const* q, const double* const* k, double*
               int64_t ld_s, const PrefetchList& prefetch);
 // Quantized caches: the scores against the stored codes (int8, or e4m3 bytes) widened in
 // registers; the caller multiplies each key's scores by its scale afterwards.
-void dot_rows(int64_t n, const float* const* q, const int8_t* const* k_int8, float* const* s, int64_t rows,
-              int64_t dim, int64_t ld_s, const PrefetchList& prefetch);
-void dot_rows(int64_t n, const float* const* q, const Fp8E4M3* const* k_fp8, float* const* s, int64_t rows,
-              int64_t dim, int64_t ld_s, const PrefetchList& prefetch);
+void dot_rows(int64_t n, const float* const* q, const int8_t* const* k_int8, float* const* s, int64_t rows, int64_t dim,
+              int64_t ld_s, const PrefetchList& prefetch);
+void dot_rows(int64_t n, const float* const* q, const Fp8E4M3* const* k_fp8, float* const* s, int64_t rows, int64_t dim,
+              int64_t ld_s, const PrefetchList& prefetch);
 
 // Scores of bf16 q rows (natural order, unscaled) against bf16 key rows with AVX512-BF16's
 // vdpbf16ps: exact bf16 products, summed in float32, times scale. Only where has_bf16_dot()

@@ -69,8 +69,7 @@ template <typename src_t>
 __device__ void quantize_row(const WordRows& dst, const ScaleRows& scales, const WordRows& src, int64_t entry,
                              int64_t b, int64_t h, int64_t slot, int64_t t, int lane, quant::Kind kind) {
   uint8_t* d = reinterpret_cast<uint8_t*>(dst.data) + entry * dst.stride_b + h * dst.stride_h + slot * dst.stride_l;
-  const src_t* s =
-      reinterpret_cast<const src_t*>(src.data) + b * src.stride_b + h * src.stride_h + t * src.stride_l;
+  const src_t* s = reinterpret_cast<const src_t*>(src.data) + b * src.stride_b + h * src.stride_h + t * src.stride_l;
   float amax = 0.0f;
   for (int64_t e = lane; e < dst.dim; e += kWarp) amax = fmaxf(amax, fabsf(static_cast<float>(s[e])));
   for (int offset = kWarp / 2; offset > 0; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));

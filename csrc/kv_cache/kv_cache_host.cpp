@@ -17,8 +17,8 @@ void check_cache_pair(const char* op, const char* cache_name, const at::Tensor& 
                     " must be 4-D (batch, kv_heads, new_len, head_dim), got shape ", fresh.sizes());
   if (is_quantized_cache_dtype(cache.scalar_type())) {  // quantized on the way in
     const auto st = fresh.scalar_type();
-    TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, op, ": ", new_name,
-                     " for a ", cache.scalar_type(), " cache must be float32, bfloat16 or float16, got ", st);
+    TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, op, ": ", new_name, " for a ",
+                     cache.scalar_type(), " cache must be float32, bfloat16 or float16, got ", st);
   } else {
     TORCH_CHECK_TYPE(fresh.scalar_type() == cache.scalar_type(), op, ": ", new_name, " dtype ", fresh.scalar_type(),
                      " differs from ", cache_name, " dtype ", cache.scalar_type());
@@ -40,9 +40,9 @@ void check_scale(const char* op, const char* name, const at::Tensor& scale, cons
   TORCH_CHECK_TYPE(scale.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", scale.scalar_type());
   TORCH_CHECK_VALUE(scale.device() == cache.device(), op, ": ", name, " is on ", scale.device(), ", ", cache_name,
                     " on ", cache.device());
-  TORCH_CHECK_VALUE(cache.dim() == 4 && scale.sizes().equals(cache.sizes().slice(0, 3)), op, ": ", name,
-                    " must have ", cache_name, "'s shape without head_dim (", cache.sizes().slice(0, cache.dim() - 1),
-                    " for ", cache_name, " of shape ", cache.sizes(), "), got ", scale.sizes());
+  TORCH_CHECK_VALUE(cache.dim() == 4 && scale.sizes().equals(cache.sizes().slice(0, 3)), op, ": ", name, " must have ",
+                    cache_name, "'s shape without head_dim (", cache.sizes().slice(0, cache.dim() - 1), " for ",
+                    cache_name, " of shape ", cache.sizes(), "), got ", scale.sizes());
 }
 
 }  // namespace

@@ -146,10 +146,9 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_op(
     int64_t window_right, const std::optional<at::Tensor>& block_table, double softcap,
     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& sinks,
     const std::optional<at::Tensor>& k_cache_scale, const std::optional<at::Tensor>& v_cache_scale) {
-  KvcacheCall call =
-      prepare_attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_left, window_right,
-                                block_table, softcap, alibi_slopes, sinks, Limits(), Append, k_cache_scale,
-                                v_cache_scale);
+  KvcacheCall call = prepare_attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_left,
+                                               window_right, block_table, softcap, alibi_slopes, sinks, Limits(),
+                                               Append, k_cache_scale, v_cache_scale);
   Run(call, q, k_cache, v_cache);
   return {call.out, call.lse};
 }
