@@ -203,6 +203,93 @@ CASES = [
         r"cache_seqlens",
         "fai.flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=torch.tensor([5, 40], dtype=torch.int32))",
     ),
+    # --- 8-bit KV caches (kq / vq int8 (B, S, H, D) with scales ksc / vsc (B, S, H)) ---
+    ("q8/append-no-k-scale", r"k_cache_scale", "fae.kv_cache_append(kq, vq, kn, vn, seqlens, v_cache_scale=vsc)"),
+    ("q8/append-no-scales", r"k_cache_scale", "fae.kv_cache_append(kq, vq, kn, vn, seqlens)"),
+    (
+        "q8/append-scale-dtype",
+        r"k_cache_scale must be float32",
+        "fae.kv_cache_append(kq, vq, kn, vn, seqlens, k_cache_scale=ksc.half(), v_cache_scale=vsc)",
+    ),
+    (
+        "q8/append-scale-shape",
+        r"v_cache_scale must have",
+        "fae.kv_cache_append(kq, vq, kn, vn, seqlens, k_cache_scale=ksc, v_cache_scale=vsc[:, :5])",
+    ),
+    (
+        "q8/append-scale-layout",
+        r"k_cache_scale must have",
+        "fae.kv_cache_append(kq, vq, kn, vn, seqlens, k_cache_scale=ksc.transpose(1, 2), v_cache_scale=vsc)",
+    ),
+    (
+        "q8/append-scale-device",
+        r"k_cache_scale is on",
+        "fae.kv_cache_append(kq, vq, kn, vn, seqlens, k_cache_scale=ksc.to('meta'), v_cache_scale=vsc)",
+    ),
+    (
+        "q8/append-nan",
+        r"k_new has NaN or Inf",
+        "fae.kv_cache_append(kq, vq, kn.masked_fill(kn > 1.5, math.nan), vn, seqlens, k_cache_scale=ksc, "
+        "v_cache_scale=vsc)",
+    ),
+    (
+        "q8/append-inf",
+        r"v_new has NaN or Inf",
+        "fae.kv_cache_append(kq, vq, kn, vn.masked_fill(vn > 1.5, math.inf), seqlens, k_cache_scale=ksc, "
+        "v_cache_scale=vsc)",
+    ),
+    (
+        "q8/append-int-rows",
+        r"k_new",
+        "fae.kv_cache_append(kq, vq, kn.to(torch.int8), vn.to(torch.int8), seqlens, k_cache_scale=ksc, "
+        "v_cache_scale=vsc)",
+    ),
+    (
+        "q8/scales-with-float-cache",
+        r"k_cache_scale is for int8",
+        "fae.kv_cache_append(kc, vc, kn, vn, seqlens, k_cache_scale=ksc, v_cache_scale=vsc)",
+    ),
+    (
+        "q8/k-int8-v-float",
+        r"same dtype",
+        "fae.kv_cache_append(kq, vc, kn, vn, seqlens, k_cache_scale=ksc, v_cache_scale=vsc)",
+    ),
+    ("q8/attend-no-scales", r"k_cache_scale", "fae.attention_with_kvcache(qd, kq, vq, cache_seqlens=seqlens)"),
+    (
+        "q8/attend-new-dtype",
+        r"query's dtype",
+        "fae.attention_with_kvcache(qd, kq, vq, kn.bfloat16(), vn.bfloat16(), cache_seqlens=seqlens, "
+        "k_cache_scale=ksc, v_cache_scale=vsc)",
+    ),
+    (
+        "q8/attend-nan",
+        r"NaN or Inf",
+        "fae.attention_with_kvcache(qd, kq, vq, kn * math.inf, vn, cache_seqlens=seqlens, k_cache_scale=ksc, "
+        "v_cache_scale=vsc)",
+    ),
+    (
+        "q8/flash-attn-descale",
+        r"k_descale",
+        "fai.flash_attn_with_kvcache(qd, kq, vq, kn, vn, cache_seqlens=seqlens, k_descale=torch.ones(2, 2))",
+    ),
+    (
+        "q8/op-scales-float-cache",
+        r"k_cache_scale",
+        "OPS.kv_cache_append(kc.transpose(1, 2), vc.transpose(1, 2), kn.transpose(1, 2), vn.transpose(1, 2), "
+        "seqlens, False, None, ksc.transpose(1, 2), vsc.transpose(1, 2))",
+    ),
+    (
+        "q8/op-no-scales",
+        r"k_cache_scale",
+        "OPS.attention_kvcache(qd.transpose(1, 2), kq.transpose(1, 2), vq.transpose(1, 2), seqlens, None, None, 0.25, "
+        "-1, -1)",
+    ),
+    ("q8/quantize-dtype", r"dtype must be torch.int8", "fae.quantize_kv_cache(kc, vc, torch.float16)"),
+    (
+        "q8/kvcache-k-dtype",
+        r"k_new and v_new must have the query.s dtype",
+        "qcache_obj.attend(qd, kn.bfloat16(), vn.bfloat16())",
+    ),
     # --- KV cache: append ---
     (
         "append/past-capacity",
@@ -482,6 +569,12 @@ def setup():
     cache_obj.append(rnd(2, 4, 2, 16), rnd(2, 4, 2, 16))
     ns["cache_obj"] = cache_obj
     ns["cache_k"], ns["cache_v"], ns["cache_seqlens"] = cache_obj.k, cache_obj.v, cache_obj.seqlens
+    ns.update(kq=torch.zeros(2, 32, 2, 16, dtype=torch.int8), vq=torch.zeros(2, 32, 2, 16, dtype=torch.int8))
+    ns.update(ksc=torch.zeros(2, 32, 2), vsc=torch.zeros(2, 32, 2))
+    qcache_obj = fae.KVCache(batch_size=2, max_seqlen=32, num_kv_heads=2, head_dim=16, dtype=torch.int8)
+    qcache_obj.append(rnd(2, 4, 2, 16), rnd(2, 4, 2, 16))
+    ns["qcache_obj"] = qcache_obj
+    ns["qcache_k"], ns["qcache_ks"], ns["qcache_seqlens"] = qcache_obj.k, qcache_obj.k_scale, qcache_obj.seqlens
     if _cuda_available():
         ns["kc_cuda"], ns["vc_cuda"] = ns["kc"].cuda(), ns["vc"].cuda()
     return ns
