@@ -10,6 +10,15 @@ cache kernel (concatenate the new token's K/V to the past, then SDPA).
     python benchmarks/bench_decode.py --issue-grid      # B 1/8/32 x S 1k/8k/32k x 32/8, 32/32 heads (long)
     python benchmarks/bench_decode.py --device cuda --issue-grid   # adds S = 128k; CUDA SDPA backends
     [--csv out.csv] [--plot out.png]
+
+8-bit caches: --cache-dtypes takes int8 and float8_e4m3fn beside the float dtypes (the query is
+then bf16); --quant-grid runs the 8-bit cache comparison (S 128 / 512 / 4k / 32k, B 1 / 8,
+Hq/Hkv 32/8, D 128, caches bf16 / int8 / fp8 / float32). Bytes read count the codes and their
+float32 scales; "vs bf16 cache" is the time over the bf16 cache's at the same (B, S); the
+"dequant+attend" column times what transformers' QuantizedCache does per call (dequantize the
+whole cache to bf16, then SDPA).
+
+    python benchmarks/bench_decode.py --quant-grid [--csv out.csv]
 """
 
 import argparse
@@ -20,6 +29,9 @@ import torch.nn.functional as F
 
 import flash_attn_ext
 from bench_attention import write_csv  # the script's directory is on sys.path
+from flash_attn_ext.config import cpu_description
+
+QUANTIZED = ("int8", "float8_e4m3fn")
 
 
 def best_time(fn, reps=10):
@@ -56,6 +68,9 @@ def main():
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--issue-grid", action="store_true", help="the issue's full grid, bf16 (long on 2 cores)")
     ap.add_argument("--max-gb", type=float, default=4.0, help="skip rows whose K+V caches exceed this")
+    ap.add_argument("--cache-dtypes", nargs="*", help="cache storage dtypes (int8 / float8_e4m3fn: 8-bit caches)")
+    ap.add_argument("--quant-grid", action="store_true", help="the 8-bit cache comparison grid (see above)")
+    ap.add_argument("--reps", type=int, default=10)
     ap.add_argument(
         "--kv-compare",
         action="store_true",
@@ -70,10 +85,18 @@ def main():
         args.dtypes = ["bfloat16"]
         seqs = (1024, 8192, 32768) + ((131072,) if args.device == "cuda" else ())
         grid = [(hkv, B, S) for hkv in (8, 32) for B in (1, 8, 32) for S in seqs]
+    if args.quant_grid:
+        args.heads, args.dim = 32, 128
+        grid = [(8, B, S) for B in (1, 8) for S in (128, 512, 4096, 32768)]
+        args.cache_dtypes = ["bfloat16", "int8", "float8_e4m3fn", "float32"]
+    if args.cache_dtypes:
+        return quant_main(args, grid)
     dev = args.device
     ceiling = copy_bandwidth_gbs(dev)
     where = torch.cuda.get_device_name() if dev == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}; copy bandwidth {ceiling:.1f} GB/s")
+    if dev == "cpu":
+        print(f"cpu: {cpu_description()}")
     print(
         f"{'dtype':9} {'Hkv':>3} {'B':>2} {'S':>6} | {'ours us':>9} {'GB/s':>6} {'of copy':>7} | "
         f"{'torch us':>9} {'ours/torch':>10} | {'concat us':>9} {'ours/concat':>11}"
@@ -159,6 +182,90 @@ def main():
         ax.legend()
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
+
+
+def quant_main(args, grid):
+    """Decode per token over caches stored in each of args.cache_dtypes (queries bf16), timed in
+    one process with the copy bandwidth; per (B, S) the dtypes are timed in turn, twice, and the
+    better of the two rounds kept, so drift on the machine hits every dtype alike."""
+    dev = args.device
+    ceiling = copy_bandwidth_gbs(dev)
+    where = torch.cuda.get_device_name() if dev == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}; copy bandwidth {ceiling:.1f} GB/s")
+    if dev == "cpu":
+        print(f"cpu: {cpu_description()}")
+    H, D = args.heads, args.dim
+    print(f"decode, q bf16 (B, 1, {H}, {D}), one step per call, caches (B, S, Hkv, {D})")
+    print(
+        f"{'cache':14} {'Hkv':>3} {'B':>2} {'S':>6} | {'ours us':>9} {'GB/s':>6} {'of copy':>7} | "
+        f"{'vs bf16 cache':>13} | {'deq+attend us':>13} {'ours/deq':>8}"
+    )
+    rows = []
+    for Hkv, B, S in grid:
+        g = torch.Generator().manual_seed(0)
+        k = torch.randn(B, S, Hkv, D, generator=g, dtype=torch.bfloat16).to(dev)
+        v = torch.randn(B, S, Hkv, D, generator=g, dtype=torch.bfloat16).to(dev)
+        q = torch.randn(B, 1, H, D, dtype=torch.bfloat16, device=dev)
+        lens = torch.full((B,), S, dtype=torch.int32, device=dev)
+        caches = {}
+        for name in args.cache_dtypes:
+            dtype = getattr(torch, name)
+            if name in QUANTIZED:
+                kq, vq, ks, vs = flash_attn_ext.quantize_kv_cache(k, v, dtype)
+                caches[name] = (kq, vq, dict(k_cache_scale=ks, v_cache_scale=vs))
+            else:
+                caches[name] = (k.to(dtype), v.to(dtype), {})
+        best = {}
+        with torch.inference_mode():
+            for _ in range(2):
+                for name, (kc, vc, scales) in caches.items():
+                    qq = q.float() if name == "float32" else q
+                    t = best_time(
+                        lambda: flash_attn_ext.attention_with_kvcache(
+                            qq, kc, vc, cache_seqlens=lens, causal=True, **scales
+                        ),
+                        reps=args.reps,
+                    )
+                    best[name] = min(best.get(name, t), t)
+            deq = {}
+            for name, (kc, vc, scales) in caches.items():
+                if not scales:
+                    continue
+
+                def dequant_then_attend():
+                    kd = (kc.float() * scales["k_cache_scale"][..., None]).to(torch.bfloat16)
+                    vd = (vc.float() * scales["v_cache_scale"][..., None]).to(torch.bfloat16)
+                    return F.scaled_dot_product_attention(
+                        q.transpose(1, 2), kd.transpose(1, 2), vd.transpose(1, 2), enable_gqa=True
+                    )
+
+                deq[name] = best_time(dequant_then_attend, reps=max(2, args.reps // 3))
+        for name, (kc, vc, scales) in caches.items():
+            nbytes = 2 * B * S * Hkv * (D * kc.element_size() + (4 if scales else 0))
+            t = best[name]
+            gbs = nbytes / t / 1e9
+            row = dict(
+                cache=name,
+                Hkv=Hkv,
+                B=B,
+                S=S,
+                ours_us=t * 1e6,
+                gbs=gbs,
+                fraction_of_copy=gbs / ceiling,
+                time_vs_bf16_cache=t / best["bfloat16"] if "bfloat16" in best else float("nan"),
+                dequant_attend_us=deq[name] * 1e6 if name in deq else float("nan"),
+                ratio_vs_dequant=t / deq[name] if name in deq else float("nan"),
+                copy_gbs=ceiling,
+                cpu=cpu_description() if dev == "cpu" else where,
+            )
+            rows.append(row)
+            print(
+                f"{name:14} {Hkv:>3} {B:>2} {S:>6} | {row['ours_us']:9.0f} {gbs:6.1f} {row['fraction_of_copy']:7.2f} | "
+                f"{row['time_vs_bf16_cache']:13.2f} | {row['dequant_attend_us']:13.0f} {row['ratio_vs_dequant']:8.2f}",
+                flush=True,
+            )
+    if args.csv and rows:
+        write_csv(args.csv, rows)
 
 
 if __name__ == "__main__":

@@ -243,6 +243,38 @@ MUTANTS = [
         ["tests/api/test_transformers_integration.py", "-k", "static"],
         "fa_ext without a mask aligns bottom-right, so an empty static cache's free slots are seen",
     ),
+    (
+        "kv_scale_of_next_position",
+        "csrc/attention/attention_decode_cpu.cpp",
+        "const acc_t ks = *k_scales.row(b, hk, j0 + c);",
+        "const acc_t ks = *k_scales.row(b, hk, j0 + (c + 1 < cols ? c + 1 : c));",
+        ["tests/features/test_quantized_kv_cache.py", "-k", "attention_over_quantized_cache and float32"],
+        "an 8-bit cache's K scale read one position late (an off-by-one in the scale tensor's index)",
+    ),
+    (
+        "kv_quant_truncates",
+        "csrc/kv_cache/kv_cache_quantize.h",
+        "static_cast<int>(::rintf(y))",
+        "static_cast<int>(y)",
+        ["tests/features/test_quantized_kv_cache.py", "-k", "append_quantizes and float32"],
+        "int8 codes truncated toward zero instead of rounded to nearest even",
+    ),
+    (
+        "kv_v_scale_twice",
+        "csrc/attention/attention_decode_cpu.cpp",
+        "for (int64_t r = 0; r < R; ++r) s[r * kDecodeTile] *= vs;",
+        "for (int64_t r = 0; r < R; ++r) s[r * kDecodeTile] *= vs * vs;",
+        ["tests/features/test_quantized_kv_cache.py", "-k", "attention_over_quantized_cache and float32"],
+        "an 8-bit cache's V scale applied twice (folded into P and again on the row)",
+    ),
+    (
+        "fp8_subnormal_step",
+        "csrc/cpu/simd.h",
+        "__builtin_convertvector((v8i)em, v8f) * (1.0f / 512.0f);",
+        "__builtin_convertvector((v8i)em, v8f) * (1.0f / 256.0f);",
+        ["tests/features/test_quantized_kv_cache.py", "-k", "every_code"],
+        "fp8 e4m3 subnormal codes widened with the wrong step (2^-8 instead of 2^-9)",
+    ),
 ]
 
 

@@ -45,7 +45,7 @@ def random_bytes(shape, qdtype, g):
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=str)
 @pytest.mark.parametrize("src", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
-def test_append_quantizes_rows_and_touches_nothing_else(qdtype, src, layout):
+def test_append_quantizes_rows_and_touches_nothing_else(device, qdtype, src, layout):
     g = torch.Generator().manual_seed(1)
     B, S, H, D, L = 3, 40, 2, 72, 9
     shape = (B, S, H, D) if layout == "bshd" else (B, H, S, D)
@@ -56,9 +56,15 @@ def test_append_quantizes_rows_and_touches_nothing_else(qdtype, src, layout):
     k, v = rnd(g, *new_shape, scale=3.0).to(src), rnd(g, *new_shape).to(src)
     k[1].select(1 if layout == "bshd" else 0, 0).zero_()  # a zero row: scale 0, codes 0
     lens = [0, 17, S - L]
+    dev = [t.to(device) for t in (kc, vc, k, v, ks, vs)]
     kv_cache_append(
-        kc, vc, k, v, torch.tensor(lens, dtype=torch.int32), layout=layout, k_cache_scale=ks, v_cache_scale=vs
+        *dev[:4],
+        torch.tensor(lens, dtype=torch.int32, device=device),
+        layout=layout,
+        k_cache_scale=dev[4],
+        v_cache_scale=dev[5],
     )
+    kc, vc, ks, vs = (t.cpu() for t in (dev[0], dev[1], dev[4], dev[5]))
     pos_dim = 1 if layout == "bshd" else 2
     for cache, scale, new, old_c, old_s in ((kc, ks, k, before[0], before[2]), (vc, vs, v, before[1], before[3])):
         codes_ref, scale_ref = quantize_ref(new, qdtype)
@@ -191,7 +197,7 @@ def _assert_all(out, lse, refs, dtype, layout, what):
 @pytest.mark.parametrize("L", [1, 3, 40])  # decode kernel; decode kernel (MHA) / tiles (GQA); tiles
 @pytest.mark.parametrize("Hq,Hkv", [(4, 4), (8, 2), (6, 1)])
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])
-def test_attention_over_quantized_cache(qdtype, dtype, L, Hq, Hkv, layout):
+def test_attention_over_quantized_cache(device, qdtype, dtype, L, Hq, Hkv, layout):
     g = torch.Generator().manual_seed(3)
     B, S, D = 3, 300, 64
     lens = [L, 97, S]
@@ -199,19 +205,45 @@ def test_attention_over_quantized_cache(qdtype, dtype, L, Hq, Hkv, layout):
     q = rnd(g, *((B, L, Hq, D) if layout == "bshd" else (B, Hq, L, D))).to(dtype)
     with torch.no_grad():
         out, lse = attention_with_kvcache(
-            q,
-            kc,
-            vc,
-            cache_seqlens=torch.tensor(lens, dtype=torch.int32),
+            q.to(device),
+            kc.to(device),
+            vc.to(device),
+            cache_seqlens=torch.tensor(lens, dtype=torch.int32, device=device),
             causal=True,
             return_softmax_lse=True,
             layout=layout,
-            k_cache_scale=ks,
-            v_cache_scale=vs,
+            k_cache_scale=ks.to(device),
+            v_cache_scale=vs.to(device),
         )
-    tiles = L * Hq // Hkv > 8  # more query rows per KV head than the decode kernel takes
+    out, lse = out.cpu(), lse.cpu()
+    # more query rows per KV head than the CPU decode kernel takes, and every CUDA call: tiles
+    # read a copy dequantized into q's dtype
+    tiles = L * Hq // Hkv > 8 or device == "cuda"  # more query rows per KV head than the decode kernel takes
     refs = _reference(q, kc, vc, ks, vs, lens, (-1, 0), dtype, layout, tiles=tiles)
     _assert_all(out, lse, refs, dtype, layout, f"{qdtype} L={L} {Hq}/{Hkv} {layout}")
+
+
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_every_code_reads_back_exactly(qdtype, dtype):
+    """One key per sequence (probability 1): the output is the V row, code * scale, exactly,
+    for every stored byte (fp8 subnormals and both signs included; the NaN codes excluded),
+    through the vector loop and the tail of a head dim of 254."""
+    codes = torch.arange(256, dtype=torch.int32)
+    if qdtype == torch.float8_e4m3fn:
+        codes = codes[(codes != 0x7F) & (codes != 0xFF)]
+    else:
+        codes = codes[:254]
+    D = codes.numel()
+    raw = torch.stack([codes, codes.flip(0)]).to(torch.uint8)  # two sequences, the codes in both orders
+    vc = raw.view(qdtype).reshape(2, 1, 1, D)
+    kc = torch.zeros(2, 1, 1, D, dtype=qdtype)
+    scale = torch.tensor([0.5, 3.0]).reshape(2, 1, 1)
+    q = torch.randn(2, 1, 1, D).to(dtype)
+    with torch.no_grad():
+        out = attention_with_kvcache(q, kc, vc, cache_seqlens=1, k_cache_scale=torch.ones(2, 1, 1), v_cache_scale=scale)
+    expect = (vc.float() * scale[..., None]).to(dtype)
+    assert torch.equal(out, expect)
 
 
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=str)
