@@ -34,6 +34,8 @@ class KernelConfig:
     cuda_device_checks: str = "auto"
     cpu_decode: str = "auto"  # CPU decode kernel, few query rows per KV head (FLASH_ATTN_EXT_CPU_DECODE)
     cpu_bf16_dot: str = "auto"  # vdpbf16ps scores in the CPU decode; auto | off (FLASH_ATTN_EXT_CPU_BF16_DOT)
+    # AVX2 widening of int8 / fp8 caches in the CPU decode; auto | off = the portable loops (FLASH_ATTN_EXT_CPU_Q8_AVX2)
+    cpu_q8_avx2: str = "auto"
     cpu_kt_cache: str = "auto"  # the CPU forward's per-thread K^T cache; auto | off (FLASH_ATTN_EXT_CPU_KT_CACHE)
     # CPU backward with GQA: auto by working set, require = one pass per query head, off = one
     # sweep of the group (FLASH_ATTN_EXT_CPU_BWD_HEAD_PASSES=1 / 0)

@@ -275,6 +275,14 @@ MUTANTS = [
         ["tests/features/test_quantized_kv_cache.py", "-k", "every_code"],
         "fp8 e4m3 subnormal codes widened with the wrong step (2^-8 instead of 2^-9)",
     ),
+    (
+        "fp8_avx2_exponent_shift",
+        "csrc/cpu/decode_math.cpp",
+        "_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7f)), 7)",
+        "_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7f)), 6)",
+        ["tests/features/test_quantized_kv_cache.py", "-k", "every_code"],
+        "the AVX2 fp8 widening's exponent / mantissa moved to the wrong fp16 bit position",
+    ),
 ]
 
 

@@ -32,7 +32,8 @@ tests=(ops/test_attention_forward.py ops/test_attention_backward.py ops/test_att
        ops/test_opcheck_compile.py features/test_extreme_values.py features/test_softcap.py features/test_alibi.py
        features/test_dropout.py features/test_properties.py features/test_concurrency.py
        features/test_bad_input_catalogue.py features/test_errors.py features/test_kernel_config.py
-       features/test_sinks.py features/test_bias_gradients.py api/test_flash_attn_kvcache_args.py)
+       features/test_sinks.py features/test_bias_gradients.py features/test_quantized_kv_cache.py
+       api/test_flash_attn_kvcache_args.py)
 cd "$pkg"  # first on sys.path: `import flash_attn_ext` is the sanitized build
 python3 - <<'PY'
 import flash_attn_ext, os

@@ -93,6 +93,8 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
   // bf16 scores with AVX512-BF16 where the CPU has it (cpu_bf16_dot=off: the
   // widening loop instead; the tests run both).
   const bool bf16_dot = kPairSplit && has_bf16_dot() && p.config.cpu_bf16_dot != PathMode::kOff;
+  // 8-bit caches: the AVX2 widening loops unless cpu_q8_avx2=off (the tests run both).
+  [[maybe_unused]] const bool q8_avx2 = p.config.cpu_q8_avx2 != PathMode::kOff;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const int64_t L = p.len_q, G = p.group_size(), Hkv = p.heads_kv, Dk = p.dim_qk, Dv = p.dim_v;
   const int64_t R = G * L;  // rows of one KV head: row g * L + i is query head hk * G + g, position i
@@ -200,6 +202,8 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
           } else {
             dot_rows(n, q_ptrs.data(), k_ptrs.data(), s_ptrs.data(), R, Dk, kDecodeTile, prefetch);
           }
+        } else if constexpr (kQuantized) {
+          dot_rows(n, q_ptrs.data(), k_ptrs.data(), s_ptrs.data(), R, Dk, kDecodeTile, prefetch, q8_avx2);
         } else {
           dot_rows(n, q_ptrs.data(), k_ptrs.data(), s_ptrs.data(), R, Dk, kDecodeTile, prefetch);
         }
@@ -241,8 +245,12 @@ void decode_kernel(const AttentionParams& p, const at::Tensor& q, const at::Tens
             }
         for (int64_t hk = 0; hk < Hkv; ++hk) {
           for (int64_t c = 0; c < cols; ++c) row_ptrs[c] = row(v_rows, v_all, Dv, b, hk, j0, c);
-          axpy_rows(s_all.data() + hk * R * kDecodeTile, kDecodeTile, R, cols, row_ptrs.data(), Dv,
-                    acc.data() + hk * R * Dv);
+          if constexpr (kQuantized)
+            axpy_rows(s_all.data() + hk * R * kDecodeTile, kDecodeTile, R, cols, row_ptrs.data(), Dv,
+                      acc.data() + hk * R * Dv, q8_avx2);
+          else
+            axpy_rows(s_all.data() + hk * R * kDecodeTile, kDecodeTile, R, cols, row_ptrs.data(), Dv,
+                      acc.data() + hk * R * Dv);
         }
       }
 

@@ -41,6 +41,7 @@ KernelConfig from_environment() {
   mode("FLASH_ATTN_EXT_CUDA_DEVICE_CHECKS", c.cuda_device_checks, "require");
   mode("FLASH_ATTN_EXT_CPU_DECODE", c.cpu_decode, "require");
   mode("FLASH_ATTN_EXT_CPU_BF16_DOT", c.cpu_bf16_dot, nullptr);
+  mode("FLASH_ATTN_EXT_CPU_Q8_AVX2", c.cpu_q8_avx2, nullptr);
   mode("FLASH_ATTN_EXT_CPU_KT_CACHE", c.cpu_kt_cache, nullptr);
   mode("FLASH_ATTN_EXT_CPU_BWD_HEAD_PASSES", c.cpu_bwd_head_passes, "1");
   if (const char* v = env("FLASH_ATTN_EXT_CPU_TILES")) set_config_field(c, "cpu_tiles", v);
@@ -80,6 +81,7 @@ constexpr ModeField kModeFields[] = {
     {"cuda_device_checks", &KernelConfig::cuda_device_checks, true},
     {"cpu_decode", &KernelConfig::cpu_decode, true},
     {"cpu_bf16_dot", &KernelConfig::cpu_bf16_dot, false},
+    {"cpu_q8_avx2", &KernelConfig::cpu_q8_avx2, false},
     {"cpu_kt_cache", &KernelConfig::cpu_kt_cache, false},
     {"cpu_bwd_head_passes", &KernelConfig::cpu_bwd_head_passes, true},
 };

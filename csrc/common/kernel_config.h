@@ -23,6 +23,7 @@ struct KernelConfig {
   PathMode cuda_fast = PathMode::kAuto;     // CUDA tensor-core forward / backward, CUDA decode kernel
   PathMode cpu_decode = PathMode::kAuto;    // CPU decode kernel (all KV heads of a key tile at once)
   PathMode cpu_bf16_dot = PathMode::kAuto;  // vdpbf16ps scores in the CPU decode (auto | off)
+  PathMode cpu_q8_avx2 = PathMode::kAuto;   // AVX2 widening of 8-bit caches in the CPU decode (auto | off)
   PathMode cpu_kt_cache = PathMode::kAuto;  // the CPU forward's per-thread K^T cache (auto | off)
   // CPU backward with GQA: auto by working set; require = one pass per query head; off = one
   // sweep of the whole group per key tile.

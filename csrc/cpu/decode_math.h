@@ -44,11 +44,14 @@ void dot_rows(int64_t n, const float* const* q, const uint16_t* const* k_bf16, f
 void dot_rows(int64_t n, const double* const* q, const double* const* k, double* const* s, int64_t rows, int64_t dim,
               int64_t ld_s, const PrefetchList& prefetch);
 // Quantized caches: the scores against the stored codes (int8, or e4m3 bytes) widened in
-// registers; the caller multiplies each key's scores by its scale afterwards.
+// registers; the caller multiplies each key's scores by its scale afterwards. avx2: the AVX2
+// loops where has_q8_avx2() (vpmovsxbd / vcvtph2ps widening), else the portable ones (the
+// same for axpy_rows below).
+bool has_q8_avx2();
 void dot_rows(int64_t n, const float* const* q, const int8_t* const* k_int8, float* const* s, int64_t rows, int64_t dim,
-              int64_t ld_s, const PrefetchList& prefetch);
+              int64_t ld_s, const PrefetchList& prefetch, bool avx2);
 void dot_rows(int64_t n, const float* const* q, const Fp8E4M3* const* k_fp8, float* const* s, int64_t rows, int64_t dim,
-              int64_t ld_s, const PrefetchList& prefetch);
+              int64_t ld_s, const PrefetchList& prefetch, bool avx2);
 
 // Scores of bf16 q rows (natural order, unscaled) against bf16 key rows with AVX512-BF16's
 // vdpbf16ps: exact bf16 products, summed in float32, times scale. Only where has_bf16_dot()
@@ -68,8 +71,8 @@ void axpy_rows(const double* p, int64_t ld_p, int64_t rows, int64_t cols, const 
                double* acc);
 // Quantized caches: p already carries each V row's scale (the caller folds it in).
 void axpy_rows(const float* p, int64_t ld_p, int64_t rows, int64_t cols, const int8_t* const* v_int8, int64_t dim,
-               float* acc);
+               float* acc, bool avx2);
 void axpy_rows(const float* p, int64_t ld_p, int64_t rows, int64_t cols, const Fp8E4M3* const* v_fp8, int64_t dim,
-               float* acc);
+               float* acc, bool avx2);
 
 }  // namespace flash_attn_ext::cpu

@@ -225,10 +225,12 @@ def test_attention_over_quantized_cache(device, qdtype, dtype, L, Hq, Hkv, layou
 
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_every_code_reads_back_exactly(qdtype, dtype):
+@pytest.mark.parametrize("q8_avx2", ["auto", "off"])  # the AVX2 widening where the CPU has it; the portable loops
+def test_every_code_reads_back_exactly(kernel_settings, qdtype, dtype, q8_avx2):
     """One key per sequence (probability 1): the output is the V row, code * scale, exactly,
     for every stored byte (fp8 subnormals and both signs included; the NaN codes excluded),
     through the vector loop and the tail of a head dim of 254."""
+    kernel_settings(cpu_q8_avx2=q8_avx2)
     codes = torch.arange(256, dtype=torch.int32)
     if qdtype == torch.float8_e4m3fn:
         codes = codes[(codes != 0x7F) & (codes != 0xFF)]
@@ -244,6 +246,33 @@ def test_every_code_reads_back_exactly(qdtype, dtype):
         out = attention_with_kvcache(q, kc, vc, cache_seqlens=1, k_cache_scale=torch.ones(2, 1, 1), v_cache_scale=scale)
     expect = (vc.float() * scale[..., None]).to(dtype)
     assert torch.equal(out, expect)
+
+
+@pytest.mark.parametrize("qdtype", QDTYPES, ids=str)
+@pytest.mark.parametrize("q8_avx2", ["auto", "off"])
+@pytest.mark.parametrize("Hq,L,D", [(8, 1, 64), (4, 2, 72), (8, 1, 130)])  # head dims with a tail past 8 / 16
+def test_avx2_and_portable_loops(kernel_settings, qdtype, q8_avx2, Hq, L, D):
+    """The decode kernel's two sets of 8-bit loops, each against the reference (GQA groups of 1-8
+    rows, head dims with a tail)."""
+    kernel_settings(cpu_q8_avx2=q8_avx2)
+    g = torch.Generator().manual_seed(10)
+    B, S, Hkv = 2, 150, 2
+    lens = [150, 61]
+    kc, vc, ks, vs = _filled_cache(g, B, S, Hkv, D, qdtype, lens)
+    q = rnd(g, B, L, Hq, D).float()
+    with torch.no_grad():
+        out, lse = attention_with_kvcache(
+            q,
+            kc,
+            vc,
+            cache_seqlens=torch.tensor(lens, dtype=torch.int32),
+            causal=True,
+            return_softmax_lse=True,
+            k_cache_scale=ks,
+            v_cache_scale=vs,
+        )
+    refs = _reference(q, kc, vc, ks, vs, lens, (-1, 0), torch.float32, "bshd")
+    _assert_all(out, lse, refs, torch.float32, "bshd", f"{qdtype} q8_avx2={q8_avx2} D={D}")
 
 
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=str)
