@@ -317,7 +317,10 @@ FAE_TARGET_AVX2 inline v8f widen8_avx2(const Fp8E4M3* p) {
   return (v8f)_mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0f));
 }
 
-// dot_rows_n with the AVX2 widening.
+// dot_rows_n with the AVX2 widening. (The loops are written again rather than shared with the
+// templates above through a loader argument: GCC inlines the always_inline intrinsics only into
+// functions that carry their target, so every function of the chain needs the attribute; tried,
+// the shared form fails to compile with "target specific option mismatch".)
 template <int kRows, typename src_t>
 FAE_TARGET_AVX2 inline void dot_q8_n(const float* __restrict q, int64_t dim, const src_t* __restrict k, float* s,
                                      int64_t ld_s) {
