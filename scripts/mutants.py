@@ -254,8 +254,8 @@ MUTANTS = [
     (
         "kv_quant_truncates",
         "csrc/kv_cache/kv_cache_quantize.h",
-        "static_cast<int>(::rintf(y))",
-        "static_cast<int>(y)",
+        "const float r = __builtin_roundevenf(y);",
+        "const float r = __builtin_truncf(y);",
         ["tests/features/test_quantized_kv_cache.py", "-k", "append_quantizes and float32"],
         "int8 codes truncated toward zero instead of rounded to nearest even",
     ),
@@ -278,10 +278,18 @@ MUTANTS = [
     (
         "fp8_avx2_exponent_shift",
         "csrc/cpu/decode_math.cpp",
-        "_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7f)), 7)",
-        "_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7f)), 6)",
+        "_mm_or_si128(_mm_slli_epi16(em, 7),",
+        "_mm_or_si128(_mm_slli_epi16(em, 6),",
         ["tests/features/test_quantized_kv_cache.py", "-k", "every_code"],
         "the AVX2 fp8 widening's exponent / mantissa moved to the wrong fp16 bit position",
+    ),
+    (
+        "kv_quant_ties_away",
+        "csrc/kv_cache/kv_cache_quantize.h",
+        "const float r = __builtin_roundevenf(y);",
+        "const float r = __builtin_roundf(y);",
+        ["tests/features/test_quantized_kv_cache.py", "-k", "ties"],
+        "int8 codes rounded half away from zero (roundf) instead of half to even",
     ),
 ]
 

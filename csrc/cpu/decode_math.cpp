@@ -1,6 +1,7 @@
 #include "decode_math.h"
 
 #include <cstdlib>
+#include <limits>
 #include <type_traits>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -38,7 +39,9 @@ FAE_INLINE float widen(int8_t x) { return static_cast<float>(x); }
 FAE_INLINE float widen(Fp8E4M3 x) {  // the scalar form of simd::load8_e4m3
   const uint32_t em = x.bits & 0x7fu;
   float f;
-  if (em < 8) {
+  if (em == 0x7fu) {
+    f = std::numeric_limits<float>::quiet_NaN();
+  } else if (em < 8) {
     f = static_cast<float>(em) * (1.0f / 512.0f);
   } else {
     const uint32_t u = (em << 20) + (120u << 23);
@@ -312,9 +315,11 @@ FAE_TARGET_AVX2 inline v8f widen8_avx2(const int8_t* p) {
 }
 FAE_TARGET_AVX2 inline v8f widen8_avx2(const Fp8E4M3* p) {
   const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7f)), 7),
-                                 _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8));
-  return (v8f)_mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0f));
+  const __m128i em = _mm_and_si128(b, _mm_set1_epi16(0x7f));
+  const __m128i h = _mm_or_si128(_mm_slli_epi16(em, 7), _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8));
+  // the NaN codes (0x7f, 0xff) read as NaN, as the portable loop and torch read them
+  const __m256 nan = _mm256_castsi256_ps(_mm256_cvtepi16_epi32(_mm_cmpeq_epi16(em, _mm_set1_epi16(0x7f))));
+  return (v8f)_mm256_or_ps(_mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0f)), nan);
 }
 
 // dot_rows_n with the AVX2 widening. (The loops are written again rather than shared with the

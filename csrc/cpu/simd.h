@@ -65,8 +65,8 @@ FAE_INLINE v8f load8(const int8_t* p) {
 
 // 8 float8_e4m3fn bytes widened to float exactly, in integer lanes: a normal code's exponent
 // and mantissa (bits 0-6) move to float's positions with the bias difference (127 - 7) added;
-// a subnormal (exponent field 0) is its mantissa times 2^-9. NaN codes (0x7f, 0xff) are never
-// written by the append (it stores at most +-448) and are not decoded as NaN here.
+// a subnormal (exponent field 0) is its mantissa times 2^-9; the NaN codes (0x7f, 0xff; the
+// append never writes them, it stores at most +-448) read as NaN, as torch reads them.
 FAE_INLINE v8f load8_e4m3(const uint8_t* p) {
   v8u8 b;
   std::memcpy(&b, p, sizeof(b));
@@ -75,8 +75,9 @@ FAE_INLINE v8f load8_e4m3(const uint8_t* p) {
   const v8u normal = (em << 20) + (120u << 23);
   const v8f sub = __builtin_convertvector((v8i)em, v8f) * (1.0f / 512.0f);
   const v8u is_sub = (v8u)(em < 8u);  // all ones where the exponent field is 0
+  const v8u is_nan = (v8u)(em == 0x7fu);
   const v8u bits = (is_sub & (v8u)sub) | (~is_sub & normal);
-  return (v8f)(bits | ((u & 0x80u) << 24));
+  return (v8f)((bits & ~is_nan) | (is_nan & 0x7fc00000u) | ((u & 0x80u) << 24));
 }
 
 #if defined(__clang__) || __GNUC__ >= 12

@@ -4,8 +4,8 @@
 // key tiles past a sequence's end are never read. Everything is validated before the optional
 // in-place append writes to the caches. An int8 / fp8 cache is read in place by the decode
 // kernel; calls it declines (chunked prefill: more than 8 query rows per KV head) get the
-// rows they can read dequantized into the query's dtype first (one pass over them, against
-// L times as much arithmetic in the tiles that follow).
+// rows they read dequantized into the query's dtype first (dequantize_for_call: one pass over
+// them, against L times as much arithmetic in the tiles that follow).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -28,15 +28,9 @@ void run_kvcache_cpu(KvcacheCall& call, const at::Tensor& q, const at::Tensor& k
   }
   if (run_attention_decode_cpu(p, MaskView{}, q, k_cache, v_cache, call.out, call.lse, call.scales.k, call.scales.v))
     return;
-  // The positions any sequence reads (a paged cache: every block).
-  int64_t used = -1;
-  if (!call.table.defined()) {
-    used = 0;
-    for (const int64_t len : call.lens) used = std::max(used, len);
-  }
-  const at::Tensor k = dequantize_cache(k_cache, call.scales.k, q.scalar_type(), used);
-  const at::Tensor v = dequantize_cache(v_cache, call.scales.v, q.scalar_type(), used);
-  run_attention_forward_cpu(p, MaskView{}, q, k, v, call.out, call.lse);
+  const DequantizedKv kv = dequantize_for_call(call, k_cache, v_cache, q.scalar_type());
+  if (kv.table.defined()) p.block_table = kv.table.data_ptr<int32_t>();
+  run_attention_forward_cpu(p, MaskView{}, q, kv.k, kv.v, call.out, call.lse);
 }
 
 }  // namespace

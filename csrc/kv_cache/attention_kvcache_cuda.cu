@@ -38,10 +38,9 @@ void run_kvcache_cuda(KvcacheCall& call, const at::Tensor& q, const at::Tensor& 
   const at::Tensor lens_dev = at::tensor(call.lens, at::kLong).to(q.device());
   const int64_t max_len = call.lens.empty() ? 0 : *std::max_element(call.lens.begin(), call.lens.end());
   if (call.scales.defined()) {
-    const int64_t used = call.table.defined() ? -1 : max_len;  // a paged cache: every block
-    run_with_lengths(call, q, dequantize_cache(k_cache, call.scales.k, q.scalar_type(), used),
-                     dequantize_cache(v_cache, call.scales.v, q.scalar_type(), used), lens_dev.data_ptr<int64_t>(),
-                     max_len);
+    const DequantizedKv kv = dequantize_for_call(call, k_cache, v_cache, q.scalar_type());
+    if (kv.table.defined()) call.params.block_table = kv.table.data_ptr<int32_t>();  // on the device
+    run_with_lengths(call, q, kv.k, kv.v, lens_dev.data_ptr<int64_t>(), max_len);
     return;
   }
   run_with_lengths(call, q, k_cache, v_cache, lens_dev.data_ptr<int64_t>(), max_len);

@@ -1,8 +1,11 @@
 #include "kv_cache_host.h"
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
+
+#include <algorithm>
 
 #include "../attention/attention_host.h"
 
@@ -68,6 +71,21 @@ CacheScales check_cache_scales(const char* op, const at::Tensor& k_cache, const 
                     "is required");
   check_scale(op, "k_cache_scale", *k_scale, "k_cache", k_cache);
   check_scale(op, "v_cache_scale", *v_scale, "v_cache", v_cache);
+  // The append writes one scale per (position, head): each must have its own memory.
+  for (const auto& [name, t] :
+       {std::make_pair("k_cache_scale", &*k_scale), std::make_pair("v_cache_scale", &*v_scale)}) {
+    TORCH_CHECK_VALUE(at::has_internal_overlap(*t) != at::MemOverlap::Yes, op, ": ", name,
+                      " has elements that share memory (an expanded tensor?); it needs one scale per position and "
+                      "head");
+    for (const at::Tensor* cache : {&k_cache, &v_cache}) {
+      const auto status = at::get_overlap_status(*t, *cache);
+      TORCH_CHECK_VALUE(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, op, ": ", name,
+                        " shares memory with ", cache == &k_cache ? "k_cache" : "v_cache");
+    }
+  }
+  const auto kv = at::get_overlap_status(*k_scale, *v_scale);
+  TORCH_CHECK_VALUE(kv != at::MemOverlapStatus::Full && kv != at::MemOverlapStatus::Partial, op,
+                    ": k_cache_scale and v_cache_scale share memory; each needs its own tensor");
   return {*k_scale, *v_scale, kt};
 }
 
@@ -79,10 +97,47 @@ void check_finite_new_rows(const char* op, const at::Tensor& k_new, const at::Te
   }
 }
 
-at::Tensor dequantize_cache(const at::Tensor& cache, const at::Tensor& scale, at::ScalarType dtype, int64_t used_len) {
-  const at::Tensor c = used_len >= 0 ? cache.narrow(2, 0, used_len) : cache;
-  const at::Tensor s = used_len >= 0 ? scale.narrow(2, 0, used_len) : scale;
-  return (c.to(at::kFloat) * s.unsqueeze(-1)).to(dtype).contiguous();
+namespace {
+
+at::Tensor dequantized(const at::Tensor& codes, const at::Tensor& scale, at::ScalarType dtype) {
+  return (codes.to(at::kFloat) * scale.unsqueeze(-1)).to(dtype).contiguous();
+}
+
+}  // namespace
+
+DequantizedKv dequantize_for_call(const KvcacheCall& call, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  at::ScalarType dtype) {
+  const CacheScales& sc = call.scales;
+  if (!call.table.defined()) {
+    int64_t used = 0;
+    for (const int64_t len : call.lens) used = std::max(used, len);
+    return {dequantized(k_cache.narrow(2, 0, used), sc.k.narrow(2, 0, used), dtype),
+            dequantized(v_cache.narrow(2, 0, used), sc.v.narrow(2, 0, used), dtype), at::Tensor()};
+  }
+  // The table entries each sequence reads (its first ceil(len / block_size) columns), their
+  // distinct blocks, and the table renumbered onto those (entries never read: block 0).
+  const BlockTable& t = call.table;
+  const int64_t B = static_cast<int64_t>(call.lens.size());
+  const at::Tensor host = t.table.to(at::kCPU).contiguous();
+  const int32_t* e = host.data_ptr<int32_t>();
+  std::vector<int32_t> blocks;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j * t.block_size < call.lens[b]; ++j) blocks.push_back(e[b * t.blocks_per_seq + j]);
+  std::sort(blocks.begin(), blocks.end());
+  blocks.erase(std::unique(blocks.begin(), blocks.end()), blocks.end());
+  at::Tensor renumbered = at::zeros_like(host);
+  int32_t* r = renumbered.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j * t.block_size < call.lens[b]; ++j) {
+      const int32_t blk = e[b * t.blocks_per_seq + j];
+      r[b * t.blocks_per_seq + j] =
+          static_cast<int32_t>(std::lower_bound(blocks.begin(), blocks.end(), blk) - blocks.begin());
+    }
+  const at::Tensor index =
+      at::tensor(std::vector<int64_t>(blocks.begin(), blocks.end()), at::kLong).to(k_cache.device());
+  return {dequantized(k_cache.index_select(0, index), sc.k.index_select(0, index), dtype),
+          dequantized(v_cache.index_select(0, index), sc.v.index_select(0, index), dtype),
+          renumbered.to(t.table.device())};
 }
 
 BlockTable check_block_table(const char* op, const std::optional<at::Tensor>& block_table, int64_t batch,

@@ -47,11 +47,6 @@ CacheScales check_cache_scales(const char* op, const at::Tensor& k_cache, const 
 // row's scale): raises ValueError before anything is written. A reduction (a sync on CUDA).
 void check_finite_new_rows(const char* op, const at::Tensor& k_new, const at::Tensor& v_new);
 
-// A quantized cache dequantized into `dtype`, (B, Hkv, used_len, D) contiguous (used_len < 0:
-// every position): for the kernels that read float tiles (CPU chunked prefill, the CUDA
-// kernels). Positions a sequence does not use may hold anything.
-at::Tensor dequantize_cache(const at::Tensor& cache, const at::Tensor& scale, at::ScalarType dtype, int64_t used_len);
-
 // Validates block_table (if given) for `batch` sequences that use positions [0, used[b]);
 // used nullptr: its dtype, shape and device only (the entries are checked on the device).
 BlockTable check_block_table(const char* op, const std::optional<at::Tensor>& block_table, int64_t batch,
@@ -132,6 +127,18 @@ KvcacheCall prepare_attention_kvcache(const at::Tensor& q, const at::Tensor& k_c
                                       const std::optional<at::Tensor>& sinks, const DeviceLimits& limits,
                                       AppendValidatedFn append, const std::optional<at::Tensor>& k_cache_scale,
                                       const std::optional<at::Tensor>& v_cache_scale, bool host_values = true);
+
+// The rows of a quantized cache a prepared call reads, dequantized into `dtype` (code * scale,
+// rounded to dtype), for the kernels that read float tiles (CPU chunked prefill, the CUDA
+// kernels): plain caches up to the longest sequence; paged ones (block tables, and the
+// one-position blocks of cache_leftpad) only the blocks the sequences use, gathered into a
+// compact pool, with `table` the call's block table renumbered onto it. Point the params at
+// table (apply it) before running; undefined when the call is not paged.
+struct DequantizedKv {
+  at::Tensor k, v, table;
+};
+DequantizedKv dequantize_for_call(const KvcacheCall& call, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  at::ScalarType dtype);
 
 // The op attention_kvcache on one device: the shared prologue with the device's append and
 // limits, then Run, the device's kernels on the prepared call (the entry points

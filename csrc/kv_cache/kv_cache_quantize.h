@@ -29,7 +29,12 @@ FAE_HOST_DEVICE uint8_t encode(float x, float scale, Kind kind) {
   float y = scale > 0.0f ? x / scale : 0.0f;
   y = y > lim ? lim : (y < -lim ? -lim : y);  // x / (amax / lim) may land an ulp past lim
   if (kind == Kind::kInt8) {
-    const auto q = static_cast<int8_t>(static_cast<int>(::rintf(y)));  // ties to even (default mode)
+#if defined(__CUDA_ARCH__)
+    const float r = rintf(y);  // ties to even (the device's rounding mode is fixed)
+#else
+    const float r = __builtin_roundevenf(y);  // ties to even whatever fesetround set
+#endif
+    const auto q = static_cast<int8_t>(static_cast<int>(r));
     return static_cast<uint8_t>(q);
   }
   return c10::Float8_e4m3fn(y).x;  // round to nearest even

@@ -254,6 +254,16 @@ CASES = [
         r"same dtype",
         "fae.kv_cache_append(kq, vc, kn, vn, seqlens, k_cache_scale=ksc, v_cache_scale=vsc)",
     ),
+    (
+        "q8/scales-aliased",
+        r"share memory",
+        "fae.kv_cache_append(kq, vq, kn, vn, seqlens, k_cache_scale=ksc, v_cache_scale=ksc)",
+    ),
+    (
+        "q8/scale-expanded",
+        r"v_cache_scale has elements that share memory",
+        "fae.kv_cache_append(kq, vq, kn, vn, seqlens, k_cache_scale=ksc, v_cache_scale=vsc[:, :1].expand(2, 32, 2))",
+    ),
     ("q8/attend-no-scales", r"k_cache_scale", "fae.attention_with_kvcache(qd, kq, vq, cache_seqlens=seqlens)"),
     (
         "q8/attend-new-dtype",

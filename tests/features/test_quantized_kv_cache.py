@@ -96,6 +96,22 @@ def test_append_quantizes_rows_and_touches_nothing_else(device, qdtype, src, lay
         assert torch.equal(scale[~written], old_s[~written])
 
 
+def test_ties_round_to_even():
+    """Codes exactly halfway between two steps: int8 rounds half to even (not away from zero),
+    e4m3 to the even mantissa. The row's amax is the largest code, so the scale is 1."""
+    k = torch.tensor([[127.0, 0.5, 1.5, 2.5, -2.5, 126.5, -0.5, 3.5]]).reshape(1, 1, 1, 8)
+    kc, vc = torch.zeros(1, 4, 1, 8, dtype=torch.int8), torch.zeros(1, 4, 1, 8, dtype=torch.int8)
+    ks, vs = torch.zeros(1, 4, 1), torch.zeros(1, 4, 1)
+    kv_cache_append(kc, vc, k, k, torch.zeros(1, dtype=torch.int32), k_cache_scale=ks, v_cache_scale=vs)
+    assert ks[0, 0, 0] == 1.0
+    assert kc[0, 0, 0].tolist() == [127, 0, 2, 2, -2, 126, 0, 4]
+    x = torch.tensor([448.0, 1.0625, 1.1875, -1.0625, 0.0, 3.0, 2.125, 2.375]).reshape(1, 1, 1, 8)
+    kf, vf = torch.zeros(1, 4, 1, 8, dtype=torch.float8_e4m3fn), torch.zeros(1, 4, 1, 8, dtype=torch.float8_e4m3fn)
+    kv_cache_append(kf, vf, x, x, torch.zeros(1, dtype=torch.int32), k_cache_scale=ks, v_cache_scale=vs)
+    assert ks[0, 0, 0] == 1.0
+    assert kf[0, 0, 0].float().tolist() == [448.0, 1.0, 1.25, -1.0, 0.0, 3.0, 2.0, 2.5]
+
+
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=str)
 def test_append_rolling_and_paged(qdtype):
     g = torch.Generator().manual_seed(2)
@@ -227,14 +243,13 @@ def test_attention_over_quantized_cache(device, qdtype, dtype, L, Hq, Hkv, layou
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("q8_avx2", ["auto", "off"])  # the AVX2 widening where the CPU has it; the portable loops
 def test_every_code_reads_back_exactly(kernel_settings, qdtype, dtype, q8_avx2):
-    """One key per sequence (probability 1): the output is the V row, code * scale, exactly,
-    for every stored byte (fp8 subnormals and both signs included; the NaN codes excluded),
-    through the vector loop and the tail of a head dim of 254."""
+    """Every stored byte reads back as code * scale exactly (fp8 subnormals, both signs, the NaN
+    codes as NaN, as torch reads them), through the vector loop and the tail of a head dim of
+    254 / 256. V: one key per sequence (probability 1), the output is the V row. K: query b
+    one-hot at feature b, one key, so the lse is code[b] * scale."""
     kernel_settings(cpu_q8_avx2=q8_avx2)
     codes = torch.arange(256, dtype=torch.int32)
-    if qdtype == torch.float8_e4m3fn:
-        codes = codes[(codes != 0x7F) & (codes != 0xFF)]
-    else:
+    if qdtype == torch.int8:
         codes = codes[:254]
     D = codes.numel()
     raw = torch.stack([codes, codes.flip(0)]).to(torch.uint8)  # two sequences, the codes in both orders
@@ -245,7 +260,24 @@ def test_every_code_reads_back_exactly(kernel_settings, qdtype, dtype, q8_avx2):
     with torch.no_grad():
         out = attention_with_kvcache(q, kc, vc, cache_seqlens=1, k_cache_scale=torch.ones(2, 1, 1), v_cache_scale=scale)
     expect = (vc.float() * scale[..., None]).to(dtype)
-    assert torch.equal(out, expect)
+    torch.testing.assert_close(out, expect, rtol=0, atol=0, equal_nan=True)
+    # K: D sequences, sequence b's query one-hot at feature b, its one key the code row (the NaN
+    # codes zeroed: 0 * NaN would poison every score)
+    k_raw = raw[:1].masked_fill((raw[:1] & 0x7F) == 0x7F, 0) if qdtype == torch.float8_e4m3fn else raw[:1]
+    kk = k_raw.view(qdtype).reshape(1, 1, 1, D).expand(D, 1, 1, D).contiguous()
+    qk = torch.eye(D).reshape(D, 1, 1, D).to(dtype)
+    with torch.no_grad():
+        _, lse = attention_with_kvcache(
+            qk,
+            kk,
+            torch.zeros_like(kk),
+            cache_seqlens=1,
+            softmax_scale=1.0,
+            return_softmax_lse=True,
+            k_cache_scale=torch.full((D, 1, 1), 0.5),
+            v_cache_scale=torch.ones(D, 1, 1),
+        )
+    torch.testing.assert_close(lse.flatten(), kk[:, 0, 0].float().diagonal() * 0.5, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=str)
@@ -295,7 +327,8 @@ def test_attention_features_over_quantized_cache(qdtype, decode, feature):
         kw["sinks"] = ref_kw["sinks"] = rnd(g, Hq).float()
     elif feature == "window":
         window = (63, 0)
-    with torch.no_grad(), flash_attn_ext.kernel_config(cpu_decode=decode):
+    splits = {"num_splits": 4} if feature == "split" else {}  # split-KV whatever the thread count
+    with torch.no_grad(), flash_attn_ext.kernel_config(cpu_decode=decode, **splits):
         out, lse = attention_with_kvcache(
             q,
             kc,
@@ -314,9 +347,11 @@ def test_attention_features_over_quantized_cache(qdtype, decode, feature):
 
 @pytest.mark.parametrize("qdtype", QDTYPES, ids=str)
 @pytest.mark.parametrize("L_new", [1, 5])
-def test_append_then_attend_in_one_call_paged_and_leftpad(qdtype, L_new):
+@pytest.mark.parametrize("decode", ["auto", "off"])  # off: the tiles on the compact dequantized blocks
+def test_append_then_attend_in_one_call_paged_and_leftpad(kernel_settings, qdtype, L_new, decode):
     """k / v appended (quantized) by the attention call itself, on a paged cache, with
     cache_batch_idx and cache_leftpad addressing it (the scales are addressed with it)."""
+    kernel_settings(cpu_decode=decode)
     g = torch.Generator().manual_seed(5)
     B, Hq, Hkv, D, nb, bs = 2, 4, 2, 32, 8, 16
     kp, vp = torch.zeros(nb, bs, Hkv, D, dtype=qdtype), torch.zeros(nb, bs, Hkv, D, dtype=qdtype)
