@@ -278,8 +278,8 @@ MUTANTS = [
     (
         "fp8_avx2_exponent_shift",
         "csrc/cpu/decode_math.cpp",
-        "_mm_or_si128(_mm_slli_epi16(em, 7),",
-        "_mm_or_si128(_mm_slli_epi16(em, 6),",
+        "_mm_or_si128(_mm_or_si128(_mm_slli_epi16(em, 7), nan),",
+        "_mm_or_si128(_mm_or_si128(_mm_slli_epi16(em, 6), nan),",
         ["tests/features/test_quantized_kv_cache.py", "-k", "every_code"],
         "the AVX2 fp8 widening's exponent / mantissa moved to the wrong fp16 bit position",
     ),
