@@ -319,8 +319,8 @@ FAE_TARGET_AVX2 inline v8f widen8_avx2(const Fp8E4M3* p) {
   // the NaN codes (0x7f, 0xff) read as NaN, as the portable loop and torch read them: their
   // fp16 gets an all-ones exponent (its mantissa is not zero)
   const __m128i nan = _mm_and_si128(_mm_cmpeq_epi16(em, _mm_set1_epi16(0x7f)), _mm_set1_epi16(0x7c00));
-  const __m128i h = _mm_or_si128(_mm_or_si128(_mm_slli_epi16(em, 7), nan),
-                                 _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8));
+  const __m128i h =
+      _mm_or_si128(_mm_or_si128(_mm_slli_epi16(em, 7), nan), _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8));
   return (v8f)_mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0f));
 }
 
