@@ -55,6 +55,17 @@ def copy_bandwidth_gbs(device="cpu", nbytes=1 << 30):
     return 2 * nbytes / t / 1e9  # read + write
 
 
+def machine_header(dev):
+    """Measures the copy ceiling and prints the machine (the CPU's model and ISA flags on CPU);
+    returns (copy GB/s, a short name of where it ran)."""
+    ceiling = copy_bandwidth_gbs(dev)
+    where = torch.cuda.get_device_name() if dev == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}; copy bandwidth {ceiling:.1f} GB/s")
+    if dev == "cpu":
+        print(f"cpu: {cpu_description()}")
+    return ceiling, where
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq", type=int, nargs="*", default=[8192, 32768])
@@ -92,11 +103,7 @@ def main():
     if args.cache_dtypes:
         return quant_main(args, grid)
     dev = args.device
-    ceiling = copy_bandwidth_gbs(dev)
-    where = torch.cuda.get_device_name() if dev == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}; copy bandwidth {ceiling:.1f} GB/s")
-    if dev == "cpu":
-        print(f"cpu: {cpu_description()}")
+    ceiling, where = machine_header(dev)
     print(
         f"{'dtype':9} {'Hkv':>3} {'B':>2} {'S':>6} | {'ours us':>9} {'GB/s':>6} {'of copy':>7} | "
         f"{'torch us':>9} {'ours/torch':>10} | {'concat us':>9} {'ours/concat':>11}"
@@ -189,11 +196,7 @@ def quant_main(args, grid):
     one process with the copy bandwidth; per (B, S) the dtypes are timed in turn, twice, and the
     better of the two rounds kept, so drift on the machine hits every dtype alike."""
     dev = args.device
-    ceiling = copy_bandwidth_gbs(dev)
-    where = torch.cuda.get_device_name() if dev == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}; copy bandwidth {ceiling:.1f} GB/s")
-    if dev == "cpu":
-        print(f"cpu: {cpu_description()}")
+    ceiling, where = machine_header(dev)
     H, D = args.heads, args.dim
     print(f"decode, q bf16 (B, 1, {H}, {D}), one step per call, caches (B, S, Hkv, {D})")
     print(

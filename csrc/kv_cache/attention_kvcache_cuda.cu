@@ -57,9 +57,6 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_cuda(
     return attention_kvcache_op<&append_validated, &cuda_limits, &run_kvcache_cuda>(
         q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_left, window_right, block_table, softcap,
         alibi_slopes, sinks, k_cache_scale, v_cache_scale);
-  TORCH_CHECK_NOT_IMPLEMENTED(!check_cache_scales(kOp, k_cache, v_cache, k_cache_scale, v_cache_scale).defined(), kOp,
-                              ": a quantized (int8 / fp8) cache is not served with device-side checks (CUDA-graph "
-                              "capture, cuda_device_checks='require') yet");
   KvcacheCall call = prepare_attention_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, window_left,
                                                window_right, block_table, softcap, alibi_slopes, sinks, cuda_limits(),
                                                /*append=*/nullptr, k_cache_scale, v_cache_scale,

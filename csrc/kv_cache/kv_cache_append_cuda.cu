@@ -178,10 +178,6 @@ void kv_cache_append_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache, 
     return kv_cache_append_op<&append_validated>(k_cache, v_cache, k_new, v_new, cache_seqlens, rolling, block_table,
                                                  k_cache_scale, v_cache_scale);
   const CacheScales scales = check_cache_scales(kOp, k_cache, v_cache, k_cache_scale, v_cache_scale);
-  // The finite-values check of a quantized append reads a reduction back: not capturable.
-  TORCH_CHECK_NOT_IMPLEMENTED(!scales.defined(), kOp,
-                              ": a quantized (int8 / fp8) cache is not served with device-side checks (CUDA-graph "
-                              "capture, cuda_device_checks='require') yet");
   BlockTable table;
   check_kv_cache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, rolling, block_table, &table, scales,
                         /*host_values=*/false);

@@ -48,6 +48,15 @@ void check_scale(const char* op, const char* name, const at::Tensor& scale, cons
                     cache_name, " of shape ", cache.sizes(), "), got ", scale.sizes());
 }
 
+// Device-checked calls (host_values false: CUDA-graph capture, cuda_device_checks='require')
+// read nothing back, and an 8-bit cache needs host reads (the finite check of new rows, the
+// lengths that size its dequantized copy).
+void refuse_device_checked_quantized(const char* op, const CacheScales& scales, bool host_values) {
+  TORCH_CHECK_NOT_IMPLEMENTED(host_values || !scales.defined(), op,
+                              ": a quantized (int8 / fp8) cache is not served with device-side checks (CUDA-graph "
+                              "capture, cuda_device_checks='require') yet");
+}
+
 }  // namespace
 
 bool is_quantized_cache_dtype(at::ScalarType dtype) {
@@ -218,6 +227,7 @@ std::vector<int64_t> check_kv_cache_append(const at::Tensor& k_cache, const at::
   TORCH_CHECK_VALUE(!rolling || S_max > 0 || L_new == 0, kOp, ": a rolling cache needs max_len > 0");
   TORCH_CHECK_VALUE(!scales.defined() || k_new.scalar_type() == v_new.scalar_type(), kOp, ": k_new (",
                     k_new.scalar_type(), ") and v_new (", v_new.scalar_type(), ") must have the same dtype");
+  refuse_device_checked_quantized(kOp, scales, host_values);
   if (scales.defined()) check_finite_new_rows(kOp, k_new, v_new);
   if (!host_values) {
     check_lengths_layout(kOp, cache_seqlens, block_table, B, k_cache, table_out);
@@ -250,6 +260,7 @@ std::vector<int64_t> check_attention_kvcache(const at::Tensor& q, const at::Tens
                                              std::vector<int64_t>* lens_before_out, bool host_values) {
   constexpr const char* kOp = "flash_attn_ext.attention_kvcache";
   const bool paged = block_table.has_value() && block_table->defined();
+  refuse_device_checked_quantized(kOp, scales, host_values);
   // A quantized cache's dtype is checked by check_cache_scales, the rest as a float cache's.
   check_attention_inputs(kOp, q, k_cache, v_cache, std::nullopt, 0.0, scale, window_left, window_right, paged,
                          /*quantized_kv=*/scales.defined());
