@@ -44,11 +44,12 @@ import importlib
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.masking_utils import sdpa_mask
 
 from ..attention import attention
-from . import _t5_bias
+from . import _compact_mask, _t5_bias, transformers_cache
 from ..flash_attn_interface import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+from ..kv_cache import attention_with_kvcache
+from .transformers_cache import FlashAttnExtCache  # noqa: F401  (the generate() cache, exported here)
 
 NAME = "fa_ext"
 FLASH_NAME = "flash_attn_ext"
@@ -207,7 +208,38 @@ def flash_attn_ext_attention_forward(
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     cap = float(softcap) if softcap else 0.0
     sink_logits = _sinks(NAME, s_aux, sinks)
-    L, S = query.shape[-2], key.shape[-2]
+    L = query.shape[-2]
+    spec = _compact_mask.compact(attention_mask, sliding_window)
+    layer = transformers_cache.pending_layer(key)
+    if layer is not None:
+        if spec is not None or attention_mask is None:
+            _check_cache_call(NAME, is_causal, dropout, position_bias, cu_seq_lens_q)
+            window = _window(NAME, spec, sliding_window)
+            pad, pad_max = _absolute(layer, spec.pad, spec.pad_max) if spec is not None else (None, 0)
+            out = layer.attend(
+                query, scale=scaling, window=window, softcap=cap, sinks=sink_logits, pad=pad, pad_max=pad_max
+            )
+            return out, None
+        key, value = layer.settle()  # a dense mask (a custom pattern): the K/V it covers, in order
+    if spec is not None:
+        if position_bias is None and cu_seq_lens_q is None:
+            out = _compact_call(
+                query,
+                key,
+                value,
+                spec,
+                attention_mask.shape[-1],
+                is_causal,
+                sliding_window,
+                scaling,
+                dropout,
+                cap,
+                sink_logits,
+            )
+            return out, None
+        # (the bias / packing paths take it dense)
+        attention_mask = _compact_mask.dense_from(spec, L, key.shape[-2], query.device)
+    S = key.shape[-2]
     if attention_mask is None and position_bias is None and cu_seq_lens_q is not None:
         out = _packed(
             query,
@@ -269,6 +301,83 @@ def flash_attn_ext_attention_forward(
             relative_bias=relative,
         )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _window(impl, spec, sliding_window) -> int:
+    """The sliding window (0: none) of a call, checked against the compact mask's."""
+    window = int(sliding_window) if sliding_window else 0
+    if spec is not None and spec.window != window:
+        raise ValueError(
+            f"attn_implementation={impl!r}: the model's mask was built for a sliding window of {spec.window or 'none'}, "
+            f"the attention call asks for sliding_window={sliding_window}"
+        )
+    return window
+
+
+def _absolute(layer, pad, pad_max):
+    """Leading pad counts in the frame of the keys transformers' mask covers -> absolute cache
+    positions (a sliding layer's keys start at its kv_offset; a row whose padding all lies before
+    it keeps 0: those positions are outside the window anyway)."""
+    offset = layer.kv_offset()
+    if pad is None or not offset:
+        return pad, pad_max
+    return torch.where(pad > 0, pad + offset, pad), pad_max + offset
+
+
+def _check_cache_call(impl, is_causal, dropout, position_bias, cu_seq_lens_q) -> None:
+    """What a call on a FlashAttnExtCache cannot serve, refused by name."""
+    for bad, what in (
+        (not is_causal, "non-causal attention (is_causal=False)"),
+        (dropout, f"dropout={dropout}"),
+        (position_bias is not None, "position_bias"),
+        (cu_seq_lens_q is not None, "packed sequences (cu_seq_lens_q)"),
+    ):
+        if bad:
+            raise ValueError(f"attn_implementation={impl!r} with a FlashAttnExtCache (inference) does not serve {what}")
+
+
+def _compact_call(query, key, value, spec, width, is_causal, sliding_window, scaling, dropout, cap, sinks):
+    """A call whose mask is compact (causal, bottom-right, a window, left padding): no dense
+    mask. Left padding goes through cache_leftpad on the K/V as a cache when no gradient is
+    needed (inference: DynamicCache, or a forward without a cache); with one, the dense mask."""
+    if not is_causal:
+        raise ValueError(f"attn_implementation={NAME!r}: a causal mask reached a non-causal attention layer")
+    window = _window(NAME, spec, sliding_window)
+    L, S = query.shape[-2], key.shape[-2]
+    if width != S:
+        raise ValueError(f"attn_implementation={NAME!r}: the attention mask covers {width} keys, the call has {S}")
+    left = window - 1 if window else -1
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, value, sinks))
+    if spec.pad is None or grad or dropout:
+        mask = None if spec.pad is None else _compact_mask.dense_from(spec, L, S, query.device)
+        out = attention(
+            query,
+            key,
+            value,
+            attn_mask=mask,
+            causal=mask is None,
+            window_size=(left, 0) if mask is None else (-1, -1),
+            scale=scaling,
+            dropout_p=dropout,
+            alignment="bottom_right",
+            softcap=cap,
+            sinks=sinks,
+        )
+        return out.transpose(1, 2).contiguous()
+    out = attention_with_kvcache(
+        query,
+        key,
+        value,
+        cache_seqlens=S,
+        softmax_scale=scaling,
+        causal=True,
+        window_size=(left, 0),
+        layout="bhsd",
+        softcap=cap,
+        sinks=sinks,
+        cache_leftpad=spec.pad,
+    )
+    return out.transpose(1, 2).contiguous()
 
 
 def _packed(query, key, value, is_causal, sliding_window, scaling, dropout, cap, sinks, cu_q, cu_k, max_q, max_k):
@@ -343,7 +452,7 @@ def _reuses_dispatching_model(modeling) -> bool:
     return False
 
 
-AttentionMaskInterface.register(NAME, _dispatching_mask(NAME, sdpa_mask))
+AttentionMaskInterface.register(NAME, _dispatching_mask(NAME, _compact_mask.mask_function))
 
 
 def _flash_cache():
@@ -404,8 +513,36 @@ if _cache is not None:
                 f"bias, as in T5) has no place in transformers' flash-attention path; use attn_implementation='fa_ext'"
             )
         s_aux = _sinks(FLASH_NAME, s_aux, sinks)
+        layer = transformers_cache.pending_layer(key)
+        if layer is not None:
+            return _flash_through_cache(layer, module, query, attention_mask, s_aux, kwargs), None
         _load_into_transformers(_fa_utils)
         return _flash_attention_forward(module, query, key, value, attention_mask, s_aux=s_aux, **kwargs)
+
+    def _flash_through_cache(layer, module, query, attention_mask, s_aux, kwargs):
+        """A "flash_attn_ext" call on a FlashAttnExtCache: the 2-D padding mask transformers'
+        flash path gets (its last kv_length columns, or None) gives the left padding."""
+        is_causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
+        _check_cache_call(FLASH_NAME, is_causal, kwargs.get("dropout", 0.0), None, kwargs.get("cu_seq_lens_q"))
+        pad, pad_max = None, 0
+        if attention_mask is not None:
+            found = _compact_mask.left_padding(attention_mask)
+            if found is None:
+                raise ValueError(
+                    f"attn_implementation={FLASH_NAME!r} with a FlashAttnExtCache serves left padding only; this "
+                    f"attention_mask has padding on the right or in the middle"
+                )
+            pad, pad_max = _absolute(layer, *found)
+        softcap = kwargs.get("softcap")
+        return layer.attend(
+            query,
+            scale=kwargs.get("scaling"),
+            window=_window(FLASH_NAME, None, kwargs.get("sliding_window")),
+            softcap=float(softcap) if softcap else 0.0,
+            sinks=s_aux,
+            pad=pad,
+            pad_max=pad_max,
+        )
 
     _load_into_transformers(_fa_utils)
     AttentionInterface.register(FLASH_NAME, flash_attn_ext_flash_forward)
@@ -425,3 +562,6 @@ if _cache is not None:
             cls._compatible_flash_implementations = [*impls, FLASH_NAME]
 
     _declare_sink_support()
+
+
+transformers_cache.install()

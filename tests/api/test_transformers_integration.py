@@ -43,8 +43,9 @@ ARCHS = {
     "gpt_oss": (transformers.GptOssConfig, transformers.GptOssForCausalLM, GPT_OSS, "eager"),
 }
 # The ops each implementation reaches: padded batches go through the varlen kernels (unpadded by
-# transformers' flash path) with "flash_attn_ext", through a bool mask with "fa_ext".
-PADDED_OP = {FLASH_NAME: "flash_attn_ext::attention_varlen_forward", NAME: "flash_attn_ext::attention_forward"}
+# transformers' flash path) with "flash_attn_ext"; with "fa_ext" left padding (inference) goes
+# through cache_leftpad of the KV-cache op, no dense mask.
+PADDED_OP = {FLASH_NAME: "flash_attn_ext::attention_varlen_forward", NAME: "flash_attn_ext::attention_kvcache"}
 
 
 def _pair(arch, impl=NAME, impl_ref=None):

@@ -1,0 +1,474 @@
+"""A transformers `Cache` on this package's KV cache, for `generate()`.
+
+    import flash_attn_ext.integrations.transformers  # registers "fa_ext", "flash_attn_ext" and this cache
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="fa_ext")
+    model.generate(...)                        # runs on a FlashAttnExtCache
+    model.generate(..., cache=FlashAttnExtCache(model.config, dtype=torch.int8))   # 8-bit K/V
+
+transformers' DynamicCache concatenates each layer's whole K/V on every token (`torch.cat`) and
+hands the concatenation to the attention call, with a mask. Here each layer holds a preallocated
+(B, capacity, Hkv, D) cache (sized from generate's max_length; grown by doubling past it), and
+the new K/V are appended in place by the call that attends (attention_with_kvcache with k / v:
+one call per layer per step, no copy of the cache):
+
+- `update()` does not write: it records the new K/V as pending and returns them as they are;
+  the model's attention call ("fa_ext" or "flash_attn_ext") finds them pending (`pending_layer`)
+  and calls `attend`, which appends and attends. A layer whose pending K/V were not consumed
+  raises at its next update (nothing wrong is computed silently). With any other attention
+  implementation the cache appends at once and returns the cached K/V in position order (the
+  last W - 1 and the new ones for a sliding layer, as DynamicSlidingWindowLayer), so the model
+  stays correct, only slower.
+- Full-attention layers: all positions. Sliding-window layers (Mistral, Gemma-2, gpt-oss):
+  rolling caches of W slots (position p in slot p % W); a decode step reads the slots in place,
+  a prompt or a chunk (or a step while left padding is still inside the window) attends a copy
+  of the last W - 1 positions in order.
+- Left-padded batches: every row holds the same number of positions (transformers' padded
+  frame, as its own caches); the leading pad tokens are skipped through cache_leftpad (no work
+  for them), from the compact mask "fa_ext" builds or the 2-D mask of the flash path.
+- dtype=torch.int8 / torch.float8_e4m3fn stores K/V in 8 bits with one float32 scale per
+  (position, head), quantized as they are appended (see flash_attn_ext.kv_cache_append).
+- Beam search (`reorder_cache`), `crop` (assisted decoding), `reset`, `batch_repeat_interleave`
+  and `batch_select_indices` act on the stored tensors. A rolling layer cannot be cropped once
+  it has overwritten a slot, and says so.
+
+Only decoder-only models whose layers are all "full_attention" or "sliding_attention" are
+served; others (chunked attention, linear attention, KV sharing) raise at construction, and
+generate() keeps transformers' own cache for them.
+"""
+
+from typing import Optional
+
+import torch
+from transformers import GenerationMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
+
+from ..kv_cache import QUANTIZED_DTYPES, as_gatherable, attention_with_kvcache, kv_cache_append
+
+IMPLEMENTATIONS = ("fa_ext", "flash_attn_ext")
+_PENDING = "_fa_ext_pending"
+
+
+def pending_layer(key: torch.Tensor) -> Optional["FlashAttnExtLayer"]:
+    """The cache layer whose update() returned `key` and waits for the attention call, or None."""
+    layer = getattr(key, _PENDING, None)
+    if layer is not None and layer._pending is not None and layer._pending[0] is key:
+        return layer
+    return None
+
+
+def _as_int(n) -> int:
+    return int(n.item()) if isinstance(n, torch.Tensor) else int(n)
+
+
+class FlashAttnExtLayer(CacheLayerMixin):
+    """One full-attention layer: K/V (B, capacity, Hkv, D) ("bshd"), the first `length`
+    positions of every row in use."""
+
+    is_sliding = False
+    is_croppable = True
+    is_compileable = False
+
+    def __init__(self, cache: "FlashAttnExtCache", max_cache_len: Optional[int], dtype: Optional[torch.dtype]):
+        super().__init__()
+        self._cache = cache
+        self.max_cache_len = max_cache_len
+        self.storage_dtype = dtype
+        self.length = 0
+        self.k_scale = self.v_scale = None
+        self._pending = None  # (key_states, value_states, start) between update() and attend()
+
+    # -- storage -------------------------------------------------------------------------------
+    def _slots(self, needed: int) -> int:
+        return max(needed, self.max_cache_len or 0, 16)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, H, L, D = key_states.shape
+        self.device = key_states.device
+        self.model_dtype = key_states.dtype
+        dtype = self.storage_dtype or key_states.dtype
+        if dtype not in QUANTIZED_DTYPES and dtype != key_states.dtype:
+            raise TypeError(
+                f"FlashAttnExtCache: a float cache stores the model's dtype ({key_states.dtype}), got dtype={dtype}; "
+                f"pass dtype=None, torch.int8 or torch.float8_e4m3fn"
+            )
+        slots = self._slots(L)
+        self.keys = torch.zeros(B, slots, H, D, dtype=dtype, device=self.device)
+        self.values = torch.zeros(B, slots, H, value_states.shape[-1], dtype=dtype, device=self.device)
+        if dtype in QUANTIZED_DTYPES:
+            self.k_scale = torch.zeros(B, slots, H, dtype=torch.float32, device=self.device)
+            self.v_scale = torch.zeros_like(self.k_scale)
+        self._lens = torch.zeros(B, dtype=torch.int32, device=self.device)
+        self.is_initialized = True
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
+    def _scales(self, k_scale=None, v_scale=None) -> dict:
+        if not self.quantized:
+            return {}
+        return {
+            "k_cache_scale": self.k_scale if k_scale is None else k_scale,
+            "v_cache_scale": self.v_scale if v_scale is None else v_scale,
+        }
+
+    def _seqlens(self, n: int) -> torch.Tensor:
+        return self._lens.fill_(n)
+
+    def _grow(self, needed: int) -> None:
+        """Room for `needed` positions: the storage doubled (a copy, at most log2 times)."""
+        slots = self.keys.shape[1]
+        if needed <= slots:
+            return
+        new = max(needed, 2 * slots)
+
+        def bigger(t):
+            out = t.new_zeros((t.shape[0], new, *t.shape[2:]))
+            as_gatherable(out)[:, :slots] = as_gatherable(t)
+            return out
+
+        self.keys, self.values = bigger(self.keys), bigger(self.values)
+        if self.quantized:
+            self.k_scale, self.v_scale = bigger(self.k_scale), bigger(self.v_scale)
+
+    def _write(self, key_states, value_states, start: int) -> None:
+        """New K/V (B, Hkv, L, D) stored at positions start.. (quantized if the cache is 8-bit)."""
+        kv_cache_append(
+            self.keys,
+            self.values,
+            key_states.transpose(1, 2),
+            value_states.transpose(1, 2),
+            self._seqlens(start),
+            **self._scales(),
+        )
+
+    def _positions(self, first: int, count: int):
+        """K/V of positions [first, first + count) as (B, Hkv, count, D) in the model's dtype."""
+        k, v = self.keys[:, first : first + count], self.values[:, first : first + count]
+        if self.quantized:
+            ks, vs = self.k_scale[:, first : first + count], self.v_scale[:, first : first + count]
+            k, v = k.float() * ks[..., None], v.float() * vs[..., None]
+        return k.to(self.model_dtype).transpose(1, 2), v.to(self.model_dtype).transpose(1, 2)
+
+    # -- transformers' layer contract ----------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self._pending is not None:
+            raise RuntimeError(
+                "FlashAttnExtCache: the keys/values of the previous forward were never attended through "
+                "attn_implementation='fa_ext' / 'flash_attn_ext' (the model changed its attention implementation, or "
+                "a call failed half-way); the cache is missing them: call cache.reset() and start again"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        B, H, L, D = key_states.shape
+        if (B, H, D) != (self.keys.shape[0], self.keys.shape[2], self.keys.shape[3]):
+            raise ValueError(
+                f"FlashAttnExtCache: new keys {tuple(key_states.shape)} (batch, heads, length, head_dim) do not match "
+                f"the cache's batch {self.keys.shape[0]}, {self.keys.shape[2]} heads and head_dim {self.keys.shape[3]}"
+            )
+        start = self.length
+        self._make_room(start + L)
+        self.length += L
+        if self._cache.defers():
+            self._pending = (key_states, value_states, start)
+            setattr(key_states, _PENDING, self)
+            return key_states, value_states
+        return self._update_now(key_states, value_states, start)
+
+    def _make_room(self, needed: int) -> None:
+        self._grow(needed)
+
+    def _update_now(self, key_states, value_states, start):
+        self._write(key_states, value_states, start)
+        return self._positions(0, start + key_states.shape[2])
+
+    def get_mask_sizes(self, query_length: int):
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.length = 0
+        self._pending = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:  # (transformers' legacy form: the length to keep)
+            tokens_to_remove = max(self.length - tokens_to_remove, 0)
+        self._crop(min(abs(tokens_to_remove), self.length))
+
+    def _crop(self, n: int) -> None:
+        self.length -= n
+
+    def _rows(self, index: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        index = index.to(self.device)
+        tensors = ("keys", "values", "k_scale", "v_scale") if self.quantized else ("keys", "values")
+        for name in tensors:
+            t = getattr(self, name)
+            setattr(self, name, as_gatherable(t).index_select(0, index).view(t.dtype))
+        self._lens = self._lens.new_zeros(index.shape[0])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._rows(torch.arange(self.keys.shape[0], device=self.device).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            index = torch.arange(self.keys.shape[0], device=self.device)[indices]
+            self._rows(index)
+
+    def offload(self):
+        raise NotImplementedError("FlashAttnExtCache does not offload layers")
+
+    # -- the attention call --------------------------------------------------------------------
+    def kv_offset(self) -> int:
+        """The absolute position of the first key transformers' mask covers for the pending call."""
+        return 0
+
+    def settle(self):
+        """Append the pending K/V now and return the cached K/V in position order, (B, Hkv, S, D)
+        each (what a non-deferring update returns): for a call with a dense mask."""
+        key, value, start = self._pending
+        self._pending = None
+        return self._update_now(key, value, start)
+
+    def attend(self, query, *, scale, window: int, softcap: float, sinks, pad, pad_max: int) -> torch.Tensor:
+        """Append the pending K/V and attend: query (B, Hq, L, D) -> (B, L, Hq, Dv). window: the
+        model's sliding window W (each query sees itself and W - 1 before it), 0 for none. pad:
+        int32 (B,) leading pad positions per row (None: none); pad_max its largest entry."""
+        key, value, start = self._pending
+        self._pending = None
+        return self._attend(query, key, value, start, scale, window, softcap, sinks, pad, pad_max)
+
+    def _common(self, scale, window, softcap, sinks) -> dict:
+        return dict(
+            softmax_scale=scale,
+            causal=True,
+            window_size=(window - 1 if window else -1, 0),
+            softcap=softcap,
+            sinks=sinks,
+        )
+
+    def _attend(self, query, key, value, start, scale, window, softcap, sinks, pad, pad_max):
+        q = query.transpose(1, 2)
+        common = dict(**self._common(scale, window, softcap, sinks), **self._scales())
+        if pad is not None and pad_max > start:
+            # Pad tokens among the new ones (a left-padded prompt): cache_leftpad counts positions
+            # already in the cache, so the K/V go in first and the call attends what is cached.
+            self._write(key, value, start)
+            lens = self._seqlens(start + key.shape[2])
+            return attention_with_kvcache(q, self.keys, self.values, cache_seqlens=lens, cache_leftpad=pad, **common)
+        return attention_with_kvcache(
+            q,
+            self.keys,
+            self.values,
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            cache_seqlens=self._seqlens(start),
+            cache_leftpad=pad,
+            **common,
+        )
+
+
+class FlashAttnExtRollingLayer(FlashAttnExtLayer):
+    """A sliding-window layer of W slots: position p in slot p % W (Mistral's rolling buffer),
+    `length` counting every position seen. transformers' window: each token sees itself and the
+    W - 1 before it."""
+
+    is_sliding = True
+
+    def __init__(self, cache, max_cache_len, dtype, sliding_window: int):
+        super().__init__(cache, max_cache_len, dtype)
+        self.window = int(sliding_window)
+
+    def _slots(self, needed: int) -> int:
+        return self.window
+
+    def _make_room(self, needed: int) -> None:
+        pass  # (a ring: always room)
+
+    def _write(self, key_states, value_states, start: int) -> None:
+        L = key_states.shape[2]
+        if L > self.window:  # only the last W positions stay
+            key_states, value_states = key_states[:, :, -self.window :], value_states[:, :, -self.window :]
+            start += L - self.window
+        kv_cache_append(
+            self.keys,
+            self.values,
+            key_states.transpose(1, 2),
+            value_states.transpose(1, 2),
+            self._seqlens(start),
+            rolling=True,
+            **self._scales(),
+        )
+
+    def _ordered(self, first: int, count: int):
+        """Slots of positions [first, first + count), in position order, as (B, count, Hkv, D)
+        copies (and their scales)."""
+        slots = torch.arange(first, first + count, device=self.device) % self.window
+        gathered = [as_gatherable(t).index_select(1, slots).view(t.dtype) for t in (self.keys, self.values)]
+        if self.quantized:
+            gathered += [t.index_select(1, slots) for t in (self.k_scale, self.v_scale)]
+        return gathered
+
+    def _update_now(self, key_states, value_states, start):
+        kept = min(start, self.window - 1)
+        old = self._ordered(start - kept, kept)
+        self._write(key_states, value_states, start)
+        k, v = old[0], old[1]
+        if self.quantized:
+            k, v = k.float() * old[2][..., None], v.float() * old[3][..., None]
+        k = torch.cat([k.to(self.model_dtype).transpose(1, 2), key_states], dim=2)
+        v = torch.cat([v.to(self.model_dtype).transpose(1, 2), value_states], dim=2)
+        return k, v
+
+    def get_mask_sizes(self, query_length: int):
+        kept = min(self.length, self.window - 1)
+        return kept + query_length, self.length - kept
+
+    def get_max_length(self) -> int:
+        return self.window
+
+    def kv_offset(self) -> int:
+        start = self._pending[2]
+        return start - min(start, self.window - 1)
+
+    def _crop(self, n: int) -> None:
+        # Positions before length - W have been overwritten; the next query needs those from
+        # length - n - W + 1 on, so only one token can go once the ring has wrapped.
+        if n > 1 and self.length > self.window:
+            raise NotImplementedError(
+                f"FlashAttnExtCache: a sliding-window layer (W = {self.window}) holding {self.length} positions has "
+                f"overwritten the slots of the ones before the last {self.window}, so it cannot be cropped; use "
+                f"transformers' DynamicCache for assisted decoding past the window"
+            )
+        self.length -= n
+
+    def _attend(self, query, key, value, start, scale, window, softcap, sinks, pad, pad_max):
+        W = self.window
+        if window != W:
+            raise ValueError(
+                f"FlashAttnExtCache: this layer is a rolling cache for a sliding window of {W} tokens, the attention "
+                f"call asks for {window or 'no window'}"
+            )
+        q = query.transpose(1, 2)
+        L = key.shape[2]
+        common = self._common(scale, window, softcap, sinks)
+        if L == 1 and q.shape[1] == 1 and (pad is None or pad_max <= start + 1 - W):
+            # A decode step whose window holds no pad token: after the append the slots hold
+            # exactly the positions it sees, and softmax does not care about their order.
+            self._write(key, value, start)
+            common.update(causal=False, window_size=(-1, -1))
+            return attention_with_kvcache(
+                q, self.keys, self.values, cache_seqlens=min(start + 1, W), **common, **self._scales()
+            )
+        # The last W - 1 positions in order, then the new ones: exact for any chunk length.
+        kept = min(start, W - 1)
+        old = self._ordered(start - kept, kept)
+        B, _, H, D = old[0].shape
+        keys = self.keys.new_empty(B, kept + L, H, D)
+        values = self.values.new_empty(B, kept + L, H, old[1].shape[-1])
+        as_gatherable(keys)[:, :kept] = as_gatherable(old[0])
+        as_gatherable(values)[:, :kept] = as_gatherable(old[1])
+        scales = {}
+        if self.quantized:
+            for name, t in (("k_cache_scale", old[2]), ("v_cache_scale", old[3])):
+                s = t.new_empty(B, kept + L, H)
+                s[:, :kept] = t
+                scales[name] = s
+        lens = self._lens.fill_(kept)
+        kv_cache_append(keys, values, key.transpose(1, 2), value.transpose(1, 2), lens, **scales)
+        leftpad = None
+        if pad is not None and pad_max > start - kept:  # pad positions inside the copy
+            leftpad = (pad - (start - kept)).clamp(0, kept + L).to(torch.int32)
+        out = attention_with_kvcache(
+            q, keys, values, cache_seqlens=lens.fill_(kept + L), cache_leftpad=leftpad, **common, **scales
+        )
+        self._write(key, value, start)
+        return out
+
+
+class FlashAttnExtCache(Cache):
+    """transformers Cache on this package's KV cache (see the module). config: the model's
+    config (its text decoder's is read: layer types, sliding window); max_cache_len: positions
+    to preallocate per full-attention layer (generate passes its max_length; more are made room
+    for by doubling); dtype: storage dtype, the model's by default, or torch.int8 /
+    torch.float8_e4m3fn."""
+
+    def __init__(self, config, max_cache_len: Optional[int] = None, *, dtype: Optional[torch.dtype] = None):
+        decoder = config.get_text_config(decoder=True)
+        if getattr(decoder, "is_encoder_decoder", False):
+            raise ValueError("FlashAttnExtCache serves decoder-only models; this config is an encoder-decoder's")
+        if dtype is not None and not (dtype.is_floating_point or dtype in QUANTIZED_DTYPES):
+            raise ValueError(
+                f"FlashAttnExtCache: dtype must be a float dtype, torch.int8 or float8_e4m3fn, got {dtype}"
+            )
+        if max_cache_len is not None and max_cache_len <= 0:
+            raise ValueError(f"FlashAttnExtCache: max_cache_len must be positive, got {max_cache_len}")
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(decoder)
+        unserved = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
+        if unserved:
+            raise ValueError(
+                f"FlashAttnExtCache serves full and sliding-window attention layers; this model also has {unserved}"
+            )
+        layers = [
+            FlashAttnExtRollingLayer(self, max_cache_len, dtype, kw["sliding_window"])
+            if t == "sliding_attention"
+            else FlashAttnExtLayer(self, max_cache_len, dtype)
+            for t, kw in zip(layer_types, layer_kwargs)
+        ]
+        super().__init__(layers=layers)
+        self.config = decoder
+        self.dtype = dtype
+
+    def defers(self) -> bool:
+        """Whether update() leaves the append to the attention call: only when the model's
+        attention runs on this package (it knows to look for the pending K/V)."""
+        return getattr(self.config, "_attn_implementation", None) in IMPLEMENTATIONS
+
+    @staticmethod
+    def serves(config) -> bool:
+        """Whether a FlashAttnExtCache can hold this model's K/V."""
+        decoder = config.get_text_config(decoder=True)
+        if getattr(config, "is_encoder_decoder", False):
+            return False
+        layer_types, _ = get_layer_types_and_kwargs(decoder)
+        return all(t in ("full_attention", "sliding_attention") for t in layer_types)
+
+
+_prepare_cache_for_generation = GenerationMixin._prepare_cache_for_generation
+
+
+def _prepare_cache(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *a, **kw):
+    """generate()'s cache: a FlashAttnExtCache when the model's attention runs on this package
+    and nothing else was asked for (no cache passed, no cache_implementation); otherwise
+    transformers' own choice."""
+    if (
+        model_kwargs.get("cache") is None
+        and model_kwargs.get("past_key_values") is None
+        and generation_config.use_cache is not False
+        and generation_config.cache_implementation is None
+        and getattr(self.config, "_attn_implementation", None) in IMPLEMENTATIONS
+        and self._supports_default_dynamic_cache()
+        and FlashAttnExtCache.serves(self.config)
+    ):
+        model_kwargs["cache"] = FlashAttnExtCache(self.config, max_cache_len=_as_int(max_cache_length))
+        if generation_config.is_assistant:
+            model_kwargs["cache"].activate_past_recording()
+        return None
+    return _prepare_cache_for_generation(
+        self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *a, **kw
+    )
+
+
+def install() -> None:
+    """Make FlashAttnExtCache generate()'s default cache for "fa_ext" / "flash_attn_ext" models."""
+    GenerationMixin._prepare_cache_for_generation = _prepare_cache
