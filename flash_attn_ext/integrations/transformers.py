@@ -308,8 +308,8 @@ def _window(impl, spec, sliding_window) -> int:
     window = int(sliding_window) if sliding_window else 0
     if spec is not None and spec.window != window:
         raise ValueError(
-            f"attn_implementation={impl!r}: the model's mask was built for a sliding window of {spec.window or 'none'}, "
-            f"the attention call asks for sliding_window={sliding_window}"
+            f"attn_implementation={impl!r}: the model's mask was built for a sliding window of "
+            f"{spec.window or 'none'}, the attention call asks for sliding_window={sliding_window}"
         )
     return window
 
