@@ -291,6 +291,38 @@ MUTANTS = [
         ["tests/features/test_quantized_kv_cache.py", "-k", "ties"],
         "int8 codes rounded half away from zero (roundf) instead of half to even",
     ),
+    (
+        "generate_cache_ignores_leftpad",
+        "flash_attn_ext/integrations/transformers_cache.py",
+        "            cache_leftpad=pad,\n            **common,",
+        "            cache_leftpad=None,\n            **common,",
+        ["tests/api/test_transformers_generate_cache.py", "-k", "left_padded or beams"],
+        "generate() on FlashAttnExtCache attends a left-padded row's pad tokens (cache_leftpad dropped)",
+    ),
+    (
+        "generate_rolling_keeps_one_too_few",
+        "flash_attn_ext/integrations/transformers_cache.py",
+        "kept = min(start, W - 1)",
+        "kept = min(start, W - 2)",
+        ["tests/api/test_transformers_generate_cache.py", "-k", "chunked_prefill"],
+        "a sliding-window layer's prompt / chunk call sees one cached position too few",
+    ),
+    (
+        "generate_rolling_pad_in_window",
+        "flash_attn_ext/integrations/transformers_cache.py",
+        "(pad is None or pad_max <= start + 1 - W)",
+        "True",
+        ["tests/api/test_transformers_generate_cache.py", "-k", "left_padded"],
+        "a decode step reads a rolling cache in place while pad tokens are still inside its window",
+    ),
+    (
+        "generate_beams_not_reordered",
+        "flash_attn_ext/integrations/transformers_cache.py",
+        "    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:\n        self._rows(beam_idx)",
+        "    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:\n        pass",
+        ["tests/api/test_transformers_generate_cache.py", "-k", "beams"],
+        "beam search's reorder leaves the cache rows where they were",
+    ),
 ]
 
 

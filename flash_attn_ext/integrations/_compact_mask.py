@@ -67,17 +67,15 @@ def _window_of(mask_function) -> Optional[int]:
 
 def left_padding(mask: torch.Tensor):
     """(pad, pad_max) of a (B, S) boolean padding mask whose rows are False then True (left
-    padding): pad int32 (B,) leading False count, None if 0 everywhere; None if a row is not of
-    that form (padding on the right or in the middle, or an empty row)."""
+    padding; a row of padding only, as in the first chunk of a short prompt, counts too): pad
+    int32 (B,) leading False count, None if 0 everywhere; None if a row is not of that form
+    (padding on the right or in the middle)."""
     if mask.dim() != 2:
         return None
     mask = mask.to(torch.bool)
-    pad = (~mask).sum(-1)
-    ones = mask.sum(-1)
-    # left padding: each row's True entries are exactly its last `ones` positions, and at least one
-    left_only = bool(((mask.cumsum(-1) > 0) == mask).all()) and bool((ones > 0).all())
-    if not left_only:
+    if not bool(((mask.cumsum(-1) > 0) == mask).all()):
         return None
+    pad = (~mask).sum(-1)
     pad_max = int(pad.max()) if pad.numel() else 0
     return (pad.to(torch.int32) if pad_max else None), pad_max
 
