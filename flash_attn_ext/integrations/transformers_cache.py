@@ -131,7 +131,7 @@ class FlashAttnExtLayer(CacheLayerMixin):
         if self.quantized:
             self.k_scale, self.v_scale = bigger(self.k_scale), bigger(self.v_scale)
 
-    def _write(self, key_states, value_states, start: int) -> None:
+    def _write(self, key_states, value_states, start: int, rolling: bool = False) -> None:
         """New K/V (B, Hkv, L, D) stored at positions start.. (quantized if the cache is 8-bit)."""
         kv_cache_append(
             self.keys,
@@ -139,6 +139,7 @@ class FlashAttnExtLayer(CacheLayerMixin):
             key_states.transpose(1, 2),
             value_states.transpose(1, 2),
             self._seqlens(start),
+            rolling=rolling,
             **self._scales(),
         )
 
@@ -177,6 +178,16 @@ class FlashAttnExtLayer(CacheLayerMixin):
 
     def _make_room(self, needed: int) -> None:
         self._grow(needed)
+
+    def store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Append K/V (B, Hkv, L, D) at once, attending nothing (see FlashAttnExtCache.store)."""
+        if self._pending is not None:
+            raise RuntimeError("FlashAttnExtCache.store: a forward's keys/values are still waiting for its attention")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._make_room(self.length + key_states.shape[2])
+        self._write(key_states, value_states, self.length)
+        self.length += key_states.shape[2]
 
     def _update_now(self, key_states, value_states, start):
         self._write(key_states, value_states, start)
@@ -295,20 +306,12 @@ class FlashAttnExtRollingLayer(FlashAttnExtLayer):
     def _make_room(self, needed: int) -> None:
         pass  # (a ring: always room)
 
-    def _write(self, key_states, value_states, start: int) -> None:
+    def _write(self, key_states, value_states, start: int, rolling: bool = True) -> None:
         L = key_states.shape[2]
         if L > self.window:  # only the last W positions stay
             key_states, value_states = key_states[:, :, -self.window :], value_states[:, :, -self.window :]
             start += L - self.window
-        kv_cache_append(
-            self.keys,
-            self.values,
-            key_states.transpose(1, 2),
-            value_states.transpose(1, 2),
-            self._seqlens(start),
-            rolling=True,
-            **self._scales(),
-        )
+        super()._write(key_states, value_states, start, rolling=True)
 
     def _ordered(self, first: int, count: int):
         """Slots of positions [first, first + count), in position order, as (B, count, Hkv, D)
@@ -428,6 +431,11 @@ class FlashAttnExtCache(Cache):
         super().__init__(layers=layers)
         self.config = decoder
         self.dtype = dtype
+
+    def store(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Append K/V (B, Hkv, L, D), computed elsewhere, to layer layer_idx without attending
+        (another cache's contents, a benchmark's filler); quantized if the cache is 8-bit."""
+        self.layers[layer_idx].store(key_states, value_states)
 
     def defers(self) -> bool:
         """Whether update() leaves the append to the attention call: only when the model's

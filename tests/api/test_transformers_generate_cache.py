@@ -189,6 +189,27 @@ def test_other_attention_implementation_on_the_cache(arch):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_store_then_decode_equals_prefill(arch):
+    """K/V stored from another cache (DynamicCache after transformers' prefill), then decoded:
+    the logits of a cache prefilled by the model itself."""
+    ours, ref = pair(arch, NAME)
+    ids, mask = _prompts([9, 9])
+    dynamic, stored, prefilled = (
+        transformers.DynamicCache(config=ref.config),
+        FlashAttnExtCache(ours.config),
+        FlashAttnExtCache(ours.config),
+    )
+    with torch.no_grad():
+        ref(ids, cache=dynamic)
+        ours(ids, cache=prefilled)
+        for i, layer in enumerate(dynamic.layers):
+            stored.store(i, layer.keys, layer.values)
+        nxt = torch.tensor([[3], [4]])
+        a = ours(nxt, cache=stored).logits
+        torch.testing.assert_close(a, ours(nxt, cache=prefilled).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_unattended_keys_are_refused_at_the_next_update():
     ours, _ = pair("llama", NAME)
     cache = FlashAttnExtCache(ours.config)
