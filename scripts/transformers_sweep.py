@@ -6,6 +6,7 @@ too slow for the test suite (about 10 minutes on 2 cores for ~200 architectures)
 
     python scripts/transformers_sweep.py                  # every architecture
     python scripts/transformers_sweep.py llama t5gemma     # some
+    python scripts/transformers_sweep.py --generate 6      # and greedy generate() of 6 tokens
 
 Each line: the model type, then per implementation the largest difference from eager, or the
 error it raised (a refusal naming an argument or the model is a loud failure, which is fine; a
@@ -61,8 +62,23 @@ def _tiny(config_type):
     return cfg
 
 
-def sweep_one(model_type, cls, tolerance):
-    """The line for one architecture, and whether it is a silent wrong answer."""
+def _generated(model, ids, mask, steps):
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=steps,
+        do_sample=False,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+    )
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    return out.sequences, type(cache).__name__
+
+
+def sweep_one(model_type, cls, tolerance, generate=0):
+    """The line for one architecture, and whether it is a silent wrong answer. generate > 0:
+    also greedy generate() of that many tokens against eager's (with transformers' own cache),
+    the cache each implementation got named."""
     cfg = _tiny(model_type)
     torch.manual_seed(0)
     ref = cls._from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
@@ -71,6 +87,7 @@ def sweep_one(model_type, cls, tolerance):
     mask[1, :3] = 0
     with torch.no_grad():
         expected = ref(input_ids=ids, attention_mask=mask).logits
+    expected_tokens = _generated(ref, ids, mask, generate)[0] if generate else None
     parts, wrong = [], False
     for impl in ("fa_ext", "flash_attn_ext"):
         try:
@@ -81,6 +98,11 @@ def sweep_one(model_type, cls, tolerance):
             diff = max((got[0] - expected[0]).abs().max().item(), (got[1, 3:] - expected[1, 3:]).abs().max().item())
             wrong |= not diff <= tolerance
             parts.append(f"{impl}={diff:.1e}")
+            if generate:
+                tokens, cache = _generated(model, ids, mask, generate)
+                same = torch.equal(tokens, expected_tokens)
+                wrong |= not same
+                parts[-1] += f" generate {'same' if same else 'DIFFERENT'} on {cache}"
         except _Timeout:
             raise
         except Exception as e:
@@ -93,6 +115,9 @@ def main(argv=None) -> int:
     ap.add_argument("types", nargs="*", help="model types (default: every causal-LM architecture)")
     ap.add_argument("--timeout", type=int, default=20, help="seconds per architecture")
     ap.add_argument("--tolerance", type=float, default=1e-4, help="largest difference from eager taken as equal")
+    ap.add_argument(
+        "--generate", type=int, default=0, help="also greedy generate() this many tokens and compare them with eager's"
+    )
     args = ap.parse_args(argv)
 
     warnings.filterwarnings("ignore")
@@ -112,7 +137,7 @@ def main(argv=None) -> int:
             continue
         signal.alarm(args.timeout)
         try:
-            line, wrong = sweep_one(model_type, cls, args.tolerance)
+            line, wrong = sweep_one(model_type, cls, args.tolerance, args.generate)
             counts["wrong" if wrong else "matched"] += 1
             print(line + ("   <-- WRONG" if wrong else ""), flush=True)
         except _Timeout:

@@ -61,8 +61,9 @@ def _as_int(n) -> int:
 
 
 class FlashAttnExtLayer(CacheLayerMixin):
-    """One full-attention layer: K/V (B, capacity, Hkv, D) ("bshd"), the first `length`
-    positions of every row in use."""
+    """One full-attention layer: `keys` / `values` are the storage, (B, capacity, Hkv, D)
+    ("bshd", flash-attn's layout, not DynamicLayer's (B, Hkv, S, D)), the first `length`
+    positions of every row in use; `k_scale` / `v_scale` (B, capacity, Hkv) for 8-bit storage."""
 
     is_sliding = False
     is_croppable = True
