@@ -27,6 +27,9 @@ _AND = masking_utils.and_masks(masking_utils.causal_mask_function).__code__
 _WINDOW = masking_utils.sliding_window_overlay(1).__code__
 
 ATTRIBUTE = "_fa_ext_compact"
+# Marks the dense masks made here (transformers' own): a model that builds its own mask from the
+# K/V its cache returned (Doge) hands the attention call a mask without it.
+MADE_HERE = "_fa_ext_mask"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +114,7 @@ def mask_function(
     **kwargs,
 ):
     """transformers' sdpa_mask, except where a compact mask says the same (see the module)."""
-    dense = lambda: masking_utils.sdpa_mask(  # noqa: E731
+    _dense = lambda: masking_utils.sdpa_mask(  # noqa: E731
         batch_size=batch_size,
         q_length=q_length,
         kv_length=kv_length,
@@ -123,6 +126,13 @@ def mask_function(
         device=device,
         **kwargs,
     )
+
+    def dense():
+        mask = _dense()
+        if mask is not None:
+            setattr(mask, MADE_HERE, True)
+        return mask
+
     window = _window_of(mask_function)
     # allow_is_causal_skip is False where transformers needs the dense mask (packed sequences,
     # or/and overlays, a caller that concatenates masks); a tensor offset is a static cache's.
@@ -144,6 +154,11 @@ def mask_function(
         return dense()
     setattr(padding, ATTRIBUTE, CompactMask(window, *found))
     return padding
+
+
+def made_here(mask) -> bool:
+    """Whether a dense mask is one `mask_function` made (not a model's own)."""
+    return bool(getattr(mask, MADE_HERE, False))
 
 
 def dense_from(spec: CompactMask, L: int, S: int, device) -> torch.Tensor:

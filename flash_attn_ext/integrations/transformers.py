@@ -211,16 +211,28 @@ def flash_attn_ext_attention_forward(
     L = query.shape[-2]
     spec = _compact_mask.compact(attention_mask, sliding_window)
     layer = transformers_cache.pending_layer(key)
-    if layer is not None:
-        if spec is not None or attention_mask is None:
-            _check_cache_call(NAME, is_causal, dropout, position_bias, cu_seq_lens_q)
+    if (
+        layer is not None
+        and attention_mask is not None
+        and spec is None
+        and not _compact_mask.made_here(attention_mask)
+    ):
+        # a mask the model made itself, maybe from the K/V update() returned (Doge's, from the values)
+        layer.release("the model built its own attention mask (maybe from the keys/values update() returned)")
+        layer = None
+    if layer is not None and layer.claims(value):
+        if (spec is not None or attention_mask is None) and _cache_serves(
+            is_causal, dropout, position_bias, cu_seq_lens_q
+        ):
             window = _window(NAME, spec, sliding_window)
             pad, pad_max = _absolute(layer, spec.pad, spec.pad_max) if spec is not None else (None, 0)
             out = layer.attend(
                 query, scale=scaling, window=window, softcap=cap, sinks=sink_logits, pad=pad, pad_max=pad_max
             )
             return out, None
-        key, value = layer.settle()  # a dense mask (a custom pattern): the K/V it covers, in order
+        # A dense mask (a custom pattern) or a call the in-place path does not take: the K/V the
+        # mask covers, in order, for the general path below.
+        key, value = layer.settle()
     if spec is not None:
         if position_bias is None and cu_seq_lens_q is None:
             out = _compact_call(
@@ -324,16 +336,11 @@ def _absolute(layer, pad, pad_max):
     return torch.where(pad > 0, pad + offset, pad), pad_max + offset
 
 
-def _check_cache_call(impl, is_causal, dropout, position_bias, cu_seq_lens_q) -> None:
-    """What a call on a FlashAttnExtCache cannot serve, refused by name."""
-    for bad, what in (
-        (not is_causal, "non-causal attention (is_causal=False)"),
-        (dropout, f"dropout={dropout}"),
-        (position_bias is not None, "position_bias"),
-        (cu_seq_lens_q is not None, "packed sequences (cu_seq_lens_q)"),
-    ):
-        if bad:
-            raise ValueError(f"attn_implementation={impl!r} with a FlashAttnExtCache (inference) does not serve {what}")
+def _cache_serves(is_causal, dropout, position_bias, cu_seq_lens_q) -> bool:
+    """Whether a call on a FlashAttnExtCache can append and attend in one KV-cache call: causal,
+    no dropout, no bias, no packed sequences (otherwise the cache hands over its K/V in order and
+    the general path serves the call)."""
+    return bool(is_causal) and not dropout and position_bias is None and cu_seq_lens_q is None
 
 
 def _compact_call(query, key, value, spec, width, is_causal, sliding_window, scaling, dropout, cap, sinks):
@@ -364,6 +371,10 @@ def _compact_call(query, key, value, spec, width, is_causal, sliding_window, sca
             sinks=sinks,
         )
         return out.transpose(1, 2).contiguous()
+    if key.stride(0) * value.stride(2) != value.stride(0) * key.stride(2):
+        # (cache_leftpad addresses K and V by position alike: a model that made its values
+        # another way, e.g. DiffLlama's split, gets both in one layout)
+        key, value = key.contiguous(), value.contiguous()
     out = attention_with_kvcache(
         query,
         key,
@@ -425,15 +436,25 @@ def _dispatching_mask(impl: str, make_mask):
 
 
 @functools.lru_cache(maxsize=None)
-def _check_model_dispatches(impl: str, config_cls: type) -> None:
+def _own_attention_module(config_cls: type):
+    """The modeling module of a transformers model that computes attention in its own code
+    instead of calling transformers' attention interface (directly or through another model's
+    modules), or None (it dispatches, or its code is unknown here)."""
     module = config_cls.__module__
     if ".configuration_" not in module:
-        return  # (a config defined outside transformers' model folders: its code is unknown here)
+        return None  # (a config defined outside transformers' model folders: its code is unknown here)
     try:
         modeling = importlib.import_module(module.replace(".configuration_", ".modeling_"))
     except ImportError:
-        return
-    if not hasattr(modeling, "ALL_ATTENTION_FUNCTIONS") and not _reuses_dispatching_model(modeling):
+        return None
+    if hasattr(modeling, "ALL_ATTENTION_FUNCTIONS") or _reuses_dispatching_model(modeling):
+        return None
+    return modeling
+
+
+def _check_model_dispatches(impl: str, config_cls: type) -> None:
+    modeling = _own_attention_module(config_cls)
+    if modeling is not None:
         raise ValueError(
             f"attn_implementation={impl!r}: {modeling.__name__} computes attention in its own code instead of "
             f"calling transformers' attention interface, so these kernels would never run and the mask made for "
@@ -514,24 +535,27 @@ if _cache is not None:
             )
         s_aux = _sinks(FLASH_NAME, s_aux, sinks)
         layer = transformers_cache.pending_layer(key)
-        if layer is not None:
-            return _flash_through_cache(layer, module, query, attention_mask, s_aux, kwargs), None
+        if layer is not None and layer.claims(value):
+            out = _flash_through_cache(layer, module, query, attention_mask, s_aux, kwargs)
+            if out is not None:
+                return out, None
+            key, value = layer.settle()  # (transformers' flash path on the K/V in order)
         _load_into_transformers(_fa_utils)
         return _flash_attention_forward(module, query, key, value, attention_mask, s_aux=s_aux, **kwargs)
 
     def _flash_through_cache(layer, module, query, attention_mask, s_aux, kwargs):
         """A "flash_attn_ext" call on a FlashAttnExtCache: the 2-D padding mask transformers'
-        flash path gets (its last kv_length columns, or None) gives the left padding."""
+        flash path gets (its last kv_length columns, or None) gives the left padding. None for a
+        call the in-place path does not take (not causal, dropout, packed, padding that is not on
+        the left only): transformers' flash path serves those."""
         is_causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
-        _check_cache_call(FLASH_NAME, is_causal, kwargs.get("dropout", 0.0), None, kwargs.get("cu_seq_lens_q"))
+        if not _cache_serves(is_causal, kwargs.get("dropout", 0.0), None, kwargs.get("cu_seq_lens_q")):
+            return None
         pad, pad_max = None, 0
         if attention_mask is not None:
             found = _compact_mask.left_padding(attention_mask)
             if found is None:
-                raise ValueError(
-                    f"attn_implementation={FLASH_NAME!r} with a FlashAttnExtCache serves left padding only; this "
-                    f"attention_mask has padding on the right or in the middle"
-                )
+                return None
             pad, pad_max = _absolute(layer, *found)
         softcap = kwargs.get("softcap")
         return layer.attend(
@@ -564,4 +588,6 @@ if _cache is not None:
     _declare_sink_support()
 
 
-transformers_cache.install()
+# generate()'s default cache for models whose attention calls go through the interface (a model
+# with its own attention code would never attend the pending K/V).
+transformers_cache.install(lambda config: _own_attention_module(type(config)) is None)

@@ -46,13 +46,24 @@ from ..kv_cache import QUANTIZED_DTYPES, as_gatherable, attention_with_kvcache, 
 
 IMPLEMENTATIONS = ("fa_ext", "flash_attn_ext")
 _PENDING = "_fa_ext_pending"
+_START = "_fa_ext_start"
 
 
 def pending_layer(key: torch.Tensor) -> Optional["FlashAttnExtLayer"]:
-    """The cache layer whose update() returned `key` and waits for the attention call, or None."""
+    """The cache layer whose update() returned `key` and waits for the attention call, or None.
+    Keys a call has already appended and attended are refused when they were not the whole
+    sequence (a second attention call on them would see the new positions only)."""
     layer = getattr(key, _PENDING, None)
-    if layer is not None and layer._pending is not None and layer._pending[0] is key:
+    if layer is None:
+        return None
+    if layer._pending is not None and layer._pending[0] is key:
         return layer
+    if getattr(key, _START, 0):
+        raise RuntimeError(
+            "FlashAttnExtCache: the keys update() returned were attended a second time after the call that appended "
+            "them; this model attends one layer's keys more than once, which the in-place cache cannot serve: use "
+            "transformers' DynamicCache (cache_implementation='dynamic')"
+        )
     return None
 
 
@@ -155,11 +166,17 @@ class FlashAttnExtLayer(CacheLayerMixin):
     # -- transformers' layer contract ----------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self._pending is not None:
-            raise RuntimeError(
-                "FlashAttnExtCache: the keys/values of the previous forward were never attended through "
-                "attn_implementation='fa_ext' / 'flash_attn_ext' (the model changed its attention implementation, or "
-                "a call failed half-way); the cache is missing them: call cache.reset() and start again"
-            )
+            key, value, start = self._pending
+            if start:
+                raise RuntimeError(
+                    "FlashAttnExtCache: the keys/values of the previous forward never reached the attention call as "
+                    "update() returned them (the model changed them, or its attention implementation, or a call failed "
+                    "half-way); the cache is missing them: use transformers' DynamicCache "
+                    "(cache_implementation='dynamic'), or call cache.reset() and start again"
+                )
+            # The first forward (nothing cached before it) attended what update() returned, all of
+            # its K/V, through some other call: right, but this model cannot be served in place.
+            self.release()
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         B, H, L, D = key_states.shape
@@ -174,6 +191,7 @@ class FlashAttnExtLayer(CacheLayerMixin):
         if self._cache.defers():
             self._pending = (key_states, value_states, start)
             setattr(key_states, _PENDING, self)
+            setattr(key_states, _START, start)
             return key_states, value_states
         return self._update_now(key_states, value_states, start)
 
@@ -244,6 +262,30 @@ class FlashAttnExtLayer(CacheLayerMixin):
     def kv_offset(self) -> int:
         """The absolute position of the first key transformers' mask covers for the pending call."""
         return 0
+
+    def claims(self, value: torch.Tensor) -> bool:
+        """Whether the attention call may append and attend the pending K/V in place: it passes
+        the values update() returned. A model that changes its values between update() and the
+        attention (DiffLlama splits them) cannot be served in place: see `release` (after it,
+        update() returns the cached K/V in order, as DynamicCache does)."""
+        if value is self._pending[1]:
+            return True
+        self.release("the model changed the values update() returned before its attention call")
+        return False
+
+    def release(self, why: Optional[str] = None) -> None:
+        """At the first forward (nothing cached before it, so what update() returned is every
+        position): write the pending K/V now and stop deferring, the call going on with what it
+        was given. Later: raise RuntimeError (the model has seen the new positions only)."""
+        key, value, start = self._pending
+        if start:
+            raise RuntimeError(
+                f"FlashAttnExtCache: {why}, which the in-place cache cannot follow once positions are cached; use "
+                f"transformers' DynamicCache (cache_implementation='dynamic')"
+            )
+        self._pending = None
+        self._write(key, value, start)
+        self._cache.stop_deferring()
 
     def settle(self):
         """Append the pending K/V now and return the cached K/V in position order, (B, Hkv, S, D)
@@ -430,6 +472,7 @@ class FlashAttnExtCache(Cache):
             for t, kw in zip(layer_types, layer_kwargs)
         ]
         super().__init__(layers=layers)
+        self._no_deferring = False
         self.config = decoder
         self.dtype = dtype
 
@@ -440,8 +483,12 @@ class FlashAttnExtCache(Cache):
 
     def defers(self) -> bool:
         """Whether update() leaves the append to the attention call: only when the model's
-        attention runs on this package (it knows to look for the pending K/V)."""
-        return getattr(self.config, "_attn_implementation", None) in IMPLEMENTATIONS
+        attention runs on this package (it knows to look for the pending K/V) and the model
+        passes its attention the K/V update() returned (see FlashAttnExtLayer.claims)."""
+        return not self._no_deferring and getattr(self.config, "_attn_implementation", None) in IMPLEMENTATIONS
+
+    def stop_deferring(self) -> None:
+        self._no_deferring = True
 
     @staticmethod
     def serves(config) -> bool:
@@ -454,12 +501,14 @@ class FlashAttnExtCache(Cache):
 
 
 _prepare_cache_for_generation = GenerationMixin._prepare_cache_for_generation
+_dispatches = None  # (install's predicate: whether a model's attention calls go through the interface)
 
 
 def _prepare_cache(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *a, **kw):
     """generate()'s cache: a FlashAttnExtCache when the model's attention runs on this package
-    and nothing else was asked for (no cache passed, no cache_implementation); otherwise
-    transformers' own choice."""
+    (through transformers' attention interface: a model with its own attention code would never
+    attend the pending K/V) and nothing else was asked for (no cache passed, no
+    cache_implementation); otherwise transformers' own choice."""
     if (
         model_kwargs.get("cache") is None
         and model_kwargs.get("past_key_values") is None
@@ -468,6 +517,7 @@ def _prepare_cache(self, generation_config, model_kwargs, generation_mode, batch
         and getattr(self.config, "_attn_implementation", None) in IMPLEMENTATIONS
         and self._supports_default_dynamic_cache()
         and FlashAttnExtCache.serves(self.config)
+        and _dispatches(self.config)
     ):
         model_kwargs["cache"] = FlashAttnExtCache(self.config, max_cache_len=_as_int(max_cache_length))
         if generation_config.is_assistant:
@@ -478,6 +528,9 @@ def _prepare_cache(self, generation_config, model_kwargs, generation_mode, batch
     )
 
 
-def install() -> None:
-    """Make FlashAttnExtCache generate()'s default cache for "fa_ext" / "flash_attn_ext" models."""
+def install(dispatches) -> None:
+    """Make FlashAttnExtCache generate()'s default cache for "fa_ext" / "flash_attn_ext" models
+    whose config `dispatches(config)` says call transformers' attention interface."""
+    global _dispatches
+    _dispatches = dispatches
     GenerationMixin._prepare_cache_for_generation = _prepare_cache

@@ -127,22 +127,16 @@ def test_chunked_prefill_through_the_cache(arch, impl):
             start = end
 
 
-def test_padding_in_the_middle_gets_a_dense_mask_and_stays_right():
-    """A mask transformers' compact form cannot say (a hole in the middle) is served dense, also on
-    the cache (the pending K/V are written first and attended in order)."""
-    ours, ref = pair("llama", NAME)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_padding_in_the_middle_is_served_by_the_general_path(impl):
+    """A mask the compact form cannot say (a hole in the middle): the cache hands over its K/V in
+    order (the pending ones written first) and the call takes the general path (a dense mask for
+    "fa_ext", transformers' unpadding for "flash_attn_ext"): the same tokens."""
+    ours, ref = pair("mistral", impl)
     ids, mask = _prompts([8, 8])
     mask[1, 3] = 0
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(ours.generate(ids, attention_mask=mask, **kw), ref.generate(ids, attention_mask=mask, **kw))
-
-
-def test_flash_path_refuses_padding_in_the_middle_on_the_cache():
-    ours, _ = pair("llama", FLASH_NAME)
-    ids, mask = _prompts([8, 8])
-    mask[1, 3] = 0
-    with pytest.raises(ValueError, match="left padding only"):
-        ours.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
@@ -211,12 +205,91 @@ def test_store_then_decode_equals_prefill(arch):
 
 
 def test_unattended_keys_are_refused_at_the_next_update():
+    """K/V that never reached the attention call as update() returned them: after the first
+    forward (they were all of the sequence) the cache writes them and stops deferring; later the
+    next update raises, since that call saw the new positions only."""
     ours, _ = pair("llama", NAME)
     cache = FlashAttnExtCache(ours.config)
     k = torch.randn(1, 2, 3, 8)
     cache.update(k, k.clone(), 0)
-    with pytest.raises(RuntimeError, match="never attended"):
+    cache.update(k, k.clone(), 0)  # (the first forward's: written now)
+    assert not cache.defers() and cache.get_seq_length(0) == 6
+    cache = FlashAttnExtCache(ours.config)
+    with torch.no_grad():
+        ours(torch.tensor([[1, 2, 3]]), cache=cache)
+    cache.update(k, k.clone(), 0)
+    with pytest.raises(RuntimeError, match="never reached the attention call"):
         cache.update(k, k.clone(), 0)
+
+
+def test_model_that_changes_its_values_is_served_right(monkeypatch):
+    """A model that hands its attention call other values than update() returned (DiffLlama
+    splits them): at the first forward the cache writes the K/V, the call is served on what it
+    passes and the cache stops deferring; the same tokens as on a DynamicCache."""
+    from flash_attn_ext.integrations import transformers as fx
+
+    ours, _ = pair("llama", NAME)
+    real = fx.flash_attn_ext_attention_forward
+    halved = lambda module, query, key, value, *a, **kw: real(module, query, key, value * 0.5, *a, **kw)  # noqa: E731
+    monkeypatch.setitem(transformers.AttentionInterface._global_mapping, NAME, halved)
+    ids, mask = _prompts([7, 4])
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    out = ours.generate(ids, **kw)
+    assert isinstance(out.cache, FlashAttnExtCache) and not out.cache.defers()
+    assert torch.equal(out.sequences, ours.generate(ids, cache_implementation="dynamic", **kw).sequences)
+
+
+@pytest.mark.parametrize("model_type", ["diffllama", "doge"])
+def test_models_that_use_their_kv_beyond_attention(model_type):
+    """Real models that do more with what the cache's update() returned than attend it:
+    DiffLlama splits its values, Doge builds its attention mask from them. Both are noticed at
+    the first forward (the cache then stops deferring) and generate the same tokens as eager."""
+    import copy
+
+    config = transformers.AutoConfig.for_model(model_type)
+    for k, v in dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        pad_token_id=0,
+    ).items():
+        if hasattr(config, k):
+            setattr(config, k, v)
+    cls = getattr(transformers, transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+    torch.manual_seed(0)
+    ref = cls._from_config(copy.deepcopy(config), attn_implementation="eager").eval()
+    ours = cls._from_config(copy.deepcopy(config), attn_implementation=NAME).eval()
+    ours.load_state_dict(ref.state_dict())
+    ids, mask = _prompts([8, 5])
+    a, b = _generate(ours, ids, mask), _generate(ref, ids, mask)
+    assert isinstance(a.cache, FlashAttnExtCache) and not a.cache.defers()
+    assert torch.equal(a.sequences, b.sequences)
+
+
+def test_keys_attended_twice_after_the_first_forward_raise(monkeypatch):
+    """A second attention call on keys a call has already appended (after the first forward,
+    they are the new positions only) raises instead of attending them alone."""
+    from flash_attn_ext.integrations import transformers as fx
+
+    ours, _ = pair("llama", NAME)
+    real = fx.flash_attn_ext_attention_forward
+
+    def twice(module, query, key, value, *args, **kwargs):
+        real(module, query, key, value, *args, **kwargs)
+        return real(module, query, key, value, *args, **kwargs)
+
+    monkeypatch.setitem(transformers.AttentionInterface._global_mapping, NAME, twice)
+    ids, mask = _prompts([7, 4])
+    cache = FlashAttnExtCache(ours.config)
+    with torch.no_grad():
+        ours(ids, attention_mask=mask, cache=cache)  # (the first forward: its keys are all of them)
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+        with pytest.raises(RuntimeError, match="attended a second time"):
+            ours(torch.tensor([[1], [2]]), attention_mask=mask, cache=cache)
 
 
 def test_reset_and_batch_operations():
