@@ -17,13 +17,22 @@ fills that cache with this package's functions (again before each call, in case 
 in the process loaded flash-attn in between). Registered only when that cache exists (the
 transformers versions this was tested with); otherwise only "fa_ext" is.
 
-"fa_ext": transformers' SDPA-style masks, served by `flash_attn_ext.attention`:
-- without a mask (the causal-only case transformers skips the mask for), `is_causal` maps to
-  bottom-right causal attention (a chunk of new queries at the end of the keys), and a
-  `sliding_window` of W tokens (each token sees itself and the W - 1 before it, transformers'
-  convention) to `window_size=(W - 1, 0)`;
-- with a mask (padding, or a window the kernel cannot skip), transformers' 4-D boolean mask is
-  passed as `attn_mask` and already holds causality and the window.
+"fa_ext": transformers' masks, served by `flash_attn_ext.attention` and the KV-cache op:
+- its mask function (_compact_mask.py) returns a compact (B, S) mask where causality, the
+  sliding window and left padding say it all: causal, bottom-right aligned, a `sliding_window`
+  of W tokens (each token sees itself and the W - 1 before it, transformers' convention) as
+  `window_size=(W - 1, 0)`, the window taken from the mask when the call passes none; left
+  padding through `cache_leftpad` in inference (a dense mask built here when a gradient is
+  needed);
+- without a mask (the causal-only cases transformers' sdpa_mask skips), `is_causal` maps to
+  causal attention, bottom-right aligned for one query or L == S, top-left otherwise (an empty
+  static cache's prefill);
+- with a dense mask (custom patterns, padding in the middle, packed sequences, static caches),
+  transformers' 4-D boolean mask is passed as `attn_mask` and already holds causality and the
+  window.
+On a FlashAttnExtCache (transformers_cache.py) both implementations append the pending K/V and
+attend in one KV-cache call where they can (see `pending_layer`), else take the paths above on
+the K/V in order.
 
 Both take K/V heads as the model gives them (GQA/MQA: not repeated), honour `scaling`,
 `dropout`, `softcap` (Gemma-2's logit soft-capping, in the kernels), `s_aux` (gpt-oss's learned
@@ -316,14 +325,17 @@ def flash_attn_ext_attention_forward(
 
 
 def _window(impl, spec, sliding_window) -> int:
-    """The sliding window (0: none) of a call, checked against the compact mask's."""
+    """The sliding window of a call (0: none): the model's `sliding_window`, else the one its
+    mask was built with (Phi-3.5-MoE and Qwen2-MoE build a windowed mask and pass no window);
+    both given and different is refused."""
     window = int(sliding_window) if sliding_window else 0
-    if spec is not None and spec.window != window:
+    masked = spec.window if spec is not None else 0
+    if window and masked and window != masked:
         raise ValueError(
-            f"attn_implementation={impl!r}: the model's mask was built for a sliding window of "
-            f"{spec.window or 'none'}, the attention call asks for sliding_window={sliding_window}"
+            f"attn_implementation={impl!r}: the model's mask was built for a sliding window of {masked}, the "
+            f"attention call asks for sliding_window={sliding_window}"
         )
-    return window
+    return window or masked
 
 
 def _absolute(layer, pad, pad_max):

@@ -13,27 +13,35 @@ one call per layer per step, no copy of the cache):
 
 - `update()` does not write: it records the new K/V as pending and returns them as they are;
   the model's attention call ("fa_ext" or "flash_attn_ext") finds them pending (`pending_layer`)
-  and calls `attend`, which appends and attends. A layer whose pending K/V were not consumed
-  raises at its next update (nothing wrong is computed silently). With any other attention
-  implementation the cache appends at once and returns the cached K/V in position order (the
-  last W - 1 and the new ones for a sliding layer, as DynamicSlidingWindowLayer), so the model
-  stays correct, only slower.
+  and calls `attend`, which appends and attends. With any other attention implementation the
+  cache appends at once and returns the cached K/V in position order (the last W - 1 and the
+  new ones for a sliding layer, as DynamicSlidingWindowLayer), so the model stays correct, only
+  slower.
+- A model that does more with what update() returned than attend it (DiffLlama changes its
+  values, Doge builds its mask from them, others never hand them to the call) is noticed: at
+  its first forward, where the new K/V are all of the sequence, the cache writes them and stops
+  deferring (from then on as above); noticed later, it raises RuntimeError instead of a wrong
+  continuation (`FlashAttnExtLayer.claims` / `release`, `pending_layer`). A model whose code
+  reads the cache's `keys` / `values` itself (transformers' (B, Hkv, S, D)) is not served: the
+  storage here is (B, capacity, Hkv, D).
 - Full-attention layers: all positions. Sliding-window layers (Mistral, Gemma-2, gpt-oss):
-  rolling caches of W slots (position p in slot p % W); a decode step reads the slots in place,
-  a prompt or a chunk (or a step while left padding is still inside the window) attends a copy
-  of the last W - 1 positions in order.
+  rolling caches of W slots (position p in slot p % W; the storage grows up to W as positions
+  come); a decode step reads the slots in place, a prompt or a chunk (or a step while left
+  padding is still inside the window) attends a copy of the last W - 1 positions in order.
 - Left-padded batches: every row holds the same number of positions (transformers' padded
   frame, as its own caches); the leading pad tokens are skipped through cache_leftpad (no work
   for them), from the compact mask "fa_ext" builds or the 2-D mask of the flash path.
 - dtype=torch.int8 / torch.float8_e4m3fn stores K/V in 8 bits with one float32 scale per
   (position, head), quantized as they are appended (see flash_attn_ext.kv_cache_append).
 - Beam search (`reorder_cache`), `crop` (assisted decoding), `reset`, `batch_repeat_interleave`
-  and `batch_select_indices` act on the stored tensors. A rolling layer cannot be cropped once
-  it has overwritten a slot, and says so.
+  and `batch_select_indices` act on the stored tensors. A rolling layer cannot be cropped by
+  more than one token once it has wrapped, and says so; generate() keeps transformers' cache
+  for assisted / prompt-lookup decoding of models with sliding-window layers.
 
-Only decoder-only models whose layers are all "full_attention" or "sliding_attention" are
-served; others (chunked attention, linear attention, KV sharing) raise at construction, and
-generate() keeps transformers' own cache for them.
+Only decoder-only models whose layers are all "full_attention" or "sliding_attention" (no
+cross-attention) are served; others (chunked attention, linear attention, KV sharing, Mllama's
+cross-attention) raise at construction, and generate() keeps transformers' own cache for them,
+as for models whose attention is their own code (CPM-Ant, XLM).
 """
 
 from typing import Optional
@@ -112,6 +120,15 @@ class FlashAttnExtLayer(CacheLayerMixin):
         self._lens = torch.zeros(B, dtype=torch.int32, device=self.device)
         self.is_initialized = True
 
+    def _initialize(self, key_states, value_states) -> None:
+        """Storage on first use, and again for an empty layer given another batch or head shape
+        (after reset())."""
+        B, H, _, D = key_states.shape
+        if not self.is_initialized or (
+            self.length == 0 and (B, H, D) != (self.keys.shape[0], self.keys.shape[2], self.keys.shape[3])
+        ):
+            self.lazy_initialization(key_states, value_states)
+
     @property
     def quantized(self) -> bool:
         return self.k_scale is not None
@@ -127,12 +144,13 @@ class FlashAttnExtLayer(CacheLayerMixin):
     def _seqlens(self, n: int) -> torch.Tensor:
         return self._lens.fill_(n)
 
-    def _grow(self, needed: int) -> None:
-        """Room for `needed` positions: the storage doubled (a copy, at most log2 times)."""
+    def _grow(self, needed: int, limit: Optional[int] = None) -> None:
+        """Room for `needed` positions: the storage doubled (a copy, at most log2 times), up to
+        `limit` slots."""
         slots = self.keys.shape[1]
         if needed <= slots:
             return
-        new = max(needed, 2 * slots)
+        new = max(needed, 2 * slots) if limit is None else min(max(needed, 2 * slots), limit)
 
         def bigger(t):
             out = t.new_zeros((t.shape[0], new, *t.shape[2:]))
@@ -177,8 +195,7 @@ class FlashAttnExtLayer(CacheLayerMixin):
             # The first forward (nothing cached before it) attended what update() returned, all of
             # its K/V, through some other call: right, but this model cannot be served in place.
             self.release()
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+        self._initialize(key_states, value_states)
         B, H, L, D = key_states.shape
         if (B, H, D) != (self.keys.shape[0], self.keys.shape[2], self.keys.shape[3]):
             raise ValueError(
@@ -198,12 +215,23 @@ class FlashAttnExtLayer(CacheLayerMixin):
     def _make_room(self, needed: int) -> None:
         self._grow(needed)
 
-    def store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    def store(self, key_states: torch.Tensor, value_states: torch.Tensor, first_position: Optional[int] = None):
         """Append K/V (B, Hkv, L, D) at once, attending nothing (see FlashAttnExtCache.store)."""
         if self._pending is not None:
             raise RuntimeError("FlashAttnExtCache.store: a forward's keys/values are still waiting for its attention")
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+        if first_position is not None and first_position != self.length:
+            L = key_states.shape[2]
+            window = getattr(self, "window", None)
+            # (positions before first_position are then absent: only a sliding layer whose next
+            # query needs none of them can start there)
+            if self.length or window is None or L < min(first_position + L, window - 1):
+                raise ValueError(
+                    f"FlashAttnExtCache.store: first_position={first_position} would leave positions out that the "
+                    f"next query attends (layer holds {self.length}, {L} given"
+                    + (f", window {window})" if window else ", a full-attention layer)")
+                )
+            self.length = first_position
+        self._initialize(key_states, value_states)
         self._make_room(self.length + key_states.shape[2])
         self._write(key_states, value_states, self.length)
         self.length += key_states.shape[2]
@@ -237,10 +265,13 @@ class FlashAttnExtLayer(CacheLayerMixin):
         if not self.is_initialized:
             return
         index = index.to(self.device)
+        used = min(self.length, self.keys.shape[1])  # (the slots past it hold nothing read)
         tensors = ("keys", "values", "k_scale", "v_scale") if self.quantized else ("keys", "values")
         for name in tensors:
             t = getattr(self, name)
-            setattr(self, name, as_gatherable(t).index_select(0, index).view(t.dtype))
+            out = t.new_empty((index.shape[0], *t.shape[1:]))
+            as_gatherable(out)[:, :used] = as_gatherable(t)[:, :used].index_select(0, index)
+            setattr(self, name, out)
         self._lens = self._lens.new_zeros(index.shape[0])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -344,10 +375,15 @@ class FlashAttnExtRollingLayer(FlashAttnExtLayer):
         self.window = int(sliding_window)
 
     def _slots(self, needed: int) -> int:
-        return self.window
+        # (grown up to W as positions come: before the ring wraps, position p is in slot p)
+        return min(self.window, super()._slots(needed))
 
     def _make_room(self, needed: int) -> None:
-        pass  # (a ring: always room)
+        self._grow(min(needed, self.window), limit=self.window)
+
+    @property
+    def is_croppable(self) -> bool:
+        return self.length <= self.window
 
     def _write(self, key_states, value_states, start: int, rolling: bool = True) -> None:
         L = key_states.shape[2]
@@ -400,10 +436,13 @@ class FlashAttnExtRollingLayer(FlashAttnExtLayer):
 
     def _attend(self, query, key, value, start, scale, window, softcap, sinks, pad, pad_max):
         W = self.window
+        # A call without a window on a sliding layer (Moshi's config names a window its attention
+        # does not pass) sees the last W positions, as on transformers' DynamicSlidingWindowLayer.
+        window = window or W
         if window != W:
             raise ValueError(
                 f"FlashAttnExtCache: this layer is a rolling cache for a sliding window of {W} tokens, the attention "
-                f"call asks for {window or 'no window'}"
+                f"call asks for {window}"
             )
         q = query.transpose(1, 2)
         L = key.shape[2]
@@ -442,6 +481,12 @@ class FlashAttnExtRollingLayer(FlashAttnExtLayer):
         return out
 
 
+def _cross_attention(config) -> bool:
+    """Whether a decoder config has cross-attention layers that cache their K/V (Mllama's
+    cross_attention_layers, BERT-style decoders' add_cross_attention)."""
+    return bool(getattr(config, "cross_attention_layers", None)) or bool(getattr(config, "add_cross_attention", False))
+
+
 class FlashAttnExtCache(Cache):
     """transformers Cache on this package's KV cache (see the module). config: the model's
     config (its text decoder's is read: layer types, sliding window); max_cache_len: positions
@@ -459,6 +504,11 @@ class FlashAttnExtCache(Cache):
             )
         if max_cache_len is not None and max_cache_len <= 0:
             raise ValueError(f"FlashAttnExtCache: max_cache_len must be positive, got {max_cache_len}")
+        if _cross_attention(decoder):
+            raise ValueError(
+                "FlashAttnExtCache serves self-attention layers; this model caches cross-attention K/V too (its code "
+                "reads them back from the cache in transformers' layout)"
+            )
         layer_types, layer_kwargs = get_layer_types_and_kwargs(decoder)
         unserved = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
         if unserved:
@@ -476,10 +526,15 @@ class FlashAttnExtCache(Cache):
         self.config = decoder
         self.dtype = dtype
 
-    def store(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    def store(
+        self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor, first_position: Optional[int] = None
+    ) -> None:
         """Append K/V (B, Hkv, L, D), computed elsewhere, to layer layer_idx without attending
-        (another cache's contents, a benchmark's filler); quantized if the cache is 8-bit."""
-        self.layers[layer_idx].store(key_states, value_states)
+        (another cache's contents, a benchmark's filler); quantized if the cache is 8-bit.
+        first_position: the position of their first row, for an empty sliding-window layer given
+        only the last positions (transformers' DynamicSlidingWindowLayer keeps W - 1: pass its
+        cumulative_length minus that); by default they follow what the layer holds."""
+        self.layers[layer_idx].store(key_states, value_states, first_position)
 
     def defers(self) -> bool:
         """Whether update() leaves the append to the attention call: only when the model's
@@ -495,6 +550,8 @@ class FlashAttnExtCache(Cache):
         """Whether a FlashAttnExtCache can hold this model's K/V."""
         decoder = config.get_text_config(decoder=True)
         if getattr(config, "is_encoder_decoder", False):
+            return False
+        if _cross_attention(decoder):
             return False
         layer_types, _ = get_layer_types_and_kwargs(decoder)
         return all(t in ("full_attention", "sliding_attention") for t in layer_types)
@@ -518,6 +575,7 @@ def _prepare_cache(self, generation_config, model_kwargs, generation_mode, batch
         and self._supports_default_dynamic_cache()
         and FlashAttnExtCache.serves(self.config)
         and _dispatches(self.config)
+        and not (_assisted(generation_mode, generation_config) and _has_sliding_layers(self.config))
     ):
         model_kwargs["cache"] = FlashAttnExtCache(self.config, max_cache_len=_as_int(max_cache_length))
         if generation_config.is_assistant:
@@ -526,6 +584,19 @@ def _prepare_cache(self, generation_config, model_kwargs, generation_mode, batch
     return _prepare_cache_for_generation(
         self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *a, **kw
     )
+
+
+def _assisted(generation_mode, generation_config) -> bool:
+    """Assisted / prompt-lookup decoding (on the main model or its assistant): the cache is
+    cropped by several tokens, which a rolling layer past its window cannot undo."""
+    return getattr(generation_mode, "value", generation_mode) == "assisted_generation" or bool(
+        getattr(generation_config, "is_assistant", False)
+    )
+
+
+def _has_sliding_layers(config) -> bool:
+    layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    return "sliding_attention" in layer_types
 
 
 def install(dispatches) -> None:

@@ -142,12 +142,15 @@ def test_padding_in_the_middle_is_served_by_the_general_path(impl):
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_prompt_lookup_decoding_crops_the_cache(arch):
     """Prompt-lookup decoding (assisted generation against n-grams of the prompt) crops the main
-    model's cache after each rejected draft: the same tokens as transformers'. Mistral's
-    rolling layers can be cropped while the sequence fits the window (prompt of 4 < W = 5)."""
+    model's cache after each rejected draft: the same tokens as transformers'. A model with
+    sliding-window layers keeps transformers' cache there (a rolling layer past its window
+    cannot be cropped by several tokens)."""
     ours, ref = pair(arch, NAME)
-    ids = torch.tensor([[5, 6, 7, 5]])
-    kw = dict(max_new_tokens=10 if arch == "llama" else 1, do_sample=False, pad_token_id=0, prompt_lookup_num_tokens=3)
-    assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))
+    ids = torch.tensor([[5, 6, 7, 5, 6, 8, 5, 6, 7, 9]])  # (longer than Mistral's window of 5)
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, prompt_lookup_num_tokens=3)
+    out = ours.generate(ids, return_dict_in_generate=True, **kw)
+    assert isinstance(out.cache, transformers.DynamicCache if arch == "mistral" else FlashAttnExtCache)
+    assert torch.equal(out.sequences, ref.generate(ids, **kw))
 
 
 def test_rolling_layer_refuses_a_crop_it_cannot_undo():
@@ -183,25 +186,45 @@ def test_other_attention_implementation_on_the_cache(arch):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma2"])
 def test_store_then_decode_equals_prefill(arch):
-    """K/V stored from another cache (DynamicCache after transformers' prefill), then decoded:
-    the logits of a cache prefilled by the model itself."""
+    """K/V stored from another cache (DynamicCache after transformers' prefill; a sliding layer
+    of it keeps the last W - 1 positions, stored with their first position), then decoded: the
+    logits of a cache prefilled by the model itself."""
     ours, ref = pair(arch, NAME)
-    ids, mask = _prompts([9, 9])
-    dynamic, stored, prefilled = (
-        transformers.DynamicCache(config=ref.config),
-        FlashAttnExtCache(ours.config),
-        FlashAttnExtCache(ours.config),
-    )
+    ids, _ = _prompts([9, 9])
+    dynamic = transformers.DynamicCache(config=ref.config)
+    stored, prefilled = FlashAttnExtCache(ours.config), FlashAttnExtCache(ours.config)
     with torch.no_grad():
         ref(ids, cache=dynamic)
         ours(ids, cache=prefilled)
         for i, layer in enumerate(dynamic.layers):
-            stored.store(i, layer.keys, layer.values)
+            stored.store(i, layer.keys, layer.values, first_position=9 - layer.keys.shape[-2])
+        assert stored.get_seq_length() == 9
         nxt = torch.tensor([[3], [4]])
         a = ours(nxt, cache=stored).logits
         torch.testing.assert_close(a, ours(nxt, cache=prefilled).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="first_position"):
+        FlashAttnExtCache(ours.config).store(0, layer.keys[:, :, -2:], layer.values[:, :, -2:], first_position=7)
+
+
+def test_sliding_layers_grow_up_to_their_window():
+    """A sliding layer with a huge window (Phi-3.5-mini's 262144) holds the positions it has
+    seen, not W slots up front; a full layer holds what generate() asked for."""
+    ours, _ = pair("mistral", NAME, sliding_window=1_000_000, layer_types=["sliding_attention", "full_attention"])
+    ids, mask = _prompts([7, 5])
+    out = _generate(ours, ids, mask)
+    sliding, full = out.cache.layers
+    assert (
+        sliding.keys.shape[1] <= 32 and full.keys.shape[1] == out.sequences.shape[1] - 1
+    )  # (the last token is not cached)
+
+
+def test_cross_attention_models_keep_transformers_cache():
+    config = transformers.MllamaConfig()
+    assert not FlashAttnExtCache.serves(config)
+    with pytest.raises(ValueError, match="cross-attention"):
+        FlashAttnExtCache(config)
 
 
 def test_unattended_keys_are_refused_at_the_next_update():
@@ -239,15 +262,13 @@ def test_model_that_changes_its_values_is_served_right(monkeypatch):
     assert torch.equal(out.sequences, ours.generate(ids, cache_implementation="dynamic", **kw).sequences)
 
 
-@pytest.mark.parametrize("model_type", ["diffllama", "doge"])
-def test_models_that_use_their_kv_beyond_attention(model_type):
-    """Real models that do more with what the cache's update() returned than attend it:
-    DiffLlama splits its values, Doge builds its attention mask from them. Both are noticed at
-    the first forward (the cache then stops deferring) and generate the same tokens as eager."""
+def _auto_pair(model_type, **overrides):
+    """A tiny random model of any causal-LM type (transformers' defaults, made small) on "fa_ext",
+    and its twin on eager with the same weights."""
     import copy
 
     config = transformers.AutoConfig.for_model(model_type)
-    for k, v in dict(
+    small = dict(
         vocab_size=VOCAB,
         hidden_size=64,
         intermediate_size=96,
@@ -256,18 +277,54 @@ def test_models_that_use_their_kv_beyond_attention(model_type):
         num_key_value_heads=2,
         head_dim=16,
         pad_token_id=0,
-    ).items():
-        if hasattr(config, k):
+        num_local_experts=4,
+        num_experts=4,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+    )
+    for k, v in {**small, **overrides}.items():
+        if hasattr(config, k) or k in overrides:
             setattr(config, k, v)
     cls = getattr(transformers, transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
     torch.manual_seed(0)
     ref = cls._from_config(copy.deepcopy(config), attn_implementation="eager").eval()
     ours = cls._from_config(copy.deepcopy(config), attn_implementation=NAME).eval()
     ours.load_state_dict(ref.state_dict())
+    return ours, ref
+
+
+@pytest.mark.parametrize("model_type", ["diffllama", "doge"])
+def test_models_that_use_their_kv_beyond_attention(model_type):
+    """Real models that do more with what the cache's update() returned than attend it:
+    DiffLlama splits its values, Doge builds its attention mask from them. Both are noticed at
+    the first forward (the cache then stops deferring) and generate the same tokens as eager."""
+    ours, ref = _auto_pair(model_type)
     ids, mask = _prompts([8, 5])
     a, b = _generate(ours, ids, mask), _generate(ref, ids, mask)
     assert isinstance(a.cache, FlashAttnExtCache) and not a.cache.defers()
     assert torch.equal(a.sequences, b.sequences)
+
+
+@pytest.mark.parametrize(
+    "model_type, overrides",
+    [
+        ("qwen2_moe", dict(use_sliding_window=True, sliding_window=4, max_window_layers=0)),
+        ("phimoe", dict(sliding_window=4)),
+    ],
+)
+def test_window_given_by_the_mask_only(model_type, overrides):
+    """Models whose mask carries a sliding window their attention call does not pass (Qwen2-MoE,
+    Phi-3.5-MoE): the window is the mask's, on the cache and without it."""
+    ours, ref = _auto_pair(model_type, **overrides)
+    ids, mask = _prompts([9, 6])
+    with torch.no_grad():
+        a = ours(ids, attention_mask=mask, use_cache=False).logits
+        b = ref(ids, attention_mask=mask, use_cache=False).logits
+    real = mask.bool()
+    torch.testing.assert_close(a[real], b[real], rtol=1e-4, atol=1e-4)
+    out = _generate(ours, ids, mask)
+    assert isinstance(out.cache, FlashAttnExtCache)
+    assert torch.equal(out.sequences, _generate(ref, ids, mask).sequences)
 
 
 def test_keys_attended_twice_after_the_first_forward_raise(monkeypatch):
@@ -302,6 +359,10 @@ def test_reset_and_batch_operations():
         cache.reset()
         assert cache.get_seq_length() == 0
         torch.testing.assert_close(ours(ids, attention_mask=mask, cache=cache).logits, first)
+        cache.reset()  # (then another batch size: new storage)
+        torch.testing.assert_close(ours(ids[:2], attention_mask=mask[:2], cache=cache).logits, first[:2])
+        cache.reset()
+        ours(ids, attention_mask=mask, cache=cache)
         nxt = torch.tensor([[3], [4], [5]])
         mask2 = torch.cat([mask, torch.ones_like(nxt)], 1)
         full = ours(nxt, attention_mask=mask2, cache=cache).logits
