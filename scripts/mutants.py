@@ -323,6 +323,22 @@ MUTANTS = [
         ["tests/api/test_transformers_generate_cache.py", "-k", "beams"],
         "beam search's reorder leaves the cache rows where they were",
     ),
+    (
+        "generate_model_mask_trusted",
+        "flash_attn_ext/integrations/transformers.py",
+        "and not _compact_mask.made_here(attention_mask)",
+        "and False",
+        ["tests/api/test_transformers_generate_cache.py", "-k", "beyond"],
+        "a mask the model built itself (Doge's, from the values update() returned) is trusted on the in-place cache",
+    ),
+    (
+        "generate_mask_window_dropped",
+        "flash_attn_ext/integrations/transformers.py",
+        "    return window or masked",
+        "    return window",
+        ["tests/api/test_transformers_generate_cache.py", "-k", "window_given_by_the_mask"],
+        "the sliding window a compact mask carries is dropped when the attention call passes none",
+    ),
 ]
 
 
