@@ -407,7 +407,8 @@ def test_quantized_cache_logits_near_the_float_cache(dtype):
             mask = torch.cat([mask, torch.ones_like(nxt)], 1)
             outs = [ours(nxt, attention_mask=mask, cache=c).logits[:, -1] for c in caches]
             err = (outs[1] - outs[0]).abs().max() / outs[0].std()
-            assert 0 < err < (0.05 if dtype == torch.int8 else 0.2), (step, float(err))
+            # (measured here: int8 0.007-0.008, fp8 0.035-0.042 of the logits' spread)
+            assert 0 < err < (0.02 if dtype == torch.int8 else 0.1), (step, float(err))
 
 
 def test_bf16_and_int8_caches_reported_against_float32(capsys):
