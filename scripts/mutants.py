@@ -339,6 +339,15 @@ MUTANTS = [
         ["tests/api/test_transformers_generate_cache.py", "-k", "window_given_by_the_mask"],
         "the sliding window a compact mask carries is dropped when the attention call passes none",
     ),
+    (
+        "mma_layout_b_matrices_swapped",
+        "csrc/cuda/mma_layout.h",
+        "  return {lane % 8 + 8 * (m >> 1), 8 * (m & 1)};",
+        "  return {lane % 8 + 8 * (m & 1), 8 * (m >> 1)};",
+        ["tests/native/test_host_programs.py", "-k", "cute"],
+        "ldmatrix's B fragments from a [n][k] matrix: the n-tile and k-half of the four 8x8 matrices swapped "
+        "(a misreading the PTX-text emulator would share; CuTe's layouts catch it)",
+    ),
 ]
 
 

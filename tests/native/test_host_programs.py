@@ -15,6 +15,9 @@ GPU) and run on every CI run; each checks with tests/native/cpp/expect.h and pri
   the same emulator, against the rules stated on the host.
 - test_tile_math: the CPU tile and decode kernels against naive loops, in the portable baseline
   build and in the run-time-dispatched build (whichever clone this CPU selects).
+- test_cute_layouts (nvcc, host code): csrc/cuda/mma_layout.h against NVIDIA's own definitions of
+  the atoms, CuTe's thread-value layouts (the nvidia-cutlass package's headers): the SM80
+  m16n8k16 f16 / bf16 MMA traits and the SM75 ldmatrix x4 / x4.trans copy traits.
 """
 
 import os
@@ -66,6 +69,31 @@ def test_host_program(tmp_path, case):
             "-o",
             str(exe),
         ],
+        check=True,
+    )
+    result = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.rstrip().endswith("ok"), result.stdout
+
+
+def _cute_include():
+    """CuTe's headers from the nvidia-cutlass package (a test dependency), or None."""
+    try:
+        import cutlass_library
+    except ImportError:
+        return None
+    include = os.path.join(os.path.dirname(cutlass_library.__file__), "source", "include")
+    return include if os.path.isdir(os.path.join(include, "cute")) else None
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on the PATH")
+@pytest.mark.skipif(_cute_include() is None, reason="nvidia-cutlass (CuTe's headers) not installed")
+def test_mma_layout_against_cute(tmp_path):
+    exe = tmp_path / "test_cute_layouts"
+    cpp = os.path.join(HERE, "cpp")
+    subprocess.run(
+        ["nvcc", "-std=c++17", "-x", "cu", "-I", _cute_include(), "-I", CSRC, "-I", cpp]
+        + [os.path.join(cpp, "test_cute_layouts.cu"), "-o", str(exe)],
         check=True,
     )
     result = subprocess.run([str(exe)], capture_output=True, text=True)

@@ -1,0 +1,137 @@
+// Ground truth from NVIDIA for csrc/cuda/mma_layout.h: the thread-value layouts of the atoms the
+// tensor-core kernels use, as CuTe (the nvidia-cutlass package's headers) defines them, evaluated
+// on the host and compared element by element with the header's lane -> element maps. The
+// header and the SIMT emulator were both written by us from the PTX ISA text; a misreading made
+// in both would pass every emulated test, but not this one. Atoms:
+//   - MMA_Traits<SM80_16x8x16_F32F16F16F32_TN> (and the bf16 one): ALayout (thread, value) ->
+//     (m, k) of the 16x16 A tile, BLayout -> (n, k) of the 8x16 B tile, CLayout -> (m, n);
+//   - Copy_Traits<SM75_U32x4_LDSM_N> (ldmatrix.x4) and Copy_Traits<SM75_U16x8_LDSM_T>
+//     (ldmatrix.x4.trans): which row-address lane and which element of that row each
+//     destination (thread, value) receives.
+// Composed with the header's address maps (ldsm_a, ldsm_b_from_nk, ldsm_b_from_kn_trans), each
+// register element a lane loads must be the element CuTe's MMA layout says that register holds.
+// Built with nvcc as host code by tests/native/test_host_programs.py; no GPU.
+#include <cstdio>
+#include <cute/atom/copy_traits_sm75.hpp>
+#include <cute/atom/mma_traits_sm80.hpp>
+#include <cute/tensor.hpp>
+
+#include "cuda/mma_layout.h"
+#include "expect.h"
+
+using namespace cute;
+namespace ml = flash_attn_ext::mma_layout;
+
+// What ldmatrix.x4 delivers, from CuTe's copy traits (16-bit elements): destination element
+// `elem` (0-7, two per 32-bit register) of thread t comes from row `row` of the 8x8 matrices
+// addressed by lane `src_lane`, at 16-bit column `col` of that row.
+struct Source {
+  int src_lane, col;
+};
+
+template <class Traits>
+Source ldsm_source(int t, int elem) {
+  using SrcLayout = typename Traits::SrcLayout;  // (thread, bit) -> bit index of the rows given
+  using DstLayout = typename Traits::DstLayout;  // (thread, bit) -> the same bit index space
+  // The destination bit `16 elem` of thread t, as an index into the source bit space ...
+  const int bits_per_thread = size<1>(DstLayout{});
+  const int dst_bit = 16 * elem;
+  EXPECT(dst_bit < bits_per_thread, "element %d past thread %d's %d bits", elem, t, bits_per_thread);
+  const int index = DstLayout{}(t, dst_bit);
+  // ... and the source (thread, bit) holding that index: SrcLayout is (32 lanes, 128 bits)
+  // row-major, so the lane supplying the row and the bit within it are read off directly.
+  const int src_bits = size<1>(SrcLayout{});
+  for (int lane = 0; lane < size<0>(SrcLayout{}); ++lane)
+    for (int bit = 0; bit < src_bits; bit += 16)
+      if (SrcLayout{}(lane, bit) == index) return {lane, bit / 16};
+  EXPECT(false, "no source for thread %d element %d", t, elem);
+  return {0, 0};
+}
+
+// The 16-bit element index a U16x8 (.trans) destination value stands for: its values are 16-bit
+// already; SM75_U32x4_LDSM_N counts bits. Both are normalised to "element e of thread t".
+template <class Traits>
+Source ldsm_source_u16(int t, int elem) {
+  using SrcLayout = typename Traits::SrcLayout;
+  using DstLayout = typename Traits::DstLayout;
+  const int index = DstLayout{}(t, 16 * elem);
+  for (int lane = 0; lane < size<0>(SrcLayout{}); ++lane)
+    for (int bit = 0; bit < size<1>(SrcLayout{}); bit += 16)
+      if (SrcLayout{}(lane, bit) == index) return {lane, bit / 16};
+  EXPECT(false, "no source for thread %d element %d (trans)", t, elem);
+  return {0, 0};
+}
+
+template <class MMA>
+void check_mma_atom(const char* name) {
+  using T = MMA_Traits<MMA>;
+  using A = typename T::ALayout;  // (thread, value) -> m + 16 k
+  using B = typename T::BLayout;  // (thread, value) -> n + 8 k
+  using C = typename T::CLayout;  // (thread, value) -> m + 16 n
+  static_assert(size<0>(A{}) == 32 && size<1>(A{}) == 8 && size<1>(B{}) == 4 && size<1>(C{}) == 4);
+
+  for (int t = 0; t < 32; ++t) {
+    // Accumulators: element e of lane t is D[acc_element(t, e)].
+    for (int e = 0; e < 4; ++e) {
+      const int idx = C{}(t, e);
+      const ml::RowCol rc = ml::acc_element(t, e);
+      EXPECT(rc.row == idx % 16 && rc.col == idx / 16, "%s C: lane %d element %d is (%d, %d), CuTe (%d, %d)", name, t,
+             e, rc.row, rc.col, idx % 16, idx / 16);
+    }
+
+    // A from ldmatrix.x4 of a row-major 16x16 tile, lane l addressing ldsm_a(l): register v
+    // element i must be A[ALayout(t, 2 v + i)].
+    for (int v = 0; v < 4; ++v)
+      for (int i = 0; i < 2; ++i) {
+        const Source s = ldsm_source<Copy_Traits<SM75_U32x4_LDSM_N>>(t, 2 * v + i);
+        const ml::RowCol addr = ml::ldsm_a(s.src_lane);
+        const int got_m = addr.row, got_k = addr.col + s.col;
+        const int idx = A{}(t, 2 * v + i);
+        EXPECT(got_m == idx % 16 && got_k == idx / 16, "%s A: lane %d reg %d.%d loads (%d, %d), CuTe holds (%d, %d)",
+               name, t, v, i, got_m, got_k, idx % 16, idx / 16);
+      }
+
+    // B of two n8 tiles from a [n][k] matrix (K rows), lane l addressing ldsm_b_from_nk(l):
+    // register 2 j + r element i must be B[n = 8 j + BLayout n, k] of n-tile j.
+    for (int reg = 0; reg < 4; ++reg)
+      for (int i = 0; i < 2; ++i) {
+        const Source s = ldsm_source<Copy_Traits<SM75_U32x4_LDSM_N>>(t, 2 * reg + i);
+        const ml::RowCol addr = ml::ldsm_b_from_nk(s.src_lane);
+        const int got_n = addr.row, got_k = addr.col + s.col;
+        const int j = reg >> 1, idx = B{}(t, 2 * (reg & 1) + i);
+        EXPECT(got_n == 8 * j + idx % 8 && got_k == idx / 8,
+               "%s B[n][k]: lane %d reg %d.%d loads (n %d, k %d), CuTe holds (n %d, k %d)", name, t, reg, i, got_n,
+               got_k, 8 * j + idx % 8, idx / 8);
+      }
+
+    // The same fragments from a [k][n] matrix (V rows) with ldmatrix.trans, lane l addressing
+    // ldsm_b_from_kn_trans(l) = (k row, n column) of its 8x8 matrix.
+    for (int reg = 0; reg < 4; ++reg)
+      for (int i = 0; i < 2; ++i) {
+        const Source s = ldsm_source_u16<Copy_Traits<SM75_U16x8_LDSM_T>>(t, 2 * reg + i);
+        const ml::RowCol addr = ml::ldsm_b_from_kn_trans(s.src_lane);
+        const int got_k = addr.row, got_n = addr.col + s.col;
+        const int j = reg >> 1, idx = B{}(t, 2 * (reg & 1) + i);
+        EXPECT(got_n == 8 * j + idx % 8 && got_k == idx / 8,
+               "%s B[k][n] trans: lane %d reg %d.%d loads (n %d, k %d), CuTe holds (n %d, k %d)", name, t, reg, i,
+               got_n, got_k, 8 * j + idx % 8, idx / 8);
+      }
+
+    // P V: A register `reg` of a k16 step packs accumulator elements a_reg_first_element(reg)
+    // and + 1 of n8 tile a_reg_tile(reg); those must be the (m, k) the A layout puts there.
+    for (int reg = 0; reg < 4; ++reg)
+      for (int i = 0; i < 2; ++i) {
+        const ml::RowCol rc = ml::acc_element(t, ml::a_reg_first_element(reg) + i);
+        const int got_m = rc.row, got_k = 8 * ml::a_reg_tile(reg) + rc.col;
+        const int idx = A{}(t, 2 * reg + i);
+        EXPECT(got_m == idx % 16 && got_k == idx / 16, "%s P as A: lane %d reg %d.%d is (%d, %d), CuTe holds (%d, %d)",
+               name, t, reg, i, got_m, got_k, idx % 16, idx / 16);
+      }
+  }
+}
+
+int main() {
+  check_mma_atom<SM80_16x8x16_F32F16F16F32_TN>("f16");
+  check_mma_atom<SM80_16x8x16_F32BF16BF16F32_TN>("bf16");
+  return expect_summary("mma_layout.h against CuTe's SM80 m16n8k16 and SM75 ldmatrix atoms");
+}
