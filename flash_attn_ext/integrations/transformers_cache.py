@@ -173,13 +173,18 @@ class FlashAttnExtLayer(CacheLayerMixin):
             **self._scales(),
         )
 
+    def _for_model(self, k, v, k_scale=None, v_scale=None):
+        """Stored rows (B, n, Hkv, D) (and an 8-bit cache's scales (B, n, Hkv)) as the model's
+        (B, Hkv, n, D) K/V in its dtype."""
+        if self.quantized:
+            k, v = k.float() * k_scale[..., None], v.float() * v_scale[..., None]
+        return k.to(self.model_dtype).transpose(1, 2), v.to(self.model_dtype).transpose(1, 2)
+
     def _positions(self, first: int, count: int):
         """K/V of positions [first, first + count) as (B, Hkv, count, D) in the model's dtype."""
-        k, v = self.keys[:, first : first + count], self.values[:, first : first + count]
-        if self.quantized:
-            ks, vs = self.k_scale[:, first : first + count], self.v_scale[:, first : first + count]
-            k, v = k.float() * ks[..., None], v.float() * vs[..., None]
-        return k.to(self.model_dtype).transpose(1, 2), v.to(self.model_dtype).transpose(1, 2)
+        rows = slice(first, first + count)
+        scales = (self.k_scale[:, rows], self.v_scale[:, rows]) if self.quantized else ()
+        return self._for_model(self.keys[:, rows], self.values[:, rows], *scales)
 
     # -- transformers' layer contract ----------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -405,12 +410,8 @@ class FlashAttnExtRollingLayer(FlashAttnExtLayer):
         kept = min(start, self.window - 1)
         old = self._ordered(start - kept, kept)
         self._write(key_states, value_states, start)
-        k, v = old[0], old[1]
-        if self.quantized:
-            k, v = k.float() * old[2][..., None], v.float() * old[3][..., None]
-        k = torch.cat([k.to(self.model_dtype).transpose(1, 2), key_states], dim=2)
-        v = torch.cat([v.to(self.model_dtype).transpose(1, 2), value_states], dim=2)
-        return k, v
+        k, v = self._for_model(*old)
+        return torch.cat([k, key_states], dim=2), torch.cat([v, value_states], dim=2)
 
     def get_mask_sizes(self, query_length: int):
         kept = min(self.length, self.window - 1)

@@ -29,36 +29,20 @@ struct Source {
   int src_lane, col;
 };
 
+// Both copy atoms' layouts count bits: (thread, bit) -> bit index of the rows the lanes
+// address; SrcLayout is (32 lanes, 128 bits), so the lane supplying a row and the bit within it
+// are read off by searching it for the index the destination bit stands for.
 template <class Traits>
 Source ldsm_source(int t, int elem) {
-  using SrcLayout = typename Traits::SrcLayout;  // (thread, bit) -> bit index of the rows given
-  using DstLayout = typename Traits::DstLayout;  // (thread, bit) -> the same bit index space
-  // The destination bit `16 elem` of thread t, as an index into the source bit space ...
-  const int bits_per_thread = size<1>(DstLayout{});
-  const int dst_bit = 16 * elem;
-  EXPECT(dst_bit < bits_per_thread, "element %d past thread %d's %d bits", elem, t, bits_per_thread);
-  const int index = DstLayout{}(t, dst_bit);
-  // ... and the source (thread, bit) holding that index: SrcLayout is (32 lanes, 128 bits)
-  // row-major, so the lane supplying the row and the bit within it are read off directly.
-  const int src_bits = size<1>(SrcLayout{});
-  for (int lane = 0; lane < size<0>(SrcLayout{}); ++lane)
-    for (int bit = 0; bit < src_bits; bit += 16)
-      if (SrcLayout{}(lane, bit) == index) return {lane, bit / 16};
-  EXPECT(false, "no source for thread %d element %d", t, elem);
-  return {0, 0};
-}
-
-// The 16-bit element index a U16x8 (.trans) destination value stands for: its values are 16-bit
-// already; SM75_U32x4_LDSM_N counts bits. Both are normalised to "element e of thread t".
-template <class Traits>
-Source ldsm_source_u16(int t, int elem) {
   using SrcLayout = typename Traits::SrcLayout;
   using DstLayout = typename Traits::DstLayout;
-  const int index = DstLayout{}(t, 16 * elem);
+  const int dst_bit = 16 * elem;
+  EXPECT(dst_bit < size<1>(DstLayout{}), "element %d past thread %d's bits", elem, t);
+  const int index = DstLayout{}(t, dst_bit);
   for (int lane = 0; lane < size<0>(SrcLayout{}); ++lane)
     for (int bit = 0; bit < size<1>(SrcLayout{}); bit += 16)
       if (SrcLayout{}(lane, bit) == index) return {lane, bit / 16};
-  EXPECT(false, "no source for thread %d element %d (trans)", t, elem);
+  EXPECT(false, "no source for thread %d element %d", t, elem);
   return {0, 0};
 }
 
@@ -108,7 +92,7 @@ void check_mma_atom(const char* name) {
     // ldsm_b_from_kn_trans(l) = (k row, n column) of its 8x8 matrix.
     for (int reg = 0; reg < 4; ++reg)
       for (int i = 0; i < 2; ++i) {
-        const Source s = ldsm_source_u16<Copy_Traits<SM75_U16x8_LDSM_T>>(t, 2 * reg + i);
+        const Source s = ldsm_source<Copy_Traits<SM75_U16x8_LDSM_T>>(t, 2 * reg + i);
         const ml::RowCol addr = ml::ldsm_b_from_kn_trans(s.src_lane);
         const int got_k = addr.row, got_n = addr.col + s.col;
         const int j = reg >> 1, idx = B{}(t, 2 * (reg & 1) + i);
