@@ -348,6 +348,65 @@ MUTANTS = [
         "ldmatrix's B fragments from a [n][k] matrix: the n-tile and k-half of the four 8x8 matrices swapped "
         "(a misreading the PTX-text emulator would share; CuTe's layouts catch it)",
     ),
+    (
+        "emulator_mma_a_regs_1_2_swapped",
+        "tests/native/cpp/simt_emulator.h",
+        "      A[g + 8][2 * c + i] = half_of(s[1], i);\n      A[g][2 * c + 8 + i] = half_of(s[2], i);",
+        "      A[g + 8][2 * c + i] = half_of(s[2], i);\n      A[g][2 * c + 8 + i] = half_of(s[1], i);",
+        ["tests/native/test_host_programs.py", "-k", "emulator_against_cute"],
+        "the emulator's mma.sync reading a1 / a2 as (row + 8, k) / (row, k + 8) the other way round "
+        "(a PTX-text misreading; CuTe's A layout catches it in the emulator itself)",
+    ),
+    # Issue 40: the emulated kernels under the sanitizers (tests/native/cpp/simt_emulator.h).
+    (
+        "race_fwd_tile_barrier",
+        "csrc/attention/attention_forward_mma_kernel.cuh",
+        "    __syncthreads();  // tile `it` landed, and every warp is done with the other buffer",
+        "",
+        ["tests/native/test_host_programs.py", "-k", "race and mma_kernels"],
+        "the forward's barrier after a K/V tile lands removed: warps read rows other threads' copies wrote, "
+        "and refill the buffer another warp may still read",
+    ),
+    (
+        "race_bwd_step_barrier",
+        "csrc/attention/attention_backward_mma_kernel.cuh",
+        "    __syncthreads();  // step s landed; every warp is done with the other buffer",
+        "",
+        ["tests/native/test_host_programs.py", "-k", "race and mma_kernels"],
+        "the backward's barrier after a Q / dO step lands removed",
+    ),
+    (
+        "race_decode_chunk_barrier",
+        "csrc/kv_cache/attention_decode_cuda_kernel.cuh",
+        "    __syncthreads();  // chunk c (every thread's copies) and, on the first chunk, sQ / sM / sLo",
+        "",
+        ["tests/native/test_host_programs.py", "-k", "race and decode"],
+        "the decode kernel's barrier after a chunk lands removed",
+    ),
+    (
+        "memcheck_decode_smem_byte_short",
+        "csrc/kv_cache/attention_decode_cuda_kernel.cuh",
+        "static constexpr size_t kBytes = kM + 5 * kMaxRows * 4;",
+        "static constexpr size_t kBytes = kM + 5 * kMaxRows * 4 - 1;",
+        ["tests/native/test_host_programs.py", "-k", "memcheck and decode"],
+        "the decode kernel's shared memory one byte short of its layout (the last row's key end lies past it)",
+    ),
+    (
+        "initcheck_decode_q_row_unstaged",
+        "csrc/kv_cache/attention_decode_cuda_kernel.cuh",
+        "for (int idx = tid; idx < R * kDim; idx += kThreads) {",
+        "for (int idx = tid; idx < (R - 1) * kDim; idx += kThreads) {",
+        ["tests/native/test_host_programs.py", "-k", "initcheck and decode"],
+        "the last query row never staged in shared memory, and read by the score phase",
+    ),
+    (
+        "initcheck_fwd_tail_not_zeroed",
+        "csrc/cuda/mma_primitives.cuh",
+        "      cp_async_16(dst + i * kRowStep * kStride * 2, valid ? src : slice, valid);",
+        "      if (valid) cp_async_16(dst + i * kRowStep * kStride * 2, src, true);",
+        ["tests/native/test_host_programs.py", "-k", "initcheck and mma_kernels"],
+        "a tile's rows past the sequence end left unwritten instead of zero-filled (ldmatrix reads them)",
+    ),
 ]
 
 

@@ -15,9 +15,17 @@ GPU) and run on every CI run; each checks with tests/native/cpp/expect.h and pri
   the same emulator, against the rules stated on the host.
 - test_tile_math: the CPU tile and decode kernels against naive loops, in the portable baseline
   build and in the run-time-dispatched build (whichever clone this CPU selects).
+- The three emulated programs once more under each sanitizer, as compute-sanitizer's tools would
+  run the kernels on a GPU (test_emulated_under_sanitizer; what each sees: cpp/simt_emulator.h):
+  race (ThreadSanitizer: a missing __syncthreads / __syncwarp), memcheck (AddressSanitizer:
+  shared memory allocated at exactly the launch's bytes, tensors at their sizes) and initcheck
+  (MemorySanitizer, clang: a read of shared memory nothing wrote in that block, or of a cp.async
+  destination before its wait).
 - test_cute_layouts (nvcc, host code): csrc/cuda/mma_layout.h against NVIDIA's own definitions of
   the atoms, CuTe's thread-value layouts (the nvidia-cutlass package's headers): the SM80
   m16n8k16 f16 / bf16 MMA traits and the SM75 ldmatrix x4 / x4.trans copy traits.
+- test_emulator_against_cute: the emulator's own ldmatrix / mma.sync against the same layouts,
+  which test_cute_layouts --dump prints for it (the emulator is host-compiler code, CuTe nvcc's).
 """
 
 import os
@@ -76,6 +84,65 @@ def test_host_program(tmp_path, case):
     assert result.stdout.rstrip().endswith("ok"), result.stdout
 
 
+_EMULATED_PROGRAMS = [
+    "test_mma_kernels_emulated",
+    "test_decode_kernel_emulated",
+    "test_kv_cache_device_checks_emulated",
+]
+
+
+def _clang_builtins():
+    """clang's compiler-rt builtins archive (its IEEE-half conversions), or None."""
+    clang = shutil.which("clang++")
+    if clang is None:
+        return None
+    path = subprocess.run(
+        [clang, "-rtlib=compiler-rt", "--print-libgcc-file-name"], capture_output=True, text=True
+    ).stdout.strip()
+    return path if os.path.isfile(path) else None
+
+
+# tool: (compiler, flags, runtime options)
+SANITIZERS = {
+    # halt at the first report (a race's two stacks name the accesses)
+    "race": ("g++", ["-fsanitize=thread"], {"TSAN_OPTIONS": "halt_on_error=1:exitcode=66"}),
+    "memcheck": (
+        "g++",
+        ["-fsanitize=address", "-fno-omit-frame-pointer"],
+        {"ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1"},
+    ),
+    # the origin of an undefined value: the launch's allocation or the cp.async that was issued
+    "initcheck": (
+        "clang++",
+        ["-fsanitize=memory", "-fsanitize-memory-track-origins", "-fno-omit-frame-pointer", "-Wno-pass-failed"],
+        {"MSAN_OPTIONS": "halt_on_error=1"},
+    ),
+}
+
+
+@pytest.mark.parametrize("program", _EMULATED_PROGRAMS)
+@pytest.mark.parametrize("tool", list(SANITIZERS))
+def test_emulated_under_sanitizer(tmp_path, tool, program):
+    compiler, flags, options = SANITIZERS[tool]
+    cxx = shutil.which(compiler)
+    if tool == "initcheck" and (cxx is None or _clang_builtins() is None):
+        pytest.skip("clang++ with compiler-rt (MemorySanitizer) not installed")
+    assert cxx, f"{compiler} is needed for the {tool} run"
+    exe = tmp_path / program
+    libs = [_clang_builtins()] if tool == "initcheck" else []
+    subprocess.run(
+        [cxx, *_EMULATED, "-g", *flags, "-Wall", "-I", CSRC, "-I", os.path.join(HERE, "cpp")]
+        + [os.path.join(HERE, "cpp", program + ".cpp"), "-o", str(exe), *libs],
+        check=True,
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}  # no other sanitizer's runtime
+    env.update(options)
+    result = subprocess.run([str(exe)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-20000:]
+    assert "Sanitizer" not in result.stderr, result.stderr[-20000:]
+    assert result.stdout.rstrip().endswith("ok"), result.stdout
+
+
 def _cute_include():
     """CuTe's headers from the nvidia-cutlass package (a test dependency), or None."""
     try:
@@ -86,16 +153,43 @@ def _cute_include():
     return include if os.path.isdir(os.path.join(include, "cute")) else None
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on the PATH")
-@pytest.mark.skipif(_cute_include() is None, reason="nvidia-cutlass (CuTe's headers) not installed")
-def test_mma_layout_against_cute(tmp_path):
-    exe = tmp_path / "test_cute_layouts"
+needs_cute = pytest.mark.skipif(
+    shutil.which("nvcc") is None or _cute_include() is None,
+    reason="nvcc and nvidia-cutlass (CuTe's headers) are needed",
+)
+
+
+@pytest.fixture(scope="module")
+def cute_program(tmp_path_factory):
+    """test_cute_layouts.cu, built once by nvcc as host code."""
+    exe = tmp_path_factory.mktemp("cute") / "test_cute_layouts"
     cpp = os.path.join(HERE, "cpp")
     subprocess.run(
         ["nvcc", "-std=c++17", "-x", "cu", "-I", _cute_include(), "-I", CSRC, "-I", cpp]
         + [os.path.join(cpp, "test_cute_layouts.cu"), "-o", str(exe)],
         check=True,
     )
-    result = subprocess.run([str(exe)], capture_output=True, text=True)
+    return exe
+
+
+@needs_cute
+def test_mma_layout_against_cute(cute_program):
+    result = subprocess.run([str(cute_program)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.rstrip().endswith("ok"), result.stdout
+
+
+@needs_cute
+def test_emulator_against_cute(tmp_path, cute_program):
+    tables = subprocess.run([str(cute_program), "--dump"], capture_output=True, text=True, check=True).stdout
+    cpp = os.path.join(HERE, "cpp")
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    emu = tmp_path / "test_emulator_against_cute"
+    subprocess.run(
+        [cxx, *_EMULATED, "-Wall", "-I", CSRC, "-I", cpp, os.path.join(cpp, "test_emulator_against_cute.cpp")]
+        + ["-o", str(emu)],
+        check=True,
+    )
+    result = subprocess.run([str(emu)], input=tables, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.rstrip().endswith("ok"), result.stdout

@@ -4,8 +4,23 @@
 // warp-collective instructions (shuffles, ldmatrix, mma.sync m16n8k16) as exchanges between
 // the 32 lane threads of a warp, computed from the PTX ISA's fragment definitions. cp.async
 // lands as late as the PTX rules allow (at the wait that retires its group), so a missing wait
-// shows; a missing barrier does not (compute-sanitizer racecheck on the GPU finds those). Included by the kernel header
-// when FAE_SIMT_EMULATION names this file.
+// shows. Included by the kernel header when FAE_SIMT_EMULATION names this file.
+//
+// Built with a sanitizer, the emulator is what compute-sanitizer's tools are on a GPU
+// (tests/native/test_host_programs.py builds each emulated test under each):
+// - ThreadSanitizer (racecheck): __syncthreads and __syncwarp are the only things that order
+//   memory between threads, as on the GPU. The warp collectives' exchanges are hidden from
+//   TSan's happens-before (their slots are atomics), and atomicOr / atomicAdd are relaxed, so a
+//   missing barrier between one thread's shared-memory write and another's read is a race
+//   TSan reports. A cp.async writes its destination at issue (0xFF) and again when it lands, so
+//   a buffer refilled while another thread may still read it is a race too.
+// - AddressSanitizer (memcheck): dynamic shared memory is a heap block of exactly the bytes the
+//   launch asks for, so one byte past it is reported.
+// - MemorySanitizer (initcheck, clang): shared memory is undefined at launch, and a cp.async's
+//   destination from issue until the wait that retires it; ldmatrix and 16-byte copies check
+//   each byte they read, and other reads are reported where their value is used.
+// Without a sanitizer, shared memory starts as 0xFF bytes (NaN as 16-bit floats) and a
+// cp.async's destination is 0xFF in flight, so such reads show as NaN in the results.
 #pragma once
 
 #include <atomic>
@@ -16,8 +31,26 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <thread>
 #include <vector>
+
+#if defined(__SANITIZE_THREAD__)
+#define FAE_EMU_TSAN 1
+#endif
+#if defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define FAE_EMU_TSAN 1
+#endif
+#if __has_feature(memory_sanitizer)
+#define FAE_EMU_MSAN 1
+#include <sanitizer/msan_interface.h>
+#endif
+#endif
+#ifdef FAE_EMU_TSAN
+extern "C" void AnnotateIgnoreSyncBegin(const char* file, int line);
+extern "C" void AnnotateIgnoreSyncEnd(const char* file, int line);
+#endif
 
 struct EmuDim3 {
   unsigned x = 0, y = 0, z = 0;
@@ -30,35 +63,98 @@ inline EmuDim3 blockDim, gridDim;
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define FAE_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(emu::block().smem.data())
+#define FAE_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(emu::smem())
 
 namespace emu {
 
+struct SmemFree {
+  void operator()(unsigned char* p) const { ::operator delete[](p, std::align_val_t{128}); }
+};
+
+// The meeting point of a warp's collectives: a counter and a phase, atomics only (std::barrier
+// keeps plain fields that only its own synchronisation orders, which TSan is told to ignore
+// here).
+struct Meet {
+  std::atomic<int> arrived{0};
+  std::atomic<unsigned> phase{0};
+  void arrive_and_wait(int n) {
+    const unsigned ph = phase.load(std::memory_order_acquire);
+    if (arrived.fetch_add(1, std::memory_order_acq_rel) == n - 1) {
+      arrived.store(0, std::memory_order_relaxed);
+      phase.store(ph + 1, std::memory_order_release);
+      phase.notify_all();
+    } else {
+      while (phase.load(std::memory_order_acquire) == ph) phase.wait(ph, std::memory_order_acquire);
+    }
+  }
+};
+
 struct Block {
-  std::vector<unsigned char> smem;
+  std::unique_ptr<unsigned char[], SmemFree> smem;  // exactly the launch's bytes
   std::unique_ptr<std::barrier<>> all;
-  std::vector<std::unique_ptr<std::barrier<>>> warps;
-  uint64_t exchange[32][32][8];  // [warp][lane][slot]
+  std::vector<std::unique_ptr<std::barrier<>>> warps;  // __syncwarp
+  Meet meets[32];                                      // the warps' collectives
+  uint64_t exchange[32][32][8];                        // [warp][lane][slot]
 };
 
 inline Block& block() {
   static Block b;
   return b;
 }
+inline unsigned char* smem() { return block().smem.get(); }
 inline int lane() { return threadIdx.x % 32; }
-inline uint64_t* slots(int l) { return block().exchange[threadIdx.x / 32][l]; }
 inline void warp_sync() { block().warps[threadIdx.x / 32]->arrive_and_wait(); }
 
+// Marks bytes as undefined for MemorySanitizer (their values are 0xFF either way).
+inline void undefine(void* p, size_t n) {
+#ifdef FAE_EMU_MSAN
+  __msan_poison(p, n);
+#else
+  (void)p, (void)n;
+#endif
+}
+// MemorySanitizer's check that n bytes at p were written (a no-op without it).
+inline void check_defined(const void* p, size_t n) {
+#ifdef FAE_EMU_MSAN
+  __msan_check_mem_is_initialized(p, n);
+#else
+  (void)p, (void)n;
+#endif
+}
+
+// A warp collective's exchange: lane l puts values in its slots, the lanes meet, each reads
+// the slots it needs, the lanes meet again. The meetings order nothing else: on the GPU a
+// shuffle or an mma.sync is no memory barrier between lanes (__syncwarp is), so TSan is told
+// to ignore their synchronisation, and the slots are relaxed atomics.
+inline void put(int slot, uint64_t v) {
+  std::atomic_ref<uint64_t>(block().exchange[threadIdx.x / 32][lane()][slot]).store(v, std::memory_order_relaxed);
+}
+inline uint64_t get(int l, int slot) {
+  return std::atomic_ref<uint64_t>(block().exchange[threadIdx.x / 32][l][slot]).load(std::memory_order_relaxed);
+}
+inline void exchange_meet() {
+#ifdef FAE_EMU_TSAN
+  AnnotateIgnoreSyncBegin(__FILE__, __LINE__);
+#endif
+  block().meets[threadIdx.x / 32].arrive_and_wait(32);
+#ifdef FAE_EMU_TSAN
+  AnnotateIgnoreSyncEnd(__FILE__, __LINE__);
+#endif
+}
+
 // Runs kernel(args...) over grid blocks of `threads` threads with `smem_bytes` of dynamic
-// shared memory, poisoned with 0xFF bytes (NaN as 16-bit floats) so reads of unwritten shared
-// memory show.
+// shared memory (a fresh heap block of exactly that size per block), poisoned with 0xFF bytes
+// (NaN as 16-bit floats; undefined under MemorySanitizer) so reads of unwritten shared memory
+// show.
 template <typename Kernel, typename... Args>
 void launch(unsigned grid, unsigned threads, size_t smem_bytes, Kernel kernel, const Args&... args) {
   gridDim.x = grid;
   blockDim.x = threads;
   Block& b = block();
   for (unsigned blk = 0; blk < grid; ++blk) {
-    b.smem.assign(smem_bytes, 0xFF);
+    b.smem.reset(static_cast<unsigned char*>(::operator new[](smem_bytes, std::align_val_t{128})));
+    std::memset(b.smem.get(), 0xFF, smem_bytes);
+    undefine(b.smem.get(), smem_bytes);
     b.all = std::make_unique<std::barrier<>>(threads);
     b.warps.clear();
     for (unsigned w = 0; w < threads / 32; ++w) b.warps.push_back(std::make_unique<std::barrier<>>(32));
@@ -73,12 +169,19 @@ void launch(unsigned grid, unsigned threads, size_t smem_bytes, Kernel kernel, c
   }
 }
 
-// 16-bit float formats as the tensor cores read them.
+// 16-bit float formats as the tensor cores read them. IEEE half is _Float16 under GCC; clang 14
+// has it only as the storage type __fp16 (same rounding; its conversions come from
+// compiler-rt's builtins, which the MemorySanitizer build links).
+#ifdef __clang__
+using F16 = __fp16;
+#else
+using F16 = _Float16;
+#endif
 struct Half {};
 struct BFloat16 {};
 
 inline float to_float(uint16_t bits, Half) {
-  _Float16 h;
+  F16 h;
   std::memcpy(&h, &bits, 2);
   return static_cast<float>(h);
 }
@@ -89,7 +192,7 @@ inline float to_float(uint16_t bits, BFloat16) {
   return f;
 }
 inline uint16_t from_float(float x, Half) {
-  const _Float16 h = static_cast<_Float16>(x);  // round to nearest even
+  const F16 h = static_cast<F16>(x);  // round to nearest even
   uint16_t bits;
   std::memcpy(&bits, &h, 2);
   return bits;
@@ -118,22 +221,26 @@ inline int __syncthreads_or(int predicate) {
   __syncthreads();
   return r;
 }
+// CUDA's atomics are relaxed: they order no other memory (a barrier does).
 inline unsigned atomicOr(unsigned* address, unsigned value) {
-  return std::atomic_ref<unsigned>(*address).fetch_or(value);
+  return std::atomic_ref<unsigned>(*address).fetch_or(value, std::memory_order_relaxed);
 }
 inline unsigned atomicAdd(unsigned* address, unsigned value) {
-  return std::atomic_ref<unsigned>(*address).fetch_add(value);
+  return std::atomic_ref<unsigned>(*address).fetch_add(value, std::memory_order_relaxed);
 }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_sync(); }
 
 template <typename T>
 T __shfl_xor_sync(unsigned, T value, int lane_mask) {
   static_assert(sizeof(T) <= 8, "one exchange slot");
-  std::memcpy(emu::slots(emu::lane()), &value, sizeof(T));
-  emu::warp_sync();
+  uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(T));
+  emu::put(0, bits);
+  emu::exchange_meet();
+  bits = emu::get(emu::lane() ^ lane_mask, 0);
+  emu::exchange_meet();
   T r;
-  std::memcpy(&r, emu::slots(emu::lane() ^ lane_mask), sizeof(T));
-  emu::warp_sync();
+  std::memcpy(&r, &bits, sizeof(T));
   return r;
 }
 
@@ -141,14 +248,15 @@ namespace flash_attn_ext::cuda::mma_detail {
 
 // "Shared addresses" are byte offsets into the block's shared memory, as on the GPU.
 inline uint32_t smem_u32(const void* ptr) {
-  return static_cast<uint32_t>(static_cast<const unsigned char*>(ptr) - emu::block().smem.data());
+  return static_cast<uint32_t>(static_cast<const unsigned char*>(ptr) - emu::smem());
 }
 
-// cp.async, latest landing: a copy reaches shared memory only when a wait retires its group
-// (wait_group N retires all but the N newest), so a read before the matching wait sees the
-// 0xFF poison (NaN) instead of the data, as a GPU may; a thread that exits with copies never
-// waited for aborts the test. (Copies still land all at once: ordering between threads is the
-// barriers' job, which the emulator cannot check; racecheck on the GPU does.)
+// cp.async, in flight from issue to the wait that retires its group (wait_group N retires all
+// but the N newest): at issue the destination becomes 0xFF (NaN; undefined under MSan; a write
+// by the issuing thread under TSan), and the data lands at the wait, so a read before the
+// matching wait sees the poison instead of the data, as a GPU may. A thread that exits with
+// copies never waited for aborts the test. Other threads see the data only through a barrier
+// after the wait (TSan checks that).
 struct PendingCopy {
   uint32_t dst;
   const void* src;  // read when the copy lands; nullptr: zero-fill
@@ -159,7 +267,7 @@ struct CopyQueue {
   void retire_all_but(size_t newest) {
     while (groups.size() > newest) {
       for (const PendingCopy& c : groups.front()) {
-        unsigned char* d = emu::block().smem.data() + c.dst;
+        unsigned char* d = emu::smem() + c.dst;
         if (c.src != nullptr)
           std::memcpy(d, c.src, 16);
         else
@@ -178,6 +286,8 @@ struct CopyQueue {
 inline thread_local CopyQueue copy_queue;  // one per emulated CUDA thread (each is a std::thread)
 
 inline void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  std::memset(emu::smem() + dst, 0xFF, 16);
+  emu::undefine(emu::smem() + dst, 16);
   copy_queue.open.push_back({dst, valid ? src : nullptr});
 }
 inline void cp_async_commit() {
@@ -187,7 +297,10 @@ inline void cp_async_commit() {
 inline void cp_async_wait_all() { copy_queue.retire_all_but(0); }
 inline void cp_async_wait_one() { copy_queue.retire_all_but(1); }
 
-inline void copy_16(void* dst, const void* src) { std::memcpy(dst, src, 16); }
+inline void copy_16(void* dst, const void* src) {
+  emu::check_defined(src, 16);
+  std::memcpy(dst, src, 16);
+}
 
 // ex2.approx.ftz as exact exp2 with subnormal inputs and results flushed to 0 (the emulator
 // checks the flush, not the GPU's 2-ulp approximation).
@@ -198,26 +311,27 @@ inline float exp2_fast(float x) {
 }
 
 inline uint16_t smem_u16(uint32_t byte_addr) {
+  emu::check_defined(emu::smem() + byte_addr, 2);
   uint16_t v;
-  std::memcpy(&v, emu::block().smem.data() + byte_addr, 2);
+  std::memcpy(&v, emu::smem() + byte_addr, 2);
   return v;
 }
 
 // ldmatrix.x4: lane 8m + r supplies the address of row r of matrix m; lane T receives, of
 // matrix m, row T/4 columns 2(T%4), 2(T%4)+1 (.trans: rows 2(T%4), 2(T%4)+1 of column T/4).
 inline void ldmatrix_impl(uint32_t (&r)[4], uint32_t addr, bool trans) {
-  emu::slots(emu::lane())[0] = addr;
-  emu::warp_sync();
+  emu::put(0, addr);
+  emu::exchange_meet();
   const int t = emu::lane();
   for (int m = 0; m < 4; ++m) {
     uint16_t e[2];
     for (int i = 0; i < 2; ++i) {
       const int row = trans ? 2 * (t % 4) + i : t / 4, col = trans ? t / 4 : 2 * (t % 4) + i;
-      e[i] = smem_u16(static_cast<uint32_t>(emu::slots(8 * m + row)[0]) + 2 * col);
+      e[i] = smem_u16(static_cast<uint32_t>(emu::get(8 * m + row, 0)) + 2 * col);
     }
     r[m] = static_cast<uint32_t>(e[0]) | (static_cast<uint32_t>(e[1]) << 16);
   }
-  emu::warp_sync();
+  emu::exchange_meet();
 }
 inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) { ldmatrix_impl(r, addr, false); }
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) { ldmatrix_impl(r, addr, true); }
@@ -227,15 +341,15 @@ inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) { ldmatrix_impl(r
 // b0 = B[2c..][g], b1 = B[2c+8..][g], d0, d1 = D[g][2c..], d2, d3 = D[g+8][2c..].
 template <typename T>
 void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  uint64_t* mine = emu::slots(emu::lane());
-  for (int i = 0; i < 4; ++i) mine[i] = a[i];
-  mine[4] = b0;
-  mine[5] = b1;
-  emu::warp_sync();
+  for (int i = 0; i < 4; ++i) emu::put(i, a[i]);
+  emu::put(4, b0);
+  emu::put(5, b1);
+  emu::exchange_meet();
   const auto half_of = [](uint64_t reg, int i) { return emu::to_float(static_cast<uint16_t>(reg >> (16 * i)), T{}); };
   float A[16][16], B[16][8];
   for (int t = 0; t < 32; ++t) {
-    const uint64_t* s = emu::slots(t);
+    uint64_t s[6];
+    for (int i = 0; i < 6; ++i) s[i] = emu::get(t, i);
     const int g = t / 4, c = t % 4;
     for (int i = 0; i < 2; ++i) {
       A[g][2 * c + i] = half_of(s[0], i);
@@ -246,7 +360,7 @@ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) 
       B[2 * c + 8 + i][g] = half_of(s[5], i);
     }
   }
-  emu::warp_sync();
+  emu::exchange_meet();
   const int g = emu::lane() / 4, c = emu::lane() % 4;
   for (int e = 0; e < 4; ++e) {
     const int row = g + 8 * (e >> 1), col = 2 * c + (e & 1);

@@ -11,7 +11,12 @@
 // Composed with the header's address maps (ldsm_a, ldsm_b_from_nk, ldsm_b_from_kn_trans), each
 // register element a lane loads must be the element CuTe's MMA layout says that register holds.
 // Built with nvcc as host code by tests/native/test_host_programs.py; no GPU.
+//
+// With --dump it prints the same layouts as tables instead, one line per (atom, thread,
+// value), for test_emulator_against_cute.cpp: the SIMT emulator cannot be compiled by nvcc, so
+// its ldmatrix and mma.sync are checked against CuTe by a host-compiler program that reads them.
 #include <cstdio>
+#include <cstring>
 #include <cute/atom/copy_traits_sm75.hpp>
 #include <cute/atom/mma_traits_sm80.hpp>
 #include <cute/tensor.hpp>
@@ -114,7 +119,39 @@ void check_mma_atom(const char* name) {
   }
 }
 
-int main() {
+// Lines "mma NAME A|B|C thread value i j": A (m, k), B (n, k), C (m, n); then
+// "ldsm N|T thread element src_lane col" for ldmatrix.x4 and .x4.trans.
+template <class MMA>
+void dump_mma_atom(const char* name) {
+  using T = MMA_Traits<MMA>;
+  for (int t = 0; t < 32; ++t) {
+    for (int v = 0; v < 8; ++v) {
+      const int a = typename T::ALayout{}(t, v);
+      std::printf("mma %s A %d %d %d %d\n", name, t, v, a % 16, a / 16);
+    }
+    for (int v = 0; v < 4; ++v) {
+      const int b = typename T::BLayout{}(t, v), c = typename T::CLayout{}(t, v);
+      std::printf("mma %s B %d %d %d %d\n", name, t, v, b % 8, b / 8);
+      std::printf("mma %s C %d %d %d %d\n", name, t, v, c % 16, c / 16);
+    }
+  }
+}
+void dump_ldsm() {
+  for (int t = 0; t < 32; ++t)
+    for (int e = 0; e < 8; ++e) {
+      const Source n = ldsm_source<Copy_Traits<SM75_U32x4_LDSM_N>>(t, e);
+      const Source tr = ldsm_source<Copy_Traits<SM75_U16x8_LDSM_T>>(t, e);
+      std::printf("ldsm N %d %d %d %d\nldsm T %d %d %d %d\n", t, e, n.src_lane, n.col, t, e, tr.src_lane, tr.col);
+    }
+}
+
+int main(int argc, char** argv) {
+  if (argc > 1 && std::strcmp(argv[1], "--dump") == 0) {
+    dump_mma_atom<SM80_16x8x16_F32F16F16F32_TN>("f16");
+    dump_mma_atom<SM80_16x8x16_F32BF16BF16F32_TN>("bf16");
+    dump_ldsm();
+    return failures == 0 ? 0 : 1;
+  }
   check_mma_atom<SM80_16x8x16_F32F16F16F32_TN>("f16");
   check_mma_atom<SM80_16x8x16_F32BF16BF16F32_TN>("bf16");
   return expect_summary("mma_layout.h against CuTe's SM80 m16n8k16 and SM75 ldmatrix atoms");
