@@ -384,6 +384,15 @@ MUTANTS = [
         "the decode kernel's barrier after a chunk lands removed",
     ),
     (
+        "race_fwd_epilogue_syncwarp",
+        "csrc/attention/attention_forward_mma_kernel.cuh",
+        "  __syncwarp();  // every lane's last Q fragment read (D >= 192 reads Q from sO's rows) is done",
+        "",
+        ["tests/native/test_host_programs.py", "-k", "race and mma_kernels"],
+        "the forward's __syncwarp before O is staged over the warp's Q rows removed: only the shuffles and "
+        "mma.syncs in between separate one lane's ldmatrix of Q from another's store (no ordering on a GPU)",
+    ),
+    (
         "memcheck_decode_smem_byte_short",
         "csrc/kv_cache/attention_decode_cuda_kernel.cuh",
         "static constexpr size_t kBytes = kM + 5 * kMaxRows * 4;",

@@ -17,8 +17,8 @@ GPU) and run on every CI run; each checks with tests/native/cpp/expect.h and pri
   build and in the run-time-dispatched build (whichever clone this CPU selects).
 - The three emulated programs once more under each sanitizer, as compute-sanitizer's tools would
   run the kernels on a GPU (test_emulated_under_sanitizer; what each sees: cpp/simt_emulator.h):
-  race (ThreadSanitizer: a missing __syncthreads / __syncwarp), memcheck (AddressSanitizer:
-  shared memory allocated at exactly the launch's bytes, tensors at their sizes) and initcheck
+  race (ThreadSanitizer: a missing __syncthreads / __syncwarp), memcheck (AddressSanitizer +
+  UBSan: shared memory allocated at exactly the launch's bytes, tensors at their sizes) and initcheck
   (MemorySanitizer, clang: a read of shared memory nothing wrote in that block, or of a cp.async
   destination before its wait).
 - test_cute_layouts (nvcc, host code): csrc/cuda/mma_layout.h against NVIDIA's own definitions of
@@ -106,9 +106,10 @@ def _clang_builtins():
 SANITIZERS = {
     # halt at the first report (a race's two stacks name the accesses)
     "race": ("g++", ["-fsanitize=thread"], {"TSAN_OPTIONS": "halt_on_error=1:exitcode=66"}),
+    # + UBSan: misaligned vector accesses, overflowing index arithmetic
     "memcheck": (
         "g++",
-        ["-fsanitize=address", "-fno-omit-frame-pointer"],
+        ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"],
         {"ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1"},
     ),
     # the origin of an undefined value: the launch's allocation or the cp.async that was issued

@@ -310,24 +310,24 @@ inline float exp2_fast(float x) {
   return std::fpclassify(y) == FP_SUBNORMAL ? 0.f : y;
 }
 
-inline uint16_t smem_u16(uint32_t byte_addr) {
-  emu::check_defined(emu::smem() + byte_addr, 2);
-  uint16_t v;
-  std::memcpy(&v, emu::smem() + byte_addr, 2);
-  return v;
-}
-
 // ldmatrix.x4: lane 8m + r supplies the address of row r of matrix m; lane T receives, of
 // matrix m, row T/4 columns 2(T%4), 2(T%4)+1 (.trans: rows 2(T%4), 2(T%4)+1 of column T/4).
+// Each lane reads the 16-byte row it addresses (so a race or an unwritten byte is charged to
+// the lane that named the row, the conservative reading for racecheck) and the rows' elements
+// are handed out through the exchange.
 inline void ldmatrix_impl(uint32_t (&r)[4], uint32_t addr, bool trans) {
-  emu::put(0, addr);
+  emu::check_defined(emu::smem() + addr, 16);
+  uint64_t row_bits[2];
+  std::memcpy(row_bits, emu::smem() + addr, 16);
+  emu::put(0, row_bits[0]);
+  emu::put(1, row_bits[1]);
   emu::exchange_meet();
   const int t = emu::lane();
   for (int m = 0; m < 4; ++m) {
     uint16_t e[2];
     for (int i = 0; i < 2; ++i) {
       const int row = trans ? 2 * (t % 4) + i : t / 4, col = trans ? t / 4 : 2 * (t % 4) + i;
-      e[i] = smem_u16(static_cast<uint32_t>(emu::get(8 * m + row, 0)) + 2 * col);
+      e[i] = static_cast<uint16_t>(emu::get(8 * m + row, col / 4) >> (16 * (col % 4)));
     }
     r[m] = static_cast<uint32_t>(e[0]) | (static_cast<uint32_t>(e[1]) << 16);
   }

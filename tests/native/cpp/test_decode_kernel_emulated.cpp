@@ -4,8 +4,9 @@
 // prefill rows (L > 1, bottom-right causal), sliding windows, paged caches with a shuffled
 // block table, one split (the split kernel writes the output) and several (the combine kernel
 // merges them; more splits than chunks leaves some empty). Built and run by
-// tests/native/test_host_programs.py. Timing, races and the real instructions are left to
-// scripts/gpu_check.sh.
+// tests/native/test_host_programs.py, plainly and under ThreadSanitizer, AddressSanitizer and
+// MemorySanitizer (races, out-of-bounds and unwritten shared-memory reads). Timing and the real
+// instructions are left to scripts/gpu_check.sh.
 #define FAE_SIMT_EMULATION "simt_emulator.h"
 #include "kv_cache/attention_decode_cuda_kernel.cuh"
 #include "expect.h"

@@ -2,9 +2,10 @@
 // run on the CPU through tests/native/cpp/simt_emulator.h (one std::thread per CUDA thread, ldmatrix
 // and mma.sync emulated from their PTX fragment definitions), against a float64 reference:
 // tile iteration over the visible band, masking at tile and sequence edges, the online
-// softmax, GQA indexing, strides and the epilogue are checked without a GPU. What the
-// emulation cannot check (timing, races, the real instructions' encodings) is left to
-// scripts/gpu_check.sh. Built and run by tests/native/test_host_programs.py.
+// softmax, GQA indexing, strides and the epilogue are checked without a GPU. Built and run by
+// tests/native/test_host_programs.py, plainly and under ThreadSanitizer, AddressSanitizer and
+// MemorySanitizer (races, out-of-bounds and unwritten shared-memory reads). What the emulation
+// cannot check (timing, the real instructions' encodings) is left to scripts/gpu_check.sh.
 //
 // Also here: the safety-net row programs (csrc/attention/attention_rows.h) with 32 lanes per
 // row and the warp-shuffle sum, as the CUDA safety-net kernels run them, against the same
