@@ -409,6 +409,15 @@ MUTANTS = [
         "the last query row never staged in shared memory, and read by the score phase",
     ),
     (
+        "initcheck_bwd_delta_unstaged",
+        "csrc/attention/attention_backward_mma_kernel.cuh",
+        "      row_data[kBlockM + r] = i < p.len_q ? bp.delta[at] : 0.f;\n",
+        "",
+        ["tests/native/test_host_programs.py", "-k", "initcheck and mma_kernels"],
+        "the backward's delta row never staged: plain shared-memory loads whose undefined values reach the "
+        "output only through mma.sync (MSan must carry them through the emulated exchange)",
+    ),
+    (
         "initcheck_fwd_tail_not_zeroed",
         "csrc/cuda/mma_primitives.cuh",
         "      cp_async_16(dst + i * kRowStep * kStride * 2, valid ? src : slice, valid);",

@@ -123,6 +123,7 @@ __device__ __forceinline__ uint16_t narrow16<__nv_bfloat16>(float x) {
 // Eight 16-bit elements in one 16-byte load (16-byte aligned: rows and padded rows are).
 __device__ __forceinline__ void load8_16(uint16_t (&dst)[8], const uint16_t* src) {
 #ifdef FAE_SIMT_EMULATION
+  emu::require_aligned(src, 16, "16-byte load");
   std::memcpy(dst, src, 16);
 #else
   *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
@@ -130,6 +131,7 @@ __device__ __forceinline__ void load8_16(uint16_t (&dst)[8], const uint16_t* src
 }
 __device__ __forceinline__ uint32_t load2_16(const uint16_t* src) {
 #ifdef FAE_SIMT_EMULATION
+  emu::require_aligned(src, 4, "4-byte load");
   uint32_t w;
   std::memcpy(&w, src, 4);
   return w;
@@ -140,6 +142,7 @@ __device__ __forceinline__ uint32_t load2_16(const uint16_t* src) {
 __device__ __forceinline__ void store2_16(uint16_t* dst, uint16_t lo, uint16_t hi) {
   const uint32_t w = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
 #ifdef FAE_SIMT_EMULATION
+  emu::require_aligned(dst, 4, "4-byte store");
   std::memcpy(dst, &w, 4);
 #else
   *reinterpret_cast<uint32_t*>(dst) = w;

@@ -15,10 +15,12 @@
 //   TSan reports. A cp.async writes its destination at issue (0xFF) and again when it lands, so
 //   a buffer refilled while another thread may still read it is a race too.
 // - AddressSanitizer (memcheck): dynamic shared memory is a heap block of exactly the bytes the
-//   launch asks for, so one byte past it is reported.
+//   launch asks for, so one byte past it is reported. In every build a misaligned cp.async,
+//   ldmatrix row or 16-byte copy aborts (a GPU faults).
 // - MemorySanitizer (initcheck, clang): shared memory is undefined at launch, and a cp.async's
 //   destination from issue until the wait that retires it; ldmatrix and 16-byte copies check
-//   each byte they read, and other reads are reported where their value is used.
+//   each byte they read, and other reads are reported where their value is used (the exchange
+//   slots are plain memory there, so an undefined value crosses shuffles and mma.sync).
 // Without a sanitizer, shared memory starts as 0xFF bytes (NaN as 16-bit floats) and a
 // cp.async's destination is 0xFF in flight, so such reads show as NaN in the results.
 #pragma once
@@ -50,6 +52,7 @@
 #ifdef FAE_EMU_TSAN
 extern "C" void AnnotateIgnoreSyncBegin(const char* file, int line);
 extern "C" void AnnotateIgnoreSyncEnd(const char* file, int line);
+extern "C" void __tsan_read_range(void* addr, unsigned long size);
 #endif
 
 struct EmuDim3 {
@@ -103,7 +106,6 @@ inline Block& block() {
 }
 inline unsigned char* smem() { return block().smem.get(); }
 inline int lane() { return threadIdx.x % 32; }
-inline void warp_sync() { block().warps[threadIdx.x / 32]->arrive_and_wait(); }
 
 // Marks bytes as undefined for MemorySanitizer (their values are 0xFF either way).
 inline void undefine(void* p, size_t n) {
@@ -125,14 +127,53 @@ inline void check_defined(const void* p, size_t n) {
 // A warp collective's exchange: lane l puts values in its slots, the lanes meet, each reads
 // the slots it needs, the lanes meet again. The meetings order nothing else: on the GPU a
 // shuffle or an mma.sync is no memory barrier between lanes (__syncwarp is), so TSan is told
-// to ignore their synchronisation, and the slots are relaxed atomics.
+// to ignore their synchronisation, and there the slots are relaxed atomics. Elsewhere they
+// are plain memory (ordered by the meetings), so MSan carries an undefined value through a
+// shuffle or an mma.sync (it would count what an atomic stores as defined).
 inline void put(int slot, uint64_t v) {
-  std::atomic_ref<uint64_t>(block().exchange[threadIdx.x / 32][lane()][slot]).store(v, std::memory_order_relaxed);
+  uint64_t& s = block().exchange[threadIdx.x / 32][lane()][slot];
+#ifdef FAE_EMU_TSAN
+  std::atomic_ref<uint64_t>(s).store(v, std::memory_order_relaxed);
+#else
+  s = v;
+#endif
 }
 inline uint64_t get(int l, int slot) {
-  return std::atomic_ref<uint64_t>(block().exchange[threadIdx.x / 32][l][slot]).load(std::memory_order_relaxed);
+  uint64_t& s = block().exchange[threadIdx.x / 32][l][slot];
+#ifdef FAE_EMU_TSAN
+  return std::atomic_ref<uint64_t>(s).load(std::memory_order_relaxed);
+#else
+  return s;
+#endif
+}
+// Warp-level operations need whole warps (a short warp would wait forever for its lanes).
+inline void require_whole_warps() {
+  if (blockDim.x % 32 != 0) {
+    std::fprintf(stderr, "simt_emulator: a warp operation in a block of %u threads (not whole warps)\n", blockDim.x);
+    std::abort();
+  }
+}
+// A misaligned address faults on the GPU (compute-sanitizer memcheck reports it); here it aborts.
+inline void require_aligned(const void* p, size_t alignment, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % alignment != 0) {
+    std::fprintf(stderr, "simt_emulator: %s at %p, not %zu-byte aligned\n", what, p, alignment);
+    std::abort();
+  }
+}
+// Tells TSan that this thread reads n bytes at p (a read the emulator does on its behalf).
+inline void note_read(const void* p, size_t n) {
+#ifdef FAE_EMU_TSAN
+  __tsan_read_range(const_cast<void*>(p), n);
+#else
+  (void)p, (void)n;
+#endif
+}
+inline void warp_sync() {
+  require_whole_warps();
+  block().warps[threadIdx.x / 32]->arrive_and_wait();
 }
 inline void exchange_meet() {
+  require_whole_warps();
 #ifdef FAE_EMU_TSAN
   AnnotateIgnoreSyncBegin(__FILE__, __LINE__);
 #endif
@@ -286,6 +327,8 @@ struct CopyQueue {
 inline thread_local CopyQueue copy_queue;  // one per emulated CUDA thread (each is a std::thread)
 
 inline void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  emu::require_aligned(emu::smem() + dst, 16, "cp.async destination");
+  emu::require_aligned(src, 16, "cp.async source");
   std::memset(emu::smem() + dst, 0xFF, 16);
   emu::undefine(emu::smem() + dst, 16);
   copy_queue.open.push_back({dst, valid ? src : nullptr});
@@ -298,6 +341,8 @@ inline void cp_async_wait_all() { copy_queue.retire_all_but(0); }
 inline void cp_async_wait_one() { copy_queue.retire_all_but(1); }
 
 inline void copy_16(void* dst, const void* src) {
+  emu::require_aligned(dst, 16, "16-byte store");
+  emu::require_aligned(src, 16, "16-byte load");
   emu::check_defined(src, 16);
   std::memcpy(dst, src, 16);
 }
@@ -312,22 +357,26 @@ inline float exp2_fast(float x) {
 
 // ldmatrix.x4: lane 8m + r supplies the address of row r of matrix m; lane T receives, of
 // matrix m, row T/4 columns 2(T%4), 2(T%4)+1 (.trans: rows 2(T%4), 2(T%4)+1 of column T/4).
-// Each lane reads the 16-byte row it addresses (so a race or an unwritten byte is charged to
-// the lane that named the row, the conservative reading for racecheck) and the rows' elements
-// are handed out through the exchange.
+// Each lane reads the 16-byte row it addresses and the rows' elements are handed out through
+// the exchange; each lane is also charged with reading the elements it receives. A race or an
+// unwritten byte is thus seen from both the lane that named the row and the lanes that got it.
 inline void ldmatrix_impl(uint32_t (&r)[4], uint32_t addr, bool trans) {
+  emu::require_aligned(emu::smem() + addr, 16, "ldmatrix row");
   emu::check_defined(emu::smem() + addr, 16);
   uint64_t row_bits[2];
   std::memcpy(row_bits, emu::smem() + addr, 16);
   emu::put(0, row_bits[0]);
   emu::put(1, row_bits[1]);
+  emu::put(2, addr);
   emu::exchange_meet();
   const int t = emu::lane();
   for (int m = 0; m < 4; ++m) {
     uint16_t e[2];
     for (int i = 0; i < 2; ++i) {
       const int row = trans ? 2 * (t % 4) + i : t / 4, col = trans ? t / 4 : 2 * (t % 4) + i;
-      e[i] = static_cast<uint16_t>(emu::get(8 * m + row, col / 4) >> (16 * (col % 4)));
+      const int src = 8 * m + row;
+      e[i] = static_cast<uint16_t>(emu::get(src, col / 4) >> (16 * (col % 4)));
+      emu::note_read(emu::smem() + static_cast<uint32_t>(emu::get(src, 2)) + 2 * col, 2);
     }
     r[m] = static_cast<uint32_t>(e[0]) | (static_cast<uint32_t>(e[1]) << 16);
   }

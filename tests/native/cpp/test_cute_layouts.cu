@@ -51,21 +51,41 @@ Source ldsm_source(int t, int elem) {
   return {0, 0};
 }
 
+// The MMA atom's layouts as coordinates: (thread, value) -> (m, k) of A, (n, k) of B, (m, n)
+// of C (CuTe's flat indices are m + 16 k, n + 8 k and m + 16 n).
+struct AtomCoord {
+  int i, j;
+};
+template <class MMA>
+struct Mma {
+  using T = MMA_Traits<MMA>;
+  static_assert(size<0>(typename T::ALayout{}) == 32 && size<1>(typename T::ALayout{}) == 8 &&
+                size<1>(typename T::BLayout{}) == 4 && size<1>(typename T::CLayout{}) == 4);
+  static AtomCoord a(int t, int v) {
+    const int x = typename T::ALayout{}(t, v);
+    return {x % 16, x / 16};
+  }
+  static AtomCoord b(int t, int v) {
+    const int x = typename T::BLayout{}(t, v);
+    return {x % 8, x / 8};
+  }
+  static AtomCoord c(int t, int v) {
+    const int x = typename T::CLayout{}(t, v);
+    return {x % 16, x / 16};
+  }
+};
+
 template <class MMA>
 void check_mma_atom(const char* name) {
-  using T = MMA_Traits<MMA>;
-  using A = typename T::ALayout;  // (thread, value) -> m + 16 k
-  using B = typename T::BLayout;  // (thread, value) -> n + 8 k
-  using C = typename T::CLayout;  // (thread, value) -> m + 16 n
-  static_assert(size<0>(A{}) == 32 && size<1>(A{}) == 8 && size<1>(B{}) == 4 && size<1>(C{}) == 4);
+  using M = Mma<MMA>;
 
   for (int t = 0; t < 32; ++t) {
     // Accumulators: element e of lane t is D[acc_element(t, e)].
     for (int e = 0; e < 4; ++e) {
-      const int idx = C{}(t, e);
+      const AtomCoord c = M::c(t, e);
       const ml::RowCol rc = ml::acc_element(t, e);
-      EXPECT(rc.row == idx % 16 && rc.col == idx / 16, "%s C: lane %d element %d is (%d, %d), CuTe (%d, %d)", name, t,
-             e, rc.row, rc.col, idx % 16, idx / 16);
+      EXPECT(rc.row == c.i && rc.col == c.j, "%s C: lane %d element %d is (%d, %d), CuTe (%d, %d)", name, t, e, rc.row,
+             rc.col, c.i, c.j);
     }
 
     // A from ldmatrix.x4 of a row-major 16x16 tile, lane l addressing ldsm_a(l): register v
@@ -75,9 +95,9 @@ void check_mma_atom(const char* name) {
         const Source s = ldsm_source<Copy_Traits<SM75_U32x4_LDSM_N>>(t, 2 * v + i);
         const ml::RowCol addr = ml::ldsm_a(s.src_lane);
         const int got_m = addr.row, got_k = addr.col + s.col;
-        const int idx = A{}(t, 2 * v + i);
-        EXPECT(got_m == idx % 16 && got_k == idx / 16, "%s A: lane %d reg %d.%d loads (%d, %d), CuTe holds (%d, %d)",
-               name, t, v, i, got_m, got_k, idx % 16, idx / 16);
+        const AtomCoord a = M::a(t, 2 * v + i);
+        EXPECT(got_m == a.i && got_k == a.j, "%s A: lane %d reg %d.%d loads (%d, %d), CuTe holds (%d, %d)", name, t, v,
+               i, got_m, got_k, a.i, a.j);
       }
 
     // B of two n8 tiles from a [n][k] matrix (K rows), lane l addressing ldsm_b_from_nk(l):
@@ -87,10 +107,11 @@ void check_mma_atom(const char* name) {
         const Source s = ldsm_source<Copy_Traits<SM75_U32x4_LDSM_N>>(t, 2 * reg + i);
         const ml::RowCol addr = ml::ldsm_b_from_nk(s.src_lane);
         const int got_n = addr.row, got_k = addr.col + s.col;
-        const int j = reg >> 1, idx = B{}(t, 2 * (reg & 1) + i);
-        EXPECT(got_n == 8 * j + idx % 8 && got_k == idx / 8,
+        const int j = reg >> 1;
+        const AtomCoord b = M::b(t, 2 * (reg & 1) + i);
+        EXPECT(got_n == 8 * j + b.i && got_k == b.j,
                "%s B[n][k]: lane %d reg %d.%d loads (n %d, k %d), CuTe holds (n %d, k %d)", name, t, reg, i, got_n,
-               got_k, 8 * j + idx % 8, idx / 8);
+               got_k, 8 * j + b.i, b.j);
       }
 
     // The same fragments from a [k][n] matrix (V rows) with ldmatrix.trans, lane l addressing
@@ -100,10 +121,11 @@ void check_mma_atom(const char* name) {
         const Source s = ldsm_source<Copy_Traits<SM75_U16x8_LDSM_T>>(t, 2 * reg + i);
         const ml::RowCol addr = ml::ldsm_b_from_kn_trans(s.src_lane);
         const int got_k = addr.row, got_n = addr.col + s.col;
-        const int j = reg >> 1, idx = B{}(t, 2 * (reg & 1) + i);
-        EXPECT(got_n == 8 * j + idx % 8 && got_k == idx / 8,
+        const int j = reg >> 1;
+        const AtomCoord b = M::b(t, 2 * (reg & 1) + i);
+        EXPECT(got_n == 8 * j + b.i && got_k == b.j,
                "%s B[k][n] trans: lane %d reg %d.%d loads (n %d, k %d), CuTe holds (n %d, k %d)", name, t, reg, i,
-               got_n, got_k, 8 * j + idx % 8, idx / 8);
+               got_n, got_k, 8 * j + b.i, b.j);
       }
 
     // P V: A register `reg` of a k16 step packs accumulator elements a_reg_first_element(reg)
@@ -112,9 +134,9 @@ void check_mma_atom(const char* name) {
       for (int i = 0; i < 2; ++i) {
         const ml::RowCol rc = ml::acc_element(t, ml::a_reg_first_element(reg) + i);
         const int got_m = rc.row, got_k = 8 * ml::a_reg_tile(reg) + rc.col;
-        const int idx = A{}(t, 2 * reg + i);
-        EXPECT(got_m == idx % 16 && got_k == idx / 16, "%s P as A: lane %d reg %d.%d is (%d, %d), CuTe holds (%d, %d)",
-               name, t, reg, i, got_m, got_k, idx % 16, idx / 16);
+        const AtomCoord a = M::a(t, 2 * reg + i);
+        EXPECT(got_m == a.i && got_k == a.j, "%s P as A: lane %d reg %d.%d is (%d, %d), CuTe holds (%d, %d)", name, t,
+               reg, i, got_m, got_k, a.i, a.j);
       }
   }
 }
@@ -123,16 +145,12 @@ void check_mma_atom(const char* name) {
 // "ldsm N|T thread element src_lane col" for ldmatrix.x4 and .x4.trans.
 template <class MMA>
 void dump_mma_atom(const char* name) {
-  using T = MMA_Traits<MMA>;
+  using M = Mma<MMA>;
   for (int t = 0; t < 32; ++t) {
-    for (int v = 0; v < 8; ++v) {
-      const int a = typename T::ALayout{}(t, v);
-      std::printf("mma %s A %d %d %d %d\n", name, t, v, a % 16, a / 16);
-    }
+    for (int v = 0; v < 8; ++v) std::printf("mma %s A %d %d %d %d\n", name, t, v, M::a(t, v).i, M::a(t, v).j);
     for (int v = 0; v < 4; ++v) {
-      const int b = typename T::BLayout{}(t, v), c = typename T::CLayout{}(t, v);
-      std::printf("mma %s B %d %d %d %d\n", name, t, v, b % 8, b / 8);
-      std::printf("mma %s C %d %d %d %d\n", name, t, v, c % 16, c / 16);
+      std::printf("mma %s B %d %d %d %d\n", name, t, v, M::b(t, v).i, M::b(t, v).j);
+      std::printf("mma %s C %d %d %d %d\n", name, t, v, M::c(t, v).i, M::c(t, v).j);
     }
   }
 }

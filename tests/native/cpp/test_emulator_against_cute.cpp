@@ -26,25 +26,56 @@ namespace mma = flash_attn_ext::cuda::mma_detail;
 struct Tables {
   int a[2][32][8][2], b[2][32][4][2], c[2][32][4][2];  // [f16, bf16][thread][value] -> (i, j)
   int ldsm[2][32][8][2];                               // [N, T][thread][element] -> (src lane, col)
-  int lines = 0;
+  bool seen_a[2][32][8], seen_b[2][32][4], seen_c[2][32][4], seen_ldsm[2][32][8];
 };
 
+// Every cell exactly once, every index in range, nothing else: a short or garbled dump fails.
 static Tables read_tables(std::FILE* in) {
   Tables t{};
-  char kind[8], name[8], which[4];
+  char name[8], which[8];
   int th, v, i, j;
   char line[128];
+  const auto in_range = [](int x, int n) { return x >= 0 && x < n; };
+  const auto fill = [&](bool& seen, int (&cell)[2], const char* what) {
+    EXPECT(!seen, "%s thread %d value %d given twice", what, th, v);
+    seen = true;
+    cell[0] = i, cell[1] = j;
+  };
   while (std::fgets(line, sizeof line, in)) {
-    if (std::sscanf(line, "mma %7s %3s %d %d %d %d", name, which, &th, &v, &i, &j) == 6) {
-      const int d = std::strcmp(name, "bf16") == 0;
-      int (*dst)[2] = which[0] == 'A' ? t.a[d][th] : which[0] == 'B' ? t.b[d][th] : t.c[d][th];
-      dst[v][0] = i, dst[v][1] = j;
-      ++t.lines;
-    } else if (std::sscanf(line, "ldsm %7s %d %d %d %d", kind, &th, &v, &i, &j) == 5) {
-      t.ldsm[kind[0] == 'T'][th][v][0] = i, t.ldsm[kind[0] == 'T'][th][v][1] = j;
-      ++t.lines;
+    if (std::sscanf(line, "mma %7s %7s %d %d %d %d", name, which, &th, &v, &i, &j) == 6) {
+      const bool f16 = std::strcmp(name, "f16") == 0, bf16 = std::strcmp(name, "bf16") == 0;
+      const char w = std::strlen(which) == 1 ? which[0] : '?';
+      const int d = bf16, values = w == 'A' ? 8 : 4;
+      const int rows = w == 'B' ? 8 : 16, cols = w == 'C' ? 8 : 16;
+      if (!(f16 || bf16) || !(w == 'A' || w == 'B' || w == 'C') || !in_range(th, 32) || !in_range(v, values) ||
+          !in_range(i, rows) || !in_range(j, cols)) {
+        EXPECT(false, "bad table line: %s", line);
+        continue;
+      }
+      if (w == 'A') fill(t.seen_a[d][th][v], t.a[d][th][v], "mma A");
+      if (w == 'B') fill(t.seen_b[d][th][v], t.b[d][th][v], "mma B");
+      if (w == 'C') fill(t.seen_c[d][th][v], t.c[d][th][v], "mma C");
+    } else if (std::sscanf(line, "ldsm %7s %d %d %d %d", which, &th, &v, &i, &j) == 5) {
+      const bool n = std::strcmp(which, "N") == 0, tr = std::strcmp(which, "T") == 0;
+      if (!(n || tr) || !in_range(th, 32) || !in_range(v, 8) || !in_range(i, 32) || !in_range(j, 8)) {
+        EXPECT(false, "bad table line: %s", line);
+        continue;
+      }
+      fill(t.seen_ldsm[tr][th][v], t.ldsm[tr][th][v], "ldsm");
+    } else {
+      EXPECT(false, "unknown table line: %s", line);
     }
   }
+  for (int d = 0; d < 2; ++d)
+    for (th = 0; th < 32; ++th) {
+      for (v = 0; v < 8; ++v) {
+        EXPECT(t.seen_a[d][th][v], "no mma A entry for dtype %d thread %d value %d", d, th, v);
+        EXPECT(t.seen_ldsm[d][th][v], "no ldsm entry for kind %d thread %d element %d", d, th, v);
+      }
+      for (v = 0; v < 4; ++v)
+        EXPECT(t.seen_b[d][th][v] && t.seen_c[d][th][v], "no mma B / C entry for dtype %d thread %d value %d", d, th,
+               v);
+    }
   return t;
 }
 
@@ -116,8 +147,7 @@ static void check_mma(const Tables& t, int d, uint32_t seed) {
 }
 
 int main() {
-  const Tables t = read_tables(stdin);
-  EXPECT(t.lines == 2 * 32 * 16 + 2 * 32 * 8, "%d table lines read (test_cute_layouts --dump on stdin)", t.lines);
+  const Tables t = read_tables(stdin);  // test_cute_layouts --dump
   if (failures) return expect_summary("the emulator's warp instructions against CuTe");
   check_ldmatrix(t, false);
   check_ldmatrix(t, true);
