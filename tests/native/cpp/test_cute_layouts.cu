@@ -75,6 +75,25 @@ struct Mma {
   }
 };
 
+// B fragments of two n8 tiles loaded through the copy atom Traits, lane l addressing row
+// addr_of(l) of its 8x8 matrix: register 2 j + r element i must be B[n = 8 j + BLayout n, k]
+// of n-tile j. The matrix's rows are n ([n][k], K) or, with k_rows, k ([k][n], V).
+template <class M, class Traits>
+void check_b_loads(const char* name, const char* what, int t, ml::RowCol (*addr_of)(int), bool k_rows) {
+  for (int reg = 0; reg < 4; ++reg)
+    for (int i = 0; i < 2; ++i) {
+      const Source s = ldsm_source<Traits>(t, 2 * reg + i);
+      const ml::RowCol addr = addr_of(s.src_lane);
+      const int row = addr.row, col = addr.col + s.col;
+      const int got_n = k_rows ? col : row, got_k = k_rows ? row : col;
+      const int j = reg >> 1;
+      const AtomCoord b = M::b(t, 2 * (reg & 1) + i);
+      EXPECT(got_n == 8 * j + b.i && got_k == b.j,
+             "%s %s: lane %d reg %d.%d loads (n %d, k %d), CuTe holds (n %d, k %d)", name, what, t, reg, i, got_n,
+             got_k, 8 * j + b.i, b.j);
+    }
+}
+
 template <class MMA>
 void check_mma_atom(const char* name) {
   using M = Mma<MMA>;
@@ -100,33 +119,10 @@ void check_mma_atom(const char* name) {
                i, got_m, got_k, a.i, a.j);
       }
 
-    // B of two n8 tiles from a [n][k] matrix (K rows), lane l addressing ldsm_b_from_nk(l):
-    // register 2 j + r element i must be B[n = 8 j + BLayout n, k] of n-tile j.
-    for (int reg = 0; reg < 4; ++reg)
-      for (int i = 0; i < 2; ++i) {
-        const Source s = ldsm_source<Copy_Traits<SM75_U32x4_LDSM_N>>(t, 2 * reg + i);
-        const ml::RowCol addr = ml::ldsm_b_from_nk(s.src_lane);
-        const int got_n = addr.row, got_k = addr.col + s.col;
-        const int j = reg >> 1;
-        const AtomCoord b = M::b(t, 2 * (reg & 1) + i);
-        EXPECT(got_n == 8 * j + b.i && got_k == b.j,
-               "%s B[n][k]: lane %d reg %d.%d loads (n %d, k %d), CuTe holds (n %d, k %d)", name, t, reg, i, got_n,
-               got_k, 8 * j + b.i, b.j);
-      }
-
-    // The same fragments from a [k][n] matrix (V rows) with ldmatrix.trans, lane l addressing
-    // ldsm_b_from_kn_trans(l) = (k row, n column) of its 8x8 matrix.
-    for (int reg = 0; reg < 4; ++reg)
-      for (int i = 0; i < 2; ++i) {
-        const Source s = ldsm_source<Copy_Traits<SM75_U16x8_LDSM_T>>(t, 2 * reg + i);
-        const ml::RowCol addr = ml::ldsm_b_from_kn_trans(s.src_lane);
-        const int got_k = addr.row, got_n = addr.col + s.col;
-        const int j = reg >> 1;
-        const AtomCoord b = M::b(t, 2 * (reg & 1) + i);
-        EXPECT(got_n == 8 * j + b.i && got_k == b.j,
-               "%s B[k][n] trans: lane %d reg %d.%d loads (n %d, k %d), CuTe holds (n %d, k %d)", name, t, reg, i,
-               got_n, got_k, 8 * j + b.i, b.j);
-      }
+    // B of two n8 tiles from a [n][k] matrix (K rows) with ldmatrix, and the same fragments
+    // from a [k][n] matrix (V rows) with ldmatrix.trans.
+    check_b_loads<M, Copy_Traits<SM75_U32x4_LDSM_N>>(name, "B[n][k]", t, ml::ldsm_b_from_nk, false);
+    check_b_loads<M, Copy_Traits<SM75_U16x8_LDSM_T>>(name, "B[k][n] trans", t, ml::ldsm_b_from_kn_trans, true);
 
     // P V: A register `reg` of a k16 step packs accumulator elements a_reg_first_element(reg)
     // and + 1 of n8 tile a_reg_tile(reg); those must be the (m, k) the A layout puts there.
